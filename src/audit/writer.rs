@@ -1,0 +1,176 @@
+//! The group-commit audit writer.
+//!
+//! A dedicated thread owns the append connection. Requests hand it their record and wait on a
+//! oneshot channel; the thread takes every record that is waiting, commits them as one
+//! transaction (one fsync), then answers each. An idle service therefore commits a record at
+//! once, and a busy one commits whatever arrived during the previous fsync together: the cost
+//! of durability is one fsync per batch, not per request.
+//!
+//! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
+//! the connection is reopened for the next batch, so the service recovers by itself once the
+//! fault is cleared.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::chain::ChainKeys;
+use super::record::AuditRecord;
+use super::sqlite;
+use crate::error::{Error, Result};
+
+/// Most records committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// How durable a committed record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync on every commit (`synchronous=FULL`): survives power loss.
+    Fsync,
+    /// No fsync per commit (`synchronous=NORMAL` in WAL): survives a process crash, may lose
+    /// the last commits on power loss.
+    Process,
+}
+
+struct Job {
+    record: AuditRecord,
+    done: Reply,
+}
+
+enum Reply {
+    Async(oneshot::Sender<Result<u64>>),
+    Blocking(mpsc::SyncSender<Result<u64>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<u64>) {
+        // A requester that gave up (cancelled call) no longer listens; nothing to do then.
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// Handle to the writer thread. Cloning shares the thread; it stops when every handle is
+/// dropped, after committing what it was given.
+#[derive(Clone)]
+pub struct AuditWriter {
+    jobs: mpsc::Sender<Job>,
+    keys: Arc<ChainKeys>,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl AuditWriter {
+    /// Opens `path` and starts the writer thread.
+    pub fn start(path: PathBuf, durability: Durability, keys: Arc<ChainKeys>) -> Result<Self> {
+        let full_sync = durability == Durability::Fsync;
+        let conn = sqlite::open(&path, full_sync)?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let thread_keys = Arc::clone(&keys);
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || run(conn, path, full_sync, &thread_keys, &queue))
+            .map_err(|e| Error::Internal(format!("cannot start the audit writer: {e}")))?;
+        Ok(Self {
+            jobs,
+            keys,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// The chain keys (for fingerprints and verification).
+    pub fn keys(&self) -> &ChainKeys {
+        &self.keys
+    }
+
+    /// Appends a record and waits until it is committed; returns its sequence number.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                record,
+                done: Reply::Async(tx),
+            })
+            .map_err(|_| Error::Unavailable("audit writer stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Appends a record from a non-async context and waits until it is committed.
+    pub fn append_blocking(&self, record: AuditRecord) -> Result<u64> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Job {
+                record,
+                done: Reply::Blocking(tx),
+            })
+            .map_err(|_| Error::Unavailable("audit writer stopped".into()))?;
+        rx.recv()
+            .map_err(|_| Error::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Stops accepting records, commits what is queued and waits for the thread to end.
+    /// Other clones of the handle must be dropped first for the thread to see the end.
+    pub fn shutdown(self) {
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        drop(self.jobs);
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(
+    conn: Connection,
+    path: PathBuf,
+    full_sync: bool,
+    keys: &ChainKeys,
+    queue: &mpsc::Receiver<Job>,
+) {
+    let mut conn = Some(conn);
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<AuditRecord> = batch.iter().map(|j| j.record.clone()).collect();
+        let result = match conn.as_mut() {
+            Some(c) => sqlite::append(c, keys, &records),
+            None => sqlite::open(&path, full_sync).and_then(|mut c| {
+                let r = sqlite::append(&mut c, keys, &records);
+                conn = Some(c);
+                r
+            }),
+        };
+        match result {
+            Ok(seqs) => {
+                for (job, seq) in batch.into_iter().zip(seqs) {
+                    job.done.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = batch.len(), "audit commit failed; failing the calls closed");
+                // Reopen next time: the fault may have been a replaced or re-permissioned file.
+                conn = None;
+                for job in batch {
+                    job.done.send(Err(Error::Unavailable(
+                        "the audit store cannot record this call; no result was returned".into(),
+                    )));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Callers and what they may do: bearer tokens (stored only as SHA-256 hashes), roles, tenant
+//! scopes and operation limits, and the one authorization check every RPC passes through
+//! before any key is touched.
+
+pub mod token;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use crate::domain::{TenantId, unix_now};
+use crate::error::{Error, Result};
+use crate::store::KeyStore;
+
+pub use token::{IssuedToken, TokenSpec, hash_token, issue_token};
+
+/// A caller's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Manages tenants, keys and tokens, and may do everything else.
+    Admin,
+    /// Application services: the data plane (and reading tenants) for the tenants in scope.
+    Service,
+    /// Reads the audit of the tenants in scope.
+    Auditor,
+}
+
+impl Role {
+    /// Parses `admin`, `service` or `auditor`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "admin" => Some(Role::Admin),
+            "service" => Some(Role::Service),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Service => "service",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+/// Which tenants a caller may act for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantScope {
+    /// Every tenant.
+    All,
+    /// Only these.
+    Only(BTreeSet<String>),
+}
+
+impl TenantScope {
+    /// Parses `*` or a comma-separated list.
+    pub fn parse(text: &str) -> Self {
+        if text.trim() == "*" {
+            TenantScope::All
+        } else {
+            TenantScope::Only(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        }
+    }
+
+    /// True if the scope includes `tenant`.
+    pub fn allows(&self, tenant: &str) -> bool {
+        match self {
+            TenantScope::All => true,
+            TenantScope::Only(set) => set.contains(tenant),
+        }
+    }
+}
+
+/// An RPC, as the authorization layer and the audit name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Operation {
+    Encrypt,
+    Decrypt,
+    EncryptBatch,
+    DecryptBatch,
+    GenerateDataKey,
+    DecryptDataKey,
+    Rewrap,
+    RewrapBatch,
+    CreateTenant,
+    GetTenant,
+    ListTenants,
+    RotateTenantKey,
+    ListKeyVersions,
+    DisableKeyVersion,
+    EnableKeyVersion,
+    DestroyKeyVersion,
+    SetRotationPolicy,
+    SuspendTenant,
+    ResumeTenant,
+    ScheduleTenantDeletion,
+    CancelTenantDeletion,
+    ListAuditEvents,
+    VerifyAuditChain,
+}
+
+impl Operation {
+    /// The RPC name (as audited).
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Encrypt => "Encrypt",
+            Operation::Decrypt => "Decrypt",
+            Operation::EncryptBatch => "EncryptBatch",
+            Operation::DecryptBatch => "DecryptBatch",
+            Operation::GenerateDataKey => "GenerateDataKey",
+            Operation::DecryptDataKey => "DecryptDataKey",
+            Operation::Rewrap => "Rewrap",
+            Operation::RewrapBatch => "RewrapBatch",
+            Operation::CreateTenant => "CreateTenant",
+            Operation::GetTenant => "GetTenant",
+            Operation::ListTenants => "ListTenants",
+            Operation::RotateTenantKey => "RotateTenantKey",
+            Operation::ListKeyVersions => "ListKeyVersions",
+            Operation::DisableKeyVersion => "DisableKeyVersion",
+            Operation::EnableKeyVersion => "EnableKeyVersion",
+            Operation::DestroyKeyVersion => "DestroyKeyVersion",
+            Operation::SetRotationPolicy => "SetRotationPolicy",
+            Operation::SuspendTenant => "SuspendTenant",
+            Operation::ResumeTenant => "ResumeTenant",
+            Operation::ScheduleTenantDeletion => "ScheduleTenantDeletion",
+            Operation::CancelTenantDeletion => "CancelTenantDeletion",
+            Operation::ListAuditEvents => "ListAuditEvents",
+            Operation::VerifyAuditChain => "VerifyAuditChain",
+        }
+    }
+
+    /// The permission name a `service` token's `--operations` list uses for a data-plane
+    /// call; `None` for calls outside the data plane.
+    pub fn data_permission(self) -> Option<&'static str> {
+        match self {
+            Operation::Encrypt | Operation::EncryptBatch => Some("encrypt"),
+            Operation::Decrypt | Operation::DecryptBatch => Some("decrypt"),
+            Operation::GenerateDataKey => Some("generate-data-key"),
+            Operation::DecryptDataKey => Some("decrypt-data-key"),
+            Operation::Rewrap | Operation::RewrapBatch => Some("rewrap"),
+            _ => None,
+        }
+    }
+}
+
+/// Every data-plane permission name.
+pub const DATA_PERMISSIONS: &[&str] = &[
+    "encrypt",
+    "decrypt",
+    "generate-data-key",
+    "decrypt-data-key",
+    "rewrap",
+];
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's public id.
+    pub token_id: String,
+    /// The role.
+    pub role: Role,
+    /// The tenants it may act for.
+    pub tenants: TenantScope,
+    /// Data-plane permissions it is limited to; `None` = all of its role's.
+    pub operations: Option<BTreeSet<String>>,
+    /// Unix seconds after which the token is refused.
+    pub expires_at: Option<i64>,
+}
+
+impl Caller {
+    /// How the audit names this caller.
+    pub fn audit_name(&self) -> String {
+        format!("token:{}", self.token_id)
+    }
+}
+
+/// The one authorization decision: may `caller` run `operation` on `tenant` (None for calls
+/// that name no tenant)? Denials say what is missing, never whether a tenant exists.
+pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId>) -> Result<()> {
+    let deny = |why: &str| Err(Error::PermissionDenied(why.to_owned()));
+    let role_allows = match caller.role {
+        Role::Admin => true,
+        Role::Service => {
+            operation.data_permission().is_some()
+                || matches!(operation, Operation::GetTenant | Operation::ListKeyVersions)
+        }
+        Role::Auditor => matches!(
+            operation,
+            Operation::ListAuditEvents | Operation::VerifyAuditChain
+        ),
+    };
+    if !role_allows {
+        return deny(&format!(
+            "the {} role may not call {}",
+            caller.role.as_str(),
+            operation.name()
+        ));
+    }
+    if let (Some(allowed), Some(permission)) = (&caller.operations, operation.data_permission())
+        && !allowed.contains(permission)
+    {
+        return deny(&format!("this token may not {permission}"));
+    }
+    match tenant {
+        Some(tenant) if !caller.tenants.allows(tenant.as_str()) => {
+            deny("this token may not act for that tenant")
+        }
+        None if caller.tenants != TenantScope::All
+            && matches!(operation, Operation::ListTenants | Operation::CreateTenant) =>
+        {
+            deny("this token is limited to some tenants")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Turns bearer tokens into callers, caching what the store said until it changes.
+pub struct Authenticator {
+    store: Arc<dyn KeyStore>,
+    cache: Mutex<HashMap<[u8; 32], Arc<Caller>>>,
+}
+
+/// Most tokens remembered before the cache starts over.
+const MAX_CACHED_TOKENS: usize = 10_000;
+
+impl Authenticator {
+    /// An authenticator over the store's tokens.
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self {
+            store,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Drops cached callers (after the store changed elsewhere: a revocation).
+    pub fn clear(&self) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The caller holding `token`, if it is known, unexpired and unrevoked.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Arc<Caller>> {
+        let token = token.ok_or(Error::Unauthenticated)?;
+        let hash = hash_token(token);
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .cloned();
+        let caller = match cached {
+            Some(caller) => caller,
+            None => {
+                let record = self.store.token_by_hash(&hash)?.ok_or(Error::Unauthenticated)?;
+                if record.revoked_at.is_some() {
+                    return Err(Error::Unauthenticated);
+                }
+                let role = Role::parse(&record.role)
+                    .ok_or_else(|| Error::internal("token with an unknown role"))?;
+                let operations = (record.operations.trim() != "*").then(|| {
+                    record
+                        .operations
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                });
+                let caller = Arc::new(Caller {
+                    token_id: record.id,
+                    role,
+                    tenants: TenantScope::parse(&record.tenants),
+                    operations,
+                    expires_at: record.expires_at,
+                });
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= MAX_CACHED_TOKENS {
+                    cache.clear();
+                }
+                cache.insert(hash, Arc::clone(&caller));
+                caller
+            }
+        };
+        if caller.expires_at.is_some_and(|at| at <= unix_now()) {
+            return Err(Error::Unauthenticated);
+        }
+        Ok(caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(role: Role, tenants: &str, ops: Option<&str>) -> Caller {
+        Caller {
+            token_id: "t".into(),
+            role,
+            tenants: TenantScope::parse(tenants),
+            operations: ops.map(|o| o.split(',').map(str::to_owned).collect()),
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn roles_scopes_and_operations() {
+        let a = TenantId::parse("a").unwrap();
+        let b = TenantId::parse("b").unwrap();
+        let admin = caller(Role::Admin, "*", None);
+        assert!(authorize(&admin, Operation::CreateTenant, Some(&a)).is_ok());
+        let service = caller(Role::Service, "a", Some("encrypt"));
+        assert!(authorize(&service, Operation::Encrypt, Some(&a)).is_ok());
+        assert!(authorize(&service, Operation::EncryptBatch, Some(&a)).is_ok());
+        assert!(authorize(&service, Operation::Encrypt, Some(&b)).is_err());
+        assert!(authorize(&service, Operation::Decrypt, Some(&a)).is_err());
+        assert!(authorize(&service, Operation::CreateTenant, Some(&a)).is_err());
+        let auditor = caller(Role::Auditor, "a", None);
+        assert!(authorize(&auditor, Operation::ListAuditEvents, Some(&a)).is_ok());
+        assert!(authorize(&auditor, Operation::ListAuditEvents, Some(&b)).is_err());
+        assert!(authorize(&auditor, Operation::Encrypt, Some(&a)).is_err());
+        let scoped_admin = caller(Role::Admin, "a", None);
+        assert!(authorize(&scoped_admin, Operation::ListTenants, None).is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! `tenant-kms audit verify|export|prune`: offline access to a data directory's audit log.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use super::common::{DataDirArgs, cli_record};
+use crate::audit::Outcome;
+use crate::audit::sqlite::{self, ListFilter};
+use crate::error::{Error, Result};
+use crate::service::state::{AUDIT_DB, DataDir};
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain; exit 0 and print the count if whole, exit 1 naming the first bad
+    /// record otherwise.
+    Verify(VerifyArgs),
+    /// Write records as JSON lines to stdout.
+    Export(ExportArgs),
+    /// Remove records older than a date, leaving a signed checkpoint so the rest verifies.
+    Prune(PruneArgs),
+}
+
+/// Arguments of `audit verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+/// Arguments of `audit export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only this tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z), inclusive.
+    #[arg(long)]
+    since: Option<String>,
+    /// Until this time (RFC 3339), exclusive.
+    #[arg(long)]
+    until: Option<String>,
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+/// Arguments of `audit prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Remove records before this time (RFC 3339 or a date like 2026-01-01).
+    #[arg(long)]
+    before: String,
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+/// Parses an RFC 3339 time or a plain date into unix microseconds.
+fn parse_time(text: &str) -> Result<i64> {
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_owned()
+    };
+    let time = humantime::parse_rfc3339_weak(&full)
+        .map_err(|_| Error::InvalidArgument(format!("'{text}' is not an RFC 3339 time")))?;
+    let micros = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| Error::InvalidArgument(format!("'{text}' is before 1970")))?
+        .as_micros();
+    Ok(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+/// Runs an `audit` subcommand.
+pub fn run(command: AuditCommand) -> Result<ExitCode> {
+    match command {
+        AuditCommand::Verify(args) => {
+            let options = args.data.options();
+            let dir = DataDir::open(&options, false)?;
+            let conn = sqlite::open(&options.data_dir.join(AUDIT_DB), true)?;
+            let report = sqlite::verify(&conn, &dir.chain_keys)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else if report.ok {
+                println!("OK: {} records verified (head {})", report.records_checked, report.head_seq);
+            } else {
+                println!(
+                    "FAILED: first bad record {}: {} ({} records checked)",
+                    report.first_bad_seq, report.reason, report.records_checked
+                );
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(super::EXIT_FAILURE)
+            })
+        }
+        AuditCommand::Export(args) => {
+            let options = args.data.options();
+            let conn = sqlite::open(&options.data_dir.join(AUDIT_DB), true)?;
+            let mut filter = ListFilter {
+                tenant_id: crate::service::audit_service::parse_tenant_filter(
+                    args.tenant.as_deref().unwrap_or(""),
+                )?,
+                since_micros: args.since.as_deref().map(parse_time).transpose()?,
+                until_micros: args.until.as_deref().map(parse_time).transpose()?,
+                operation: String::new(),
+                after_seq: 0,
+                limit: 10_000,
+            };
+            loop {
+                let rows = sqlite::list(&conn, &filter)?;
+                let Some((last, _)) = rows.last() else { break };
+                filter.after_seq = *last;
+                for (seq, r) in rows {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "seq": seq,
+                            "time_us": r.time_micros,
+                            "request_id": r.request_id,
+                            "caller": r.caller,
+                            "peer": r.peer,
+                            "tenant_id": r.tenant_id,
+                            "operation": r.operation,
+                            "contexts": r.contexts,
+                            "key_versions": r.key_versions,
+                            "item_count": r.item_count,
+                            "outcome": r.outcome.as_str(),
+                            "aad_fingerprint": r.aad_fingerprint,
+                            "detail": r.detail,
+                        })
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Prune(args) => {
+            let before = parse_time(&args.before)?;
+            let options = args.data.options();
+            let dir = DataDir::open(&options, false)?;
+            let mut conn = sqlite::open(&options.data_dir.join(AUDIT_DB), true)?;
+            let removed = sqlite::prune(&mut conn, &dir.chain_keys, before)?;
+            drop(conn);
+            let audit = dir.audit_writer(&options)?;
+            audit.append_blocking(cli_record(
+                "AuditPrune",
+                "",
+                Vec::new(),
+                Outcome::Ok,
+                format!("removed {removed} records before {}", args.before),
+            ))?;
+            audit.shutdown();
+            eprintln!("removed {removed} record(s); a signed checkpoint keeps the rest verifiable");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Client commands that talk to a running server: `tenant …`, `encrypt`, `decrypt`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine;
+use clap::{Args, Subcommand};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::pb::key_service_client::KeyServiceClient;
+use crate::pb::tenant_service_client::TenantServiceClient;
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "TENANT_KMS_ADDR")]
+    pub addr: String,
+    /// File holding the bearer token.
+    #[arg(long, default_value = "./data/admin.token", env = "TENANT_KMS_TOKEN_FILE")]
+    pub token_file: PathBuf,
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+impl ClientArgs {
+    fn bearer(&self) -> Result<Bearer> {
+        let token = Zeroizing::new(std::fs::read_to_string(&self.token_file).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot read token file {}: {e}",
+                self.token_file.display()
+            ))
+        })?);
+        let mut value: MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| Error::InvalidArgument("the token file holds no valid token".into()))?;
+        value.set_sensitive(true);
+        Ok(Bearer(value))
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        Channel::from_shared(self.addr.clone())
+            .map_err(|_| Error::InvalidArgument(format!("invalid address {}", self.addr)))?
+            .connect()
+            .await
+            .map_err(|e| Error::Unavailable(format!("cannot connect to {}: {e}", self.addr)))
+    }
+
+    /// A KeyService client.
+    pub async fn keys(&self) -> Result<KeyServiceClient<Authed>> {
+        Ok(KeyServiceClient::with_interceptor(self.channel().await?, self.bearer()?))
+    }
+
+    /// A TenantService client.
+    pub async fn tenants(&self) -> Result<TenantServiceClient<Authed>> {
+        Ok(TenantServiceClient::with_interceptor(self.channel().await?, self.bearer()?))
+    }
+}
+
+/// `tenant …` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant (with key version 1).
+    Create(TenantIdArgs),
+    /// Show a tenant.
+    Get(TenantIdArgs),
+    /// List tenants.
+    List(ClientArgs),
+    /// Suspend a tenant: crypto calls are refused until resumed.
+    Suspend(TenantIdArgs),
+    /// Resume a suspended tenant.
+    Resume(TenantIdArgs),
+    /// Schedule a tenant's crypto-shredding after a waiting window.
+    Delete(DeleteArgs),
+    /// Cancel a scheduled deletion.
+    CancelDelete(TenantIdArgs),
+    /// List a tenant's key versions (metadata only).
+    Versions(TenantIdArgs),
+    /// Rotate a tenant's key through the server.
+    Rotate(TenantIdArgs),
+}
+
+/// A tenant id and the client arguments.
+#[derive(Debug, Args)]
+pub struct TenantIdArgs {
+    /// The tenant id.
+    pub tenant_id: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Arguments of `tenant delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The tenant id.
+    pub tenant_id: String,
+    /// Waiting window before the keys are destroyed, e.g. 7d (default: the server's, 7 days).
+    #[arg(long)]
+    pub window: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Arguments of `encrypt`.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Tenant id.
+    #[arg(long)]
+    tenant: String,
+    /// Context, e.g. crm.contacts.email.
+    #[arg(long)]
+    context: String,
+    /// Additional authenticated data (UTF-8), e.g. the row id.
+    #[arg(long, default_value = "")]
+    aad: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Arguments of `decrypt`.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// Tenant id.
+    #[arg(long)]
+    tenant: String,
+    /// Context the value was encrypted under.
+    #[arg(long)]
+    context: String,
+    /// Additional authenticated data given at encryption.
+    #[arg(long, default_value = "")]
+    aad: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))
+}
+
+fn status_error(status: tonic::Status) -> Error {
+    Error::FailedPrecondition(format!("{:?}: {}", status.code(), status.message()))
+}
+
+fn state_name(code: i32) -> &'static str {
+    match pb::TenantState::try_from(code) {
+        Ok(pb::TenantState::Active) => "ACTIVE",
+        Ok(pb::TenantState::Suspended) => "SUSPENDED",
+        Ok(pb::TenantState::PendingDeletion) => "PENDING_DELETION",
+        Ok(pb::TenantState::Destroyed) => "DESTROYED",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn rfc3339(ts: &Option<prost_types::Timestamp>) -> String {
+    ts.as_ref()
+        .and_then(|t| u64::try_from(t.seconds).ok())
+        .map(|s| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn tenant_json(t: &pb::Tenant) -> serde_json::Value {
+    serde_json::json!({
+        "tenant_id": t.tenant_id,
+        "state": state_name(t.state),
+        "primary_version": t.primary_version,
+        "created_at": rfc3339(&t.created_at),
+        "rotation_period_seconds": t.rotation_policy.as_ref().map(|p| p.rotation_period_seconds),
+        "max_encryptions": t.rotation_policy.as_ref().map(|p| p.max_encryptions),
+        "deletion_time": rfc3339(&t.deletion_time),
+        "destroyed_at": rfc3339(&t.destroyed_at),
+    })
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+/// Runs a `tenant …` subcommand.
+pub fn run_tenant(command: TenantCommand) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        match command {
+            TenantCommand::Create(a) => {
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .create_tenant(pb::CreateTenantRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::Get(a) => {
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .get_tenant(pb::GetTenantRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::List(client) => {
+                let mut tenants = client.tenants().await?;
+                let mut page_token = String::new();
+                loop {
+                    let page = tenants
+                        .list_tenants(pb::ListTenantsRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    for t in &page.tenants {
+                        print_json(&tenant_json(t));
+                    }
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
+            }
+            TenantCommand::Suspend(a) => {
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .suspend_tenant(pb::SuspendTenantRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::Resume(a) => {
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .resume_tenant(pb::ResumeTenantRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::Delete(a) => {
+                let waiting = a
+                    .window
+                    .as_deref()
+                    .map(crate::config::parse_duration_seconds)
+                    .transpose()?;
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
+                        tenant_id: a.tenant_id,
+                        waiting_period_seconds: waiting,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::CancelDelete(a) => {
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .cancel_tenant_deletion(pb::CancelTenantDeletionRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::Rotate(a) => {
+                let t = a
+                    .client
+                    .tenants()
+                    .await?
+                    .rotate_tenant_key(pb::RotateTenantKeyRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                print_json(&tenant_json(&t));
+            }
+            TenantCommand::Versions(a) => {
+                let versions = a
+                    .client
+                    .tenants()
+                    .await?
+                    .list_key_versions(pb::ListKeyVersionsRequest {
+                        tenant_id: a.tenant_id,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for v in versions.versions {
+                    let state = match pb::KeyVersionState::try_from(v.state) {
+                        Ok(pb::KeyVersionState::Enabled) => "ENABLED",
+                        Ok(pb::KeyVersionState::Disabled) => "DISABLED",
+                        Ok(pb::KeyVersionState::Destroyed) => "DESTROYED",
+                        _ => "UNSPECIFIED",
+                    };
+                    print_json(&serde_json::json!({
+                        "version": v.version,
+                        "state": state,
+                        "primary": v.primary,
+                        "created_at": rfc3339(&v.created_at),
+                        "encryptions": v.encryptions,
+                    }));
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `encrypt`: plaintext on stdin, base64 ciphertext on stdout.
+pub fn run_encrypt(args: EncryptArgs) -> Result<ExitCode> {
+    let mut plaintext = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut plaintext)
+        .map_err(|e| Error::InvalidArgument(format!("cannot read stdin: {e}")))?;
+    runtime()?.block_on(async move {
+        let response = args
+            .client
+            .keys()
+            .await?
+            .encrypt(pb::EncryptRequest {
+                tenant_id: args.tenant,
+                context: args.context,
+                plaintext: plaintext.to_vec(),
+                aad: args.aad.into_bytes(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!(
+            "{}",
+            base64::engine::general_purpose::STANDARD.encode(&response.ciphertext)
+        );
+        eprintln!("key version {}", response.key_version);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `decrypt`: base64 ciphertext on stdin, plaintext on stdout.
+pub fn run_decrypt(args: DecryptArgs) -> Result<ExitCode> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| Error::InvalidArgument(format!("cannot read stdin: {e}")))?;
+    let ciphertext = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| Error::InvalidArgument("stdin is not base64".into()))?;
+    runtime()?.block_on(async move {
+        let response = args
+            .client
+            .keys()
+            .await?
+            .decrypt(pb::DecryptRequest {
+                tenant_id: args.tenant,
+                context: args.context,
+                ciphertext,
+                aad: args.aad.into_bytes(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let plaintext = Zeroizing::new(response.plaintext);
+        std::io::stdout()
+            .write_all(&plaintext)
+            .and_then(|()| std::io::stdout().flush())
+            .map_err(|e| Error::Internal(format!("cannot write stdout: {e}")))?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,71 @@
+//! Arguments and helpers shared by the commands that work on a data directory.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::audit::{AuditRecord, Outcome};
+use crate::domain::unix_now_micros;
+use crate::keys::MasterKeySource;
+use crate::service::ServiceOptions;
+use crate::service::state::KEYRING_FILE;
+
+/// Where the data and the master keys are.
+#[derive(Debug, Clone, Args)]
+pub struct DataDirArgs {
+    /// Data directory.
+    #[arg(long, default_value = "./data", env = "TENANT_KMS_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Master keyring file (default: <data-dir>/master.keyring).
+    #[arg(long, conflicts_with = "master_key_env")]
+    pub keyring: Option<PathBuf>,
+    /// Read the master keys from this environment variable (`1:<hex>,2:<hex>`) instead of a
+    /// keyring file.
+    #[arg(long)]
+    pub master_key_env: Option<String>,
+}
+
+impl DataDirArgs {
+    /// The master-key source these arguments name.
+    pub fn master_keys(&self) -> MasterKeySource {
+        match (&self.master_key_env, &self.keyring) {
+            (Some(var), _) => MasterKeySource::Env(var.clone()),
+            (None, Some(path)) => MasterKeySource::File(path.clone()),
+            (None, None) => MasterKeySource::File(self.data_dir.join(KEYRING_FILE)),
+        }
+    }
+
+    /// Service options for offline commands on this data directory.
+    pub fn options(&self) -> ServiceOptions {
+        let mut options = ServiceOptions::new(&self.data_dir);
+        options.master_keys = self.master_keys();
+        options.bootstrap_admin_token = false;
+        options
+    }
+}
+
+/// How the audit names an operator running a command: `cli:<os user>`.
+pub fn cli_caller() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+/// An audit record for a command-line operation.
+pub fn cli_record(operation: &str, tenant: &str, versions: Vec<u32>, outcome: Outcome, detail: String) -> AuditRecord {
+    AuditRecord {
+        time_micros: unix_now_micros(),
+        request_id: String::new(),
+        caller: cli_caller(),
+        peer: "local".into(),
+        tenant_id: tenant.to_owned(),
+        operation: operation.to_owned(),
+        contexts: Vec::new(),
+        key_versions: versions,
+        item_count: 1,
+        outcome,
+        aad_fingerprint: String::new(),
+        detail,
+    }
+}

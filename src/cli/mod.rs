@@ -1,0 +1,66 @@
+//! The `tenant-kms` command line: one module per subcommand. Output meant for scripts goes to
+//! stdout, messages to stderr. Exit codes: 0 success, 1 failure (named on stderr), 2 usage.
+
+pub mod audit;
+pub mod client;
+pub mod common;
+pub mod rotate;
+pub mod serve;
+pub mod token;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a failed command.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// tenant-kms: per-tenant envelope encryption and key management over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "tenant-kms", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (defaults: data in ./data, listening on 127.0.0.1:50051).
+    Serve(serve::ServeArgs),
+    /// Manage tenants through a running server.
+    #[command(subcommand)]
+    Tenant(client::TenantCommand),
+    /// Encrypt stdin for a tenant through a running server; prints base64 ciphertext.
+    Encrypt(client::EncryptArgs),
+    /// Decrypt base64 ciphertext from stdin through a running server; prints the plaintext.
+    Decrypt(client::DecryptArgs),
+    /// Rotate tenant keys or the master key on a data directory (cron-friendly).
+    Rotate(rotate::RotateArgs),
+    /// Verify, export or prune the audit log of a data directory.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Create, list and revoke caller tokens on a data directory.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Tenant(cmd) => client::run_tenant(cmd),
+        Command::Encrypt(args) => client::run_encrypt(args),
+        Command::Decrypt(args) => client::run_decrypt(args),
+        Command::Rotate(args) => rotate::run(args),
+        Command::Audit(cmd) => audit::run(cmd),
+        Command::Token(cmd) => token::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tenant-kms: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! `tenant-kms serve`: run the service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::audit::Durability;
+use crate::config::{FileConfig, parse_duration_seconds};
+use crate::error::{Error, Result};
+use crate::keys::MasterKeySource;
+use crate::service::state::KEYRING_FILE;
+use crate::service::{AppState, ServiceOptions, server};
+
+/// Flags of `serve`; each overrides the config file, which overrides the defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TENANT_KMS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Master keyring file [default: <data-dir>/master.keyring].
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// Read master keys from this environment variable instead of a keyring file.
+    #[arg(long)]
+    master_key_env: Option<String>,
+    /// Audit durability: fsync (survives power loss) or process (survives a crash).
+    #[arg(long, value_enum)]
+    audit_durability: Option<Durability>,
+    /// Shortest deletion window callers may ask for (0s allowed, for drills) [default: 1d].
+    #[arg(long)]
+    min_deletion_window: Option<String>,
+    /// Allow a non-loopback address without TLS (traffic and tokens travel in clear).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace.
+    #[arg(long, env = "TENANT_KMS_LOG", default_value = "info")]
+    log: String,
+}
+
+fn resolve(args: &ServeArgs) -> Result<(ServiceOptions, SocketAddr, bool)> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./data"));
+    let mut options = ServiceOptions::new(&data_dir);
+    options.master_keys = match (
+        args.master_key_env.clone().or(file.master_key_env),
+        args.keyring.clone().or(file.keyring_file),
+    ) {
+        (Some(var), _) => MasterKeySource::Env(var),
+        (None, Some(path)) => MasterKeySource::File(path),
+        (None, None) => MasterKeySource::File(data_dir.join(KEYRING_FILE)),
+    };
+    if let Some(d) = args.audit_durability.or(file.audit_durability) {
+        options.durability = d;
+    }
+    if let Some(text) = args.min_deletion_window.as_ref().or(file.min_deletion_window.as_ref()) {
+        options.min_deletion_window_seconds = parse_duration_seconds(text)?;
+    }
+    if let Some(text) = &file.default_deletion_window {
+        options.default_deletion_window_seconds = parse_duration_seconds(text)?;
+    }
+    if let Some(n) = file.max_field_bytes {
+        options.limits.max_field_bytes = n;
+    }
+    if let Some(n) = file.max_batch_items {
+        options.limits.max_batch_items = n;
+    }
+    if let Some(n) = file.max_message_bytes {
+        options.limits.max_message_bytes = n;
+    }
+    if let Some(n) = file.cache_tenants {
+        options.key_policy.cache_tenants = n;
+    }
+    if let Some(n) = file.default_max_encryptions {
+        options.key_policy.default_max_encryptions = n;
+    }
+    let listen = match (args.listen, &file.listen) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|_| Error::InvalidArgument(format!("listen address '{text}' is invalid")))?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 50051)),
+    };
+    let insecure = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
+    Ok((options, listen, insecure))
+}
+
+/// Installs the log subscriber: human-readable lines on stderr.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs the service until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    init_logging(&args.log);
+    let (options, listen, insecure) = resolve(&args)?;
+    if !listen.ip().is_loopback() {
+        if !insecure {
+            return Err(Error::FailedPrecondition(format!(
+                "refusing to listen on non-loopback {listen} without TLS; pass \
+                 --insecure-plaintext to allow it anyway"
+            )));
+        }
+        tracing::warn!(%listen, "listening on a non-loopback address WITHOUT TLS: tokens and data travel in clear");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::FailedPrecondition(format!("cannot listen on {listen}: {e}")))?;
+        let data_dir = options.data_dir.clone();
+        let state = Arc::new(tokio::task::block_in_place(|| AppState::open(options))?);
+        tracing::info!(
+            addr = %listener.local_addr().map_err(Error::internal)?,
+            data_dir = %data_dir.display(),
+            "tenant-kms serving"
+        );
+        server::run(listener, Arc::clone(&state), shutdown_signal()).await?;
+        tracing::info!("shut down: in-flight calls finished, audit flushed");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

@@ -1,0 +1,101 @@
+//! The optional TOML configuration file of `serve` (`--config FILE`). Flags override it; it
+//! overrides the built-in defaults. Secrets never go here: master keys come from the keyring
+//! file or an environment variable.
+//!
+//! ```toml
+//! data_dir = "./data"
+//! listen = "127.0.0.1:50051"
+//! keyring_file = "/etc/tenant-kms/master.keyring"   # default: <data_dir>/master.keyring
+//! master_key_env = "TENANT_KMS_MASTER_KEYS"          # instead of a keyring file
+//! audit_durability = "fsync"                          # or "process"
+//! min_deletion_window = "1d"
+//! default_deletion_window = "7d"
+//! max_field_bytes = 65536
+//! max_batch_items = 10000
+//! max_message_bytes = 16777216
+//! cache_tenants = 100000
+//! default_max_encryptions = 1073741824
+//! insecure_plaintext = false
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::audit::Durability;
+use crate::error::{Error, Result};
+
+/// The configuration file's contents; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Master keyring file.
+    pub keyring_file: Option<PathBuf>,
+    /// Environment variable holding the master keys.
+    pub master_key_env: Option<String>,
+    /// Audit durability.
+    pub audit_durability: Option<Durability>,
+    /// Shortest deletion window, e.g. `1d`.
+    pub min_deletion_window: Option<String>,
+    /// Default deletion window, e.g. `7d`.
+    pub default_deletion_window: Option<String>,
+    /// Largest field value in bytes.
+    pub max_field_bytes: Option<usize>,
+    /// Most items per batch.
+    pub max_batch_items: Option<usize>,
+    /// Largest gRPC message in bytes.
+    pub max_message_bytes: Option<usize>,
+    /// Tenants whose keys are cached.
+    pub cache_tenants: Option<usize>,
+    /// Nonce budget of new tenants.
+    pub default_max_encryptions: Option<u64>,
+    /// Allow a non-loopback listen address without TLS.
+    pub insecure_plaintext: Option<bool>,
+}
+
+impl FileConfig {
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::InvalidArgument(format!("cannot read config {}: {e}", path.display()))
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            Error::InvalidArgument(format!("config {} is invalid: {e}", path.display()))
+        })
+    }
+}
+
+/// Parses a duration like `0s`, `90m`, `1d`, `7d` into seconds.
+pub fn parse_duration_seconds(text: &str) -> Result<u64> {
+    humantime::parse_duration(text.trim())
+        .map(|d| d.as_secs())
+        .map_err(|_| {
+            Error::InvalidArgument(format!(
+                "'{text}' is not a duration (examples: 0s, 30m, 1d, 7d)"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_seconds("0s").unwrap(), 0);
+        assert_eq!(parse_duration_seconds("1d").unwrap(), 86_400);
+        assert_eq!(parse_duration_seconds("7d").unwrap(), 604_800);
+        assert!(parse_duration_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("listen = \"x\"\nbogus = 1").is_err());
+        let config: FileConfig = toml::from_str("audit_durability = \"process\"").unwrap();
+        assert_eq!(config.audit_durability, Some(Durability::Process));
+    }
+}

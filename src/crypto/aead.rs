@@ -1,0 +1,113 @@
+//! AES-256-GCM (NIST SP 800-38D) through ring, restricted to exactly what tenant-kms uses:
+//! 256-bit keys, 96-bit nonces, 128-bit tags. Anything else is refused, not adapted.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use super::CryptoError;
+use super::secret::{KEY_LEN, SecretKey};
+
+/// Nonce length in bytes (96 bits, the only length SP 800-38D recommends for random nonces).
+pub const NONCE_LEN: usize = 12;
+/// Authentication tag length in bytes (128 bits).
+pub const TAG_LEN: usize = 16;
+
+/// An AES-256-GCM key with its key schedule prepared, ready to seal and open many values.
+///
+/// Not `Clone`, not `Debug`. ring keeps the expanded key schedule in its own type, which does
+/// not zeroize on drop: see SECURITY.md ("what is not protected").
+pub struct AeadKey(LessSafeKey);
+
+impl AeadKey {
+    /// Prepares a key from a 256-bit secret.
+    pub fn new(key: &SecretKey) -> Result<Self, CryptoError> {
+        Self::from_slice(key.expose_secret())
+    }
+
+    /// Prepares a key from raw bytes, which must be exactly 32 bytes long.
+    pub fn from_slice(key: &[u8]) -> Result<Self, CryptoError> {
+        if key.len() != KEY_LEN {
+            return Err(CryptoError);
+        }
+        let unbound = UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError)?;
+        Ok(Self(LessSafeKey::new(unbound)))
+    }
+
+    /// Encrypts `in_out` in place and appends the 16-byte tag.
+    ///
+    /// The caller guarantees that `nonce` is never used twice with this key; every production
+    /// path passes a fresh [`random_nonce`].
+    pub fn seal_in_place(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        in_out: &mut Vec<u8>,
+    ) -> Result<(), CryptoError> {
+        self.0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                in_out,
+            )
+            .map_err(|_| CryptoError)
+    }
+
+    /// Authenticates and decrypts `in_out` (ciphertext followed by the tag) in place and
+    /// returns the plaintext part. On any failure nothing is returned.
+    pub fn open_in_place<'a>(
+        &self,
+        nonce: &[u8],
+        aad: &[u8],
+        in_out: &'a mut [u8],
+    ) -> Result<&'a mut [u8], CryptoError> {
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError)?;
+        if in_out.len() < TAG_LEN {
+            return Err(CryptoError);
+        }
+        self.0
+            .open_in_place(nonce, Aad::from(aad), in_out)
+            .map_err(|_| CryptoError)
+    }
+}
+
+/// A fresh random 96-bit nonce from the thread-local CSPRNG (ChaCha12, seeded and periodically
+/// reseeded from the OS), so a nonce costs no system call.
+///
+/// Random nonces are safe for at most 2^32 seals per key (SP 800-38D §8.3); the service counts
+/// seals per key version and rotates well before that.
+pub fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
+    nonce
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static_assertions::assert_not_impl_any!(AeadKey: std::fmt::Debug, Clone);
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let key = AeadKey::from_slice(&[1u8; 32]).unwrap();
+        let nonce = random_nonce();
+        let mut buf = b"hello".to_vec();
+        key.seal_in_place(&nonce, b"aad", &mut buf).unwrap();
+        assert_eq!(buf.len(), 5 + TAG_LEN);
+        let mut copy = buf.clone();
+        assert_eq!(key.open_in_place(&nonce, b"aad", &mut copy).unwrap(), b"hello");
+        let mut copy = buf.clone();
+        assert!(key.open_in_place(&nonce, b"aae", &mut copy).is_err());
+        buf[0] ^= 1;
+        assert!(key.open_in_place(&nonce, b"aad", &mut buf).is_err());
+    }
+
+    #[test]
+    fn refuses_other_key_and_nonce_sizes() {
+        assert!(AeadKey::from_slice(&[1u8; 16]).is_err());
+        assert!(AeadKey::from_slice(&[1u8; 24]).is_err());
+        let key = AeadKey::from_slice(&[1u8; 32]).unwrap();
+        let mut buf = vec![0u8; 32];
+        assert!(key.open_in_place(&[0u8; 8], b"", &mut buf).is_err());
+        assert!(key.open_in_place(&[0u8; 16], b"", &mut buf).is_err());
+    }
+}

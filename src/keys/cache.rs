@@ -1,0 +1,194 @@
+//! The bounded cache of unwrapped tenant keys and the field keys derived from them.
+//!
+//! An entry is a snapshot of one tenant: its row, its unwrapped enabled key versions and a
+//! small map of prepared AEAD keys per (version, purpose, context). Any change to the tenant
+//! (rotation, lifecycle, version state) removes its entry before the change is acknowledged,
+//! so no call that starts after a change is served from a key cached before it. Dropping an
+//! entry drops its tenant keys, which zeroize.
+//!
+//! A loader that read the store before an invalidation must not put its stale snapshot back:
+//! every invalidation bumps an epoch, and [`TenantCache::insert`] refuses a snapshot loaded in
+//! an older epoch.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lru::LruCache;
+
+use crate::crypto::aead::AeadKey;
+use crate::crypto::envelope::{self, Purpose};
+use crate::crypto::secret::SecretKey;
+use crate::domain::{KeyVersionState, TenantState};
+use crate::error::{Error, Result};
+use crate::store::TenantRecord;
+
+/// How many prepared value keys one tenant entry keeps before it starts over; bounds memory
+/// for tenants that use very many contexts.
+const MAX_VALUE_KEYS_PER_TENANT: usize = 1024;
+
+/// One key version inside a tenant snapshot.
+pub struct CachedVersion {
+    /// Its state when the snapshot was taken.
+    pub state: KeyVersionState,
+    /// The unwrapped tenant key, present for enabled versions only.
+    pub key: Option<SecretKey>,
+}
+
+/// Encryption accounting for the primary version (the nonce budget).
+#[derive(Debug)]
+pub struct Counter {
+    /// Seals handed out by this process (plus everything reserved before it loaded).
+    pub used: u64,
+    /// Seals reserved in the store; `used` never passes it.
+    pub reserved: u64,
+}
+
+/// A snapshot of one tenant's keys.
+pub struct TenantEntry {
+    /// The tenant's row at load time.
+    pub record: TenantRecord,
+    versions: HashMap<u32, CachedVersion>,
+    value_keys: Mutex<HashMap<(u32, Purpose), HashMap<String, Arc<AeadKey>>>>,
+    /// The primary version's nonce-budget counter.
+    pub counter: Mutex<Counter>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data is a cache or a counter whose invariants hold between statements, so a
+    // panic elsewhere cannot leave it inconsistent.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TenantEntry {
+    /// Builds a snapshot; `primary_reserved` is the primary version's stored reserved count.
+    pub fn new(
+        record: TenantRecord,
+        versions: HashMap<u32, CachedVersion>,
+        primary_reserved: u64,
+    ) -> Self {
+        Self {
+            record,
+            versions,
+            value_keys: Mutex::new(HashMap::new()),
+            counter: Mutex::new(Counter {
+                used: primary_reserved,
+                reserved: primary_reserved,
+            }),
+        }
+    }
+
+    /// Fails with FAILED_PRECONDITION naming the state unless the tenant is active.
+    pub fn require_active(&self) -> Result<()> {
+        match self.record.state {
+            TenantState::Active => Ok(()),
+            other => Err(crate::store::sqlite::state_error(other)),
+        }
+    }
+
+    /// The prepared key of (version, purpose, context), derived on first use.
+    ///
+    /// A version that is not in the snapshot is the generic decryption error (the header is
+    /// attacker-controlled); a disabled or destroyed one says so.
+    pub fn value_key(&self, version: u32, purpose: Purpose, context: &str) -> Result<Arc<AeadKey>> {
+        let cached = self.versions.get(&version).ok_or(Error::DecryptFailed)?;
+        let tenant_key = match (&cached.key, cached.state) {
+            (Some(key), KeyVersionState::Enabled) => key,
+            (_, state) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "key version {version} is {}",
+                    state.name()
+                )));
+            }
+        };
+        let mut keys = lock(&self.value_keys);
+        if let Some(key) = keys.get(&(version, purpose)).and_then(|m| m.get(context)) {
+            return Ok(Arc::clone(key));
+        }
+        let key = Arc::new(
+            envelope::derive_value_key(tenant_key, purpose, self.record.tenant_id.as_str(), context)
+                .map_err(|_| Error::internal("value key derivation failed"))?,
+        );
+        if keys.values().map(HashMap::len).sum::<usize>() >= MAX_VALUE_KEYS_PER_TENANT {
+            keys.clear();
+        }
+        keys.entry((version, purpose))
+            .or_default()
+            .insert(context.to_owned(), Arc::clone(&key));
+        Ok(key)
+    }
+
+    /// Takes `count` seals from the reservation if it has room; `None` when the store must
+    /// reserve more (or the key must rotate).
+    pub fn try_take(&self, count: u64) -> Option<u32> {
+        let mut counter = lock(&self.counter);
+        if counter.used.saturating_add(count) <= counter.reserved {
+            counter.used += count;
+            Some(self.record.primary_version)
+        } else {
+            None
+        }
+    }
+}
+
+/// The bounded map from tenant id to snapshot.
+pub struct TenantCache {
+    entries: Mutex<LruCache<String, Arc<TenantEntry>>>,
+    epoch: AtomicU64,
+}
+
+impl TenantCache {
+    /// A cache holding at most `capacity` tenants (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(LruCache::new(
+                NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN),
+            )),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// The current epoch; pass it to [`TenantCache::insert`] after loading from the store.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The snapshot of a tenant, if cached.
+    pub fn get(&self, tenant_id: &str) -> Option<Arc<TenantEntry>> {
+        lock(&self.entries).get(tenant_id).cloned()
+    }
+
+    /// Caches a snapshot loaded in `epoch`, unless an invalidation happened since.
+    pub fn insert(&self, entry: Arc<TenantEntry>, epoch: u64) {
+        let mut entries = lock(&self.entries);
+        // Checked under the lock that invalidations also take, so none can slip in between.
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            entries.put(entry.record.tenant_id.as_str().to_owned(), entry);
+        }
+    }
+
+    /// Drops one tenant's snapshot.
+    pub fn invalidate(&self, tenant_id: &str) {
+        let mut entries = lock(&self.entries);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        entries.pop(tenant_id);
+    }
+
+    /// Drops every snapshot (after a change made by another process).
+    pub fn clear(&self) {
+        let mut entries = lock(&self.entries);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        entries.clear();
+    }
+
+    /// How many tenants are cached.
+    pub fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,577 @@
+//! The key manager: the one place that turns stored, wrapped keys into usable ones and back.
+//!
+//! It checks the master keyring against the key store's check values when it opens, creates
+//! and rotates tenant keys (random 256-bit keys wrapped under the primary master version),
+//! serves unwrapped keys from the [`TenantCache`], enforces the nonce budget, and re-wraps
+//! everything when the master key rotates. Methods that may touch the store block: async
+//! callers run them on the blocking pool, except [`KeyManager::cached`], which never does I/O
+//! beyond the store's change check.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use super::cache::{CachedVersion, TenantCache, TenantEntry};
+use super::master::{MasterKeySource, MasterKeyring};
+use crate::crypto::aead::AeadKey;
+use crate::crypto::envelope;
+use crate::crypto::labels;
+use crate::crypto::secret::SecretKey;
+use crate::domain::{KeyVersionState, TenantId, TenantState, unix_now};
+use crate::error::{Error, Result};
+use crate::store::{
+    KeyStore, KeyVersionRecord, MasterVersionRecord, Rewrapping, TenantRecord, WrappedTenantKey,
+};
+
+/// Defaults and bounds for tenant keys.
+#[derive(Debug, Clone)]
+pub struct KeyPolicy {
+    /// The nonce budget of a new tenant's key versions (NIST SP 800-38D: well under 2^32).
+    pub default_max_encryptions: u64,
+    /// A new tenant's rotation period in seconds (0 = only on demand or by budget).
+    pub default_rotation_period_seconds: u64,
+    /// How many tenants' unwrapped keys to keep in memory.
+    pub cache_tenants: usize,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            default_max_encryptions: 1 << 30,
+            default_rotation_period_seconds: 0,
+            cache_tenants: 100_000,
+        }
+    }
+}
+
+/// Permission to seal `count` values under `version` of the tenant in `entry`.
+pub struct EncryptGrant {
+    /// The snapshot whose primary version is `version`.
+    pub entry: Arc<TenantEntry>,
+    /// The key version to seal under.
+    pub version: u32,
+}
+
+/// The master keys in memory and the wrapping keys derived from them.
+struct MasterKeys {
+    ring: MasterKeyring,
+    tenant_key_wrapping: BTreeMap<u32, AeadKey>,
+}
+
+impl MasterKeys {
+    fn new(ring: MasterKeyring) -> Result<Self> {
+        let mut tenant_key_wrapping = BTreeMap::new();
+        for version in ring.versions() {
+            let key = ring
+                .get(version)
+                .ok_or_else(|| Error::internal("keyring version vanished"))?;
+            let wrapping = envelope::master_wrapping_key(key, labels::TENANT_KEY_WRAP, version)
+                .map_err(|_| Error::internal("master wrapping key derivation failed"))?;
+            tenant_key_wrapping.insert(version, wrapping);
+        }
+        Ok(Self {
+            ring,
+            tenant_key_wrapping,
+        })
+    }
+}
+
+/// What a master-key re-wrap did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RewrapSummary {
+    /// The master version everything is now wrapped under.
+    pub primary_master_version: u32,
+    /// Tenant keys re-wrapped by this run.
+    pub rewrapped: u64,
+    /// Master versions retired by this run.
+    pub retired: Vec<u32>,
+}
+
+/// The key manager. Shared by all requests.
+pub struct KeyManager {
+    store: Arc<dyn KeyStore>,
+    source: MasterKeySource,
+    master: RwLock<MasterKeys>,
+    cache: TenantCache,
+    policy: KeyPolicy,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The size of one nonce-budget reservation: large enough that the store is written rarely,
+/// small enough that a crash wastes little of the budget.
+fn reservation_chunk(max_encryptions: u64) -> u64 {
+    (max_encryptions / 64).clamp(64, 65_536)
+}
+
+impl KeyManager {
+    /// Loads the keyring (creating it if allowed) and checks it against the store's key check
+    /// values: a keyring that is not the one this data directory was created with fails here,
+    /// with a message saying so, rather than on every call later.
+    pub fn open(
+        store: Arc<dyn KeyStore>,
+        source: MasterKeySource,
+        create_keyring: bool,
+        policy: KeyPolicy,
+    ) -> Result<Self> {
+        let ring = MasterKeyring::load(&source, create_keyring)?;
+        check_keyring(store.as_ref(), &ring)?;
+        Ok(Self {
+            store,
+            source,
+            master: RwLock::new(MasterKeys::new(ring)?),
+            cache: TenantCache::new(policy.cache_tenants),
+            policy,
+        })
+    }
+
+    /// The key store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The policy defaults.
+    pub fn policy(&self) -> &KeyPolicy {
+        &self.policy
+    }
+
+    /// How many tenants are cached.
+    pub fn cached_tenants(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Drops every cached key if another process changed the store. Returns whether it did.
+    pub fn refresh(&self) -> Result<bool> {
+        let changed = self.store.changed_elsewhere()?;
+        if changed {
+            self.cache.clear();
+        }
+        Ok(changed)
+    }
+
+    /// The cached snapshot of a tenant, without touching the store.
+    pub fn cached(&self, id: &TenantId) -> Option<Arc<TenantEntry>> {
+        self.cache.get(id.as_str())
+    }
+
+    /// The snapshot of a tenant: cached, or loaded and unwrapped (blocking).
+    pub fn tenant(&self, id: &TenantId) -> Result<Arc<TenantEntry>> {
+        match self.cached(id) {
+            Some(entry) => Ok(entry),
+            None => self.load(id),
+        }
+    }
+
+    fn load(&self, id: &TenantId) -> Result<Arc<TenantEntry>> {
+        let epoch = self.cache.epoch();
+        let record = self.store.tenant(id)?.ok_or(Error::NotFound("tenant"))?;
+        let mut versions = HashMap::new();
+        let mut primary_reserved = 0;
+        if record.state != TenantState::Destroyed {
+            for version in self.store.key_versions(id)? {
+                if version.version == record.primary_version {
+                    primary_reserved = version.encryptions;
+                }
+                let key = match (&version.wrapped, version.state) {
+                    (Some(wrapped), KeyVersionState::Enabled) => {
+                        Some(self.unwrap_tenant_key(id, version.version, wrapped)?)
+                    }
+                    _ => None,
+                };
+                versions.insert(
+                    version.version,
+                    CachedVersion {
+                        state: version.state,
+                        key,
+                    },
+                );
+            }
+        }
+        let entry = Arc::new(TenantEntry::new(record, versions, primary_reserved));
+        self.cache.insert(Arc::clone(&entry), epoch);
+        Ok(entry)
+    }
+
+    /// Grants `count` seals under the tenant's primary version, reserving more of the nonce
+    /// budget in the store when needed and rotating the key when the budget is spent, so the
+    /// count of seals under a version never passes its `max_encryptions`. Blocking.
+    pub fn grant_encryptions(&self, entry: Arc<TenantEntry>, count: u64) -> Result<EncryptGrant> {
+        let mut entry = entry;
+        // Two rounds: the second runs on a freshly rotated key, which always has room.
+        for _ in 0..3 {
+            entry.require_active()?;
+            let max = entry.record.max_encryptions;
+            if count > max {
+                return Err(Error::ResourceExhausted(format!(
+                    "{count} values exceed the tenant's max_encryptions of {max} per key version"
+                )));
+            }
+            {
+                let mut counter = entry
+                    .counter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if counter.used + count <= counter.reserved {
+                    counter.used += count;
+                    return Ok(EncryptGrant {
+                        version: entry.record.primary_version,
+                        entry: Arc::clone(&entry),
+                    });
+                }
+                if counter.used + count <= max && counter.reserved < max {
+                    let chunk = reservation_chunk(max)
+                        .max(count)
+                        .min(max - counter.reserved);
+                    let total = self.store.reserve_encryptions(
+                        &entry.record.tenant_id,
+                        entry.record.primary_version,
+                        chunk,
+                    )?;
+                    // Other processes may have reserved too: ours is the top `chunk` of `total`.
+                    counter.used = counter.used.max(total.saturating_sub(chunk));
+                    counter.reserved = total;
+                    if counter.used + count <= counter.reserved.min(max) {
+                        counter.used += count;
+                        return Ok(EncryptGrant {
+                            version: entry.record.primary_version,
+                            entry: Arc::clone(&entry),
+                        });
+                    }
+                }
+            }
+            let id = entry.record.tenant_id.clone();
+            match self.rotate_from(&id, entry.record.primary_version) {
+                Ok(_) => tracing::info!(tenant = %id, "rotated: nonce budget reached"),
+                // Someone else rotated first: their new version serves us as well.
+                Err(Error::FailedPrecondition(msg)) if msg.contains("concurrently") => {}
+                Err(e) => return Err(e),
+            }
+            entry = self.load(&id)?;
+        }
+        Err(Error::internal("could not grant encryptions after rotating"))
+    }
+
+    fn unwrap_tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        wrapped: &WrappedTenantKey,
+    ) -> Result<SecretKey> {
+        self.ensure_master_version(wrapped.master_version)?;
+        let master = read(&self.master);
+        let wrapping = master
+            .tenant_key_wrapping
+            .get(&wrapped.master_version)
+            .ok_or_else(|| Error::internal("master key version missing"))?;
+        envelope::unwrap_tenant_key(
+            wrapping,
+            wrapped.master_version,
+            id.as_str(),
+            version,
+            &wrapped.bytes,
+        )
+        .map_err(|_| {
+            Error::Internal(format!(
+                "tenant key {id} v{version} does not unwrap under master version {}",
+                wrapped.master_version
+            ))
+        })
+    }
+
+    /// Reloads the keyring when a key is wrapped under a version it does not hold yet (the
+    /// `rotate --master` command added one while this process ran).
+    fn ensure_master_version(&self, version: u32) -> Result<()> {
+        if read(&self.master).ring.get(version).is_some() {
+            return Ok(());
+        }
+        let ring = MasterKeyring::load(&self.source, false)?;
+        check_keyring(self.store.as_ref(), &ring)?;
+        if ring.get(version).is_none() {
+            return Err(Error::Internal(format!(
+                "master key version {version} is not in the keyring"
+            )));
+        }
+        *self.master.write().unwrap_or_else(|p| p.into_inner()) = MasterKeys::new(ring)?;
+        Ok(())
+    }
+
+    fn new_wrapped_version(&self, id: &TenantId, version: u32) -> Result<KeyVersionRecord> {
+        let tenant_key = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
+        let master = read(&self.master);
+        let master_version = master.ring.primary_version();
+        let wrapping = master
+            .tenant_key_wrapping
+            .get(&master_version)
+            .ok_or_else(|| Error::internal("primary master key missing"))?;
+        let bytes =
+            envelope::wrap_tenant_key(wrapping, master_version, id.as_str(), version, &tenant_key)
+                .map_err(|_| Error::internal("tenant key wrap failed"))?;
+        Ok(KeyVersionRecord {
+            version,
+            state: KeyVersionState::Enabled,
+            created_at: unix_now(),
+            encryptions: 0,
+            wrapped: Some(WrappedTenantKey {
+                master_version,
+                bytes,
+            }),
+        })
+    }
+
+    /// Creates a tenant with a random version-1 key. Blocking.
+    pub fn create_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
+        let first = self.new_wrapped_version(id, 1)?;
+        let record = TenantRecord {
+            tenant_id: id.clone(),
+            state: TenantState::Active,
+            primary_version: 1,
+            created_at: first.created_at,
+            rotation_period_seconds: self.policy.default_rotation_period_seconds,
+            max_encryptions: self.policy.default_max_encryptions,
+            deletion_time: None,
+            destroyed_at: None,
+        };
+        self.store.create_tenant(&record, &first)?;
+        self.cache.invalidate(id.as_str());
+        Ok(record)
+    }
+
+    /// Adds a new primary version. Blocking.
+    pub fn rotate(&self, id: &TenantId) -> Result<TenantRecord> {
+        let tenant = self.store.tenant(id)?.ok_or(Error::NotFound("tenant"))?;
+        self.rotate_from(id, tenant.primary_version)
+    }
+
+    fn rotate_from(&self, id: &TenantId, expected_primary: u32) -> Result<TenantRecord> {
+        let next = self
+            .store
+            .key_versions(id)?
+            .iter()
+            .map(|v| v.version)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let version = self.new_wrapped_version(id, next)?;
+        let result = self.store.add_key_version(id, expected_primary, &version);
+        self.cache.invalidate(id.as_str());
+        result
+    }
+
+    /// Moves a tenant between lifecycle states (see `KeyStore::set_tenant_state`) and drops
+    /// its cached keys before returning.
+    pub fn set_state(
+        &self,
+        id: &TenantId,
+        from: &[TenantState],
+        to: TenantState,
+        deletion_time: Option<i64>,
+    ) -> Result<TenantRecord> {
+        let result = self.store.set_tenant_state(id, from, to, deletion_time);
+        self.cache.invalidate(id.as_str());
+        result
+    }
+
+    /// Crypto-shreds a tenant whose deletion window has passed. Blocking.
+    pub fn destroy_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
+        let result = self.store.destroy_tenant(id, unix_now());
+        self.cache.invalidate(id.as_str());
+        result
+    }
+
+    /// Sets the rotation policy (0 for `max_encryptions` means the server default).
+    pub fn set_rotation_policy(
+        &self,
+        id: &TenantId,
+        rotation_period_seconds: u64,
+        max_encryptions: u64,
+    ) -> Result<TenantRecord> {
+        let max = if max_encryptions == 0 {
+            self.policy.default_max_encryptions
+        } else {
+            max_encryptions
+        };
+        let result = self.store.set_rotation_policy(id, rotation_period_seconds, max);
+        self.cache.invalidate(id.as_str());
+        result
+    }
+
+    /// Changes a key version's state and drops the tenant's cached keys.
+    pub fn set_version_state(
+        &self,
+        id: &TenantId,
+        version: u32,
+        from: &[KeyVersionState],
+        to: KeyVersionState,
+    ) -> Result<KeyVersionRecord> {
+        let result = self.store.set_key_version_state(id, version, from, to);
+        self.cache.invalidate(id.as_str());
+        result
+    }
+
+    /// The audit secret (HMAC chain and AAD fingerprint keys derive from it), created on first
+    /// use and stored wrapped under the primary master key. Blocking.
+    pub fn audit_secret(&self) -> Result<SecretKey> {
+        if self.store.audit_key()?.is_none() {
+            let secret = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
+            let wrapped = self.wrap_audit_key(&secret)?;
+            self.store.put_audit_key(&wrapped, None)?;
+        }
+        let wrapped = self
+            .store
+            .audit_key()?
+            .ok_or_else(|| Error::internal("audit key vanished"))?;
+        self.ensure_master_version(wrapped.master_version)?;
+        let master = read(&self.master);
+        let key = master
+            .ring
+            .get(wrapped.master_version)
+            .ok_or_else(|| Error::internal("master key version missing"))?;
+        let wrapping =
+            envelope::master_wrapping_key(key, labels::AUDIT_KEY_WRAP, wrapped.master_version)
+                .map_err(|_| Error::internal("derivation failed"))?;
+        envelope::unwrap_audit_key(&wrapping, wrapped.master_version, &wrapped.bytes)
+            .map_err(|_| Error::internal("the audit key does not unwrap"))
+    }
+
+    fn wrap_audit_key(&self, secret: &SecretKey) -> Result<WrappedTenantKey> {
+        let master = read(&self.master);
+        let master_version = master.ring.primary_version();
+        let key = master
+            .ring
+            .get(master_version)
+            .ok_or_else(|| Error::internal("primary master key missing"))?;
+        let wrapping = envelope::master_wrapping_key(key, labels::AUDIT_KEY_WRAP, master_version)
+            .map_err(|_| Error::internal("derivation failed"))?;
+        let bytes = envelope::wrap_audit_key(&wrapping, master_version, secret)
+            .map_err(|_| Error::internal("audit key wrap failed"))?;
+        Ok(WrappedTenantKey {
+            master_version,
+            bytes,
+        })
+    }
+
+    /// The primary master version.
+    pub fn primary_master_version(&self) -> u32 {
+        read(&self.master).ring.primary_version()
+    }
+
+    /// How many wrapped keys are under master versions other than the primary.
+    pub fn keys_off_primary(&self) -> Result<u64> {
+        let primary = self.primary_master_version();
+        let mut total = 0;
+        for record in self.store.master_versions()? {
+            if record.version != primary {
+                total += self.store.count_wrapped_under(record.version)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Re-wraps every tenant key and the audit secret under the primary master version, in
+    /// batches of `batch` (each one transaction, so an interrupted run loses nothing and the
+    /// next run continues), then retires master versions no key uses. Blocking.
+    pub fn rewrap_to_primary(
+        &self,
+        batch: usize,
+        mut progress: impl FnMut(u64),
+    ) -> Result<RewrapSummary> {
+        let primary = self.primary_master_version();
+        let mut summary = RewrapSummary {
+            primary_master_version: primary,
+            ..RewrapSummary::default()
+        };
+        for record in self.store.master_versions()? {
+            if record.version == primary || record.retired_at.is_some() {
+                continue;
+            }
+            loop {
+                let rows = self.store.wrapped_under(record.version, batch.max(1))?;
+                if rows.is_empty() {
+                    break;
+                }
+                let mut rewrappings = Vec::with_capacity(rows.len());
+                for (id, version, wrapped) in rows {
+                    let key = self.unwrap_tenant_key(&id, version, &wrapped)?;
+                    let master = read(&self.master);
+                    let wrapping = master
+                        .tenant_key_wrapping
+                        .get(&primary)
+                        .ok_or_else(|| Error::internal("primary master key missing"))?;
+                    let bytes =
+                        envelope::wrap_tenant_key(wrapping, primary, id.as_str(), version, &key)
+                            .map_err(|_| Error::internal("tenant key wrap failed"))?;
+                    rewrappings.push(Rewrapping {
+                        tenant_id: id,
+                        version,
+                        from_master: record.version,
+                        wrapped: WrappedTenantKey {
+                            master_version: primary,
+                            bytes,
+                        },
+                    });
+                }
+                let done = self.store.rewrap(&rewrappings)? as u64;
+                summary.rewrapped += done;
+                progress(summary.rewrapped);
+            }
+            if let Some(wrapped) = self.store.audit_key()?
+                && wrapped.master_version == record.version
+            {
+                let secret = self.audit_secret()?;
+                let rewrapped = self.wrap_audit_key(&secret)?;
+                self.store.put_audit_key(&rewrapped, Some(record.version))?;
+            }
+            if self.store.count_wrapped_under(record.version)? == 0 {
+                self.store.retire_master_version(record.version, unix_now())?;
+                summary.retired.push(record.version);
+            }
+        }
+        self.cache.clear();
+        Ok(summary)
+    }
+}
+
+/// Compares a keyring with the store's key check values and records versions the store has
+/// not seen yet.
+fn check_keyring(store: &dyn KeyStore, ring: &MasterKeyring) -> Result<()> {
+    let stored = store.master_versions()?;
+    for record in &stored {
+        match ring.get(record.version) {
+            None if record.retired_at.is_some() => {}
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the master keyring has no version {}, which keys.db uses: wrong keyring?",
+                    record.version
+                )));
+            }
+            Some(key) => {
+                let check = envelope::key_check_value(key, record.version)
+                    .map_err(|_| Error::internal("key check derivation failed"))?;
+                if !envelope::constant_time_eq(&check, &record.check_value) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "master key version {} does not match the key check value in keys.db: \
+                         this is not the keyring this data directory was created with",
+                        record.version
+                    )));
+                }
+            }
+        }
+    }
+    for version in ring.versions() {
+        if stored.iter().all(|r| r.version != version) {
+            let key = ring
+                .get(version)
+                .ok_or_else(|| Error::internal("keyring version vanished"))?;
+            store.insert_master_version(&MasterVersionRecord {
+                version,
+                check_value: envelope::key_check_value(key, version)
+                    .map_err(|_| Error::internal("key check derivation failed"))?
+                    .to_vec(),
+                created_at: unix_now(),
+                retired_at: None,
+            })?;
+        }
+    }
+    Ok(())
+}

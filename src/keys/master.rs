@@ -1,0 +1,204 @@
+//! Master-key providers. A keyring holds master-key versions 1, 2, …; the highest is primary
+//! (it wraps new tenant keys). Two providers:
+//!
+//! - a keyring **file** (the default, `<data-dir>/master.keyring`): created with mode 0600 on
+//!   first start, refused if group or others can access it; `rotate --master` appends versions;
+//! - an **environment variable** holding `1:<hex>,2:<hex>` for deployments that inject secrets.
+//!
+//! File format: one `VERSION HEX` line per version (64 hex digits), `#` comments.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::crypto::secret::{KEY_LEN, SecretKey};
+use crate::error::{Error, Result};
+use crate::fsutil;
+
+/// Where the master keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeySource {
+    /// A keyring file (created on first start when allowed).
+    File(PathBuf),
+    /// The name of an environment variable holding `1:<hex>,2:<hex>`.
+    Env(String),
+}
+
+/// The master-key versions in memory. Not `Debug`, not `Clone`; keys zeroize on drop.
+pub struct MasterKeyring {
+    keys: BTreeMap<u32, SecretKey>,
+}
+
+const FILE_HEADER: &str = "# tenant-kms master keyring v1: one 'VERSION HEX-KEY' line per version.\n\
+# Keep this file secret (mode 0600) and backed up apart from the data directory:\n\
+# without it no key in the data directory can be read.\n";
+
+impl MasterKeyring {
+    /// Loads the keyring; with `create_if_missing`, a missing keyring file is created with a
+    /// fresh version 1.
+    pub fn load(source: &MasterKeySource, create_if_missing: bool) -> Result<Self> {
+        match source {
+            MasterKeySource::File(path) => {
+                if !path.exists() {
+                    if !create_if_missing {
+                        return Err(Error::FailedPrecondition(format!(
+                            "master keyring {} does not exist",
+                            path.display()
+                        )));
+                    }
+                    let keyring = Self::single(SecretKey::generate()?);
+                    fsutil::write_private_file(path, keyring.to_file_text().as_bytes())?;
+                    tracing::info!(path = %path.display(), "created master keyring (version 1)");
+                    return Ok(keyring);
+                }
+                fsutil::check_private(path)?;
+                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                    Error::Internal(format!("cannot read {}: {e}", path.display()))
+                })?);
+                Self::parse(text.lines().map(|line| line.split_once(char::is_whitespace)))
+            }
+            MasterKeySource::Env(var) => {
+                let text = Zeroizing::new(std::env::var(var).map_err(|_| {
+                    Error::FailedPrecondition(format!(
+                        "environment variable {var} (master keys) is not set"
+                    ))
+                })?);
+                Self::parse(text.split(',').map(|item| item.split_once(':')))
+            }
+        }
+    }
+
+    fn single(key: SecretKey) -> Self {
+        let mut keys = BTreeMap::new();
+        keys.insert(1, key);
+        Self { keys }
+    }
+
+    fn parse<'a>(entries: impl Iterator<Item = Option<(&'a str, &'a str)>>) -> Result<Self> {
+        let mut keys = BTreeMap::new();
+        let bad = |why: &str| Error::FailedPrecondition(format!("master keyring: {why}"));
+        for entry in entries {
+            let Some((version, hex_key)) = entry else {
+                continue;
+            };
+            let version = version.trim();
+            if version.is_empty() || version.starts_with('#') {
+                continue;
+            }
+            let version: u32 = version
+                .parse()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| bad("a version is not a positive number"))?;
+            let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+            hex::decode_to_slice(hex_key.trim(), bytes.as_mut())
+                .map_err(|_| bad("a key is not 64 hex digits"))?;
+            if keys
+                .insert(version, SecretKey::from_zeroizing(bytes))
+                .is_some()
+            {
+                return Err(bad("a version appears twice"));
+            }
+        }
+        if keys.is_empty() {
+            return Err(bad("no master key versions"));
+        }
+        Ok(Self { keys })
+    }
+
+    fn to_file_text(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(String::from(FILE_HEADER));
+        for (version, key) in &self.keys {
+            text.push_str(&format!("{version} "));
+            text.push_str(&Zeroizing::new(hex::encode(key.expose_secret())));
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Appends a new random version to a keyring file (written to a temporary 0600 file,
+    /// synced, then renamed over the old one) and returns its number.
+    pub fn add_version_to_file(path: &Path) -> Result<u32> {
+        let mut keyring = Self::load(&MasterKeySource::File(path.to_owned()), false)?;
+        let version = keyring.primary_version() + 1;
+        keyring.keys.insert(version, SecretKey::generate()?);
+        let tmp = path.with_extension("keyring.new");
+        let _ = std::fs::remove_file(&tmp);
+        fsutil::write_private_file(&tmp, keyring.to_file_text().as_bytes())?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::Internal(format!("cannot replace {}: {e}", path.display())))?;
+        if let Some(dir) = path.parent() {
+            // Make the rename durable.
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(version)
+    }
+
+    /// The highest version: the one that wraps new keys.
+    pub fn primary_version(&self) -> u32 {
+        self.keys.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// The key of a version.
+    pub fn get(&self, version: u32) -> Option<&SecretKey> {
+        self.keys.get(&version)
+    }
+
+    /// The versions held, ascending.
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.keys.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn file_is_created_private_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.keyring");
+        let source = MasterKeySource::File(path.clone());
+        assert!(MasterKeyring::load(&source, false).is_err());
+        let created = MasterKeyring::load(&source, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let loaded = MasterKeyring::load(&source, false).unwrap();
+        assert_eq!(
+            created.get(1).unwrap().expose_secret(),
+            loaded.get(1).unwrap().expose_secret()
+        );
+        assert_eq!(MasterKeyring::add_version_to_file(&path).unwrap(), 2);
+        let loaded = MasterKeyring::load(&source, false).unwrap();
+        assert_eq!(loaded.primary_version(), 2);
+        assert_eq!(
+            created.get(1).unwrap().expose_secret(),
+            loaded.get(1).unwrap().expose_secret()
+        );
+    }
+
+    #[test]
+    fn readable_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.keyring");
+        let source = MasterKeySource::File(path.clone());
+        MasterKeyring::load(&source, true).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = MasterKeyring::load(&source, false).err().unwrap();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn parses_env_format() {
+        let k1 = "11".repeat(32);
+        let k2 = "22".repeat(32);
+        let text = format!("1:{k1},2:{k2}");
+        let ring = MasterKeyring::parse(text.split(',').map(|i| i.split_once(':'))).unwrap();
+        assert_eq!(ring.primary_version(), 2);
+        assert_eq!(ring.get(1).unwrap().expose_secret(), &[0x11; 32]);
+        let bad = "1:abc";
+        assert!(MasterKeyring::parse(bad.split(',').map(|i| i.split_once(':'))).is_err());
+    }
+}

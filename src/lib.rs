@@ -1,0 +1,41 @@
+//! tenant-kms: a per-tenant envelope-encryption and key-management service.
+//!
+//! Application services call it over gRPC to encrypt column values per tenant, to get data
+//! keys for envelope encryption and to manage the keys' lives alongside the tenant's. Every
+//! key access is audited durably, in a keyed hash chain, before the caller gets an answer.
+//!
+//! # Layout
+//!
+//! Dependencies point down; nothing imports `service` or `cli`.
+//!
+//! - [`crypto`]: AES-256-GCM, HKDF-SHA256, labels, the v1 wire format, secret types. Pure: no
+//!   I/O, no async, nothing else of ours.
+//! - [`keys`]: master-key providers, the key manager (hierarchy, rotation, nonce budget) and
+//!   the bounded cache of unwrapped keys.
+//! - [`store`]: the `KeyStore` trait and its SQLite implementation (`keys.db`).
+//! - [`audit`]: audit records, the HMAC chain, the group-commit writer, `audit.db`.
+//! - [`auth`]: tokens, roles, tenant scopes and the one authorization check.
+//! - [`service`]: gRPC handlers (thin) and `server::run`.
+//! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
+//! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
+//!   configuration file, private-file helpers.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod error;
+pub mod fsutil;
+pub mod keys;
+pub mod service;
+pub mod store;
+
+/// The generated protobuf messages and gRPC stubs of `tenantkms.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("tenantkms.v1");
+}

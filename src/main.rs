@@ -1,0 +1,5 @@
+//! The `tenant-kms` binary: see `tenant-kms --help`.
+
+fn main() -> std::process::ExitCode {
+    tenant_kms::cli::main()
+}

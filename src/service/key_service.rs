@@ -1,0 +1,557 @@
+//! `tenantkms.v1.KeyService`: the data plane.
+//!
+//! Each handler: start a [`Call`], authenticate and authorize, parse input into domain types,
+//! take the tenant's keys from the cache (loading them on the blocking pool on a miss), seal or
+//! open, and finish the call (audit first, answer second). Batches handle each item on its own,
+//! and run their crypto on the blocking pool when they are large enough to stall the async
+//! threads.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::call::Call;
+use super::state::AppState;
+use super::{blocking, status};
+use crate::auth::Operation;
+use crate::crypto::envelope::{self, Purpose};
+use crate::crypto::format;
+use crate::crypto::secret::{SecretBytes, SecretKey};
+use crate::domain::{Context, TenantId};
+use crate::error::{Error, Result};
+use crate::keys::EncryptGrant;
+use crate::keys::cache::TenantEntry;
+use crate::pb;
+use crate::pb::key_service_server::KeyService;
+
+/// Batches with more items than this run their crypto on the blocking pool.
+const INLINE_BATCH_ITEMS: usize = 32;
+
+/// The KeyService implementation.
+pub struct KeyServiceImpl {
+    state: Arc<AppState>,
+}
+
+impl KeyServiceImpl {
+    /// A service over the shared state.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    /// The tenant's key snapshot; it must be active to serve crypto.
+    async fn active_entry(&self, tenant: &TenantId) -> Result<Arc<TenantEntry>> {
+        let entry = match self.state.keys.cached(tenant) {
+            Some(entry) => entry,
+            None => {
+                let keys = Arc::clone(&self.state.keys);
+                let tenant = tenant.clone();
+                blocking(move || keys.tenant(&tenant)).await?
+            }
+        };
+        entry.require_active()?;
+        Ok(entry)
+    }
+
+    /// Permission to seal `count` values (reserving budget or rotating on the blocking pool
+    /// only when the in-memory reservation is spent).
+    async fn grant(&self, entry: Arc<TenantEntry>, count: u64) -> Result<EncryptGrant> {
+        if let Some(version) = entry.try_take(count) {
+            return Ok(EncryptGrant { entry, version });
+        }
+        let keys = Arc::clone(&self.state.keys);
+        blocking(move || keys.grant_encryptions(entry, count)).await
+    }
+
+    fn check_value_len(&self, what: &str, len: usize) -> Result<()> {
+        let limit = self.state.options.limits.max_field_bytes;
+        if len > limit {
+            return Err(Error::InvalidArgument(format!(
+                "{what} is {len} bytes; the limit is {limit}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_ciphertext_len(&self, what: &str, len: usize) -> Result<()> {
+        self.check_value_len(what, len.saturating_sub(format::MIN_LEN))
+    }
+
+    fn check_batch_len(&self, len: usize) -> Result<u32> {
+        let limit = self.state.options.limits.max_batch_items;
+        if len == 0 || len > limit {
+            return Err(Error::InvalidArgument(format!(
+                "items must hold 1 to {limit} entries, not {len}"
+            )));
+        }
+        Ok(len as u32)
+    }
+}
+
+/// Seals one value under a grant.
+fn seal(
+    grant: &EncryptGrant,
+    purpose: Purpose,
+    tenant: &TenantId,
+    context: &Context,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
+    let key = grant
+        .entry
+        .value_key(grant.version, purpose, context.as_str())?;
+    envelope::seal_value(
+        &key,
+        purpose,
+        grant.version,
+        tenant.as_str(),
+        context.as_str(),
+        aad,
+        plaintext,
+    )
+    .map_err(|_| Error::internal("seal failed"))
+}
+
+/// Opens one v1 ciphertext with whichever version its header names.
+fn open(
+    entry: &TenantEntry,
+    purpose: Purpose,
+    tenant: &TenantId,
+    context: &Context,
+    aad: &[u8],
+    ciphertext: &[u8],
+) -> Result<(SecretBytes, u32)> {
+    let parsed = format::parse(ciphertext).map_err(|_| Error::DecryptFailed)?;
+    let version = parsed.header.key_version;
+    let key = entry.value_key(version, purpose, context.as_str())?;
+    let plaintext = envelope::open_value(
+        &key,
+        purpose,
+        &parsed,
+        tenant.as_str(),
+        context.as_str(),
+        aad,
+    )
+    .map_err(|_| Error::DecryptFailed)?;
+    Ok((plaintext, version))
+}
+
+/// Runs per-item work inline or, for large batches, on the blocking pool.
+async fn run_items<I, O>(
+    items: Vec<I>,
+    work: impl Fn(I) -> Result<O> + Send + 'static,
+) -> Result<Vec<Result<O>>>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    if items.len() <= INLINE_BATCH_ITEMS {
+        Ok(items.into_iter().map(work).collect())
+    } else {
+        blocking(move || Ok(items.into_iter().map(work).collect())).await
+    }
+}
+
+fn item_error(call: &mut Call, error: &Error) -> pb::ItemError {
+    call.failed_items += 1;
+    pb::ItemError {
+        code: status::code(error) as i32,
+        message: status::client_message(error, &call.request_id),
+    }
+}
+
+/// A batch item after validation: its context and its owned fields.
+struct Prepared<T> {
+    context: Context,
+    aad: Vec<u8>,
+    data: T,
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyServiceImpl {
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::Encrypt);
+        let req = request.into_inner();
+        let plaintext = SecretBytes::new(req.plaintext);
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let context = Context::parse(&req.context)?;
+            call.note_context(&context);
+            self.check_value_len("plaintext", plaintext.expose_secret().len())?;
+            self.check_value_len("aad", req.aad.len())?;
+            call.note_aad(&self.state, &req.aad);
+            let entry = self.active_entry(&tenant).await?;
+            let grant = self.grant(entry, 1).await?;
+            call.note_version(grant.version);
+            let ciphertext = seal(
+                &grant,
+                Purpose::Field,
+                &tenant,
+                &context,
+                &req.aad,
+                plaintext.expose_secret(),
+            )?;
+            Ok(pb::EncryptResponse {
+                ciphertext,
+                key_version: grant.version,
+            })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::Decrypt);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let context = Context::parse(&req.context)?;
+            call.note_context(&context);
+            self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
+            self.check_value_len("aad", req.aad.len())?;
+            call.note_aad(&self.state, &req.aad);
+            if let Ok(parsed) = format::parse(&req.ciphertext) {
+                call.note_version(parsed.header.key_version);
+            }
+            let entry = self.active_entry(&tenant).await?;
+            let (plaintext, version) = open(
+                &entry,
+                Purpose::Field,
+                &tenant,
+                &context,
+                &req.aad,
+                &req.ciphertext,
+            )?;
+            Ok(pb::DecryptResponse {
+                plaintext: plaintext.into_unprotected_vec(),
+                key_version: version,
+            })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn encrypt_batch(
+        &self,
+        request: Request<pb::EncryptBatchRequest>,
+    ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::EncryptBatch);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            call.item_count = self.check_batch_len(req.items.len())?;
+            let prepared: Vec<Result<Prepared<SecretBytes>>> = req
+                .items
+                .into_iter()
+                .map(|item| {
+                    let plaintext = SecretBytes::new(item.plaintext);
+                    let context = Context::parse(&item.context)?;
+                    self.check_value_len("plaintext", plaintext.expose_secret().len())?;
+                    self.check_value_len("aad", item.aad.len())?;
+                    Ok(Prepared {
+                        context,
+                        aad: item.aad,
+                        data: plaintext,
+                    })
+                })
+                .collect();
+            for item in prepared.iter().flatten() {
+                call.note_context(&item.context);
+            }
+            let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
+            let grant = if valid > 0 {
+                let entry = self.active_entry(&tenant).await?;
+                let grant = self.grant(entry, valid).await?;
+                call.note_version(grant.version);
+                Some(Arc::new(grant))
+            } else {
+                None
+            };
+            let outputs = run_items(prepared, move |item| {
+                let item = item?;
+                let grant = grant
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("no grant for a valid item"))?;
+                let ciphertext = seal(
+                    grant,
+                    Purpose::Field,
+                    &tenant,
+                    &item.context,
+                    &item.aad,
+                    item.data.expose_secret(),
+                )?;
+                Ok(pb::EncryptResponse {
+                    ciphertext,
+                    key_version: grant.version,
+                })
+            })
+            .await?;
+            let results = outputs
+                .into_iter()
+                .map(|output| pb::EncryptBatchResult {
+                    result: Some(match output {
+                        Ok(o) => pb::encrypt_batch_result::Result::Output(o),
+                        Err(e) => pb::encrypt_batch_result::Result::Error(item_error(&mut call, &e)),
+                    }),
+                })
+                .collect();
+            Ok(pb::EncryptBatchResponse { results })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn decrypt_batch(
+        &self,
+        request: Request<pb::DecryptBatchRequest>,
+    ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::DecryptBatch);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            call.item_count = self.check_batch_len(req.items.len())?;
+            let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
+                .items
+                .into_iter()
+                .map(|item| {
+                    let context = Context::parse(&item.context)?;
+                    self.check_ciphertext_len("ciphertext", item.ciphertext.len())?;
+                    self.check_value_len("aad", item.aad.len())?;
+                    Ok(Prepared {
+                        context,
+                        aad: item.aad,
+                        data: item.ciphertext,
+                    })
+                })
+                .collect();
+            for item in prepared.iter().flatten() {
+                call.note_context(&item.context);
+            }
+            let entry = self.active_entry(&tenant).await?;
+            let outputs = run_items(prepared, move |item| {
+                let item = item?;
+                open(
+                    &entry,
+                    Purpose::Field,
+                    &tenant,
+                    &item.context,
+                    &item.aad,
+                    &item.data,
+                )
+            })
+            .await?;
+            let results = outputs
+                .into_iter()
+                .map(|output| pb::DecryptBatchResult {
+                    result: Some(match output {
+                        Ok((plaintext, version)) => {
+                            call.note_version(version);
+                            pb::decrypt_batch_result::Result::Output(pb::DecryptResponse {
+                                plaintext: plaintext.into_unprotected_vec(),
+                                key_version: version,
+                            })
+                        }
+                        Err(e) => pb::decrypt_batch_result::Result::Error(item_error(&mut call, &e)),
+                    }),
+                })
+                .collect();
+            Ok(pb::DecryptBatchResponse { results })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::GenerateDataKey);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let context = Context::parse(&req.context)?;
+            call.note_context(&context);
+            let entry = self.active_entry(&tenant).await?;
+            let grant = self.grant(entry, 1).await?;
+            call.note_version(grant.version);
+            let data_key = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
+            let wrapped_key = seal(
+                &grant,
+                Purpose::DataKey,
+                &tenant,
+                &context,
+                b"",
+                data_key.expose_secret(),
+            )?;
+            Ok(pb::GenerateDataKeyResponse {
+                plaintext_key: data_key.expose_secret().to_vec(),
+                wrapped_key,
+                key_version: grant.version,
+            })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        request: Request<pb::DecryptDataKeyRequest>,
+    ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::DecryptDataKey);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let context = Context::parse(&req.context)?;
+            call.note_context(&context);
+            self.check_ciphertext_len("wrapped_key", req.wrapped_key.len())?;
+            if let Ok(parsed) = format::parse(&req.wrapped_key) {
+                call.note_version(parsed.header.key_version);
+            }
+            let entry = self.active_entry(&tenant).await?;
+            let (plaintext_key, version) = open(
+                &entry,
+                Purpose::DataKey,
+                &tenant,
+                &context,
+                b"",
+                &req.wrapped_key,
+            )?;
+            Ok(pb::DecryptDataKeyResponse {
+                plaintext_key: plaintext_key.into_unprotected_vec(),
+                key_version: version,
+            })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn rewrap(
+        &self,
+        request: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::Rewrap);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let context = Context::parse(&req.context)?;
+            call.note_context(&context);
+            self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
+            self.check_value_len("aad", req.aad.len())?;
+            call.note_aad(&self.state, &req.aad);
+            let entry = self.active_entry(&tenant).await?;
+            let (plaintext, old_version) = open(
+                &entry,
+                Purpose::Field,
+                &tenant,
+                &context,
+                &req.aad,
+                &req.ciphertext,
+            )?;
+            call.note_version(old_version);
+            let grant = self.grant(entry, 1).await?;
+            call.note_version(grant.version);
+            let ciphertext = seal(
+                &grant,
+                Purpose::Field,
+                &tenant,
+                &context,
+                &req.aad,
+                plaintext.expose_secret(),
+            )?;
+            Ok(pb::RewrapResponse {
+                ciphertext,
+                key_version: grant.version,
+            })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    async fn rewrap_batch(
+        &self,
+        request: Request<pb::RewrapBatchRequest>,
+    ) -> Result<Response<pb::RewrapBatchResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::RewrapBatch);
+        let req = request.into_inner();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            call.item_count = self.check_batch_len(req.items.len())?;
+            let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
+                .items
+                .into_iter()
+                .map(|item| {
+                    let context = Context::parse(&item.context)?;
+                    self.check_ciphertext_len("ciphertext", item.ciphertext.len())?;
+                    self.check_value_len("aad", item.aad.len())?;
+                    Ok(Prepared {
+                        context,
+                        aad: item.aad,
+                        data: item.ciphertext,
+                    })
+                })
+                .collect();
+            for item in prepared.iter().flatten() {
+                call.note_context(&item.context);
+            }
+            let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
+            let entry = self.active_entry(&tenant).await?;
+            let grant = if valid > 0 {
+                let grant = self.grant(Arc::clone(&entry), valid).await?;
+                call.note_version(grant.version);
+                Some(Arc::new(grant))
+            } else {
+                None
+            };
+            let outputs = run_items(prepared, move |item| {
+                let item = item?;
+                let (plaintext, old_version) = open(
+                    &entry,
+                    Purpose::Field,
+                    &tenant,
+                    &item.context,
+                    &item.aad,
+                    &item.data,
+                )?;
+                let grant = grant
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("no grant for a valid item"))?;
+                let ciphertext = seal(
+                    grant,
+                    Purpose::Field,
+                    &tenant,
+                    &item.context,
+                    &item.aad,
+                    plaintext.expose_secret(),
+                )?;
+                Ok((
+                    pb::RewrapResponse {
+                        ciphertext,
+                        key_version: grant.version,
+                    },
+                    old_version,
+                ))
+            })
+            .await?;
+            let results = outputs
+                .into_iter()
+                .map(|output| pb::RewrapBatchResult {
+                    result: Some(match output {
+                        Ok((o, old_version)) => {
+                            call.note_version(old_version);
+                            pb::rewrap_batch_result::Result::Output(o)
+                        }
+                        Err(e) => pb::rewrap_batch_result::Result::Error(item_error(&mut call, &e)),
+                    }),
+                })
+                .collect();
+            Ok(pb::RewrapBatchResponse { results })
+        }
+        .await;
+        call.finish(&self.state, result).await
+    }
+}

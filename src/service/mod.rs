@@ -1,0 +1,32 @@
+//! The gRPC service: thin handlers that parse input into domain types, authenticate and
+//! authorize through the one layer in `auth`, call the key manager, and write the audit
+//! record before answering.
+//!
+//! - [`state`]: the shared state and how it is opened from a data directory;
+//! - [`call`]: the per-request frame (request id, caller, audit fields) and its finish;
+//! - [`status`]: the one mapping from [`crate::error::Error`] to a gRPC status;
+//! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
+//! - [`server`]: `run(listener, state, shutdown)`.
+
+pub mod audit_service;
+pub mod call;
+pub mod convert;
+pub mod key_service;
+pub mod server;
+pub mod state;
+pub mod status;
+pub mod tenant_service;
+
+pub use state::{AppState, Limits, ServiceOptions};
+
+use crate::error::{Error, Result};
+
+/// Runs blocking work (SQLite, large batches) on tokio's blocking pool so it never stalls the
+/// async worker threads.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}

@@ -1,0 +1,131 @@
+//! Serving: `run(listener, state, shutdown)` takes an already-bound listener and a shutdown
+//! future, so tests start it on port 0 and stop it when they like.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use super::audit_service::AuditServiceImpl;
+use super::key_service::KeyServiceImpl;
+use super::state::AppState;
+use super::tenant_service::TenantServiceImpl;
+use crate::domain::TenantId;
+use crate::error::{Error, Result};
+use crate::pb::audit_service_server::AuditServiceServer;
+use crate::pb::key_service_server::KeyServiceServer;
+use crate::pb::tenant_service_server::TenantServiceServer;
+
+/// The encoded descriptor set of our protos, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tenantkms_descriptor.bin"));
+
+/// How often the server looks for tenants whose deletion window has passed.
+const REAPER_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Serves the three services plus `grpc.health.v1` and reflection on `listener` until
+/// `shutdown` completes; then in-flight calls finish and the audit writer is flushed.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let max = state.options.limits.max_message_bytes;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
+        .await;
+    health_reporter
+        .set_serving::<TenantServiceServer<TenantServiceImpl>>()
+        .await;
+    health_reporter
+        .set_serving::<AuditServiceServer<AuditServiceImpl>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            KeyServiceServer::new(KeyServiceImpl::new(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            TenantServiceServer::new(TenantServiceImpl::new(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AuditServiceServer::new(AuditServiceImpl::new(Arc::clone(&state)))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    reaper.abort();
+    served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Destroys tenants whose deletion window has passed, so shredding happens on time even when
+/// no `rotate --due` cron job runs.
+async fn reap_due_deletions(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(REAPER_INTERVAL);
+    loop {
+        tick.tick().await;
+        let keys = Arc::clone(&state.keys);
+        let due = super::blocking(move || {
+            Ok(keys
+                .store()
+                .tenants_due(crate::domain::unix_now(), 0.0)?
+                .destroy)
+        })
+        .await;
+        match due {
+            Ok(tenants) => {
+                for tenant in tenants {
+                    destroy_audited(&state, tenant).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for due deletions"),
+        }
+    }
+}
+
+async fn destroy_audited(state: &Arc<AppState>, tenant: TenantId) {
+    let keys = Arc::clone(&state.keys);
+    let id = tenant.clone();
+    let result = super::blocking(move || keys.destroy_tenant(&id)).await;
+    let record = crate::audit::AuditRecord {
+        time_micros: crate::domain::unix_now_micros(),
+        request_id: String::new(),
+        caller: "server:reaper".into(),
+        peer: "local".into(),
+        tenant_id: tenant.as_str().to_owned(),
+        operation: "DestroyTenant".into(),
+        contexts: Vec::new(),
+        key_versions: Vec::new(),
+        item_count: 1,
+        outcome: match &result {
+            Ok(_) => crate::audit::Outcome::Ok,
+            Err(e) => super::status::outcome(e),
+        },
+        aad_fingerprint: String::new(),
+        detail: String::new(),
+    };
+    if let Err(e) = state.audit.append(record).await {
+        tracing::error!(error = %e, tenant = %tenant, "could not audit a tenant destruction");
+    }
+    match result {
+        Ok(_) => tracing::info!(tenant = %tenant, "tenant destroyed: deletion window passed"),
+        Err(e) => tracing::warn!(tenant = %tenant, error = %e, "could not destroy tenant"),
+    }
+}

@@ -1,0 +1,215 @@
+//! The key store: master-key check values, tenants, wrapped tenant-key versions and caller
+//! tokens, behind the [`KeyStore`] trait so that a PostgreSQL backend can replace SQLite for
+//! multi-node deployments. Nothing outside this module knows the backend is SQLite.
+//!
+//! Every method is one transaction; state changes are conditional on the state they start
+//! from, so two processes (a server and the `rotate` command) can share one data directory.
+
+mod migrations;
+pub mod sqlite;
+
+use crate::domain::{KeyVersionState, TenantId, TenantState};
+use crate::error::Result;
+
+pub use sqlite::SqliteKeyStore;
+
+/// A master-key version as the store knows it: its check value, never the key.
+#[derive(Debug, Clone)]
+pub struct MasterVersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// `envelope::key_check_value` of the key.
+    pub check_value: Vec<u8>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Set once no tenant key is wrapped under this version any more.
+    pub retired_at: Option<i64>,
+}
+
+/// A tenant's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRecord {
+    /// The id.
+    pub tenant_id: TenantId,
+    /// Lifecycle state.
+    pub state: TenantState,
+    /// The version that encrypts.
+    pub primary_version: u32,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Rotate when the primary is older than this many seconds; 0 = never by age.
+    pub rotation_period_seconds: u64,
+    /// Rotate before the primary has sealed this many values.
+    pub max_encryptions: u64,
+    /// When a pending deletion becomes destruction (unix seconds).
+    pub deletion_time: Option<i64>,
+    /// When the tenant was destroyed (unix seconds).
+    pub destroyed_at: Option<i64>,
+}
+
+/// A tenant key version's metadata and, while it exists, its wrapped key.
+#[derive(Clone)]
+pub struct KeyVersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Enabled, disabled or destroyed.
+    pub state: KeyVersionState,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Encryptions reserved under this version (never decreases).
+    pub encryptions: u64,
+    /// The wrapped key and the master version wrapping it; `None` once destroyed.
+    pub wrapped: Option<WrappedTenantKey>,
+}
+
+/// A tenant key sealed under a master-key version: public bytes, useless without that master
+/// key (see `crypto::envelope::wrap_tenant_key`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedTenantKey {
+    /// The master-key version that wraps it.
+    pub master_version: u32,
+    /// nonce ‖ sealed key ‖ tag.
+    pub bytes: Vec<u8>,
+}
+
+/// One tenant key to move from one master version to another.
+pub struct Rewrapping {
+    /// Whose key.
+    pub tenant_id: TenantId,
+    /// Which version.
+    pub version: u32,
+    /// The master version it must still be under (so a concurrent change is not overwritten).
+    pub from_master: u32,
+    /// The new wrapping.
+    pub wrapped: WrappedTenantKey,
+}
+
+/// A caller's token as stored: its SHA-256 hash, never the token.
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    /// Public id (shown by `token list`, used by `token revoke`).
+    pub id: String,
+    /// Operator-chosen name.
+    pub name: String,
+    /// SHA-256 of the token secret.
+    pub hash: [u8; 32],
+    /// `admin`, `service` or `auditor`.
+    pub role: String,
+    /// `*` for every tenant, or a comma-separated list.
+    pub tenants: String,
+    /// `*` for every operation of the role, or a comma-separated list.
+    pub operations: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; `None` never expires.
+    pub expires_at: Option<i64>,
+    /// Unix seconds; set by `token revoke`.
+    pub revoked_at: Option<i64>,
+}
+
+/// What a tenant key version's state change must start from.
+pub type FromStates<'a> = &'a [KeyVersionState];
+
+/// Storage of keys and callers. Implementations are shared by many threads; each method is
+/// atomic and durable when it returns.
+pub trait KeyStore: Send + Sync {
+    /// All master-key versions the store has seen.
+    fn master_versions(&self) -> Result<Vec<MasterVersionRecord>>;
+    /// Records a new master-key version.
+    fn insert_master_version(&self, record: &MasterVersionRecord) -> Result<()>;
+    /// Marks a master version retired.
+    fn retire_master_version(&self, version: u32, at: i64) -> Result<()>;
+    /// How many wrapped keys (tenant keys and the audit secret) are under a master version.
+    fn count_wrapped_under(&self, master_version: u32) -> Result<u64>;
+    /// Up to `limit` tenant keys still wrapped under `master_version`.
+    fn wrapped_under(
+        &self,
+        master_version: u32,
+        limit: usize,
+    ) -> Result<Vec<(TenantId, u32, WrappedTenantKey)>>;
+    /// Replaces wrappings in one transaction, each only if still under its `from_master`.
+    /// Returns how many were replaced.
+    fn rewrap(&self, batch: &[Rewrapping]) -> Result<usize>;
+
+    /// The wrapped audit secret, if created.
+    fn audit_key(&self) -> Result<Option<WrappedTenantKey>>;
+    /// Stores the wrapped audit secret: inserts it if there is none, or replaces it if it is
+    /// still under `replace_master`. Returns false when another process got there first.
+    fn put_audit_key(
+        &self,
+        wrapped: &WrappedTenantKey,
+        replace_master: Option<u32>,
+    ) -> Result<bool>;
+
+    /// Creates a tenant with its first key version. `AlreadyExists` if the id was ever used.
+    fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()>;
+    /// A tenant's row.
+    fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>>;
+    /// Tenants in id order after `after`.
+    fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>>;
+    /// A tenant's key versions, oldest first.
+    fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>>;
+    /// Adds a version and makes it primary, if the primary is still `expected_primary` and the
+    /// tenant is active or suspended.
+    fn add_key_version(
+        &self,
+        id: &TenantId,
+        expected_primary: u32,
+        version: &KeyVersionRecord,
+    ) -> Result<TenantRecord>;
+    /// Moves a tenant from one of `from` to `to` (with the deletion time for PENDING_DELETION).
+    fn set_tenant_state(
+        &self,
+        id: &TenantId,
+        from: &[TenantState],
+        to: TenantState,
+        deletion_time: Option<i64>,
+    ) -> Result<TenantRecord>;
+    /// Sets the rotation policy.
+    fn set_rotation_policy(
+        &self,
+        id: &TenantId,
+        rotation_period_seconds: u64,
+        max_encryptions: u64,
+    ) -> Result<TenantRecord>;
+    /// Moves a non-primary (for disable/destroy) version between states; destroying deletes
+    /// the wrapped key with secure_delete.
+    fn set_key_version_state(
+        &self,
+        id: &TenantId,
+        version: u32,
+        from: FromStates<'_>,
+        to: KeyVersionState,
+    ) -> Result<KeyVersionRecord>;
+    /// Crypto-shreds a PENDING_DELETION tenant whose window has passed at `now`: deletes every
+    /// wrapped key with secure_delete, marks the tenant DESTROYED and checkpoints the log so
+    /// no copy of the keys stays in any file.
+    fn destroy_tenant(&self, id: &TenantId, now: i64) -> Result<TenantRecord>;
+    /// Reserves `count` more encryptions under a version and returns the new reserved total.
+    fn reserve_encryptions(&self, id: &TenantId, version: u32, count: u64) -> Result<u64>;
+    /// Tenants whose primary is older than their rotation period or whose reserved count is
+    /// within `budget_margin` (a fraction) of their budget, and tenants whose deletion is due.
+    fn tenants_due(&self, now: i64, budget_margin: f64) -> Result<DueTenants>;
+
+    /// Stores a new token.
+    fn insert_token(&self, token: &TokenRecord) -> Result<()>;
+    /// The token with this hash.
+    fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>>;
+    /// All tokens.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Revokes a token by id; false if there is none.
+    fn revoke_token(&self, id: &str, at: i64) -> Result<bool>;
+
+    /// True if another process (or connection) changed the store since the last call, so
+    /// every cache built from it must be dropped.
+    fn changed_elsewhere(&self) -> Result<bool>;
+}
+
+/// What `rotate --due` has to do.
+#[derive(Debug, Default)]
+pub struct DueTenants {
+    /// Active tenants to rotate.
+    pub rotate: Vec<TenantId>,
+    /// Pending deletions whose window has passed.
+    pub destroy: Vec<TenantId>,
+}
