@@ -52,15 +52,23 @@ pub fn open(path: &Path, full_sync: bool) -> Result<Connection> {
         .map_err(sql_error)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_error)?;
-    conn.pragma_update(None, "synchronous", if full_sync { "FULL" } else { "NORMAL" })
-        .map_err(sql_error)?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if full_sync { "FULL" } else { "NORMAL" },
+    )
+    .map_err(sql_error)?;
     conn.execute_batch(SCHEMA).map_err(sql_error)?;
     Ok(conn)
 }
 
 /// Appends records as one transaction, chained after the current head. Returns their
 /// sequence numbers. Nothing is written if anything fails.
-pub fn append(conn: &mut Connection, keys: &ChainKeys, records: &[AuditRecord]) -> Result<Vec<u64>> {
+pub fn append(
+    conn: &mut Connection,
+    keys: &ChainKeys,
+    records: &[AuditRecord],
+) -> Result<Vec<u64>> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;

@@ -27,7 +27,9 @@ use crate::error::{Error, Result};
 const MAX_BATCH: usize = 4096;
 
 /// How durable a committed record is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// fsync on every commit (`synchronous=FULL`): survives power loss.

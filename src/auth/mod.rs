@@ -243,10 +243,7 @@ impl Authenticator {
 
     /// Drops cached callers (after the store changed elsewhere: a revocation).
     pub fn clear(&self) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The caller holding `token`, if it is known, unexpired and unrevoked.
@@ -262,7 +259,10 @@ impl Authenticator {
         let caller = match cached {
             Some(caller) => caller,
             None => {
-                let record = self.store.token_by_hash(&hash)?.ok_or(Error::Unauthenticated)?;
+                let record = self
+                    .store
+                    .token_by_hash(&hash)?
+                    .ok_or(Error::Unauthenticated)?;
                 if record.revoked_at.is_some() {
                     return Err(Error::Unauthenticated);
                 }

@@ -85,7 +85,10 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else if report.ok {
-                println!("OK: {} records verified (head {})", report.records_checked, report.head_seq);
+                println!(
+                    "OK: {} records verified (head {})",
+                    report.records_checked, report.head_seq
+                );
             } else {
                 println!(
                     "FAILED: first bad record {}: {} ({} records checked)",

@@ -20,10 +20,18 @@ use crate::pb::tenant_service_client::TenantServiceClient;
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Server address.
-    #[arg(long, default_value = "http://127.0.0.1:50051", env = "TENANT_KMS_ADDR")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:50051",
+        env = "TENANT_KMS_ADDR"
+    )]
     pub addr: String,
     /// File holding the bearer token.
-    #[arg(long, default_value = "./data/admin.token", env = "TENANT_KMS_TOKEN_FILE")]
+    #[arg(
+        long,
+        default_value = "./data/admin.token",
+        env = "TENANT_KMS_TOKEN_FILE"
+    )]
     pub token_file: PathBuf,
 }
 
@@ -34,7 +42,10 @@ type Authed = InterceptedService<Channel, Bearer>;
 pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         request
             .metadata_mut()
             .insert("authorization", self.0.clone());
@@ -50,10 +61,9 @@ impl ClientArgs {
                 self.token_file.display()
             ))
         })?);
-        let mut value: MetadataValue<tonic::metadata::Ascii> =
-            format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| Error::InvalidArgument("the token file holds no valid token".into()))?;
+        let mut value: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| Error::InvalidArgument("the token file holds no valid token".into()))?;
         value.set_sensitive(true);
         Ok(Bearer(value))
     }
@@ -68,12 +78,18 @@ impl ClientArgs {
 
     /// A KeyService client.
     pub async fn keys(&self) -> Result<KeyServiceClient<Authed>> {
-        Ok(KeyServiceClient::with_interceptor(self.channel().await?, self.bearer()?))
+        Ok(KeyServiceClient::with_interceptor(
+            self.channel().await?,
+            self.bearer()?,
+        ))
     }
 
     /// A TenantService client.
     pub async fn tenants(&self) -> Result<TenantServiceClient<Authed>> {
-        Ok(TenantServiceClient::with_interceptor(self.channel().await?, self.bearer()?))
+        Ok(TenantServiceClient::with_interceptor(
+            self.channel().await?,
+            self.bearer()?,
+        ))
     }
 }
 
@@ -178,8 +194,10 @@ fn rfc3339(ts: &Option<prost_types::Timestamp>) -> String {
     ts.as_ref()
         .and_then(|t| u64::try_from(t.seconds).ok())
         .map(|s| {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
-                .to_string()
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
         })
         .unwrap_or_default()
 }

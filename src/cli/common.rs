@@ -53,7 +53,13 @@ pub fn cli_caller() -> String {
 }
 
 /// An audit record for a command-line operation.
-pub fn cli_record(operation: &str, tenant: &str, versions: Vec<u32>, outcome: Outcome, detail: String) -> AuditRecord {
+pub fn cli_record(
+    operation: &str,
+    tenant: &str,
+    versions: Vec<u32>,
+    outcome: Outcome,
+    detail: String,
+) -> AuditRecord {
     AuditRecord {
         time_micros: unix_now_micros(),
         request_id: String::new(),

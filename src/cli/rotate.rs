@@ -13,8 +13,8 @@ use super::common::{DataDirArgs, cli_record};
 use crate::audit::{AuditWriter, Outcome};
 use crate::domain::{TenantId, unix_now};
 use crate::error::{Error, Result};
-use crate::keys::{KeyManager, MasterKeyring};
 use crate::keys::MasterKeySource;
+use crate::keys::{KeyManager, MasterKeyring};
 use crate::service::state::DataDir;
 
 /// Flags of `rotate`.
@@ -98,7 +98,11 @@ impl Summary {
             "{} action(s), {} failure(s){}",
             self.actions.len(),
             self.failures,
-            if self.dry_run { " (dry run: nothing changed)" } else { "" }
+            if self.dry_run {
+                " (dry run: nothing changed)"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -112,7 +116,11 @@ fn audited<T>(
 ) -> Result<T> {
     let (outcome, detail, versions) = match &result {
         Ok(value) => (Outcome::Ok, String::new(), versions(value)),
-        Err(e) => (crate::service::status::outcome(e), e.to_string(), Vec::new()),
+        Err(e) => (
+            crate::service::status::outcome(e),
+            e.to_string(),
+            Vec::new(),
+        ),
     };
     audit.append_blocking(cli_record(operation, tenant, versions, outcome, detail))?;
     result
@@ -135,9 +143,13 @@ pub fn run(args: RotateArgs) -> Result<ExitCode> {
             if args.dry_run {
                 summary.push("rotate", tenant, Ok("would rotate".into()));
             } else {
-                let result = audited(&audit, "RotateTenantKey", tenant, dir.keys.rotate(&id), |t| {
-                    vec![t.primary_version]
-                });
+                let result = audited(
+                    &audit,
+                    "RotateTenantKey",
+                    tenant,
+                    dir.keys.rotate(&id),
+                    |t| vec![t.primary_version],
+                );
                 summary.push(
                     "rotate",
                     tenant,
@@ -173,9 +185,13 @@ fn rotate_due(
             summary.push("rotate", id.as_str(), Ok("due: would rotate".into()));
             continue;
         }
-        let result = audited(audit, "RotateTenantKey", id.as_str(), keys.rotate(id), |t| {
-            vec![t.primary_version]
-        });
+        let result = audited(
+            audit,
+            "RotateTenantKey",
+            id.as_str(),
+            keys.rotate(id),
+            |t| vec![t.primary_version],
+        );
         summary.push(
             "rotate",
             id.as_str(),
@@ -184,12 +200,20 @@ fn rotate_due(
     }
     for id in &due.destroy {
         if dry_run {
-            summary.push("destroy", id.as_str(), Ok("deletion window passed: would destroy".into()));
+            summary.push(
+                "destroy",
+                id.as_str(),
+                Ok("deletion window passed: would destroy".into()),
+            );
             continue;
         }
-        let result = audited(audit, "DestroyTenant", id.as_str(), keys.destroy_tenant(id), |_| {
-            Vec::new()
-        });
+        let result = audited(
+            audit,
+            "DestroyTenant",
+            id.as_str(),
+            keys.destroy_tenant(id),
+            |_| Vec::new(),
+        );
         summary.push("destroy", id.as_str(), result.map(|_| "destroyed".into()));
     }
     Ok(())
@@ -241,7 +265,9 @@ fn rotate_master(args: &RotateArgs, summary: &mut Summary) -> Result<()> {
         }
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let result = audited(&audit, "RotateMasterKey", "", result, |s| vec![s.primary_master_version]);
+    let result = audited(&audit, "RotateMasterKey", "", result, |s| {
+        vec![s.primary_master_version]
+    });
     summary.push(
         "master",
         "keyring",

@@ -14,6 +14,9 @@ use crate::keys::MasterKeySource;
 use crate::service::state::KEYRING_FILE;
 use crate::service::{AppState, ServiceOptions, server};
 
+/// How long a graceful shutdown waits for open connections.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Flags of `serve`; each overrides the config file, which overrides the defaults.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -68,7 +71,11 @@ fn resolve(args: &ServeArgs) -> Result<(ServiceOptions, SocketAddr, bool)> {
     if let Some(d) = args.audit_durability.or(file.audit_durability) {
         options.durability = d;
     }
-    if let Some(text) = args.min_deletion_window.as_ref().or(file.min_deletion_window.as_ref()) {
+    if let Some(text) = args
+        .min_deletion_window
+        .as_ref()
+        .or(file.min_deletion_window.as_ref())
+    {
         options.min_deletion_window_seconds = parse_duration_seconds(text)?;
     }
     if let Some(text) = &file.default_deletion_window {
@@ -139,8 +146,33 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             data_dir = %data_dir.display(),
             "tenant-kms serving"
         );
-        server::run(listener, Arc::clone(&state), shutdown_signal()).await?;
-        tracing::info!("shut down: in-flight calls finished, audit flushed");
+        // The signal starts a graceful shutdown; clients that keep connections open get at
+        // most SHUTDOWN_GRACE before the process exits anyway. Either way every answered call
+        // was audited before its answer, so nothing acknowledged is lost.
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let signalled = Arc::clone(&stop);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing in-flight calls");
+            signalled.notify_waiters();
+            signalled.notify_one();
+        });
+        let stop_serving = Arc::clone(&stop);
+        let serving = server::run(listener, Arc::clone(&state), async move {
+            stop_serving.notified().await;
+        });
+        tokio::select! {
+            result = serving => {
+                result?;
+                tracing::info!("shut down: in-flight calls finished, audit flushed");
+            }
+            _ = async {
+                stop.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("shut down after the grace period with connections still open");
+            }
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -109,7 +109,11 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
                     list.split(',').map(str::trim).collect::<Vec<_>>().join(",")
                 }
             };
-            let ttl_seconds = args.ttl.as_deref().map(parse_duration_seconds).transpose()?;
+            let ttl_seconds = args
+                .ttl
+                .as_deref()
+                .map(parse_duration_seconds)
+                .transpose()?;
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
             let issued = issue_token(
@@ -169,7 +173,11 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
                 "TokenRevoke",
                 "",
                 Vec::new(),
-                if revoked { Outcome::Ok } else { Outcome::NotFound },
+                if revoked {
+                    Outcome::Ok
+                } else {
+                    Outcome::NotFound
+                },
                 format!("token {}", args.id),
             ))?;
             audit.shutdown();

@@ -43,11 +43,7 @@ impl AeadKey {
         in_out: &mut Vec<u8>,
     ) -> Result<(), CryptoError> {
         self.0
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                in_out,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), in_out)
             .map_err(|_| CryptoError)
     }
 
@@ -94,7 +90,10 @@ mod tests {
         key.seal_in_place(&nonce, b"aad", &mut buf).unwrap();
         assert_eq!(buf.len(), 5 + TAG_LEN);
         let mut copy = buf.clone();
-        assert_eq!(key.open_in_place(&nonce, b"aad", &mut copy).unwrap(), b"hello");
+        assert_eq!(
+            key.open_in_place(&nonce, b"aad", &mut copy).unwrap(),
+            b"hello"
+        );
         let mut copy = buf.clone();
         assert!(key.open_in_place(&nonce, b"aae", &mut copy).is_err());
         buf[0] ^= 1;

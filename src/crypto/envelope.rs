@@ -329,8 +329,16 @@ mod tests {
     fn field_round_trip_binds_everything() {
         let tk = tenant_key();
         let key = derive_value_key(&tk, Purpose::Field, "acme", "crm.email").unwrap();
-        let ct = seal_value(&key, Purpose::Field, 3, "acme", "crm.email", b"row-1", b"a@b.c")
-            .unwrap();
+        let ct = seal_value(
+            &key,
+            Purpose::Field,
+            3,
+            "acme",
+            "crm.email",
+            b"row-1",
+            b"a@b.c",
+        )
+        .unwrap();
         let parsed = format::parse(&ct).unwrap();
         assert_eq!(parsed.header.key_version, 3);
         let pt = open_value(&key, Purpose::Field, &parsed, "acme", "crm.email", b"row-1").unwrap();
@@ -338,9 +346,29 @@ mod tests {
         assert!(open_value(&key, Purpose::Field, &parsed, "acme", "crm.email", b"row-2").is_err());
         assert!(open_value(&key, Purpose::Field, &parsed, "acmf", "crm.email", b"row-1").is_err());
         assert!(open_value(&key, Purpose::Field, &parsed, "acme", "crm.phone", b"row-1").is_err());
-        assert!(open_value(&key, Purpose::DataKey, &parsed, "acme", "crm.email", b"row-1").is_err());
+        assert!(
+            open_value(
+                &key,
+                Purpose::DataKey,
+                &parsed,
+                "acme",
+                "crm.email",
+                b"row-1"
+            )
+            .is_err()
+        );
         let other = derive_value_key(&tk, Purpose::Field, "acme", "crm.phone").unwrap();
-        assert!(open_value(&other, Purpose::Field, &parsed, "acme", "crm.email", b"row-1").is_err());
+        assert!(
+            open_value(
+                &other,
+                Purpose::Field,
+                &parsed,
+                "acme",
+                "crm.email",
+                b"row-1"
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -375,8 +403,17 @@ mod tests {
     fn check_values_differ_per_key_and_version() {
         let a = SecretKey::from_slice(&[1; 32]).unwrap();
         let b = SecretKey::from_slice(&[2; 32]).unwrap();
-        assert_ne!(key_check_value(&a, 1).unwrap(), key_check_value(&b, 1).unwrap());
-        assert_ne!(key_check_value(&a, 1).unwrap(), key_check_value(&a, 2).unwrap());
-        assert!(constant_time_eq(&key_check_value(&a, 1).unwrap(), &key_check_value(&a, 1).unwrap()));
+        assert_ne!(
+            key_check_value(&a, 1).unwrap(),
+            key_check_value(&b, 1).unwrap()
+        );
+        assert_ne!(
+            key_check_value(&a, 1).unwrap(),
+            key_check_value(&a, 2).unwrap()
+        );
+        assert!(constant_time_eq(
+            &key_check_value(&a, 1).unwrap(),
+            &key_check_value(&a, 1).unwrap()
+        ));
     }
 }

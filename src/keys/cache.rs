@@ -28,6 +28,9 @@ use crate::store::TenantRecord;
 /// for tenants that use very many contexts.
 const MAX_VALUE_KEYS_PER_TENANT: usize = 1024;
 
+/// Prepared value keys of one tenant, by (version, purpose) and then context.
+type ValueKeys = HashMap<(u32, Purpose), HashMap<String, Arc<AeadKey>>>;
+
 /// One key version inside a tenant snapshot.
 pub struct CachedVersion {
     /// Its state when the snapshot was taken.
@@ -50,7 +53,7 @@ pub struct TenantEntry {
     /// The tenant's row at load time.
     pub record: TenantRecord,
     versions: HashMap<u32, CachedVersion>,
-    value_keys: Mutex<HashMap<(u32, Purpose), HashMap<String, Arc<AeadKey>>>>,
+    value_keys: Mutex<ValueKeys>,
     /// The primary version's nonce-budget counter.
     pub counter: Mutex<Counter>,
 }
@@ -107,8 +110,13 @@ impl TenantEntry {
             return Ok(Arc::clone(key));
         }
         let key = Arc::new(
-            envelope::derive_value_key(tenant_key, purpose, self.record.tenant_id.as_str(), context)
-                .map_err(|_| Error::internal("value key derivation failed"))?,
+            envelope::derive_value_key(
+                tenant_key,
+                purpose,
+                self.record.tenant_id.as_str(),
+                context,
+            )
+            .map_err(|_| Error::internal("value key derivation failed"))?,
         );
         if keys.values().map(HashMap::len).sum::<usize>() >= MAX_VALUE_KEYS_PER_TENANT {
             keys.clear();

@@ -208,10 +208,7 @@ impl KeyManager {
                 )));
             }
             {
-                let mut counter = entry
-                    .counter
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut counter = entry.counter.lock().unwrap_or_else(|p| p.into_inner());
                 if counter.used + count <= counter.reserved {
                     counter.used += count;
                     return Ok(EncryptGrant {
@@ -249,7 +246,9 @@ impl KeyManager {
             }
             entry = self.load(&id)?;
         }
-        Err(Error::internal("could not grant encryptions after rotating"))
+        Err(Error::internal(
+            "could not grant encryptions after rotating",
+        ))
     }
 
     fn unwrap_tenant_key(
@@ -391,7 +390,9 @@ impl KeyManager {
         } else {
             max_encryptions
         };
-        let result = self.store.set_rotation_policy(id, rotation_period_seconds, max);
+        let result = self
+            .store
+            .set_rotation_policy(id, rotation_period_seconds, max);
         self.cache.invalidate(id.as_str());
         result
     }
@@ -523,7 +524,8 @@ impl KeyManager {
                 self.store.put_audit_key(&rewrapped, Some(record.version))?;
             }
             if self.store.count_wrapped_under(record.version)? == 0 {
-                self.store.retire_master_version(record.version, unix_now())?;
+                self.store
+                    .retire_master_version(record.version, unix_now())?;
                 summary.retired.push(record.version);
             }
         }

@@ -56,7 +56,10 @@ impl MasterKeyring {
                 let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
                     Error::Internal(format!("cannot read {}: {e}", path.display()))
                 })?);
-                Self::parse(text.lines().map(|line| line.split_once(char::is_whitespace)))
+                Self::parse(
+                    text.lines()
+                        .map(|line| line.split_once(char::is_whitespace)),
+                )
             }
             MasterKeySource::Env(var) => {
                 let text = Zeroizing::new(std::env::var(var).map_err(|_| {

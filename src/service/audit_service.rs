@@ -53,7 +53,9 @@ impl AuditService for AuditServiceImpl {
             let limit = match req.page_size {
                 0 => DEFAULT_PAGE,
                 n if n < 0 => {
-                    return Err(Error::InvalidArgument("page_size must not be negative".into()));
+                    return Err(Error::InvalidArgument(
+                        "page_size must not be negative".into(),
+                    ));
                 }
                 n => (n as usize).min(MAX_PAGE),
             };

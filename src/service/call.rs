@@ -120,14 +120,21 @@ impl Call {
 
     /// Writes the audit record and waits until it is durable, then answers. If the record
     /// cannot be written the caller gets UNAVAILABLE and no result (fail closed).
-    pub async fn finish<R>(self, state: &AppState, result: Result<R>) -> Result<Response<R>, Status> {
+    pub async fn finish<R>(
+        self,
+        state: &AppState,
+        result: Result<R>,
+    ) -> Result<Response<R>, Status> {
         let (outcome, detail) = match &result {
             Ok(_) if self.failed_items > 0 => (
                 Outcome::Partial,
                 format!("{} of {} items failed", self.failed_items, self.item_count),
             ),
             Ok(_) => (Outcome::Ok, String::new()),
-            Err(e) => (status::outcome(e), status::client_message(e, &self.request_id)),
+            Err(e) => (
+                status::outcome(e),
+                status::client_message(e, &self.request_id),
+            ),
         };
         let record = AuditRecord {
             time_micros: unix_now_micros(),
@@ -169,5 +176,7 @@ impl Call {
 
 /// The error for a request field we do not use being set (rejected, not ignored).
 pub fn unused_field(name: &str) -> Error {
-    Error::InvalidArgument(format!("field {name} is not used by this call and must be empty"))
+    Error::InvalidArgument(format!(
+        "field {name} is not used by this call and must be empty"
+    ))
 }

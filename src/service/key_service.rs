@@ -296,7 +296,9 @@ impl KeyService for KeyServiceImpl {
                 .map(|output| pb::EncryptBatchResult {
                     result: Some(match output {
                         Ok(o) => pb::encrypt_batch_result::Result::Output(o),
-                        Err(e) => pb::encrypt_batch_result::Result::Error(item_error(&mut call, &e)),
+                        Err(e) => {
+                            pb::encrypt_batch_result::Result::Error(item_error(&mut call, &e))
+                        }
                     }),
                 })
                 .collect();
@@ -356,7 +358,9 @@ impl KeyService for KeyServiceImpl {
                                 key_version: version,
                             })
                         }
-                        Err(e) => pb::decrypt_batch_result::Result::Error(item_error(&mut call, &e)),
+                        Err(e) => {
+                            pb::decrypt_batch_result::Result::Error(item_error(&mut call, &e))
+                        }
                     }),
                 })
                 .collect();

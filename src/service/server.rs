@@ -52,6 +52,9 @@ pub async fn run(
     let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            message_too_large_is_exhaustion,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -73,6 +76,26 @@ pub async fn run(
         .await;
     reaper.abort();
     served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// tonic reports a request over the message size limit as OUT_OF_RANGE; the gRPC status
+/// code guide (and our API contract) say RESOURCE_EXHAUSTED. The handlers never return
+/// OUT_OF_RANGE themselves, so every such status is a size refusal and is renamed here.
+fn message_too_large_is_exhaustion<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+    {
+        let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
+        if let Ok(value) = exhausted.parse() {
+            response.headers_mut().insert("grpc-status", value);
+        }
+    }
+    response
 }
 
 /// Destroys tenants whose deletion window has passed, so shredding happens on time even when

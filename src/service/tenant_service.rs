@@ -111,7 +111,9 @@ impl TenantService for TenantServiceImpl {
             let size = match req.page_size {
                 0 => DEFAULT_PAGE,
                 n if n < 0 => {
-                    return Err(Error::InvalidArgument("page_size must not be negative".into()));
+                    return Err(Error::InvalidArgument(
+                        "page_size must not be negative".into(),
+                    ));
                 }
                 n => (n as usize).min(MAX_PAGE),
             };
@@ -162,7 +164,10 @@ impl TenantService for TenantServiceImpl {
         let call = Call::begin(&request, Operation::ListKeyVersions);
         let req = request.into_inner();
         self.tenant_call(call, &req.tenant_id, |keys, tenant| {
-            let record = keys.store().tenant(tenant)?.ok_or(Error::NotFound("tenant"))?;
+            let record = keys
+                .store()
+                .tenant(tenant)?
+                .ok_or(Error::NotFound("tenant"))?;
             let versions = keys.store().key_versions(tenant)?;
             Ok(pb::ListKeyVersionsResponse {
                 versions: versions
@@ -209,7 +214,10 @@ impl TenantService for TenantServiceImpl {
                 &[KeyVersionState::Disabled, KeyVersionState::Enabled],
                 KeyVersionState::Enabled,
             )?;
-            let primary = keys.store().tenant(tenant)?.map_or(0, |t| t.primary_version);
+            let primary = keys
+                .store()
+                .tenant(tenant)?
+                .map_or(0, |t| t.primary_version);
             Ok(convert::key_version(&record, primary))
         })
         .await

@@ -174,10 +174,7 @@ impl SqliteKeyStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>,
-    ) -> Result<T> {
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut inner = self.lock();
         let tx = inner
             .conn
@@ -504,8 +501,7 @@ impl KeyStore for SqliteKeyStore {
                 .ok_or(Error::NotFound("key version"))?;
             if to != KeyVersionState::Enabled && version == tenant.primary_version {
                 return Err(Error::FailedPrecondition(
-                    "the primary key version cannot be disabled or destroyed; rotate first"
-                        .into(),
+                    "the primary key version cannot be disabled or destroyed; rotate first".into(),
                 ));
             }
             if !from.contains(&record.state) {
@@ -738,7 +734,12 @@ fn insert_version(
     tx.execute(
         "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
          VALUES (?1, ?2, ?3, ?4)",
-        params![id.as_str(), version.version, wrapped.master_version, wrapped.bytes],
+        params![
+            id.as_str(),
+            version.version,
+            wrapped.master_version,
+            wrapped.bytes
+        ],
     )
     .map_err(sql_error)?;
     Ok(())
