@@ -17,13 +17,17 @@
 //! - [`auth`]: tokens, roles, tenant scopes and the one authorization check.
 //! - [`service`]: gRPC handlers (thin) and `server::run`.
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
+//! - [`bench`]: the load generator behind `tenant-kms bench`, with its same-run baselines
+//!   and the churn soak (a client of the service, like `cli`).
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
+//! - [`metrics`]: process-wide counters and histograms and the Prometheus `/metrics` endpoint.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -31,6 +35,7 @@ pub mod domain;
 pub mod error;
 pub mod fsutil;
 pub mod keys;
+pub mod metrics;
 pub mod service;
 pub mod store;
 

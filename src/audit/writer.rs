@@ -148,7 +148,9 @@ fn run(
                 Err(_) => break,
             }
         }
-        let records: Vec<AuditRecord> = batch.iter().map(|j| j.record.clone()).collect();
+        let (records, replies): (Vec<AuditRecord>, Vec<Reply>) =
+            batch.into_iter().map(|j| (j.record, j.done)).unzip();
+        let started = std::time::Instant::now();
         let result = match conn.as_mut() {
             Some(c) => sqlite::append(c, keys, &records),
             None => sqlite::open(&path, full_sync).and_then(|mut c| {
@@ -157,18 +159,19 @@ fn run(
                 r
             }),
         };
+        crate::metrics::global().audit_commit(records.len(), started.elapsed(), result.is_ok());
         match result {
             Ok(seqs) => {
-                for (job, seq) in batch.into_iter().zip(seqs) {
-                    job.done.send(Ok(seq));
+                for (reply, seq) in replies.into_iter().zip(seqs) {
+                    reply.send(Ok(seq));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "audit commit failed; failing the calls closed");
+                tracing::error!(error = %e, records = records.len(), "audit commit failed; failing the calls closed");
                 // Reopen next time: the fault may have been a replaced or re-permissioned file.
                 conn = None;
-                for job in batch {
-                    job.done.send(Err(Error::Unavailable(
+                for reply in replies {
+                    reply.send(Err(Error::Unavailable(
                         "the audit store cannot record this call; no result was returned".into(),
                     )));
                 }

@@ -2,6 +2,7 @@
 //! stdout, messages to stderr. Exit codes: 0 success, 1 failure (named on stderr), 2 usage.
 
 pub mod audit;
+pub mod bench;
 pub mod client;
 pub mod common;
 pub mod rotate;
@@ -42,6 +43,8 @@ enum Command {
     /// Create, list and revoke caller tokens on a data directory.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Load-test a server (a child process by default) against same-run baselines.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -55,6 +58,7 @@ pub fn main() -> ExitCode {
         Command::Rotate(args) => rotate::run(args),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

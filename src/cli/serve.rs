@@ -44,6 +44,13 @@ pub struct ServeArgs {
     /// Allow a non-loopback address without TLS (traffic and tokens travel in clear).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default; keep it on loopback
+    /// or a private network: it names the most active tenants).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Also serve the unauthenticated, work-free BenchService.Echo (for `tenant-kms bench`).
+    #[arg(long, hide = true)]
+    bench_echo: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace.
     #[arg(long, env = "TENANT_KMS_LOG", default_value = "info")]
     log: String,
@@ -104,6 +111,7 @@ fn resolve(args: &ServeArgs) -> Result<(ServiceOptions, SocketAddr, bool)> {
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 50051)),
     };
     let insecure = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
+    options.bench_echo = args.bench_echo;
     Ok((options, listen, insecure))
 }
 
@@ -157,6 +165,18 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             signalled.notify_waiters();
             signalled.notify_one();
         });
+        if let Some(addr) = args.metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::FailedPrecondition(format!("cannot listen on {addr} for metrics: {e}"))
+            })?;
+            tracing::info!(%addr, "serving metrics at /metrics");
+            let stop_metrics = Arc::clone(&stop);
+            tokio::spawn(crate::metrics::serve(
+                metrics,
+                crate::service::budget_metrics::nonce_budget(Arc::clone(&state.keys)),
+                async move { stop_metrics.notified().await },
+            ));
+        }
         let stop_serving = Arc::clone(&stop);
         let serving = server::run(listener, Arc::clone(&state), async move {
             stop_serving.notified().await;

@@ -164,7 +164,9 @@ impl TenantCache {
 
     /// The snapshot of a tenant, if cached.
     pub fn get(&self, tenant_id: &str) -> Option<Arc<TenantEntry>> {
-        lock(&self.entries).get(tenant_id).cloned()
+        let entry = lock(&self.entries).get(tenant_id).cloned();
+        crate::metrics::global().cache_lookup(entry.is_some());
+        entry
     }
 
     /// Caches a snapshot loaded in `epoch`, unless an invalidation happened since.
@@ -188,6 +190,14 @@ impl TenantCache {
         let mut entries = lock(&self.entries);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         entries.clear();
+    }
+
+    /// Visits every cached snapshot (without refreshing its recency), holding the cache lock
+    /// meanwhile: `f` must be quick and must not touch the cache. For metrics.
+    pub fn for_each(&self, mut f: impl FnMut(&TenantEntry)) {
+        for (_, entry) in lock(&self.entries).iter() {
+            f(entry);
+        }
     }
 
     /// How many tenants are cached.

@@ -2,6 +2,7 @@
 //! finish that makes the record durable before the answer goes out.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -32,6 +33,7 @@ pub struct Call {
     /// Failed items of a batch.
     pub failed_items: u32,
     aad_fingerprint: String,
+    started: Instant,
 }
 
 fn new_request_id() -> String {
@@ -66,6 +68,7 @@ impl Call {
             item_count: 1,
             failed_items: 0,
             aad_fingerprint: String::new(),
+            started: Instant::now(),
         }
     }
 
@@ -157,7 +160,17 @@ impl Call {
             aad_fingerprint: self.aad_fingerprint,
             detail,
         };
-        if let Err(e) = state.audit.append(record).await {
+        let appended = state.audit.append(record).await;
+        crate::metrics::global().rpc(
+            self.operation.name(),
+            if appended.is_ok() {
+                outcome.as_str()
+            } else {
+                "unavailable"
+            },
+            self.started.elapsed(),
+        );
+        if let Err(e) = appended {
             drop(result);
             return Err(status::to_status(&e, &self.request_id));
         }

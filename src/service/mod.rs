@@ -6,9 +6,13 @@
 //! - [`call`]: the per-request frame (request id, caller, audit fields) and its finish;
 //! - [`status`]: the one mapping from [`crate::error::Error`] to a gRPC status;
 //! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
-//! - [`server`]: `run(listener, state, shutdown)`.
+//! - [`server`]: `run(listener, state, shutdown)`;
+//! - [`bench_echo`]: the empty-work echo RPC `bench` measures the transport with (opt-in);
+//! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint.
 
 pub mod audit_service;
+pub mod bench_echo;
+pub mod budget_metrics;
 pub mod call;
 pub mod convert;
 pub mod key_service;

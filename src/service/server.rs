@@ -10,12 +10,14 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use super::audit_service::AuditServiceImpl;
+use super::bench_echo::EchoService;
 use super::key_service::KeyServiceImpl;
 use super::state::AppState;
 use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::pb::audit_service_server::AuditServiceServer;
+use crate::pb::bench_service_server::BenchServiceServer;
 use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::tenant_service_server::TenantServiceServer;
 
@@ -72,6 +74,11 @@ pub async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
+        .add_optional_service(state.options.bench_echo.then(|| {
+            BenchServiceServer::new(EchoService)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max)
+        }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();

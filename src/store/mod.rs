@@ -143,6 +143,20 @@ pub trait KeyStore: Send + Sync {
 
     /// Creates a tenant with its first key version. `AlreadyExists` if the id was ever used.
     fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()>;
+    /// Creates many tenants, each with its first key version, in as few transactions as the
+    /// backend likes (bulk setup: `bench`'s million-tenant data directory). Ids that exist
+    /// are skipped, not errors. Returns how many were created.
+    fn create_tenants(&self, batch: &[(TenantRecord, KeyVersionRecord)]) -> Result<usize> {
+        let mut created = 0;
+        for (tenant, first) in batch {
+            match self.create_tenant(tenant, first) {
+                Ok(()) => created += 1,
+                Err(crate::error::Error::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(created)
+    }
     /// A tenant's row.
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>>;
     /// Tenants in id order after `after`.

@@ -379,6 +379,68 @@ impl KeyStore for SqliteKeyStore {
         })
     }
 
+    fn create_tenants(&self, batch: &[(TenantRecord, KeyVersionRecord)]) -> Result<usize> {
+        // One transaction (one fsync) for the whole batch.
+        self.write(|tx| {
+            let mut created = 0;
+            for (tenant, first) in batch {
+                let wrapped = first
+                    .wrapped
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+                let inserted = tx
+                    .prepare_cached(&format!(
+                        "INSERT OR IGNORE INTO tenants ({TENANT_COLUMNS}) \
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"
+                    ))
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![
+                            tenant.tenant_id.as_str(),
+                            tenant.state.code(),
+                            tenant.primary_version,
+                            tenant.created_at,
+                            i64_of(tenant.rotation_period_seconds),
+                            i64_of(tenant.max_encryptions),
+                            tenant.deletion_time,
+                            tenant.destroyed_at
+                        ])
+                    })
+                    .map_err(sql_error)?;
+                if inserted == 1 {
+                    tx.prepare_cached(
+                        "INSERT INTO key_versions (tenant_id, version, state, created_at, \
+                         encryptions) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![
+                            tenant.tenant_id.as_str(),
+                            first.version,
+                            first.state.code(),
+                            first.created_at,
+                            i64_of(first.encryptions)
+                        ])
+                    })
+                    .map_err(sql_error)?;
+                    tx.prepare_cached(
+                        "INSERT INTO wrapped_keys (tenant_id, version, master_version, \
+                         wrapped_key) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![
+                            tenant.tenant_id.as_str(),
+                            first.version,
+                            wrapped.master_version,
+                            wrapped.bytes
+                        ])
+                    })
+                    .map_err(sql_error)?;
+                    created += 1;
+                }
+            }
+            Ok(created)
+        })
+    }
+
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
         self.read(|conn| load_tenant(conn, id))
     }
