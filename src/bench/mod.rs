@@ -120,6 +120,7 @@ pub async fn run(config: BenchConfig, command: String) -> Result<Report> {
         .collect();
     let churn = config.scenarios.contains(&Scenario::Churn);
 
+    crate::fsutil::create_private_dir(&data_dir)?;
     let mut tenant_ids: Vec<String> = (0..config.tenants)
         .map(|i| format!("{}{i}", config.prefix))
         .collect();

@@ -47,6 +47,30 @@ impl AeadKey {
             .map_err(|_| CryptoError)
     }
 
+    /// Encrypts `in_out` in place and returns the 16-byte tag (so the caller can lay out its
+    /// buffer once, without a reallocation for the tag).
+    ///
+    /// The caller guarantees that `nonce` is never used twice with this key; every production
+    /// path passes a fresh [`random_nonce`].
+    pub fn seal_in_place_separate_tag(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        in_out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], CryptoError> {
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                in_out,
+            )
+            .map_err(|_| CryptoError)?;
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
     /// Authenticates and decrypts `in_out` (ciphertext followed by the tag) in place and
     /// returns the plaintext part. On any failure nothing is returned.
     pub fn open_in_place<'a>(

@@ -132,13 +132,20 @@ fn seal_value_with_nonce(
         nonce: *nonce,
     }
     .encode();
-    let aad = format::additional_data(purpose.label(), &header, tenant_id, context, caller_aad);
+    // One allocation, laid out once: header, then the plaintext sealed in place, then the tag.
     let mut out = Vec::with_capacity(format::HEADER_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(&header);
     out.extend_from_slice(plaintext);
-    let mut body = out.split_off(format::HEADER_LEN);
-    key.seal_in_place(nonce, &aad, &mut body)?;
-    out.append(&mut body);
+    let body = out.get_mut(format::HEADER_LEN..).ok_or(CryptoError)?;
+    let tag = format::with_additional_data(
+        purpose.label(),
+        &header,
+        tenant_id,
+        context,
+        caller_aad,
+        |aad| key.seal_in_place_separate_tag(nonce, aad, body),
+    )?;
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
@@ -157,17 +164,18 @@ pub fn open_value(
     if parsed.header.algorithm != purpose.algorithm() {
         return Err(CryptoError);
     }
-    let aad = format::additional_data(
+    let mut buf = SecretBytes::new(parsed.body.to_vec());
+    let plaintext_len = format::with_additional_data(
         purpose.label(),
         parsed.header_bytes,
         tenant_id,
         context,
         caller_aad,
-    );
-    let mut buf = SecretBytes::new(parsed.body.to_vec());
-    let plaintext_len = key
-        .open_in_place(&parsed.header.nonce, &aad, buf.expose_secret_mut())?
-        .len();
+        |aad| {
+            key.open_in_place(&parsed.header.nonce, aad, buf.expose_secret_mut())
+                .map(|p| p.len())
+        },
+    )?;
     buf.truncate(plaintext_len);
     Ok(buf)
 }

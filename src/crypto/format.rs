@@ -129,6 +129,42 @@ pub fn additional_data(
     aad
 }
 
+/// Room on the stack for the AAD of [`with_additional_data`]: typical tenant ids, contexts
+/// and caller AAD fit, so the hot path builds the AAD without a heap allocation.
+const STACK_AAD: usize = 320;
+
+/// Calls `f` with exactly the bytes of [`additional_data`], built on the stack when they fit
+/// and on the heap otherwise.
+pub fn with_additional_data<R>(
+    label: &[u8],
+    header: &[u8; HEADER_LEN],
+    tenant_id: &str,
+    context: &str,
+    caller_aad: &[u8],
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    use std::io::Write;
+    let mut stack = [0u8; STACK_AAD];
+    let mut rest: &mut [u8] = &mut stack;
+    let prefix = |part: &[u8]| u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes();
+    let fits = rest.write_all(&prefix(label)).is_ok()
+        && rest.write_all(label).is_ok()
+        && rest.write_all(header).is_ok()
+        && rest.write_all(&prefix(tenant_id.as_bytes())).is_ok()
+        && rest.write_all(tenant_id.as_bytes()).is_ok()
+        && rest.write_all(&prefix(context.as_bytes())).is_ok()
+        && rest.write_all(context.as_bytes()).is_ok()
+        && rest.write_all(&prefix(caller_aad)).is_ok()
+        && rest.write_all(caller_aad).is_ok();
+    let written = STACK_AAD - rest.len();
+    match stack.get(..written) {
+        Some(aad) if fits => f(aad),
+        _ => f(&additional_data(
+            label, header, tenant_id, context, caller_aad,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +188,22 @@ mod tests {
         assert_eq!(parsed.header.algorithm, Algorithm::FieldValue);
         assert_eq!(parsed.body.len(), 20);
         assert_eq!(&parsed.header.encode(), parsed.header_bytes);
+    }
+
+    #[test]
+    fn stack_aad_equals_heap_aad() {
+        let header = [3u8; HEADER_LEN];
+        for (tenant, context, aad) in [
+            ("t", "c", &b""[..]),
+            ("acme", "crm.contacts.email", &b"row-7"[..]),
+            ("acme", "crm.contacts.email", &[0xabu8; 300][..]),
+            ("acme", "crm.contacts.email", &[0xcdu8; 255][..]),
+        ] {
+            let heap = additional_data(b"label", &header, tenant, context, aad);
+            with_additional_data(b"label", &header, tenant, context, aad, |stack| {
+                assert_eq!(stack, heap.as_slice(), "{}", aad.len());
+            });
+        }
     }
 
     #[test]

@@ -28,8 +28,60 @@ use crate::store::TenantRecord;
 /// for tenants that use very many contexts.
 const MAX_VALUE_KEYS_PER_TENANT: usize = 1024;
 
-/// Prepared value keys of one tenant, by (version, purpose) and then context.
-type ValueKeys = HashMap<(u32, Purpose), HashMap<String, Arc<AeadKey>>>;
+/// How many prepared keys a tenant keeps in its small vector before using a map: most tenants
+/// use a handful of contexts, and scanning a few entries beats hashing the context.
+const FEW_VALUE_KEYS: usize = 8;
+
+/// One prepared value key.
+struct ValueKey {
+    version: u32,
+    purpose: Purpose,
+    context: Box<str>,
+    key: Arc<AeadKey>,
+}
+
+/// Prepared value keys of one tenant: the first few in a vector, the rest by (version,
+/// purpose) and then context.
+#[derive(Default)]
+struct ValueKeys {
+    few: Vec<ValueKey>,
+    more: HashMap<(u32, Purpose), HashMap<String, Arc<AeadKey>>>,
+    count: usize,
+}
+
+impl ValueKeys {
+    fn get(&self, version: u32, purpose: Purpose, context: &str) -> Option<&Arc<AeadKey>> {
+        self.few
+            .iter()
+            .find(|k| k.version == version && k.purpose == purpose && &*k.context == context)
+            .map(|k| &k.key)
+            .or_else(|| {
+                self.more
+                    .get(&(version, purpose))
+                    .and_then(|m| m.get(context))
+            })
+    }
+
+    fn insert(&mut self, version: u32, purpose: Purpose, context: &str, key: Arc<AeadKey>) {
+        if self.count >= MAX_VALUE_KEYS_PER_TENANT {
+            *self = Self::default();
+        }
+        self.count += 1;
+        if self.few.len() < FEW_VALUE_KEYS {
+            self.few.push(ValueKey {
+                version,
+                purpose,
+                context: context.into(),
+                key,
+            });
+        } else {
+            self.more
+                .entry((version, purpose))
+                .or_default()
+                .insert(context.to_owned(), key);
+        }
+    }
+}
 
 /// One key version inside a tenant snapshot.
 pub struct CachedVersion {
@@ -52,7 +104,8 @@ pub struct Counter {
 pub struct TenantEntry {
     /// The tenant's row at load time.
     pub record: TenantRecord,
-    versions: HashMap<u32, CachedVersion>,
+    /// Sorted by version (a binary search is cheaper than hashing on the hot path).
+    versions: Vec<(u32, CachedVersion)>,
     value_keys: Mutex<ValueKeys>,
     /// The primary version's nonce-budget counter.
     pub counter: Mutex<Counter>,
@@ -71,10 +124,12 @@ impl TenantEntry {
         versions: HashMap<u32, CachedVersion>,
         primary_reserved: u64,
     ) -> Self {
+        let mut versions: Vec<(u32, CachedVersion)> = versions.into_iter().collect();
+        versions.sort_unstable_by_key(|(v, _)| *v);
         Self {
             record,
             versions,
-            value_keys: Mutex::new(HashMap::new()),
+            value_keys: Mutex::new(ValueKeys::default()),
             counter: Mutex::new(Counter {
                 used: primary_reserved,
                 reserved: primary_reserved,
@@ -95,7 +150,13 @@ impl TenantEntry {
     /// A version that is not in the snapshot is the generic decryption error (the header is
     /// attacker-controlled); a disabled or destroyed one says so.
     pub fn value_key(&self, version: u32, purpose: Purpose, context: &str) -> Result<Arc<AeadKey>> {
-        let cached = self.versions.get(&version).ok_or(Error::DecryptFailed)?;
+        let cached = self
+            .versions
+            .binary_search_by_key(&version, |(v, _)| *v)
+            .ok()
+            .and_then(|i| self.versions.get(i))
+            .map(|(_, c)| c)
+            .ok_or(Error::DecryptFailed)?;
         let tenant_key = match (&cached.key, cached.state) {
             (Some(key), KeyVersionState::Enabled) => key,
             (_, state) => {
@@ -106,7 +167,7 @@ impl TenantEntry {
             }
         };
         let mut keys = lock(&self.value_keys);
-        if let Some(key) = keys.get(&(version, purpose)).and_then(|m| m.get(context)) {
+        if let Some(key) = keys.get(version, purpose, context) {
             return Ok(Arc::clone(key));
         }
         let key = Arc::new(
@@ -118,12 +179,7 @@ impl TenantEntry {
             )
             .map_err(|_| Error::internal("value key derivation failed"))?,
         );
-        if keys.values().map(HashMap::len).sum::<usize>() >= MAX_VALUE_KEYS_PER_TENANT {
-            keys.clear();
-        }
-        keys.entry((version, purpose))
-            .or_default()
-            .insert(context.to_owned(), Arc::clone(&key));
+        keys.insert(version, purpose, context, Arc::clone(&key));
         Ok(key)
     }
 

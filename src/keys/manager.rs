@@ -93,6 +93,10 @@ pub struct KeyManager {
     master: RwLock<MasterKeys>,
     cache: TenantCache,
     policy: KeyPolicy,
+    /// The store's change generation the caches were last dropped for.
+    cleared_generation: std::sync::atomic::AtomicU64,
+    /// Serializes drops, so the generation is marked only after its drop finished.
+    clearing: std::sync::Mutex<()>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -123,6 +127,8 @@ impl KeyManager {
             master: RwLock::new(MasterKeys::new(ring)?),
             cache: TenantCache::new(policy.cache_tenants),
             policy,
+            cleared_generation: std::sync::atomic::AtomicU64::new(0),
+            clearing: std::sync::Mutex::new(()),
         })
     }
 
@@ -148,12 +154,30 @@ impl KeyManager {
 
     /// Drops every cached key if another process changed the store. Returns whether it did.
     pub fn refresh(&self) -> Result<bool> {
-        let changed = self.store.changed_elsewhere()?;
-        if changed {
-            self.cache.clear();
-            crate::metrics::global().cache_dropped();
+        self.refresh_with(|| {})
+    }
+
+    /// [`KeyManager::refresh`], also running `also` (dropping other caches built from the
+    /// store) before any caller may go on as if the change had been seen.
+    ///
+    /// Exact: when this returns, every change committed by another process before the call
+    /// began has dropped the cache (here or in a concurrent caller that finished its drop).
+    pub fn refresh_with(&self, also: impl FnOnce()) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        let generation = self.store.change_generation()?;
+        if self.cleared_generation.load(Ordering::Acquire) >= generation {
+            return Ok(false);
         }
-        Ok(changed)
+        let _serial = self.clearing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.cleared_generation.load(Ordering::Acquire) >= generation {
+            return Ok(false);
+        }
+        self.cache.clear();
+        also();
+        crate::metrics::global().cache_dropped();
+        self.cleared_generation
+            .fetch_max(generation, Ordering::AcqRel);
+        Ok(true)
     }
 
     /// The cached snapshot of a tenant, without touching the store.

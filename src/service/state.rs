@@ -172,9 +172,7 @@ impl AppState {
 
     /// Drops caches when another process changed the key store (a rotation, a revocation).
     pub fn refresh(&self) -> Result<()> {
-        if self.keys.refresh()? {
-            self.auth.clear();
-        }
+        self.keys.refresh_with(|| self.auth.clear())?;
         Ok(())
     }
 }

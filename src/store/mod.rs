@@ -217,6 +217,12 @@ pub trait KeyStore: Send + Sync {
     /// True if another process (or connection) changed the store since the last call, so
     /// every cache built from it must be dropped.
     fn changed_elsewhere(&self) -> Result<bool>;
+
+    /// How many changes by other processes (or connections) the store has seen, as of a check
+    /// that began after this call did: a caller that has dropped its caches for this
+    /// generation (or a later one) has seen every change committed before the call began.
+    /// Several callers may get the same generation from one check.
+    fn change_generation(&self) -> Result<u64>;
 }
 
 /// What `rotate --due` has to do.

@@ -3,9 +3,11 @@
 //! One connection per process, behind a std mutex: every call is a short transaction and the
 //! hot path is served from the key cache, so there is nothing to gain from a pool, and a single
 //! connection makes `PRAGMA data_version` an exact "someone else wrote" signal (it ignores the
-//! connection's own commits).
+//! connection's own commits). The check runs at the start of every call, so it is a cached
+//! statement, and calls that queue behind a running check share the next one (single flight).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,11 +26,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The SQLite key store.
 pub struct SqliteKeyStore {
     inner: Mutex<Inner>,
+    /// Change checks started so far (numbered from 1), for single-flight checking.
+    checks_started: AtomicU64,
 }
 
 struct Inner {
     conn: Connection,
     data_version: i64,
+    /// Changes by others seen so far (see `KeyStore::change_generation`).
+    generation: u64,
+    /// The number of the last finished change check.
+    checks_done: u64,
+    /// The generation `changed_elsewhere` last reported.
+    reported_generation: u64,
 }
 
 fn sql_error(e: rusqlite::Error) -> Error {
@@ -164,7 +174,14 @@ impl SqliteKeyStore {
             .query_row("PRAGMA data_version", [], |row| row.get(0))
             .map_err(sql_error)?;
         Ok(Self {
-            inner: Mutex::new(Inner { conn, data_version }),
+            inner: Mutex::new(Inner {
+                conn,
+                data_version,
+                generation: 0,
+                checks_done: 0,
+                reported_generation: 0,
+            }),
+            checks_started: AtomicU64::new(0),
         })
     }
 
@@ -740,14 +757,33 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn changed_elsewhere(&self) -> Result<bool> {
+        let generation = self.change_generation()?;
         let mut inner = self.lock();
+        let changed = generation != inner.reported_generation;
+        inner.reported_generation = generation;
+        Ok(changed)
+    }
+
+    fn change_generation(&self) -> Result<u64> {
+        // Single flight: a check that started after this call began is as good as our own,
+        // so callers queued on the mutex while one check ran share the next one.
+        let arrival = self.checks_started.load(Ordering::Acquire);
+        let mut inner = self.lock();
+        if inner.checks_done > arrival {
+            return Ok(inner.generation);
+        }
+        let number = self.checks_started.fetch_add(1, Ordering::AcqRel) + 1;
         let now: i64 = inner
             .conn
-            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
             .map_err(sql_error)?;
-        let changed = now != inner.data_version;
-        inner.data_version = now;
-        Ok(changed)
+        if now != inner.data_version {
+            inner.data_version = now;
+            inner.generation += 1;
+        }
+        inner.checks_done = number;
+        Ok(inner.generation)
     }
 }
 
