@@ -85,13 +85,14 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Writes the `_bucket`, `_sum` and `_count` lines; `scale` converts the unit (1e-6 turns
-    /// microseconds into seconds), `labels` are extra labels (`k="v",` form, may be empty).
-    fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+    /// Writes the `_bucket`, `_sum` and `_count` lines; values are divided by `per_unit`
+    /// (1e6 turns microseconds into seconds), `labels` are extra labels (`k="v",` form, may be
+    /// empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str, per_unit: f64) {
         let mut cumulative = 0;
         for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            let le = *bound as f64 * scale;
+            let le = *bound as f64 / per_unit;
             let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
         }
         if let Some(overflow) = self.buckets.last() {
@@ -104,7 +105,7 @@ impl Histogram {
         } else {
             format!("{{{trimmed}}}")
         };
-        let sum = self.sum.load(Ordering::Relaxed) as f64 * scale;
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / per_unit;
         let _ = writeln!(out, "{name}_sum{braced} {sum}");
         let _ = writeln!(out, "{name}_count{braced} {cumulative}");
     }
@@ -243,7 +244,7 @@ impl Registry {
                 out,
                 "tenant_kms_rpc_duration_seconds",
                 &format!("method=\"{method}\","),
-                1e-6,
+                1e6,
             );
         }
         out.push_str(
@@ -257,7 +258,7 @@ impl Registry {
              fsync under fsync durability).\n# TYPE tenant_kms_audit_commit_seconds histogram\n",
         );
         self.audit_commit_latency
-            .render(out, "tenant_kms_audit_commit_seconds", "", 1e-6);
+            .render(out, "tenant_kms_audit_commit_seconds", "", 1e6);
         let counters = [
             (
                 "tenant_kms_audit_commit_failures_total",

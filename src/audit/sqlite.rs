@@ -112,13 +112,13 @@ pub fn append(
 
 /// The last record's sequence number and MAC (or the checkpoint's, or genesis).
 fn head(conn: &Connection) -> Result<(u64, [u8; MAC_LEN])> {
+    // Cached: it runs once per group commit.
     let last: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()
+        .prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut stmt| {
+            stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()
+        })
         .map_err(sql_error)?;
     match last {
         Some((seq, mac)) => Ok((seq as u64, mac.try_into().unwrap_or(GENESIS_MAC))),

@@ -127,6 +127,8 @@ pub struct Report {
     pub runs: usize,
     /// Tenant setup.
     pub setup: Setup,
+    /// With `--prewarm`: first-touch rate (load, unwrap, reserve budget, audit), tenants/s.
+    pub prewarm_tenants_per_s: Option<f64>,
     /// In-process baselines.
     pub baselines: Baselines,
     /// Per scenario.
@@ -264,6 +266,12 @@ impl Report {
             self.setup.created,
             self.setup.seconds
         );
+        if let Some(rate) = self.prewarm_tenants_per_s {
+            let _ = writeln!(
+                out,
+                "prewarm (first Encrypt of every tenant): {rate:.0} tenants/s"
+            );
+        }
         let _ = writeln!(out, "\nin-process baselines (one core):");
         let _ = writeln!(
             out,

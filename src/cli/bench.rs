@@ -74,6 +74,9 @@ pub struct BenchArgs {
     /// Time spent on each in-process baseline.
     #[arg(long, default_value = "300ms")]
     baseline_time: String,
+    /// Before measuring, encrypt once for every tenant (a warm cache with many tenants).
+    #[arg(long)]
+    prewarm: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -124,6 +127,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         addr: args.addr.clone(),
         token_file: args.token_file.clone(),
         baseline_time: duration(&args.baseline_time)?,
+        prewarm: args.prewarm,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
@@ -23,9 +23,27 @@ use crate::error::{Error, Result};
 /// How long a write waits for another process's write transaction before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where a queued reservation's result is left for its caller.
+type Ticket = Arc<Mutex<Option<Result<u64>>>>;
+
+/// A nonce-budget reservation waiting for the connection.
+struct PendingReservation {
+    id: TenantId,
+    version: u32,
+    count: u64,
+    ticket: Ticket,
+}
+
+fn lock_plain<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Queues of plain values: a panic elsewhere cannot leave them half-updated.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The SQLite key store.
 pub struct SqliteKeyStore {
     inner: Mutex<Inner>,
+    /// Reservations waiting to be written together (see `reserve_encryptions`).
+    reservations: Mutex<Vec<PendingReservation>>,
     /// Change checks started so far (numbered from 1), for single-flight checking.
     checks_started: AtomicU64,
 }
@@ -120,11 +138,11 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
 }
 
 fn load_tenant(conn: &Connection, id: &TenantId) -> rusqlite::Result<Option<TenantRecord>> {
-    conn.query_row(
-        &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ?1"),
-        [id.as_str()],
-        tenant_from_row,
-    )
+    // Cached: every cache miss runs it.
+    conn.prepare_cached(&format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ?1"
+    ))?
+    .query_row([id.as_str()], tenant_from_row)
     .optional()
 }
 
@@ -182,6 +200,7 @@ impl SqliteKeyStore {
                 reported_generation: 0,
             }),
             checks_started: AtomicU64::new(0),
+            reservations: Mutex::new(Vec::new()),
         })
     }
 
@@ -646,18 +665,65 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn reserve_encryptions(&self, id: &TenantId, version: u32, count: u64) -> Result<u64> {
-        self.write(|tx| {
-            let total: Option<i64> = tx
-                .query_row(
-                    "UPDATE key_versions SET encryptions = encryptions + ?3 \
-                     WHERE tenant_id = ?1 AND version = ?2 RETURNING encryptions",
-                    params![id.as_str(), version, i64_of(count)],
-                    |row| row.get(0),
-                )
-                .optional()
+        // Group commit: reservations that queue while the connection is busy are written by
+        // whichever of their callers gets the connection first, in one transaction (one
+        // fsync). A caller whose reservation a previous leader wrote just takes its result.
+        let ticket: Ticket = Arc::new(Mutex::new(None));
+        lock_plain(&self.reservations).push(PendingReservation {
+            id: id.clone(),
+            version,
+            count,
+            ticket: Arc::clone(&ticket),
+        });
+        let mut inner = self.lock();
+        if let Some(result) = lock_plain(&ticket).take() {
+            return result;
+        }
+        let batch = std::mem::take(&mut *lock_plain(&self.reservations));
+        let written = (|| {
+            let tx = inner
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_error)?;
-            total.map(u64_of).ok_or(Error::NotFound("key version"))
-        })
+            let mut totals = Vec::with_capacity(batch.len());
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE key_versions SET encryptions = encryptions + ?3 \
+                         WHERE tenant_id = ?1 AND version = ?2 RETURNING encryptions",
+                    )
+                    .map_err(sql_error)?;
+                for item in &batch {
+                    let total: Option<i64> = stmt
+                        .query_row(
+                            params![item.id.as_str(), item.version, i64_of(item.count)],
+                            |row| row.get(0),
+                        )
+                        .optional()
+                        .map_err(sql_error)?;
+                    totals.push(total);
+                }
+            }
+            tx.commit().map_err(sql_error)?;
+            Ok::<_, Error>(totals)
+        })();
+        match written {
+            Ok(totals) => {
+                for (item, total) in batch.iter().zip(totals) {
+                    *lock_plain(&item.ticket) =
+                        Some(total.map(u64_of).ok_or(Error::NotFound("key version")));
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                for item in &batch {
+                    *lock_plain(&item.ticket) = Some(Err(Error::Internal(text.clone())));
+                }
+            }
+        }
+        drop(inner);
+        let result = lock_plain(&ticket).take();
+        result.unwrap_or_else(|| Err(Error::internal("reservation was not written")))
     }
 
     fn tenants_due(&self, now: i64, budget_margin: f64) -> Result<DueTenants> {
