@@ -132,6 +132,8 @@ pub struct ChurnReport {
     pub destroyed_tenants_checked: u64,
     /// Wrapped keys of destroyed tenants still found in some file (must be 0).
     pub destroyed_key_bytes_found: u64,
+    /// Where they were found (file name, tenant).
+    pub destroyed_key_bytes_where: Vec<String>,
     /// Every check held.
     pub passed: bool,
 }
@@ -759,7 +761,11 @@ fn check_shredded(shared: &Shared, data_dir: &Path, report: &mut ChurnReport) ->
             if path.is_dir() {
                 stack.push(path);
             } else if let Ok(bytes) = std::fs::read(&path) {
-                files.push(bytes);
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                files.push((name, bytes));
             }
         }
     }
@@ -774,10 +780,22 @@ fn check_shredded(shared: &Shared, data_dir: &Path, report: &mut ChurnReport) ->
             if wrapped.is_empty() {
                 continue;
             }
-            let found = files
+            let found: Vec<(&String, usize)> = files
                 .iter()
-                .any(|f| f.windows(wrapped.len()).any(|w| w == wrapped.as_slice()));
-            report.destroyed_key_bytes_found += u64::from(found);
+                .filter_map(|(name, f)| {
+                    f.windows(wrapped.len())
+                        .position(|w| w == wrapped.as_slice())
+                        .map(|at| (name, at))
+                })
+                .collect();
+            if !found.is_empty() {
+                report.destroyed_key_bytes_found += 1;
+                for (name, at) in found {
+                    report
+                        .destroyed_key_bytes_where
+                        .push(format!("{name} at byte {at}: a wrapped key of {}", t.id));
+                }
+            }
         }
     }
     Ok(())

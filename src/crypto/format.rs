@@ -129,12 +129,9 @@ pub fn additional_data(
     aad
 }
 
-/// Room on the stack for the AAD of [`with_additional_data`]: typical tenant ids, contexts
-/// and caller AAD fit, so the hot path builds the AAD without a heap allocation.
-const STACK_AAD: usize = 320;
-
 /// Calls `f` with exactly the bytes of [`additional_data`], built on the stack when they fit
-/// and on the heap otherwise.
+/// (typical tenant ids, contexts and caller AAD do), so the hot path builds the AAD without a
+/// heap allocation, and on the heap otherwise.
 pub fn with_additional_data<R>(
     label: &[u8],
     header: &[u8; HEADER_LEN],
@@ -143,8 +140,25 @@ pub fn with_additional_data<R>(
     caller_aad: &[u8],
     f: impl FnOnce(&[u8]) -> R,
 ) -> R {
+    let len = label.len() + HEADER_LEN + tenant_id.len() + context.len() + caller_aad.len() + 16;
+    // Two stack sizes, so the common case zeroes only a small buffer.
+    if len <= 128 {
+        aad_on_stack::<128, R>(label, header, tenant_id, context, caller_aad, f)
+    } else {
+        aad_on_stack::<384, R>(label, header, tenant_id, context, caller_aad, f)
+    }
+}
+
+fn aad_on_stack<const N: usize, R>(
+    label: &[u8],
+    header: &[u8; HEADER_LEN],
+    tenant_id: &str,
+    context: &str,
+    caller_aad: &[u8],
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
     use std::io::Write;
-    let mut stack = [0u8; STACK_AAD];
+    let mut stack = [0u8; N];
     let mut rest: &mut [u8] = &mut stack;
     let prefix = |part: &[u8]| u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes();
     let fits = rest.write_all(&prefix(label)).is_ok()
@@ -156,7 +170,7 @@ pub fn with_additional_data<R>(
         && rest.write_all(context.as_bytes()).is_ok()
         && rest.write_all(&prefix(caller_aad)).is_ok()
         && rest.write_all(caller_aad).is_ok();
-    let written = STACK_AAD - rest.len();
+    let written = N - rest.len();
     match stack.get(..written) {
         Some(aad) if fits => f(aad),
         _ => f(&additional_data(
@@ -198,6 +212,9 @@ mod tests {
             ("acme", "crm.contacts.email", &b"row-7"[..]),
             ("acme", "crm.contacts.email", &[0xabu8; 300][..]),
             ("acme", "crm.contacts.email", &[0xcdu8; 255][..]),
+            ("acme", "crm.contacts.email", &[0xefu8; 55][..]),
+            ("acme", "crm.contacts.email", &[0xefu8; 56][..]),
+            ("acme", "crm.contacts.email", &[0xefu8; 57][..]),
         ] {
             let heap = additional_data(b"label", &header, tenant, context, aad);
             with_additional_data(b"label", &header, tenant, context, aad, |stack| {

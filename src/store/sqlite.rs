@@ -854,11 +854,18 @@ impl KeyStore for SqliteKeyStore {
 }
 
 impl SqliteKeyStore {
-    /// Copies the WAL into the database and truncates it to zero bytes, so deleted (and by
-    /// secure_delete zeroed) key bytes survive in no file. Retries while readers of other
-    /// connections hold old snapshots.
+    /// Rebuilds the database, then copies the WAL into it and truncates the WAL to zero bytes,
+    /// so deleted key bytes survive in no file. Retries while readers of other connections
+    /// hold old snapshots.
+    ///
+    /// Why the rebuild: secure_delete zeroes a deleted row where it lies, but when SQLite
+    /// rebalances a B-tree page it rewrites the page without clearing the unused gap, so an
+    /// older copy of a row that has since moved can survive there (the churn soak of
+    /// `tenant-kms bench` found destroyed tenants' wrapped keys that way). VACUUM writes every
+    /// page afresh from live rows only. It costs time in proportion to keys.db's size.
     fn checkpoint_truncate(&self) -> Result<()> {
         let inner = self.lock();
+        inner.conn.execute_batch("VACUUM").map_err(sql_error)?;
         for attempt in 0..50 {
             let (busy, _, _): (i64, i64, i64) = inner
                 .conn
