@@ -342,6 +342,34 @@ fn change_generation_sees_other_connections_only() {
     assert!(g1 > g0);
     assert!(a.changed_elsewhere().unwrap(), "reported once");
     assert!(!a.changed_elsewhere().unwrap());
+    // Every later write elsewhere is seen, also after A's own writes and idle checks (the
+    // fast path compares the WAL-index header; a full check runs whenever it moved).
+    let mut last = a.change_generation().unwrap();
+    for i in 0..6u32 {
+        assert_eq!(a.change_generation().unwrap(), last, "idle");
+        if i % 2 == 0 {
+            a.revoke_token("none", 2).unwrap();
+            a.insert_master_version(&tenant_kms::store::MasterVersionRecord {
+                version: 100 + i,
+                check_value: vec![0; 32],
+                created_at: 0,
+                retired_at: None,
+            })
+            .unwrap();
+            assert_eq!(a.change_generation().unwrap(), last, "own write");
+        }
+        b.insert_master_version(&tenant_kms::store::MasterVersionRecord {
+            version: 200 + i,
+            check_value: vec![0; 32],
+            created_at: 0,
+            retired_at: None,
+        })
+        .unwrap();
+        let now = a.change_generation().unwrap();
+        assert!(now > last, "write {i} elsewhere seen");
+        last = now;
+    }
+    let g1 = last;
     // Many threads checking at once all get a current generation.
     let a = Arc::new(a);
     b.retire_master_version(7, 6).unwrap();
