@@ -332,8 +332,7 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
                 let extra = Arc::clone(&extra);
                 async move {
-                    let response = if request.method() == hyper::Method::GET
-                        && request.uri().path() == "/metrics"
+                    if request.method() == hyper::Method::GET && request.uri().path() == "/metrics"
                     {
                         Response::builder()
                             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
@@ -342,8 +341,7 @@ pub async fn serve(
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)
                             .body(Full::new(Bytes::from_static(b"only /metrics is here\n")))
-                    };
-                    response
+                    }
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);

@@ -40,6 +40,8 @@ pub struct ChildOptions<'a> {
     pub log: PathBuf,
     /// Extra `serve` flags.
     pub extra: Vec<String>,
+    /// The `tenant-kms` binary to run (default: this one), e.g. an older build to compare.
+    pub exe: Option<PathBuf>,
 }
 
 fn free_port() -> Result<u16> {
@@ -54,8 +56,11 @@ fn free_port() -> Result<u16> {
 impl ChildServer {
     /// Starts `current_exe serve` and waits until it answers a health check.
     pub async fn start(options: ChildOptions<'_>) -> Result<Self> {
-        let exe = std::env::current_exe()
-            .map_err(|e| Error::Internal(format!("cannot find this executable: {e}")))?;
+        let exe = match options.exe {
+            Some(exe) => exe,
+            None => std::env::current_exe()
+                .map_err(|e| Error::Internal(format!("cannot find this executable: {e}")))?,
+        };
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let log = std::fs::File::create(&options.log).map_err(|e| {

@@ -79,6 +79,9 @@ pub struct BenchConfig {
     /// Encrypt once for every tenant after each server start, before measuring, so that the
     /// measurement sees a warm cache however many tenants there are.
     pub prewarm: bool,
+    /// Serve with this `tenant-kms` binary instead of this one (compare two builds with the
+    /// same load generator).
+    pub server_exe: Option<PathBuf>,
 }
 
 impl BenchConfig {
@@ -404,6 +407,7 @@ async fn start_target(
                 config: Some(config_file),
                 log: temp.join(format!("server-{label}-{run}.log")),
                 extra: vec!["--min-deletion-window".into(), "0s".into()],
+                exe: config.server_exe.clone(),
             })
             .await?;
             let token = child::admin_token(data_dir)?;

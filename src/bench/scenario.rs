@@ -83,7 +83,7 @@ impl Scenario {
     /// The scenario's name as `parse` reads it.
     pub fn name(&self) -> String {
         let size = |n: usize| {
-            if n >= 1024 && n % 1024 == 0 {
+            if n >= 1024 && n.is_multiple_of(1024) {
                 format!("{}k", n / 1024)
             } else {
                 n.to_string()

@@ -77,6 +77,9 @@ pub struct BenchArgs {
     /// Before measuring, encrypt once for every tenant (a warm cache with many tenants).
     #[arg(long)]
     prewarm: bool,
+    /// Run this tenant-kms binary as the server (to compare builds under the same load).
+    #[arg(long)]
+    server_exe: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -128,6 +131,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         token_file: args.token_file.clone(),
         baseline_time: duration(&args.baseline_time)?,
         prewarm: args.prewarm,
+        server_exe: args.server_exe.clone(),
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let runtime = tokio::runtime::Builder::new_multi_thread()
