@@ -138,6 +138,8 @@ pub fn outcome_from_str(name: &str) -> Option<Outcome> {
         Outcome::Exhausted,
         Outcome::Unavailable,
         Outcome::Internal,
+        Outcome::DeadlineExceeded,
+        Outcome::Cancelled,
     ]
     .into_iter()
     .find(|o| o.as_str() == name)

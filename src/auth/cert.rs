@@ -119,7 +119,7 @@ impl TlsCallers {
         let mut matched = self
             .rules
             .iter()
-            .filter(|rule| identities.iter().any(|id| *id == rule.identity));
+            .filter(|rule| identities.contains(&rule.identity));
         let Some(rule) = matched.next() else {
             return Ok(None);
         };

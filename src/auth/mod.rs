@@ -277,7 +277,17 @@ impl Authenticator {
 
     /// The caller holding `token`, if it is known, unexpired and unrevoked.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Arc<Caller>> {
-        let token = token.ok_or(Error::Unauthenticated)?;
+        self.check(token).map_err(|refused| refused.error)
+    }
+
+    /// Like [`Authenticator::authenticate`], but a refusal of a token the store knows (revoked
+    /// or expired) names it, so the audit can record who kept using a dead token.
+    pub fn check(&self, token: Option<&str>) -> std::result::Result<Arc<Caller>, Refused> {
+        let unknown = |error: Error| Refused {
+            error,
+            known_token: None,
+        };
+        let token = token.ok_or(Error::Unauthenticated).map_err(unknown)?;
         let hash = hash_token(token);
         let cached = self
             .cache
@@ -290,13 +300,19 @@ impl Authenticator {
             None => {
                 let record = self
                     .store
-                    .token_by_hash(&hash)?
-                    .ok_or(Error::Unauthenticated)?;
+                    .token_by_hash(&hash)
+                    .map_err(unknown)?
+                    .ok_or(Error::Unauthenticated)
+                    .map_err(unknown)?;
                 if record.revoked_at.is_some() {
-                    return Err(Error::Unauthenticated);
+                    return Err(Refused {
+                        error: Error::Unauthenticated,
+                        known_token: Some(format!("token:{} (revoked)", record.id)),
+                    });
                 }
                 let role = Role::parse(&record.role)
-                    .ok_or_else(|| Error::internal("token with an unknown role"))?;
+                    .ok_or_else(|| Error::internal("token with an unknown role"))
+                    .map_err(unknown)?;
                 let operations = (record.operations.trim() != "*").then(|| {
                     record
                         .operations
@@ -322,11 +338,24 @@ impl Authenticator {
                 caller
             }
         };
+        // Checked on every call, cached or not: expiry needs no store change to take effect.
         if caller.expires_at.is_some_and(|at| at <= unix_now()) {
-            return Err(Error::Unauthenticated);
+            return Err(Refused {
+                error: Error::Unauthenticated,
+                known_token: Some(format!("token:{} (expired)", caller.token_id)),
+            });
         }
         Ok(caller)
     }
+}
+
+/// Why a token was refused: the error for the client, and for the audit the token's id when
+/// the store knows it (revoked, expired).
+pub struct Refused {
+    /// The error the client gets (UNAUTHENTICATED, or INTERNAL if the store failed).
+    pub error: Error,
+    /// `token:<id> (revoked|expired)` for a token the store knows.
+    pub known_token: Option<String>,
 }
 
 #[cfg(test)]

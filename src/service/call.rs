@@ -42,6 +42,8 @@ pub struct Call {
     audit: Option<AuditWriter>,
     finished: bool,
     caller: Option<Arc<Caller>>,
+    /// A known token that was refused (revoked, expired), as the audit names it.
+    refused_as: Option<String>,
     tenant: Option<TenantId>,
     contexts: Vec<String>,
     key_versions: Vec<u32>,
@@ -82,6 +84,7 @@ impl Call {
             audit: None,
             finished: false,
             caller: None,
+            refused_as: None,
             tenant: None,
             contexts: Vec::new(),
             key_versions: Vec::new(),
@@ -116,7 +119,10 @@ impl Call {
     fn identify(&mut self, state: &AppState) -> Result<Arc<Caller>> {
         state.refresh()?;
         if let Some(bearer) = self.bearer.take() {
-            return state.auth.authenticate(Some(bearer.as_str()));
+            return state.auth.check(Some(bearer.as_str())).map_err(|refused| {
+                self.refused_as = refused.known_token;
+                refused.error
+            });
         }
         if let Some(end_entity) = self.peer_certs.as_ref().and_then(|c| c.first())
             && let Some(caller) = state.options.tls_callers.caller_for(end_entity.as_ref())?
@@ -220,10 +226,11 @@ impl Call {
         AuditRecord {
             time_micros: unix_now_micros(),
             request_id: self.request_id.clone(),
-            caller: self
-                .caller
-                .as_ref()
-                .map_or_else(|| "anonymous".to_owned(), |c| c.audit_name()),
+            caller: match (&self.caller, self.refused_as.take()) {
+                (Some(caller), _) => caller.audit_name(),
+                (None, Some(refused)) => refused,
+                (None, None) => "anonymous".to_owned(),
+            },
             peer: std::mem::take(&mut self.peer),
             tenant_id: self
                 .tenant

@@ -210,7 +210,8 @@ impl AppState {
 }
 
 /// On the first start (no token in the store), issues an admin token for every tenant, writes
-/// it to `<data-dir>/admin.token` (0600) and says so once on stderr.
+/// it to `<data-dir>/admin.token` (0600) and says so once on stderr (showing the token only if
+/// stderr is a terminal).
 fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
     if !store.list_tokens()?.is_empty() {
         return Ok(());
@@ -228,12 +229,24 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
     )?;
     let _ = std::fs::remove_file(&path);
     fsutil::write_private_file(&path, format!("{}\n", issued.secret.as_str()).as_bytes())?;
-    eprintln!(
-        "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
-         It is shown only this once; keep it secret.",
-        issued.record.id,
-        path.display(),
-        issued.secret.as_str()
-    );
+    // The token itself is shown only to a person at a terminal: when stderr is a file, a pipe
+    // or the journal, it would be stored in clear wherever the logs go (and the trace-log leak
+    // test would find it). The file is the durable copy either way.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
+             It is shown only this once; keep it secret.",
+            issued.record.id,
+            path.display(),
+            issued.secret.as_str()
+        );
+    } else {
+        eprintln!(
+            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600); \
+             it is not printed because stderr is not a terminal.",
+            issued.record.id,
+            path.display()
+        );
+    }
     Ok(())
 }
