@@ -1438,7 +1438,20 @@ impl LoggedServer {
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
-        connect(&format!("http://{addr}")).await;
+        // The port answers before the data directory is open: wait for the health service.
+        let channel = connect(&format!("http://{addr}")).await;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        for _ in 0..400 {
+            let check = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if check.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         Self { child, addr }
     }
 
