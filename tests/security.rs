@@ -1283,17 +1283,20 @@ async fn caller_deadline_is_honoured_with_deadline_exceeded_and_audited() {
     let server = TestServer::start().await;
     let (_, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
-    // The key store is locked, so the call cannot finish; the caller's grpc-timeout (300 ms,
-    // far below the server's 60 s cap) ends it. It is cut off before its audit record, so the
-    // record comes from Drop.
+    // The key store is locked, so the first Encrypt (which must reserve nonce budget in the
+    // store) cannot finish; the caller's grpc-timeout (300 ms, far below the server's 60 s
+    // cap) ends it before its audit record, so the record comes from Drop.
     let lock = WriteLock::take(&server.data_dir.join("keys.db"));
     let started = std::time::Instant::now();
-    let err = raw_unary::<_, pb::Tenant>(
+    let err = raw_unary::<_, pb::EncryptResponse>(
         server.addr,
         &server.admin_token,
-        "/tenantkms.v1.TenantService/CreateTenant",
-        pb::CreateTenantRequest {
-            tenant_id: "late".into(),
+        "/tenantkms.v1.KeyService/Encrypt",
+        pb::EncryptRequest {
+            tenant_id: "acme".into(),
+            context: "ctx".into(),
+            plaintext: b"v".to_vec(),
+            aad: vec![],
         },
         Some("300m"),
     )
@@ -1306,10 +1309,37 @@ async fn caller_deadline_is_honoured_with_deadline_exceeded_and_audited() {
         err.message()
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    let record = audit_record_of(&server, "CreateTenant", "late").await;
+    let record = audit_record_of(&server, "Encrypt", "acme").await;
     assert_eq!(record.outcome.as_str(), "deadline_exceeded");
     assert!(record.caller.starts_with("token:"), "{}", record.caller);
+    // Let the abandoned reservation finish before the next part (it holds the store).
     lock.release();
+    encrypt(&mut server.clients().await.0, "acme", "ctx", b"v", b"").await;
+
+    // A control-plane change cut off by its deadline is shielded: it completes once the store
+    // is free, and its record says so, although the caller heard DEADLINE_EXCEEDED.
+    let lock = WriteLock::take(&server.data_dir.join("keys.db"));
+    let err = raw_unary::<_, pb::Tenant>(
+        server.addr,
+        &server.admin_token,
+        "/tenantkms.v1.TenantService/CreateTenant",
+        pb::CreateTenantRequest {
+            tenant_id: "late".into(),
+        },
+        Some("300m"),
+    )
+    .await
+    .status_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    lock.release();
+    let record = audit_record_of(&server, "CreateTenant", "late").await;
+    assert_eq!(record.outcome.as_str(), "ok");
+    tenants
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: "late".into(),
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -264,8 +264,7 @@ impl Drop for Call {
         let (outcome, detail) = if deadline_passed {
             (
                 Outcome::DeadlineExceeded,
-                "deadline passed before the answer; none was sent (a change already handed \
-                 to the key store may still have been applied)",
+                "deadline passed before the answer; none was sent",
             )
         } else {
             (
