@@ -150,6 +150,11 @@ impl KeyManager {
         Ok(changed)
     }
 
+    /// Drops every cached key (the store changed elsewhere).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
     /// The cached snapshot of a tenant, without touching the store.
     pub fn cached(&self, id: &TenantId) -> Option<Arc<TenantEntry>> {
         self.cache.get(id.as_str())

@@ -117,7 +117,6 @@ impl Call {
     }
 
     fn identify(&mut self, state: &AppState) -> Result<Arc<Caller>> {
-        state.refresh()?;
         if let Some(bearer) = self.bearer.take() {
             return state.auth.check(Some(bearer.as_str())).map_err(|refused| {
                 self.refused_as = refused.known_token;
@@ -147,7 +146,8 @@ impl Call {
     }
 
     /// Authenticates, parses the tenant id and authorizes the call for it.
-    pub fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
+    pub async fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
+        state.refresh().await?;
         let caller = self.authenticate(state)?;
         let tenant = TenantId::parse(tenant_id)?;
         self.tenant = Some(tenant.clone());
@@ -156,7 +156,8 @@ impl Call {
     }
 
     /// Authenticates and authorizes a call that names no tenant.
-    pub fn admit_global(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+    pub async fn admit_global(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+        state.refresh().await?;
         let caller = self.authenticate(state)?;
         authorize(&caller, self.operation, None)?;
         Ok(caller)

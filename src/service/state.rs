@@ -201,8 +201,22 @@ impl AppState {
     }
 
     /// Drops caches when another process changed the key store (a rotation, a revocation).
-    pub fn refresh(&self) -> Result<()> {
-        if self.keys.refresh()? {
+    ///
+    /// The check is a `PRAGMA data_version` on the process's keys.db connection. When that
+    /// connection is free it runs inline (microseconds); when a write holds it (an fsync, or a
+    /// wait for another process's lock) the check moves to the blocking pool, so the async
+    /// threads never stall behind the store, and the call still sees every change committed
+    /// before it started.
+    pub async fn refresh(&self) -> Result<()> {
+        let changed = match self.keys.store().try_changed_elsewhere() {
+            Some(changed) => changed?,
+            None => {
+                let keys = Arc::clone(&self.keys);
+                super::blocking(move || keys.store().changed_elsewhere()).await?
+            }
+        };
+        if changed {
+            self.keys.clear_cache();
             self.auth.clear();
         }
         Ok(())

@@ -49,7 +49,7 @@ impl TenantServiceImpl {
         let request_id = call.request_id.clone();
         let task = tokio::spawn(async move {
             let result = async {
-                let tenant = call.admit(&state, &tenant_id)?;
+                let tenant = call.admit(&state, &tenant_id).await?;
                 let keys = Arc::clone(&state.keys);
                 blocking(move || work(&keys, &tenant)).await
             }
@@ -123,7 +123,7 @@ impl TenantService for TenantServiceImpl {
         let mut call = Call::begin(&request, Operation::ListTenants);
         let req = request.into_inner();
         let result = async {
-            call.admit_global(&self.state)?;
+            call.admit_global(&self.state).await?;
             let size = match req.page_size {
                 0 => DEFAULT_PAGE,
                 n if n < 0 => {
