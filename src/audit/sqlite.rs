@@ -425,12 +425,26 @@ pub fn snapshot(path: &Path, dest: &Path) -> Result<()> {
         // One step: every page copied inside one read transaction, so the copy is the log as
         // of one commit; appends by the writer go on meanwhile (WAL).
         let backup = rusqlite::backup::Backup::new(&source, &mut out).map_err(sql_error)?;
-        backup
-            .run_to_completion(-1, Duration::ZERO, None)
-            .map_err(sql_error)?;
+        copy_all_pages(&backup)?;
     }
     out.pragma_update(None, "journal_mode", "DELETE")
         .map_err(sql_error)?;
     out.close().map_err(|(_, e)| sql_error(e))?;
     crate::fsutil::sync_file(dest)
+}
+
+/// Runs an online backup as one step (-1: every page), retrying while another connection
+/// holds a lock that keeps the step from starting (bounded).
+fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
+    use rusqlite::backup::StepResult;
+    for attempt in 0..100u64 {
+        match backup.step(-1).map_err(sql_error)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked => {
+                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::internal("online backup: the database stayed busy"))
 }
