@@ -47,8 +47,10 @@ use crate::store::{KeyStore, LedgerHead, ShredItem};
 /// Suffix of the default ledger file beside a keyring file: `<keyring>.shred-ledger`.
 pub const LEDGER_SUFFIX: &str = ".shred-ledger";
 /// The default ledger file inside the data directory when the master keys come from the
-/// environment and no `--shred-ledger` is given.
-pub const DATA_DIR_LEDGER: &str = "shred.ledger";
+/// environment and no `--shred-ledger` is given: where the default keyring file
+/// (`<data-dir>/master.keyring`) keeps its ledger, so a deployment that moves from that file
+/// to environment keys keeps its ledger.
+pub const DATA_DIR_LEDGER: &str = "master.keyring.shred-ledger";
 
 /// Where the ledger lives by default: beside the keyring file, or (environment-provided master
 /// keys) in the data directory, which does not survive the data directory being wiped.
@@ -269,15 +271,19 @@ impl ShredLedger {
             }
             match ring.get(entry.master_version) {
                 Some(master) => {
-                    let key = MacKey::derive(master, labels::SHRED_LEDGER, entry.master_version, b"")
-                        .map_err(|_| Error::internal("ledger key derivation failed"))?;
+                    let key =
+                        MacKey::derive(master, labels::SHRED_LEDGER, entry.master_version, b"")
+                            .map_err(|_| Error::internal("ledger key derivation failed"))?;
                     if !key.verify_hex(labels::SHRED_LEDGER, &entry.message(), &entry.mac) {
                         return Err(tampered(index, "its MAC is wrong"));
                     }
                 }
                 None => contents.unverified += 1,
             }
-            if let Some(item) = entry.item().map_err(|_| tampered(index, "malformed entry"))? {
+            if let Some(item) = entry
+                .item()
+                .map_err(|_| tampered(index, "malformed entry"))?
+            {
                 contents.items.insert(item);
             }
             prev = entry.mac.clone();
@@ -303,7 +309,9 @@ impl ShredLedger {
                 seq: contents.entries.len() as u64,
                 time: unix_now(),
                 kind: kind.to_owned(),
-                tenant_id: item.map(|i| i.tenant_id.as_str().to_owned()).unwrap_or_default(),
+                tenant_id: item
+                    .map(|i| i.tenant_id.as_str().to_owned())
+                    .unwrap_or_default(),
                 version: item.and_then(|i| i.version).unwrap_or(0),
                 master_version,
                 prev_mac: contents
@@ -328,7 +336,11 @@ impl ShredLedger {
             if !contents.covers(item) {
                 push(
                     contents,
-                    if item.version.is_some() { VERSION } else { TENANT },
+                    if item.version.is_some() {
+                        VERSION
+                    } else {
+                        TENANT
+                    },
                     Some(item),
                 );
             }
@@ -371,8 +383,9 @@ impl ShredLedger {
             let seen = seen.map_or(0, |h| h.entries);
             return Err(Error::FailedPrecondition(format!(
                 "the shred ledger {} is missing, but keys.db has seen {seen} entries of it: \
-                 restore the ledger (it is kept with the master keyring) before starting; \
-                 without it a restored backup could bring destroyed keys back",
+                 restore the ledger (it is kept with the master keyring), or pass \
+                 --shred-ledger FILE if it lives elsewhere; without it a restored backup could \
+                 bring destroyed keys back",
                 self.path.display()
             )));
         };
@@ -414,7 +427,9 @@ impl ShredLedger {
         report.recorded_from_store = missing;
         report.reapplied = self.store.shred(&ledger_items, unix_now())?;
         for item in &report.reapplied {
-            let Some(version) = item.version else { continue };
+            let Some(version) = item.version else {
+                continue;
+            };
             let Some(tenant) = self.store.tenant(&item.tenant_id)? else {
                 continue;
             };
@@ -448,7 +463,13 @@ impl ShredRecorder for ShredLedger {
             tenant_id: id.clone(),
             version: Some(version),
         }])
-        .map_err(|e| not_recorded(&self.path, &format!("key version {version} of tenant {id}"), &e))
+        .map_err(|e| {
+            not_recorded(
+                &self.path,
+                &format!("key version {version} of tenant {id}"),
+                &e,
+            )
+        })
     }
 }
 

@@ -142,8 +142,12 @@ impl Manifest {
     pub fn write(&self, dir: &Path, ring: &MasterKeyring) -> Result<()> {
         let mut body = serde_json::to_vec_pretty(self).map_err(Error::internal)?;
         body.push(b'\n');
-        let key = MacKey::from_keyring(ring, labels::BACKUP_MANIFEST, self.mac_master_version, b"")?;
-        let mac = format!("{}\n", hex::encode(key.sign(labels::BACKUP_MANIFEST, &body)));
+        let key =
+            MacKey::from_keyring(ring, labels::BACKUP_MANIFEST, self.mac_master_version, b"")?;
+        let mac = format!(
+            "{}\n",
+            hex::encode(key.sign(labels::BACKUP_MANIFEST, &body))
+        );
         crate::fsutil::write_private_file(&dir.join(MANIFEST_FILE), &body)?;
         crate::fsutil::write_private_file(&dir.join(MANIFEST_MAC_FILE), mac.as_bytes())
     }

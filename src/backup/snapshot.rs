@@ -137,8 +137,9 @@ pub fn verify_manifest_and_files(dir: &Path, ring: &MasterKeyring) -> Result<Man
         )));
     }
     for file in &manifest.files {
-        let (bytes, sha256) = manifest::digest_file(&dir.join(&file.name))
-            .map_err(|_| Error::FailedPrecondition(format!("{} is missing or unreadable", file.name)))?;
+        let (bytes, sha256) = manifest::digest_file(&dir.join(&file.name)).map_err(|_| {
+            Error::FailedPrecondition(format!("{} is missing or unreadable", file.name))
+        })?;
         if bytes != file.bytes || sha256 != file.sha256 {
             return Err(Error::FailedPrecondition(format!(
                 "{} does not match its checksum in the manifest (corrupted or altered); refused",

@@ -104,7 +104,9 @@ fn version_state_name(state: KeyVersionState) -> &'static str {
 }
 
 fn invalid(why: &str) -> Error {
-    Error::FailedPrecondition(format!("not a valid tenant export: {why}; nothing was changed"))
+    Error::FailedPrecondition(format!(
+        "not a valid tenant export: {why}; nothing was changed"
+    ))
 }
 
 /// Writes the export of tenant `id` from `store`: the file's bytes.
@@ -187,7 +189,10 @@ pub fn parse_verified(
     let export: TenantExport =
         serde_json::from_str(body).map_err(|_| invalid("altered or truncated"))?;
     if export.format != FORMAT {
-        return Err(invalid(&format!("format {} is not {FORMAT}", export.format)));
+        return Err(invalid(&format!(
+            "format {} is not {FORMAT}",
+            export.format
+        )));
     }
     let id = TenantId::parse(&export.tenant_id).map_err(|_| invalid("bad tenant id"))?;
     if let Some(expected) = expected
@@ -259,7 +264,10 @@ pub fn plan_import(
 ) -> Result<ImportPlan> {
     let id = TenantId::parse(&export.tenant_id).map_err(|_| invalid("bad tenant id"))?;
     let live = store.tenant(&id)?;
-    if live.as_ref().is_some_and(|t| t.state == TenantState::Destroyed) {
+    if live
+        .as_ref()
+        .is_some_and(|t| t.state == TenantState::Destroyed)
+    {
         return Err(Error::FailedPrecondition(format!(
             "tenant {id} is DESTROYED in the key store: a crypto-shredded tenant never comes \
              back; nothing was changed"

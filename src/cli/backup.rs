@@ -234,8 +234,9 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
     let data_dir = &options.data_dir;
     let ring = MasterKeyring::load(&options.master_keys, false)?;
     if data_dir.exists() {
-        let entries = std::fs::read_dir(data_dir)
-            .map_err(|e| Error::FailedPrecondition(format!("cannot read {}: {e}", data_dir.display())))?;
+        let entries = std::fs::read_dir(data_dir).map_err(|e| {
+            Error::FailedPrecondition(format!("cannot read {}: {e}", data_dir.display()))
+        })?;
         let occupied: Vec<String> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -318,11 +319,15 @@ pub fn run_tenant_export(args: TenantExportArgs) -> Result<ExitCode> {
             )));
         }
         crate::fsutil::write_private_file(&args.out, &bytes)?;
-        Ok(dir.store.key_versions(&id)?)
+        dir.store.key_versions(&id)
     });
     let result = audited(&audit, "TenantExport", id.as_str(), result, |versions| {
         (
-            versions.iter().filter(|v| v.wrapped.is_some()).map(|v| v.version).collect(),
+            versions
+                .iter()
+                .filter(|v| v.wrapped.is_some())
+                .map(|v| v.version)
+                .collect(),
             format!("exported to {}", args.out.display()),
         )
     });
@@ -368,7 +373,11 @@ pub fn run_tenant_import(args: TenantImportArgs) -> Result<ExitCode> {
                 .collect(),
             format!(
                 "{} from {}: primary v{}; versions removed (rolled back): {:?}; kept destroyed: {:?}",
-                if plan.existed { "rolled back" } else { "imported" },
+                if plan.existed {
+                    "rolled back"
+                } else {
+                    "imported"
+                },
                 args.file.display(),
                 plan.tenant.primary_version,
                 plan.rolled_back,

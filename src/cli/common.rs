@@ -24,7 +24,7 @@ pub struct DataDirArgs {
     #[arg(long)]
     pub master_key_env: Option<String>,
     /// Shred ledger file (default: <keyring>.shred-ledger beside the keyring file; with
-    /// --master-key-env, <data-dir>/shred.ledger). Keep it with the master keys.
+    /// --master-key-env, <data-dir>/master.keyring.shred-ledger). Keep it with the master keys.
     #[arg(long, env = "TENANT_KMS_SHRED_LEDGER")]
     pub shred_ledger: Option<PathBuf>,
 }

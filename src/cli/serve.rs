@@ -36,7 +36,7 @@ pub struct ServeArgs {
     #[arg(long)]
     master_key_env: Option<String>,
     /// Shred ledger file [default: <keyring>.shred-ledger; with --master-key-env,
-    /// <data-dir>/shred.ledger]. Keep it with the master keys, apart from data backups.
+    /// <data-dir>/master.keyring.shred-ledger]. Keep it with the master keys, apart from data backups.
     #[arg(long, env = "TENANT_KMS_SHRED_LEDGER")]
     shred_ledger: Option<PathBuf>,
     /// Audit durability: fsync (survives power loss) or process (survives a crash).

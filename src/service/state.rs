@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::audit::{AuditRecord, AuditWriter, ChainKeys, Durability, Outcome};
-use crate::backup::ledger::{ShredLedger, ShredReport};
 use crate::auth::{Authenticator, Role, TokenSpec, issue_token};
+use crate::backup::ledger::{ShredLedger, ShredReport};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
@@ -52,7 +52,7 @@ pub struct ServiceOptions {
     /// Issue an admin token into `<data-dir>/admin.token` when the store has no token.
     pub bootstrap_admin_token: bool,
     /// The shred ledger file; `None`: beside the keyring file (`<keyring>.shred-ledger`), or
-    /// `<data-dir>/shred.ledger` with environment-provided master keys.
+    /// `<data-dir>/master.keyring.shred-ledger` with environment-provided master keys.
     pub shred_ledger: Option<PathBuf>,
 }
 
@@ -140,8 +140,7 @@ impl DataDir {
         )?);
         // Before anything serves: destroyed tenants and versions recorded in the shred
         // ledger are shredded again (a restored backup), and the ledger must be whole.
-        if options.shred_ledger.is_none()
-            && matches!(options.master_keys, MasterKeySource::Env(_))
+        if options.shred_ledger.is_none() && matches!(options.master_keys, MasterKeySource::Env(_))
         {
             tracing::warn!(
                 path = %options.shred_ledger_path().display(),
@@ -188,9 +187,19 @@ fn audit_shred_report(
     let records: Vec<AuditRecord> = report
         .reapplied
         .iter()
-        .map(|item| (item, "ShredLedgerReapply", "destroyed again: the shred ledger records it destroyed"))
+        .map(|item| {
+            (
+                item,
+                "ShredLedgerReapply",
+                "destroyed again: the shred ledger records it destroyed",
+            )
+        })
         .chain(report.recorded_from_store.iter().map(|item| {
-            (item, "ShredLedgerRecord", "recorded in the shred ledger from the key store")
+            (
+                item,
+                "ShredLedgerRecord",
+                "recorded in the shred ledger from the key store",
+            )
         }))
         .map(|(item, operation, detail)| AuditRecord {
             time_micros: crate::domain::unix_now_micros(),

@@ -754,8 +754,7 @@ impl KeyStore for SqliteKeyStore {
         let mut count = 0;
         while let Some(row) = rows.next().map_err(sql_error)? {
             let id: String = row.get(0).map_err(sql_error)?;
-            let id = TenantId::parse(&id)
-                .map_err(|_| sql_error(bad_column(0, "tenant id")))?;
+            let id = TenantId::parse(&id).map_err(|_| sql_error(bad_column(0, "tenant id")))?;
             let version = u32_of(row.get(1).map_err(sql_error)?).map_err(sql_error)?;
             let wrapped = WrappedTenantKey {
                 master_version: u32_of(row.get(2).map_err(sql_error)?).map_err(sql_error)?,
