@@ -394,20 +394,42 @@ async fn per_tenant_export_rotate_import_rolls_back_only_that_tenant() {
     let out = site.cli_ok(&["tenant", "import", &file]);
     let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(summary["result"], "rolled_back");
-    assert_eq!(summary["removed_versions"], serde_json::json!([2]));
+    assert_eq!(summary["disabled_versions"], serde_json::json!([2]));
     let a = get(&mut tenants, "a").await;
     assert_eq!(a.primary_version, 1);
     assert_eq!(
         versions(&mut tenants, "a").await,
-        vec![(1, pb::KeyVersionState::Enabled as i32, true)]
+        vec![
+            (1, pb::KeyVersionState::Enabled as i32, true),
+            (2, pb::KeyVersionState::Disabled as i32, false)
+        ]
     );
     let back = decrypt(&mut keys, "a", "ctx", &a1, b"").await.unwrap();
     assert_eq!(back.plaintext, b"a under v1");
-    // Rolled back: values sealed under the removed version no longer decrypt.
-    assert!(decrypt(&mut keys, "a", "ctx", &a2, b"").await.is_err());
+    // Rolled back: the newer version is kept but disabled, so its values are refused ...
+    let err = decrypt(&mut keys, "a", "ctx", &a2, b"").await.status_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // A new encryption works under the restored primary.
     let again = encrypt(&mut keys, "a", "ctx", b"again", b"").await;
     assert_eq!(again.key_version, 1);
+    // ... and not lost: an operator who imported by mistake enables it again. A later
+    // rotation never reuses its number.
+    tenants
+        .enable_key_version(pb::EnableKeyVersionRequest {
+            tenant_id: "a".into(),
+            version: 2,
+        })
+        .await
+        .unwrap();
+    let back = decrypt(&mut keys, "a", "ctx", &a2, b"").await.unwrap();
+    assert_eq!(back.plaintext, b"a under v2");
+    tenants
+        .disable_key_version(pb::DisableKeyVersionRequest {
+            tenant_id: "a".into(),
+            version: 2,
+        })
+        .await
+        .unwrap();
     // B is untouched.
     assert_eq!(
         (

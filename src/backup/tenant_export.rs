@@ -3,6 +3,10 @@
 //! puts exactly that tenant back (new, or rolled back to the export) without touching any
 //! other.
 //!
+//! Rolling back keeps what is newer than the export rather than losing it: versions the
+//! store has and the export lacks stay, DISABLED (their keys kept, their numbers never
+//! reused); versions destroyed since the export stay destroyed.
+//!
 //! # File format
 //!
 //! `<body>\n<mac>\n`: `body` is one line of JSON ([`TenantExport`]); `mac` is the lower-case
@@ -227,9 +231,10 @@ pub struct ImportPlan {
     pub versions: Vec<KeyVersionRecord>,
     /// Whether the tenant exists in the store (rolled back) or not (new).
     pub existed: bool,
-    /// Versions in the store but not in the export: removed by the import (their ciphertexts
-    /// no longer decrypt).
-    pub rolled_back: Vec<u32>,
+    /// Versions in the store but not in the export (newer than it): kept, DISABLED, so their
+    /// keys are not lost by an import of an old export (re-enable or destroy them by hand),
+    /// and their numbers are never reused.
+    pub disabled_newer: Vec<u32>,
     /// Versions in the export that were destroyed since: imported as destroyed, without key.
     pub kept_destroyed: Vec<u32>,
 }
@@ -388,6 +393,24 @@ pub fn plan_import(
         return Err(invalid("the primary version is missing or not enabled"));
     }
     let exported: Vec<u32> = versions.iter().map(|v| v.version).collect();
+    let mut disabled_newer = Vec::new();
+    for live in live_versions
+        .iter()
+        .filter(|v| !exported.contains(&v.version))
+    {
+        let state = match live.state {
+            KeyVersionState::Destroyed => KeyVersionState::Destroyed,
+            KeyVersionState::Enabled | KeyVersionState::Disabled => {
+                disabled_newer.push(live.version);
+                KeyVersionState::Disabled
+            }
+        };
+        versions.push(KeyVersionRecord {
+            state,
+            ..live.clone()
+        });
+    }
+    versions.sort_by_key(|v| v.version);
     Ok(ImportPlan {
         tenant: TenantRecord {
             tenant_id: id,
@@ -401,11 +424,7 @@ pub fn plan_import(
         },
         versions,
         existed: live.is_some(),
-        rolled_back: live_versions
-            .iter()
-            .map(|v| v.version)
-            .filter(|v| !exported.contains(v))
-            .collect(),
+        disabled_newer,
         kept_destroyed,
     })
 }

@@ -372,7 +372,7 @@ pub fn run_tenant_import(args: TenantImportArgs) -> Result<ExitCode> {
                 .map(|v| v.version)
                 .collect(),
             format!(
-                "{} from {}: primary v{}; versions removed (rolled back): {:?}; kept destroyed: {:?}",
+                "{} from {}: primary v{}; newer versions disabled: {:?}; kept destroyed: {:?}",
                 if plan.existed {
                     "rolled back"
                 } else {
@@ -380,18 +380,19 @@ pub fn run_tenant_import(args: TenantImportArgs) -> Result<ExitCode> {
                 },
                 args.file.display(),
                 plan.tenant.primary_version,
-                plan.rolled_back,
+                plan.disabled_newer,
                 plan.kept_destroyed
             ),
         )
     });
     audit.shutdown();
     let plan = result?;
-    if !plan.rolled_back.is_empty() {
+    if !plan.disabled_newer.is_empty() {
         eprintln!(
-            "warning: versions {:?} of tenant {} were newer than the export and are removed: \
-             values encrypted under them no longer decrypt",
-            plan.rolled_back, plan.tenant.tenant_id
+            "note: versions {:?} of tenant {} are newer than the export: kept but DISABLED, so \
+             values encrypted under them are refused; enable them again (EnableKeyVersion) if \
+             that was not intended, or destroy them",
+            plan.disabled_newer, plan.tenant.tenant_id
         );
     }
     println!(
@@ -401,7 +402,7 @@ pub fn run_tenant_import(args: TenantImportArgs) -> Result<ExitCode> {
             "result": if plan.existed { "rolled_back" } else { "imported" },
             "primary_version": plan.tenant.primary_version,
             "versions": plan.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
-            "removed_versions": plan.rolled_back,
+            "disabled_versions": plan.disabled_newer,
             "kept_destroyed": plan.kept_destroyed,
         })
     );
