@@ -28,7 +28,7 @@
 //!
 //! Writers (the server, `rotate`, `restore`) serialize on an exclusive lock of the file.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -120,7 +120,12 @@ fn genesis_prev() -> String {
 /// What a ledger holds, verified.
 #[derive(Debug, Default)]
 pub struct LedgerContents {
-    entries: Vec<Entry>,
+    /// Number of entries.
+    count: u64,
+    /// The last entry's MAC.
+    last_mac: Option<String>,
+    /// Every entry's MAC, in order (empty when only the tail was read, for an append).
+    macs: Vec<String>,
     /// Every destroyed tenant and version it names.
     pub items: BTreeSet<ShredItem>,
     /// Entries whose MAC could not be checked (their master version is not in the keyring).
@@ -130,9 +135,9 @@ pub struct LedgerContents {
 impl LedgerContents {
     /// The number of entries and the last one's MAC; `None` for an empty ledger.
     pub fn head(&self) -> Option<LedgerHead> {
-        self.entries.last().map(|e| LedgerHead {
-            entries: self.entries.len() as u64,
-            head_mac: hex::decode(&e.mac).unwrap_or_default(),
+        self.last_mac.as_ref().map(|mac| LedgerHead {
+            entries: self.count,
+            head_mac: hex::decode(mac).unwrap_or_default(),
         })
     }
 
@@ -250,6 +255,7 @@ impl ShredLedger {
         }
         let mut contents = LedgerContents::default();
         let mut prev = genesis_prev();
+        let mut keys: BTreeMap<u32, MacKey> = BTreeMap::new();
         let tampered = |seq: usize, why: &str| {
             Error::FailedPrecondition(format!(
                 "the shred ledger {} does not verify at entry {seq}: {why}. It was edited; \
@@ -269,11 +275,8 @@ impl ShredLedger {
             if entry.prev_mac != prev {
                 return Err(tampered(index, "it does not link to the entry before it"));
             }
-            match ring.get(entry.master_version) {
-                Some(master) => {
-                    let key =
-                        MacKey::derive(master, labels::SHRED_LEDGER, entry.master_version, b"")
-                            .map_err(|_| Error::internal("ledger key derivation failed"))?;
+            match entry_key(&mut keys, ring, entry.master_version)? {
+                Some(key) => {
                     if !key.verify_hex(labels::SHRED_LEDGER, &entry.message(), &entry.mac) {
                         return Err(tampered(index, "its MAC is wrong"));
                     }
@@ -287,9 +290,49 @@ impl ShredLedger {
                 contents.items.insert(item);
             }
             prev = entry.mac.clone();
-            contents.entries.push(entry);
+            contents.count += 1;
+            contents.macs.push(entry.mac.clone());
+            contents.last_mac = Some(entry.mac);
         }
         Ok(contents)
+    }
+
+    /// Reads only what an append needs: the number of entries and the last MAC (the chain is
+    /// verified in full whenever a data directory opens; the last entry's MAC is checked
+    /// here), so an append costs one read, not one MAC per entry.
+    fn read_tail(&self, file: &mut File, ring: &MasterKeyring) -> Result<LedgerContents> {
+        let mut text = String::new();
+        file.seek(SeekFrom::Start(0))
+            .and_then(|_| file.read_to_string(&mut text))
+            .map_err(|e| io_error(&self.path, e))?;
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        if complete < text.len() {
+            file.set_len(complete as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_error(&self.path, e))?;
+        }
+        let Some(line) = text[..complete].lines().next_back() else {
+            return Ok(LedgerContents::default());
+        };
+        let bad = || {
+            Error::FailedPrecondition(format!(
+                "the shred ledger {} does not verify at its last entry; restore it from its \
+                 copy",
+                self.path.display()
+            ))
+        };
+        let entry: Entry = serde_json::from_str(line).map_err(|_| bad())?;
+        let mut keys = BTreeMap::new();
+        if let Some(key) = entry_key(&mut keys, ring, entry.master_version)?
+            && !key.verify_hex(labels::SHRED_LEDGER, &entry.message(), &entry.mac)
+        {
+            return Err(bad());
+        }
+        Ok(LedgerContents {
+            count: entry.seq + 1,
+            last_mac: Some(entry.mac),
+            ..LedgerContents::default()
+        })
     }
 
     /// Appends entries (a genesis entry first if the ledger is empty) after `contents`,
@@ -306,7 +349,7 @@ impl ShredLedger {
         let mut lines = String::new();
         let mut push = |contents: &mut LedgerContents, kind: &str, item: Option<&ShredItem>| {
             let mut entry = Entry {
-                seq: contents.entries.len() as u64,
+                seq: contents.count,
                 time: unix_now(),
                 kind: kind.to_owned(),
                 tenant_id: item
@@ -314,10 +357,7 @@ impl ShredLedger {
                     .unwrap_or_default(),
                 version: item.and_then(|i| i.version).unwrap_or(0),
                 master_version,
-                prev_mac: contents
-                    .entries
-                    .last()
-                    .map_or_else(genesis_prev, |e| e.mac.clone()),
+                prev_mac: contents.last_mac.clone().unwrap_or_else(genesis_prev),
                 mac: String::new(),
             };
             entry.mac = hex::encode(key.sign(labels::SHRED_LEDGER, &entry.message()));
@@ -326,9 +366,11 @@ impl ShredLedger {
             if let Some(item) = item {
                 contents.items.insert(item.clone());
             }
-            contents.entries.push(entry);
+            contents.count += 1;
+            contents.macs.push(entry.mac.clone());
+            contents.last_mac = Some(entry.mac);
         };
-        let created = contents.entries.is_empty();
+        let created = contents.count == 0;
         if created {
             push(contents, GENESIS, None);
         }
@@ -367,7 +409,7 @@ impl ShredLedger {
         let mut file = self
             .open_locked(true)?
             .ok_or_else(|| Error::internal("ledger not created"))?;
-        let mut contents = self.read_verified(&mut file, &ring, true)?;
+        let mut contents = self.read_tail(&mut file, &ring)?;
         self.write_entries(&mut file, &ring, &mut contents, items)
     }
 
@@ -391,7 +433,7 @@ impl ShredLedger {
         };
         let mut contents = self.read_verified(&mut file, &ring, true)?;
         if let Some(seen) = &seen {
-            let entries = contents.entries.len() as u64;
+            let entries = contents.count;
             if entries < seen.entries {
                 return Err(Error::FailedPrecondition(format!(
                     "the shred ledger {} has {entries} entries, but keys.db has seen {}: it \
@@ -403,9 +445,9 @@ impl ShredLedger {
             }
             let at = usize::try_from(seen.entries.saturating_sub(1)).unwrap_or(usize::MAX);
             let matches = contents
-                .entries
+                .macs
                 .get(at)
-                .and_then(|e| hex::decode(&e.mac).ok())
+                .and_then(|mac| hex::decode(mac).ok())
                 .is_some_and(|mac| crate::crypto::envelope::constant_time_eq(&mac, &seen.head_mac));
             if !matches {
                 return Err(Error::FailedPrecondition(format!(
@@ -443,7 +485,7 @@ impl ShredLedger {
         if let Some(head) = contents.head() {
             self.store.set_shred_ledger_head(&head)?;
         }
-        report.ledger_entries = contents.entries.len() as u64;
+        report.ledger_entries = contents.count;
         report.unverified_entries = contents.unverified;
         Ok(report)
     }
@@ -471,6 +513,25 @@ impl ShredRecorder for ShredLedger {
             )
         })
     }
+}
+
+/// The MAC key of a master version, derived once per read; `None` if the keyring no longer
+/// holds that version.
+fn entry_key<'a>(
+    keys: &'a mut BTreeMap<u32, MacKey>,
+    ring: &MasterKeyring,
+    master_version: u32,
+) -> Result<Option<&'a MacKey>> {
+    if let std::collections::btree_map::Entry::Vacant(slot) = keys.entry(master_version) {
+        let Some(master) = ring.get(master_version) else {
+            return Ok(None);
+        };
+        slot.insert(
+            MacKey::derive(master, labels::SHRED_LEDGER, master_version, b"")
+                .map_err(|_| Error::internal("ledger key derivation failed"))?,
+        );
+    }
+    Ok(keys.get(&master_version))
 }
 
 fn not_recorded(path: &Path, what: &str, e: &Error) -> Error {
