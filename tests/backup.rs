@@ -803,8 +803,8 @@ fn ledger_records_a_destruction_the_store_made_before_a_crash() {
 /// Measures restore time for many tenants (docs/OPERATIONS.md): bulk-loads N tenants, backs
 /// up, destroys some, wipes the data directory, restores (verifying every key and shredding
 /// the destroyed ones again). Ignored by default:
-/// `TENANT_KMS_RESTORE_TENANTS=1000000 cargo test --release --test backup -- --ignored
-/// --nocapture restore_time`.
+/// `TENANT_KMS_RESTORE_TENANTS=1000000 [TENANT_KMS_RESTORE_AUDIT_RECORDS=1000000] cargo test
+/// --release --test backup -- --ignored --nocapture restore_time`.
 #[test]
 #[ignore]
 fn restore_time_for_many_tenants() {
@@ -816,6 +816,34 @@ fn restore_time_for_many_tenants() {
     let options = site.options();
     let started = std::time::Instant::now();
     let dir = DataDir::open(&options, true).unwrap();
+    // An audit log of that size too, if asked: restore verifies the whole chain.
+    let audit_records: u64 = std::env::var("TENANT_KMS_RESTORE_AUDIT_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut conn = tenant_kms::audit::sqlite::open(&site.data.join("audit.db"), true).unwrap();
+    let mut written = 0;
+    while written < audit_records {
+        let batch: Vec<_> = (written..audit_records.min(written + 10_000))
+            .map(|i| tenant_kms::audit::AuditRecord {
+                time_micros: i as i64,
+                request_id: format!("{i:016x}"),
+                caller: "token:0123456789abcdef".into(),
+                peer: "127.0.0.1:50000".into(),
+                tenant_id: format!("tenant-{:08}", i % count.max(1)),
+                operation: "Encrypt".into(),
+                contexts: vec!["crm.contacts.email".into()],
+                key_versions: vec![1],
+                item_count: 1,
+                outcome: tenant_kms::audit::Outcome::Ok,
+                aad_fingerprint: String::new(),
+                detail: String::new(),
+            })
+            .collect();
+        written += batch.len() as u64;
+        tenant_kms::audit::sqlite::append(&mut conn, &dir.chain_keys, &batch).unwrap();
+    }
+    drop(conn);
     drop(dir);
     // Bulk load in one transaction (one fsync), with real wrapped keys under master v1.
     let ring = MasterKeyring::load(&options.master_keys, false).unwrap();
