@@ -15,6 +15,8 @@
 //! - [`store`]: the `KeyStore` trait and its SQLite implementation (`keys.db`).
 //! - [`audit`]: audit records, the HMAC chain, the group-commit writer, `audit.db`.
 //! - [`auth`]: tokens, roles, tenant scopes and the one authorization check.
+//! - [`backup`]: full backups, per-tenant export/import and the shred ledger that keeps a
+//!   restore from resurrecting destroyed keys.
 //! - [`service`]: gRPC handlers (thin) and `server::run`.
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
@@ -25,6 +27,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -168,6 +168,10 @@ pub enum TenantCommand {
     Versions(TenantIdArgs),
     /// Rotate a tenant's key through the server.
     Rotate(TenantIdArgs),
+    /// Write a tenant's metadata and wrapped keys to a MAC'd file (offline, on a data dir).
+    Export(super::backup::TenantExportArgs),
+    /// Restore exactly one tenant from an export file (offline, on a data dir).
+    Import(super::backup::TenantImportArgs),
 }
 
 /// A tenant id and the client arguments.
@@ -275,6 +279,12 @@ fn print_json(value: &serde_json::Value) {
 
 /// Runs a `tenant …` subcommand.
 pub fn run_tenant(command: TenantCommand) -> Result<ExitCode> {
+    // Export and import work on a data directory, not through a server.
+    let command = match command {
+        TenantCommand::Export(args) => return super::backup::run_tenant_export(args),
+        TenantCommand::Import(args) => return super::backup::run_tenant_import(args),
+        other => other,
+    };
     runtime()?.block_on(async move {
         match command {
             TenantCommand::Create(a) => {
@@ -394,6 +404,9 @@ pub fn run_tenant(command: TenantCommand) -> Result<ExitCode> {
                     .map_err(status_error)?
                     .into_inner();
                 print_json(&tenant_json(&t));
+            }
+            TenantCommand::Export(_) | TenantCommand::Import(_) => {
+                return Err(Error::internal("export and import run offline"));
             }
             TenantCommand::Versions(a) => {
                 let versions = a

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Read master keys from this environment variable instead of a keyring file.
     #[arg(long)]
     master_key_env: Option<String>,
+    /// Shred ledger file [default: <keyring>.shred-ledger; with --master-key-env,
+    /// <data-dir>/master.keyring.shred-ledger]. Keep it with the master keys, apart from data backups.
+    #[arg(long, env = "TENANT_KMS_SHRED_LEDGER")]
+    shred_ledger: Option<PathBuf>,
     /// Audit durability: fsync (survives power loss) or process (survives a crash).
     #[arg(long, value_enum)]
     audit_durability: Option<Durability>,
@@ -87,6 +91,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         (None, Some(path)) => MasterKeySource::File(path),
         (None, None) => MasterKeySource::File(data_dir.join(KEYRING_FILE)),
     };
+    options.shred_ledger = args.shred_ledger.clone();
     if let Some(d) = args.audit_durability.or(file.audit_durability) {
         options.durability = d;
     }

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::audit::{AuditWriter, ChainKeys, Durability};
+use crate::audit::{AuditRecord, AuditWriter, ChainKeys, Durability, Outcome};
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
 use crate::auth::{Authenticator, Role, TokenSpec, issue_token};
+use crate::backup::ledger::{ShredLedger, ShredReport};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
@@ -67,6 +68,9 @@ pub struct ServiceOptions {
     pub tls_callers: TlsCallers,
     /// Serve TLS (and mTLS with a client CA) instead of plaintext.
     pub tls: Option<TlsFiles>,
+    /// The shred ledger file; `None`: beside the keyring file (`<keyring>.shred-ledger`), or
+    /// `<data-dir>/master.keyring.shred-ledger` with environment-provided master keys.
+    pub shred_ledger: Option<PathBuf>,
 }
 
 /// PEM files of the server's TLS identity and, for mTLS, the client CA.
@@ -97,7 +101,15 @@ impl ServiceOptions {
             bootstrap_admin_token: true,
             tls_callers: TlsCallers::default(),
             tls: None,
+            shred_ledger: None,
         }
+    }
+
+    /// The shred ledger file these options name (see [`ServiceOptions::shred_ledger`]).
+    pub fn shred_ledger_path(&self) -> PathBuf {
+        self.shred_ledger.clone().unwrap_or_else(|| {
+            crate::backup::ledger::default_path(&self.master_keys, &self.data_dir)
+        })
     }
 }
 
@@ -135,6 +147,8 @@ pub struct DataDir {
     pub keys: Arc<KeyManager>,
     /// The audit chain keys.
     pub chain_keys: Arc<ChainKeys>,
+    /// What the shred ledger check did when the directory opened.
+    pub shred: ShredReport,
 }
 
 impl DataDir {
@@ -157,14 +171,33 @@ impl DataDir {
             create,
             options.key_policy.clone(),
         )?);
+        // Before anything serves: destroyed tenants and versions recorded in the shred
+        // ledger are shredded again (a restored backup), and the ledger must be whole.
+        if options.shred_ledger.is_none() && matches!(options.master_keys, MasterKeySource::Env(_))
+        {
+            tracing::warn!(
+                path = %options.shred_ledger_path().display(),
+                "master keys come from the environment and no --shred-ledger is set: the shred \
+                 ledger is inside the data directory and does not survive it being wiped"
+            );
+        }
+        let ledger = Arc::new(ShredLedger::new(
+            options.shred_ledger_path(),
+            options.master_keys.clone(),
+            Arc::clone(&store),
+        ));
+        let shred = ledger.enforce(&keys)?;
+        keys.set_shred_recorder(ledger);
         let chain_keys = Arc::new(
             ChainKeys::derive(&keys.audit_secret()?)
                 .map_err(|_| Error::internal("audit key derivation failed"))?,
         );
+        audit_shred_report(options, &chain_keys, &shred)?;
         Ok(Self {
             store,
             keys,
             chain_keys,
+            shred,
         })
     }
 
@@ -176,6 +209,58 @@ impl DataDir {
             Arc::clone(&self.chain_keys),
         )
     }
+}
+
+/// Audits what the shred ledger check changed, as `system:shred-ledger`.
+fn audit_shred_report(
+    options: &ServiceOptions,
+    chain_keys: &ChainKeys,
+    report: &ShredReport,
+) -> Result<()> {
+    let records: Vec<AuditRecord> = report
+        .reapplied
+        .iter()
+        .map(|item| {
+            (
+                item,
+                "ShredLedgerReapply",
+                "destroyed again: the shred ledger records it destroyed",
+            )
+        })
+        .chain(report.recorded_from_store.iter().map(|item| {
+            (
+                item,
+                "ShredLedgerRecord",
+                "recorded in the shred ledger from the key store",
+            )
+        }))
+        .map(|(item, operation, detail)| AuditRecord {
+            time_micros: crate::domain::unix_now_micros(),
+            request_id: String::new(),
+            caller: "system:shred-ledger".into(),
+            peer: "local".into(),
+            tenant_id: item.tenant_id.as_str().to_owned(),
+            operation: operation.into(),
+            contexts: Vec::new(),
+            key_versions: item.version.into_iter().collect(),
+            item_count: 1,
+            outcome: Outcome::Ok,
+            aad_fingerprint: String::new(),
+            detail: detail.into(),
+        })
+        .collect();
+    if records.is_empty() {
+        return Ok(());
+    }
+    for item in &report.reapplied {
+        tracing::warn!(tenant = %item.tenant_id, version = ?item.version, "shredded again: the shred ledger records it destroyed");
+    }
+    let mut conn = crate::audit::sqlite::open(
+        &options.data_dir.join(AUDIT_DB),
+        options.durability == Durability::Fsync,
+    )?;
+    crate::audit::sqlite::append(&mut conn, chain_keys, &records)?;
+    Ok(())
 }
 
 impl AppState {
