@@ -5,5 +5,5 @@ pub mod cache;
 pub mod manager;
 pub mod master;
 
-pub use manager::{EncryptGrant, KeyManager, KeyPolicy};
+pub use manager::{EncryptGrant, KeyManager, KeyPolicy, RewrapProgress, RewrapSummary};
 pub use master::{MasterKeySource, MasterKeyring};

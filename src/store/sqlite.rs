@@ -233,14 +233,27 @@ impl KeyStore for SqliteKeyStore {
         })
     }
 
-    fn retire_master_version(&self, version: u32, at: i64) -> Result<()> {
+    fn retire_master_version(&self, version: u32, at: i64) -> Result<bool> {
         self.write(|tx| {
+            // One statement, so a key wrapped under `version` by another process after the
+            // caller's last count keeps the version alive.
             tx.execute(
-                "UPDATE master_keys SET retired_at = ?2 WHERE version = ?1 AND retired_at IS NULL",
+                "UPDATE master_keys SET retired_at = ?2 WHERE version = ?1 AND retired_at IS NULL \
+                 AND NOT EXISTS (SELECT 1 FROM wrapped_keys WHERE master_version = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM audit_key WHERE master_version = ?1)",
                 params![version, at],
             )
             .map_err(sql_error)?;
-            Ok(())
+            let retired: Option<i64> = tx
+                .query_row(
+                    "SELECT retired_at FROM master_keys WHERE version = ?1",
+                    [version],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(sql_error)?
+                .flatten();
+            Ok(retired.is_some())
         })
     }
 
@@ -353,30 +366,38 @@ impl KeyStore for SqliteKeyStore {
             .wrapped
             .as_ref()
             .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+        self.write(|tx| insert_tenant(tx, tenant, first, wrapped))
+    }
+
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
         self.write(|tx| {
-            if load_tenant(tx, &tenant.tenant_id)
-                .map_err(sql_error)?
-                .is_some()
-            {
-                return Err(Error::AlreadyExists("tenant"));
+            for (tenant, first) in tenants {
+                let wrapped = first
+                    .wrapped
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+                insert_tenant(tx, tenant, first, wrapped)?;
             }
-            tx.execute(
-                &format!("INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
-                params![
-                    tenant.tenant_id.as_str(),
-                    tenant.state.code(),
-                    tenant.primary_version,
-                    tenant.created_at,
-                    i64_of(tenant.rotation_period_seconds),
-                    i64_of(tenant.max_encryptions),
-                    tenant.deletion_time,
-                    tenant.destroyed_at
-                ],
-            )
-            .map_err(sql_error)?;
-            insert_version(tx, &tenant.tenant_id, first, wrapped)?;
             Ok(())
         })
+    }
+
+    fn tenant_snapshot(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
+        let mut inner = self.lock();
+        // A read transaction: both reads see the same committed state.
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql_error)?;
+        let Some(tenant) = load_tenant(&tx, id).map_err(sql_error)? else {
+            return Ok(None);
+        };
+        let versions = load_versions(&tx, id).map_err(sql_error)?;
+        tx.commit().map_err(sql_error)?;
+        Ok(Some((tenant, versions)))
     }
 
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
@@ -398,14 +419,7 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
-                 ON w.tenant_id = v.tenant_id AND w.version = v.version \
-                 WHERE v.tenant_id = ?1 ORDER BY v.version"
-            ))?;
-            stmt.query_map([id.as_str()], version_from_row)?.collect()
-        })
+        self.read(|conn| load_versions(conn, id))
     }
 
     fn add_key_version(
@@ -453,6 +467,28 @@ impl KeyStore for SqliteKeyStore {
             tx.execute(
                 "UPDATE tenants SET state = ?2, deletion_time = ?3 WHERE tenant_id = ?1",
                 params![id.as_str(), to.code(), deletion_time],
+            )
+            .map_err(sql_error)?;
+            require_tenant(tx, id)
+        })
+    }
+
+    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord> {
+        self.write(|tx| {
+            let tenant = require_tenant(tx, id)?;
+            if tenant.state != TenantState::PendingDeletion {
+                return Err(state_error(tenant.state));
+            }
+            if tenant.deletion_time.is_some_and(|at| at <= now) {
+                return Err(Error::FailedPrecondition(
+                    "tenant is PENDING_DELETION and its deletion window has passed: it can no \
+                     longer be cancelled"
+                        .into(),
+                ));
+            }
+            tx.execute(
+                "UPDATE tenants SET state = ?2, deletion_time = NULL WHERE tenant_id = ?1",
+                params![id.as_str(), TenantState::Active.code()],
             )
             .map_err(sql_error)?;
             require_tenant(tx, id)
@@ -713,12 +749,72 @@ impl SqliteKeyStore {
     }
 }
 
+fn load_versions(conn: &Connection, id: &TenantId) -> rusqlite::Result<Vec<KeyVersionRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
+         ON w.tenant_id = v.tenant_id AND w.version = v.version \
+         WHERE v.tenant_id = ?1 ORDER BY v.version"
+    ))?;
+    stmt.query_map([id.as_str()], version_from_row)?.collect()
+}
+
+fn insert_tenant(
+    tx: &Connection,
+    tenant: &TenantRecord,
+    first: &KeyVersionRecord,
+    wrapped: &WrappedTenantKey,
+) -> Result<()> {
+    match load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+        Some(existing) if existing.state == TenantState::Destroyed => {
+            return Err(state_error(existing.state));
+        }
+        Some(_) => return Err(Error::AlreadyExists("tenant")),
+        None => {}
+    }
+    tx.execute(
+        &format!("INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
+        params![
+            tenant.tenant_id.as_str(),
+            tenant.state.code(),
+            tenant.primary_version,
+            tenant.created_at,
+            i64_of(tenant.rotation_period_seconds),
+            i64_of(tenant.max_encryptions),
+            tenant.deletion_time,
+            tenant.destroyed_at
+        ],
+    )
+    .map_err(sql_error)?;
+    insert_version(tx, &tenant.tenant_id, first, wrapped)
+}
+
+/// The error for a key about to be wrapped under a retired master version: the writer's
+/// keyring is older than the store's (another process rotated the master key).
+pub(crate) fn retired_master_error(version: u32) -> Error {
+    Error::FailedPrecondition(format!(
+        "master key version {version} is retired; reload the keyring"
+    ))
+}
+
 fn insert_version(
     tx: &Connection,
     id: &TenantId,
     version: &KeyVersionRecord,
     wrapped: &WrappedTenantKey,
 ) -> Result<()> {
+    // A key must never be wrapped under a retired master version: the operator may already
+    // have removed that version from the keyring, which would leave the key unreadable.
+    let retired: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT retired_at FROM master_keys WHERE version = ?1",
+            [wrapped.master_version],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(sql_error)?;
+    if matches!(retired, Some(Some(_))) {
+        return Err(retired_master_error(wrapped.master_version));
+    }
     tx.execute(
         "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
