@@ -350,10 +350,8 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
     let result =
         dir.keys
             .rewrap_to_primary(usize::try_from(args.batch).unwrap_or(usize::MAX), |p| {
-                eprintln!(
-                    "re-wrapped {} key(s) (master v{} -> v{})",
-                    p.total, p.from_master, p.to_master
-                );
+                // Audited before the progress line, so whoever watches the progress (an
+                // operator, a test) sees only batches that are committed and audited.
                 master_record(
                     &audit,
                     "RewrapTenantKeys",
@@ -364,6 +362,10 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
                         p.batch, p.from_master, p.to_master
                     ),
                 )?;
+                eprintln!(
+                    "re-wrapped {} key(s) (master v{} -> v{})",
+                    p.total, p.from_master, p.to_master
+                );
                 if !args.batch_pause.is_zero() {
                     std::thread::sleep(args.batch_pause);
                 }

@@ -295,8 +295,14 @@ impl KeyManager {
                         entry.record.primary_version,
                         chunk,
                     )?;
-                    // Other processes may have reserved too: ours is the top `chunk` of `total`.
-                    counter.used = counter.used.max(total.saturating_sub(chunk));
+                    // Ours is the top `chunk` of `total`. If nobody else reserved since our
+                    // last reservation it continues it, and what is left of that one is still
+                    // ours; otherwise the rest of the old range is given up (counted as used:
+                    // the count may only err upwards).
+                    let start = total.saturating_sub(chunk);
+                    if start != counter.reserved {
+                        counter.used = counter.used.max(start);
+                    }
                     counter.reserved = total;
                     if counter.used + count <= counter.reserved.min(max) {
                         counter.used += count;

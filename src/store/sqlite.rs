@@ -840,3 +840,137 @@ fn insert_version(
     .map_err(sql_error)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteKeyStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteKeyStore::open(&dir.path().join("keys.db")).unwrap();
+        for version in [1, 2] {
+            store
+                .insert_master_version(&MasterVersionRecord {
+                    version,
+                    check_value: vec![version as u8; 32],
+                    created_at: 0,
+                    retired_at: None,
+                })
+                .unwrap();
+        }
+        (dir, store)
+    }
+
+    fn id(s: &str) -> TenantId {
+        TenantId::parse(s).unwrap()
+    }
+
+    fn tenant(name: &str) -> TenantRecord {
+        TenantRecord {
+            tenant_id: id(name),
+            state: TenantState::Active,
+            primary_version: 1,
+            created_at: 0,
+            rotation_period_seconds: 0,
+            max_encryptions: 1000,
+            deletion_time: None,
+            destroyed_at: None,
+        }
+    }
+
+    fn version(v: u32, master: u32) -> KeyVersionRecord {
+        KeyVersionRecord {
+            version: v,
+            state: KeyVersionState::Enabled,
+            created_at: 0,
+            encryptions: 0,
+            wrapped: Some(WrappedTenantKey {
+                master_version: master,
+                bytes: vec![7; 60],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_master_version_is_retired_only_when_nothing_uses_it() {
+        let (_dir, store) = store();
+        store.create_tenant(&tenant("a"), &version(1, 1)).unwrap();
+        assert!(!store.retire_master_version(1, 5).unwrap());
+        let rows = store.wrapped_under(1, 10).unwrap();
+        let batch: Vec<Rewrapping> = rows
+            .into_iter()
+            .map(|(tenant_id, version, _)| Rewrapping {
+                tenant_id,
+                version,
+                from_master: 1,
+                wrapped: WrappedTenantKey {
+                    master_version: 2,
+                    bytes: vec![8; 60],
+                },
+            })
+            .collect();
+        assert_eq!(store.rewrap(&batch).unwrap(), 1);
+        assert!(store.retire_master_version(1, 5).unwrap());
+        // Nothing may be wrapped under a retired version any more.
+        let err = store
+            .create_tenant(&tenant("b"), &version(1, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("retired"), "{err}");
+        let err = store
+            .add_key_version(&id("a"), 1, &version(2, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("retired"), "{err}");
+        store.add_key_version(&id("a"), 1, &version(2, 2)).unwrap();
+    }
+
+    #[test]
+    fn destroyed_ids_are_never_reused_and_cancel_needs_an_open_window() {
+        let (_dir, store) = store();
+        store
+            .create_tenants(&[(tenant("a"), version(1, 1)), (tenant("b"), version(1, 1))])
+            .unwrap();
+        // Bulk creation is all or nothing.
+        assert!(
+            store
+                .create_tenants(&[(tenant("c"), version(1, 1)), (tenant("a"), version(1, 1))])
+                .is_err()
+        );
+        assert!(store.tenant(&id("c")).unwrap().is_none());
+        let err = store
+            .create_tenant(&tenant("a"), &version(1, 1))
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)));
+
+        let active = [TenantState::Active];
+        let pending = TenantState::PendingDeletion;
+        store
+            .set_tenant_state(&id("a"), &active, pending, Some(100))
+            .unwrap();
+        store
+            .set_tenant_state(&id("b"), &active, pending, Some(100))
+            .unwrap();
+        let err = store.cancel_tenant_deletion(&id("a"), 100).unwrap_err();
+        assert!(err.to_string().contains("window has passed"), "{err}");
+        let back = store.cancel_tenant_deletion(&id("a"), 99).unwrap();
+        assert_eq!(
+            (back.state, back.deletion_time),
+            (TenantState::Active, None)
+        );
+        let err = store.destroy_tenant(&id("b"), 99).unwrap_err();
+        assert!(err.to_string().contains("window"), "{err}");
+        let gone = store.destroy_tenant(&id("b"), 100).unwrap();
+        assert_eq!(gone.state, TenantState::Destroyed);
+        let (_, versions) = store.tenant_snapshot(&id("b")).unwrap().unwrap();
+        assert!(
+            versions
+                .iter()
+                .all(|v| v.wrapped.is_none() && v.state == KeyVersionState::Destroyed)
+        );
+        let err = store
+            .create_tenant(&tenant("b"), &version(1, 1))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "tenant destroyed");
+        let err = store.cancel_tenant_deletion(&id("b"), 0).unwrap_err();
+        assert_eq!(err.to_string(), "tenant destroyed");
+    }
+}
