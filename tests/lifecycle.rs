@@ -1700,6 +1700,21 @@ async fn master_rotation_killed_midway_resumes_and_everything_decrypts() {
     drop(conn);
     let (code, out, _) = cli(&["audit", "verify", "--data-dir", dir.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{out}");
+    // A kill after the last batch but before the retirement: the next run only retires.
+    {
+        let conn = rusqlite::Connection::open(dir.join("keys.db")).unwrap();
+        conn.execute(
+            "UPDATE master_keys SET retired_at = NULL WHERE version = 1",
+            [],
+        )
+        .unwrap();
+    }
+    let (code, summary, err) = rotate_json(&dir, &["--master"]).await;
+    assert_eq!(code, 0, "{summary} {err}");
+    assert_eq!(summary["master"]["rewrapped"], 0);
+    assert_eq!(summary["master"]["retired"], serde_json::json!([1]));
+    assert_eq!(master_state(&dir, 1), (0, true));
+
     // A further dry run plans a fresh rotation; a full, uninterrupted one then moves all
     // 10,000 keys (its rate is printed for the docs: run with --nocapture).
     let (code, summary, _) = rotate_json(&dir, &["--master", "--dry-run"]).await;
