@@ -19,6 +19,7 @@
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
+//! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod fsutil;
+pub mod hardening;
 pub mod keys;
 pub mod service;
 pub mod store;
@@ -38,4 +40,6 @@ pub mod store;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("tenantkms.v1");
+    // Which messages the codec decodes strictly (requests) — written by build.rs.
+    include!(concat!(env!("OUT_DIR"), "/strictness.rs"));
 }

@@ -171,11 +171,7 @@ impl KeyManager {
         let changed = self.store.changed_elsewhere()?;
         if changed {
             self.cache.clear();
-            // Keys under the new version still load on demand (`ensure_master_version`), so a
-            // keyring that cannot be reloaded yet must not fail calls that do not need it.
-            if let Err(e) = self.reload_if_stale() {
-                tracing::warn!(error = %e, "the store has a newer master key version than this process can load");
-            }
+            self.reload_keyring_if_stale();
         }
         Ok(changed)
     }
@@ -211,6 +207,23 @@ impl KeyManager {
                 write()
             }
             other => other,
+        }
+    }
+
+    /// Drops every cached key (the store changed elsewhere). Follow with
+    /// [`KeyManager::reload_keyring_if_stale`] off the async threads.
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    /// After a change by another process: reloads the keyring if the store now names a newer
+    /// master version than this process holds (`rotate --master` ran meanwhile), so new keys
+    /// are wrapped under it. Keys under the new version also load on demand
+    /// (`ensure_master_version`), so a failure here is logged, not returned: a keyring that
+    /// cannot be reloaded yet must not fail calls that do not need it. Blocking.
+    pub fn reload_keyring_if_stale(&self) {
+        if let Err(e) = self.reload_if_stale() {
+            tracing::warn!(error = %e, "the store has a newer master key version than this process can load");
         }
     }
 

@@ -2,8 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::audit::{AuditWriter, ChainKeys, Durability};
+use crate::auth::cert::TlsCallers;
+use crate::auth::rate::{RateLimit, RateLimiter};
 use crate::auth::{Authenticator, Role, TokenSpec, issue_token};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -19,6 +22,13 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Largest gRPC message in bytes.
     pub max_message_bytes: usize,
+    /// Per-caller token bucket (calls per second and burst).
+    pub rate_limit: RateLimit,
+    /// Requests in flight at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may run: caps the caller's `grpc-timeout` and applies when it sends
+    /// none.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -27,6 +37,9 @@ impl Default for Limits {
             max_field_bytes: 64 * 1024,
             max_batch_items: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
+            rate_limit: RateLimit::default(),
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -50,6 +63,22 @@ pub struct ServiceOptions {
     pub default_deletion_window_seconds: u64,
     /// Issue an admin token into `<data-dir>/admin.token` when the store has no token.
     pub bootstrap_admin_token: bool,
+    /// Client-certificate identities that act as callers (the `[[tls_callers]]` table).
+    pub tls_callers: TlsCallers,
+    /// Serve TLS (and mTLS with a client CA) instead of plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the server's TLS identity and, for mTLS, the client CA.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificate(s) (PEM) that client certificates must chain to; when set, every
+    /// connection must present a valid client certificate (the handshake fails otherwise).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ServiceOptions {
@@ -66,6 +95,8 @@ impl ServiceOptions {
             min_deletion_window_seconds: 24 * 3600,
             default_deletion_window_seconds: 7 * 24 * 3600,
             bootstrap_admin_token: true,
+            tls_callers: TlsCallers::default(),
+            tls: None,
         }
     }
 }
@@ -89,6 +120,8 @@ pub struct AppState {
     pub audit: AuditWriter,
     /// A read connection for audit queries and verification.
     pub audit_reader: Arc<Mutex<rusqlite::Connection>>,
+    /// Per-caller rate limits.
+    pub limiter: RateLimiter,
     /// The options it was opened with.
     pub options: ServiceOptions,
 }
@@ -162,21 +195,45 @@ impl AppState {
             keys: dir.keys,
             audit,
             audit_reader: Arc::new(Mutex::new(audit_reader)),
+            limiter: RateLimiter::new(options.limits.rate_limit),
             options,
         })
     }
 
     /// Drops caches when another process changed the key store (a rotation, a revocation).
-    pub fn refresh(&self) -> Result<()> {
-        if self.keys.refresh()? {
+    ///
+    /// The check is a `PRAGMA data_version` on the process's keys.db connection. When that
+    /// connection is free it runs inline (microseconds); when a write holds it (an fsync, or a
+    /// wait for another process's lock) the check moves to the blocking pool, so the async
+    /// threads never stall behind the store, and the call still sees every change committed
+    /// before it started.
+    pub async fn refresh(&self) -> Result<()> {
+        let changed = match self.keys.store().try_changed_elsewhere() {
+            Some(changed) => changed?,
+            None => {
+                let keys = Arc::clone(&self.keys);
+                super::blocking(move || keys.store().changed_elsewhere()).await?
+            }
+        };
+        if changed {
+            self.keys.clear_cache();
             self.auth.clear();
+            // A master rotation by another process is rare; its check reads the store, so it
+            // runs on the blocking pool.
+            let keys = Arc::clone(&self.keys);
+            super::blocking(move || {
+                keys.reload_keyring_if_stale();
+                Ok(())
+            })
+            .await?;
         }
         Ok(())
     }
 }
 
 /// On the first start (no token in the store), issues an admin token for every tenant, writes
-/// it to `<data-dir>/admin.token` (0600) and says so once on stderr.
+/// it to `<data-dir>/admin.token` (0600) and says so once on stderr (showing the token only if
+/// stderr is a terminal).
 fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
     if !store.list_tokens()?.is_empty() {
         return Ok(());
@@ -194,12 +251,24 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
     )?;
     let _ = std::fs::remove_file(&path);
     fsutil::write_private_file(&path, format!("{}\n", issued.secret.as_str()).as_bytes())?;
-    eprintln!(
-        "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
-         It is shown only this once; keep it secret.",
-        issued.record.id,
-        path.display(),
-        issued.secret.as_str()
-    );
+    // The token itself is shown only to a person at a terminal: when stderr is a file, a pipe
+    // or the journal, it would be stored in clear wherever the logs go (and the trace-log leak
+    // test would find it). The file is the durable copy either way.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
+             It is shown only this once; keep it secret.",
+            issued.record.id,
+            path.display(),
+            issued.secret.as_str()
+        );
+    } else {
+        eprintln!(
+            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600); \
+             it is not printed because stderr is not a terminal.",
+            issued.record.id,
+            path.display()
+        );
+    }
     Ok(())
 }

@@ -229,6 +229,12 @@ pub trait KeyStore: Send + Sync {
     /// True if another process (or connection) changed the store since the last call, so
     /// every cache built from it must be dropped.
     fn changed_elsewhere(&self) -> Result<bool>;
+
+    /// [`KeyStore::changed_elsewhere`] if it can answer without waiting for another
+    /// operation of this process; `None` when it would have to wait.
+    fn try_changed_elsewhere(&self) -> Option<Result<bool>> {
+        Some(self.changed_elsewhere())
+    }
 }
 
 /// What `rotate --due` has to do.

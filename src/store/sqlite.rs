@@ -714,15 +714,29 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn changed_elsewhere(&self) -> Result<bool> {
-        let mut inner = self.lock();
-        let now: i64 = inner
-            .conn
-            .query_row("PRAGMA data_version", [], |row| row.get(0))
-            .map_err(sql_error)?;
-        let changed = now != inner.data_version;
-        inner.data_version = now;
-        Ok(changed)
+        data_version_changed(&mut self.lock())
     }
+
+    fn try_changed_elsewhere(&self) -> Option<Result<bool>> {
+        match self.inner.try_lock() {
+            Ok(mut inner) => Some(data_version_changed(&mut inner)),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                Some(data_version_changed(&mut p.into_inner()))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// Compares `PRAGMA data_version` with the last value seen on this connection.
+fn data_version_changed(inner: &mut Inner) -> Result<bool> {
+    let now: i64 = inner
+        .conn
+        .query_row("PRAGMA data_version", [], |row| row.get(0))
+        .map_err(sql_error)?;
+    let changed = now != inner.data_version;
+    inner.data_version = now;
+    Ok(changed)
 }
 
 impl SqliteKeyStore {
