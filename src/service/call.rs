@@ -284,6 +284,33 @@ impl Drop for Call {
     }
 }
 
+/// An audit record for something the service does by itself rather than at a caller's
+/// request (an automatic rotation, a due destruction); `caller` says what did it, e.g.
+/// `server:reaper`.
+pub fn system_record(
+    caller: &str,
+    tenant: &TenantId,
+    operation: &str,
+    key_versions: Vec<u32>,
+    outcome: Outcome,
+    detail: String,
+) -> AuditRecord {
+    AuditRecord {
+        time_micros: unix_now_micros(),
+        request_id: String::new(),
+        caller: caller.to_owned(),
+        peer: "local".into(),
+        tenant_id: tenant.as_str().to_owned(),
+        operation: operation.to_owned(),
+        contexts: Vec::new(),
+        key_versions,
+        item_count: 1,
+        outcome,
+        aad_fingerprint: String::new(),
+        detail,
+    }
+}
+
 /// The error for a request field we do not use being set (rejected, not ignored).
 pub fn unused_field(name: &str) -> Error {
     Error::InvalidArgument(format!(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::call::Call;
+use super::call::{self, Call};
 use super::state::AppState;
 use super::{blocking, status};
 use crate::auth::Operation;
@@ -53,13 +53,30 @@ impl KeyServiceImpl {
     }
 
     /// Permission to seal `count` values (reserving budget or rotating on the blocking pool
-    /// only when the in-memory reservation is spent).
+    /// only when the in-memory reservation is spent). A rotation forced by the nonce budget
+    /// is audited (caller `server:nonce-budget`) before the grant is used.
     async fn grant(&self, entry: Arc<TenantEntry>, count: u64) -> Result<EncryptGrant> {
         if let Some(version) = entry.try_take(count) {
-            return Ok(EncryptGrant { entry, version });
+            return Ok(EncryptGrant {
+                entry,
+                version,
+                rotated_from: None,
+            });
         }
         let keys = Arc::clone(&self.state.keys);
-        blocking(move || keys.grant_encryptions(entry, count)).await
+        let grant = blocking(move || keys.grant_encryptions(entry, count)).await?;
+        if let Some(from) = grant.rotated_from {
+            let record = call::system_record(
+                "server:nonce-budget",
+                &grant.entry.record.tenant_id,
+                "RotateTenantKey",
+                vec![from, grant.version],
+                crate::audit::Outcome::Ok,
+                format!("nonce budget of version {from} reached"),
+            );
+            self.state.audit.append(record).await?;
+        }
+        Ok(grant)
     }
 
     fn check_value_len(&self, what: &str, len: usize) -> Result<()> {

@@ -164,23 +164,17 @@ async fn destroy_audited(state: &Arc<AppState>, tenant: TenantId) {
     let keys = Arc::clone(&state.keys);
     let id = tenant.clone();
     let result = super::blocking(move || keys.destroy_tenant(&id)).await;
-    let record = crate::audit::AuditRecord {
-        time_micros: crate::domain::unix_now_micros(),
-        request_id: String::new(),
-        caller: "server:reaper".into(),
-        peer: "local".into(),
-        tenant_id: tenant.as_str().to_owned(),
-        operation: "DestroyTenant".into(),
-        contexts: Vec::new(),
-        key_versions: Vec::new(),
-        item_count: 1,
-        outcome: match &result {
+    let record = super::call::system_record(
+        "server:reaper",
+        &tenant,
+        "DestroyTenant",
+        Vec::new(),
+        match &result {
             Ok(_) => crate::audit::Outcome::Ok,
             Err(e) => super::status::outcome(e),
         },
-        aad_fingerprint: String::new(),
-        detail: String::new(),
-    };
+        "deletion window passed".into(),
+    );
     if let Err(e) = state.audit.append(record).await {
         tracing::error!(error = %e, tenant = %tenant, "could not audit a tenant destruction");
     }

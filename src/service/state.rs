@@ -303,6 +303,14 @@ impl AppState {
         if changed {
             self.keys.clear_cache();
             self.auth.clear();
+            // A master rotation by another process is rare; its check reads the store, so it
+            // runs on the blocking pool.
+            let keys = Arc::clone(&self.keys);
+            super::blocking(move || {
+                keys.reload_keyring_if_stale();
+                Ok(())
+            })
+            .await?;
         }
         Ok(())
     }

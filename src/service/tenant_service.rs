@@ -79,6 +79,20 @@ impl TenantServiceImpl {
     }
 }
 
+/// A tenant's row, unless it is destroyed: every call naming a destroyed tenant gets
+/// FAILED_PRECONDITION "tenant destroyed" (its tombstone stays visible in ListTenants and its
+/// history in the audit).
+fn live_tenant(keys: &KeyManager, tenant: &TenantId) -> Result<TenantRecord> {
+    let record = keys
+        .store()
+        .tenant(tenant)?
+        .ok_or(Error::NotFound("tenant"))?;
+    if record.state == TenantState::Destroyed {
+        return Err(crate::store::sqlite::state_error(record.state));
+    }
+    Ok(record)
+}
+
 /// Parses a version number (0 is never a version).
 fn version_of(version: u32) -> Result<u32> {
     if version == 0 {
@@ -108,10 +122,8 @@ impl TenantService for TenantServiceImpl {
         let call = Call::begin(&request, Operation::GetTenant);
         let req = request.into_inner();
         self.tenant_call(call, &req.tenant_id, |keys, tenant| {
-            keys.store()
-                .tenant(tenant)?
-                .map(|r| convert::tenant(&r))
-                .ok_or(Error::NotFound("tenant"))
+            let record = live_tenant(keys, tenant)?;
+            Ok(convert::tenant(&record))
         })
         .await
     }
@@ -180,10 +192,7 @@ impl TenantService for TenantServiceImpl {
         let call = Call::begin(&request, Operation::ListKeyVersions);
         let req = request.into_inner();
         self.tenant_call(call, &req.tenant_id, |keys, tenant| {
-            let record = keys
-                .store()
-                .tenant(tenant)?
-                .ok_or(Error::NotFound("tenant"))?;
+            let record = live_tenant(keys, tenant)?;
             let versions = keys.store().key_versions(tenant)?;
             Ok(pb::ListKeyVersionsResponse {
                 versions: versions
@@ -350,12 +359,9 @@ impl TenantService for TenantServiceImpl {
     ) -> Result<Response<pb::Tenant>, Status> {
         let call = Call::begin(&request, Operation::CancelTenantDeletion);
         let req = request.into_inner();
-        self.transition(
-            req.tenant_id,
-            call,
-            &[TenantState::PendingDeletion],
-            TenantState::Active,
-        )
+        self.tenant_call(call, &req.tenant_id, |keys, tenant| {
+            keys.cancel_deletion(tenant).map(|r| convert::tenant(&r))
+        })
         .await
     }
 }

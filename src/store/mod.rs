@@ -119,8 +119,9 @@ pub trait KeyStore: Send + Sync {
     fn master_versions(&self) -> Result<Vec<MasterVersionRecord>>;
     /// Records a new master-key version.
     fn insert_master_version(&self, record: &MasterVersionRecord) -> Result<()>;
-    /// Marks a master version retired.
-    fn retire_master_version(&self, version: u32, at: i64) -> Result<()>;
+    /// Marks a master version retired, in one transaction and only if no wrapped key (tenant
+    /// key or audit secret) is under it any more. Returns whether it is retired now.
+    fn retire_master_version(&self, version: u32, at: i64) -> Result<bool>;
     /// How many wrapped keys (tenant keys and the audit secret) are under a master version.
     fn count_wrapped_under(&self, master_version: u32) -> Result<u64>;
     /// Up to `limit` tenant keys still wrapped under `master_version`.
@@ -143,10 +144,32 @@ pub trait KeyStore: Send + Sync {
         replace_master: Option<u32>,
     ) -> Result<bool>;
 
-    /// Creates a tenant with its first key version. `AlreadyExists` if the id was ever used.
+    /// Creates a tenant with its first key version. `AlreadyExists` if the id is in use,
+    /// FAILED_PRECONDITION "tenant destroyed" if it belonged to a destroyed tenant (ids are
+    /// never re-used). Refused if the key is wrapped under a retired master version.
     fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()>;
+    /// Creates many tenants, each with its first key version, in one transaction (bulk
+    /// provisioning: one durable commit instead of one per tenant). Nothing is created if any
+    /// id was ever used.
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
+        for (tenant, first) in tenants {
+            self.create_tenant(tenant, first)?;
+        }
+        Ok(())
+    }
     /// A tenant's row.
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>>;
+    /// A tenant's row and its key versions, read as one consistent snapshot (so a change
+    /// committed by another process cannot fall between the two reads).
+    fn tenant_snapshot(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
+        match self.tenant(id)? {
+            Some(tenant) => Ok(Some((tenant, self.key_versions(id)?))),
+            None => Ok(None),
+        }
+    }
     /// Tenants in id order after `after`.
     fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>>;
     /// A tenant's key versions, oldest first.
@@ -167,6 +190,9 @@ pub trait KeyStore: Send + Sync {
         to: TenantState,
         deletion_time: Option<i64>,
     ) -> Result<TenantRecord>;
+    /// Moves a PENDING_DELETION tenant back to ACTIVE, only while its deletion window is still
+    /// open at `now` (a due deletion can no longer be cancelled).
+    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord>;
     /// Sets the rotation policy.
     fn set_rotation_policy(
         &self,

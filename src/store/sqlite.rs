@@ -253,14 +253,27 @@ impl KeyStore for SqliteKeyStore {
         })
     }
 
-    fn retire_master_version(&self, version: u32, at: i64) -> Result<()> {
+    fn retire_master_version(&self, version: u32, at: i64) -> Result<bool> {
         self.write(|tx| {
+            // One statement, so a key wrapped under `version` by another process after the
+            // caller's last count keeps the version alive.
             tx.execute(
-                "UPDATE master_keys SET retired_at = ?2 WHERE version = ?1 AND retired_at IS NULL",
+                "UPDATE master_keys SET retired_at = ?2 WHERE version = ?1 AND retired_at IS NULL \
+                 AND NOT EXISTS (SELECT 1 FROM wrapped_keys WHERE master_version = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM audit_key WHERE master_version = ?1)",
                 params![version, at],
             )
             .map_err(sql_error)?;
-            Ok(())
+            let retired: Option<i64> = tx
+                .query_row(
+                    "SELECT retired_at FROM master_keys WHERE version = ?1",
+                    [version],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(sql_error)?
+                .flatten();
+            Ok(retired.is_some())
         })
     }
 
@@ -373,30 +386,38 @@ impl KeyStore for SqliteKeyStore {
             .wrapped
             .as_ref()
             .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+        self.write(|tx| insert_tenant(tx, tenant, first, wrapped))
+    }
+
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
         self.write(|tx| {
-            if load_tenant(tx, &tenant.tenant_id)
-                .map_err(sql_error)?
-                .is_some()
-            {
-                return Err(Error::AlreadyExists("tenant"));
+            for (tenant, first) in tenants {
+                let wrapped = first
+                    .wrapped
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+                insert_tenant(tx, tenant, first, wrapped)?;
             }
-            tx.execute(
-                &format!("INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
-                params![
-                    tenant.tenant_id.as_str(),
-                    tenant.state.code(),
-                    tenant.primary_version,
-                    tenant.created_at,
-                    i64_of(tenant.rotation_period_seconds),
-                    i64_of(tenant.max_encryptions),
-                    tenant.deletion_time,
-                    tenant.destroyed_at
-                ],
-            )
-            .map_err(sql_error)?;
-            insert_version(tx, &tenant.tenant_id, first, wrapped)?;
             Ok(())
         })
+    }
+
+    fn tenant_snapshot(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
+        let mut inner = self.lock();
+        // A read transaction: both reads see the same committed state.
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql_error)?;
+        let Some(tenant) = load_tenant(&tx, id).map_err(sql_error)? else {
+            return Ok(None);
+        };
+        let versions = load_versions(&tx, id).map_err(sql_error)?;
+        tx.commit().map_err(sql_error)?;
+        Ok(Some((tenant, versions)))
     }
 
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
@@ -418,14 +439,7 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
-                 ON w.tenant_id = v.tenant_id AND w.version = v.version \
-                 WHERE v.tenant_id = ?1 ORDER BY v.version"
-            ))?;
-            stmt.query_map([id.as_str()], version_from_row)?.collect()
-        })
+        self.read(|conn| load_versions(conn, id))
     }
 
     fn add_key_version(
@@ -473,6 +487,28 @@ impl KeyStore for SqliteKeyStore {
             tx.execute(
                 "UPDATE tenants SET state = ?2, deletion_time = ?3 WHERE tenant_id = ?1",
                 params![id.as_str(), to.code(), deletion_time],
+            )
+            .map_err(sql_error)?;
+            require_tenant(tx, id)
+        })
+    }
+
+    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord> {
+        self.write(|tx| {
+            let tenant = require_tenant(tx, id)?;
+            if tenant.state != TenantState::PendingDeletion {
+                return Err(state_error(tenant.state));
+            }
+            if tenant.deletion_time.is_some_and(|at| at <= now) {
+                return Err(Error::FailedPrecondition(
+                    "tenant is PENDING_DELETION and its deletion window has passed: it can no \
+                     longer be cancelled"
+                        .into(),
+                ));
+            }
+            tx.execute(
+                "UPDATE tenants SET state = ?2, deletion_time = NULL WHERE tenant_id = ?1",
+                params![id.as_str(), TenantState::Active.code()],
             )
             .map_err(sql_error)?;
             require_tenant(tx, id)
@@ -1009,12 +1045,72 @@ impl SqliteKeyStore {
     }
 }
 
+fn load_versions(conn: &Connection, id: &TenantId) -> rusqlite::Result<Vec<KeyVersionRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
+         ON w.tenant_id = v.tenant_id AND w.version = v.version \
+         WHERE v.tenant_id = ?1 ORDER BY v.version"
+    ))?;
+    stmt.query_map([id.as_str()], version_from_row)?.collect()
+}
+
+fn insert_tenant(
+    tx: &Connection,
+    tenant: &TenantRecord,
+    first: &KeyVersionRecord,
+    wrapped: &WrappedTenantKey,
+) -> Result<()> {
+    match load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+        Some(existing) if existing.state == TenantState::Destroyed => {
+            return Err(state_error(existing.state));
+        }
+        Some(_) => return Err(Error::AlreadyExists("tenant")),
+        None => {}
+    }
+    tx.execute(
+        &format!("INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
+        params![
+            tenant.tenant_id.as_str(),
+            tenant.state.code(),
+            tenant.primary_version,
+            tenant.created_at,
+            i64_of(tenant.rotation_period_seconds),
+            i64_of(tenant.max_encryptions),
+            tenant.deletion_time,
+            tenant.destroyed_at
+        ],
+    )
+    .map_err(sql_error)?;
+    insert_version(tx, &tenant.tenant_id, first, wrapped)
+}
+
+/// The error for a key about to be wrapped under a retired master version: the writer's
+/// keyring is older than the store's (another process rotated the master key).
+pub(crate) fn retired_master_error(version: u32) -> Error {
+    Error::FailedPrecondition(format!(
+        "master key version {version} is retired; reload the keyring"
+    ))
+}
+
 fn insert_version(
     tx: &Connection,
     id: &TenantId,
     version: &KeyVersionRecord,
     wrapped: &WrappedTenantKey,
 ) -> Result<()> {
+    // A key must never be wrapped under a retired master version: the operator may already
+    // have removed that version from the keyring, which would leave the key unreadable.
+    let retired: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT retired_at FROM master_keys WHERE version = ?1",
+            [wrapped.master_version],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(sql_error)?;
+    if matches!(retired, Some(Some(_))) {
+        return Err(retired_master_error(wrapped.master_version));
+    }
     tx.execute(
         "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1055,4 +1151,138 @@ fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
         }
     }
     Err(Error::internal("online backup: the database stayed busy"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteKeyStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteKeyStore::open(&dir.path().join("keys.db")).unwrap();
+        for version in [1, 2] {
+            store
+                .insert_master_version(&MasterVersionRecord {
+                    version,
+                    check_value: vec![version as u8; 32],
+                    created_at: 0,
+                    retired_at: None,
+                })
+                .unwrap();
+        }
+        (dir, store)
+    }
+
+    fn id(s: &str) -> TenantId {
+        TenantId::parse(s).unwrap()
+    }
+
+    fn tenant(name: &str) -> TenantRecord {
+        TenantRecord {
+            tenant_id: id(name),
+            state: TenantState::Active,
+            primary_version: 1,
+            created_at: 0,
+            rotation_period_seconds: 0,
+            max_encryptions: 1000,
+            deletion_time: None,
+            destroyed_at: None,
+        }
+    }
+
+    fn version(v: u32, master: u32) -> KeyVersionRecord {
+        KeyVersionRecord {
+            version: v,
+            state: KeyVersionState::Enabled,
+            created_at: 0,
+            encryptions: 0,
+            wrapped: Some(WrappedTenantKey {
+                master_version: master,
+                bytes: vec![7; 60],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_master_version_is_retired_only_when_nothing_uses_it() {
+        let (_dir, store) = store();
+        store.create_tenant(&tenant("a"), &version(1, 1)).unwrap();
+        assert!(!store.retire_master_version(1, 5).unwrap());
+        let rows = store.wrapped_under(1, 10).unwrap();
+        let batch: Vec<Rewrapping> = rows
+            .into_iter()
+            .map(|(tenant_id, version, _)| Rewrapping {
+                tenant_id,
+                version,
+                from_master: 1,
+                wrapped: WrappedTenantKey {
+                    master_version: 2,
+                    bytes: vec![8; 60],
+                },
+            })
+            .collect();
+        assert_eq!(store.rewrap(&batch).unwrap(), 1);
+        assert!(store.retire_master_version(1, 5).unwrap());
+        // Nothing may be wrapped under a retired version any more.
+        let err = store
+            .create_tenant(&tenant("b"), &version(1, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("retired"), "{err}");
+        let err = store
+            .add_key_version(&id("a"), 1, &version(2, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("retired"), "{err}");
+        store.add_key_version(&id("a"), 1, &version(2, 2)).unwrap();
+    }
+
+    #[test]
+    fn destroyed_ids_are_never_reused_and_cancel_needs_an_open_window() {
+        let (_dir, store) = store();
+        store
+            .create_tenants(&[(tenant("a"), version(1, 1)), (tenant("b"), version(1, 1))])
+            .unwrap();
+        // Bulk creation is all or nothing.
+        assert!(
+            store
+                .create_tenants(&[(tenant("c"), version(1, 1)), (tenant("a"), version(1, 1))])
+                .is_err()
+        );
+        assert!(store.tenant(&id("c")).unwrap().is_none());
+        let err = store
+            .create_tenant(&tenant("a"), &version(1, 1))
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)));
+
+        let active = [TenantState::Active];
+        let pending = TenantState::PendingDeletion;
+        store
+            .set_tenant_state(&id("a"), &active, pending, Some(100))
+            .unwrap();
+        store
+            .set_tenant_state(&id("b"), &active, pending, Some(100))
+            .unwrap();
+        let err = store.cancel_tenant_deletion(&id("a"), 100).unwrap_err();
+        assert!(err.to_string().contains("window has passed"), "{err}");
+        let back = store.cancel_tenant_deletion(&id("a"), 99).unwrap();
+        assert_eq!(
+            (back.state, back.deletion_time),
+            (TenantState::Active, None)
+        );
+        let err = store.destroy_tenant(&id("b"), 99).unwrap_err();
+        assert!(err.to_string().contains("window"), "{err}");
+        let gone = store.destroy_tenant(&id("b"), 100).unwrap();
+        assert_eq!(gone.state, TenantState::Destroyed);
+        let (_, versions) = store.tenant_snapshot(&id("b")).unwrap().unwrap();
+        assert!(
+            versions
+                .iter()
+                .all(|v| v.wrapped.is_none() && v.state == KeyVersionState::Destroyed)
+        );
+        let err = store
+            .create_tenant(&tenant("b"), &version(1, 1))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "tenant destroyed");
+        let err = store.cancel_tenant_deletion(&id("b"), 0).unwrap_err();
+        assert_eq!(err.to_string(), "tenant destroyed");
+    }
 }
