@@ -1,17 +1,19 @@
-//! `audit.db`: the audit records in sequence order, each with its chain MAC.
+//! `audit.db`: the audit records in sequence order, each with its chain MAC, and the signed
+//! anchors (head, retention checkpoint) in `audit_meta`.
 //!
-//! Appends read the chain head inside the same write transaction (BEGIN IMMEDIATE), so
-//! several processes (the server and the `rotate` command) can append to one log and the
-//! chain stays whole. Queries and verification use their own read connections.
+//! Appends read the chain tail inside the same write transaction (BEGIN IMMEDIATE) and move
+//! the signed head in it, so several processes (the server and the `rotate` command) can
+//! append to one log and the chain stays whole. Queries and verification use their own read
+//! connections; the verifier is in [`super::verify`].
 
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
+use super::anchor::{self, Anchor, Kind, Stored};
+use super::chain::{ChainKeys, MAC_LEN};
 use super::record::{AuditRecord, outcome_from_str};
-use crate::crypto::envelope::constant_time_eq;
 use crate::error::{Error, Result};
 
 const SCHEMA: &str = "
@@ -38,18 +40,21 @@ CREATE TABLE IF NOT EXISTS audit_meta (
 );
 ";
 
-fn sql_error(e: rusqlite::Error) -> Error {
+/// How long a write waits for another process's write lock (e.g. `rotate` appending) before
+/// it fails, when the caller names no other bound.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) fn sql_error(e: rusqlite::Error) -> Error {
     Error::Unavailable(format!("audit store: {e}"))
 }
 
 /// Opens `audit.db` (mode 0600), in WAL mode, creating the schema. `full_sync` selects
 /// `synchronous=FULL` (an fsync per commit) over `NORMAL` (durable across a process crash,
-/// not a power loss).
-pub fn open(path: &Path, full_sync: bool) -> Result<Connection> {
+/// not a power loss). A write waits at most `busy_timeout` for another connection's lock.
+pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Connection> {
     crate::fsutil::create_private_file(path)?;
     let conn = Connection::open(path).map_err(sql_error)?;
-    conn.busy_timeout(Duration::from_secs(10))
-        .map_err(sql_error)?;
+    conn.busy_timeout(busy_timeout).map_err(sql_error)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_error)?;
     conn.pragma_update(
@@ -62,115 +67,132 @@ pub fn open(path: &Path, full_sync: bool) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Appends records as one transaction, chained after the current head. Returns their
-/// sequence numbers. Nothing is written if anything fails.
-pub fn append(
+/// Inserts one record row (the caller computed its MAC).
+pub(crate) fn insert(
+    conn: &Connection,
+    seq: u64,
+    record: &AuditRecord,
+    mac: &[u8],
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
+         operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
+         detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
+    )?;
+    stmt.execute(params![
+        seq as i64,
+        record.time_micros,
+        record.request_id,
+        record.caller,
+        record.peer,
+        record.tenant_id,
+        record.operation,
+        serde_json::to_string(&record.contexts).unwrap_or_default(),
+        serde_json::to_string(&record.key_versions).unwrap_or_default(),
+        record.item_count,
+        record.outcome.as_str(),
+        record.aad_fingerprint,
+        record.detail,
+        mac,
+    ])?;
+    Ok(())
+}
+
+/// Appends records as one transaction, chained after the current head, and moves the signed
+/// head to the last of them in the same transaction (so the head costs no extra fsync).
+/// Returns the sequence number of the first; the rest follow in order. Nothing is written if
+/// anything fails, and nothing is appended to a log whose tail does not match its signed head
+/// (see [`writable_tail`]): extending it would hide records cut from its end.
+pub fn append<'a>(
     conn: &mut Connection,
     keys: &ChainKeys,
-    records: &[AuditRecord],
-) -> Result<Vec<u64>> {
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+) -> Result<u64> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let (mut seq, mut prev) = head(&tx)?;
-    let mut seqs = Vec::with_capacity(records.len());
-    {
-        let mut stmt = tx
-            .prepare_cached(
-                "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
-                 operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
-                 detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
-            )
-            .map_err(sql_error)?;
-        for record in records {
-            seq += 1;
-            let mac = keys.record_mac(record, seq, &prev);
-            stmt.execute(params![
-                seq as i64,
-                record.time_micros,
-                record.request_id,
-                record.caller,
-                record.peer,
-                record.tenant_id,
-                record.operation,
-                serde_json::to_string(&record.contexts).unwrap_or_default(),
-                serde_json::to_string(&record.key_versions).unwrap_or_default(),
-                record.item_count,
-                record.outcome.as_str(),
-                record.aad_fingerprint,
-                record.detail,
-                mac.as_slice(),
-            ])
-            .map_err(sql_error)?;
-            prev = mac;
-            seqs.push(seq);
-        }
+    let tail = writable_tail(&tx, keys)?.map_err(|problem| Error::Unavailable(problem.message()))?;
+    let mut head = tail;
+    for record in records {
+        head.seq += 1;
+        head.mac = keys.record_mac(record, head.seq, &head.mac);
+        insert(&tx, head.seq, record, &head.mac).map_err(sql_error)?;
     }
+    anchor::write(&tx, keys, Kind::Head, &head)?;
     tx.commit().map_err(sql_error)?;
-    Ok(seqs)
+    Ok(tail.seq + 1)
 }
 
-/// The last record's sequence number and MAC (or the checkpoint's, or genesis).
-fn head(conn: &Connection) -> Result<(u64, [u8; MAC_LEN])> {
-    let last: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+/// The last record's sequence number and stored MAC bytes, if there is a record.
+pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
+    conn.prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut stmt| {
+            stmt.query_row([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
+                .optional()
+        })
+        .map_err(sql_error)
+}
+
+/// Why the end of the log cannot be extended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailProblem(pub String);
+
+impl TailProblem {
+    /// The operator-facing explanation and the way out.
+    pub fn message(&self) -> String {
+        format!(
+            "audit.db's tail does not match its signed head ({}); records may have been cut \
+             from its end. Nothing is appended to it until an operator runs `tenant-kms audit \
+             verify` and, to accept the log as it stands, `tenant-kms audit recover`",
+            self.0
         )
-        .optional()
-        .map_err(sql_error)?;
-    match last {
-        Some((seq, mac)) => Ok((seq as u64, mac.try_into().unwrap_or(GENESIS_MAC))),
-        None => Ok(checkpoint(conn)?.map_or((0, GENESIS_MAC), |c| (c.seq, c.mac))),
     }
 }
 
-/// A retention checkpoint: the sequence number and MAC of the last pruned record, signed so
-/// it cannot be moved.
-#[derive(Debug, Clone, Copy)]
-pub struct Checkpoint {
-    /// Last pruned sequence number.
-    pub seq: u64,
-    /// Its MAC (the `prev_mac` of the first kept record).
-    pub mac: [u8; MAC_LEN],
-}
-
-fn checkpoint(conn: &Connection) -> Result<Option<Checkpoint>> {
-    let value: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT value FROM audit_meta WHERE name = 'checkpoint'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()
-        .map_err(sql_error)?;
-    Ok(value.and_then(|v| {
-        if v.len() != 8 + MAC_LEN + MAC_LEN {
-            return None;
+/// The position new records chain after: the last record, or the retention checkpoint when
+/// every record was pruned, or genesis for a new log. It must equal the signed head written
+/// by the last append (by any process); otherwise the inner error says how they differ.
+pub fn writable_tail(
+    conn: &Connection,
+    keys: &ChainKeys,
+) -> Result<std::result::Result<Anchor, TailProblem>> {
+    let problem = |text: String| Ok(Err(TailProblem(text)));
+    let tail = match last_row(conn)? {
+        Some((seq, mac)) => match <[u8; MAC_LEN]>::try_from(mac.as_slice()) {
+            Ok(mac) => Some(Anchor { seq, mac }),
+            Err(_) => return problem(format!("record {seq} has a malformed MAC")),
+        },
+        None => match anchor::read(conn, keys, Kind::Checkpoint)? {
+            Stored::Missing => None,
+            Stored::Valid(checkpoint) => Some(checkpoint),
+            Stored::Invalid => return problem("the retention checkpoint is invalid".into()),
+        },
+    };
+    match (anchor::read(conn, keys, Kind::Head)?, tail) {
+        (Stored::Missing, None) => Ok(Ok(Anchor::GENESIS)),
+        (Stored::Valid(head), Some(tail)) if head == tail => Ok(Ok(tail)),
+        (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => {
+            problem(format!("record {} is not the one the head was signed for", tail.seq))
         }
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&v[..8]);
-        let mut mac = [0u8; MAC_LEN];
-        mac.copy_from_slice(&v[8..8 + MAC_LEN]);
-        Some(Checkpoint {
-            seq: u64::from_be_bytes(seq),
-            mac,
-        })
-    }))
+        (Stored::Valid(head), tail) => problem(format!(
+            "the signed head is at record {} but the log ends at record {}",
+            head.seq,
+            tail.map_or(0, |t| t.seq)
+        )),
+        (Stored::Missing, Some(_)) => problem("the signed head is missing".into()),
+        (Stored::Invalid, _) => problem("the signed head is invalid".into()),
+    }
 }
 
-const CHECKPOINT_LABEL: &[u8] = b"tenant-kms/v1/audit-checkpoint";
-
-fn checkpoint_signature(keys: &ChainKeys, seq: u64, mac: &[u8]) -> [u8; MAC_LEN] {
-    let mut bytes = Vec::with_capacity(CHECKPOINT_LABEL.len() + 8 + MAC_LEN + 4);
-    crate::crypto::labels::push_length_prefixed(&mut bytes, CHECKPOINT_LABEL);
-    bytes.extend_from_slice(&seq.to_be_bytes());
-    bytes.extend_from_slice(mac);
-    keys.sign(&bytes)
+/// The retention checkpoint, if there is a valid one.
+pub fn checkpoint(conn: &Connection, keys: &ChainKeys) -> Result<Option<Anchor>> {
+    Ok(match anchor::read(conn, keys, Kind::Checkpoint)? {
+        Stored::Valid(checkpoint) => Some(checkpoint),
+        Stored::Missing | Stored::Invalid => None,
+    })
 }
 
-fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>)> {
+pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>)> {
     let contexts: String = row.get(7)?;
     let versions: String = row.get(8)?;
     let outcome: String = row.get(10)?;
@@ -201,102 +223,10 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>
     ))
 }
 
-const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, operation, \
-     contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac FROM audit_events";
-
-/// What [`verify`] found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct VerifyReport {
-    /// True when every record verified.
-    pub ok: bool,
-    /// Records checked (up to and including the first bad one).
-    pub records_checked: u64,
-    /// The first record that was edited, inserted, reordered or is missing; 0 when ok.
-    pub first_bad_seq: u64,
-    /// The last verified sequence number (the chain head when ok).
-    pub head_seq: u64,
-    /// Why the first bad record failed.
-    pub reason: String,
-}
-
-/// Walks the whole chain from genesis (or the signed retention checkpoint) and reports the
-/// first record whose sequence number or MAC does not follow from its predecessor.
-pub fn verify(conn: &Connection, keys: &ChainKeys) -> Result<VerifyReport> {
-    let (mut expected_seq, mut prev) = match checkpoint(conn)? {
-        None => (1, GENESIS_MAC.to_vec()),
-        Some(cp) => {
-            let signature: Option<Vec<u8>> = conn
-                .query_row(
-                    "SELECT value FROM audit_meta WHERE name = 'checkpoint'",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(sql_error)?;
-            let signature = signature.unwrap_or_default();
-            let expected = checkpoint_signature(keys, cp.seq, &cp.mac);
-            if !constant_time_eq(&signature[8 + MAC_LEN..], &expected) {
-                return Ok(VerifyReport {
-                    ok: false,
-                    records_checked: 0,
-                    first_bad_seq: cp.seq + 1,
-                    head_seq: 0,
-                    reason: "the retention checkpoint's signature is invalid".into(),
-                });
-            }
-            (cp.seq + 1, cp.mac.to_vec())
-        }
-    };
-    let mut stmt = conn
-        .prepare(&format!("{SELECT_RECORD} ORDER BY seq"))
-        .map_err(sql_error)?;
-    let mut rows = stmt.query([]).map_err(sql_error)?;
-    let mut checked = 0;
-    loop {
-        let row = match rows.next() {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
-            Err(e) => return Err(sql_error(e)),
-        };
-        checked += 1;
-        let bad = |reason: String, seq: u64| VerifyReport {
-            ok: false,
-            records_checked: checked,
-            first_bad_seq: seq,
-            head_seq: expected_seq - 1,
-            reason,
-        };
-        let (seq, record, mac) = match record_from_row(row) {
-            Ok(parsed) => parsed,
-            Err(_) => {
-                let seq: i64 = row.get(0).unwrap_or(0);
-                return Ok(bad("malformed record".into(), seq as u64));
-            }
-        };
-        if seq != expected_seq {
-            return Ok(bad(
-                format!("record {expected_seq} is missing (found {seq} next)"),
-                expected_seq.min(seq),
-            ));
-        }
-        let expected_mac = keys.record_mac(&record, seq, &prev);
-        if !constant_time_eq(&expected_mac, &mac) {
-            return Ok(bad(
-                format!("record {seq} was edited, inserted or moved (MAC mismatch)"),
-                seq,
-            ));
-        }
-        prev = mac;
-        expected_seq += 1;
-    }
-    Ok(VerifyReport {
-        ok: true,
-        records_checked: checked,
-        first_bad_seq: 0,
-        head_seq: expected_seq - 1,
-        reason: String::new(),
-    })
-}
+/// The columns of a record row, in [`record_from_row`]'s order.
+pub(crate) const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, \
+     operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac \
+     FROM audit_events";
 
 /// Filter for [`list`].
 #[derive(Debug, Clone, Default)]
@@ -354,24 +284,34 @@ pub fn count(conn: &Connection) -> Result<u64> {
     .map_err(sql_error)
 }
 
-/// Removes records older than `before_micros`, after verifying them, and stores a signed
-/// checkpoint of the last removed record so the rest still verifies. Returns how many were
-/// removed. Refuses to prune a chain that does not verify.
+/// Removes the oldest records, all of them older than `before_micros`, after verifying the
+/// whole log, and stores a signed checkpoint of the last removed record so the rest still
+/// verifies. Only a prefix can go (the chain needs it): the prefix ends before the first
+/// record at or after `before_micros`, so no newer record is ever removed even if clocks
+/// made times non-monotonic. Refuses to prune a log that does not verify. Returns how many
+/// records were removed.
 pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Result<u64> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let report = verify(&tx, keys)?;
+    let report = super::verify::verify_in(&tx, keys)?;
     if !report.ok {
         return Err(Error::FailedPrecondition(format!(
-            "the audit chain does not verify ({}); not pruning",
-            report.reason
+            "the audit chain does not verify (record {}: {}); not pruning",
+            report.first_bad_seq, report.reason
         )));
     }
+    let keep_from: Option<i64> = tx
+        .query_row(
+            "SELECT MIN(seq) FROM audit_events WHERE time_us >= ?1",
+            [before_micros],
+            |row| row.get(0),
+        )
+        .map_err(sql_error)?;
     let last: Option<(i64, Vec<u8>)> = tx
         .query_row(
-            "SELECT seq, mac FROM audit_events WHERE time_us < ?1 ORDER BY seq DESC LIMIT 1",
-            [before_micros],
+            "SELECT seq, mac FROM audit_events WHERE seq < ?1 ORDER BY seq DESC LIMIT 1",
+            [keep_from.unwrap_or(i64::MAX)],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
@@ -379,18 +319,20 @@ pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Res
     let Some((seq, mac)) = last else {
         return Ok(0);
     };
+    let mac = <[u8; MAC_LEN]>::try_from(mac.as_slice())
+        .map_err(|_| Error::internal("a verified record has a malformed MAC"))?;
     let removed = tx
         .execute("DELETE FROM audit_events WHERE seq <= ?1", [seq])
         .map_err(sql_error)? as u64;
-    let mut value = Vec::with_capacity(8 + 2 * MAC_LEN);
-    value.extend_from_slice(&(seq as u64).to_be_bytes());
-    value.extend_from_slice(&mac);
-    value.extend_from_slice(&checkpoint_signature(keys, seq as u64, &mac));
-    tx.execute(
-        "INSERT OR REPLACE INTO audit_meta (name, value) VALUES ('checkpoint', ?1)",
-        [value],
-    )
-    .map_err(sql_error)?;
+    anchor::write(
+        &tx,
+        keys,
+        Kind::Checkpoint,
+        &Anchor {
+            seq: seq as u64,
+            mac,
+        },
+    )?;
     tx.commit().map_err(sql_error)?;
     Ok(removed)
 }

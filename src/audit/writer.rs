@@ -9,18 +9,25 @@
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
 //! fault is cleared.
+//!
+//! Before it accepts anything, the writer checks the end of the log ([`verify::check_tail`]):
+//! it refuses to start on a log whose tail does not match its signed head or whose last
+//! records do not chain, because extending such a log would bury the evidence. Every append
+//! re-checks the head in its own transaction, so a cut made while the service runs fails the
+//! next batch closed instead of being papered over.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::chain::ChainKeys;
 use super::record::AuditRecord;
-use super::sqlite;
+use super::{sqlite, verify};
 use crate::error::{Error, Result};
 
 /// Most records committed in one transaction.
@@ -73,15 +80,39 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Opens `path` and starts the writer thread.
-    pub fn start(path: PathBuf, durability: Durability, keys: Arc<ChainKeys>) -> Result<Self> {
+    /// Opens `path`, checks the end of the log (refusing, with the way out, a log whose tail
+    /// does not verify) and starts the writer thread. A commit waits at most `busy_timeout`
+    /// for another process's write lock before its batch fails closed.
+    pub fn start(
+        path: PathBuf,
+        durability: Durability,
+        busy_timeout: Duration,
+        keys: Arc<ChainKeys>,
+    ) -> Result<Self> {
         let full_sync = durability == Durability::Fsync;
-        let conn = sqlite::open(&path, full_sync)?;
+        let mut conn = sqlite::open(&path, full_sync, busy_timeout)?;
+        let report = verify::check_tail(&mut conn, &keys)?;
+        if !report.ok {
+            return Err(Error::FailedPrecondition(format!(
+                "{} does not verify at its end (record {}: {}). The service does not extend a \
+                 log it cannot vouch for: run `tenant-kms audit verify` to see every break and, \
+                 to accept the log as it stands, `tenant-kms audit recover` (it appends an \
+                 audited recovery record and deletes nothing)",
+                path.display(),
+                report.first_bad_seq,
+                report.reason
+            )));
+        }
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread_keys = Arc::clone(&keys);
+        let reopen = Reopen {
+            path,
+            full_sync,
+            busy_timeout,
+        };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(conn, path, full_sync, &thread_keys, &queue))
+            .spawn(move || run(conn, &reopen, &thread_keys, &queue))
             .map_err(|e| Error::Internal(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             jobs,
@@ -132,34 +163,41 @@ impl AuditWriter {
     }
 }
 
-fn run(
-    conn: Connection,
+/// How to reopen the append connection after a failure.
+struct Reopen {
     path: PathBuf,
     full_sync: bool,
-    keys: &ChainKeys,
-    queue: &mpsc::Receiver<Job>,
-) {
+    busy_timeout: Duration,
+}
+
+fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiver<Job>) {
     let mut conn = Some(conn);
+    // Group commit: block for the first job, then take whatever else is already waiting. An
+    // idle service thus commits a lone record at once; under load, the jobs that queued while
+    // the previous fsync ran form the next batch, so the batch size follows the load.
+    let mut batch: Vec<Job> = Vec::new();
     while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        let records: Vec<AuditRecord> = batch.iter().map(|j| j.record.clone()).collect();
+        let records = batch.iter().map(|j| &j.record);
         let result = match conn.as_mut() {
-            Some(c) => sqlite::append(c, keys, &records),
-            None => sqlite::open(&path, full_sync).and_then(|mut c| {
-                let r = sqlite::append(&mut c, keys, &records);
-                conn = Some(c);
-                r
-            }),
+            Some(c) => sqlite::append(c, keys, records),
+            None => sqlite::open(&reopen.path, reopen.full_sync, reopen.busy_timeout).and_then(
+                |mut c| {
+                    let r = sqlite::append(&mut c, keys, records);
+                    conn = Some(c);
+                    r
+                },
+            ),
         };
         match result {
-            Ok(seqs) => {
-                for (job, seq) in batch.into_iter().zip(seqs) {
+            Ok(first_seq) => {
+                for (job, seq) in batch.drain(..).zip(first_seq..) {
                     job.done.send(Ok(seq));
                 }
             }
@@ -167,7 +205,7 @@ fn run(
                 tracing::error!(error = %e, records = batch.len(), "audit commit failed; failing the calls closed");
                 // Reopen next time: the fault may have been a replaced or re-permissioned file.
                 conn = None;
-                for job in batch {
+                for job in batch.drain(..) {
                     job.done.send(Err(Error::Unavailable(
                         "the audit store cannot record this call; no result was returned".into(),
                     )));
