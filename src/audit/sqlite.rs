@@ -12,7 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::anchor::{self, Anchor, Kind, Stored};
-use super::chain::{ChainKeys, MAC_LEN};
+use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
 use super::record::{AuditRecord, outcome_from_str};
 use crate::error::{Error, Result};
 
@@ -98,11 +98,21 @@ pub(crate) fn insert(
     Ok(())
 }
 
-/// Appends records as one transaction, chained after the current head, and moves the signed
+/// The operation name of the evidence record the writer appends when the end of the log is
+/// not the one it signed.
+pub const TAIL_EVIDENCE_OPERATION: &str = "AuditTailMismatch";
+
+/// Appends records as one transaction, chained after the current tail, and moves the signed
 /// head to the last of them in the same transaction (so the head costs no extra fsync).
 /// Returns the sequence number of the first; the rest follow in order. Nothing is written if
-/// anything fails, and nothing is appended to a log whose tail does not match its signed head
-/// (see [`writable_tail`]): extending it would hide records cut from its end.
+/// anything fails.
+///
+/// If the tail is not the one the signed head names (records were cut from the end, or the
+/// head was deleted or forged), the transaction first appends an `AuditTailMismatch` evidence
+/// record saying so, chained after what is actually there: the verifier reports it as a break
+/// until an operator acknowledges it with `tenant-kms audit recover`. Appending after the cut
+/// without it would hide the cut; refusing to append would let anyone who can write the file
+/// stop the service with one DELETE.
 pub fn append<'a>(
     conn: &mut Connection,
     keys: &ChainKeys,
@@ -111,8 +121,11 @@ pub fn append<'a>(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let tail = writable_tail(&tx, keys)?.map_err(|problem| Error::Unavailable(problem.message()))?;
-    let mut head = tail;
+    let mut head = match writable_tail(&tx, keys)? {
+        Ok(tail) => tail,
+        Err(problem) => append_evidence(&tx, keys, &problem)?,
+    };
+    let first = head.seq + 1;
     for record in records {
         head.seq += 1;
         head.mac = keys.record_mac(record, head.seq, &head.mac);
@@ -120,10 +133,41 @@ pub fn append<'a>(
     }
     anchor::write(&tx, keys, Kind::Head, &head)?;
     tx.commit().map_err(sql_error)?;
-    Ok(tail.seq + 1)
+    Ok(first)
 }
 
-/// The last record's sequence number and stored MAC bytes, if there is a record.
+/// Appends the evidence record for a tail that does not match the signed head; returns it as
+/// the new tail.
+fn append_evidence(conn: &Connection, keys: &ChainKeys, problem: &TailProblem) -> Result<Anchor> {
+    tracing::error!(
+        problem = %problem.0,
+        "audit.db's end is not the one this service signed: recording the evidence; run \
+         `tenant-kms audit verify`"
+    );
+    let (seq, prev) = actual_tail(conn, keys)?;
+    let record = AuditRecord {
+        time_micros: crate::domain::unix_now_micros(),
+        request_id: String::new(),
+        caller: "audit-writer".into(),
+        peer: "local".into(),
+        tenant_id: String::new(),
+        operation: TAIL_EVIDENCE_OPERATION.into(),
+        contexts: Vec::new(),
+        key_versions: Vec::new(),
+        item_count: 0,
+        outcome: super::Outcome::Internal,
+        aad_fingerprint: String::new(),
+        detail: problem.0.clone(),
+    };
+    let anchor = Anchor {
+        seq: seq + 1,
+        mac: keys.record_mac(&record, seq + 1, &prev),
+    };
+    insert(conn, anchor.seq, &record, &anchor.mac).map_err(sql_error)?;
+    Ok(anchor)
+}
+
+/// The last record's sequence number and stored MAC, if there is a record.
 pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
     conn.prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
         .and_then(|mut stmt| {
@@ -133,24 +177,24 @@ pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
         .map_err(sql_error)
 }
 
-/// Why the end of the log cannot be extended.
+/// What is actually at the end of the log, whatever the head says: the last record (its MAC
+/// as stored, whatever its length), else a valid checkpoint, else genesis.
+pub(crate) fn actual_tail(conn: &Connection, keys: &ChainKeys) -> Result<(u64, Vec<u8>)> {
+    Ok(match last_row(conn)? {
+        Some(row) => row,
+        None => match checkpoint(conn, keys)? {
+            Some(checkpoint) => (checkpoint.seq, checkpoint.mac.to_vec()),
+            None => (0, GENESIS_MAC.to_vec()),
+        },
+    })
+}
+
+/// How the end of the log differs from its signed head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TailProblem(pub String);
 
-impl TailProblem {
-    /// The operator-facing explanation and the way out.
-    pub fn message(&self) -> String {
-        format!(
-            "audit.db's tail does not match its signed head ({}); records may have been cut \
-             from its end. Nothing is appended to it until an operator runs `tenant-kms audit \
-             verify` and, to accept the log as it stands, `tenant-kms audit recover`",
-            self.0
-        )
-    }
-}
-
 /// The position new records chain after: the last record, or the retention checkpoint when
-/// every record was pruned, or genesis for a new log. It must equal the signed head written
+/// every record was pruned, or genesis for a new log, if it equals the signed head written
 /// by the last append (by any process); otherwise the inner error says how they differ.
 pub fn writable_tail(
     conn: &Connection,
@@ -171,16 +215,23 @@ pub fn writable_tail(
     match (anchor::read(conn, keys, Kind::Head)?, tail) {
         (Stored::Missing, None) => Ok(Ok(Anchor::GENESIS)),
         (Stored::Valid(head), Some(tail)) if head == tail => Ok(Ok(tail)),
-        (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => {
-            problem(format!("record {} is not the one the head was signed for", tail.seq))
-        }
+        (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => problem(format!(
+            "record {} is not the one the signed head names",
+            tail.seq
+        )),
         (Stored::Valid(head), tail) => problem(format!(
             "the signed head is at record {} but the log ends at record {}",
             head.seq,
             tail.map_or(0, |t| t.seq)
         )),
-        (Stored::Missing, Some(_)) => problem("the signed head is missing".into()),
-        (Stored::Invalid, _) => problem("the signed head is invalid".into()),
+        (Stored::Missing, Some(tail)) => problem(format!(
+            "the signed head is missing (the log ends at record {})",
+            tail.seq
+        )),
+        (Stored::Invalid, tail) => problem(format!(
+            "the signed head is invalid (the log ends at record {})",
+            tail.map_or(0, |t| t.seq)
+        )),
     }
 }
 

@@ -8,6 +8,10 @@
 //! break the walk resynchronises on the stored MAC, so one break is reported once and the
 //! rest of the log is still checked.
 //!
+//! When the writer finds the end of the log is not the one it signed, it appends an
+//! `AuditTailMismatch` evidence record (see [`super::sqlite::append`]); the verifier reports
+//! each such record as a break.
+//!
 //! [`recover`] is the only way past a break. It never deletes or rewrites a record: it appends
 //! an `AuditRecover` record, MAC-chained like any other (so only a master-key holder can make
 //! one), whose contexts list the breaks it accepts (`seq:N` or `seq:A-B`). The verifier then
@@ -19,7 +23,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use super::anchor::{self, Anchor, Kind, Stored};
 use super::chain::{ChainKeys, GENESIS_MAC};
 use super::record::{AuditRecord, Outcome};
-use super::sqlite::{self, SELECT_RECORD, record_from_row, sql_error};
+use super::sqlite::{self, SELECT_RECORD, TAIL_EVIDENCE_OPERATION, record_from_row, sql_error};
 use crate::crypto::envelope::constant_time_eq;
 use crate::domain::unix_now_micros;
 use crate::error::{Error, Result};
@@ -64,6 +68,13 @@ pub struct VerifyReport {
     pub breaks_total: u64,
     /// The breaks, in order (at most 1000).
     pub breaks: Vec<Break>,
+}
+
+impl Break {
+    /// Whether it is about the end of the log: the head does not name the last record.
+    pub fn at_head(&self) -> bool {
+        self.at_head
+    }
 }
 
 impl VerifyReport {
@@ -134,9 +145,9 @@ pub fn verify_in(conn: &Connection, keys: &ChainKeys) -> Result<VerifyReport> {
     walk(conn, keys, Start::Beginning)
 }
 
-/// The start-up check of the writer: the tail matches the signed head and the last
-/// [`TAIL_CHECK_RECORDS`] records chain to it. Costs one indexed read per record checked
-/// (about a millisecond), unlike a full verify, which grows with the log.
+/// The start-up check of the writer: whether the tail matches the signed head and the last
+/// [`TAIL_CHECK_RECORDS`] records chain to it. Costs one HMAC per record checked (about a
+/// millisecond), unlike a full verify, which grows with the log.
 pub fn check_tail(conn: &mut Connection, keys: &ChainKeys) -> Result<VerifyReport> {
     let tx = conn.transaction().map_err(sql_error)?;
     let start = match sqlite::last_row(&tx)? {
@@ -226,6 +237,16 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
                         );
                     } else if record.operation == RECOVER_OPERATION {
                         walk.note_recovery(seq, &record);
+                    } else if record.operation == TAIL_EVIDENCE_OPERATION {
+                        walk.push(
+                            seq,
+                            format!(
+                                "the end of the log was not the one the writer signed when it \
+                                 appended record {seq}: {}",
+                                record.detail
+                            ),
+                            false,
+                        );
                     }
                 }
             },
@@ -348,9 +369,8 @@ pub struct Recovery {
 /// The audited recovery step: in one write transaction, verifies the whole log and, if it has
 /// unacknowledged breaks, appends an `AuditRecover` record by `caller` that acknowledges them
 /// and re-signs the head on it. Deletes and rewrites nothing. Refuses (and changes nothing)
-/// when the breaks are too scattered to list in one record, or when no record is left to
-/// chain to and the checkpoint is invalid: then the log is beyond repair and should be moved
-/// aside (kept as evidence) so the service starts a new one.
+/// when the breaks are too scattered to list in one record: then the log is beyond repair
+/// and should be moved aside (kept as evidence) so the service starts a new one.
 pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<Recovery> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -369,20 +389,7 @@ pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<
             report.breaks_total
         )));
     }
-    let tail = match sqlite::last_row(&tx)? {
-        Some((seq, mac)) => (seq, mac),
-        None => match sqlite::checkpoint(&tx, keys)? {
-            Some(checkpoint) => (checkpoint.seq, checkpoint.mac.to_vec()),
-            None if report.head_seq == 0 => (0, GENESIS_MAC.to_vec()),
-            None => {
-                return Err(Error::FailedPrecondition(
-                    "no record is left and the retention checkpoint is invalid: move audit.db \
-                     aside (keep it as evidence) to start a new log"
-                        .into(),
-                ));
-            }
-        },
-    };
+    let tail = sqlite::actual_tail(&tx, keys)?;
     let ranges = acknowledged_ranges(report.unacknowledged().filter(|b| !b.at_head));
     if ranges.len() > MAX_ACKNOWLEDGED_RANGES {
         return Err(Error::FailedPrecondition(format!(
@@ -447,4 +454,130 @@ fn acknowledged_ranges<'a>(breaks: impl Iterator<Item = &'a Break>) -> Vec<Strin
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::crypto::secret::SecretKey;
+
+    fn record(i: u32) -> AuditRecord {
+        AuditRecord {
+            time_micros: 1_000 + i64::from(i),
+            request_id: format!("r{i}"),
+            caller: "token:t".into(),
+            peer: "local".into(),
+            tenant_id: "acme".into(),
+            operation: "Encrypt".into(),
+            contexts: vec!["ctx".into()],
+            key_versions: vec![1],
+            item_count: 1,
+            outcome: Outcome::Ok,
+            aad_fingerprint: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    /// A log of `n` records in a temporary directory.
+    fn log(n: u32) -> (tempfile::TempDir, Connection, ChainKeys) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = sqlite::open(
+            &dir.path().join("audit.db"),
+            false,
+            sqlite::DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap();
+        let keys = ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap();
+        let records: Vec<AuditRecord> = (1..=n).map(record).collect();
+        // Two batches, so the head moves more than once.
+        let (a, b) = records.split_at(records.len() / 2);
+        sqlite::append(&mut conn, &keys, a).unwrap();
+        sqlite::append(&mut conn, &keys, b).unwrap();
+        (dir, conn, keys)
+    }
+
+    fn first_bad(conn: &mut Connection, keys: &ChainKeys) -> u64 {
+        let report = verify(conn, keys).unwrap();
+        assert_eq!(report.ok, report.first_bad_seq == 0, "{report:?}");
+        report.first_bad_seq
+    }
+
+    #[test]
+    fn a_whole_log_verifies() {
+        let (_dir, mut conn, keys) = log(10);
+        let report = verify(&mut conn, &keys).unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!((report.records_checked, report.head_seq), (10, 10));
+        assert!(check_tail(&mut conn, &keys).unwrap().ok);
+    }
+
+    #[test]
+    fn each_kind_of_tampering_names_its_first_record() {
+        let cases: [(&str, u64); 6] = [
+            ("UPDATE audit_events SET tenant_id = 'x' WHERE seq = 4", 4),
+            ("DELETE FROM audit_events WHERE seq = 4", 4),
+            ("DELETE FROM audit_events WHERE seq = 1", 1),
+            (
+                "UPDATE audit_events SET seq = -4 WHERE seq = 4; \
+                 UPDATE audit_events SET seq = 4 WHERE seq = 5; \
+                 UPDATE audit_events SET seq = 5 WHERE seq = -4",
+                4,
+            ),
+            ("DELETE FROM audit_events WHERE seq >= 9", 9),
+            ("DELETE FROM audit_meta WHERE name = 'head'", 11),
+        ];
+        for (sql, bad) in cases {
+            let (_dir, mut conn, keys) = log(10);
+            conn.execute_batch(sql).unwrap();
+            assert_eq!(first_bad(&mut conn, &keys), bad, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_cut_tail_gets_evidence_and_recovery_acknowledges_it_without_deleting() {
+        let (_dir, mut conn, keys) = log(10);
+        conn.execute("DELETE FROM audit_events WHERE seq = 10", [])
+            .unwrap();
+        assert!(!check_tail(&mut conn, &keys).unwrap().ok);
+        // The next append records the cut before its own record.
+        let first = sqlite::append(&mut conn, &keys, [&record(11)]).unwrap();
+        assert_eq!(first, 11);
+        let report = verify(&mut conn, &keys).unwrap();
+        assert_eq!(report.first_bad_seq, 10, "{report:?}");
+        assert!(report.reason.contains("signed head is at record 10"), "{report:?}");
+        let recovery = recover(&mut conn, &keys, "cli:test").unwrap();
+        assert_eq!(recovery.recovery_seq, 12);
+        let report = verify(&mut conn, &keys).unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.breaks[0].acknowledged_by, Some(12));
+        // 9 kept, the evidence, record 11, the recovery: nothing was deleted.
+        assert_eq!(sqlite::count(&conn).unwrap(), 12);
+        // A later edit of a record the recovery did not accept is a new break.
+        conn.execute("UPDATE audit_events SET detail = 'x' WHERE seq = 3", [])
+            .unwrap();
+        assert_eq!(first_bad(&mut conn, &keys), 3);
+        // Nothing to recover on a whole log.
+        let (_dir, mut conn, keys) = log(3);
+        assert_eq!(recover(&mut conn, &keys, "cli:test").unwrap().recovery_seq, 0);
+    }
+
+    #[test]
+    fn ranges_compress_and_parse() {
+        let breaks: Vec<Break> = [3, 4, 5, 9, 12, 13]
+            .into_iter()
+            .map(|seq| Break {
+                seq,
+                reason: String::new(),
+                acknowledged_by: None,
+                at_head: false,
+            })
+            .collect();
+        let ranges = acknowledged_ranges(breaks.iter());
+        assert_eq!(ranges, ["seq:3-5", "seq:9", "seq:12-13"]);
+        assert_eq!(parse_range("seq:3-5"), Some((3, 5)));
+        assert_eq!(parse_range("seq:9"), Some((9, 9)));
+        assert_eq!(parse_range("ctx"), None);
+    }
 }

@@ -10,11 +10,12 @@
 //! the connection is reopened for the next batch, so the service recovers by itself once the
 //! fault is cleared.
 //!
-//! Before it accepts anything, the writer checks the end of the log ([`verify::check_tail`]):
-//! it refuses to start on a log whose tail does not match its signed head or whose last
-//! records do not chain, because extending such a log would bury the evidence. Every append
-//! re-checks the head in its own transaction, so a cut made while the service runs fails the
-//! next batch closed instead of being papered over.
+//! Before it accepts anything, the writer checks the end of the log ([`verify::check_tail`]).
+//! It flags, and does not refuse: a problem is logged, and a tail that is not the one the
+//! signed head names gets an `AuditTailMismatch` evidence record at once (every append checks
+//! the head again, in its own transaction, so a cut made while the service runs is recorded
+//! the same way). The evidence stays in the chain, reported by `audit verify`, until an
+//! operator acknowledges it with `audit recover`; nothing is ever deleted.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,9 +81,9 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Opens `path`, checks the end of the log (refusing, with the way out, a log whose tail
-    /// does not verify) and starts the writer thread. A commit waits at most `busy_timeout`
-    /// for another process's write lock before its batch fails closed.
+    /// Opens `path`, checks the end of the log (logging what is wrong and recording the
+    /// evidence of a cut tail) and starts the writer thread. A commit waits at most
+    /// `busy_timeout` for another process's write lock before its batch fails closed.
     pub fn start(
         path: PathBuf,
         durability: Durability,
@@ -93,15 +94,17 @@ impl AuditWriter {
         let mut conn = sqlite::open(&path, full_sync, busy_timeout)?;
         let report = verify::check_tail(&mut conn, &keys)?;
         if !report.ok {
-            return Err(Error::FailedPrecondition(format!(
-                "{} does not verify at its end (record {}: {}). The service does not extend a \
-                 log it cannot vouch for: run `tenant-kms audit verify` to see every break and, \
-                 to accept the log as it stands, `tenant-kms audit recover` (it appends an \
-                 audited recovery record and deletes nothing)",
-                path.display(),
-                report.first_bad_seq,
-                report.reason
-            )));
+            tracing::error!(
+                path = %path.display(),
+                first_bad_seq = report.first_bad_seq,
+                reason = %report.reason,
+                "the end of the audit log does not verify; the breaks stay on record until \
+                 `tenant-kms audit recover` acknowledges them (see `tenant-kms audit verify`)"
+            );
+            if report.breaks.iter().any(|b| b.at_head()) {
+                // Record the cut now, with the time it was found, not at the first call.
+                sqlite::append(&mut conn, &keys, std::iter::empty())?;
+            }
         }
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread_keys = Arc::clone(&keys);
