@@ -79,7 +79,10 @@ fn signature(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> [u8; MAC_LEN] {
 pub fn read(conn: &Connection, keys: &ChainKeys, kind: Kind) -> Result<Stored> {
     let value: Option<Vec<u8>> = conn
         .prepare_cached("SELECT value FROM audit_meta WHERE name = ?1")
-        .and_then(|mut stmt| stmt.query_row([kind.name()], |row| row.get(0)).optional())
+        .and_then(|mut stmt| {
+            stmt.query_row([kind.name()], |row| Ok(super::sqlite::bytes_at(row, 0)))
+                .optional()
+        })
         .map_err(super::sqlite::sql_error)?;
     let Some(value) = value else {
         return Ok(Stored::Missing);

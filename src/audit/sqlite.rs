@@ -171,10 +171,22 @@ fn append_evidence(conn: &Connection, keys: &ChainKeys, problem: &TailProblem) -
 pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
     conn.prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
         .and_then(|mut stmt| {
-            stmt.query_row([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
-                .optional()
+            stmt.query_row([], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, bytes_at(row, 1)))
+            })
+            .optional()
         })
         .map_err(sql_error)
+}
+
+/// The bytes of a column that should hold a blob. Anything else (text, NULL, a number), as an
+/// intruder might leave it, reads as no bytes, which never verifies: a malformed row is
+/// reported as a break instead of stopping the verifier or the writer.
+pub(crate) fn bytes_at(row: &Row<'_>, index: usize) -> Vec<u8> {
+    match row.get_ref(index) {
+        Ok(rusqlite::types::ValueRef::Blob(bytes)) => bytes.to_vec(),
+        _ => Vec::new(),
+    }
 }
 
 /// What is actually at the end of the log, whatever the head says: the last record (its MAC

@@ -159,6 +159,9 @@ pub fn check_tail(conn: &mut Connection, keys: &ChainKeys) -> Result<VerifyRepor
 
 fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyReport> {
     let mut walk = Walk::default();
+    // A checkpoint that does not verify is a break at the first record after it: that record
+    // can no longer be tied to what was pruned.
+    let mut checkpoint_invalid = false;
     // `expected` is the next sequence number; `prev` the MAC it must chain to. `None`: the
     // starting point is not trustworthy, so the first record is taken as it is.
     let (mut expected, mut prev, from): (u64, Option<Vec<u8>>, i64) = match start {
@@ -167,7 +170,7 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
                 .query_row(
                     "SELECT seq, mac FROM audit_events WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
                     [seq as i64],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
+                    |row| Ok((row.get(0)?, sqlite::bytes_at(row, 1))),
                 )
                 .optional()
                 .map_err(sql_error)?;
@@ -182,13 +185,7 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
                 (checkpoint.seq + 1, Some(checkpoint.mac.to_vec()), i64::MIN)
             }
             Stored::Invalid => {
-                walk.push(
-                    1,
-                    "the retention checkpoint is invalid, so the first record cannot be tied \
-                     to what was pruned"
-                        .into(),
-                    false,
-                );
+                checkpoint_invalid = true;
                 (1, None, i64::MIN)
             }
         },
@@ -204,7 +201,7 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
         let raw_seq: i64 = row.get(0).map_err(sql_error)?;
         let seq = u64::try_from(raw_seq).unwrap_or(0);
         // A MAC that is NULL or not a blob is as good as a wrong one.
-        let mac: Vec<u8> = row.get(13).unwrap_or_default();
+        let mac = sqlite::bytes_at(row, 13);
         if seq < expected && prev.is_some() {
             // Below the checkpoint (or not a valid sequence number): not part of the chain.
             walk.push(
@@ -213,6 +210,16 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
                 false,
             );
             continue;
+        }
+        if checkpoint_invalid && checked == 1 {
+            walk.push(
+                seq.max(1),
+                format!(
+                    "the retention checkpoint is invalid, so record {seq} cannot be tied to \
+                     what was pruned"
+                ),
+                false,
+            );
         }
         match &prev {
             None => {}
@@ -258,8 +265,18 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
     }
     drop(rows);
     drop(stmt);
+    if checkpoint_invalid && checked == 0 {
+        walk.push(1, "the retention checkpoint is invalid".into(), false);
+    }
     let tail_seq = last_seq.unwrap_or(expected - 1);
-    check_head(conn, keys, &mut walk, last_seq.is_none(), prev.as_deref(), tail_seq)?;
+    check_head(
+        conn,
+        keys,
+        &mut walk,
+        last_seq.is_none(),
+        prev.as_deref(),
+        tail_seq,
+    )?;
     Ok(finish(walk, checked, tail_seq))
 }
 
@@ -288,7 +305,10 @@ fn check_head(
         Stored::Valid(head) if head.seq > tail_seq => walk.push(
             tail_seq + 1,
             if head.seq == tail_seq + 1 {
-                format!("record {} is missing from the end (the signed head is at it)", head.seq)
+                format!(
+                    "record {} is missing from the end (the signed head is at it)",
+                    head.seq
+                )
             } else {
                 format!(
                     "records {} to {} are missing from the end (the signed head is at {})",
@@ -546,7 +566,10 @@ mod tests {
         assert_eq!(first, 11);
         let report = verify(&mut conn, &keys).unwrap();
         assert_eq!(report.first_bad_seq, 10, "{report:?}");
-        assert!(report.reason.contains("signed head is at record 10"), "{report:?}");
+        assert!(
+            report.reason.contains("signed head is at record 10"),
+            "{report:?}"
+        );
         let recovery = recover(&mut conn, &keys, "cli:test").unwrap();
         assert_eq!(recovery.recovery_seq, 12);
         let report = verify(&mut conn, &keys).unwrap();
@@ -560,7 +583,10 @@ mod tests {
         assert_eq!(first_bad(&mut conn, &keys), 3);
         // Nothing to recover on a whole log.
         let (_dir, mut conn, keys) = log(3);
-        assert_eq!(recover(&mut conn, &keys, "cli:test").unwrap().recovery_seq, 0);
+        assert_eq!(
+            recover(&mut conn, &keys, "cli:test").unwrap().recovery_seq,
+            0
+        );
     }
 
     #[test]

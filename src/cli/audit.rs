@@ -118,7 +118,11 @@ fn print_report(report: &VerifyReport) {
         );
     }
     let unacknowledged = report.unacknowledged().count() as u64;
-    for b in report.breaks.iter().filter(|b| b.seq != report.first_bad_seq) {
+    for b in report
+        .breaks
+        .iter()
+        .filter(|b| b.seq != report.first_bad_seq)
+    {
         match b.acknowledged_by {
             Some(by) => println!(
                 "  acknowledged by recovery record {by}: record {}: {}",
