@@ -89,8 +89,11 @@ fn timestamp(micros: i64) -> prost_types::Timestamp {
     }
 }
 
+/// (seq, tenant, operation, time) of one record.
+type Row = (u64, String, String, i64);
+
 /// (seq, tenant, operation, time) of every record, straight from the database.
-fn rows(dir: &Path) -> Vec<(u64, String, String, i64)> {
+fn rows(dir: &Path) -> Vec<Row> {
     let conn = audit_db(dir);
     let mut stmt = conn
         .prepare("SELECT seq, tenant_id, operation, time_us FROM audit_events ORDER BY seq")
@@ -767,7 +770,7 @@ async fn list_audit_events_pages_and_filters() {
             .filter(|s| *s <= top)
             .collect()
     };
-    let expect = |f: &dyn Fn(&(u64, String, String, i64)) -> bool| -> Vec<u64> {
+    let expect = |f: &dyn Fn(&Row) -> bool| -> Vec<u64> {
         snapshot.iter().filter(|r| f(r)).map(|r| r.0).collect()
     };
 
@@ -828,7 +831,7 @@ async fn list_audit_events_pages_and_filters() {
     );
 
     // A time range: since inclusive, until exclusive.
-    let encrypts_a: Vec<&(u64, String, String, i64)> = snapshot
+    let encrypts_a: Vec<&Row> = snapshot
         .iter()
         .filter(|r| r.1 == "a" && r.2 == "Encrypt")
         .collect();
@@ -958,7 +961,7 @@ async fn export_writes_json_lines_filtered_by_tenant_and_time() {
     assert_eq!(b.len(), 5, "CreateTenant and 4 Encrypts");
     assert!(b.iter().all(|l| l["tenant_id"] == "b"));
 
-    let encrypts_a: Vec<&(u64, String, String, i64)> = snapshot
+    let encrypts_a: Vec<&Row> = snapshot
         .iter()
         .filter(|r| r.1 == "a" && r.2 == "Encrypt")
         .collect();
