@@ -19,6 +19,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -77,6 +78,7 @@ impl Reply {
 pub struct AuditWriter {
     jobs: mpsc::Sender<Job>,
     keys: Arc<ChainKeys>,
+    commits: Arc<AtomicU64>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -108,10 +110,12 @@ impl AuditWriter {
         }
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread_keys = Arc::clone(&keys);
+        let commits = Arc::new(AtomicU64::new(0));
         let reopen = Reopen {
             path,
             full_sync,
             busy_timeout,
+            commits: Arc::clone(&commits),
         };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -120,8 +124,15 @@ impl AuditWriter {
         Ok(Self {
             jobs,
             keys,
+            commits,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
+    }
+
+    /// How many transactions (batches) this writer has committed: with the records appended,
+    /// the mean group-commit batch size.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// The chain keys (for fingerprints and verification).
@@ -166,11 +177,12 @@ impl AuditWriter {
     }
 }
 
-/// How to reopen the append connection after a failure.
+/// How to reopen the append connection after a failure, and the commit counter.
 struct Reopen {
     path: PathBuf,
     full_sync: bool,
     busy_timeout: Duration,
+    commits: Arc<AtomicU64>,
 }
 
 fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiver<Job>) {
@@ -200,6 +212,7 @@ fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiv
         };
         match result {
             Ok(first_seq) => {
+                reopen.commits.fetch_add(1, Ordering::Relaxed);
                 for (job, seq) in batch.drain(..).zip(first_seq..) {
                     job.done.send(Ok(seq));
                 }
