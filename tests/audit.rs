@@ -387,15 +387,30 @@ async fn calls_fail_closed_while_the_audit_cannot_write_and_resume_after() {
                 .to_owned(),
         );
     }
-    // Reads of the audit itself go on (their own record cannot be written either).
-    assert_eq!(
-        audit
-            .verify_audit_chain(pb::VerifyAuditChainRequest {})
-            .await
-            .status_err()
-            .code(),
-        Code::Unavailable
+    // Reading the audit is refused too: its own record cannot be written either.
+    let status = audit
+        .verify_audit_chain(pb::VerifyAuditChainRequest {})
+        .await
+        .status_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    failed_ids.push(
+        status
+            .metadata()
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned(),
     );
+    // A control-plane call changes state before its record is due: refused all the same.
+    let status = tenants
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "beta".into(),
+        })
+        .await
+        .status_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(server.audit_count(), records_before, "nothing was written");
 
     // The fault clears: the very next calls succeed, with no restart.
     blocker.execute_batch("ROLLBACK").unwrap();
@@ -410,18 +425,30 @@ async fn calls_fail_closed_while_the_audit_cannot_write_and_resume_after() {
             .plaintext,
         b"after"
     );
-    // Nothing of the refused calls reached the log; the log is whole.
-    assert_eq!(server.audit_count(), records_before + 2);
+    // The refused calls are on the trail after all, as what the callers saw: unavailable,
+    // written late by the first commit that succeeded (before the calls above).
+    assert_eq!(server.audit_count(), records_before + 26 + 2);
+    let (outcome, detail): (String, String) = audit_db(&dir)
+        .query_row(
+            "SELECT outcome, detail FROM audit_events WHERE operation = 'CreateTenant' \
+             AND tenant_id = 'beta'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "unavailable");
+    assert!(detail.contains("when the call ended (ok)"), "{detail}");
     let conn = audit_db(&dir);
     for id in &failed_ids {
-        let n: i64 = conn
+        let (outcome, detail): (String, String) = conn
             .query_row(
-                "SELECT COUNT(*) FROM audit_events WHERE request_id = ?1",
+                "SELECT outcome, detail FROM audit_events WHERE request_id = ?1",
                 [id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!(n, 0);
+        assert_eq!(outcome, "unavailable");
+        assert!(detail.starts_with("recorded late"), "{detail}");
     }
     assert!(rpc_verify(&mut audit).await.ok);
 }

@@ -8,7 +8,9 @@
 //!
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
-//! fault is cleared.
+//! fault is cleared. The failed calls' records are kept in memory (bounded) and written, as
+//! `unavailable` with what the call did in their detail, by the first commit that succeeds:
+//! a control-plane call that changed state before the audit failed stays on the trail.
 //!
 //! Before it accepts anything, the writer checks the end of the log ([`verify::check_tail`]).
 //! It flags, and does not refuse: a problem is logged, and a tail that is not the one the
@@ -17,6 +19,7 @@
 //! the same way). The evidence stays in the chain, reported by `audit verify`, until an
 //! operator acknowledges it with `audit recover`; nothing is ever deleted.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -185,43 +188,90 @@ struct Reopen {
     commits: Arc<AtomicU64>,
 }
 
+/// Most records kept in memory for a late write while the store cannot write. Past it the
+/// oldest are dropped, with an error in the log.
+const MAX_DEFERRED: usize = 65_536;
+/// How often deferred records are retried when no new record arrives.
+const RETRY_DEFERRED: Duration = Duration::from_secs(1);
+
+/// The record of a call whose own record could not be written in time: the caller got
+/// UNAVAILABLE and no result, and that is what is recorded, with what the call itself did.
+/// (A control-plane call may have changed state before the audit failed: it must not vanish
+/// from the trail.)
+fn late(mut record: AuditRecord) -> AuditRecord {
+    let ended = record.outcome.as_str();
+    record.detail = if record.detail.is_empty() {
+        format!(
+            "recorded late: the audit store could not write when the call ended ({ended}), so \
+             the caller got UNAVAILABLE and no result"
+        )
+    } else {
+        format!(
+            "recorded late: the audit store could not write when the call ended ({ended}: {}), \
+             so the caller got UNAVAILABLE and no result",
+            record.detail
+        )
+    };
+    record.outcome = super::Outcome::Unavailable;
+    record
+}
+
 fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiver<Job>) {
     let mut conn = Some(conn);
+    // Records of calls that were failed closed, written with the next commit that succeeds.
+    let mut deferred: VecDeque<AuditRecord> = VecDeque::new();
+    let mut dropped: u64 = 0;
     // Group commit: block for the first job, then take whatever else is already waiting. An
     // idle service thus commits a lone record at once; under load, the jobs that queued while
     // the previous fsync ran form the next batch, so the batch size follows the load.
     let mut batch: Vec<Job> = Vec::new();
-    while let Ok(first) = queue.recv() {
-        batch.push(first);
+    loop {
+        let first = if deferred.is_empty() {
+            match queue.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        } else {
+            match queue.recv_timeout(RETRY_DEFERRED) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        batch.extend(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        let records = batch.iter().map(|j| &j.record);
-        let result = match conn.as_mut() {
-            Some(c) => sqlite::append(c, keys, records),
-            None => sqlite::open(&reopen.path, reopen.full_sync, reopen.busy_timeout).and_then(
-                |mut c| {
-                    let r = sqlite::append(&mut c, keys, records);
-                    conn = Some(c);
-                    r
-                },
-            ),
-        };
-        match result {
+        let records = deferred.iter().chain(batch.iter().map(|j| &j.record));
+        match commit(&mut conn, reopen, keys, records) {
             Ok(first_seq) => {
-                reopen.commits.fetch_add(1, Ordering::Relaxed);
-                for (job, seq) in batch.drain(..).zip(first_seq..) {
+                let late = deferred.len() as u64;
+                if late > 0 {
+                    tracing::warn!(
+                        records = late,
+                        "audit store writable again: recorded the calls failed closed meanwhile"
+                    );
+                    deferred.clear();
+                }
+                for (job, seq) in batch.drain(..).zip(first_seq + late..) {
                     job.done.send(Ok(seq));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, records = batch.len(), "audit commit failed; failing the calls closed");
-                // Reopen next time: the fault may have been a replaced or re-permissioned file.
-                conn = None;
                 for job in batch.drain(..) {
+                    if deferred.len() >= MAX_DEFERRED {
+                        deferred.pop_front();
+                        dropped += 1;
+                        tracing::error!(
+                            dropped,
+                            "audit store unwritable for long: dropped the oldest late record"
+                        );
+                    }
+                    deferred.push_back(late(job.record));
                     job.done.send(Err(Error::Unavailable(
                         "the audit store cannot record this call; no result was returned".into(),
                     )));
@@ -229,4 +279,38 @@ fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiv
             }
         }
     }
+    if !deferred.is_empty() {
+        // Shutting down: one last try, so a fault cleared just before the end loses nothing.
+        if let Err(e) = commit(&mut conn, reopen, keys, deferred.iter()) {
+            tracing::error!(error = %e, records = deferred.len(), "records of calls failed closed could not be written before shutdown");
+        }
+    }
+}
+
+/// One transaction on the append connection, (re)opening it if needed; a failure drops the
+/// connection so the next commit reopens it (the fault may have been a replaced or
+/// re-permissioned file).
+fn commit<'a>(
+    conn: &mut Option<Connection>,
+    reopen: &Reopen,
+    keys: &ChainKeys,
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+) -> Result<u64> {
+    let result = match conn.as_mut() {
+        Some(c) => sqlite::append(c, keys, records),
+        None => {
+            sqlite::open(&reopen.path, reopen.full_sync, reopen.busy_timeout).and_then(|mut c| {
+                let r = sqlite::append(&mut c, keys, records);
+                *conn = Some(c);
+                r
+            })
+        }
+    };
+    match &result {
+        Ok(_) => {
+            reopen.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(_) => *conn = None,
+    }
+    result
 }
