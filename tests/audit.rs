@@ -140,7 +140,7 @@ async fn an_untouched_log_verifies() {
     let (code, out) = cli_verify(&server.data_dir);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.starts_with("OK: 11 records verified (head 11)"),
+        out.starts_with("OK: 11 records verified (head 11, anchor 11:"),
         "{out}"
     );
     let report = rpc_verify(&mut audit).await;
@@ -311,6 +311,69 @@ async fn a_cut_tail_found_at_start_is_recorded_before_serving() {
     assert_eq!((last.0, last.2.as_str()), (11, "AuditTailMismatch"));
     assert_cli_names(&dir, 11, "cut before start");
     server.stop().await;
+}
+
+/// The `SEQ:MAC` anchor an OK verify prints.
+fn anchor_of(out: &str) -> String {
+    out.split("anchor ")
+        .nth(1)
+        .unwrap()
+        .trim_end()
+        .trim_end_matches(')')
+        .to_owned()
+}
+
+/// Copies `audit.db` and its WAL (if any) from one directory to another.
+fn copy_audit_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in ["audit.db", "audit.db-wal", "audit.db-shm"] {
+        let _ = std::fs::remove_file(to.join(name));
+        if from.join(name).exists() {
+            std::fs::copy(from.join(name), to.join(name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_to_an_old_copy_is_caught_by_a_kept_anchor() {
+    let (server, _keys, _audit) = server_with_records().await;
+    let dir = server.data_dir.clone();
+    let temp = server.stop().await;
+    let old_copy = temp.as_ref().unwrap().path().join("old");
+    copy_audit_files(&dir, &old_copy);
+    // More records, then an anchor taken (and, in real life, kept off the machine).
+    let server = TestServer::start_with(test_options(&dir)).await;
+    let (mut keys, _, _) = server.clients().await;
+    for i in 0..5 {
+        encrypt(
+            &mut keys,
+            "acme",
+            "ctx",
+            format!("later {i}").as_bytes(),
+            b"",
+        )
+        .await;
+    }
+    server.stop().await;
+    let (code, out) = cli_verify(&dir);
+    assert_eq!(code, 0, "{out}");
+    let anchor = anchor_of(&out);
+    assert!(anchor.starts_with("16:"), "{anchor}");
+    let d = dir.to_str().unwrap();
+    let (code, _, err) = run_cli(&["audit", "verify", "--data-dir", d, "--anchor", &anchor]);
+    assert_eq!(code, 0, "{err}");
+
+    // The intruder puts the old copy back: chain and signed head are both valid (they were
+    // once), so only the anchor shows the rollback.
+    copy_audit_files(&old_copy, &dir);
+    let (code, out) = cli_verify(&dir);
+    assert_eq!(code, 0, "a rollback alone verifies: {out}");
+    let (code, out, _) = run_cli(&["audit", "verify", "--data-dir", d, "--anchor", &anchor]);
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with("FAILED: first bad record 16: record 16, which the anchor names, is gone"),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ pub struct VerifyReport {
     pub first_bad_seq: u64,
     /// The last record's sequence number (or the checkpoint's when every record was pruned).
     pub head_seq: u64,
+    /// The last record's MAC, hex: with `head_seq`, an anchor to keep off the machine and
+    /// check later with `audit verify --anchor SEQ:MAC` (a keyed value: it reveals nothing).
+    pub head_mac: String,
     /// Why the first unacknowledged break failed; empty when ok.
     pub reason: String,
     /// How many breaks there are, acknowledged or not.
@@ -277,7 +280,9 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
         prev.as_deref(),
         tail_seq,
     )?;
-    Ok(finish(walk, checked, tail_seq))
+    let mut report = finish(walk, checked, tail_seq);
+    report.head_mac = prev.map(hex::encode).unwrap_or_default();
+    Ok(report)
 }
 
 /// Compares the end of the walk with the signed head.
@@ -371,10 +376,50 @@ fn finish(mut walk: Walk, checked: u64, head_seq: u64) -> VerifyReport {
         records_checked: checked,
         first_bad_seq: first_bad.as_ref().map_or(0, |b| b.seq),
         head_seq,
+        head_mac: String::new(),
         reason: first_bad.map(|b| b.reason).unwrap_or_default(),
         breaks_total: walk.total,
         breaks: walk.breaks,
     }
+}
+
+/// Checks an anchor kept from an earlier verify (`head_seq`, `head_mac`): the record there
+/// must still be the same one. This is what catches a rollback to an older copy of the log
+/// (or a cut back to an older signed head), which the chain and the head alone cannot, as
+/// both were valid once. Returns the problem, if any. An anchor at or before the retention
+/// checkpoint is checked against it when it names exactly the checkpoint, and passes
+/// otherwise (those records were pruned on purpose).
+pub fn check_anchor(
+    conn: &Connection,
+    keys: &ChainKeys,
+    seq: u64,
+    mac: &[u8],
+) -> Result<Option<String>> {
+    if let Some(checkpoint) = sqlite::checkpoint(conn, keys)?
+        && seq <= checkpoint.seq
+    {
+        return Ok(
+            (seq == checkpoint.seq && !constant_time_eq(&checkpoint.mac, mac))
+                .then(|| format!("the checkpoint at record {seq} is not the one the anchor names")),
+        );
+    }
+    let stored: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT mac FROM audit_events WHERE seq = ?1",
+            [i64::try_from(seq).unwrap_or(i64::MAX)],
+            |row| Ok(sqlite::bytes_at(row, 0)),
+        )
+        .optional()
+        .map_err(sql_error)?;
+    Ok(match stored {
+        None => Some(format!(
+            "record {seq}, which the anchor names, is gone: the log was cut or rolled back"
+        )),
+        Some(stored) if !constant_time_eq(&stored, mac) => Some(format!(
+            "record {seq} is not the one the anchor names: the log was rolled back or rewritten"
+        )),
+        Some(_) => None,
+    })
 }
 
 /// What [`recover`] did.

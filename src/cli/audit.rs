@@ -46,6 +46,10 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also check that record SEQ still has MAC (hex), as printed by an earlier verify and
+    /// kept elsewhere: catches a rollback to an older copy of the log.
+    #[arg(long, value_name = "SEQ:MAC")]
+    anchor: Option<String>,
     #[command(flatten)]
     data: DataDirArgs,
 }
@@ -108,8 +112,8 @@ fn open_log(options: &crate::service::ServiceOptions) -> Result<rusqlite::Connec
 fn print_report(report: &VerifyReport) {
     if report.ok {
         println!(
-            "OK: {} records verified (head {})",
-            report.records_checked, report.head_seq
+            "OK: {} records verified (head {}, anchor {}:{})",
+            report.records_checked, report.head_seq, report.head_seq, report.head_mac
         );
     } else {
         println!(
@@ -202,7 +206,20 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
             let mut conn = open_log(&options)?;
-            let report = verify::verify(&mut conn, &dir.chain_keys)?;
+            let mut report = verify::verify(&mut conn, &dir.chain_keys)?;
+            if let Some(anchor) = &args.anchor {
+                let (seq, mac) = anchor
+                    .split_once(':')
+                    .and_then(|(seq, mac)| Some((seq.parse::<u64>().ok()?, hex::decode(mac).ok()?)))
+                    .ok_or_else(|| Error::InvalidArgument("--anchor must be SEQ:HEX-MAC".into()))?;
+                if let Some(problem) = verify::check_anchor(&conn, &dir.chain_keys, seq, &mac)? {
+                    report.ok = false;
+                    if report.first_bad_seq == 0 || seq < report.first_bad_seq {
+                        report.first_bad_seq = seq;
+                        report.reason = problem;
+                    }
+                }
+            }
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
