@@ -1167,6 +1167,20 @@ async fn prune_leaves_a_signed_checkpoint_and_tampering_with_it_is_named() {
     let (code, out) = cli_verify(&dir);
     assert_eq!(code, 0, "{out}");
 
+    // A row slipped in before the checkpoint is not part of the chain.
+    conn.execute(
+        "INSERT INTO audit_events SELECT 1, time_us, request_id, caller, peer, tenant_id, \
+         operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac \
+         FROM audit_events WHERE seq = ?1",
+        [keep_from as i64],
+    )
+    .unwrap();
+    assert_cli_names(&dir, 1, "row before the checkpoint");
+    let (_, out) = cli_verify(&dir);
+    assert!(out.contains("lies before the start of the chain"), "{out}");
+    conn.execute("DELETE FROM audit_events WHERE seq = 1", [])
+        .unwrap();
+
     // Pruning refuses a log that does not verify.
     conn.execute(
         "UPDATE audit_events SET detail = 'x' WHERE seq = ?1",
