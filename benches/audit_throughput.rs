@@ -69,6 +69,8 @@ struct Level {
     p99: Duration,
     records: u64,
     commits: u64,
+    /// Share of the wall time the writer spent in transactions.
+    writer_busy: f64,
 }
 
 /// Drives `clients` concurrent callers; `counters` gives (records, commits) so far.
@@ -77,7 +79,7 @@ async fn drive(
     auth: &Auth,
     clients: usize,
     secs: f64,
-    counters: &dyn Fn() -> (u64, u64),
+    counters: &dyn Fn() -> (u64, u64, u64),
 ) -> Level {
     let run = |measure: bool, duration: Duration| {
         let mut tasks = tokio::task::JoinSet::new();
@@ -129,6 +131,7 @@ async fn drive(
         p99: pick(0.99),
         records: counters().0 - before.0,
         commits: (counters().1 - before.1).max(1),
+        writer_busy: (counters().2 - before.2) as f64 / 1e9 / elapsed,
     }
 }
 
@@ -225,8 +228,8 @@ async fn main() {
         let bench = start(&base, durability).await;
         println!("\ndurability {durability:?}");
         println!(
-            "{:>8} {:>10} {:>10} {:>10} {:>14} {:>8}",
-            "clients", "calls/s", "p50 ms", "p99 ms", "records/commit", "ratio"
+            "{:>8} {:>10} {:>10} {:>10} {:>14} {:>12} {:>8}",
+            "clients", "calls/s", "p50 ms", "p99 ms", "records/commit", "writer busy", "ratio"
         );
         let counters = {
             let state = Arc::clone(&bench.state);
@@ -235,6 +238,7 @@ async fn main() {
                 (
                     tenant_kms::audit::sqlite::count(&conn).unwrap(),
                     state.audit.commits(),
+                    state.audit.busy_nanos(),
                 )
             }
         };
@@ -243,12 +247,13 @@ async fn main() {
             let level = drive(&bench.channels, &bench.auth, clients, secs, &counters).await;
             let base_rate = *single.get_or_insert(level.rate);
             println!(
-                "{:>8} {:>10.0} {:>10.2} {:>10.2} {:>14.1} {:>7.1}x",
+                "{:>8} {:>10.0} {:>10.2} {:>10.2} {:>14.1} {:>11.0}% {:>7.1}x",
                 level.clients,
                 level.rate,
                 level.p50.as_secs_f64() * 1e3,
                 level.p99.as_secs_f64() * 1e3,
                 level.records as f64 / level.commits as f64,
+                level.writer_busy * 100.0,
                 level.rate / base_rate
             );
         }

@@ -82,6 +82,7 @@ pub struct AuditWriter {
     jobs: mpsc::Sender<Job>,
     keys: Arc<ChainKeys>,
     commits: Arc<AtomicU64>,
+    busy_nanos: Arc<AtomicU64>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -114,11 +115,13 @@ impl AuditWriter {
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread_keys = Arc::clone(&keys);
         let commits = Arc::new(AtomicU64::new(0));
+        let busy_nanos = Arc::new(AtomicU64::new(0));
         let reopen = Reopen {
             path,
             full_sync,
             busy_timeout,
             commits: Arc::clone(&commits),
+            busy_nanos: Arc::clone(&busy_nanos),
         };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -128,6 +131,7 @@ impl AuditWriter {
             jobs,
             keys,
             commits,
+            busy_nanos,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
     }
@@ -136,6 +140,12 @@ impl AuditWriter {
     /// the mean group-commit batch size.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Total time the writer has spent in transactions (appending, committing, fsync), in
+    /// nanoseconds: against wall time, how busy the one writer is.
+    pub fn busy_nanos(&self) -> u64 {
+        self.busy_nanos.load(Ordering::Relaxed)
     }
 
     /// The chain keys (for fingerprints and verification).
@@ -186,6 +196,7 @@ struct Reopen {
     full_sync: bool,
     busy_timeout: Duration,
     commits: Arc<AtomicU64>,
+    busy_nanos: Arc<AtomicU64>,
 }
 
 /// Most records kept in memory for a late write while the store cannot write. Past it the
@@ -296,6 +307,7 @@ fn commit<'a>(
     keys: &ChainKeys,
     records: impl IntoIterator<Item = &'a AuditRecord>,
 ) -> Result<u64> {
+    let started = std::time::Instant::now();
     let result = match conn.as_mut() {
         Some(c) => sqlite::append(c, keys, records),
         None => {
@@ -306,6 +318,8 @@ fn commit<'a>(
             })
         }
     };
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    reopen.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
     match &result {
         Ok(_) => {
             reopen.commits.fetch_add(1, Ordering::Relaxed);
