@@ -840,7 +840,12 @@ fn restore_time_for_many_tenants() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let mut conn = tenant_kms::audit::sqlite::open(&site.data.join("audit.db"), true).unwrap();
+    let mut conn = tenant_kms::audit::sqlite::open(
+        &site.data.join("audit.db"),
+        true,
+        tenant_kms::audit::sqlite::DEFAULT_BUSY_TIMEOUT,
+    )
+    .unwrap();
     let mut written = 0;
     while written < audit_records {
         let batch: Vec<_> = (written..audit_records.min(written + 10_000))

@@ -9,6 +9,7 @@ use super::call::Call;
 use super::state::AppState;
 use super::{blocking, convert};
 use crate::audit::sqlite::{self, ListFilter};
+use crate::audit::verify;
 use crate::auth::{Operation, TenantScope};
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -128,8 +129,8 @@ impl AuditService for AuditServiceImpl {
             let reader = Arc::clone(&self.state.audit_reader);
             let state = Arc::clone(&self.state);
             let report = blocking(move || {
-                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-                sqlite::verify(&conn, state.audit.keys())
+                let mut conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                verify::verify(&mut conn, state.audit.keys())
             })
             .await?;
             Ok(pb::VerifyAuditChainResponse {

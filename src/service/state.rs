@@ -54,6 +54,9 @@ pub struct ServiceOptions {
     pub master_keys: MasterKeySource,
     /// Audit durability.
     pub durability: Durability,
+    /// How long an audit commit waits for another process's write lock on `audit.db` (e.g.
+    /// the `rotate` command appending) before its calls fail closed with UNAVAILABLE.
+    pub audit_busy_timeout: std::time::Duration,
     /// Key policy defaults and cache size.
     pub key_policy: KeyPolicy,
     /// Input limits.
@@ -94,6 +97,7 @@ impl ServiceOptions {
             master_keys: MasterKeySource::File(data_dir.join(KEYRING_FILE)),
             data_dir,
             durability: Durability::Fsync,
+            audit_busy_timeout: crate::audit::sqlite::DEFAULT_BUSY_TIMEOUT,
             key_policy: KeyPolicy::default(),
             limits: Limits::default(),
             min_deletion_window_seconds: 24 * 3600,
@@ -206,6 +210,7 @@ impl DataDir {
         AuditWriter::start(
             options.data_dir.join(AUDIT_DB),
             options.durability,
+            options.audit_busy_timeout,
             Arc::clone(&self.chain_keys),
         )
     }
@@ -258,6 +263,7 @@ fn audit_shred_report(
     let mut conn = crate::audit::sqlite::open(
         &options.data_dir.join(AUDIT_DB),
         options.durability == Durability::Fsync,
+        options.audit_busy_timeout,
     )?;
     crate::audit::sqlite::append(&mut conn, chain_keys, &records)?;
     Ok(())
@@ -271,6 +277,7 @@ impl AppState {
         let audit_reader = crate::audit::sqlite::open(
             &options.data_dir.join(AUDIT_DB),
             options.durability == Durability::Fsync,
+            options.audit_busy_timeout,
         )?;
         if options.bootstrap_admin_token {
             bootstrap_admin_token(dir.store.as_ref(), &options.data_dir)?;
