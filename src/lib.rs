@@ -17,6 +17,8 @@
 //! - [`auth`]: tokens, roles, tenant scopes and the one authorization check.
 //! - [`service`]: gRPC handlers (thin) and `server::run`.
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
+//! - [`selftest`]: power-on and full cryptographic self-tests (known answers, Wycheproof, our
+//!   vectors), used by `serve` at start and by `tenant-kms selftest`.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
 
@@ -31,6 +33,7 @@ pub mod domain;
 pub mod error;
 pub mod fsutil;
 pub mod keys;
+pub mod selftest;
 pub mod service;
 pub mod store;
 
