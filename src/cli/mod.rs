@@ -5,6 +5,7 @@ pub mod audit;
 pub mod client;
 pub mod common;
 pub mod rotate;
+pub mod selftest;
 pub mod serve;
 pub mod token;
 
@@ -42,6 +43,8 @@ enum Command {
     /// Create, list and revoke caller tokens on a data directory.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Run the cryptographic self-tests (known answers, Wycheproof, wire-format vectors).
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -55,6 +58,7 @@ pub fn main() -> ExitCode {
         Command::Rotate(args) => rotate::run(args),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Selftest(args) => selftest::run(args),
     };
     match result {
         Ok(code) => code,
