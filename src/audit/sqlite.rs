@@ -394,3 +394,57 @@ pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Res
     tx.commit().map_err(sql_error)?;
     Ok(removed)
 }
+
+/// The chain head: the last record's sequence number and MAC (the checkpoint's, or 0 and the
+/// genesis MAC, when there is no record). A backup manifest names it, so a restored log can be
+/// checked to be exactly the one backed up.
+pub fn chain_head(conn: &Connection) -> Result<(u64, [u8; MAC_LEN])> {
+    head(conn)
+}
+
+/// Opens an existing `audit.db` read-only (a backup's copy), writing nothing to disk.
+pub fn open_read_only(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_error)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sql_error)?;
+    Ok(conn)
+}
+
+/// Writes a consistent snapshot of the audit log at `path` to the new file `dest` (mode
+/// 0600) with SQLite's online backup API, while the server keeps appending. The copy is a
+/// self-contained file (rollback journal mode, no `-wal` beside it).
+pub fn snapshot(path: &Path, dest: &Path) -> Result<()> {
+    let source = open(path, true)?;
+    crate::fsutil::create_private_file(dest)?;
+    let mut out = Connection::open(dest).map_err(sql_error)?;
+    {
+        // One step: every page copied inside one read transaction, so the copy is the log as
+        // of one commit; appends by the writer go on meanwhile (WAL).
+        let backup = rusqlite::backup::Backup::new(&source, &mut out).map_err(sql_error)?;
+        copy_all_pages(&backup)?;
+    }
+    out.pragma_update(None, "journal_mode", "DELETE")
+        .map_err(sql_error)?;
+    out.close().map_err(|(_, e)| sql_error(e))?;
+    crate::fsutil::sync_file(dest)
+}
+
+/// Runs an online backup as one step (-1: every page), retrying while another connection
+/// holds a lock that keeps the step from starting (bounded).
+fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
+    use rusqlite::backup::StepResult;
+    for attempt in 0..100u64 {
+        match backup.step(-1).map_err(sql_error)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked => {
+                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::internal("online backup: the database stayed busy"))
+}

@@ -2,6 +2,7 @@
 //! stdout, messages to stderr. Exit codes: 0 success, 1 failure (named on stderr), 2 usage.
 
 pub mod audit;
+pub mod backup;
 pub mod client;
 pub mod common;
 pub mod rotate;
@@ -43,6 +44,11 @@ enum Command {
     /// Create, list and revoke caller tokens on a data directory.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Back up keys.db and audit.db consistently while the server runs (`backup --out DIR`),
+    /// or check a backup (`backup verify DIR`).
+    Backup(backup::BackupArgs),
+    /// Restore a full backup into a data directory (the server stopped).
+    Restore(backup::RestoreArgs),
     /// Run the cryptographic self-tests (known answers, Wycheproof, wire-format vectors).
     Selftest(selftest::SelftestArgs),
 }
@@ -58,6 +64,8 @@ pub fn main() -> ExitCode {
         Command::Rotate(args) => rotate::run(args),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Token(cmd) => token::run(cmd),
+        Command::Backup(args) => backup::run_backup(args),
+        Command::Restore(args) => backup::run_restore(args),
         Command::Selftest(args) => selftest::run(args),
     };
     match result {

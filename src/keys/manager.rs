@@ -93,6 +93,8 @@ pub struct KeyManager {
     master: RwLock<MasterKeys>,
     cache: TenantCache,
     policy: KeyPolicy,
+    /// The shred ledger, told of every destruction (set once, when the data dir opens).
+    shred: std::sync::OnceLock<Arc<dyn super::ShredRecorder>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -123,7 +125,14 @@ impl KeyManager {
             master: RwLock::new(MasterKeys::new(ring)?),
             cache: TenantCache::new(policy.cache_tenants),
             policy,
+            shred: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Attaches the shred ledger: from now on every tenant or version destruction is recorded
+    /// in it. Only the first call takes effect.
+    pub fn set_shred_recorder(&self, recorder: Arc<dyn super::ShredRecorder>) {
+        let _ = self.shred.set(recorder);
     }
 
     /// The key store.
@@ -148,6 +157,11 @@ impl KeyManager {
             self.cache.clear();
         }
         Ok(changed)
+    }
+
+    /// Drops every cached key (the store changed elsewhere).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
     }
 
     /// The cached snapshot of a tenant, without touching the store.
@@ -375,6 +389,9 @@ impl KeyManager {
     pub fn destroy_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
         let result = self.store.destroy_tenant(id, unix_now());
         self.cache.invalidate(id.as_str());
+        if let (Ok(_), Some(ledger)) = (&result, self.shred.get()) {
+            ledger.tenant_destroyed(id)?;
+        }
         result
     }
 
@@ -407,6 +424,11 @@ impl KeyManager {
     ) -> Result<KeyVersionRecord> {
         let result = self.store.set_key_version_state(id, version, from, to);
         self.cache.invalidate(id.as_str());
+        if let (Ok(r), Some(ledger)) = (&result, self.shred.get())
+            && r.state == KeyVersionState::Destroyed
+        {
+            ledger.version_destroyed(id, version)?;
+        }
         result
     }
 

@@ -40,7 +40,7 @@ impl AuditService for AuditServiceImpl {
         let req = request.into_inner();
         let result = async {
             let tenant = if req.tenant_id.is_empty() {
-                let caller = call.admit_global(&self.state)?;
+                let caller = call.admit_global(&self.state).await?;
                 if caller.tenants != TenantScope::All {
                     return Err(Error::PermissionDenied(
                         "this token is limited to some tenants: name one in tenant_id".into(),
@@ -48,7 +48,10 @@ impl AuditService for AuditServiceImpl {
                 }
                 String::new()
             } else {
-                call.admit(&self.state, &req.tenant_id)?.as_str().to_owned()
+                call.admit(&self.state, &req.tenant_id)
+                    .await?
+                    .as_str()
+                    .to_owned()
             };
             let limit = match req.page_size {
                 0 => DEFAULT_PAGE,
@@ -121,7 +124,7 @@ impl AuditService for AuditServiceImpl {
     ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
         let mut call = Call::begin(&request, Operation::VerifyAuditChain);
         let result = async {
-            call.admit_global(&self.state)?;
+            call.admit_global(&self.state).await?;
             let reader = Arc::clone(&self.state.audit_reader);
             let state = Arc::clone(&self.state);
             let report = blocking(move || {

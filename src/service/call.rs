@@ -1,14 +1,26 @@
 //! The frame of one request: its id, peer and caller, the fields of its audit record, and the
 //! finish that makes the record durable before the answer goes out.
+//!
+//! Authentication: a bearer token (`authorization: Bearer …`) when the request carries one;
+//! otherwise a verified client certificate listed in `[[tls_callers]]`; otherwise the call is
+//! UNAUTHENTICATED. A request with a token is judged by the token alone: a bad token is not
+//! rescued by a good certificate. After authentication the caller's rate limit is charged
+//! (for a failed authentication, the peer address's), before anything else happens.
+//!
+//! Every call leaves one audit record: [`Call::finish`] writes it durably before answering,
+//! and a call dropped before its finish (its deadline passed, or the client went away) writes
+//! one from `Drop` with outcome `deadline_exceeded` or `cancelled`, without waiting (no answer
+//! goes out, so there is nothing to hold back).
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use super::guard::RequestDeadline;
 use super::state::AppState;
 use super::status;
-use crate::audit::{AuditRecord, Outcome};
+use crate::audit::{AuditRecord, AuditWriter, Outcome};
 use crate::auth::{Caller, Operation, authorize};
 use crate::domain::{Context, TenantId, unix_now_micros};
 use crate::error::{Error, Result};
@@ -23,7 +35,15 @@ pub struct Call {
     operation: Operation,
     peer: String,
     bearer: Option<Zeroizing<String>>,
+    peer_certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+    deadline: Option<tokio::time::Instant>,
+    /// Set once the call is admitted to the audit path; a call dropped with it set and
+    /// `finished` unset writes its record from `Drop`.
+    audit: Option<AuditWriter>,
+    finished: bool,
     caller: Option<Arc<Caller>>,
+    /// A known token that was refused (revoked, expired), as the audit names it.
+    refused_as: Option<String>,
     tenant: Option<TenantId>,
     contexts: Vec<String>,
     key_versions: Vec<u32>,
@@ -59,7 +79,12 @@ impl Call {
                 .remote_addr()
                 .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             bearer,
+            peer_certs: request.peer_certs(),
+            deadline: request.extensions().get::<RequestDeadline>().map(|d| d.0),
+            audit: None,
+            finished: false,
             caller: None,
+            refused_as: None,
             tenant: None,
             contexts: Vec::new(),
             key_versions: Vec::new(),
@@ -69,20 +94,60 @@ impl Call {
         }
     }
 
-    /// Authenticates the bearer token (after dropping caches if another process changed the
-    /// store).
+    /// Authenticates the caller (see the module docs; token caches are dropped first if
+    /// another process changed the store) and charges its rate limit.
     pub fn authenticate(&mut self, state: &AppState) -> Result<Arc<Caller>> {
-        state.refresh()?;
-        let bearer = self.bearer.take();
-        let caller = state
-            .auth
-            .authenticate(bearer.as_ref().map(|b| b.as_str()))?;
+        self.audit = Some(state.audit.clone());
+        let caller = match self.identify(state) {
+            Ok(caller) => caller,
+            Err(e) => {
+                // Failed authentications are limited per peer address, so guessing (or
+                // flooding the audit with anonymous records) is throttled too.
+                let peer_ip = self
+                    .peer
+                    .rsplit_once(':')
+                    .map_or(self.peer.as_str(), |p| p.0);
+                self.charge(state, &format!("peer:{peer_ip}"))?;
+                return Err(e);
+            }
+        };
         self.caller = Some(Arc::clone(&caller));
+        self.charge(state, &caller.audit_name())?;
         Ok(caller)
     }
 
+    fn identify(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+        if let Some(bearer) = self.bearer.take() {
+            return state.auth.check(Some(bearer.as_str())).map_err(|refused| {
+                self.refused_as = refused.known_token;
+                refused.error
+            });
+        }
+        if let Some(end_entity) = self.peer_certs.as_ref().and_then(|c| c.first())
+            && let Some(caller) = state.options.tls_callers.caller_for(end_entity.as_ref())?
+        {
+            return Ok(Arc::new(caller));
+        }
+        Err(crate::error::Error::Unauthenticated)
+    }
+
+    fn charge(&self, state: &AppState, key: &str) -> Result<()> {
+        state.limiter.check(key).map_err(|wait| {
+            let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            crate::error::Error::RetryLater {
+                reason: format!(
+                    "rate limit of {} calls per second (burst {}) reached for this caller",
+                    state.limiter.limit().per_second,
+                    state.limiter.limit().burst
+                ),
+                retry_after_ms,
+            }
+        })
+    }
+
     /// Authenticates, parses the tenant id and authorizes the call for it.
-    pub fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
+    pub async fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
+        state.refresh().await?;
         let caller = self.authenticate(state)?;
         let tenant = TenantId::parse(tenant_id)?;
         self.tenant = Some(tenant.clone());
@@ -91,7 +156,8 @@ impl Call {
     }
 
     /// Authenticates and authorizes a call that names no tenant.
-    pub fn admit_global(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+    pub async fn admit_global(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+        state.refresh().await?;
         let caller = self.authenticate(state)?;
         authorize(&caller, self.operation, None)?;
         Ok(caller)
@@ -121,10 +187,11 @@ impl Call {
     /// Writes the audit record and waits until it is durable, then answers. If the record
     /// cannot be written the caller gets UNAVAILABLE and no result (fail closed).
     pub async fn finish<R>(
-        self,
+        mut self,
         state: &AppState,
         result: Result<R>,
     ) -> Result<Response<R>, Status> {
+        self.finished = true;
         let (outcome, detail) = match &result {
             Ok(_) if self.failed_items > 0 => (
                 Outcome::Partial,
@@ -136,27 +203,7 @@ impl Call {
                 status::client_message(e, &self.request_id),
             ),
         };
-        let record = AuditRecord {
-            time_micros: unix_now_micros(),
-            request_id: self.request_id.clone(),
-            caller: self
-                .caller
-                .as_ref()
-                .map_or_else(|| "anonymous".to_owned(), |c| c.audit_name()),
-            peer: self.peer,
-            tenant_id: self
-                .tenant
-                .as_ref()
-                .map(|t| t.as_str().to_owned())
-                .unwrap_or_default(),
-            operation: self.operation.name().to_owned(),
-            contexts: self.contexts,
-            key_versions: self.key_versions,
-            item_count: self.item_count,
-            outcome,
-            aad_fingerprint: self.aad_fingerprint,
-            detail,
-        };
+        let record = self.record(outcome, detail);
         if let Err(e) = state.audit.append(record).await {
             drop(result);
             return Err(status::to_status(&e, &self.request_id));
@@ -170,6 +217,69 @@ impl Call {
                 Ok(response)
             }
             Err(e) => Err(status::to_status(&e, &self.request_id)),
+        }
+    }
+}
+
+impl Call {
+    /// The audit record of this call with the given outcome (moves the collected fields out).
+    fn record(&mut self, outcome: Outcome, detail: String) -> AuditRecord {
+        AuditRecord {
+            time_micros: unix_now_micros(),
+            request_id: self.request_id.clone(),
+            caller: match (&self.caller, self.refused_as.take()) {
+                (Some(caller), _) => caller.audit_name(),
+                (None, Some(refused)) => refused,
+                (None, None) => "anonymous".to_owned(),
+            },
+            peer: std::mem::take(&mut self.peer),
+            tenant_id: self
+                .tenant
+                .as_ref()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+            operation: self.operation.name().to_owned(),
+            contexts: std::mem::take(&mut self.contexts),
+            key_versions: std::mem::take(&mut self.key_versions),
+            item_count: self.item_count,
+            outcome,
+            aad_fingerprint: std::mem::take(&mut self.aad_fingerprint),
+            detail,
+        }
+    }
+}
+
+impl Drop for Call {
+    /// A call dropped before [`Call::finish`] (deadline passed, client gone) still leaves its
+    /// audit record. It is queued without waiting: no answer carrying a result goes out.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(audit) = self.audit.take() else {
+            return; // never admitted: nothing was looked at
+        };
+        let deadline_passed = self
+            .deadline
+            .is_some_and(|d| d <= tokio::time::Instant::now());
+        let (outcome, detail) = if deadline_passed {
+            (
+                Outcome::DeadlineExceeded,
+                "deadline passed before the answer; none was sent",
+            )
+        } else {
+            (
+                Outcome::Cancelled,
+                "the caller went away before the answer; none was sent",
+            )
+        };
+        let record = self.record(outcome, detail.to_owned());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = audit.append(record).await {
+                    tracing::error!(error = %e, "could not audit an abandoned call");
+                }
+            });
         }
     }
 }

@@ -176,7 +176,7 @@ impl KeyService for KeyServiceImpl {
         let req = request.into_inner();
         let plaintext = SecretBytes::new(req.plaintext);
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_value_len("plaintext", plaintext.expose_secret().len())?;
@@ -209,7 +209,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::Decrypt);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
@@ -243,7 +243,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::EncryptBatch);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
             let prepared: Vec<Result<Prepared<SecretBytes>>> = req
                 .items
@@ -315,7 +315,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::DecryptBatch);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
             let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
                 .items
@@ -377,7 +377,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::GenerateDataKey);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             let entry = self.active_entry(&tenant).await?;
@@ -409,7 +409,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::DecryptDataKey);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("wrapped_key", req.wrapped_key.len())?;
@@ -441,7 +441,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::Rewrap);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
@@ -483,7 +483,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::RewrapBatch);
         let req = request.into_inner();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
             let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
                 .items

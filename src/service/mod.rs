@@ -5,19 +5,23 @@
 //! - [`state`]: the shared state and how it is opened from a data directory;
 //! - [`call`]: the per-request frame (request id, caller, audit fields) and its finish;
 //! - [`status`]: the one mapping from [`crate::error::Error`] to a gRPC status;
+//! - [`guard`]: the concurrency cap and deadlines in front of the services;
+//! - [`codec`]: prost encoding with requests' unknown fields refused;
 //! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
 //! - [`server`]: `run(listener, state, shutdown)`.
 
 pub mod audit_service;
 pub mod call;
+pub mod codec;
 pub mod convert;
+pub mod guard;
 pub mod key_service;
 pub mod server;
 pub mod state;
 pub mod status;
 pub mod tenant_service;
 
-pub use state::{AppState, Limits, ServiceOptions};
+pub use state::{AppState, Limits, ServiceOptions, TlsFiles};
 
 use crate::error::{Error, Result};
 

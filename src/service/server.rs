@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use zeroize::Zeroizing;
 
 use super::audit_service::AuditServiceImpl;
+use super::guard::GuardLayer;
 use super::key_service::KeyServiceImpl;
-use super::state::AppState;
+use super::state::{AppState, TlsFiles};
 use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -49,12 +51,21 @@ pub async fn run(
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
+    let limits = &state.options.limits;
+    let guard = GuardLayer::new(limits.max_concurrent_requests, limits.request_timeout);
+    let mut builder = Server::builder();
+    if let Some(files) = &state.options.tls {
+        builder = builder
+            .tls_config(tls_config(files)?)
+            .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?;
+    }
     let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = Server::builder()
+    let served = builder
         .layer(tower::util::MapResponseLayer::new(
             message_too_large_is_exhaustion,
         ))
+        .layer(guard)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -76,6 +87,32 @@ pub async fn run(
         .await;
     reaper.abort();
     served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The rustls server configuration (ring provider, TLS 1.2 and 1.3) from PEM files. With a
+/// client CA, client certificates are required and verified against it (chain, validity
+/// period, key usage); a connection without one fails the handshake.
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map(Zeroizing::new).map_err(|e| {
+            Error::FailedPrecondition(format!("cannot read {what} {}: {e}", path.display()))
+        })
+    };
+    let cert = read(&files.cert, "TLS certificate")?;
+    let key = read(&files.key, "TLS key")?;
+    let mut config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert.as_slice(), key.as_slice()))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = &files.client_ca {
+        let ca = read(ca, "client CA")?;
+        config = config
+            .client_ca_root(Certificate::from_pem(ca.as_slice()))
+            .client_auth_optional(false);
+    }
+    Ok(config)
 }
 
 /// tonic reports a request over the message size limit as OUT_OF_RANGE; the gRPC status

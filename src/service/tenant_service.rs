@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::call::Call;
 use super::state::AppState;
-use super::{blocking, convert};
+use super::{blocking, convert, status};
 use crate::auth::Operation;
 use crate::domain::{KeyVersionState, TenantId, TenantState, unix_now};
 use crate::error::{Error, Result};
@@ -33,19 +33,35 @@ impl TenantServiceImpl {
 
     /// Admits the call for `tenant_id`, runs `work` on the blocking pool with the key manager,
     /// and finishes the call.
+    ///
+    /// The whole call runs in its own task, shielded from the caller's deadline: once a
+    /// change has been handed to the key store it completes, and its audit record says what
+    /// really happened (e.g. `ok`), even if the caller was already told DEADLINE_EXCEEDED.
+    /// Without the shield a cut-off change could land with a record saying it did not.
     async fn tenant_call<R: Send + 'static>(
         &self,
         mut call: Call,
         tenant_id: &str,
         work: impl FnOnce(&KeyManager, &TenantId) -> Result<R> + Send + 'static,
     ) -> Result<Response<R>, Status> {
-        let result = async {
-            let tenant = call.admit(&self.state, tenant_id)?;
-            let keys = Arc::clone(&self.state.keys);
-            blocking(move || work(&keys, &tenant)).await
-        }
-        .await;
-        call.finish(&self.state, result).await
+        let state = Arc::clone(&self.state);
+        let tenant_id = tenant_id.to_owned();
+        let request_id = call.request_id.clone();
+        let task = tokio::spawn(async move {
+            let result = async {
+                let tenant = call.admit(&state, &tenant_id).await?;
+                let keys = Arc::clone(&state.keys);
+                blocking(move || work(&keys, &tenant)).await
+            }
+            .await;
+            call.finish(&state, result).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(status::to_status(
+                &Error::Internal(format!("tenant call task failed: {e}")),
+                &request_id,
+            ))
+        })
     }
 
     async fn transition(
@@ -107,7 +123,7 @@ impl TenantService for TenantServiceImpl {
         let mut call = Call::begin(&request, Operation::ListTenants);
         let req = request.into_inner();
         let result = async {
-            call.admit_global(&self.state)?;
+            call.admit_global(&self.state).await?;
             let size = match req.page_size {
                 0 => DEFAULT_PAGE,
                 n if n < 0 => {

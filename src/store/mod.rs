@@ -6,11 +6,13 @@
 //! from, so two processes (a server and the `rotate` command) can share one data directory.
 
 mod migrations;
+pub mod recovery;
 pub mod sqlite;
 
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
 
+pub use recovery::{LedgerHead, ShredItem, StoreCounts};
 pub use sqlite::SqliteKeyStore;
 
 /// A master-key version as the store knows it: its check value, never the key.
@@ -203,6 +205,38 @@ pub trait KeyStore: Send + Sync {
     /// True if another process (or connection) changed the store since the last call, so
     /// every cache built from it must be dropped.
     fn changed_elsewhere(&self) -> Result<bool>;
+
+    /// [`KeyStore::changed_elsewhere`] if it can answer without waiting for another
+    /// operation of this process; `None` when it would have to wait.
+    fn try_changed_elsewhere(&self) -> Option<Result<bool>> {
+        Some(self.changed_elsewhere())
+    }
+    // Backup, per-tenant import and the shred ledger (see `crate::backup`).
+
+    /// Writes a consistent snapshot of the whole store to the new file `dest` (mode 0600)
+    /// while other connections and processes keep reading and writing.
+    fn snapshot_to(&self, dest: &std::path::Path) -> Result<()>;
+    /// How many tenants and wrapped keys the store holds.
+    fn counts(&self) -> Result<StoreCounts>;
+    /// Calls `f` with every wrapped tenant key, in (tenant, version) order; returns how many.
+    fn for_each_wrapped_key(
+        &self,
+        f: &mut dyn FnMut(&TenantId, u32, &WrappedTenantKey) -> Result<()>,
+    ) -> Result<u64>;
+    /// Every destroyed tenant, and every destroyed version of a tenant that is not destroyed.
+    fn destroyed_items(&self) -> Result<Vec<ShredItem>>;
+    /// Crypto-shreds the items whatever their state (re-applying the shred ledger after a
+    /// restore): one transaction, then the log is checkpointed so no copy of the keys stays.
+    /// Returns the items that were not destroyed yet (unknown tenants are skipped).
+    fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>>;
+    /// Replaces a tenant and all its key versions in one transaction (per-tenant import):
+    /// refused if the tenant is destroyed in the store, or if a version the store has
+    /// destroyed would come back with a key.
+    fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()>;
+    /// The shred ledger head this store last saw.
+    fn shred_ledger_head(&self) -> Result<Option<LedgerHead>>;
+    /// Records the shred ledger head, unless the store already saw a longer ledger.
+    fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()>;
 }
 
 /// What `rotate --due` has to do.

@@ -12,8 +12,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    DueTenants, FromStates, KeyStore, KeyVersionRecord, MasterVersionRecord, Rewrapping,
-    TenantRecord, TokenRecord, WrappedTenantKey,
+    DueTenants, FromStates, KeyStore, KeyVersionRecord, LedgerHead, MasterVersionRecord,
+    Rewrapping, ShredItem, StoreCounts, TenantRecord, TokenRecord, WrappedTenantKey,
 };
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
@@ -165,6 +165,26 @@ impl SqliteKeyStore {
             .map_err(sql_error)?;
         Ok(Self {
             inner: Mutex::new(Inner { conn, data_version }),
+        })
+    }
+
+    /// Opens an existing `keys.db` read-only (a backup's copy), changing nothing on disk: no
+    /// migration, no pragma that writes. Refuses a schema newer than this binary's.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_error)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_error)?;
+        super::migrations::check_readable(&conn)
+            .map_err(sql_error)?
+            .map_err(Error::Internal)?;
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                conn,
+                data_version: 0,
+            }),
         })
     }
 
@@ -678,15 +698,291 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn changed_elsewhere(&self) -> Result<bool> {
-        let mut inner = self.lock();
-        let now: i64 = inner
-            .conn
-            .query_row("PRAGMA data_version", [], |row| row.get(0))
-            .map_err(sql_error)?;
-        let changed = now != inner.data_version;
-        inner.data_version = now;
-        Ok(changed)
+        data_version_changed(&mut self.lock())
     }
+
+    fn try_changed_elsewhere(&self) -> Option<Result<bool>> {
+        match self.inner.try_lock() {
+            Ok(mut inner) => Some(data_version_changed(&mut inner)),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                Some(data_version_changed(&mut p.into_inner()))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        crate::fsutil::create_private_file(dest)?;
+        let mut out = Connection::open(dest).map_err(sql_error)?;
+        {
+            let inner = self.lock();
+            // One step copies every page inside one read transaction: a consistent snapshot,
+            // and in WAL mode writers (the server) are not blocked meanwhile.
+            let backup = rusqlite::backup::Backup::new(&inner.conn, &mut out).map_err(sql_error)?;
+            copy_all_pages(&backup)?;
+        }
+        // A self-contained file: no -wal beside it, so its checksum is the whole state.
+        out.pragma_update(None, "journal_mode", "DELETE")
+            .map_err(sql_error)?;
+        out.close().map_err(|(_, e)| sql_error(e))?;
+        crate::fsutil::sync_file(dest)
+    }
+
+    fn counts(&self) -> Result<StoreCounts> {
+        self.read(|conn| {
+            let tenants: i64 = conn.query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0))?;
+            let wrapped: i64 =
+                conn.query_row("SELECT COUNT(*) FROM wrapped_keys", [], |r| r.get(0))?;
+            Ok(StoreCounts {
+                tenants: u64_of(tenants),
+                wrapped_keys: u64_of(wrapped),
+            })
+        })
+    }
+
+    fn for_each_wrapped_key(
+        &self,
+        f: &mut dyn FnMut(&TenantId, u32, &WrappedTenantKey) -> Result<()>,
+    ) -> Result<u64> {
+        // `f` runs with the connection locked: it must not call back into this store.
+        let inner = self.lock();
+        let mut stmt = inner
+            .conn
+            .prepare(
+                "SELECT tenant_id, version, master_version, wrapped_key FROM wrapped_keys \
+                 ORDER BY tenant_id, version",
+            )
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        let mut count = 0;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let id: String = row.get(0).map_err(sql_error)?;
+            let id = TenantId::parse(&id).map_err(|_| sql_error(bad_column(0, "tenant id")))?;
+            let version = u32_of(row.get(1).map_err(sql_error)?).map_err(sql_error)?;
+            let wrapped = WrappedTenantKey {
+                master_version: u32_of(row.get(2).map_err(sql_error)?).map_err(sql_error)?,
+                bytes: row.get(3).map_err(sql_error)?,
+            };
+            f(&id, version, &wrapped)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn destroyed_items(&self) -> Result<Vec<ShredItem>> {
+        self.read(|conn| {
+            let mut items = Vec::new();
+            let mut stmt = conn.prepare("SELECT tenant_id FROM tenants WHERE state = ?1")?;
+            let rows = stmt.query_map([TenantState::Destroyed.code()], |row| {
+                row.get::<_, String>(0)
+            })?;
+            for id in rows {
+                items.push(ShredItem {
+                    tenant_id: TenantId::parse(&id?).map_err(|_| bad_column(0, "tenant id"))?,
+                    version: None,
+                });
+            }
+            let mut stmt = conn.prepare(
+                "SELECT v.tenant_id, v.version FROM key_versions v JOIN tenants t \
+                 ON t.tenant_id = v.tenant_id WHERE v.state = ?1 AND t.state != ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    KeyVersionState::Destroyed.code(),
+                    TenantState::Destroyed.code()
+                ],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+            )?;
+            for row in rows {
+                let (id, version) = row?;
+                items.push(ShredItem {
+                    tenant_id: TenantId::parse(&id).map_err(|_| bad_column(0, "tenant id"))?,
+                    version: Some(u32_of(version)?),
+                });
+            }
+            Ok(items)
+        })
+    }
+
+    fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>> {
+        let done = self.write(|tx| {
+            let mut done = Vec::new();
+            for item in items {
+                let Some(tenant) = load_tenant(tx, &item.tenant_id).map_err(sql_error)? else {
+                    continue;
+                };
+                if tenant.state == TenantState::Destroyed {
+                    continue;
+                }
+                let id = item.tenant_id.as_str();
+                match item.version {
+                    None => {
+                        tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
+                            .map_err(sql_error)?;
+                        tx.execute(
+                            "UPDATE key_versions SET state = ?2 WHERE tenant_id = ?1",
+                            params![id, KeyVersionState::Destroyed.code()],
+                        )
+                        .map_err(sql_error)?;
+                        tx.execute(
+                            "UPDATE tenants SET state = ?2, destroyed_at = ?3 WHERE tenant_id = ?1",
+                            params![id, TenantState::Destroyed.code(), now],
+                        )
+                        .map_err(sql_error)?;
+                    }
+                    Some(version) => {
+                        let Some(record) =
+                            load_version(tx, &item.tenant_id, version).map_err(sql_error)?
+                        else {
+                            continue;
+                        };
+                        if record.state == KeyVersionState::Destroyed && record.wrapped.is_none() {
+                            continue;
+                        }
+                        tx.execute(
+                            "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
+                            params![id, version, KeyVersionState::Destroyed.code()],
+                        )
+                        .map_err(sql_error)?;
+                        tx.execute(
+                            "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
+                            params![id, version],
+                        )
+                        .map_err(sql_error)?;
+                    }
+                }
+                done.push(item.clone());
+            }
+            Ok(done)
+        })?;
+        if !done.is_empty() {
+            self.checkpoint_truncate()?;
+        }
+        Ok(done)
+    }
+
+    fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()> {
+        let id = tenant.tenant_id.as_str();
+        self.write(|tx| {
+            if let Some(live) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+                if live.state == TenantState::Destroyed {
+                    return Err(state_error(live.state));
+                }
+                let mut stmt = tx
+                    .prepare("SELECT version FROM key_versions WHERE tenant_id = ?1 AND state = ?2")
+                    .map_err(sql_error)?;
+                let destroyed = stmt
+                    .query_map(params![id, KeyVersionState::Destroyed.code()], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                    .map_err(sql_error)?
+                    .collect::<rusqlite::Result<Vec<i64>>>()
+                    .map_err(sql_error)?;
+                if let Some(v) = versions
+                    .iter()
+                    .find(|v| v.wrapped.is_some() && destroyed.contains(&i64::from(v.version)))
+                {
+                    return Err(Error::FailedPrecondition(format!(
+                        "key version {} of tenant {id} was destroyed; it cannot come back",
+                        v.version
+                    )));
+                }
+            }
+            tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
+                .map_err(sql_error)?;
+            tx.execute("DELETE FROM key_versions WHERE tenant_id = ?1", [id])
+                .map_err(sql_error)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
+                     ON CONFLICT(tenant_id) DO UPDATE SET state = excluded.state, \
+                     primary_version = excluded.primary_version, \
+                     created_at = excluded.created_at, \
+                     rotation_period_seconds = excluded.rotation_period_seconds, \
+                     max_encryptions = excluded.max_encryptions, \
+                     deletion_time = excluded.deletion_time, \
+                     destroyed_at = excluded.destroyed_at"
+                ),
+                params![
+                    id,
+                    tenant.state.code(),
+                    tenant.primary_version,
+                    tenant.created_at,
+                    i64_of(tenant.rotation_period_seconds),
+                    i64_of(tenant.max_encryptions),
+                    tenant.deletion_time,
+                    tenant.destroyed_at
+                ],
+            )
+            .map_err(sql_error)?;
+            for version in versions {
+                tx.execute(
+                    "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        id,
+                        version.version,
+                        version.state.code(),
+                        version.created_at,
+                        i64_of(version.encryptions)
+                    ],
+                )
+                .map_err(sql_error)?;
+                if let Some(wrapped) = &version.wrapped {
+                    tx.execute(
+                        "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![id, version.version, wrapped.master_version, wrapped.bytes],
+                    )
+                    .map_err(sql_error)?;
+                }
+            }
+            Ok(())
+        })?;
+        // Rolled-back versions' wrapped keys were deleted (zeroed by secure_delete): leave no
+        // copy of them in the log either.
+        self.checkpoint_truncate()
+    }
+
+    fn shred_ledger_head(&self) -> Result<Option<LedgerHead>> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT entries, head_mac FROM shred_ledger_head WHERE id = 1",
+                [],
+                |row| {
+                    Ok(LedgerHead {
+                        entries: u64_of(row.get(0)?),
+                        head_mac: row.get(1)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO shred_ledger_head (id, entries, head_mac) VALUES (1, ?1, ?2) \
+                 ON CONFLICT(id) DO UPDATE SET entries = excluded.entries, \
+                 head_mac = excluded.head_mac WHERE excluded.entries > shred_ledger_head.entries",
+                params![i64_of(head.entries), head.head_mac],
+            )
+            .map_err(sql_error)?;
+            Ok(())
+        })
+    }
+}
+
+/// Compares `PRAGMA data_version` with the last value seen on this connection.
+fn data_version_changed(inner: &mut Inner) -> Result<bool> {
+    let now: i64 = inner
+        .conn
+        .query_row("PRAGMA data_version", [], |row| row.get(0))
+        .map_err(sql_error)?;
+    let changed = now != inner.data_version;
+    inner.data_version = now;
+    Ok(changed)
 }
 
 impl SqliteKeyStore {
@@ -743,4 +1039,20 @@ fn insert_version(
     )
     .map_err(sql_error)?;
     Ok(())
+}
+
+/// Runs an online backup as one step (-1: every page), retrying while another connection
+/// holds a lock that keeps the step from starting (bounded).
+fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
+    use rusqlite::backup::StepResult;
+    for attempt in 0..100u64 {
+        match backup.step(-1).map_err(sql_error)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked => {
+                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::internal("online backup: the database stayed busy"))
 }
