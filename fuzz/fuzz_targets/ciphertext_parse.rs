@@ -34,11 +34,24 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let tk = SecretKey::from_slice(&[0x42; 32]).unwrap();
     let field = envelope::derive_value_key(&tk, Purpose::Field, TENANT, CONTEXT).unwrap();
     let data_key = envelope::derive_value_key(&tk, Purpose::DataKey, TENANT, CONTEXT).unwrap();
-    let field_ct =
-        envelope::seal_value(&field, Purpose::Field, 1, TENANT, CONTEXT, AAD, VALUE).unwrap();
+    // Fixed nonces (test seam): the only valid ciphertext and wrapped key under these keys
+    // that the fuzzer can ever see are these, in every run.
+    let field_ct = envelope::seal_value_with_fixed_nonce(
+        &field,
+        Purpose::Field,
+        1,
+        &[0x24; 12],
+        TENANT,
+        CONTEXT,
+        AAD,
+        VALUE,
+    )
+    .unwrap();
     let mk = SecretKey::from_slice(&[0x01; 32]).unwrap();
     let wrapping = envelope::master_wrapping_key(&mk, labels::TENANT_KEY_WRAP, 1).unwrap();
-    let wrapped = envelope::wrap_tenant_key(&wrapping, 1, TENANT, 1, &tk).unwrap();
+    let wrapped =
+        envelope::wrap_tenant_key_with_fixed_nonce(&wrapping, 1, TENANT, 1, &tk, &[0x42; 12])
+            .unwrap();
     Fixture {
         field,
         data_key,
@@ -93,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
     match mode % 3 {
         0 => {
             // Raw bytes open only if they are the fixture's ciphertext itself (which the fuzzer
-            // can learn from the comparisons in mode 1); anything else would be a forgery.
+            // learns from the comparisons in mode 1); anything else would be a GCM forgery.
             if let Some(plaintext) = parse_and_open(rest) {
                 assert_eq!(rest, fx.field_ct.as_slice(), "raw fuzz input opened");
                 assert_eq!(plaintext, VALUE);
