@@ -19,6 +19,8 @@
 //!   restore from resurrecting destroyed keys.
 //! - [`service`]: gRPC handlers (thin) and `server::run`.
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
+//! - [`selftest`]: power-on and full cryptographic self-tests (known answers, Wycheproof, our
+//!   vectors), used by `serve` at start and by `tenant-kms selftest`.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
 //! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
@@ -36,6 +38,7 @@ pub mod error;
 pub mod fsutil;
 pub mod hardening;
 pub mod keys;
+pub mod selftest;
 pub mod service;
 pub mod store;
 

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod client;
 pub mod common;
 pub mod rotate;
+pub mod selftest;
 pub mod serve;
 pub mod token;
 
@@ -48,6 +49,8 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a full backup into a data directory (the server stopped).
     Restore(backup::RestoreArgs),
+    /// Run the cryptographic self-tests (known answers, Wycheproof, wire-format vectors).
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Token(cmd) => token::run(cmd),
         Command::Backup(args) => backup::run_backup(args),
         Command::Restore(args) => backup::run_restore(args),
+        Command::Selftest(args) => selftest::run(args),
     };
     match result {
         Ok(code) => code,

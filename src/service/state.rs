@@ -271,7 +271,15 @@ fn audit_shred_report(
 
 impl AppState {
     /// Opens (and on first start creates) everything the service needs.
+    ///
+    /// First runs the cryptographic power-on self-test (`crate::selftest::power_on`): if
+    /// AES-GCM, HKDF or the wire format give a wrong known answer, nothing is opened and the
+    /// service refuses to start.
     pub fn open(options: ServiceOptions) -> Result<Self> {
+        crate::selftest::power_on().map_err(|failure| {
+            tracing::error!(%failure, "power-on self-test failed");
+            Error::Internal(format!("{failure}; refusing to serve"))
+        })?;
         let dir = DataDir::open(&options, true)?;
         let audit = dir.audit_writer(&options)?;
         let audit_reader = crate::audit::sqlite::open(
