@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
@@ -39,6 +40,7 @@ impl AuditService for AuditServiceImpl {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let mut call = Call::begin(&request, Operation::ListAuditEvents);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = if req.tenant_id.is_empty() {
                 let caller = call.admit_global(&self.state).await?;
@@ -115,6 +117,7 @@ impl AuditService for AuditServiceImpl {
                 next_page_token,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -124,6 +127,7 @@ impl AuditService for AuditServiceImpl {
         request: Request<pb::VerifyAuditChainRequest>,
     ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
         let mut call = Call::begin(&request, Operation::VerifyAuditChain);
+        let span = call.span();
         let result = async {
             call.admit_global(&self.state).await?;
             let reader = Arc::clone(&self.state.audit_reader);
@@ -139,6 +143,7 @@ impl AuditService for AuditServiceImpl {
                 first_bad_seq: report.first_bad_seq,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }

@@ -52,6 +52,8 @@ pub struct Call {
     /// Failed items of a batch.
     pub failed_items: u32,
     aad_fingerprint: String,
+    /// The tracing span every log line of this call is emitted in (carries the request id).
+    span: tracing::Span,
 }
 
 fn new_request_id() -> String {
@@ -72,8 +74,11 @@ impl Call {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(|t| Zeroizing::new(t.trim().to_owned()));
+        let request_id = new_request_id();
+        let span = tracing::info_span!("call", request_id = %request_id, op = operation.name());
         Self {
-            request_id: new_request_id(),
+            span,
+            request_id,
             operation,
             peer: request
                 .remote_addr()
@@ -145,6 +150,12 @@ impl Call {
         })
     }
 
+    /// The span of this call: handlers run their work inside it, so every log line written
+    /// on behalf of the call carries its request id.
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
     /// Authenticates, parses the tenant id and authorizes the call for it.
     pub async fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
         state.refresh().await?;
@@ -203,6 +214,9 @@ impl Call {
                 status::client_message(e, &self.request_id),
             ),
         };
+        // No detail in the log: messages are secret-free, but one line per call at debug is
+        // enough to follow a request id through the log.
+        tracing::debug!(parent: &self.span, outcome = outcome.as_str(), "call finished");
         let record = self.record(outcome, detail);
         if let Err(e) = state.audit.append(record).await {
             drop(result);

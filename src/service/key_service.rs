@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::call::{self, Call};
 use super::state::AppState;
@@ -192,6 +193,7 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::Encrypt);
         let req = request.into_inner();
         let plaintext = SecretBytes::new(req.plaintext);
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
@@ -215,6 +217,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: grant.version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -225,6 +228,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let mut call = Call::begin(&request, Operation::Decrypt);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
@@ -249,6 +253,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -259,6 +264,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
         let mut call = Call::begin(&request, Operation::EncryptBatch);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
@@ -321,6 +327,7 @@ impl KeyService for KeyServiceImpl {
                 .collect();
             Ok(pb::EncryptBatchResponse { results })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -331,6 +338,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
         let mut call = Call::begin(&request, Operation::DecryptBatch);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
@@ -383,6 +391,7 @@ impl KeyService for KeyServiceImpl {
                 .collect();
             Ok(pb::DecryptBatchResponse { results })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -393,6 +402,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let mut call = Call::begin(&request, Operation::GenerateDataKey);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
@@ -415,6 +425,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: grant.version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -425,6 +436,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
         let mut call = Call::begin(&request, Operation::DecryptDataKey);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
@@ -447,6 +459,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -457,6 +470,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::RewrapResponse>, Status> {
         let mut call = Call::begin(&request, Operation::Rewrap);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
@@ -489,6 +503,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: grant.version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -499,6 +514,7 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::RewrapBatchResponse>, Status> {
         let mut call = Call::begin(&request, Operation::RewrapBatch);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
@@ -572,6 +588,7 @@ impl KeyService for KeyServiceImpl {
                 .collect();
             Ok(pb::RewrapBatchResponse { results })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }

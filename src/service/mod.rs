@@ -30,7 +30,9 @@ use crate::error::{Error, Result};
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(work)
+    // The work runs in the caller's span, so its log lines carry the request id.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
         .await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }

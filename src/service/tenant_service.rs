@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
@@ -48,11 +49,13 @@ impl TenantServiceImpl {
         let tenant_id = tenant_id.to_owned();
         let request_id = call.request_id.clone();
         let task = tokio::spawn(async move {
+            let span = call.span();
             let result = async {
                 let tenant = call.admit(&state, &tenant_id).await?;
                 let keys = Arc::clone(&state.keys);
                 blocking(move || work(&keys, &tenant)).await
             }
+            .instrument(span)
             .await;
             call.finish(&state, result).await
         });
@@ -134,6 +137,7 @@ impl TenantService for TenantServiceImpl {
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         let mut call = Call::begin(&request, Operation::ListTenants);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             call.admit_global(&self.state).await?;
             let size = match req.page_size {
@@ -169,6 +173,7 @@ impl TenantService for TenantServiceImpl {
                 next_page_token,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
