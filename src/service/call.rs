@@ -23,7 +23,7 @@ use super::status;
 use crate::audit::{AuditRecord, AuditWriter, Outcome};
 use crate::auth::{Caller, Operation, authorize};
 use crate::domain::{Context, TenantId, unix_now_micros};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Most contexts listed in one audit record (batches may name many).
 const MAX_AUDITED_CONTEXTS: usize = 16;
@@ -323,11 +323,4 @@ pub fn system_record(
         aad_fingerprint: String::new(),
         detail,
     }
-}
-
-/// The error for a request field we do not use being set (rejected, not ignored).
-pub fn unused_field(name: &str) -> Error {
-    Error::InvalidArgument(format!(
-        "field {name} is not used by this call and must be empty"
-    ))
 }
