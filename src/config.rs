@@ -16,6 +16,22 @@
 //! cache_tenants = 100000
 //! default_max_encryptions = 1073741824
 //! insecure_plaintext = false
+//! tls_cert = "/etc/tenant-kms/server.pem"            # serve TLS (with tls_key)
+//! tls_key = "/etc/tenant-kms/server.key"
+//! client_ca = "/etc/tenant-kms/clients-ca.pem"        # require client certificates (mTLS)
+//! rate_limit_per_second = 10000.0                     # per caller; 0 disables
+//! rate_limit_burst = 20000
+//! max_concurrent_requests = 1024
+//! request_timeout = "60s"                             # caps every call's deadline
+//! lock_memory = true                                  # mlockall when the OS allows
+//!
+//! # A client certificate whose SAN (DNS or URI; the subject CN if it has no SAN) is exactly
+//! # `identity` acts as this caller, in place of a bearer token.
+//! [[tls_callers]]
+//! identity = "ingest.svc.internal"
+//! role = "service"                                    # admin | service | auditor
+//! tenants = ["acme", "globex"]                        # or ["*"]
+//! operations = ["encrypt"]                            # service only; default: all
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -55,6 +71,59 @@ pub struct FileConfig {
     pub default_max_encryptions: Option<u64>,
     /// Allow a non-loopback listen address without TLS.
     pub insecure_plaintext: Option<bool>,
+    /// Server certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA that client certificates must chain to (PEM); makes them required.
+    pub client_ca: Option<PathBuf>,
+    /// Per-caller sustained calls per second (0 disables).
+    pub rate_limit_per_second: Option<f64>,
+    /// Per-caller burst.
+    pub rate_limit_burst: Option<u32>,
+    /// Requests in flight at once.
+    pub max_concurrent_requests: Option<usize>,
+    /// Longest deadline of a call, e.g. `60s`.
+    pub request_timeout: Option<String>,
+    /// Lock the process's memory against swapping when the OS allows.
+    pub lock_memory: Option<bool>,
+    /// Client-certificate identities that act as callers.
+    #[serde(default)]
+    pub tls_callers: Vec<TlsCallerConfig>,
+}
+
+/// One `[[tls_callers]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCallerConfig {
+    /// The certificate identity matched exactly: a SAN DNS name or URI, or the subject CN of a
+    /// certificate without SAN names.
+    pub identity: String,
+    /// `admin`, `service` or `auditor`.
+    pub role: String,
+    /// Tenant ids, or `["*"]` for every tenant.
+    pub tenants: Vec<String>,
+    /// Data-plane operations a service caller is limited to (default: all).
+    pub operations: Option<Vec<String>>,
+}
+
+impl FileConfig {
+    /// The validated `[[tls_callers]]` table.
+    pub fn tls_callers(&self) -> Result<crate::auth::cert::TlsCallers> {
+        let rules = self
+            .tls_callers
+            .iter()
+            .map(|c| {
+                crate::auth::cert::TlsCallerRule::new(
+                    &c.identity,
+                    &c.role,
+                    &c.tenants,
+                    c.operations.as_deref(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::auth::cert::TlsCallers::new(rules)
+    }
 }
 
 impl FileConfig {
@@ -97,5 +166,26 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("listen = \"x\"\nbogus = 1").is_err());
         let config: FileConfig = toml::from_str("audit_durability = \"process\"").unwrap();
         assert_eq!(config.audit_durability, Some(Durability::Process));
+    }
+
+    #[test]
+    fn tls_callers_table() {
+        let config: FileConfig = toml::from_str(
+            "[[tls_callers]]\nidentity = \"svc\"\nrole = \"service\"\ntenants = [\"a\"]\n\
+             operations = [\"encrypt\"]\n",
+        )
+        .unwrap();
+        assert!(!config.tls_callers().unwrap().is_empty());
+        let bad: FileConfig = toml::from_str(
+            "[[tls_callers]]\nidentity = \"svc\"\nrole = \"root\"\ntenants = [\"a\"]\n",
+        )
+        .unwrap();
+        assert!(bad.tls_callers().is_err());
+        assert!(
+            toml::from_str::<FileConfig>(
+                "[[tls_callers]]\nidentity = \"s\"\nrole = \"admin\"\ntenants = []\nx = 1\n"
+            )
+            .is_err()
+        );
     }
 }

@@ -115,13 +115,14 @@ impl TenantState {
         }
     }
 
-    /// The lower-case name used in messages and logs.
+    /// The name used in messages and logs: the API's `TenantState` value without its prefix,
+    /// so a FAILED_PRECONDITION message names the state exactly as clients see it.
     pub fn name(self) -> &'static str {
         match self {
-            TenantState::Active => "active",
-            TenantState::Suspended => "suspended",
-            TenantState::PendingDeletion => "pending deletion",
-            TenantState::Destroyed => "destroyed",
+            TenantState::Active => "ACTIVE",
+            TenantState::Suspended => "SUSPENDED",
+            TenantState::PendingDeletion => "PENDING_DELETION",
+            TenantState::Destroyed => "DESTROYED",
         }
     }
 }
@@ -157,12 +158,12 @@ impl KeyVersionState {
         }
     }
 
-    /// The lower-case name.
+    /// The name used in messages: the API's `KeyVersionState` value without its prefix.
     pub fn name(self) -> &'static str {
         match self {
-            KeyVersionState::Enabled => "enabled",
-            KeyVersionState::Disabled => "disabled",
-            KeyVersionState::Destroyed => "destroyed",
+            KeyVersionState::Enabled => "ENABLED",
+            KeyVersionState::Disabled => "DISABLED",
+            KeyVersionState::Destroyed => "DESTROYED",
         }
     }
 }

@@ -31,6 +31,18 @@ pub enum Error {
     /// A limit was hit (size, count, rate).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A per-caller rate limit or the server's concurrency cap: try again after the hint.
+    #[error("{reason}; retry after {retry_after_ms} ms")]
+    RetryLater {
+        /// Which limit, in words safe for the client.
+        reason: String,
+        /// When a retry can succeed, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// The caller's deadline (`grpc-timeout`, capped by the server's request timeout) passed
+    /// before the answer was ready; no result is returned.
+    #[error("deadline exceeded before the answer was ready")]
+    DeadlineExceeded,
     /// The service cannot answer safely now (the audit store cannot write): fail closed.
     #[error("{0}")]
     Unavailable(String),

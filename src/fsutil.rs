@@ -62,3 +62,18 @@ pub fn check_private(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Flushes a file's contents to stable storage (fsync).
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::Internal(format!("cannot sync {}: {e}", path.display())))
+}
+
+/// Makes the entries of a directory (created, renamed or removed files) durable (fsync of the
+/// directory).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::Internal(format!("cannot sync {}: {e}", dir.display())))
+}

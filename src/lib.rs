@@ -15,18 +15,24 @@
 //! - [`store`]: the `KeyStore` trait and its SQLite implementation (`keys.db`).
 //! - [`audit`]: audit records, the HMAC chain, the group-commit writer, `audit.db`.
 //! - [`auth`]: tokens, roles, tenant scopes and the one authorization check.
+//! - [`backup`]: full backups, per-tenant export/import and the shred ledger that keeps a
+//!   restore from resurrecting destroyed keys.
 //! - [`service`]: gRPC handlers (thin) and `server::run`.
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
+//! - [`selftest`]: power-on and full cryptographic self-tests (known answers, Wycheproof, our
+//!   vectors), used by `serve` at start and by `tenant-kms selftest`.
 //! - [`bench`]: the load generator behind `tenant-kms bench`, with its same-run baselines
 //!   and the churn soak (a client of the service, like `cli`).
+//! - [`metrics`]: process-wide counters and histograms and the Prometheus `/metrics` endpoint.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
-//! - [`metrics`]: process-wide counters and histograms and the Prometheus `/metrics` endpoint.
+//! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -34,8 +40,10 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod fsutil;
+pub mod hardening;
 pub mod keys;
 pub mod metrics;
+pub mod selftest;
 pub mod service;
 pub mod store;
 
@@ -43,4 +51,6 @@ pub mod store;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("tenantkms.v1");
+    // Which messages the codec decodes strictly (requests) — written by build.rs.
+    include!(concat!(env!("OUT_DIR"), "/strictness.rs"));
 }

@@ -27,6 +27,10 @@ pub enum Outcome {
     Unavailable,
     /// An internal fault.
     Internal,
+    /// The caller's deadline passed before the answer was ready; none was sent.
+    DeadlineExceeded,
+    /// The caller went away (cancelled, disconnected) before the answer was ready.
+    Cancelled,
 }
 
 impl Outcome {
@@ -44,6 +48,8 @@ impl Outcome {
             Outcome::Exhausted => "exhausted",
             Outcome::Unavailable => "unavailable",
             Outcome::Internal => "internal",
+            Outcome::DeadlineExceeded => "deadline_exceeded",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -132,6 +138,8 @@ pub fn outcome_from_str(name: &str) -> Option<Outcome> {
         Outcome::Exhausted,
         Outcome::Unavailable,
         Outcome::Internal,
+        Outcome::DeadlineExceeded,
+        Outcome::Cancelled,
     ]
     .into_iter()
     .find(|o| o.as_str() == name)

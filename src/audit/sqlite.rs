@@ -1,19 +1,23 @@
-//! `audit.db`: the audit records in sequence order, each with its chain MAC.
+//! `audit.db`: the audit records in sequence order, each with its chain MAC, and the signed
+//! anchors (head, retention checkpoint) in `audit_meta`.
 //!
-//! Appends read the chain head inside the same write transaction (BEGIN IMMEDIATE), so
-//! several processes (the server and the `rotate` command) can append to one log and the
-//! chain stays whole. Queries and verification use their own read connections.
+//! Appends read the chain tail inside the same write transaction (BEGIN IMMEDIATE) and move
+//! the signed head in it, so several processes (the server and the `rotate` command) can
+//! append to one log and the chain stays whole. Queries and verification use their own read
+//! connections; the verifier is in [`super::verify`].
 
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::anchor::{self, Anchor, Kind, Stored};
 use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
 use super::record::{AuditRecord, outcome_from_str};
-use crate::crypto::envelope::constant_time_eq;
 use crate::error::{Error, Result};
 
+// `audit_meta` is WITHOUT ROWID so that moving the head in every commit rewrites one b-tree
+// page, not a table page and its primary-key index page.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS audit_events (
     seq             INTEGER PRIMARY KEY,
@@ -35,21 +39,24 @@ CREATE INDEX IF NOT EXISTS audit_events_by_tenant ON audit_events(tenant_id, seq
 CREATE TABLE IF NOT EXISTS audit_meta (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
-);
+) WITHOUT ROWID;
 ";
 
-fn sql_error(e: rusqlite::Error) -> Error {
+/// How long a write waits for another process's write lock (e.g. `rotate` appending) before
+/// it fails, when the caller names no other bound.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) fn sql_error(e: rusqlite::Error) -> Error {
     Error::Unavailable(format!("audit store: {e}"))
 }
 
 /// Opens `audit.db` (mode 0600), in WAL mode, creating the schema. `full_sync` selects
 /// `synchronous=FULL` (an fsync per commit) over `NORMAL` (durable across a process crash,
-/// not a power loss).
-pub fn open(path: &Path, full_sync: bool) -> Result<Connection> {
+/// not a power loss). A write waits at most `busy_timeout` for another connection's lock.
+pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Connection> {
     crate::fsutil::create_private_file(path)?;
     let conn = Connection::open(path).map_err(sql_error)?;
-    conn.busy_timeout(Duration::from_secs(10))
-        .map_err(sql_error)?;
+    conn.busy_timeout(busy_timeout).map_err(sql_error)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_error)?;
     conn.pragma_update(
@@ -62,115 +69,195 @@ pub fn open(path: &Path, full_sync: bool) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Appends records as one transaction, chained after the current head. Returns their
-/// sequence numbers. Nothing is written if anything fails.
-pub fn append(
+/// Inserts one record row (the caller computed its MAC).
+pub(crate) fn insert(
+    conn: &Connection,
+    seq: u64,
+    record: &AuditRecord,
+    mac: &[u8],
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
+         operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
+         detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
+    )?;
+    stmt.execute(params![
+        seq as i64,
+        record.time_micros,
+        record.request_id,
+        record.caller,
+        record.peer,
+        record.tenant_id,
+        record.operation,
+        serde_json::to_string(&record.contexts).unwrap_or_default(),
+        serde_json::to_string(&record.key_versions).unwrap_or_default(),
+        record.item_count,
+        record.outcome.as_str(),
+        record.aad_fingerprint,
+        record.detail,
+        mac,
+    ])?;
+    Ok(())
+}
+
+/// The operation name of the evidence record the writer appends when the end of the log is
+/// not the one it signed.
+pub const TAIL_EVIDENCE_OPERATION: &str = "AuditTailMismatch";
+
+/// Appends records as one transaction, chained after the current tail, and moves the signed
+/// head to the last of them in the same transaction (so the head costs no extra fsync).
+/// Returns the sequence number of the first; the rest follow in order. Nothing is written if
+/// anything fails.
+///
+/// If the tail is not the one the signed head names (records were cut from the end, or the
+/// head was deleted or forged), the transaction first appends an `AuditTailMismatch` evidence
+/// record saying so, chained after what is actually there: the verifier reports it as a break
+/// until an operator acknowledges it with `tenant-kms audit recover`. Appending after the cut
+/// without it would hide the cut; refusing to append would let anyone who can write the file
+/// stop the service with one DELETE.
+pub fn append<'a>(
     conn: &mut Connection,
     keys: &ChainKeys,
-    records: &[AuditRecord],
-) -> Result<Vec<u64>> {
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+) -> Result<u64> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let (mut seq, mut prev) = head(&tx)?;
-    let mut seqs = Vec::with_capacity(records.len());
-    {
-        let mut stmt = tx
-            .prepare_cached(
-                "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
-                 operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
-                 detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
-            )
-            .map_err(sql_error)?;
-        for record in records {
-            seq += 1;
-            let mac = keys.record_mac(record, seq, &prev);
-            stmt.execute(params![
-                seq as i64,
-                record.time_micros,
-                record.request_id,
-                record.caller,
-                record.peer,
-                record.tenant_id,
-                record.operation,
-                serde_json::to_string(&record.contexts).unwrap_or_default(),
-                serde_json::to_string(&record.key_versions).unwrap_or_default(),
-                record.item_count,
-                record.outcome.as_str(),
-                record.aad_fingerprint,
-                record.detail,
-                mac.as_slice(),
-            ])
-            .map_err(sql_error)?;
-            prev = mac;
-            seqs.push(seq);
-        }
+    let mut head = match writable_tail(&tx, keys)? {
+        Ok(tail) => tail,
+        Err(problem) => append_evidence(&tx, keys, &problem)?,
+    };
+    let first = head.seq + 1;
+    for record in records {
+        head.seq += 1;
+        head.mac = keys.record_mac(record, head.seq, &head.mac);
+        insert(&tx, head.seq, record, &head.mac).map_err(sql_error)?;
     }
+    anchor::write(&tx, keys, Kind::Head, &head)?;
     tx.commit().map_err(sql_error)?;
-    Ok(seqs)
+    Ok(first)
 }
 
-/// The last record's sequence number and MAC (or the checkpoint's, or genesis).
-fn head(conn: &Connection) -> Result<(u64, [u8; MAC_LEN])> {
-    // Cached: it runs once per group commit.
-    let last: Option<(i64, Vec<u8>)> = conn
-        .prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
+/// Appends the evidence record for a tail that does not match the signed head; returns it as
+/// the new tail.
+fn append_evidence(conn: &Connection, keys: &ChainKeys, problem: &TailProblem) -> Result<Anchor> {
+    tracing::error!(
+        problem = %problem.0,
+        "audit.db's end is not the one this service signed: recording the evidence; run \
+         `tenant-kms audit verify`"
+    );
+    let (seq, prev) = actual_tail(conn, keys)?;
+    let record = AuditRecord {
+        time_micros: crate::domain::unix_now_micros(),
+        request_id: String::new(),
+        caller: "audit-writer".into(),
+        peer: "local".into(),
+        tenant_id: String::new(),
+        operation: TAIL_EVIDENCE_OPERATION.into(),
+        contexts: Vec::new(),
+        key_versions: Vec::new(),
+        item_count: 0,
+        outcome: super::Outcome::Internal,
+        aad_fingerprint: String::new(),
+        detail: problem.0.clone(),
+    };
+    let anchor = Anchor {
+        seq: seq + 1,
+        mac: keys.record_mac(&record, seq + 1, &prev),
+    };
+    insert(conn, anchor.seq, &record, &anchor.mac).map_err(sql_error)?;
+    Ok(anchor)
+}
+
+/// The last record's sequence number and stored MAC, if there is a record.
+pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
+    conn.prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
         .and_then(|mut stmt| {
-            stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()
+            stmt.query_row([], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, bytes_at(row, 1)))
+            })
+            .optional()
         })
-        .map_err(sql_error)?;
-    match last {
-        Some((seq, mac)) => Ok((seq as u64, mac.try_into().unwrap_or(GENESIS_MAC))),
-        None => Ok(checkpoint(conn)?.map_or((0, GENESIS_MAC), |c| (c.seq, c.mac))),
+        .map_err(sql_error)
+}
+
+/// The bytes of a column that should hold a blob. Anything else (text, NULL, a number), as an
+/// intruder might leave it, reads as no bytes, which never verifies: a malformed row is
+/// reported as a break instead of stopping the verifier or the writer.
+pub(crate) fn bytes_at(row: &Row<'_>, index: usize) -> Vec<u8> {
+    match row.get_ref(index) {
+        Ok(rusqlite::types::ValueRef::Blob(bytes)) => bytes.to_vec(),
+        _ => Vec::new(),
     }
 }
 
-/// A retention checkpoint: the sequence number and MAC of the last pruned record, signed so
-/// it cannot be moved.
-#[derive(Debug, Clone, Copy)]
-pub struct Checkpoint {
-    /// Last pruned sequence number.
-    pub seq: u64,
-    /// Its MAC (the `prev_mac` of the first kept record).
-    pub mac: [u8; MAC_LEN],
+/// What is actually at the end of the log, whatever the head says: the last record (its MAC
+/// as stored, whatever its length), else a valid checkpoint, else genesis.
+pub(crate) fn actual_tail(conn: &Connection, keys: &ChainKeys) -> Result<(u64, Vec<u8>)> {
+    Ok(match last_row(conn)? {
+        Some(row) => row,
+        None => match checkpoint(conn, keys)? {
+            Some(checkpoint) => (checkpoint.seq, checkpoint.mac.to_vec()),
+            None => (0, GENESIS_MAC.to_vec()),
+        },
+    })
 }
 
-fn checkpoint(conn: &Connection) -> Result<Option<Checkpoint>> {
-    let value: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT value FROM audit_meta WHERE name = 'checkpoint'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()
-        .map_err(sql_error)?;
-    Ok(value.and_then(|v| {
-        if v.len() != 8 + MAC_LEN + MAC_LEN {
-            return None;
-        }
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&v[..8]);
-        let mut mac = [0u8; MAC_LEN];
-        mac.copy_from_slice(&v[8..8 + MAC_LEN]);
-        Some(Checkpoint {
-            seq: u64::from_be_bytes(seq),
-            mac,
-        })
-    }))
+/// How the end of the log differs from its signed head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailProblem(pub String);
+
+/// The position new records chain after: the last record, or the retention checkpoint when
+/// every record was pruned, or genesis for a new log, if it equals the signed head written
+/// by the last append (by any process); otherwise the inner error says how they differ.
+pub fn writable_tail(
+    conn: &Connection,
+    keys: &ChainKeys,
+) -> Result<std::result::Result<Anchor, TailProblem>> {
+    let problem = |text: String| Ok(Err(TailProblem(text)));
+    let tail = match last_row(conn)? {
+        Some((seq, mac)) => match <[u8; MAC_LEN]>::try_from(mac.as_slice()) {
+            Ok(mac) => Some(Anchor { seq, mac }),
+            Err(_) => return problem(format!("record {seq} has a malformed MAC")),
+        },
+        None => match anchor::read(conn, keys, Kind::Checkpoint)? {
+            Stored::Missing => None,
+            Stored::Valid(checkpoint) => Some(checkpoint),
+            Stored::Invalid => return problem("the retention checkpoint is invalid".into()),
+        },
+    };
+    match (anchor::read(conn, keys, Kind::Head)?, tail) {
+        (Stored::Missing, None) => Ok(Ok(Anchor::GENESIS)),
+        (Stored::Valid(head), Some(tail)) if head == tail => Ok(Ok(tail)),
+        (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => problem(format!(
+            "record {} is not the one the signed head names",
+            tail.seq
+        )),
+        (Stored::Valid(head), tail) => problem(format!(
+            "the signed head is at record {} but the log ends at record {}",
+            head.seq,
+            tail.map_or(0, |t| t.seq)
+        )),
+        (Stored::Missing, Some(tail)) => problem(format!(
+            "the signed head is missing (the log ends at record {})",
+            tail.seq
+        )),
+        (Stored::Invalid, tail) => problem(format!(
+            "the signed head is invalid (the log ends at record {})",
+            tail.map_or(0, |t| t.seq)
+        )),
+    }
 }
 
-const CHECKPOINT_LABEL: &[u8] = b"tenant-kms/v1/audit-checkpoint";
-
-fn checkpoint_signature(keys: &ChainKeys, seq: u64, mac: &[u8]) -> [u8; MAC_LEN] {
-    let mut bytes = Vec::with_capacity(CHECKPOINT_LABEL.len() + 8 + MAC_LEN + 4);
-    crate::crypto::labels::push_length_prefixed(&mut bytes, CHECKPOINT_LABEL);
-    bytes.extend_from_slice(&seq.to_be_bytes());
-    bytes.extend_from_slice(mac);
-    keys.sign(&bytes)
+/// The retention checkpoint, if there is a valid one.
+pub fn checkpoint(conn: &Connection, keys: &ChainKeys) -> Result<Option<Anchor>> {
+    Ok(match anchor::read(conn, keys, Kind::Checkpoint)? {
+        Stored::Valid(checkpoint) => Some(checkpoint),
+        Stored::Missing | Stored::Invalid => None,
+    })
 }
 
-fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>)> {
+pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>)> {
     let contexts: String = row.get(7)?;
     let versions: String = row.get(8)?;
     let outcome: String = row.get(10)?;
@@ -201,102 +288,10 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>
     ))
 }
 
-const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, operation, \
-     contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac FROM audit_events";
-
-/// What [`verify`] found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct VerifyReport {
-    /// True when every record verified.
-    pub ok: bool,
-    /// Records checked (up to and including the first bad one).
-    pub records_checked: u64,
-    /// The first record that was edited, inserted, reordered or is missing; 0 when ok.
-    pub first_bad_seq: u64,
-    /// The last verified sequence number (the chain head when ok).
-    pub head_seq: u64,
-    /// Why the first bad record failed.
-    pub reason: String,
-}
-
-/// Walks the whole chain from genesis (or the signed retention checkpoint) and reports the
-/// first record whose sequence number or MAC does not follow from its predecessor.
-pub fn verify(conn: &Connection, keys: &ChainKeys) -> Result<VerifyReport> {
-    let (mut expected_seq, mut prev) = match checkpoint(conn)? {
-        None => (1, GENESIS_MAC.to_vec()),
-        Some(cp) => {
-            let signature: Option<Vec<u8>> = conn
-                .query_row(
-                    "SELECT value FROM audit_meta WHERE name = 'checkpoint'",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(sql_error)?;
-            let signature = signature.unwrap_or_default();
-            let expected = checkpoint_signature(keys, cp.seq, &cp.mac);
-            if !constant_time_eq(&signature[8 + MAC_LEN..], &expected) {
-                return Ok(VerifyReport {
-                    ok: false,
-                    records_checked: 0,
-                    first_bad_seq: cp.seq + 1,
-                    head_seq: 0,
-                    reason: "the retention checkpoint's signature is invalid".into(),
-                });
-            }
-            (cp.seq + 1, cp.mac.to_vec())
-        }
-    };
-    let mut stmt = conn
-        .prepare(&format!("{SELECT_RECORD} ORDER BY seq"))
-        .map_err(sql_error)?;
-    let mut rows = stmt.query([]).map_err(sql_error)?;
-    let mut checked = 0;
-    loop {
-        let row = match rows.next() {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
-            Err(e) => return Err(sql_error(e)),
-        };
-        checked += 1;
-        let bad = |reason: String, seq: u64| VerifyReport {
-            ok: false,
-            records_checked: checked,
-            first_bad_seq: seq,
-            head_seq: expected_seq - 1,
-            reason,
-        };
-        let (seq, record, mac) = match record_from_row(row) {
-            Ok(parsed) => parsed,
-            Err(_) => {
-                let seq: i64 = row.get(0).unwrap_or(0);
-                return Ok(bad("malformed record".into(), seq as u64));
-            }
-        };
-        if seq != expected_seq {
-            return Ok(bad(
-                format!("record {expected_seq} is missing (found {seq} next)"),
-                expected_seq.min(seq),
-            ));
-        }
-        let expected_mac = keys.record_mac(&record, seq, &prev);
-        if !constant_time_eq(&expected_mac, &mac) {
-            return Ok(bad(
-                format!("record {seq} was edited, inserted or moved (MAC mismatch)"),
-                seq,
-            ));
-        }
-        prev = mac;
-        expected_seq += 1;
-    }
-    Ok(VerifyReport {
-        ok: true,
-        records_checked: checked,
-        first_bad_seq: 0,
-        head_seq: expected_seq - 1,
-        reason: String::new(),
-    })
-}
+/// The columns of a record row, in [`record_from_row`]'s order.
+pub(crate) const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, \
+     operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac \
+     FROM audit_events";
 
 /// Filter for [`list`].
 #[derive(Debug, Clone, Default)]
@@ -354,24 +349,34 @@ pub fn count(conn: &Connection) -> Result<u64> {
     .map_err(sql_error)
 }
 
-/// Removes records older than `before_micros`, after verifying them, and stores a signed
-/// checkpoint of the last removed record so the rest still verifies. Returns how many were
-/// removed. Refuses to prune a chain that does not verify.
+/// Removes the oldest records, all of them older than `before_micros`, after verifying the
+/// whole log, and stores a signed checkpoint of the last removed record so the rest still
+/// verifies. Only a prefix can go (the chain needs it): the prefix ends before the first
+/// record at or after `before_micros`, so no newer record is ever removed even if clocks
+/// made times non-monotonic. Refuses to prune a log that does not verify. Returns how many
+/// records were removed.
 pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Result<u64> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let report = verify(&tx, keys)?;
+    let report = super::verify::verify_in(&tx, keys)?;
     if !report.ok {
         return Err(Error::FailedPrecondition(format!(
-            "the audit chain does not verify ({}); not pruning",
-            report.reason
+            "the audit chain does not verify (record {}: {}); not pruning",
+            report.first_bad_seq, report.reason
         )));
     }
+    let keep_from: Option<i64> = tx
+        .query_row(
+            "SELECT MIN(seq) FROM audit_events WHERE time_us >= ?1",
+            [before_micros],
+            |row| row.get(0),
+        )
+        .map_err(sql_error)?;
     let last: Option<(i64, Vec<u8>)> = tx
         .query_row(
-            "SELECT seq, mac FROM audit_events WHERE time_us < ?1 ORDER BY seq DESC LIMIT 1",
-            [before_micros],
+            "SELECT seq, mac FROM audit_events WHERE seq < ?1 ORDER BY seq DESC LIMIT 1",
+            [keep_from.unwrap_or(i64::MAX)],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
@@ -379,18 +384,93 @@ pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Res
     let Some((seq, mac)) = last else {
         return Ok(0);
     };
+    let mac = <[u8; MAC_LEN]>::try_from(mac.as_slice())
+        .map_err(|_| Error::internal("a verified record has a malformed MAC"))?;
     let removed = tx
         .execute("DELETE FROM audit_events WHERE seq <= ?1", [seq])
         .map_err(sql_error)? as u64;
-    let mut value = Vec::with_capacity(8 + 2 * MAC_LEN);
-    value.extend_from_slice(&(seq as u64).to_be_bytes());
-    value.extend_from_slice(&mac);
-    value.extend_from_slice(&checkpoint_signature(keys, seq as u64, &mac));
-    tx.execute(
-        "INSERT OR REPLACE INTO audit_meta (name, value) VALUES ('checkpoint', ?1)",
-        [value],
-    )
-    .map_err(sql_error)?;
+    anchor::write(
+        &tx,
+        keys,
+        Kind::Checkpoint,
+        &Anchor {
+            seq: seq as u64,
+            mac,
+        },
+    )?;
     tx.commit().map_err(sql_error)?;
     Ok(removed)
+}
+
+/// The chain head: the last record's sequence number and MAC (the checkpoint's, or 0 and the
+/// genesis MAC, when there is no record). A backup manifest names it, so a restored log can be
+/// checked to be exactly the one backed up.
+pub fn chain_head(conn: &Connection) -> Result<(u64, [u8; MAC_LEN])> {
+    if let Some((seq, mac)) = last_row(conn)? {
+        let mac = <[u8; MAC_LEN]>::try_from(mac.as_slice())
+            .map_err(|_| Error::internal(format!("record {seq} has a malformed MAC")))?;
+        return Ok((seq, mac));
+    }
+    // No record: the checkpoint's position as stored (its signature is the verifier's job).
+    let value: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT value FROM audit_meta WHERE name = 'checkpoint'",
+            [],
+            |row| Ok(bytes_at(row, 0)),
+        )
+        .optional()
+        .map_err(sql_error)?;
+    let parsed = value.as_deref().and_then(|v| {
+        let seq = <[u8; 8]>::try_from(v.get(..8)?).ok()?;
+        let mac = <[u8; MAC_LEN]>::try_from(v.get(8..8 + MAC_LEN)?).ok()?;
+        Some((u64::from_be_bytes(seq), mac))
+    });
+    Ok(parsed.unwrap_or((0, GENESIS_MAC)))
+}
+
+/// Opens an existing `audit.db` read-only (a backup's copy), writing nothing to disk.
+pub fn open_read_only(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_error)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sql_error)?;
+    Ok(conn)
+}
+
+/// Writes a consistent snapshot of the audit log at `path` to the new file `dest` (mode
+/// 0600) with SQLite's online backup API, while the server keeps appending. The copy is a
+/// self-contained file (rollback journal mode, no `-wal` beside it).
+pub fn snapshot(path: &Path, dest: &Path) -> Result<()> {
+    let source = open(path, true, DEFAULT_BUSY_TIMEOUT)?;
+    crate::fsutil::create_private_file(dest)?;
+    let mut out = Connection::open(dest).map_err(sql_error)?;
+    {
+        // One step: every page copied inside one read transaction, so the copy is the log as
+        // of one commit; appends by the writer go on meanwhile (WAL).
+        let backup = rusqlite::backup::Backup::new(&source, &mut out).map_err(sql_error)?;
+        copy_all_pages(&backup)?;
+    }
+    out.pragma_update(None, "journal_mode", "DELETE")
+        .map_err(sql_error)?;
+    out.close().map_err(|(_, e)| sql_error(e))?;
+    crate::fsutil::sync_file(dest)
+}
+
+/// Runs an online backup as one step (-1: every page), retrying while another connection
+/// holds a lock that keeps the step from starting (bounded).
+fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
+    use rusqlite::backup::StepResult;
+    for attempt in 0..100u64 {
+        match backup.step(-1).map_err(sql_error)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked => {
+                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::internal("online backup: the database stayed busy"))
 }

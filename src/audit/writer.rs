@@ -8,19 +8,31 @@
 //!
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
-//! fault is cleared.
+//! fault is cleared. The failed calls' records are kept in memory (bounded) and written, as
+//! `unavailable` with what the call did in their detail, by the first commit that succeeds:
+//! a control-plane call that changed state before the audit failed stays on the trail.
+//!
+//! Before it accepts anything, the writer checks the end of the log ([`verify::check_tail`]).
+//! It flags, and does not refuse: a problem is logged, and a tail that is not the one the
+//! signed head names gets an `AuditTailMismatch` evidence record at once (every append checks
+//! the head again, in its own transaction, so a cut made while the service runs is recorded
+//! the same way). The evidence stays in the chain, reported by `audit verify`, until an
+//! operator acknowledges it with `audit recover`; nothing is ever deleted.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::chain::ChainKeys;
 use super::record::AuditRecord;
-use super::sqlite;
+use super::{sqlite, verify};
 use crate::error::{Error, Result};
 
 /// Most records committed in one transaction.
@@ -69,25 +81,71 @@ impl Reply {
 pub struct AuditWriter {
     jobs: mpsc::Sender<Job>,
     keys: Arc<ChainKeys>,
+    commits: Arc<AtomicU64>,
+    busy_nanos: Arc<AtomicU64>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl AuditWriter {
-    /// Opens `path` and starts the writer thread.
-    pub fn start(path: PathBuf, durability: Durability, keys: Arc<ChainKeys>) -> Result<Self> {
+    /// Opens `path`, checks the end of the log (logging what is wrong and recording the
+    /// evidence of a cut tail) and starts the writer thread. A commit waits at most
+    /// `busy_timeout` for another process's write lock before its batch fails closed.
+    pub fn start(
+        path: PathBuf,
+        durability: Durability,
+        busy_timeout: Duration,
+        keys: Arc<ChainKeys>,
+    ) -> Result<Self> {
         let full_sync = durability == Durability::Fsync;
-        let conn = sqlite::open(&path, full_sync)?;
+        let mut conn = sqlite::open(&path, full_sync, busy_timeout)?;
+        let report = verify::check_tail(&mut conn, &keys)?;
+        if !report.ok {
+            tracing::error!(
+                path = %path.display(),
+                first_bad_seq = report.first_bad_seq,
+                reason = %report.reason,
+                "the end of the audit log does not verify; the breaks stay on record until \
+                 `tenant-kms audit recover` acknowledges them (see `tenant-kms audit verify`)"
+            );
+            if report.breaks.iter().any(|b| b.at_head()) {
+                // Record the cut now, with the time it was found, not at the first call.
+                sqlite::append(&mut conn, &keys, std::iter::empty())?;
+            }
+        }
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread_keys = Arc::clone(&keys);
+        let commits = Arc::new(AtomicU64::new(0));
+        let busy_nanos = Arc::new(AtomicU64::new(0));
+        let reopen = Reopen {
+            path,
+            full_sync,
+            busy_timeout,
+            commits: Arc::clone(&commits),
+            busy_nanos: Arc::clone(&busy_nanos),
+        };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(conn, path, full_sync, &thread_keys, &queue))
+            .spawn(move || run(conn, &reopen, &thread_keys, &queue))
             .map_err(|e| Error::Internal(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             jobs,
             keys,
+            commits,
+            busy_nanos,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
+    }
+
+    /// How many transactions (batches) this writer has committed: with the records appended,
+    /// the mean group-commit batch size.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Total time the writer has spent in transactions (appending, committing, fsync), in
+    /// nanoseconds: against wall time, how busy the one writer is.
+    pub fn busy_nanos(&self) -> u64 {
+        self.busy_nanos.load(Ordering::Relaxed)
     }
 
     /// The chain keys (for fingerprints and verification).
@@ -132,50 +190,148 @@ impl AuditWriter {
     }
 }
 
-fn run(
-    conn: Connection,
+/// How to reopen the append connection after a failure, and the commit counter.
+struct Reopen {
     path: PathBuf,
     full_sync: bool,
-    keys: &ChainKeys,
-    queue: &mpsc::Receiver<Job>,
-) {
+    busy_timeout: Duration,
+    commits: Arc<AtomicU64>,
+    busy_nanos: Arc<AtomicU64>,
+}
+
+/// Most records kept in memory for a late write while the store cannot write. Past it the
+/// oldest are dropped, with an error in the log.
+const MAX_DEFERRED: usize = 65_536;
+/// How often deferred records are retried when no new record arrives.
+const RETRY_DEFERRED: Duration = Duration::from_secs(1);
+
+/// The record of a call whose own record could not be written in time: the caller got
+/// UNAVAILABLE and no result, and that is what is recorded, with what the call itself did.
+/// (A control-plane call may have changed state before the audit failed: it must not vanish
+/// from the trail.)
+fn late(mut record: AuditRecord) -> AuditRecord {
+    let ended = record.outcome.as_str();
+    record.detail = if record.detail.is_empty() {
+        format!(
+            "recorded late: the audit store could not write when the call ended ({ended}), so \
+             the caller got UNAVAILABLE and no result"
+        )
+    } else {
+        format!(
+            "recorded late: the audit store could not write when the call ended ({ended}: {}), \
+             so the caller got UNAVAILABLE and no result",
+            record.detail
+        )
+    };
+    record.outcome = super::Outcome::Unavailable;
+    record
+}
+
+fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiver<Job>) {
     let mut conn = Some(conn);
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
+    // Records of calls that were failed closed, written with the next commit that succeeds.
+    let mut deferred: VecDeque<AuditRecord> = VecDeque::new();
+    let mut dropped: u64 = 0;
+    // Group commit: block for the first job, then take whatever else is already waiting. An
+    // idle service thus commits a lone record at once; under load, the jobs that queued while
+    // the previous fsync ran form the next batch, so the batch size follows the load.
+    let mut batch: Vec<Job> = Vec::new();
+    loop {
+        let first = if deferred.is_empty() {
+            match queue.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        } else {
+            match queue.recv_timeout(RETRY_DEFERRED) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        batch.extend(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        let (records, replies): (Vec<AuditRecord>, Vec<Reply>) =
-            batch.into_iter().map(|j| (j.record, j.done)).unzip();
+        let records = deferred.iter().chain(batch.iter().map(|j| &j.record));
         let started = std::time::Instant::now();
-        let result = match conn.as_mut() {
-            Some(c) => sqlite::append(c, keys, &records),
-            None => sqlite::open(&path, full_sync).and_then(|mut c| {
-                let r = sqlite::append(&mut c, keys, &records);
-                conn = Some(c);
-                r
-            }),
-        };
-        crate::metrics::global().audit_commit(records.len(), started.elapsed(), result.is_ok());
-        match result {
-            Ok(seqs) => {
-                for (reply, seq) in replies.into_iter().zip(seqs) {
-                    reply.send(Ok(seq));
+        let committed = commit(&mut conn, reopen, keys, records);
+        crate::metrics::global().audit_commit(
+            deferred.len() + batch.len(),
+            started.elapsed(),
+            committed.is_ok(),
+        );
+        match committed {
+            Ok(first_seq) => {
+                let late = deferred.len() as u64;
+                if late > 0 {
+                    tracing::warn!(
+                        records = late,
+                        "audit store writable again: recorded the calls failed closed meanwhile"
+                    );
+                    deferred.clear();
+                }
+                for (job, seq) in batch.drain(..).zip(first_seq + late..) {
+                    job.done.send(Ok(seq));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = records.len(), "audit commit failed; failing the calls closed");
-                // Reopen next time: the fault may have been a replaced or re-permissioned file.
-                conn = None;
-                for reply in replies {
-                    reply.send(Err(Error::Unavailable(
+                tracing::error!(error = %e, records = batch.len(), "audit commit failed; failing the calls closed");
+                for job in batch.drain(..) {
+                    if deferred.len() >= MAX_DEFERRED {
+                        deferred.pop_front();
+                        dropped += 1;
+                        tracing::error!(
+                            dropped,
+                            "audit store unwritable for long: dropped the oldest late record"
+                        );
+                    }
+                    deferred.push_back(late(job.record));
+                    job.done.send(Err(Error::Unavailable(
                         "the audit store cannot record this call; no result was returned".into(),
                     )));
                 }
             }
         }
     }
+    if !deferred.is_empty() {
+        // Shutting down: one last try, so a fault cleared just before the end loses nothing.
+        if let Err(e) = commit(&mut conn, reopen, keys, deferred.iter()) {
+            tracing::error!(error = %e, records = deferred.len(), "records of calls failed closed could not be written before shutdown");
+        }
+    }
+}
+
+/// One transaction on the append connection, (re)opening it if needed; a failure drops the
+/// connection so the next commit reopens it (the fault may have been a replaced or
+/// re-permissioned file).
+fn commit<'a>(
+    conn: &mut Option<Connection>,
+    reopen: &Reopen,
+    keys: &ChainKeys,
+    records: impl IntoIterator<Item = &'a AuditRecord>,
+) -> Result<u64> {
+    let started = std::time::Instant::now();
+    let result = match conn.as_mut() {
+        Some(c) => sqlite::append(c, keys, records),
+        None => {
+            sqlite::open(&reopen.path, reopen.full_sync, reopen.busy_timeout).and_then(|mut c| {
+                let r = sqlite::append(&mut c, keys, records);
+                *conn = Some(c);
+                r
+            })
+        }
+    };
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    reopen.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
+    match &result {
+        Ok(_) => {
+            reopen.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(_) => *conn = None,
+    }
+    result
 }

@@ -2,6 +2,8 @@
 //! scopes and operation limits, and the one authorization check every RPC passes through
 //! before any key is touched.
 
+pub mod cert;
+pub mod rate;
 pub mod token;
 
 use std::collections::{BTreeSet, HashMap};
@@ -161,11 +163,23 @@ pub const DATA_PERMISSIONS: &[&str] = &[
     "rewrap",
 ];
 
+/// The credential a caller proved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// A bearer token; [`Caller::token_id`] is its public id.
+    Token,
+    /// A verified client certificate mapped by `[[tls_callers]]`; [`Caller::token_id`] is the
+    /// certificate identity (SAN or subject CN) that matched.
+    Certificate,
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The token's public id.
+    /// The token's public id, or the certificate identity (see [`Caller::credential`]).
     pub token_id: String,
+    /// How the caller authenticated.
+    pub credential: Credential,
     /// The role.
     pub role: Role,
     /// The tenants it may act for.
@@ -179,12 +193,28 @@ pub struct Caller {
 impl Caller {
     /// How the audit names this caller.
     pub fn audit_name(&self) -> String {
-        format!("token:{}", self.token_id)
+        match self.credential {
+            Credential::Token => format!("token:{}", self.token_id),
+            Credential::Certificate => format!("cert:{}", self.token_id),
+        }
     }
 }
 
 /// The one authorization decision: may `caller` run `operation` on `tenant` (None for calls
-/// that name no tenant)? Denials say what is missing, never whether a tenant exists.
+/// that name no tenant)? Denials say what is missing, never whether a tenant exists: the
+/// decision reads only the caller and the request, never the store, so it is taken before any
+/// lookup and an out-of-scope tenant gets PERMISSION_DENIED whether it exists or not.
+///
+/// The rules:
+/// - `admin` may call everything; `service` the data plane plus the metadata reads
+///   `GetTenant` and `ListKeyVersions` (no key material; a re-encryption job needs the primary
+///   version); `auditor` only `ListAuditEvents` and `VerifyAuditChain`.
+/// - a service token's `--operations` list narrows its data-plane calls (metadata reads stay
+///   allowed);
+/// - a call naming a tenant needs that tenant in scope;
+/// - a call naming no tenant (`ListTenants`, `VerifyAuditChain`, an unfiltered
+///   `ListAuditEvents`) covers every tenant, so it needs an all-tenants scope: a scoped caller
+///   would otherwise learn other tenants' names or activity.
 pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId>) -> Result<()> {
     let deny = |why: &str| Err(Error::PermissionDenied(why.to_owned()));
     let role_allows = match caller.role {
@@ -214,11 +244,10 @@ pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId
         Some(tenant) if !caller.tenants.allows(tenant.as_str()) => {
             deny("this token may not act for that tenant")
         }
-        None if caller.tenants != TenantScope::All
-            && matches!(operation, Operation::ListTenants | Operation::CreateTenant) =>
-        {
-            deny("this token is limited to some tenants")
-        }
+        None if caller.tenants != TenantScope::All => deny(&format!(
+            "{} covers every tenant; this token is limited to some tenants",
+            operation.name()
+        )),
         _ => Ok(()),
     }
 }
@@ -248,7 +277,17 @@ impl Authenticator {
 
     /// The caller holding `token`, if it is known, unexpired and unrevoked.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Arc<Caller>> {
-        let token = token.ok_or(Error::Unauthenticated)?;
+        self.check(token).map_err(|refused| refused.error)
+    }
+
+    /// Like [`Authenticator::authenticate`], but a refusal of a token the store knows (revoked
+    /// or expired) names it, so the audit can record who kept using a dead token.
+    pub fn check(&self, token: Option<&str>) -> std::result::Result<Arc<Caller>, Refused> {
+        let unknown = |error: Error| Refused {
+            error,
+            known_token: None,
+        };
+        let token = token.ok_or(Error::Unauthenticated).map_err(unknown)?;
         let hash = hash_token(token);
         let cached = self
             .cache
@@ -261,13 +300,19 @@ impl Authenticator {
             None => {
                 let record = self
                     .store
-                    .token_by_hash(&hash)?
-                    .ok_or(Error::Unauthenticated)?;
+                    .token_by_hash(&hash)
+                    .map_err(unknown)?
+                    .ok_or(Error::Unauthenticated)
+                    .map_err(unknown)?;
                 if record.revoked_at.is_some() {
-                    return Err(Error::Unauthenticated);
+                    return Err(Refused {
+                        error: Error::Unauthenticated,
+                        known_token: Some(format!("token:{} (revoked)", record.id)),
+                    });
                 }
                 let role = Role::parse(&record.role)
-                    .ok_or_else(|| Error::internal("token with an unknown role"))?;
+                    .ok_or_else(|| Error::internal("token with an unknown role"))
+                    .map_err(unknown)?;
                 let operations = (record.operations.trim() != "*").then(|| {
                     record
                         .operations
@@ -279,6 +324,7 @@ impl Authenticator {
                 });
                 let caller = Arc::new(Caller {
                     token_id: record.id,
+                    credential: Credential::Token,
                     role,
                     tenants: TenantScope::parse(&record.tenants),
                     operations,
@@ -292,11 +338,24 @@ impl Authenticator {
                 caller
             }
         };
+        // Checked on every call, cached or not: expiry needs no store change to take effect.
         if caller.expires_at.is_some_and(|at| at <= unix_now()) {
-            return Err(Error::Unauthenticated);
+            return Err(Refused {
+                error: Error::Unauthenticated,
+                known_token: Some(format!("token:{} (expired)", caller.token_id)),
+            });
         }
         Ok(caller)
     }
+}
+
+/// Why a token was refused: the error for the client, and for the audit the token's id when
+/// the store knows it (revoked, expired).
+pub struct Refused {
+    /// The error the client gets (UNAUTHENTICATED, or INTERNAL if the store failed).
+    pub error: Error,
+    /// `token:<id> (revoked|expired)` for a token the store knows.
+    pub known_token: Option<String>,
 }
 
 #[cfg(test)]
@@ -306,6 +365,7 @@ mod tests {
     fn caller(role: Role, tenants: &str, ops: Option<&str>) -> Caller {
         Caller {
             token_id: "t".into(),
+            credential: Credential::Token,
             role,
             tenants: TenantScope::parse(tenants),
             operations: ops.map(|o| o.split(',').map(str::to_owned).collect()),
@@ -331,5 +391,10 @@ mod tests {
         assert!(authorize(&auditor, Operation::Encrypt, Some(&a)).is_err());
         let scoped_admin = caller(Role::Admin, "a", None);
         assert!(authorize(&scoped_admin, Operation::ListTenants, None).is_err());
+        assert!(authorize(&auditor, Operation::VerifyAuditChain, None).is_err());
+        let global_auditor = caller(Role::Auditor, "*", None);
+        assert!(authorize(&global_auditor, Operation::VerifyAuditChain, None).is_ok());
+        assert!(authorize(&service, Operation::GetTenant, Some(&a)).is_ok());
+        assert!(authorize(&service, Operation::RotateTenantKey, Some(&a)).is_err());
     }
 }

@@ -342,7 +342,7 @@ fn setup_tenants(data_dir: &Path, ids: &[String]) -> Result<Setup> {
                 .iter()
                 .map(|id| TenantId::parse(id))
                 .collect::<Result<Vec<_>>>()?;
-            created += dir.keys.create_tenants(&parsed)?;
+            created += dir.keys.create_tenants(&parsed)?.len();
             if ids.len() > 100_000 && n % 10 == 9 {
                 eprintln!("setup: {} of {} tenants", (n + 1) * SETUP_BATCH, ids.len());
             }

@@ -1,12 +1,16 @@
-//! `tenant-kms audit verify|export|prune`: offline access to a data directory's audit log.
+//! `tenant-kms audit verify|export|prune|recover`: offline access to a data directory's audit
+//! log. They work while a server runs on the same directory (SQLite transactions keep them
+//! consistent). Exit codes: 0 success (for `verify`: the log is whole), 1 failure (for
+//! `verify`: a break, named on stdout), 2 usage.
 
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::common::{DataDirArgs, cli_record};
+use super::common::{DataDirArgs, cli_caller, cli_record};
 use crate::audit::Outcome;
 use crate::audit::sqlite::{self, ListFilter};
+use crate::audit::verify::{self, VerifyReport};
 use crate::error::{Error, Result};
 use crate::service::state::{AUDIT_DB, DataDir};
 
@@ -20,6 +24,20 @@ pub enum AuditCommand {
     Export(ExportArgs),
     /// Remove records older than a date, leaving a signed checkpoint so the rest verifies.
     Prune(PruneArgs),
+    /// Accept a log that does not verify as it stands: append an audited recovery record that
+    /// acknowledges its breaks and re-signs its head, so the service can extend it again.
+    /// Deletes nothing.
+    Recover(RecoverArgs),
+}
+
+/// Arguments of `audit recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    data: DataDirArgs,
 }
 
 /// Arguments of `audit verify`.
@@ -28,6 +46,10 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also check that record SEQ still has MAC (hex), as printed by an earlier verify and
+    /// kept elsewhere: catches a rollback to an older copy of the log.
+    #[arg(long, value_name = "SEQ:MAC")]
+    anchor: Option<String>,
     #[command(flatten)]
     data: DataDirArgs,
 }
@@ -74,26 +96,134 @@ fn parse_time(text: &str) -> Result<i64> {
     Ok(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
+/// Opens the data directory's `audit.db` for an offline command.
+fn open_log(options: &crate::service::ServiceOptions) -> Result<rusqlite::Connection> {
+    let path = options.data_dir.join(AUDIT_DB);
+    if !path.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    sqlite::open(&path, true, options.audit_busy_timeout)
+}
+
+/// Prints a verification report for people.
+fn print_report(report: &VerifyReport) {
+    if report.ok {
+        println!(
+            "OK: {} records verified (head {}, anchor {}:{})",
+            report.records_checked, report.head_seq, report.head_seq, report.head_mac
+        );
+    } else {
+        println!(
+            "FAILED: first bad record {}: {} ({} records checked)",
+            report.first_bad_seq, report.reason, report.records_checked
+        );
+    }
+    let unacknowledged = report.unacknowledged().count() as u64;
+    for b in report
+        .breaks
+        .iter()
+        .filter(|b| b.seq != report.first_bad_seq)
+    {
+        match b.acknowledged_by {
+            Some(by) => println!(
+                "  acknowledged by recovery record {by}: record {}: {}",
+                b.seq, b.reason
+            ),
+            None => println!("  also: record {}: {}", b.seq, b.reason),
+        }
+    }
+    if report.breaks_total > report.breaks.len() as u64 {
+        println!(
+            "  … {} more break(s) not listed",
+            report.breaks_total - report.breaks.len() as u64
+        );
+    }
+    if !report.ok && unacknowledged > 0 {
+        eprintln!(
+            "tenant-kms: the audit log is not whole. Keep a copy of audit.db as evidence; \
+             `tenant-kms audit recover` accepts it as it stands (audited, deletes nothing)."
+        );
+    }
+}
+
+fn export(args: &ExportArgs) -> Result<()> {
+    use std::io::Write;
+    let options = args.data.options();
+    let conn = open_log(&options)?;
+    let mut filter = ListFilter {
+        tenant_id: crate::service::audit_service::parse_tenant_filter(
+            args.tenant.as_deref().unwrap_or(""),
+        )?,
+        since_micros: args.since.as_deref().map(parse_time).transpose()?,
+        until_micros: args.until.as_deref().map(parse_time).transpose()?,
+        operation: String::new(),
+        after_seq: 0,
+        limit: 10_000,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    loop {
+        let rows = sqlite::list(&conn, &filter)?;
+        let Some((last, _)) = rows.last() else { break };
+        filter.after_seq = *last;
+        for (seq, r) in rows {
+            let time = u64::try_from(r.time_micros)
+                .ok()
+                .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
+                .map(|t| humantime::format_rfc3339_micros(t).to_string())
+                .unwrap_or_default();
+            let line = serde_json::json!({
+                "seq": seq,
+                "time": time,
+                "time_us": r.time_micros,
+                "request_id": r.request_id,
+                "caller": r.caller,
+                "peer": r.peer,
+                "tenant_id": r.tenant_id,
+                "operation": r.operation,
+                "contexts": r.contexts,
+                "key_versions": r.key_versions,
+                "item_count": r.item_count,
+                "outcome": r.outcome.as_str(),
+                "aad_fingerprint": r.aad_fingerprint,
+                "detail": r.detail,
+            });
+            writeln!(out, "{line}")
+                .map_err(|e| Error::Internal(format!("cannot write to stdout: {e}")))?;
+        }
+    }
+    out.flush()
+        .map_err(|e| Error::Internal(format!("cannot write to stdout: {e}")))
+}
+
 /// Runs an `audit` subcommand.
 pub fn run(command: AuditCommand) -> Result<ExitCode> {
     match command {
         AuditCommand::Verify(args) => {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
-            let conn = sqlite::open(&options.data_dir.join(AUDIT_DB), true)?;
-            let report = sqlite::verify(&conn, &dir.chain_keys)?;
+            let mut conn = open_log(&options)?;
+            let mut report = verify::verify(&mut conn, &dir.chain_keys)?;
+            if let Some(anchor) = &args.anchor {
+                let (seq, mac) = anchor
+                    .split_once(':')
+                    .and_then(|(seq, mac)| Some((seq.parse::<u64>().ok()?, hex::decode(mac).ok()?)))
+                    .ok_or_else(|| Error::InvalidArgument("--anchor must be SEQ:HEX-MAC".into()))?;
+                if let Some(problem) = verify::check_anchor(&conn, &dir.chain_keys, seq, &mac)? {
+                    report.ok = false;
+                    if report.first_bad_seq == 0 || seq < report.first_bad_seq {
+                        report.first_bad_seq = seq;
+                        report.reason = problem;
+                    }
+                }
+            }
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
-            } else if report.ok {
-                println!(
-                    "OK: {} records verified (head {})",
-                    report.records_checked, report.head_seq
-                );
             } else {
-                println!(
-                    "FAILED: first bad record {}: {} ({} records checked)",
-                    report.first_bad_seq, report.reason, report.records_checked
-                );
+                print_report(&report);
             }
             Ok(if report.ok {
                 ExitCode::SUCCESS
@@ -102,50 +232,14 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             })
         }
         AuditCommand::Export(args) => {
-            let options = args.data.options();
-            let conn = sqlite::open(&options.data_dir.join(AUDIT_DB), true)?;
-            let mut filter = ListFilter {
-                tenant_id: crate::service::audit_service::parse_tenant_filter(
-                    args.tenant.as_deref().unwrap_or(""),
-                )?,
-                since_micros: args.since.as_deref().map(parse_time).transpose()?,
-                until_micros: args.until.as_deref().map(parse_time).transpose()?,
-                operation: String::new(),
-                after_seq: 0,
-                limit: 10_000,
-            };
-            loop {
-                let rows = sqlite::list(&conn, &filter)?;
-                let Some((last, _)) = rows.last() else { break };
-                filter.after_seq = *last;
-                for (seq, r) in rows {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "seq": seq,
-                            "time_us": r.time_micros,
-                            "request_id": r.request_id,
-                            "caller": r.caller,
-                            "peer": r.peer,
-                            "tenant_id": r.tenant_id,
-                            "operation": r.operation,
-                            "contexts": r.contexts,
-                            "key_versions": r.key_versions,
-                            "item_count": r.item_count,
-                            "outcome": r.outcome.as_str(),
-                            "aad_fingerprint": r.aad_fingerprint,
-                            "detail": r.detail,
-                        })
-                    );
-                }
-            }
+            export(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Prune(args) => {
             let before = parse_time(&args.before)?;
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
-            let mut conn = sqlite::open(&options.data_dir.join(AUDIT_DB), true)?;
+            let mut conn = open_log(&options)?;
             let removed = sqlite::prune(&mut conn, &dir.chain_keys, before)?;
             drop(conn);
             let audit = dir.audit_writer(&options)?;
@@ -158,6 +252,28 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             ))?;
             audit.shutdown();
             eprintln!("removed {removed} record(s); a signed checkpoint keeps the rest verifiable");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Recover(args) => {
+            let options = args.data.options();
+            let dir = DataDir::open(&options, false)?;
+            let mut conn = open_log(&options)?;
+            let recovery = verify::recover(&mut conn, &dir.chain_keys, &cli_caller())?;
+            if args.json {
+                println!("{}", serde_json::to_string(&recovery).unwrap_or_default());
+            } else {
+                print_report(&recovery.report);
+                if recovery.recovery_seq == 0 {
+                    println!("nothing to recover: the log verifies");
+                } else {
+                    println!(
+                        "RECOVERED: record {} acknowledges {} break(s) and re-signs the head; \
+                         no record was deleted",
+                        recovery.recovery_seq,
+                        recovery.report.unacknowledged().count()
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -23,6 +23,10 @@ pub struct DataDirArgs {
     /// keyring file.
     #[arg(long)]
     pub master_key_env: Option<String>,
+    /// Shred ledger file (default: <keyring>.shred-ledger beside the keyring file; with
+    /// --master-key-env, <data-dir>/master.keyring.shred-ledger). Keep it with the master keys.
+    #[arg(long, env = "TENANT_KMS_SHRED_LEDGER")]
+    pub shred_ledger: Option<PathBuf>,
 }
 
 impl DataDirArgs {
@@ -40,6 +44,7 @@ impl DataDirArgs {
         let mut options = ServiceOptions::new(&self.data_dir);
         options.master_keys = self.master_keys();
         options.bootstrap_admin_token = false;
+        options.shred_ledger = self.shred_ledger.clone();
         options
     }
 }

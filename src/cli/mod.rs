@@ -2,10 +2,12 @@
 //! stdout, messages to stderr. Exit codes: 0 success, 1 failure (named on stderr), 2 usage.
 
 pub mod audit;
+pub mod backup;
 pub mod bench;
 pub mod client;
 pub mod common;
 pub mod rotate;
+pub mod selftest;
 pub mod serve;
 pub mod token;
 
@@ -45,6 +47,13 @@ enum Command {
     Token(token::TokenCommand),
     /// Load-test a server (a child process by default) against same-run baselines.
     Bench(bench::BenchArgs),
+    /// Back up keys.db and audit.db consistently while the server runs (`backup --out DIR`),
+    /// or check a backup (`backup verify DIR`).
+    Backup(backup::BackupArgs),
+    /// Restore a full backup into a data directory (the server stopped).
+    Restore(backup::RestoreArgs),
+    /// Run the cryptographic self-tests (known answers, Wycheproof, wire-format vectors).
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -59,6 +68,9 @@ pub fn main() -> ExitCode {
         Command::Audit(cmd) => audit::run(cmd),
         Command::Token(cmd) => token::run(cmd),
         Command::Bench(args) => bench::run(args),
+        Command::Backup(args) => backup::run_backup(args),
+        Command::Restore(args) => backup::run_restore(args),
+        Command::Selftest(args) => selftest::run(args),
     };
     match result {
         Ok(code) => code,

@@ -2,19 +2,28 @@
 //! directory whether or not a server runs on it (every write is a transaction, and a running
 //! server notices the change on its next call). Every change is audited as `cli:<user>`.
 //!
-//! Exit codes: 0 all done (or nothing to do), 1 something failed (each failure named).
+//! - `--tenant T`: a new primary version for T.
+//! - `--due`: every tenant whose primary is older than its rotation period or near its nonce
+//!   budget, and every tenant whose deletion window has passed (destroyed).
+//! - `--master`: a new master-key version, then every wrapped key re-wrapped under it in
+//!   batches (one transaction each); resumable; the old version is retired once no key uses it.
+//!
+//! Output: a summary table on stdout (`--json`: one JSON object), progress on stderr.
+//! Exit codes: 0 all done (or nothing to do), 1 something failed (each failure named in the
+//! summary), 2 usage error.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
 
 use super::common::{DataDirArgs, cli_record};
 use crate::audit::{AuditWriter, Outcome};
-use crate::domain::{TenantId, unix_now};
+use crate::domain::{TenantId, TenantState, unix_now};
 use crate::error::{Error, Result};
-use crate::keys::MasterKeySource;
-use crate::keys::{KeyManager, MasterKeyring};
+use crate::keys::{KeyManager, MasterKeySource, MasterKeyring, RewrapSummary};
+use crate::service::ServiceOptions;
 use crate::service::state::DataDir;
 
 /// Flags of `rotate`.
@@ -29,18 +38,22 @@ pub struct RotateArgs {
     #[arg(long)]
     due: bool,
     /// Create a new master-key version and re-wrap every tenant key under it (resumable: run
-    /// again after an interruption and it finishes the re-wrap).
+    /// again after an interruption and it finishes the re-wrap and retires the old version).
     #[arg(long)]
     master: bool,
     /// Show what would be done, change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print the summary as JSON.
+    /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
     /// Tenant keys re-wrapped per transaction with --master.
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Pause between --master batches, e.g. 50ms, so a busy server sharing the data directory
+    /// gets the store between them.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    batch_pause: Duration,
     #[command(flatten)]
     data: DataDirArgs,
 }
@@ -60,6 +73,9 @@ struct Summary {
     dry_run: bool,
     actions: Vec<Action>,
     failures: usize,
+    /// What `--master` did, for scripts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    master: Option<RewrapSummary>,
 }
 
 impl Summary {
@@ -84,10 +100,10 @@ impl Summary {
             println!("{}", serde_json::to_string(self).unwrap_or_default());
             return;
         }
-        println!("{:<10} {:<40} {:<6} RESULT", "ACTION", "TARGET", "OK");
+        println!("{:<10} {:<40} {:<4} RESULT", "ACTION", "TARGET", "OK");
         for a in &self.actions {
             println!(
-                "{:<10} {:<40} {:<6} {}",
+                "{:<10} {:<40} {:<4} {}",
                 a.action,
                 a.target,
                 if a.ok { "yes" } else { "NO" },
@@ -107,15 +123,18 @@ impl Summary {
     }
 }
 
+/// Audits the outcome of one change (as `cli:<user>`) and passes the result on. A change
+/// whose audit record cannot be written is reported as failed.
 fn audited<T>(
     audit: &AuditWriter,
     operation: &str,
     tenant: &str,
     result: Result<T>,
     versions: impl Fn(&T) -> Vec<u32>,
+    detail: &str,
 ) -> Result<T> {
     let (outcome, detail, versions) = match &result {
-        Ok(value) => (Outcome::Ok, String::new(), versions(value)),
+        Ok(value) => (Outcome::Ok, detail.to_owned(), versions(value)),
         Err(e) => (
             crate::service::status::outcome(e),
             e.to_string(),
@@ -133,41 +152,79 @@ pub fn run(args: RotateArgs) -> Result<ExitCode> {
         dry_run: args.dry_run,
         ..Summary::default()
     };
-    if args.master {
-        rotate_master(&args, &mut summary)?;
+    let result = if args.master {
+        rotate_master(&args, &options, &mut summary)
     } else {
-        let dir = DataDir::open(&options, false)?;
-        let audit = dir.audit_writer(&options)?;
-        if let Some(tenant) = &args.tenant {
-            let id = TenantId::parse(tenant)?;
-            if args.dry_run {
-                summary.push("rotate", tenant, Ok("would rotate".into()));
-            } else {
-                let result = audited(
-                    &audit,
-                    "RotateTenantKey",
-                    tenant,
-                    dir.keys.rotate(&id),
-                    |t| vec![t.primary_version],
-                );
-                summary.push(
-                    "rotate",
-                    tenant,
-                    result.map(|t| format!("primary is now v{}", t.primary_version)),
-                );
-            }
-        }
-        if args.due {
-            rotate_due(&dir.keys, &audit, args.dry_run, &mut summary)?;
-        }
-        audit.shutdown();
+        rotate_tenants(&args, &options, &mut summary)
+    };
+    if let Err(e) = result {
+        // Reported in the summary too, so `--json` output always parses.
+        summary.push("run", &options.data_dir.display().to_string(), Err(e));
     }
     summary.print(args.json);
+    for failure in summary.actions.iter().filter(|a| !a.ok) {
+        eprintln!(
+            "tenant-kms rotate: {} {} failed: {}",
+            failure.action, failure.target, failure.result
+        );
+    }
     Ok(if summary.failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(super::EXIT_FAILURE)
     })
+}
+
+fn rotate_tenants(
+    args: &RotateArgs,
+    options: &ServiceOptions,
+    summary: &mut Summary,
+) -> Result<()> {
+    let dir = DataDir::open(options, false)?;
+    let audit = dir.audit_writer(options)?;
+    if let Some(tenant) = &args.tenant {
+        let result = TenantId::parse(tenant).and_then(|id| {
+            if args.dry_run {
+                preview_rotation(&dir.keys, &id)
+            } else {
+                audited(
+                    &audit,
+                    "RotateTenantKey",
+                    id.as_str(),
+                    dir.keys.rotate(&id),
+                    |t| vec![t.primary_version],
+                    "rotate --tenant",
+                )
+                .map(|t| format!("primary is now v{}", t.primary_version))
+            }
+        });
+        summary.push("rotate", tenant, result);
+    }
+    if args.due {
+        rotate_due(&dir.keys, &audit, args.dry_run, summary)?;
+    }
+    audit.shutdown();
+    Ok(())
+}
+
+/// What rotating `id` would do, or why it would fail.
+fn preview_rotation(keys: &KeyManager, id: &TenantId) -> Result<String> {
+    let tenant = keys.store().tenant(id)?.ok_or(Error::NotFound("tenant"))?;
+    if !matches!(tenant.state, TenantState::Active | TenantState::Suspended) {
+        return Err(crate::store::sqlite::state_error(tenant.state));
+    }
+    let next = keys
+        .store()
+        .key_versions(id)?
+        .iter()
+        .map(|v| v.version)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    Ok(format!(
+        "would add v{next} as primary (now v{})",
+        tenant.primary_version
+    ))
 }
 
 /// The share of a nonce budget at which `--due` rotates ahead of the automatic rotation.
@@ -191,6 +248,7 @@ fn rotate_due(
             id.as_str(),
             keys.rotate(id),
             |t| vec![t.primary_version],
+            "rotate --due: rotation period or nonce budget",
         );
         summary.push(
             "rotate",
@@ -213,75 +271,153 @@ fn rotate_due(
             id.as_str(),
             keys.destroy_tenant(id),
             |_| Vec::new(),
+            "rotate --due: deletion window passed",
         );
-        summary.push("destroy", id.as_str(), result.map(|_| "destroyed".into()));
+        summary.push(
+            "destroy",
+            id.as_str(),
+            result.map(|_| "destroyed: key material shredded".into()),
+        );
     }
     Ok(())
 }
 
-fn rotate_master(args: &RotateArgs, summary: &mut Summary) -> Result<()> {
-    let options = args.data.options();
-    let dir = DataDir::open(&options, false)?;
+/// An audit record of a master-key step (no tenant; the versions are master versions).
+fn master_record(
+    audit: &AuditWriter,
+    operation: &str,
+    versions: Vec<u32>,
+    items: u64,
+    detail: String,
+) -> Result<()> {
+    let mut record = cli_record(operation, "", versions, Outcome::Ok, detail);
+    record.item_count = u32::try_from(items).unwrap_or(u32::MAX);
+    audit.append_blocking(record).map(|_| ())
+}
+
+fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summary) -> Result<()> {
+    let dir = DataDir::open(options, false)?;
+    let unfinished = dir.keys.unfinished_master_versions()?;
     let pending = dir.keys.keys_off_primary()?;
+    let primary = dir.keys.primary_master_version();
+    let resume = !unfinished.is_empty() || pending > 0;
     if args.dry_run {
-        let text = if pending > 0 {
+        let text = if resume {
             format!(
-                "would finish re-wrapping {pending} key(s) under master v{}",
-                dir.keys.primary_master_version()
+                "would finish an interrupted rotation: re-wrap {pending} key(s) under master \
+                 v{primary}, then retire {unfinished:?}"
             )
         } else {
             format!(
-                "would create master v{} and re-wrap every key under it",
-                dir.keys.primary_master_version() + 1
+                "would create master v{}, re-wrap {} key(s) under it and retire v{primary}",
+                primary + 1,
+                dir.store.count_wrapped_under(primary)?
             )
         };
         summary.push("master", "keyring", Ok(text));
         return Ok(());
     }
-    let dir = if pending > 0 {
-        eprintln!("resuming: {pending} key(s) still wrapped under an older master version");
+    let audit = dir.audit_writer(options)?;
+    let dir = if resume {
+        eprintln!(
+            "resuming: {pending} key(s) still wrapped under older master version(s) {unfinished:?}"
+        );
         dir
     } else {
-        match &options.master_keys {
-            MasterKeySource::File(path) => {
-                let version = MasterKeyring::add_version_to_file(path)?;
-                eprintln!("created master key version {version} in {}", path.display());
-            }
+        let version = match &options.master_keys {
+            MasterKeySource::File(path) => MasterKeyring::add_version_to_file(path)?,
             MasterKeySource::Env(var) => {
                 return Err(Error::FailedPrecondition(format!(
                     "every key is already under the newest master version; with keys from \
                      {var}, add a new version there first, then run rotate --master again"
                 )));
             }
-        }
+        };
+        eprintln!("created master key version {version}");
+        master_record(
+            &audit,
+            "RotateMasterKey",
+            vec![version],
+            0,
+            format!("created master key version {version}"),
+        )?;
         drop(dir);
-        DataDir::open(&options, false)?
+        // Reopened so the new version is checked against and recorded in keys.db before any
+        // key is wrapped under it.
+        DataDir::open(options, false)?
     };
-    let audit = dir.audit_writer(&options)?;
     let started = std::time::Instant::now();
-    let result = dir.keys.rewrap_to_primary(args.batch, |done| {
-        if done % 10_000 < args.batch as u64 {
-            eprintln!("re-wrapped {done} key(s)");
-        }
-    });
+    let result =
+        dir.keys
+            .rewrap_to_primary(usize::try_from(args.batch).unwrap_or(usize::MAX), |p| {
+                // Audited before the progress line, so whoever watches the progress (an
+                // operator, a test) sees only batches that are committed and audited.
+                master_record(
+                    &audit,
+                    "RewrapTenantKeys",
+                    vec![p.from_master, p.to_master],
+                    p.batch,
+                    format!(
+                        "re-wrapped {} key(s) from master v{} to v{}",
+                        p.batch, p.from_master, p.to_master
+                    ),
+                )?;
+                eprintln!(
+                    "re-wrapped {} key(s) (master v{} -> v{})",
+                    p.total, p.from_master, p.to_master
+                );
+                if !args.batch_pause.is_zero() {
+                    std::thread::sleep(args.batch_pause);
+                }
+                Ok(())
+            });
     let elapsed = started.elapsed().as_secs_f64();
-    let result = audited(&audit, "RotateMasterKey", "", result, |s| {
-        vec![s.primary_master_version]
-    });
+    let done = match result {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = master_record(
+                &audit,
+                "RewrapTenantKeys",
+                Vec::new(),
+                0,
+                format!("failed: {e}"),
+            );
+            audit.shutdown();
+            return Err(e);
+        }
+    };
+    for version in &done.retired {
+        master_record(
+            &audit,
+            "RetireMasterKey",
+            vec![*version],
+            0,
+            format!("master key version {version} wraps no key any more"),
+        )?;
+    }
     summary.push(
         "master",
         "keyring",
-        result.map(|s| {
-            format!(
-                "all keys under master v{}; re-wrapped {} in {:.2}s ({:.0}/s); retired {:?}",
-                s.primary_master_version,
-                s.rewrapped,
-                elapsed,
-                s.rewrapped as f64 / elapsed.max(1e-9),
-                s.retired
-            )
-        }),
+        Ok(format!(
+            "all keys under master v{}; re-wrapped {} in {:.2}s ({:.0}/s); retired {:?}",
+            done.primary_master_version,
+            done.rewrapped,
+            elapsed,
+            done.rewrapped as f64 / elapsed.max(1e-9),
+            done.retired
+        )),
     );
+    for version in &done.still_in_use {
+        summary.push(
+            "retire",
+            &format!("master v{version}"),
+            Err(Error::FailedPrecondition(format!(
+                "master v{version} still wraps keys written meanwhile by a process with an \
+                 older keyring; run rotate --master again"
+            ))),
+        );
+    }
+    summary.master = Some(done);
     audit.shutdown();
     Ok(())
 }

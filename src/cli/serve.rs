@@ -12,7 +12,7 @@ use crate::config::{FileConfig, parse_duration_seconds};
 use crate::error::{Error, Result};
 use crate::keys::MasterKeySource;
 use crate::service::state::KEYRING_FILE;
-use crate::service::{AppState, ServiceOptions, server};
+use crate::service::{AppState, ServiceOptions, TlsFiles, server};
 
 /// How long a graceful shutdown waits for open connections.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Read master keys from this environment variable instead of a keyring file.
     #[arg(long)]
     master_key_env: Option<String>,
+    /// Shred ledger file [default: <keyring>.shred-ledger; with --master-key-env,
+    /// <data-dir>/master.keyring.shred-ledger]. Keep it with the master keys, apart from data backups.
+    #[arg(long, env = "TENANT_KMS_SHRED_LEDGER")]
+    shred_ledger: Option<PathBuf>,
     /// Audit durability: fsync (survives power loss) or process (survives a crash).
     #[arg(long, value_enum)]
     audit_durability: Option<Durability>,
@@ -44,6 +48,16 @@ pub struct ServeArgs {
     /// Allow a non-loopback address without TLS (traffic and tokens travel in clear).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates that chain to this CA (PEM): mutual TLS. Certificates
+    /// listed in the config's [[tls_callers]] then act as callers without a token.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default; keep it on loopback
     /// or a private network: it names the most active tenants).
     #[arg(long, value_name = "ADDR")]
@@ -56,11 +70,20 @@ pub struct ServeArgs {
     log: String,
 }
 
-fn resolve(args: &ServeArgs) -> Result<(ServiceOptions, SocketAddr, bool)> {
+/// What `serve` resolved from flags, config and defaults.
+struct Resolved {
+    options: ServiceOptions,
+    listen: SocketAddr,
+    insecure: bool,
+    lock_memory: bool,
+}
+
+fn resolve(args: &ServeArgs) -> Result<Resolved> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let tls_callers = file.tls_callers()?;
     let data_dir = args
         .data_dir
         .clone()
@@ -75,6 +98,7 @@ fn resolve(args: &ServeArgs) -> Result<(ServiceOptions, SocketAddr, bool)> {
         (None, Some(path)) => MasterKeySource::File(path),
         (None, None) => MasterKeySource::File(data_dir.join(KEYRING_FILE)),
     };
+    options.shred_ledger = args.shred_ledger.clone();
     if let Some(d) = args.audit_durability.or(file.audit_durability) {
         options.durability = d;
     }
@@ -110,9 +134,62 @@ fn resolve(args: &ServeArgs) -> Result<(ServiceOptions, SocketAddr, bool)> {
             .map_err(|_| Error::InvalidArgument(format!("listen address '{text}' is invalid")))?,
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 50051)),
     };
+    if let Some(rate) = file.rate_limit_per_second {
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(Error::InvalidArgument(
+                "rate_limit_per_second must be 0 (off) or more".into(),
+            ));
+        }
+        options.limits.rate_limit.per_second = rate;
+    }
+    if let Some(burst) = file.rate_limit_burst {
+        options.limits.rate_limit.burst = burst.max(1);
+    }
+    if let Some(n) = file.max_concurrent_requests {
+        options.limits.max_concurrent_requests = n.max(1);
+    }
+    if let Some(text) = &file.request_timeout {
+        let seconds = parse_duration_seconds(text)?;
+        if seconds == 0 {
+            return Err(Error::InvalidArgument(
+                "request_timeout must be at least 1s".into(),
+            ));
+        }
+        options.limits.request_timeout = std::time::Duration::from_secs(seconds);
+    }
+    options.tls_callers = tls_callers;
+    let cert = args.tls_cert.clone().or(file.tls_cert.clone());
+    let key = args.tls_key.clone().or(file.tls_key.clone());
+    let client_ca = args.client_ca.clone().or(file.client_ca.clone());
+    options.tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        }),
+        (None, None) if client_ca.is_none() => None,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "TLS needs both --tls-cert and --tls-key (and --client-ca needs both)".into(),
+            ));
+        }
+    };
+    if !options.tls_callers.is_empty() && options.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+    {
+        return Err(Error::InvalidArgument(
+            "[[tls_callers]] needs --client-ca: certificates can only name callers when they \
+             are verified"
+                .into(),
+        ));
+    }
     let insecure = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
     options.bench_echo = args.bench_echo;
-    Ok((options, listen, insecure))
+    Ok(Resolved {
+        options,
+        listen,
+        insecure,
+        lock_memory: file.lock_memory.unwrap_or(true),
+    })
 }
 
 /// Installs the log subscriber: human-readable lines on stderr.
@@ -129,8 +206,15 @@ pub fn init_logging(filter: &str) {
 /// Runs the service until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     init_logging(&args.log);
-    let (options, listen, insecure) = resolve(&args)?;
-    if !listen.ip().is_loopback() {
+    let Resolved {
+        options,
+        listen,
+        insecure,
+        lock_memory,
+    } = resolve(&args)?;
+    // Before any key is read: no core dumps, memory locked where the OS allows.
+    crate::hardening::harden_process(lock_memory);
+    if options.tls.is_none() && !listen.ip().is_loopback() {
         if !insecure {
             return Err(Error::FailedPrecondition(format!(
                 "refusing to listen on non-loopback {listen} without TLS; pass \
@@ -149,9 +233,17 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             .map_err(|e| Error::FailedPrecondition(format!("cannot listen on {listen}: {e}")))?;
         let data_dir = options.data_dir.clone();
         let state = Arc::new(tokio::task::block_in_place(|| AppState::open(options))?);
+        let transport = match &state.options.tls {
+            None => "plaintext",
+            Some(TlsFiles {
+                client_ca: None, ..
+            }) => "tls",
+            Some(_) => "mtls",
+        };
         tracing::info!(
             addr = %listener.local_addr().map_err(Error::internal)?,
             data_dir = %data_dir.display(),
+            transport,
             "tenant-kms serving"
         );
         // The signal starts a graceful shutdown; clients that keep connections open get at

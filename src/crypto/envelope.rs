@@ -180,20 +180,31 @@ pub fn open_value(
     Ok(buf)
 }
 
+/// The HKDF info of a key derived from one master-key version: `lp(label) ‖ be32(m)`. Used
+/// with [`labels::TENANT_KEY_WRAP`] and [`labels::AUDIT_KEY_WRAP`] (wrapping keys) and
+/// [`labels::KEY_CHECK`] (the check value).
+pub fn master_key_info(label: &[u8], master_version: u32) -> Vec<u8> {
+    let mut info = Vec::with_capacity(label.len() + 8);
+    push_length_prefixed(&mut info, label);
+    info.extend_from_slice(&master_version.to_be_bytes());
+    info
+}
+
 /// The key that wraps secrets under one master-key version: HKDF(master, lp(label) ‖ be32(m)).
 pub fn master_wrapping_key(
     master: &SecretKey,
     label: &[u8],
     master_version: u32,
 ) -> Result<AeadKey, CryptoError> {
-    let mut info = Vec::with_capacity(label.len() + 8);
-    push_length_prefixed(&mut info, label);
-    info.extend_from_slice(&master_version.to_be_bytes());
-    AeadKey::new(&kdf::derive_key(master, &info)?)
+    AeadKey::new(&kdf::derive_key(
+        master,
+        &master_key_info(label, master_version),
+    )?)
 }
 
-/// The AAD binding a wrapped tenant key to its tenant, version and master version.
-fn tenant_key_wrap_aad(tenant_id: &str, key_version: u32, master_version: u32) -> Vec<u8> {
+/// The AAD binding a wrapped tenant key to its tenant, version and master version:
+/// `lp(TENANT_KEY_WRAP) ‖ lp(tenant_id) ‖ be32(key_version) ‖ be32(master_version)`.
+pub fn tenant_key_wrap_aad(tenant_id: &str, key_version: u32, master_version: u32) -> Vec<u8> {
     let mut aad = Vec::with_capacity(labels::TENANT_KEY_WRAP.len() + tenant_id.len() + 16);
     push_length_prefixed(&mut aad, labels::TENANT_KEY_WRAP);
     push_length_prefixed(&mut aad, tenant_id.as_bytes());
@@ -244,8 +255,9 @@ pub fn unwrap_tenant_key(
     unwrap_secret(wrapping_key, &aad, wrapped)
 }
 
-/// The AAD binding the wrapped audit secret to its master version.
-fn audit_key_wrap_aad(master_version: u32) -> Vec<u8> {
+/// The AAD binding the wrapped audit secret to its master version:
+/// `lp(AUDIT_KEY_WRAP) ‖ be32(master_version)`.
+pub fn audit_key_wrap_aad(master_version: u32) -> Vec<u8> {
     let mut aad = Vec::with_capacity(labels::AUDIT_KEY_WRAP.len() + 8);
     push_length_prefixed(&mut aad, labels::AUDIT_KEY_WRAP);
     aad.extend_from_slice(&master_version.to_be_bytes());
@@ -262,6 +274,22 @@ pub fn wrap_audit_key(
     wrap_secret(
         wrapping_key,
         &random_nonce(),
+        &audit_key_wrap_aad(master_version),
+        audit_key,
+    )
+}
+
+/// [`wrap_audit_key`] with a chosen nonce: only for known-answer vectors.
+#[cfg(any(test, feature = "test-seams"))]
+pub fn wrap_audit_key_with_fixed_nonce(
+    wrapping_key: &AeadKey,
+    master_version: u32,
+    audit_key: &SecretKey,
+    nonce: &[u8; NONCE_LEN],
+) -> Result<Vec<u8>, CryptoError> {
+    wrap_secret(
+        wrapping_key,
+        nonce,
         &audit_key_wrap_aad(master_version),
         audit_key,
     )
@@ -313,10 +341,7 @@ fn unwrap_secret(
 /// The key check value of a master-key version: HKDF(master, lp(KEY_CHECK) ‖ be32(m)).
 /// Stored in the key store so a start with the wrong master key fails at once.
 pub fn key_check_value(master: &SecretKey, master_version: u32) -> Result<[u8; 32], CryptoError> {
-    let mut info = Vec::with_capacity(labels::KEY_CHECK.len() + 8);
-    push_length_prefixed(&mut info, labels::KEY_CHECK);
-    info.extend_from_slice(&master_version.to_be_bytes());
-    let derived = kdf::derive_key(master, &info)?;
+    let derived = kdf::derive_key(master, &master_key_info(labels::KEY_CHECK, master_version))?;
     Ok(*derived.expose_secret())
 }
 

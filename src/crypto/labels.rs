@@ -17,6 +17,15 @@ pub const AUDIT_CHAIN: &[u8] = b"tenant-kms/v1/audit-chain";
 /// HKDF info label for the key that fingerprints caller AAD in audit records.
 pub const AAD_FINGERPRINT: &[u8] = b"tenant-kms/v1/aad-fingerprint";
 
+/// HKDF info label for the key that MACs a backup manifest (derived from a master version).
+pub const BACKUP_MANIFEST: &[u8] = b"tenant-kms/v1/backup-manifest";
+/// HKDF info label for the key that MACs a per-tenant export (derived from a master version
+/// and bound to the tenant id).
+pub const TENANT_EXPORT: &[u8] = b"tenant-kms/v1/tenant-export";
+/// HKDF info label for the key that MACs the shred ledger's entries (derived from a master
+/// version).
+pub const SHRED_LEDGER: &[u8] = b"tenant-kms/v1/shred-ledger";
+
 /// Every label, for the test that proves them distinct and for docs.
 pub const ALL: &[&[u8]] = &[
     FIELD,
@@ -26,6 +35,9 @@ pub const ALL: &[&[u8]] = &[
     AUDIT_KEY_WRAP,
     AUDIT_CHAIN,
     AAD_FINGERPRINT,
+    BACKUP_MANIFEST,
+    TENANT_EXPORT,
+    SHRED_LEDGER,
 ];
 
 /// Appends `part` to `out` prefixed by its length as a 4-byte big-endian integer, so that no

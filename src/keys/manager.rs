@@ -49,6 +49,9 @@ pub struct EncryptGrant {
     pub entry: Arc<TenantEntry>,
     /// The key version to seal under.
     pub version: u32,
+    /// Set when this grant rotated the tenant's key because the nonce budget of this former
+    /// primary version was spent (the caller audits the rotation).
+    pub rotated_from: Option<u32>,
 }
 
 /// The master keys in memory and the wrapping keys derived from them.
@@ -84,7 +87,27 @@ pub struct RewrapSummary {
     pub rewrapped: u64,
     /// Master versions retired by this run.
     pub retired: Vec<u32>,
+    /// Older master versions that still wrap a key (written meanwhile by a process with an
+    /// older keyring); a later run re-wraps them and retires the version.
+    pub still_in_use: Vec<u32>,
 }
+
+/// One committed batch of a master-key re-wrap, reported to the caller's progress hook.
+#[derive(Debug, Clone, Copy)]
+pub struct RewrapProgress {
+    /// The master version the batch's keys were under.
+    pub from_master: u32,
+    /// The master version they are under now.
+    pub to_master: u32,
+    /// Keys re-wrapped by this batch.
+    pub batch: u64,
+    /// Keys re-wrapped by this run so far.
+    pub total: u64,
+}
+
+/// How many passes a re-wrap makes over an old master version before it leaves it for a
+/// later run (each pass catches keys another process wrapped under it meanwhile).
+const REWRAP_PASSES: usize = 3;
 
 /// The key manager. Shared by all requests.
 pub struct KeyManager {
@@ -97,6 +120,8 @@ pub struct KeyManager {
     cleared_generation: std::sync::atomic::AtomicU64,
     /// Serializes drops, so the generation is marked only after its drop finished.
     clearing: std::sync::Mutex<()>,
+    /// The shred ledger, told of every destruction (set once, when the data dir opens).
+    shred: std::sync::OnceLock<Arc<dyn super::ShredRecorder>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -129,7 +154,14 @@ impl KeyManager {
             policy,
             cleared_generation: std::sync::atomic::AtomicU64::new(0),
             clearing: std::sync::Mutex::new(()),
+            shred: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Attaches the shred ledger: from now on every tenant or version destruction is recorded
+    /// in it. Only the first call takes effect.
+    pub fn set_shred_recorder(&self, recorder: Arc<dyn super::ShredRecorder>) {
+        let _ = self.shred.set(recorder);
     }
 
     /// The key store.
@@ -152,32 +184,86 @@ impl KeyManager {
         &self.cache
     }
 
-    /// Drops every cached key if another process changed the store. Returns whether it did.
+    /// Drops every cached key if another process changed the store, and then reloads the
+    /// keyring if the store knows a newer master version than this process holds (so new keys
+    /// are wrapped under the new primary). Returns whether the caches were dropped. Blocking.
     pub fn refresh(&self) -> Result<bool> {
-        self.refresh_with(|| {})
+        let generation = self.store.change_generation()?;
+        let dropped = self.drop_caches_for(generation, || {});
+        if dropped {
+            self.reload_keyring_if_stale();
+        }
+        Ok(dropped)
     }
 
-    /// [`KeyManager::refresh`], also running `also` (dropping other caches built from the
-    /// store) before any caller may go on as if the change had been seen.
+    /// Drops the cached keys for the store's change `generation` (from
+    /// [`KeyStore::change_generation`]), also running `also` (dropping other caches built from
+    /// the store), unless they were dropped for this generation or a later one already.
+    /// Returns whether this call dropped them; follow a `true` with
+    /// [`KeyManager::reload_keyring_if_stale`] off the async threads.
     ///
-    /// Exact: when this returns, every change committed by another process before the call
-    /// began has dropped the cache (here or in a concurrent caller that finished its drop).
-    pub fn refresh_with(&self, also: impl FnOnce()) -> Result<bool> {
+    /// Exact: when this returns, every change the generation covers has dropped the cache
+    /// (here, or in a concurrent caller whose drop has finished). Never waits on the store.
+    pub fn drop_caches_for(&self, generation: u64, also: impl FnOnce()) -> bool {
         use std::sync::atomic::Ordering;
-        let generation = self.store.change_generation()?;
         if self.cleared_generation.load(Ordering::Acquire) >= generation {
-            return Ok(false);
+            return false;
         }
         let _serial = self.clearing.lock().unwrap_or_else(|p| p.into_inner());
         if self.cleared_generation.load(Ordering::Acquire) >= generation {
-            return Ok(false);
+            return false;
         }
         self.cache.clear();
         also();
         crate::metrics::global().cache_dropped();
         self.cleared_generation
             .fetch_max(generation, Ordering::AcqRel);
+        true
+    }
+
+    /// Reloads the keyring when the store names a master version newer than this process's
+    /// primary. Returns whether it reloaded.
+    fn reload_if_stale(&self) -> Result<bool> {
+        let newest = self
+            .store
+            .master_versions()?
+            .iter()
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0);
+        if newest <= self.primary_master_version() {
+            return Ok(false);
+        }
+        self.ensure_master_version(newest)?;
+        tracing::info!(
+            master_version = newest,
+            "reloaded the master keyring: a newer version appeared"
+        );
         Ok(true)
+    }
+
+    /// Runs a store write that wraps a new key under this process's primary master version;
+    /// if the store refuses because that version was retired meanwhile by another process,
+    /// reloads the keyring and runs it once more under the new primary.
+    fn with_current_master<T>(&self, mut write: impl FnMut() -> Result<T>) -> Result<T> {
+        match write() {
+            Err(Error::FailedPrecondition(msg)) if self.reload_if_stale()? => {
+                tracing::info!(reason = %msg, "retrying under the new master key version");
+                write()
+            }
+            other => other,
+        }
+    }
+
+    /// After a change by another process: reloads the keyring if the store now names a newer
+    /// master version than this process holds (`rotate --master` ran meanwhile), so new keys
+    /// are wrapped under it. Keys under the new version also load on demand
+    /// (`ensure_master_version`), so a failure here is logged, not returned: a keyring that
+    /// cannot be reloaded yet must not fail calls that do not need it. Blocking.
+    pub fn reload_keyring_if_stale(&self) {
+        if let Err(e) = self.reload_if_stale() {
+            tracing::warn!(error = %e, "the store has a newer master key version than this process can load");
+        }
     }
 
     /// The cached snapshot of a tenant, without touching the store.
@@ -195,11 +281,14 @@ impl KeyManager {
 
     fn load(&self, id: &TenantId) -> Result<Arc<TenantEntry>> {
         let epoch = self.cache.epoch();
-        let record = self.store.tenant(id)?.ok_or(Error::NotFound("tenant"))?;
+        let (record, stored_versions) = self
+            .store
+            .tenant_snapshot(id)?
+            .ok_or(Error::NotFound("tenant"))?;
         let mut versions = HashMap::new();
         let mut primary_reserved = 0;
         if record.state != TenantState::Destroyed {
-            for version in self.store.key_versions(id)? {
+            for version in stored_versions {
                 if version.version == record.primary_version {
                     primary_reserved = version.encryptions;
                 }
@@ -228,7 +317,9 @@ impl KeyManager {
     /// count of seals under a version never passes its `max_encryptions`. Blocking.
     pub fn grant_encryptions(&self, entry: Arc<TenantEntry>, count: u64) -> Result<EncryptGrant> {
         let mut entry = entry;
-        // Two rounds: the second runs on a freshly rotated key, which always has room.
+        let mut rotated_from = None;
+        // The second round runs on a freshly rotated key, which always has room; a third
+        // covers a rotation by another caller racing ours.
         for _ in 0..3 {
             entry.require_active()?;
             let max = entry.record.max_encryptions;
@@ -244,6 +335,7 @@ impl KeyManager {
                     return Ok(EncryptGrant {
                         version: entry.record.primary_version,
                         entry: Arc::clone(&entry),
+                        rotated_from,
                     });
                 }
                 if counter.used + count <= max && counter.reserved < max {
@@ -255,21 +347,31 @@ impl KeyManager {
                         entry.record.primary_version,
                         chunk,
                     )?;
-                    // Other processes may have reserved too: ours is the top `chunk` of `total`.
-                    counter.used = counter.used.max(total.saturating_sub(chunk));
+                    // Ours is the top `chunk` of `total`. If nobody else reserved since our
+                    // last reservation it continues it, and what is left of that one is still
+                    // ours; otherwise the rest of the old range is given up (counted as used:
+                    // the count may only err upwards).
+                    let start = total.saturating_sub(chunk);
+                    if start != counter.reserved {
+                        counter.used = counter.used.max(start);
+                    }
                     counter.reserved = total;
                     if counter.used + count <= counter.reserved.min(max) {
                         counter.used += count;
                         return Ok(EncryptGrant {
                             version: entry.record.primary_version,
                             entry: Arc::clone(&entry),
+                            rotated_from,
                         });
                     }
                 }
             }
             let id = entry.record.tenant_id.clone();
             match self.rotate_from(&id, entry.record.primary_version) {
-                Ok(_) => tracing::info!(tenant = %id, "rotated: nonce budget reached"),
+                Ok(_) => {
+                    tracing::info!(tenant = %id, "rotated: nonce budget reached");
+                    rotated_from = Some(entry.record.primary_version);
+                }
                 // Someone else rotated first: their new version serves us as well.
                 Err(Error::FailedPrecondition(msg)) if msg.contains("concurrently") => {}
                 Err(e) => return Err(e),
@@ -348,8 +450,7 @@ impl KeyManager {
         })
     }
 
-    /// Creates a tenant with a random version-1 key. Blocking.
-    pub fn create_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
+    fn new_tenant(&self, id: &TenantId) -> Result<(TenantRecord, KeyVersionRecord)> {
         let first = self.new_wrapped_version(id, 1)?;
         let record = TenantRecord {
             tenant_id: id.clone(),
@@ -361,53 +462,67 @@ impl KeyManager {
             deletion_time: None,
             destroyed_at: None,
         };
-        self.store.create_tenant(&record, &first)?;
+        Ok((record, first))
+    }
+
+    /// Creates a tenant with a random version-1 key. A destroyed tenant's id is refused
+    /// (FAILED_PRECONDITION "tenant destroyed"). Blocking.
+    pub fn create_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
+        let record = self.with_current_master(|| {
+            let (record, first) = self.new_tenant(id)?;
+            self.store.create_tenant(&record, &first)?;
+            Ok(record)
+        })?;
         self.cache.invalidate(id.as_str());
         Ok(record)
     }
 
-    /// Creates many tenants, each with a random version-1 key, in one store transaction (ids
-    /// that exist are skipped). For bulk setup such as `bench --tenants 1000000`. Blocking.
-    pub fn create_tenants(&self, ids: &[TenantId]) -> Result<usize> {
-        let mut batch = Vec::with_capacity(ids.len());
-        for id in ids {
-            let first = self.new_wrapped_version(id, 1)?;
-            let record = TenantRecord {
-                tenant_id: id.clone(),
-                state: TenantState::Active,
-                primary_version: 1,
-                created_at: first.created_at,
-                rotation_period_seconds: self.policy.default_rotation_period_seconds,
-                max_encryptions: self.policy.default_max_encryptions,
-                deletion_time: None,
-                destroyed_at: None,
-            };
-            batch.push((record, first));
-        }
-        let created = self.store.create_tenants(&batch)?;
+    /// Creates many tenants in one store transaction (bulk provisioning, e.g. a migration
+    /// from another KMS): all or none. Blocking.
+    pub fn create_tenants(&self, ids: &[TenantId]) -> Result<Vec<TenantRecord>> {
+        let created = self.with_current_master(|| {
+            let rows = ids
+                .iter()
+                .map(|id| self.new_tenant(id))
+                .collect::<Result<Vec<_>>>()?;
+            self.store.create_tenants(&rows)?;
+            Ok(rows.into_iter().map(|(record, _)| record).collect())
+        })?;
         for id in ids {
             self.cache.invalidate(id.as_str());
         }
         Ok(created)
     }
 
-    /// Adds a new primary version. Blocking.
+    /// Adds a new primary version; older versions keep decrypting. Retries a few times when
+    /// another caller rotates the same tenant at the same moment. Blocking.
     pub fn rotate(&self, id: &TenantId) -> Result<TenantRecord> {
-        let tenant = self.store.tenant(id)?.ok_or(Error::NotFound("tenant"))?;
-        self.rotate_from(id, tenant.primary_version)
+        let mut last = None;
+        for _ in 0..3 {
+            let tenant = self.store.tenant(id)?.ok_or(Error::NotFound("tenant"))?;
+            match self.rotate_from(id, tenant.primary_version) {
+                Err(Error::FailedPrecondition(msg)) if msg.contains("concurrently") => {
+                    last = Some(Error::FailedPrecondition(msg));
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::internal("rotation did not converge")))
     }
 
     fn rotate_from(&self, id: &TenantId, expected_primary: u32) -> Result<TenantRecord> {
-        let next = self
-            .store
-            .key_versions(id)?
-            .iter()
-            .map(|v| v.version)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let version = self.new_wrapped_version(id, next)?;
-        let result = self.store.add_key_version(id, expected_primary, &version);
+        let result = self.with_current_master(|| {
+            let next = self
+                .store
+                .key_versions(id)?
+                .iter()
+                .map(|v| v.version)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let version = self.new_wrapped_version(id, next)?;
+            self.store.add_key_version(id, expected_primary, &version)
+        });
         self.cache.invalidate(id.as_str());
         result
     }
@@ -426,10 +541,21 @@ impl KeyManager {
         result
     }
 
+    /// Cancels a pending deletion while its window is open, and drops the tenant's cached
+    /// snapshot before returning. Blocking.
+    pub fn cancel_deletion(&self, id: &TenantId) -> Result<TenantRecord> {
+        let result = self.store.cancel_tenant_deletion(id, unix_now());
+        self.cache.invalidate(id.as_str());
+        result
+    }
+
     /// Crypto-shreds a tenant whose deletion window has passed. Blocking.
     pub fn destroy_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
         let result = self.store.destroy_tenant(id, unix_now());
         self.cache.invalidate(id.as_str());
+        if let (Ok(_), Some(ledger)) = (&result, self.shred.get()) {
+            ledger.tenant_destroyed(id)?;
+        }
         result
     }
 
@@ -462,6 +588,11 @@ impl KeyManager {
     ) -> Result<KeyVersionRecord> {
         let result = self.store.set_key_version_state(id, version, from, to);
         self.cache.invalidate(id.as_str());
+        if let (Ok(r), Some(ledger)) = (&result, self.shred.get())
+            && r.state == KeyVersionState::Destroyed
+        {
+            ledger.version_destroyed(id, version)?;
+        }
         result
     }
 
@@ -512,6 +643,19 @@ impl KeyManager {
         read(&self.master).ring.primary_version()
     }
 
+    /// Master versions older than the primary that are not retired yet: a master rotation
+    /// that has not finished (re-run `rotate --master` to finish it).
+    pub fn unfinished_master_versions(&self) -> Result<Vec<u32>> {
+        let primary = self.primary_master_version();
+        Ok(self
+            .store
+            .master_versions()?
+            .iter()
+            .filter(|r| r.version < primary && r.retired_at.is_none())
+            .map(|r| r.version)
+            .collect())
+    }
+
     /// How many wrapped keys are under master versions other than the primary.
     pub fn keys_off_primary(&self) -> Result<u64> {
         let primary = self.primary_master_version();
@@ -525,12 +669,14 @@ impl KeyManager {
     }
 
     /// Re-wraps every tenant key and the audit secret under the primary master version, in
-    /// batches of `batch` (each one transaction, so an interrupted run loses nothing and the
-    /// next run continues), then retires master versions no key uses. Blocking.
+    /// batches of `batch` (each one transaction, so an interrupted run loses nothing, every
+    /// key is readable under the old or the new version at every moment, and the next run
+    /// continues), then retires each older master version once no key uses it. `progress`
+    /// runs after each committed batch; an error from it stops the run. Blocking.
     pub fn rewrap_to_primary(
         &self,
         batch: usize,
-        mut progress: impl FnMut(u64),
+        mut progress: impl FnMut(&RewrapProgress) -> Result<()>,
     ) -> Result<RewrapSummary> {
         let primary = self.primary_master_version();
         let mut summary = RewrapSummary {
@@ -538,54 +684,96 @@ impl KeyManager {
             ..RewrapSummary::default()
         };
         for record in self.store.master_versions()? {
-            if record.version == primary || record.retired_at.is_some() {
+            if record.version == primary {
                 continue;
             }
-            loop {
-                let rows = self.store.wrapped_under(record.version, batch.max(1))?;
-                if rows.is_empty() {
+            if record.retired_at.is_some() {
+                // Nothing should be wrapped under a retired version (the store refuses it),
+                // but if anything is, move it too.
+                if self.store.count_wrapped_under(record.version)? > 0 {
+                    self.rewrap_version(
+                        record.version,
+                        primary,
+                        batch,
+                        &mut summary,
+                        &mut progress,
+                    )?;
+                }
+                continue;
+            }
+            let mut retired = false;
+            for _ in 0..REWRAP_PASSES {
+                self.rewrap_version(record.version, primary, batch, &mut summary, &mut progress)?;
+                if self
+                    .store
+                    .retire_master_version(record.version, unix_now())?
+                {
+                    retired = true;
                     break;
                 }
-                let mut rewrappings = Vec::with_capacity(rows.len());
-                for (id, version, wrapped) in rows {
-                    let key = self.unwrap_tenant_key(&id, version, &wrapped)?;
-                    let master = read(&self.master);
-                    let wrapping = master
-                        .tenant_key_wrapping
-                        .get(&primary)
-                        .ok_or_else(|| Error::internal("primary master key missing"))?;
-                    let bytes =
-                        envelope::wrap_tenant_key(wrapping, primary, id.as_str(), version, &key)
-                            .map_err(|_| Error::internal("tenant key wrap failed"))?;
-                    rewrappings.push(Rewrapping {
-                        tenant_id: id,
-                        version,
-                        from_master: record.version,
-                        wrapped: WrappedTenantKey {
-                            master_version: primary,
-                            bytes,
-                        },
-                    });
-                }
-                let done = self.store.rewrap(&rewrappings)? as u64;
-                summary.rewrapped += done;
-                progress(summary.rewrapped);
             }
-            if let Some(wrapped) = self.store.audit_key()?
-                && wrapped.master_version == record.version
-            {
-                let secret = self.audit_secret()?;
-                let rewrapped = self.wrap_audit_key(&secret)?;
-                self.store.put_audit_key(&rewrapped, Some(record.version))?;
-            }
-            if self.store.count_wrapped_under(record.version)? == 0 {
-                self.store
-                    .retire_master_version(record.version, unix_now())?;
+            if retired {
                 summary.retired.push(record.version);
+            } else {
+                summary.still_in_use.push(record.version);
             }
         }
         self.cache.clear();
         Ok(summary)
+    }
+
+    /// Moves every key under `from` to `primary`, batch by batch.
+    fn rewrap_version(
+        &self,
+        from: u32,
+        primary: u32,
+        batch: usize,
+        summary: &mut RewrapSummary,
+        progress: &mut impl FnMut(&RewrapProgress) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            let rows = self.store.wrapped_under(from, batch.max(1))?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut rewrappings = Vec::with_capacity(rows.len());
+            for (id, version, wrapped) in rows {
+                let key = self.unwrap_tenant_key(&id, version, &wrapped)?;
+                let master = read(&self.master);
+                let wrapping = master
+                    .tenant_key_wrapping
+                    .get(&primary)
+                    .ok_or_else(|| Error::internal("primary master key missing"))?;
+                let bytes =
+                    envelope::wrap_tenant_key(wrapping, primary, id.as_str(), version, &key)
+                        .map_err(|_| Error::internal("tenant key wrap failed"))?;
+                rewrappings.push(Rewrapping {
+                    tenant_id: id,
+                    version,
+                    from_master: from,
+                    wrapped: WrappedTenantKey {
+                        master_version: primary,
+                        bytes,
+                    },
+                });
+            }
+            let done = self.store.rewrap(&rewrappings)? as u64;
+            summary.rewrapped += done;
+            progress(&RewrapProgress {
+                from_master: from,
+                to_master: primary,
+                batch: done,
+                total: summary.rewrapped,
+            })?;
+        }
+        if let Some(wrapped) = self.store.audit_key()?
+            && wrapped.master_version == from
+        {
+            let secret = self.audit_secret()?;
+            let rewrapped = self.wrap_audit_key(&secret)?;
+            self.store.put_audit_key(&rewrapped, Some(from))?;
+        }
+        Ok(())
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod cache;
 pub mod manager;
 pub mod master;
+pub mod shred;
 
-pub use manager::{EncryptGrant, KeyManager, KeyPolicy};
+pub use manager::{EncryptGrant, KeyManager, KeyPolicy, RewrapProgress, RewrapSummary};
 pub use master::{MasterKeySource, MasterKeyring};
+pub use shred::ShredRecorder;

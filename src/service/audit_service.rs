@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
 use super::{blocking, convert};
 use crate::audit::sqlite::{self, ListFilter};
+use crate::audit::verify;
 use crate::auth::{Operation, TenantScope};
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -38,9 +40,10 @@ impl AuditService for AuditServiceImpl {
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let mut call = Call::begin(&request, Operation::ListAuditEvents);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
             let tenant = if req.tenant_id.is_empty() {
-                let caller = call.admit_global(&self.state)?;
+                let caller = call.admit_global(&self.state).await?;
                 if caller.tenants != TenantScope::All {
                     return Err(Error::PermissionDenied(
                         "this token is limited to some tenants: name one in tenant_id".into(),
@@ -48,7 +51,10 @@ impl AuditService for AuditServiceImpl {
                 }
                 String::new()
             } else {
-                call.admit(&self.state, &req.tenant_id)?.as_str().to_owned()
+                call.admit(&self.state, &req.tenant_id)
+                    .await?
+                    .as_str()
+                    .to_owned()
             };
             let limit = match req.page_size {
                 0 => DEFAULT_PAGE,
@@ -111,6 +117,7 @@ impl AuditService for AuditServiceImpl {
                 next_page_token,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -120,13 +127,14 @@ impl AuditService for AuditServiceImpl {
         request: Request<pb::VerifyAuditChainRequest>,
     ) -> Result<Response<pb::VerifyAuditChainResponse>, Status> {
         let mut call = Call::begin(&request, Operation::VerifyAuditChain);
+        let span = call.span();
         let result = async {
-            call.admit_global(&self.state)?;
+            call.admit_global(&self.state).await?;
             let reader = Arc::clone(&self.state.audit_reader);
             let state = Arc::clone(&self.state);
             let report = blocking(move || {
-                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-                sqlite::verify(&conn, state.audit.keys())
+                let mut conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                verify::verify(&mut conn, state.audit.keys())
             })
             .await?;
             Ok(pb::VerifyAuditChainResponse {
@@ -135,6 +143,7 @@ impl AuditService for AuditServiceImpl {
                 first_bad_seq: report.first_bad_seq,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }

@@ -1,5 +1,16 @@
 //! The frame of one request: its id, peer and caller, the fields of its audit record, and the
 //! finish that makes the record durable before the answer goes out.
+//!
+//! Authentication: a bearer token (`authorization: Bearer …`) when the request carries one;
+//! otherwise a verified client certificate listed in `[[tls_callers]]`; otherwise the call is
+//! UNAUTHENTICATED. A request with a token is judged by the token alone: a bad token is not
+//! rescued by a good certificate. After authentication the caller's rate limit is charged
+//! (for a failed authentication, the peer address's), before anything else happens.
+//!
+//! Every call leaves one audit record: [`Call::finish`] writes it durably before answering,
+//! and a call dropped before its finish (its deadline passed, or the client went away) writes
+//! one from `Drop` with outcome `deadline_exceeded` or `cancelled`, without waiting (no answer
+//! goes out, so there is nothing to hold back).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,12 +18,13 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use super::guard::RequestDeadline;
 use super::state::AppState;
 use super::status;
-use crate::audit::{AuditRecord, Outcome};
+use crate::audit::{AuditRecord, AuditWriter, Outcome};
 use crate::auth::{Caller, Operation, authorize};
 use crate::domain::{Context, TenantId, unix_now_micros};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Most contexts listed in one audit record (batches may name many).
 const MAX_AUDITED_CONTEXTS: usize = 16;
@@ -24,7 +36,15 @@ pub struct Call {
     operation: Operation,
     peer: String,
     bearer: Option<Zeroizing<String>>,
+    peer_certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+    deadline: Option<tokio::time::Instant>,
+    /// Set once the call is admitted to the audit path; a call dropped with it set and
+    /// `finished` unset writes its record from `Drop`.
+    audit: Option<AuditWriter>,
+    finished: bool,
     caller: Option<Arc<Caller>>,
+    /// A known token that was refused (revoked, expired), as the audit names it.
+    refused_as: Option<String>,
     tenant: Option<TenantId>,
     contexts: Vec<String>,
     key_versions: Vec<u32>,
@@ -34,6 +54,8 @@ pub struct Call {
     pub failed_items: u32,
     aad_fingerprint: String,
     started: Instant,
+    /// The tracing span every log line of this call is emitted in (carries the request id).
+    span: tracing::Span,
 }
 
 fn new_request_id() -> String {
@@ -54,14 +76,22 @@ impl Call {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(|t| Zeroizing::new(t.trim().to_owned()));
+        let request_id = new_request_id();
+        let span = tracing::info_span!("call", request_id = %request_id, op = operation.name());
         Self {
-            request_id: new_request_id(),
+            span,
+            request_id,
             operation,
             peer: request
                 .remote_addr()
                 .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             bearer,
+            peer_certs: request.peer_certs(),
+            deadline: request.extensions().get::<RequestDeadline>().map(|d| d.0),
+            audit: None,
+            finished: false,
             caller: None,
+            refused_as: None,
             tenant: None,
             contexts: Vec::new(),
             key_versions: Vec::new(),
@@ -72,20 +102,66 @@ impl Call {
         }
     }
 
-    /// Authenticates the bearer token (after dropping caches if another process changed the
-    /// store).
+    /// Authenticates the caller (see the module docs; token caches are dropped first if
+    /// another process changed the store) and charges its rate limit.
     pub fn authenticate(&mut self, state: &AppState) -> Result<Arc<Caller>> {
-        state.refresh()?;
-        let bearer = self.bearer.take();
-        let caller = state
-            .auth
-            .authenticate(bearer.as_ref().map(|b| b.as_str()))?;
+        self.audit = Some(state.audit.clone());
+        let caller = match self.identify(state) {
+            Ok(caller) => caller,
+            Err(e) => {
+                // Failed authentications are limited per peer address, so guessing (or
+                // flooding the audit with anonymous records) is throttled too.
+                let peer_ip = self
+                    .peer
+                    .rsplit_once(':')
+                    .map_or(self.peer.as_str(), |p| p.0);
+                self.charge(state, &format!("peer:{peer_ip}"))?;
+                return Err(e);
+            }
+        };
         self.caller = Some(Arc::clone(&caller));
+        self.charge(state, &caller.audit_name())?;
         Ok(caller)
     }
 
+    fn identify(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+        if let Some(bearer) = self.bearer.take() {
+            return state.auth.check(Some(bearer.as_str())).map_err(|refused| {
+                self.refused_as = refused.known_token;
+                refused.error
+            });
+        }
+        if let Some(end_entity) = self.peer_certs.as_ref().and_then(|c| c.first())
+            && let Some(caller) = state.options.tls_callers.caller_for(end_entity.as_ref())?
+        {
+            return Ok(Arc::new(caller));
+        }
+        Err(crate::error::Error::Unauthenticated)
+    }
+
+    fn charge(&self, state: &AppState, key: &str) -> Result<()> {
+        state.limiter.check(key).map_err(|wait| {
+            let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            crate::error::Error::RetryLater {
+                reason: format!(
+                    "rate limit of {} calls per second (burst {}) reached for this caller",
+                    state.limiter.limit().per_second,
+                    state.limiter.limit().burst
+                ),
+                retry_after_ms,
+            }
+        })
+    }
+
+    /// The span of this call: handlers run their work inside it, so every log line written
+    /// on behalf of the call carries its request id.
+    pub fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
     /// Authenticates, parses the tenant id and authorizes the call for it.
-    pub fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
+    pub async fn admit(&mut self, state: &AppState, tenant_id: &str) -> Result<TenantId> {
+        state.refresh().await?;
         let caller = self.authenticate(state)?;
         let tenant = TenantId::parse(tenant_id)?;
         self.tenant = Some(tenant.clone());
@@ -94,7 +170,8 @@ impl Call {
     }
 
     /// Authenticates and authorizes a call that names no tenant.
-    pub fn admit_global(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+    pub async fn admit_global(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+        state.refresh().await?;
         let caller = self.authenticate(state)?;
         authorize(&caller, self.operation, None)?;
         Ok(caller)
@@ -124,10 +201,11 @@ impl Call {
     /// Writes the audit record and waits until it is durable, then answers. If the record
     /// cannot be written the caller gets UNAVAILABLE and no result (fail closed).
     pub async fn finish<R>(
-        self,
+        mut self,
         state: &AppState,
         result: Result<R>,
     ) -> Result<Response<R>, Status> {
+        self.finished = true;
         let (outcome, detail) = match &result {
             Ok(_) if self.failed_items > 0 => (
                 Outcome::Partial,
@@ -139,27 +217,10 @@ impl Call {
                 status::client_message(e, &self.request_id),
             ),
         };
-        let record = AuditRecord {
-            time_micros: unix_now_micros(),
-            request_id: self.request_id.clone(),
-            caller: self
-                .caller
-                .as_ref()
-                .map_or_else(|| "anonymous".to_owned(), |c| c.audit_name()),
-            peer: self.peer,
-            tenant_id: self
-                .tenant
-                .as_ref()
-                .map(|t| t.as_str().to_owned())
-                .unwrap_or_default(),
-            operation: self.operation.name().to_owned(),
-            contexts: self.contexts,
-            key_versions: self.key_versions,
-            item_count: self.item_count,
-            outcome,
-            aad_fingerprint: self.aad_fingerprint,
-            detail,
-        };
+        // No detail in the log: messages are secret-free, but one line per call at debug is
+        // enough to follow a request id through the log.
+        tracing::debug!(parent: &self.span, outcome = outcome.as_str(), "call finished");
+        let record = self.record(outcome, detail);
         let appended = state.audit.append(record).await;
         crate::metrics::global().rpc(
             self.operation.name(),
@@ -187,9 +248,92 @@ impl Call {
     }
 }
 
-/// The error for a request field we do not use being set (rejected, not ignored).
-pub fn unused_field(name: &str) -> Error {
-    Error::InvalidArgument(format!(
-        "field {name} is not used by this call and must be empty"
-    ))
+impl Call {
+    /// The audit record of this call with the given outcome (moves the collected fields out).
+    fn record(&mut self, outcome: Outcome, detail: String) -> AuditRecord {
+        AuditRecord {
+            time_micros: unix_now_micros(),
+            request_id: self.request_id.clone(),
+            caller: match (&self.caller, self.refused_as.take()) {
+                (Some(caller), _) => caller.audit_name(),
+                (None, Some(refused)) => refused,
+                (None, None) => "anonymous".to_owned(),
+            },
+            peer: std::mem::take(&mut self.peer),
+            tenant_id: self
+                .tenant
+                .as_ref()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+            operation: self.operation.name().to_owned(),
+            contexts: std::mem::take(&mut self.contexts),
+            key_versions: std::mem::take(&mut self.key_versions),
+            item_count: self.item_count,
+            outcome,
+            aad_fingerprint: std::mem::take(&mut self.aad_fingerprint),
+            detail,
+        }
+    }
+}
+
+impl Drop for Call {
+    /// A call dropped before [`Call::finish`] (deadline passed, client gone) still leaves its
+    /// audit record. It is queued without waiting: no answer carrying a result goes out.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(audit) = self.audit.take() else {
+            return; // never admitted: nothing was looked at
+        };
+        let deadline_passed = self
+            .deadline
+            .is_some_and(|d| d <= tokio::time::Instant::now());
+        let (outcome, detail) = if deadline_passed {
+            (
+                Outcome::DeadlineExceeded,
+                "deadline passed before the answer; none was sent",
+            )
+        } else {
+            (
+                Outcome::Cancelled,
+                "the caller went away before the answer; none was sent",
+            )
+        };
+        let record = self.record(outcome, detail.to_owned());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = audit.append(record).await {
+                    tracing::error!(error = %e, "could not audit an abandoned call");
+                }
+            });
+        }
+    }
+}
+
+/// An audit record for something the service does by itself rather than at a caller's
+/// request (an automatic rotation, a due destruction); `caller` says what did it, e.g.
+/// `server:reaper`.
+pub fn system_record(
+    caller: &str,
+    tenant: &TenantId,
+    operation: &str,
+    key_versions: Vec<u32>,
+    outcome: Outcome,
+    detail: String,
+) -> AuditRecord {
+    AuditRecord {
+        time_micros: unix_now_micros(),
+        request_id: String::new(),
+        caller: caller.to_owned(),
+        peer: "local".into(),
+        tenant_id: tenant.as_str().to_owned(),
+        operation: operation.to_owned(),
+        contexts: Vec::new(),
+        key_versions,
+        item_count: 1,
+        outcome,
+        aad_fingerprint: String::new(),
+        detail,
+    }
 }

@@ -9,8 +9,9 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use super::call::Call;
+use super::call::{self, Call};
 use super::state::AppState;
 use super::{blocking, status};
 use crate::auth::Operation;
@@ -53,13 +54,30 @@ impl KeyServiceImpl {
     }
 
     /// Permission to seal `count` values (reserving budget or rotating on the blocking pool
-    /// only when the in-memory reservation is spent).
+    /// only when the in-memory reservation is spent). A rotation forced by the nonce budget
+    /// is audited (caller `server:nonce-budget`) before the grant is used.
     async fn grant(&self, entry: Arc<TenantEntry>, count: u64) -> Result<EncryptGrant> {
         if let Some(version) = entry.try_take(count) {
-            return Ok(EncryptGrant { entry, version });
+            return Ok(EncryptGrant {
+                entry,
+                version,
+                rotated_from: None,
+            });
         }
         let keys = Arc::clone(&self.state.keys);
-        blocking(move || keys.grant_encryptions(entry, count)).await
+        let grant = blocking(move || keys.grant_encryptions(entry, count)).await?;
+        if let Some(from) = grant.rotated_from {
+            let record = call::system_record(
+                "server:nonce-budget",
+                &grant.entry.record.tenant_id,
+                "RotateTenantKey",
+                vec![from, grant.version],
+                crate::audit::Outcome::Ok,
+                format!("nonce budget of version {from} reached"),
+            );
+            self.state.audit.append(record).await?;
+        }
+        Ok(grant)
     }
 
     fn check_value_len(&self, what: &str, len: usize) -> Result<()> {
@@ -175,8 +193,9 @@ impl KeyService for KeyServiceImpl {
         let mut call = Call::begin(&request, Operation::Encrypt);
         let req = request.into_inner();
         let plaintext = SecretBytes::new(req.plaintext);
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_value_len("plaintext", plaintext.expose_secret().len())?;
@@ -198,6 +217,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: grant.version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -208,8 +228,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let mut call = Call::begin(&request, Operation::Decrypt);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
@@ -232,6 +253,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -242,8 +264,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
         let mut call = Call::begin(&request, Operation::EncryptBatch);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
             let prepared: Vec<Result<Prepared<SecretBytes>>> = req
                 .items
@@ -304,6 +327,7 @@ impl KeyService for KeyServiceImpl {
                 .collect();
             Ok(pb::EncryptBatchResponse { results })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -314,8 +338,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
         let mut call = Call::begin(&request, Operation::DecryptBatch);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
             let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
                 .items
@@ -366,6 +391,7 @@ impl KeyService for KeyServiceImpl {
                 .collect();
             Ok(pb::DecryptBatchResponse { results })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -376,8 +402,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         let mut call = Call::begin(&request, Operation::GenerateDataKey);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             let entry = self.active_entry(&tenant).await?;
@@ -398,6 +425,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: grant.version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -408,8 +436,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
         let mut call = Call::begin(&request, Operation::DecryptDataKey);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("wrapped_key", req.wrapped_key.len())?;
@@ -430,6 +459,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -440,8 +470,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::RewrapResponse>, Status> {
         let mut call = Call::begin(&request, Operation::Rewrap);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
@@ -472,6 +503,7 @@ impl KeyService for KeyServiceImpl {
                 key_version: grant.version,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -482,8 +514,9 @@ impl KeyService for KeyServiceImpl {
     ) -> Result<Response<pb::RewrapBatchResponse>, Status> {
         let mut call = Call::begin(&request, Operation::RewrapBatch);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id)?;
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
             call.item_count = self.check_batch_len(req.items.len())?;
             let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
                 .items
@@ -555,6 +588,7 @@ impl KeyService for KeyServiceImpl {
                 .collect();
             Ok(pb::RewrapBatchResponse { results })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }

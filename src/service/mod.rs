@@ -5,6 +5,8 @@
 //! - [`state`]: the shared state and how it is opened from a data directory;
 //! - [`call`]: the per-request frame (request id, caller, audit fields) and its finish;
 //! - [`status`]: the one mapping from [`crate::error::Error`] to a gRPC status;
+//! - [`guard`]: the concurrency cap and deadlines in front of the services;
+//! - [`codec`]: prost encoding with requests' unknown fields refused;
 //! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
 //! - [`server`]: `run(listener, state, shutdown)`;
 //! - [`bench_echo`]: the empty-work echo RPC `bench` measures the transport with (opt-in);
@@ -14,14 +16,16 @@ pub mod audit_service;
 pub mod bench_echo;
 pub mod budget_metrics;
 pub mod call;
+pub mod codec;
 pub mod convert;
+pub mod guard;
 pub mod key_service;
 pub mod server;
 pub mod state;
 pub mod status;
 pub mod tenant_service;
 
-pub use state::{AppState, Limits, ServiceOptions};
+pub use state::{AppState, Limits, ServiceOptions, TlsFiles};
 
 use crate::error::{Error, Result};
 
@@ -30,7 +34,9 @@ use crate::error::{Error, Result};
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(work)
+    // The work runs in the caller's span, so its log lines carry the request id.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
         .await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }

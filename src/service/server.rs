@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use zeroize::Zeroizing;
 
 use super::audit_service::AuditServiceImpl;
 use super::bench_echo::EchoService;
+use super::guard::GuardLayer;
 use super::key_service::KeyServiceImpl;
-use super::state::AppState;
+use super::state::{AppState, TlsFiles};
 use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -51,12 +53,21 @@ pub async fn run(
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
+    let limits = &state.options.limits;
+    let guard = GuardLayer::new(limits.max_concurrent_requests, limits.request_timeout);
+    let mut builder = Server::builder();
+    if let Some(files) = &state.options.tls {
+        builder = builder
+            .tls_config(tls_config(files)?)
+            .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?;
+    }
     let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = Server::builder()
+    let served = builder
         .layer(tower::util::MapResponseLayer::new(
             message_too_large_is_exhaustion,
         ))
+        .layer(guard)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -83,6 +94,32 @@ pub async fn run(
         .await;
     reaper.abort();
     served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The rustls server configuration (ring provider, TLS 1.2 and 1.3) from PEM files. With a
+/// client CA, client certificates are required and verified against it (chain, validity
+/// period, key usage); a connection without one fails the handshake.
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map(Zeroizing::new).map_err(|e| {
+            Error::FailedPrecondition(format!("cannot read {what} {}: {e}", path.display()))
+        })
+    };
+    let cert = read(&files.cert, "TLS certificate")?;
+    let key = read(&files.key, "TLS key")?;
+    let mut config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert.as_slice(), key.as_slice()))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = &files.client_ca {
+        let ca = read(ca, "client CA")?;
+        config = config
+            .client_ca_root(Certificate::from_pem(ca.as_slice()))
+            .client_auth_optional(false);
+    }
+    Ok(config)
 }
 
 /// tonic reports a request over the message size limit as OUT_OF_RANGE; the gRPC status
@@ -134,23 +171,17 @@ async fn destroy_audited(state: &Arc<AppState>, tenant: TenantId) {
     let keys = Arc::clone(&state.keys);
     let id = tenant.clone();
     let result = super::blocking(move || keys.destroy_tenant(&id)).await;
-    let record = crate::audit::AuditRecord {
-        time_micros: crate::domain::unix_now_micros(),
-        request_id: String::new(),
-        caller: "server:reaper".into(),
-        peer: "local".into(),
-        tenant_id: tenant.as_str().to_owned(),
-        operation: "DestroyTenant".into(),
-        contexts: Vec::new(),
-        key_versions: Vec::new(),
-        item_count: 1,
-        outcome: match &result {
+    let record = super::call::system_record(
+        "server:reaper",
+        &tenant,
+        "DestroyTenant",
+        Vec::new(),
+        match &result {
             Ok(_) => crate::audit::Outcome::Ok,
             Err(e) => super::status::outcome(e),
         },
-        aad_fingerprint: String::new(),
-        detail: String::new(),
-    };
+        "deletion window passed".into(),
+    );
     if let Err(e) = state.audit.append(record).await {
         tracing::error!(error = %e, tenant = %tenant, "could not audit a tenant destruction");
     }

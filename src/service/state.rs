@@ -2,9 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::audit::{AuditWriter, ChainKeys, Durability};
+use crate::audit::{AuditRecord, AuditWriter, ChainKeys, Durability, Outcome};
+use crate::auth::cert::TlsCallers;
+use crate::auth::rate::{RateLimit, RateLimiter};
 use crate::auth::{Authenticator, Role, TokenSpec, issue_token};
+use crate::backup::ledger::{ShredLedger, ShredReport};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
@@ -19,6 +23,13 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Largest gRPC message in bytes.
     pub max_message_bytes: usize,
+    /// Per-caller token bucket (calls per second and burst).
+    pub rate_limit: RateLimit,
+    /// Requests in flight at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may run: caps the caller's `grpc-timeout` and applies when it sends
+    /// none.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -27,6 +38,9 @@ impl Default for Limits {
             max_field_bytes: 64 * 1024,
             max_batch_items: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
+            rate_limit: RateLimit::default(),
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -40,6 +54,9 @@ pub struct ServiceOptions {
     pub master_keys: MasterKeySource,
     /// Audit durability.
     pub durability: Durability,
+    /// How long an audit commit waits for another process's write lock on `audit.db` (e.g.
+    /// the `rotate` command appending) before its calls fail closed with UNAVAILABLE.
+    pub audit_busy_timeout: std::time::Duration,
     /// Key policy defaults and cache size.
     pub key_policy: KeyPolicy,
     /// Input limits.
@@ -53,6 +70,25 @@ pub struct ServiceOptions {
     /// Also serve `BenchService.Echo` (no auth, no keys, no audit): `bench`'s transport
     /// baseline. Off unless `serve --bench-echo`.
     pub bench_echo: bool,
+    /// Client-certificate identities that act as callers (the `[[tls_callers]]` table).
+    pub tls_callers: TlsCallers,
+    /// Serve TLS (and mTLS with a client CA) instead of plaintext.
+    pub tls: Option<TlsFiles>,
+    /// The shred ledger file; `None`: beside the keyring file (`<keyring>.shred-ledger`), or
+    /// `<data-dir>/master.keyring.shred-ledger` with environment-provided master keys.
+    pub shred_ledger: Option<PathBuf>,
+}
+
+/// PEM files of the server's TLS identity and, for mTLS, the client CA.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificate(s) (PEM) that client certificates must chain to; when set, every
+    /// connection must present a valid client certificate (the handshake fails otherwise).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ServiceOptions {
@@ -64,13 +100,24 @@ impl ServiceOptions {
             master_keys: MasterKeySource::File(data_dir.join(KEYRING_FILE)),
             data_dir,
             durability: Durability::Fsync,
+            audit_busy_timeout: crate::audit::sqlite::DEFAULT_BUSY_TIMEOUT,
             key_policy: KeyPolicy::default(),
             limits: Limits::default(),
             min_deletion_window_seconds: 24 * 3600,
             default_deletion_window_seconds: 7 * 24 * 3600,
             bootstrap_admin_token: true,
             bench_echo: false,
+            tls_callers: TlsCallers::default(),
+            tls: None,
+            shred_ledger: None,
         }
+    }
+
+    /// The shred ledger file these options name (see [`ServiceOptions::shred_ledger`]).
+    pub fn shred_ledger_path(&self) -> PathBuf {
+        self.shred_ledger.clone().unwrap_or_else(|| {
+            crate::backup::ledger::default_path(&self.master_keys, &self.data_dir)
+        })
     }
 }
 
@@ -93,6 +140,8 @@ pub struct AppState {
     pub audit: AuditWriter,
     /// A read connection for audit queries and verification.
     pub audit_reader: Arc<Mutex<rusqlite::Connection>>,
+    /// Per-caller rate limits.
+    pub limiter: RateLimiter,
     /// The options it was opened with.
     pub options: ServiceOptions,
 }
@@ -106,6 +155,8 @@ pub struct DataDir {
     pub keys: Arc<KeyManager>,
     /// The audit chain keys.
     pub chain_keys: Arc<ChainKeys>,
+    /// What the shred ledger check did when the directory opened.
+    pub shred: ShredReport,
 }
 
 impl DataDir {
@@ -128,14 +179,33 @@ impl DataDir {
             create,
             options.key_policy.clone(),
         )?);
+        // Before anything serves: destroyed tenants and versions recorded in the shred
+        // ledger are shredded again (a restored backup), and the ledger must be whole.
+        if options.shred_ledger.is_none() && matches!(options.master_keys, MasterKeySource::Env(_))
+        {
+            tracing::warn!(
+                path = %options.shred_ledger_path().display(),
+                "master keys come from the environment and no --shred-ledger is set: the shred \
+                 ledger is inside the data directory and does not survive it being wiped"
+            );
+        }
+        let ledger = Arc::new(ShredLedger::new(
+            options.shred_ledger_path(),
+            options.master_keys.clone(),
+            Arc::clone(&store),
+        ));
+        let shred = ledger.enforce(&keys)?;
+        keys.set_shred_recorder(ledger);
         let chain_keys = Arc::new(
             ChainKeys::derive(&keys.audit_secret()?)
                 .map_err(|_| Error::internal("audit key derivation failed"))?,
         );
+        audit_shred_report(options, &chain_keys, &shred)?;
         Ok(Self {
             store,
             keys,
             chain_keys,
+            shred,
         })
     }
 
@@ -144,19 +214,82 @@ impl DataDir {
         AuditWriter::start(
             options.data_dir.join(AUDIT_DB),
             options.durability,
+            options.audit_busy_timeout,
             Arc::clone(&self.chain_keys),
         )
     }
 }
 
+/// Audits what the shred ledger check changed, as `system:shred-ledger`.
+fn audit_shred_report(
+    options: &ServiceOptions,
+    chain_keys: &ChainKeys,
+    report: &ShredReport,
+) -> Result<()> {
+    let records: Vec<AuditRecord> = report
+        .reapplied
+        .iter()
+        .map(|item| {
+            (
+                item,
+                "ShredLedgerReapply",
+                "destroyed again: the shred ledger records it destroyed",
+            )
+        })
+        .chain(report.recorded_from_store.iter().map(|item| {
+            (
+                item,
+                "ShredLedgerRecord",
+                "recorded in the shred ledger from the key store",
+            )
+        }))
+        .map(|(item, operation, detail)| AuditRecord {
+            time_micros: crate::domain::unix_now_micros(),
+            request_id: String::new(),
+            caller: "system:shred-ledger".into(),
+            peer: "local".into(),
+            tenant_id: item.tenant_id.as_str().to_owned(),
+            operation: operation.into(),
+            contexts: Vec::new(),
+            key_versions: item.version.into_iter().collect(),
+            item_count: 1,
+            outcome: Outcome::Ok,
+            aad_fingerprint: String::new(),
+            detail: detail.into(),
+        })
+        .collect();
+    if records.is_empty() {
+        return Ok(());
+    }
+    for item in &report.reapplied {
+        tracing::warn!(tenant = %item.tenant_id, version = ?item.version, "shredded again: the shred ledger records it destroyed");
+    }
+    let mut conn = crate::audit::sqlite::open(
+        &options.data_dir.join(AUDIT_DB),
+        options.durability == Durability::Fsync,
+        options.audit_busy_timeout,
+    )?;
+    crate::audit::sqlite::append(&mut conn, chain_keys, &records)?;
+    Ok(())
+}
+
 impl AppState {
     /// Opens (and on first start creates) everything the service needs.
+    ///
+    /// First runs the cryptographic power-on self-test (`crate::selftest::power_on`): if
+    /// AES-GCM, HKDF or the wire format give a wrong known answer, nothing is opened and the
+    /// service refuses to start.
     pub fn open(options: ServiceOptions) -> Result<Self> {
+        crate::selftest::power_on().map_err(|failure| {
+            tracing::error!(%failure, "power-on self-test failed");
+            Error::Internal(format!("{failure}; refusing to serve"))
+        })?;
         let dir = DataDir::open(&options, true)?;
         let audit = dir.audit_writer(&options)?;
         let audit_reader = crate::audit::sqlite::open(
             &options.data_dir.join(AUDIT_DB),
             options.durability == Durability::Fsync,
+            options.audit_busy_timeout,
         )?;
         if options.bootstrap_admin_token {
             bootstrap_admin_token(dir.store.as_ref(), &options.data_dir)?;
@@ -166,19 +299,44 @@ impl AppState {
             keys: dir.keys,
             audit,
             audit_reader: Arc::new(Mutex::new(audit_reader)),
+            limiter: RateLimiter::new(options.limits.rate_limit),
             options,
         })
     }
 
     /// Drops caches when another process changed the key store (a rotation, a revocation).
-    pub fn refresh(&self) -> Result<()> {
-        self.keys.refresh_with(|| self.auth.clear())?;
+    ///
+    /// The check (see [`crate::store::KeyStore::change_generation`]) reads the WAL-index header of
+    /// keys.db, and only when that moved runs a `PRAGMA data_version` on the process's
+    /// connection. When that connection is free it runs inline (well under a microsecond when
+    /// nothing changed); when a write holds it (an fsync, or a wait for another process's
+    /// lock) the check moves to the blocking pool, so the async threads never stall behind
+    /// the store, and the call still sees every change committed before it started.
+    pub async fn refresh(&self) -> Result<()> {
+        let generation = match self.keys.store().try_change_generation() {
+            Some(generation) => generation?,
+            None => {
+                let keys = Arc::clone(&self.keys);
+                super::blocking(move || keys.store().change_generation()).await?
+            }
+        };
+        if self.keys.drop_caches_for(generation, || self.auth.clear()) {
+            // A master rotation by another process is rare; its check reads the store, so it
+            // runs on the blocking pool.
+            let keys = Arc::clone(&self.keys);
+            super::blocking(move || {
+                keys.reload_keyring_if_stale();
+                Ok(())
+            })
+            .await?;
+        }
         Ok(())
     }
 }
 
 /// On the first start (no token in the store), issues an admin token for every tenant, writes
-/// it to `<data-dir>/admin.token` (0600) and says so once on stderr.
+/// it to `<data-dir>/admin.token` (0600) and says so once on stderr (showing the token only if
+/// stderr is a terminal).
 fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
     if !store.list_tokens()?.is_empty() {
         return Ok(());
@@ -196,12 +354,24 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
     )?;
     let _ = std::fs::remove_file(&path);
     fsutil::write_private_file(&path, format!("{}\n", issued.secret.as_str()).as_bytes())?;
-    eprintln!(
-        "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
-         It is shown only this once; keep it secret.",
-        issued.record.id,
-        path.display(),
-        issued.secret.as_str()
-    );
+    // The token itself is shown only to a person at a terminal: when stderr is a file, a pipe
+    // or the journal, it would be stored in clear wherever the logs go (and the trace-log leak
+    // test would find it). The file is the durable copy either way.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
+             It is shown only this once; keep it secret.",
+            issued.record.id,
+            path.display(),
+            issued.secret.as_str()
+        );
+    } else {
+        eprintln!(
+            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600); \
+             it is not printed because stderr is not a terminal.",
+            issued.record.id,
+            path.display()
+        );
+    }
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! variants whose text is safe; internal detail is logged with the request id and replaced by
 //! a generic message.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::Outcome;
 use crate::error::Error;
@@ -16,7 +19,8 @@ pub fn code(error: &Error) -> Code {
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::Unauthenticated => Code::Unauthenticated,
         Error::PermissionDenied(_) => Code::PermissionDenied,
-        Error::ResourceExhausted(_) => Code::ResourceExhausted,
+        Error::ResourceExhausted(_) | Error::RetryLater { .. } => Code::ResourceExhausted,
+        Error::DeadlineExceeded => Code::DeadlineExceeded,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     }
@@ -31,7 +35,8 @@ pub fn outcome(error: &Error) -> Outcome {
         Error::FailedPrecondition(_) => Outcome::FailedPrecondition,
         Error::Unauthenticated => Outcome::Unauthenticated,
         Error::PermissionDenied(_) => Outcome::Denied,
-        Error::ResourceExhausted(_) => Outcome::Exhausted,
+        Error::ResourceExhausted(_) | Error::RetryLater { .. } => Outcome::Exhausted,
+        Error::DeadlineExceeded => Outcome::DeadlineExceeded,
         Error::Unavailable(_) => Outcome::Unavailable,
         Error::Internal(_) => Outcome::Internal,
     }
@@ -49,13 +54,35 @@ pub fn client_message(error: &Error, request_id: &str) -> String {
     }
 }
 
-/// The status for an error. Internal errors are logged here, with the request id.
+/// Metadata key carrying the retry hint of a RESOURCE_EXHAUSTED answer, in milliseconds (the
+/// same hint is in the status details as a `google.rpc.RetryInfo`).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The status for an error. Internal errors are logged here, with the request id. A
+/// [`Error::RetryLater`] carries its hint twice: as `retry-after-ms` metadata (easy to read
+/// from any client) and as `google.rpc.RetryInfo` in the details (what gRPC client libraries
+/// with retry support understand).
 pub fn to_status(error: &Error, request_id: &str) -> Status {
     if let Error::Internal(detail) | Error::Unavailable(detail) = error {
         tracing::error!(request_id, detail = %detail, "request failed");
     }
-    let mut status = Status::new(code(error), client_message(error, request_id));
-    if let Ok(value) = request_id.parse() {
+    let mut status = match error {
+        Error::RetryLater { retry_after_ms, .. } => {
+            let mut status = Status::with_error_details(
+                code(error),
+                client_message(error, request_id),
+                ErrorDetails::with_retry_info(Some(Duration::from_millis(*retry_after_ms))),
+            );
+            if let Ok(value) = retry_after_ms.to_string().parse() {
+                status.metadata_mut().insert(RETRY_AFTER_MS, value);
+            }
+            status
+        }
+        _ => Status::new(code(error), client_message(error, request_id)),
+    };
+    if !request_id.is_empty()
+        && let Ok(value) = request_id.parse()
+    {
         status.metadata_mut().insert("x-request-id", value);
     }
     status

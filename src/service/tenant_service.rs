@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
-use super::{blocking, convert};
+use super::{blocking, convert, status};
 use crate::auth::Operation;
 use crate::domain::{KeyVersionState, TenantId, TenantState, unix_now};
 use crate::error::{Error, Result};
@@ -33,19 +34,37 @@ impl TenantServiceImpl {
 
     /// Admits the call for `tenant_id`, runs `work` on the blocking pool with the key manager,
     /// and finishes the call.
+    ///
+    /// The whole call runs in its own task, shielded from the caller's deadline: once a
+    /// change has been handed to the key store it completes, and its audit record says what
+    /// really happened (e.g. `ok`), even if the caller was already told DEADLINE_EXCEEDED.
+    /// Without the shield a cut-off change could land with a record saying it did not.
     async fn tenant_call<R: Send + 'static>(
         &self,
         mut call: Call,
         tenant_id: &str,
         work: impl FnOnce(&KeyManager, &TenantId) -> Result<R> + Send + 'static,
     ) -> Result<Response<R>, Status> {
-        let result = async {
-            let tenant = call.admit(&self.state, tenant_id)?;
-            let keys = Arc::clone(&self.state.keys);
-            blocking(move || work(&keys, &tenant)).await
-        }
-        .await;
-        call.finish(&self.state, result).await
+        let state = Arc::clone(&self.state);
+        let tenant_id = tenant_id.to_owned();
+        let request_id = call.request_id.clone();
+        let task = tokio::spawn(async move {
+            let span = call.span();
+            let result = async {
+                let tenant = call.admit(&state, &tenant_id).await?;
+                let keys = Arc::clone(&state.keys);
+                blocking(move || work(&keys, &tenant)).await
+            }
+            .instrument(span)
+            .await;
+            call.finish(&state, result).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(status::to_status(
+                &Error::Internal(format!("tenant call task failed: {e}")),
+                &request_id,
+            ))
+        })
     }
 
     async fn transition(
@@ -61,6 +80,20 @@ impl TenantServiceImpl {
         })
         .await
     }
+}
+
+/// A tenant's row, unless it is destroyed: every call naming a destroyed tenant gets
+/// FAILED_PRECONDITION "tenant destroyed" (its tombstone stays visible in ListTenants and its
+/// history in the audit).
+fn live_tenant(keys: &KeyManager, tenant: &TenantId) -> Result<TenantRecord> {
+    let record = keys
+        .store()
+        .tenant(tenant)?
+        .ok_or(Error::NotFound("tenant"))?;
+    if record.state == TenantState::Destroyed {
+        return Err(crate::store::sqlite::state_error(record.state));
+    }
+    Ok(record)
 }
 
 /// Parses a version number (0 is never a version).
@@ -92,10 +125,8 @@ impl TenantService for TenantServiceImpl {
         let call = Call::begin(&request, Operation::GetTenant);
         let req = request.into_inner();
         self.tenant_call(call, &req.tenant_id, |keys, tenant| {
-            keys.store()
-                .tenant(tenant)?
-                .map(|r| convert::tenant(&r))
-                .ok_or(Error::NotFound("tenant"))
+            let record = live_tenant(keys, tenant)?;
+            Ok(convert::tenant(&record))
         })
         .await
     }
@@ -106,8 +137,9 @@ impl TenantService for TenantServiceImpl {
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         let mut call = Call::begin(&request, Operation::ListTenants);
         let req = request.into_inner();
+        let span = call.span();
         let result = async {
-            call.admit_global(&self.state)?;
+            call.admit_global(&self.state).await?;
             let size = match req.page_size {
                 0 => DEFAULT_PAGE,
                 n if n < 0 => {
@@ -141,6 +173,7 @@ impl TenantService for TenantServiceImpl {
                 next_page_token,
             })
         }
+        .instrument(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -164,10 +197,7 @@ impl TenantService for TenantServiceImpl {
         let call = Call::begin(&request, Operation::ListKeyVersions);
         let req = request.into_inner();
         self.tenant_call(call, &req.tenant_id, |keys, tenant| {
-            let record = keys
-                .store()
-                .tenant(tenant)?
-                .ok_or(Error::NotFound("tenant"))?;
+            let record = live_tenant(keys, tenant)?;
             let versions = keys.store().key_versions(tenant)?;
             Ok(pb::ListKeyVersionsResponse {
                 versions: versions
@@ -334,12 +364,9 @@ impl TenantService for TenantServiceImpl {
     ) -> Result<Response<pb::Tenant>, Status> {
         let call = Call::begin(&request, Operation::CancelTenantDeletion);
         let req = request.into_inner();
-        self.transition(
-            req.tenant_id,
-            call,
-            &[TenantState::PendingDeletion],
-            TenantState::Active,
-        )
+        self.tenant_call(call, &req.tenant_id, |keys, tenant| {
+            keys.cancel_deletion(tenant).map(|r| convert::tenant(&r))
+        })
         .await
     }
 }

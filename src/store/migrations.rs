@@ -57,6 +57,13 @@ const MIGRATIONS: &[&str] = &[
         expires_at  INTEGER,
         revoked_at  INTEGER
      );",
+    // 2: the shred ledger's head as this store last saw it (backup issue): a ledger shorter
+    // than this, or missing, is refused at start (see backup::ledger).
+    "CREATE TABLE shred_ledger_head (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        entries  INTEGER NOT NULL,
+        head_mac BLOB NOT NULL
+     );",
 ];
 
 /// Brings the schema up to date. Refuses a database newer than this binary.
@@ -83,4 +90,20 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<Result<(), String>> {
     }
     tx.commit()?;
     Ok(Ok(()))
+}
+
+/// Checks, without writing, that a database's schema is one this binary can read (a backup
+/// opened read-only).
+pub fn check_readable(conn: &Connection) -> rusqlite::Result<Result<(), String>> {
+    let current: Option<i64> = conn
+        .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+        .optional()?;
+    let target = MIGRATIONS.len() as i64;
+    Ok(match current {
+        None => Err("not a tenant-kms keys.db (no schema version)".into()),
+        Some(v) if v > target => Err(format!(
+            "keys.db has schema version {v}, newer than this binary's {target}"
+        )),
+        Some(_) => Ok(()),
+    })
 }

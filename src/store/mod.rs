@@ -6,11 +6,13 @@
 //! from, so two processes (a server and the `rotate` command) can share one data directory.
 
 mod migrations;
+pub mod recovery;
 pub mod sqlite;
 
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
 
+pub use recovery::{LedgerHead, ShredItem, StoreCounts};
 pub use sqlite::SqliteKeyStore;
 
 /// A master-key version as the store knows it: its check value, never the key.
@@ -117,8 +119,9 @@ pub trait KeyStore: Send + Sync {
     fn master_versions(&self) -> Result<Vec<MasterVersionRecord>>;
     /// Records a new master-key version.
     fn insert_master_version(&self, record: &MasterVersionRecord) -> Result<()>;
-    /// Marks a master version retired.
-    fn retire_master_version(&self, version: u32, at: i64) -> Result<()>;
+    /// Marks a master version retired, in one transaction and only if no wrapped key (tenant
+    /// key or audit secret) is under it any more. Returns whether it is retired now.
+    fn retire_master_version(&self, version: u32, at: i64) -> Result<bool>;
     /// How many wrapped keys (tenant keys and the audit secret) are under a master version.
     fn count_wrapped_under(&self, master_version: u32) -> Result<u64>;
     /// Up to `limit` tenant keys still wrapped under `master_version`.
@@ -141,24 +144,32 @@ pub trait KeyStore: Send + Sync {
         replace_master: Option<u32>,
     ) -> Result<bool>;
 
-    /// Creates a tenant with its first key version. `AlreadyExists` if the id was ever used.
+    /// Creates a tenant with its first key version. `AlreadyExists` if the id is in use,
+    /// FAILED_PRECONDITION "tenant destroyed" if it belonged to a destroyed tenant (ids are
+    /// never re-used). Refused if the key is wrapped under a retired master version.
     fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()>;
-    /// Creates many tenants, each with its first key version, in as few transactions as the
-    /// backend likes (bulk setup: `bench`'s million-tenant data directory). Ids that exist
-    /// are skipped, not errors. Returns how many were created.
-    fn create_tenants(&self, batch: &[(TenantRecord, KeyVersionRecord)]) -> Result<usize> {
-        let mut created = 0;
-        for (tenant, first) in batch {
-            match self.create_tenant(tenant, first) {
-                Ok(()) => created += 1,
-                Err(crate::error::Error::AlreadyExists(_)) => {}
-                Err(e) => return Err(e),
-            }
+    /// Creates many tenants, each with its first key version, in one transaction (bulk
+    /// provisioning: one durable commit instead of one per tenant). Nothing is created if any
+    /// id was ever used.
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
+        for (tenant, first) in tenants {
+            self.create_tenant(tenant, first)?;
         }
-        Ok(created)
+        Ok(())
     }
     /// A tenant's row.
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>>;
+    /// A tenant's row and its key versions, read as one consistent snapshot (so a change
+    /// committed by another process cannot fall between the two reads).
+    fn tenant_snapshot(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
+        match self.tenant(id)? {
+            Some(tenant) => Ok(Some((tenant, self.key_versions(id)?))),
+            None => Ok(None),
+        }
+    }
     /// Tenants in id order after `after`.
     fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>>;
     /// A tenant's key versions, oldest first.
@@ -179,6 +190,9 @@ pub trait KeyStore: Send + Sync {
         to: TenantState,
         deletion_time: Option<i64>,
     ) -> Result<TenantRecord>;
+    /// Moves a PENDING_DELETION tenant back to ACTIVE, only while its deletion window is still
+    /// open at `now` (a due deletion can no longer be cancelled).
+    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord>;
     /// Sets the rotation policy.
     fn set_rotation_policy(
         &self,
@@ -223,6 +237,40 @@ pub trait KeyStore: Send + Sync {
     /// generation (or a later one) has seen every change committed before the call began.
     /// Several callers may get the same generation from one check.
     fn change_generation(&self) -> Result<u64>;
+
+    /// [`KeyStore::change_generation`] if it can answer without waiting for another
+    /// operation of this process (a write holding the connection); `None` when it would
+    /// have to wait.
+    fn try_change_generation(&self) -> Option<Result<u64>> {
+        Some(self.change_generation())
+    }
+
+    // Backup, per-tenant import and the shred ledger (see `crate::backup`).
+
+    /// Writes a consistent snapshot of the whole store to the new file `dest` (mode 0600)
+    /// while other connections and processes keep reading and writing.
+    fn snapshot_to(&self, dest: &std::path::Path) -> Result<()>;
+    /// How many tenants and wrapped keys the store holds.
+    fn counts(&self) -> Result<StoreCounts>;
+    /// Calls `f` with every wrapped tenant key, in (tenant, version) order; returns how many.
+    fn for_each_wrapped_key(
+        &self,
+        f: &mut dyn FnMut(&TenantId, u32, &WrappedTenantKey) -> Result<()>,
+    ) -> Result<u64>;
+    /// Every destroyed tenant, and every destroyed version of a tenant that is not destroyed.
+    fn destroyed_items(&self) -> Result<Vec<ShredItem>>;
+    /// Crypto-shreds the items whatever their state (re-applying the shred ledger after a
+    /// restore): one transaction, then the log is checkpointed so no copy of the keys stays.
+    /// Returns the items that were not destroyed yet (unknown tenants are skipped).
+    fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>>;
+    /// Replaces a tenant and all its key versions in one transaction (per-tenant import):
+    /// refused if the tenant is destroyed in the store, or if a version the store has
+    /// destroyed would come back with a key.
+    fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()>;
+    /// The shred ledger head this store last saw.
+    fn shred_ledger_head(&self) -> Result<Option<LedgerHead>>;
+    /// Records the shred ledger head, unless the store already saw a longer ledger.
+    fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()>;
 }
 
 /// What `rotate --due` has to do.

@@ -14,8 +14,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    DueTenants, FromStates, KeyStore, KeyVersionRecord, MasterVersionRecord, Rewrapping,
-    TenantRecord, TokenRecord, WrappedTenantKey,
+    DueTenants, FromStates, KeyStore, KeyVersionRecord, LedgerHead, MasterVersionRecord,
+    Rewrapping, ShredItem, StoreCounts, TenantRecord, TokenRecord, WrappedTenantKey,
 };
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
@@ -216,7 +216,11 @@ impl SqliteKeyStore {
         let data_version = conn
             .query_row("PRAGMA data_version", [], |row| row.get(0))
             .map_err(sql_error)?;
-        Ok(Self {
+        Ok(Self::with_connection(conn, path, data_version))
+    }
+
+    fn with_connection(conn: Connection, path: &Path, data_version: i64) -> Self {
+        Self {
             inner: Mutex::new(Inner {
                 conn,
                 data_version,
@@ -233,7 +237,22 @@ impl SqliteKeyStore {
             }),
             checks_started: AtomicU64::new(0),
             reservations: Mutex::new(Vec::new()),
-        })
+        }
+    }
+
+    /// Opens an existing `keys.db` read-only (a backup's copy), changing nothing on disk: no
+    /// migration, no pragma that writes. Refuses a schema newer than this binary's.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql_error)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_error)?;
+        super::migrations::check_readable(&conn)
+            .map_err(sql_error)?
+            .map_err(Error::Internal)?;
+        Ok(Self::with_connection(conn, path, 0))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -301,14 +320,27 @@ impl KeyStore for SqliteKeyStore {
         })
     }
 
-    fn retire_master_version(&self, version: u32, at: i64) -> Result<()> {
+    fn retire_master_version(&self, version: u32, at: i64) -> Result<bool> {
         self.write(|tx| {
+            // One statement, so a key wrapped under `version` by another process after the
+            // caller's last count keeps the version alive.
             tx.execute(
-                "UPDATE master_keys SET retired_at = ?2 WHERE version = ?1 AND retired_at IS NULL",
+                "UPDATE master_keys SET retired_at = ?2 WHERE version = ?1 AND retired_at IS NULL \
+                 AND NOT EXISTS (SELECT 1 FROM wrapped_keys WHERE master_version = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM audit_key WHERE master_version = ?1)",
                 params![version, at],
             )
             .map_err(sql_error)?;
-            Ok(())
+            let retired: Option<i64> = tx
+                .query_row(
+                    "SELECT retired_at FROM master_keys WHERE version = ?1",
+                    [version],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(sql_error)?
+                .flatten();
+            Ok(retired.is_some())
         })
     }
 
@@ -421,92 +453,38 @@ impl KeyStore for SqliteKeyStore {
             .wrapped
             .as_ref()
             .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-        self.write(|tx| {
-            if load_tenant(tx, &tenant.tenant_id)
-                .map_err(sql_error)?
-                .is_some()
-            {
-                return Err(Error::AlreadyExists("tenant"));
-            }
-            tx.execute(
-                &format!("INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
-                params![
-                    tenant.tenant_id.as_str(),
-                    tenant.state.code(),
-                    tenant.primary_version,
-                    tenant.created_at,
-                    i64_of(tenant.rotation_period_seconds),
-                    i64_of(tenant.max_encryptions),
-                    tenant.deletion_time,
-                    tenant.destroyed_at
-                ],
-            )
-            .map_err(sql_error)?;
-            insert_version(tx, &tenant.tenant_id, first, wrapped)?;
-            Ok(())
-        })
+        self.write(|tx| insert_tenant(tx, tenant, first, wrapped))
     }
 
-    fn create_tenants(&self, batch: &[(TenantRecord, KeyVersionRecord)]) -> Result<usize> {
-        // One transaction (one fsync) for the whole batch.
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
         self.write(|tx| {
-            let mut created = 0;
-            for (tenant, first) in batch {
+            for (tenant, first) in tenants {
                 let wrapped = first
                     .wrapped
                     .as_ref()
                     .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-                let inserted = tx
-                    .prepare_cached(&format!(
-                        "INSERT OR IGNORE INTO tenants ({TENANT_COLUMNS}) \
-                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"
-                    ))
-                    .and_then(|mut stmt| {
-                        stmt.execute(params![
-                            tenant.tenant_id.as_str(),
-                            tenant.state.code(),
-                            tenant.primary_version,
-                            tenant.created_at,
-                            i64_of(tenant.rotation_period_seconds),
-                            i64_of(tenant.max_encryptions),
-                            tenant.deletion_time,
-                            tenant.destroyed_at
-                        ])
-                    })
-                    .map_err(sql_error)?;
-                if inserted == 1 {
-                    tx.prepare_cached(
-                        "INSERT INTO key_versions (tenant_id, version, state, created_at, \
-                         encryptions) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.execute(params![
-                            tenant.tenant_id.as_str(),
-                            first.version,
-                            first.state.code(),
-                            first.created_at,
-                            i64_of(first.encryptions)
-                        ])
-                    })
-                    .map_err(sql_error)?;
-                    tx.prepare_cached(
-                        "INSERT INTO wrapped_keys (tenant_id, version, master_version, \
-                         wrapped_key) VALUES (?1, ?2, ?3, ?4)",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.execute(params![
-                            tenant.tenant_id.as_str(),
-                            first.version,
-                            wrapped.master_version,
-                            wrapped.bytes
-                        ])
-                    })
-                    .map_err(sql_error)?;
-                    created += 1;
-                }
+                insert_tenant(tx, tenant, first, wrapped)?;
             }
-            Ok(created)
+            Ok(())
         })
+    }
+
+    fn tenant_snapshot(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
+        let mut inner = self.lock();
+        // A read transaction: both reads see the same committed state.
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql_error)?;
+        let Some(tenant) = load_tenant(&tx, id).map_err(sql_error)? else {
+            return Ok(None);
+        };
+        let versions = load_versions(&tx, id).map_err(sql_error)?;
+        tx.commit().map_err(sql_error)?;
+        Ok(Some((tenant, versions)))
     }
 
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
@@ -528,14 +506,7 @@ impl KeyStore for SqliteKeyStore {
     }
 
     fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
-                 ON w.tenant_id = v.tenant_id AND w.version = v.version \
-                 WHERE v.tenant_id = ?1 ORDER BY v.version"
-            ))?;
-            stmt.query_map([id.as_str()], version_from_row)?.collect()
-        })
+        self.read(|conn| load_versions(conn, id))
     }
 
     fn add_key_version(
@@ -583,6 +554,28 @@ impl KeyStore for SqliteKeyStore {
             tx.execute(
                 "UPDATE tenants SET state = ?2, deletion_time = ?3 WHERE tenant_id = ?1",
                 params![id.as_str(), to.code(), deletion_time],
+            )
+            .map_err(sql_error)?;
+            require_tenant(tx, id)
+        })
+    }
+
+    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord> {
+        self.write(|tx| {
+            let tenant = require_tenant(tx, id)?;
+            if tenant.state != TenantState::PendingDeletion {
+                return Err(state_error(tenant.state));
+            }
+            if tenant.deletion_time.is_some_and(|at| at <= now) {
+                return Err(Error::FailedPrecondition(
+                    "tenant is PENDING_DELETION and its deletion window has passed: it can no \
+                     longer be cancelled"
+                        .into(),
+                ));
+            }
+            tx.execute(
+                "UPDATE tenants SET state = ?2, deletion_time = NULL WHERE tenant_id = ?1",
+                params![id.as_str(), TenantState::Active.code()],
             )
             .map_err(sql_error)?;
             require_tenant(tx, id)
@@ -866,7 +859,288 @@ impl KeyStore for SqliteKeyStore {
         // Single flight: a check that started after this call began is as good as our own,
         // so callers queued on the mutex while one check ran share the next one.
         let arrival = self.checks_started.load(Ordering::Acquire);
-        let mut inner = self.lock();
+        let inner = self.lock();
+        self.generation_check(inner, arrival)
+    }
+
+    fn try_change_generation(&self) -> Option<Result<u64>> {
+        let arrival = self.checks_started.load(Ordering::Acquire);
+        let inner = match self.inner.try_lock() {
+            Ok(inner) => inner,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.generation_check(inner, arrival))
+    }
+
+    fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        crate::fsutil::create_private_file(dest)?;
+        let mut out = Connection::open(dest).map_err(sql_error)?;
+        {
+            let inner = self.lock();
+            // One step copies every page inside one read transaction: a consistent snapshot,
+            // and in WAL mode writers (the server) are not blocked meanwhile.
+            let backup = rusqlite::backup::Backup::new(&inner.conn, &mut out).map_err(sql_error)?;
+            copy_all_pages(&backup)?;
+        }
+        // A self-contained file: no -wal beside it, so its checksum is the whole state.
+        out.pragma_update(None, "journal_mode", "DELETE")
+            .map_err(sql_error)?;
+        out.close().map_err(|(_, e)| sql_error(e))?;
+        crate::fsutil::sync_file(dest)
+    }
+
+    fn counts(&self) -> Result<StoreCounts> {
+        self.read(|conn| {
+            let tenants: i64 = conn.query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0))?;
+            let wrapped: i64 =
+                conn.query_row("SELECT COUNT(*) FROM wrapped_keys", [], |r| r.get(0))?;
+            Ok(StoreCounts {
+                tenants: u64_of(tenants),
+                wrapped_keys: u64_of(wrapped),
+            })
+        })
+    }
+
+    fn for_each_wrapped_key(
+        &self,
+        f: &mut dyn FnMut(&TenantId, u32, &WrappedTenantKey) -> Result<()>,
+    ) -> Result<u64> {
+        // `f` runs with the connection locked: it must not call back into this store.
+        let inner = self.lock();
+        let mut stmt = inner
+            .conn
+            .prepare(
+                "SELECT tenant_id, version, master_version, wrapped_key FROM wrapped_keys \
+                 ORDER BY tenant_id, version",
+            )
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        let mut count = 0;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let id: String = row.get(0).map_err(sql_error)?;
+            let id = TenantId::parse(&id).map_err(|_| sql_error(bad_column(0, "tenant id")))?;
+            let version = u32_of(row.get(1).map_err(sql_error)?).map_err(sql_error)?;
+            let wrapped = WrappedTenantKey {
+                master_version: u32_of(row.get(2).map_err(sql_error)?).map_err(sql_error)?,
+                bytes: row.get(3).map_err(sql_error)?,
+            };
+            f(&id, version, &wrapped)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn destroyed_items(&self) -> Result<Vec<ShredItem>> {
+        self.read(|conn| {
+            let mut items = Vec::new();
+            let mut stmt = conn.prepare("SELECT tenant_id FROM tenants WHERE state = ?1")?;
+            let rows = stmt.query_map([TenantState::Destroyed.code()], |row| {
+                row.get::<_, String>(0)
+            })?;
+            for id in rows {
+                items.push(ShredItem {
+                    tenant_id: TenantId::parse(&id?).map_err(|_| bad_column(0, "tenant id"))?,
+                    version: None,
+                });
+            }
+            let mut stmt = conn.prepare(
+                "SELECT v.tenant_id, v.version FROM key_versions v JOIN tenants t \
+                 ON t.tenant_id = v.tenant_id WHERE v.state = ?1 AND t.state != ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    KeyVersionState::Destroyed.code(),
+                    TenantState::Destroyed.code()
+                ],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+            )?;
+            for row in rows {
+                let (id, version) = row?;
+                items.push(ShredItem {
+                    tenant_id: TenantId::parse(&id).map_err(|_| bad_column(0, "tenant id"))?,
+                    version: Some(u32_of(version)?),
+                });
+            }
+            Ok(items)
+        })
+    }
+
+    fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>> {
+        let done = self.write(|tx| {
+            let mut done = Vec::new();
+            for item in items {
+                let Some(tenant) = load_tenant(tx, &item.tenant_id).map_err(sql_error)? else {
+                    continue;
+                };
+                if tenant.state == TenantState::Destroyed {
+                    continue;
+                }
+                let id = item.tenant_id.as_str();
+                match item.version {
+                    None => {
+                        tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
+                            .map_err(sql_error)?;
+                        tx.execute(
+                            "UPDATE key_versions SET state = ?2 WHERE tenant_id = ?1",
+                            params![id, KeyVersionState::Destroyed.code()],
+                        )
+                        .map_err(sql_error)?;
+                        tx.execute(
+                            "UPDATE tenants SET state = ?2, destroyed_at = ?3 WHERE tenant_id = ?1",
+                            params![id, TenantState::Destroyed.code(), now],
+                        )
+                        .map_err(sql_error)?;
+                    }
+                    Some(version) => {
+                        let Some(record) =
+                            load_version(tx, &item.tenant_id, version).map_err(sql_error)?
+                        else {
+                            continue;
+                        };
+                        if record.state == KeyVersionState::Destroyed && record.wrapped.is_none() {
+                            continue;
+                        }
+                        tx.execute(
+                            "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
+                            params![id, version, KeyVersionState::Destroyed.code()],
+                        )
+                        .map_err(sql_error)?;
+                        tx.execute(
+                            "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
+                            params![id, version],
+                        )
+                        .map_err(sql_error)?;
+                    }
+                }
+                done.push(item.clone());
+            }
+            Ok(done)
+        })?;
+        if !done.is_empty() {
+            self.checkpoint_truncate()?;
+        }
+        Ok(done)
+    }
+
+    fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()> {
+        let id = tenant.tenant_id.as_str();
+        self.write(|tx| {
+            if let Some(live) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+                if live.state == TenantState::Destroyed {
+                    return Err(state_error(live.state));
+                }
+                let mut stmt = tx
+                    .prepare("SELECT version FROM key_versions WHERE tenant_id = ?1 AND state = ?2")
+                    .map_err(sql_error)?;
+                let destroyed = stmt
+                    .query_map(params![id, KeyVersionState::Destroyed.code()], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                    .map_err(sql_error)?
+                    .collect::<rusqlite::Result<Vec<i64>>>()
+                    .map_err(sql_error)?;
+                if let Some(v) = versions
+                    .iter()
+                    .find(|v| v.wrapped.is_some() && destroyed.contains(&i64::from(v.version)))
+                {
+                    return Err(Error::FailedPrecondition(format!(
+                        "key version {} of tenant {id} was destroyed; it cannot come back",
+                        v.version
+                    )));
+                }
+            }
+            tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
+                .map_err(sql_error)?;
+            tx.execute("DELETE FROM key_versions WHERE tenant_id = ?1", [id])
+                .map_err(sql_error)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
+                     ON CONFLICT(tenant_id) DO UPDATE SET state = excluded.state, \
+                     primary_version = excluded.primary_version, \
+                     created_at = excluded.created_at, \
+                     rotation_period_seconds = excluded.rotation_period_seconds, \
+                     max_encryptions = excluded.max_encryptions, \
+                     deletion_time = excluded.deletion_time, \
+                     destroyed_at = excluded.destroyed_at"
+                ),
+                params![
+                    id,
+                    tenant.state.code(),
+                    tenant.primary_version,
+                    tenant.created_at,
+                    i64_of(tenant.rotation_period_seconds),
+                    i64_of(tenant.max_encryptions),
+                    tenant.deletion_time,
+                    tenant.destroyed_at
+                ],
+            )
+            .map_err(sql_error)?;
+            for version in versions {
+                tx.execute(
+                    "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        id,
+                        version.version,
+                        version.state.code(),
+                        version.created_at,
+                        i64_of(version.encryptions)
+                    ],
+                )
+                .map_err(sql_error)?;
+                if let Some(wrapped) = &version.wrapped {
+                    tx.execute(
+                        "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![id, version.version, wrapped.master_version, wrapped.bytes],
+                    )
+                    .map_err(sql_error)?;
+                }
+            }
+            Ok(())
+        })?;
+        // Rolled-back versions' wrapped keys were deleted (zeroed by secure_delete): leave no
+        // copy of them in the log either.
+        self.checkpoint_truncate()
+    }
+
+    fn shred_ledger_head(&self) -> Result<Option<LedgerHead>> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT entries, head_mac FROM shred_ledger_head WHERE id = 1",
+                [],
+                |row| {
+                    Ok(LedgerHead {
+                        entries: u64_of(row.get(0)?),
+                        head_mac: row.get(1)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO shred_ledger_head (id, entries, head_mac) VALUES (1, ?1, ?2) \
+                 ON CONFLICT(id) DO UPDATE SET entries = excluded.entries, \
+                 head_mac = excluded.head_mac WHERE excluded.entries > shred_ledger_head.entries",
+                params![i64_of(head.entries), head.head_mac],
+            )
+            .map_err(sql_error)?;
+            Ok(())
+        })
+    }
+}
+
+/// Compares `PRAGMA data_version` with the last value seen on this connection.
+impl SqliteKeyStore {
+    /// The body of a change check (see `KeyStore::change_generation`), with the connection
+    /// locked; `arrival` is the number of checks started when the caller arrived.
+    fn generation_check(&self, mut inner: MutexGuard<'_, Inner>, arrival: u64) -> Result<u64> {
         if inner.checks_done > arrival {
             return Ok(inner.generation);
         }
@@ -894,9 +1168,7 @@ impl KeyStore for SqliteKeyStore {
         inner.checks_done = number;
         Ok(inner.generation)
     }
-}
 
-impl SqliteKeyStore {
     /// Rebuilds the database, then copies the WAL into it and truncates the WAL to zero bytes,
     /// so deleted key bytes survive in no file. Retries while readers of other connections
     /// hold old snapshots.
@@ -927,34 +1199,250 @@ impl SqliteKeyStore {
     }
 }
 
+fn load_versions(conn: &Connection, id: &TenantId) -> rusqlite::Result<Vec<KeyVersionRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
+         ON w.tenant_id = v.tenant_id AND w.version = v.version \
+         WHERE v.tenant_id = ?1 ORDER BY v.version"
+    ))?;
+    stmt.query_map([id.as_str()], version_from_row)?.collect()
+}
+
+fn insert_tenant(
+    tx: &Connection,
+    tenant: &TenantRecord,
+    first: &KeyVersionRecord,
+    wrapped: &WrappedTenantKey,
+) -> Result<()> {
+    match load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+        Some(existing) if existing.state == TenantState::Destroyed => {
+            return Err(state_error(existing.state));
+        }
+        Some(_) => return Err(Error::AlreadyExists("tenant")),
+        None => {}
+    }
+    // Cached statements here and in `insert_version`: bulk creation runs them per tenant.
+    tx.prepare_cached(&format!(
+        "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"
+    ))
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            tenant.tenant_id.as_str(),
+            tenant.state.code(),
+            tenant.primary_version,
+            tenant.created_at,
+            i64_of(tenant.rotation_period_seconds),
+            i64_of(tenant.max_encryptions),
+            tenant.deletion_time,
+            tenant.destroyed_at
+        ])
+    })
+    .map_err(sql_error)?;
+    insert_version(tx, &tenant.tenant_id, first, wrapped)
+}
+
+/// The error for a key about to be wrapped under a retired master version: the writer's
+/// keyring is older than the store's (another process rotated the master key).
+pub(crate) fn retired_master_error(version: u32) -> Error {
+    Error::FailedPrecondition(format!(
+        "master key version {version} is retired; reload the keyring"
+    ))
+}
+
 fn insert_version(
     tx: &Connection,
     id: &TenantId,
     version: &KeyVersionRecord,
     wrapped: &WrappedTenantKey,
 ) -> Result<()> {
-    tx.execute(
+    // A key must never be wrapped under a retired master version: the operator may already
+    // have removed that version from the keyring, which would leave the key unreadable.
+    let retired: Option<Option<i64>> = tx
+        .prepare_cached("SELECT retired_at FROM master_keys WHERE version = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row([wrapped.master_version], |row| row.get(0))
+                .optional()
+        })
+        .map_err(sql_error)?;
+    if matches!(retired, Some(Some(_))) {
+        return Err(retired_master_error(wrapped.master_version));
+    }
+    tx.prepare_cached(
         "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
             id.as_str(),
             version.version,
             version.state.code(),
             version.created_at,
             i64_of(version.encryptions)
-        ],
-    )
+        ])
+    })
     .map_err(sql_error)?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
          VALUES (?1, ?2, ?3, ?4)",
-        params![
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
             id.as_str(),
             version.version,
             wrapped.master_version,
             wrapped.bytes
-        ],
-    )
+        ])
+    })
     .map_err(sql_error)?;
     Ok(())
+}
+
+/// Runs an online backup as one step (-1: every page), retrying while another connection
+/// holds a lock that keeps the step from starting (bounded).
+fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
+    use rusqlite::backup::StepResult;
+    for attempt in 0..100u64 {
+        match backup.step(-1).map_err(sql_error)? {
+            StepResult::Done => return Ok(()),
+            StepResult::More | StepResult::Busy | StepResult::Locked => {
+                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
+            }
+            _ => {}
+        }
+    }
+    Err(Error::internal("online backup: the database stayed busy"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteKeyStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteKeyStore::open(&dir.path().join("keys.db")).unwrap();
+        for version in [1, 2] {
+            store
+                .insert_master_version(&MasterVersionRecord {
+                    version,
+                    check_value: vec![version as u8; 32],
+                    created_at: 0,
+                    retired_at: None,
+                })
+                .unwrap();
+        }
+        (dir, store)
+    }
+
+    fn id(s: &str) -> TenantId {
+        TenantId::parse(s).unwrap()
+    }
+
+    fn tenant(name: &str) -> TenantRecord {
+        TenantRecord {
+            tenant_id: id(name),
+            state: TenantState::Active,
+            primary_version: 1,
+            created_at: 0,
+            rotation_period_seconds: 0,
+            max_encryptions: 1000,
+            deletion_time: None,
+            destroyed_at: None,
+        }
+    }
+
+    fn version(v: u32, master: u32) -> KeyVersionRecord {
+        KeyVersionRecord {
+            version: v,
+            state: KeyVersionState::Enabled,
+            created_at: 0,
+            encryptions: 0,
+            wrapped: Some(WrappedTenantKey {
+                master_version: master,
+                bytes: vec![7; 60],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_master_version_is_retired_only_when_nothing_uses_it() {
+        let (_dir, store) = store();
+        store.create_tenant(&tenant("a"), &version(1, 1)).unwrap();
+        assert!(!store.retire_master_version(1, 5).unwrap());
+        let rows = store.wrapped_under(1, 10).unwrap();
+        let batch: Vec<Rewrapping> = rows
+            .into_iter()
+            .map(|(tenant_id, version, _)| Rewrapping {
+                tenant_id,
+                version,
+                from_master: 1,
+                wrapped: WrappedTenantKey {
+                    master_version: 2,
+                    bytes: vec![8; 60],
+                },
+            })
+            .collect();
+        assert_eq!(store.rewrap(&batch).unwrap(), 1);
+        assert!(store.retire_master_version(1, 5).unwrap());
+        // Nothing may be wrapped under a retired version any more.
+        let err = store
+            .create_tenant(&tenant("b"), &version(1, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("retired"), "{err}");
+        let err = store
+            .add_key_version(&id("a"), 1, &version(2, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("retired"), "{err}");
+        store.add_key_version(&id("a"), 1, &version(2, 2)).unwrap();
+    }
+
+    #[test]
+    fn destroyed_ids_are_never_reused_and_cancel_needs_an_open_window() {
+        let (_dir, store) = store();
+        store
+            .create_tenants(&[(tenant("a"), version(1, 1)), (tenant("b"), version(1, 1))])
+            .unwrap();
+        // Bulk creation is all or nothing.
+        assert!(
+            store
+                .create_tenants(&[(tenant("c"), version(1, 1)), (tenant("a"), version(1, 1))])
+                .is_err()
+        );
+        assert!(store.tenant(&id("c")).unwrap().is_none());
+        let err = store
+            .create_tenant(&tenant("a"), &version(1, 1))
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)));
+
+        let active = [TenantState::Active];
+        let pending = TenantState::PendingDeletion;
+        store
+            .set_tenant_state(&id("a"), &active, pending, Some(100))
+            .unwrap();
+        store
+            .set_tenant_state(&id("b"), &active, pending, Some(100))
+            .unwrap();
+        let err = store.cancel_tenant_deletion(&id("a"), 100).unwrap_err();
+        assert!(err.to_string().contains("window has passed"), "{err}");
+        let back = store.cancel_tenant_deletion(&id("a"), 99).unwrap();
+        assert_eq!(
+            (back.state, back.deletion_time),
+            (TenantState::Active, None)
+        );
+        let err = store.destroy_tenant(&id("b"), 99).unwrap_err();
+        assert!(err.to_string().contains("window"), "{err}");
+        let gone = store.destroy_tenant(&id("b"), 100).unwrap();
+        assert_eq!(gone.state, TenantState::Destroyed);
+        let (_, versions) = store.tenant_snapshot(&id("b")).unwrap().unwrap();
+        assert!(
+            versions
+                .iter()
+                .all(|v| v.wrapped.is_none() && v.state == KeyVersionState::Destroyed)
+        );
+        let err = store
+            .create_tenant(&tenant("b"), &version(1, 1))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "tenant destroyed");
+        let err = store.cancel_tenant_deletion(&id("b"), 0).unwrap_err();
+        assert_eq!(err.to_string(), "tenant destroyed");
+    }
 }
