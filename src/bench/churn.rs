@@ -451,17 +451,33 @@ impl Driver<'_> {
         }
     }
 
-    /// After a transition failed: learn the tenant's real state (the server's reaper may have
-    /// destroyed it) and record it as a transition that may have happened since `sent`.
-    async fn resync(&mut self, index: usize, sent: Instant) -> Result<()> {
+    /// The tenant's state as the server reports it. A destroyed tenant's GetTenant answers
+    /// FAILED_PRECONDITION "tenant destroyed" (its tombstone shows only in ListTenants).
+    async fn server_state(&mut self, index: usize) -> Result<St> {
         let id = self.id(index);
-        let tenant = self
+        match self
             .tenants
             .get_tenant(pb::GetTenantRequest { tenant_id: id })
             .await
-            .map_err(|s| Error::Unavailable(format!("churn: GetTenant: {}", s.message())))?
-            .into_inner();
-        let state = state_of(&tenant);
+        {
+            Ok(tenant) => Ok(state_of(&tenant.into_inner())),
+            Err(s)
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("tenant destroyed") =>
+            {
+                Ok(St::Destroyed)
+            }
+            Err(s) => Err(Error::Unavailable(format!(
+                "churn: GetTenant: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    /// After a transition failed: learn the tenant's real state (the server's reaper may have
+    /// destroyed it) and record it as a transition that may have happened since `sent`.
+    async fn resync(&mut self, index: usize, sent: Instant) -> Result<()> {
+        let state = self.server_state(index).await?;
         if state != self.state(index) {
             self.record(index, sent, state);
         }
@@ -612,14 +628,7 @@ impl Driver<'_> {
             "cli_rotate_due_failed"
         });
         for index in self.indices(|s| s == St::Pending) {
-            let id = self.id(index);
-            let tenant = self
-                .tenants
-                .get_tenant(pb::GetTenantRequest { tenant_id: id })
-                .await
-                .map_err(|s| Error::Unavailable(format!("churn: GetTenant: {}", s.message())))?
-                .into_inner();
-            if state_of(&tenant) == St::Destroyed {
+            if self.server_state(index).await? == St::Destroyed {
                 self.record(index, sent, St::Destroyed);
                 self.shared.count("destroyed_by_cli");
             }

@@ -139,8 +139,16 @@ pub async fn run(config: BenchConfig, command: String) -> Result<Report> {
         .unwrap_or(crate::keys::KeyPolicy::default().cache_tenants);
     report.setup.cache_tenants = cache_tenants;
     let config_file = temp.join("serve.toml");
-    std::fs::write(&config_file, format!("cache_tenants = {cache_tenants}\n"))
-        .map_err(|e| Error::Internal(format!("cannot write {}: {e}", config_file.display())))?;
+    // The admission limits (a per-caller rate limit, a cap on calls in flight) exist to shed
+    // overload; a bench measures what a call costs, so the child server runs without them.
+    std::fs::write(
+        &config_file,
+        format!(
+            "cache_tenants = {cache_tenants}\nrate_limit_per_second = 0.0\n\
+             max_concurrent_requests = 100000\n"
+        ),
+    )
+    .map_err(|e| Error::Internal(format!("cannot write {}: {e}", config_file.display())))?;
     report.machine = procfs::machine(data_dir.parent().unwrap_or(&data_dir));
 
     let mut baseline_runs: Vec<Baselines> = Vec::new();
