@@ -157,20 +157,26 @@ fn aad_on_stack<const N: usize, R>(
     caller_aad: &[u8],
     f: impl FnOnce(&[u8]) -> R,
 ) -> R {
-    use std::io::Write;
     let mut stack = [0u8; N];
-    let mut rest: &mut [u8] = &mut stack;
+    let mut written = 0;
+    let mut fits = true;
+    let mut put = |part: &[u8]| match stack.get_mut(written..written + part.len()) {
+        Some(place) => {
+            place.copy_from_slice(part);
+            written += part.len();
+        }
+        None => fits = false,
+    };
     let prefix = |part: &[u8]| u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes();
-    let fits = rest.write_all(&prefix(label)).is_ok()
-        && rest.write_all(label).is_ok()
-        && rest.write_all(header).is_ok()
-        && rest.write_all(&prefix(tenant_id.as_bytes())).is_ok()
-        && rest.write_all(tenant_id.as_bytes()).is_ok()
-        && rest.write_all(&prefix(context.as_bytes())).is_ok()
-        && rest.write_all(context.as_bytes()).is_ok()
-        && rest.write_all(&prefix(caller_aad)).is_ok()
-        && rest.write_all(caller_aad).is_ok();
-    let written = N - rest.len();
+    put(&prefix(label));
+    put(label);
+    put(header);
+    put(&prefix(tenant_id.as_bytes()));
+    put(tenant_id.as_bytes());
+    put(&prefix(context.as_bytes()));
+    put(context.as_bytes());
+    put(&prefix(caller_aad));
+    put(caller_aad);
     match stack.get(..written) {
         Some(aad) if fits => f(aad),
         _ => f(&additional_data(
