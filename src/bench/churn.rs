@@ -14,7 +14,7 @@
 //! the data directory may contain any wrapped key bytes of a destroyed tenant (read from the
 //! store just before its deletion was scheduled).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -758,6 +758,9 @@ async fn verify_audit(data_dir: &Path, report: &mut ChurnReport) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of a wrapped key's start used to find it (its random nonce).
+const PROBE_LEN: usize = 16;
+
 /// Searches every file of the data directory for the wrapped keys of destroyed tenants.
 fn check_shredded(shared: &Shared, data_dir: &Path, report: &mut ChurnReport) -> Result<()> {
     let mut files = Vec::new();
@@ -778,34 +781,47 @@ fn check_shredded(shared: &Shared, data_dir: &Path, report: &mut ChurnReport) ->
             }
         }
     }
+    // Every wrapped key of a destroyed tenant, found by its first bytes (random: a nonce) in
+    // one pass over each file, then compared whole.
     let tenants = shared.tenants.read().unwrap_or_else(|p| p.into_inner());
+    let mut keys: Vec<(String, Vec<u8>)> = Vec::new();
     for tenant in tenants.iter() {
         let t = lock(tenant);
         if t.state != St::Destroyed {
             continue;
         }
         report.destroyed_tenants_checked += 1;
-        for wrapped in &t.wrapped {
-            if wrapped.is_empty() {
+        for wrapped in t.wrapped.iter().filter(|w| w.len() >= PROBE_LEN) {
+            keys.push((t.id.clone(), wrapped.clone()));
+        }
+    }
+    drop(tenants);
+    let mut by_probe: HashMap<[u8; PROBE_LEN], Vec<usize>> = HashMap::new();
+    for (index, (_, wrapped)) in keys.iter().enumerate() {
+        if let Some(probe) = wrapped.first_chunk::<PROBE_LEN>() {
+            by_probe.entry(*probe).or_default().push(index);
+        }
+    }
+    let mut found: Vec<Vec<String>> = vec![Vec::new(); keys.len()];
+    for (name, bytes) in &files {
+        for (at, window) in bytes.windows(PROBE_LEN).enumerate() {
+            let Some(candidates) = window
+                .first_chunk::<PROBE_LEN>()
+                .and_then(|probe| by_probe.get(probe))
+            else {
                 continue;
-            }
-            let found: Vec<(&String, usize)> = files
-                .iter()
-                .filter_map(|(name, f)| {
-                    f.windows(wrapped.len())
-                        .position(|w| w == wrapped.as_slice())
-                        .map(|at| (name, at))
-                })
-                .collect();
-            if !found.is_empty() {
-                report.destroyed_key_bytes_found += 1;
-                for (name, at) in found {
-                    report
-                        .destroyed_key_bytes_where
-                        .push(format!("{name} at byte {at}: a wrapped key of {}", t.id));
+            };
+            for &index in candidates {
+                let (id, wrapped) = &keys[index];
+                if bytes.get(at..at + wrapped.len()) == Some(wrapped.as_slice()) {
+                    found[index].push(format!("{name} at byte {at}: a wrapped key of {id}"));
                 }
             }
         }
+    }
+    for places in found.into_iter().filter(|p| !p.is_empty()) {
+        report.destroyed_key_bytes_found += 1;
+        report.destroyed_key_bytes_where.extend(places);
     }
     Ok(())
 }
