@@ -169,6 +169,8 @@ impl ChurnReport {
 struct Shared {
     tenants: RwLock<Vec<Arc<Mutex<Tenant>>>>,
     ops: Mutex<BTreeMap<String, u64>>,
+    /// Indices of the tenants the driver last saw not destroyed (the load's usual targets).
+    live: RwLock<Arc<Vec<usize>>>,
 }
 
 impl Shared {
@@ -187,6 +189,10 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .get(index)
             .cloned()
+    }
+
+    fn live(&self) -> Arc<Vec<usize>> {
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn len(&self) -> usize {
@@ -226,6 +232,7 @@ pub async fn run(options: ChurnOptions<'_>) -> Result<ChurnReport> {
     let shared = Arc::new(Shared {
         tenants: RwLock::new(Vec::new()),
         ops: Mutex::new(BTreeMap::new()),
+        live: RwLock::new(Arc::new(Vec::new())),
     });
     let started = Instant::now();
     let end = started + options.duration;
@@ -295,7 +302,15 @@ async fn load_worker(
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
-        let index = rng.random_range(0..count);
+        // Most calls go to tenants the driver last saw not destroyed (most tenants ever
+        // created are destroyed, so a uniform pick would hardly exercise the live ones); one
+        // call in five picks any tenant, destroyed ones included.
+        let live = shared.live();
+        let index = if !live.is_empty() && !rng.random_ratio(1, 5) {
+            live[rng.random_range(0..live.len())]
+        } else {
+            rng.random_range(0..count)
+        };
         let Some(tenant) = shared.tenant(index) else {
             continue;
         };
@@ -390,6 +405,7 @@ impl Driver<'_> {
                 continue;
             }
             let live = self.indices(|s| s != St::Destroyed);
+            *self.shared.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live.clone());
             if live.len() < LIVE_TENANTS {
                 self.create().await?;
                 continue;
