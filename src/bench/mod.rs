@@ -216,44 +216,24 @@ pub async fn run(config: BenchConfig, command: String) -> Result<Report> {
                         key.1
                     );
                     let echo_first = (run + si + ci) % 2 == 1;
+                    let measure_as = |echo: bool| {
+                        measure(
+                            &config,
+                            &clients,
+                            &target,
+                            &work,
+                            *scenario,
+                            concurrency,
+                            echo,
+                        )
+                    };
                     let mut echo = None;
                     if echo_first && echo_works {
-                        echo = Some(
-                            measure(
-                                &config,
-                                &clients,
-                                &target,
-                                &work,
-                                *scenario,
-                                concurrency,
-                                true,
-                            )
-                            .await,
-                        );
+                        echo = Some(measure_as(true).await);
                     }
-                    let real = measure(
-                        &config,
-                        &clients,
-                        &target,
-                        &work,
-                        *scenario,
-                        concurrency,
-                        false,
-                    )
-                    .await;
+                    let real = measure_as(false).await;
                     if !echo_first && echo_works {
-                        echo = Some(
-                            measure(
-                                &config,
-                                &clients,
-                                &target,
-                                &work,
-                                *scenario,
-                                concurrency,
-                                true,
-                            )
-                            .await,
-                        );
+                        echo = Some(measure_as(true).await);
                     }
                     let rss = target.pid.and_then(procfs::rss_mib);
                     samples.push((key, Sample { real, echo, rss }));
