@@ -78,7 +78,7 @@ fn raw_sealer(size: usize, aad_len: usize) -> Option<impl FnMut()> {
 const PAIR_SLICES: u32 = 10;
 
 /// The raw seal ([`raw_seal_ns`], with the wire format's AAD length) and the cached field
-/// encryption ([`field_encrypt_cached_ns`]) of `size` bytes, measured in alternating slices
+/// encryption (`cached_sealer`) of `size` bytes, measured in alternating slices
 /// of `budget`; medians over the slices, so a burst of other load on this shared machine hits
 /// both alike. Returns (raw, cached) nanoseconds.
 pub fn seal_pair_ns(size: usize, budget: Duration) -> Result<(f64, f64)> {
@@ -124,14 +124,9 @@ fn bench_entry() -> Result<(TenantEntry, TenantId)> {
     Ok((TenantEntry::new(record, versions, 0), tenant))
 }
 
-/// Nanoseconds of the service's field encryption of `size` bytes with the tenant's snapshot
-/// cached: prepared-key lookup, random nonce, header, AAD, seal: exactly what a handler runs
-/// between admitting a call and finishing it, minus the nonce-budget take.
-pub fn field_encrypt_cached_ns(size: usize, budget: Duration) -> Result<f64> {
-    Ok(time_per_op(budget, cached_sealer(size)?))
-}
-
-/// One cached field encryption per call (see [`field_encrypt_cached_ns`]).
+/// One field encryption of `size` bytes with the tenant's snapshot cached, per call:
+/// prepared-key lookup, random nonce, header, AAD, seal: exactly what a handler runs between
+/// admitting a call and finishing it, minus the nonce-budget take.
 fn cached_sealer(size: usize) -> Result<impl FnMut()> {
     let (entry, tenant) = bench_entry()?;
     let plaintext = vec![0xa5u8; size];
