@@ -168,7 +168,10 @@ impl KeyVersionState {
     }
 }
 
-/// Seconds since the Unix epoch, now.
+/// Seconds since the Unix epoch, now, from the OS clock: the implementation of
+/// [`crate::clock::SystemClock`]. Whatever decides by time asks the [`crate::clock::Clock`] it
+/// was given instead; only timestamps that decide nothing (audit record times, backup
+/// manifests) still read this directly.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -176,7 +179,8 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Microseconds since the Unix epoch, now.
+/// Microseconds since the Unix epoch, now, from the OS clock (see [`unix_now`] for who
+/// should call it).
 pub fn unix_now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -26,6 +26,8 @@
 //! - [`metrics`]: process-wide counters and histograms and the Prometheus `/metrics` endpoint.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
+//! - [`clock`]: the injected wall clock (system, manual for tests) that every time-based
+//!   decision reads.
 //! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
 
 #![forbid(unsafe_code)]
@@ -35,6 +37,7 @@ pub mod auth;
 pub mod backup;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod domain;

@@ -9,7 +9,8 @@ pub mod token;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use crate::domain::{TenantId, unix_now};
+use crate::clock::SharedClock;
+use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::store::KeyStore;
 
@@ -256,17 +257,21 @@ pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId
 pub struct Authenticator {
     store: Arc<dyn KeyStore>,
     cache: Mutex<HashMap<[u8; 32], Arc<Caller>>>,
+    /// The time token expiry is checked against.
+    clock: SharedClock,
 }
 
 /// Most tokens remembered before the cache starts over.
 const MAX_CACHED_TOKENS: usize = 10_000;
 
 impl Authenticator {
-    /// An authenticator over the store's tokens.
-    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+    /// An authenticator over the store's tokens; a token counts as expired once `clock`
+    /// reaches its expiry time.
+    pub fn new(store: Arc<dyn KeyStore>, clock: SharedClock) -> Self {
         Self {
             store,
             cache: Mutex::new(HashMap::new()),
+            clock,
         }
     }
 
@@ -339,7 +344,10 @@ impl Authenticator {
             }
         };
         // Checked on every call, cached or not: expiry needs no store change to take effect.
-        if caller.expires_at.is_some_and(|at| at <= unix_now()) {
+        if caller
+            .expires_at
+            .is_some_and(|at| at <= self.clock.now_unix())
+        {
             return Err(Refused {
                 error: Error::Unauthenticated,
                 known_token: Some(format!("token:{} (expired)", caller.token_id)),

@@ -4,7 +4,7 @@
 use base64::Engine;
 use zeroize::Zeroizing;
 
-use crate::domain::unix_now;
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::{KeyStore, TokenRecord};
 
@@ -43,8 +43,13 @@ pub struct IssuedToken {
     pub record: TokenRecord,
 }
 
-/// Generates a token, stores its hash and returns it.
-pub fn issue_token(store: &dyn KeyStore, spec: &TokenSpec) -> Result<IssuedToken> {
+/// Generates a token, stores its hash and returns it. Its creation time, and its expiry
+/// `ttl_seconds` later, are read from `clock` (the one its expiry will be checked against).
+pub fn issue_token(
+    store: &dyn KeyStore,
+    spec: &TokenSpec,
+    clock: &dyn Clock,
+) -> Result<IssuedToken> {
     let mut random = Zeroizing::new([0u8; 32]);
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), random.as_mut())
         .map_err(|_| Error::internal("CSPRNG failed"))?;
@@ -55,7 +60,7 @@ pub fn issue_token(store: &dyn KeyStore, spec: &TokenSpec) -> Result<IssuedToken
     let mut id = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
         .map_err(|_| Error::internal("CSPRNG failed"))?;
-    let now = unix_now();
+    let now = clock.now_unix();
     let record = TokenRecord {
         id: hex::encode(id),
         name: spec.name.clone(),

@@ -39,9 +39,11 @@ impl DataDirArgs {
         }
     }
 
-    /// Service options for offline commands on this data directory.
+    /// Service options for offline commands on this data directory, on the process clock
+    /// ([`crate::clock::process_clock`]).
     pub fn options(&self) -> ServiceOptions {
         let mut options = ServiceOptions::new(&self.data_dir);
+        options.clock = crate::clock::process_clock();
         options.master_keys = self.master_keys();
         options.bootstrap_admin_token = false;
         options.shred_ledger = self.shred_ledger.clone();

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::common::{DataDirArgs, cli_record};
 use crate::audit::{AuditWriter, Outcome};
-use crate::domain::{TenantId, TenantState, unix_now};
+use crate::domain::{TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::keys::{KeyManager, MasterKeySource, MasterKeyring, RewrapSummary};
 use crate::service::ServiceOptions;
@@ -236,7 +236,9 @@ fn rotate_due(
     dry_run: bool,
     summary: &mut Summary,
 ) -> Result<()> {
-    let due = keys.store().tenants_due(unix_now(), BUDGET_MARGIN)?;
+    let due = keys
+        .store()
+        .tenants_due(keys.clock().now_unix(), BUDGET_MARGIN)?;
     for id in &due.rotate {
         if dry_run {
             summary.push("rotate", id.as_str(), Ok("due: would rotate".into()));

@@ -1,5 +1,6 @@
 //! `tenant-kms serve`: run the service.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +27,8 @@ pub struct ServeArgs {
     /// Data directory [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:50051].
+    /// Address to listen on [default: 127.0.0.1:50051]. Port 0 picks a free port; the bound
+    /// address is printed on stdout as `listening on ADDR` once the service is ready.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Master keyring file [default: <data-dir>/master.keyring].
@@ -70,6 +72,9 @@ pub struct ServeArgs {
     log: String,
 }
 
+/// What `serve` prints on stdout, followed by the bound address, once it is ready to serve.
+pub const READY_LINE_PREFIX: &str = "listening on ";
+
 /// What `serve` resolved from flags, config and defaults.
 struct Resolved {
     options: ServiceOptions,
@@ -90,6 +95,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         .or(file.data_dir)
         .unwrap_or_else(|| PathBuf::from("./data"));
     let mut options = ServiceOptions::new(&data_dir);
+    options.clock = crate::clock::process_clock();
     options.master_keys = match (
         args.master_key_env.clone().or(file.master_key_env),
         args.keyring.clone().or(file.keyring_file),
@@ -240,12 +246,18 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             }) => "tls",
             Some(_) => "mtls",
         };
+        let bound = listener.local_addr().map_err(Error::internal)?;
         tracing::info!(
-            addr = %listener.local_addr().map_err(Error::internal)?,
+            addr = %bound,
             data_dir = %data_dir.display(),
             transport,
             "tenant-kms serving"
         );
+        // The one line `serve` writes to stdout, for scripts and test harnesses: the address
+        // actually bound (so `--listen 127.0.0.1:0` is usable), printed only once the data
+        // directory is open, so it also says the service is ready. A closed stdout is no
+        // reason to stop serving, hence no println! (which panics on a write error).
+        let _ = writeln!(std::io::stdout(), "{READY_LINE_PREFIX}{bound}");
         // The signal starts a graceful shutdown; clients that keep connections open get at
         // most SHUTDOWN_GRACE before the process exits anyway. Either way every answered call
         // was audited before its answer, so nothing acknowledged is lost.

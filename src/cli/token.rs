@@ -10,7 +10,7 @@ use super::common::{DataDirArgs, cli_record};
 use crate::audit::Outcome;
 use crate::auth::{DATA_PERMISSIONS, Role, TokenSpec, issue_token};
 use crate::config::parse_duration_seconds;
-use crate::domain::{TenantId, unix_now};
+use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::service::state::DataDir;
 
@@ -125,6 +125,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
                     operations,
                     ttl_seconds,
                 },
+                options.clock.as_ref(),
             )?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
@@ -143,8 +144,9 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TokenCommand::List(args) => {
-            let dir = DataDir::open(&args.data.options(), false)?;
-            let now = unix_now();
+            let options = args.data.options();
+            let dir = DataDir::open(&options, false)?;
+            let now = options.clock.now_unix();
             for t in dir.store.list_tokens()? {
                 let status = if t.revoked_at.is_some() {
                     "revoked"
@@ -167,7 +169,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
         TokenCommand::Revoke(args) => {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
-            let revoked = dir.store.revoke_token(&args.id, unix_now())?;
+            let revoked = dir.store.revoke_token(&args.id, options.clock.now_unix())?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
                 "TokenRevoke",

@@ -12,11 +12,12 @@ use std::sync::{Arc, RwLock};
 
 use super::cache::{CachedVersion, TenantCache, TenantEntry};
 use super::master::{MasterKeySource, MasterKeyring};
+use crate::clock::SharedClock;
 use crate::crypto::aead::AeadKey;
 use crate::crypto::envelope;
 use crate::crypto::labels;
 use crate::crypto::secret::SecretKey;
-use crate::domain::{KeyVersionState, TenantId, TenantState, unix_now};
+use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::store::{
     KeyStore, KeyVersionRecord, MasterVersionRecord, Rewrapping, TenantRecord, WrappedTenantKey,
@@ -122,6 +123,8 @@ pub struct KeyManager {
     clearing: std::sync::Mutex<()>,
     /// The shred ledger, told of every destruction (set once, when the data dir opens).
     shred: std::sync::OnceLock<Arc<dyn super::ShredRecorder>>,
+    /// Wall-clock time: key-version creation times (rotation age) and deletion windows.
+    clock: SharedClock,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -137,15 +140,17 @@ fn reservation_chunk(max_encryptions: u64) -> u64 {
 impl KeyManager {
     /// Loads the keyring (creating it if allowed) and checks it against the store's key check
     /// values: a keyring that is not the one this data directory was created with fails here,
-    /// with a message saying so, rather than on every call later.
+    /// with a message saying so, rather than on every call later. Every time the manager
+    /// stores or compares against comes from `clock`.
     pub fn open(
         store: Arc<dyn KeyStore>,
         source: MasterKeySource,
         create_keyring: bool,
         policy: KeyPolicy,
+        clock: SharedClock,
     ) -> Result<Self> {
         let ring = MasterKeyring::load(&source, create_keyring)?;
-        check_keyring(store.as_ref(), &ring)?;
+        check_keyring(store.as_ref(), &ring, clock.now_unix())?;
         Ok(Self {
             store,
             source,
@@ -155,6 +160,7 @@ impl KeyManager {
             cleared_generation: std::sync::atomic::AtomicU64::new(0),
             clearing: std::sync::Mutex::new(()),
             shred: std::sync::OnceLock::new(),
+            clock,
         })
     }
 
@@ -167,6 +173,12 @@ impl KeyManager {
     /// The key store.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
+    }
+
+    /// The wall clock this manager decides by; commands that ask the store what is due at
+    /// "now" (`rotate --due`) use the same one.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// The policy defaults.
@@ -417,7 +429,7 @@ impl KeyManager {
             return Ok(());
         }
         let ring = MasterKeyring::load(&self.source, false)?;
-        check_keyring(self.store.as_ref(), &ring)?;
+        check_keyring(self.store.as_ref(), &ring, self.clock.now_unix())?;
         if ring.get(version).is_none() {
             return Err(Error::Internal(format!(
                 "master key version {version} is not in the keyring"
@@ -441,7 +453,7 @@ impl KeyManager {
         Ok(KeyVersionRecord {
             version,
             state: KeyVersionState::Enabled,
-            created_at: unix_now(),
+            created_at: self.clock.now_unix(),
             encryptions: 0,
             wrapped: Some(WrappedTenantKey {
                 master_version,
@@ -544,14 +556,14 @@ impl KeyManager {
     /// Cancels a pending deletion while its window is open, and drops the tenant's cached
     /// snapshot before returning. Blocking.
     pub fn cancel_deletion(&self, id: &TenantId) -> Result<TenantRecord> {
-        let result = self.store.cancel_tenant_deletion(id, unix_now());
+        let result = self.store.cancel_tenant_deletion(id, self.clock.now_unix());
         self.cache.invalidate(id.as_str());
         result
     }
 
     /// Crypto-shreds a tenant whose deletion window has passed. Blocking.
     pub fn destroy_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
-        let result = self.store.destroy_tenant(id, unix_now());
+        let result = self.store.destroy_tenant(id, self.clock.now_unix());
         self.cache.invalidate(id.as_str());
         if let (Ok(_), Some(ledger)) = (&result, self.shred.get()) {
             ledger.tenant_destroyed(id)?;
@@ -706,7 +718,7 @@ impl KeyManager {
                 self.rewrap_version(record.version, primary, batch, &mut summary, &mut progress)?;
                 if self
                     .store
-                    .retire_master_version(record.version, unix_now())?
+                    .retire_master_version(record.version, self.clock.now_unix())?
                 {
                     retired = true;
                     break;
@@ -779,7 +791,7 @@ impl KeyManager {
 
 /// Compares a keyring with the store's key check values and records versions the store has
 /// not seen yet.
-fn check_keyring(store: &dyn KeyStore, ring: &MasterKeyring) -> Result<()> {
+fn check_keyring(store: &dyn KeyStore, ring: &MasterKeyring, now: i64) -> Result<()> {
     let stored = store.master_versions()?;
     for record in &stored {
         match ring.get(record.version) {
@@ -813,7 +825,7 @@ fn check_keyring(store: &dyn KeyStore, ring: &MasterKeyring) -> Result<()> {
                 check_value: envelope::key_check_value(key, version)
                     .map_err(|_| Error::internal("key check derivation failed"))?
                     .to_vec(),
-                created_at: unix_now(),
+                created_at: now,
                 retired_at: None,
             })?;
         }

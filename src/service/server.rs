@@ -149,13 +149,8 @@ async fn reap_due_deletions(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         let keys = Arc::clone(&state.keys);
-        let due = super::blocking(move || {
-            Ok(keys
-                .store()
-                .tenants_due(crate::domain::unix_now(), 0.0)?
-                .destroy)
-        })
-        .await;
+        let now = state.options.clock.now_unix();
+        let due = super::blocking(move || Ok(keys.store().tenants_due(now, 0.0)?.destroy)).await;
         match due {
             Ok(tenants) => {
                 for tenant in tenants {

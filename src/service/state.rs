@@ -9,6 +9,7 @@ use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
 use crate::auth::{Authenticator, Role, TokenSpec, issue_token};
 use crate::backup::ledger::{ShredLedger, ShredReport};
+use crate::clock::{Clock, SharedClock};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
@@ -77,6 +78,10 @@ pub struct ServiceOptions {
     /// The shred ledger file; `None`: beside the keyring file (`<keyring>.shred-ledger`), or
     /// `<data-dir>/master.keyring.shred-ledger` with environment-provided master keys.
     pub shred_ledger: Option<PathBuf>,
+    /// The wall clock every time-based decision reads (token expiry, deletion windows and
+    /// their reaper, rotation age): [`crate::clock::SystemClock`] unless a test injects
+    /// another.
+    pub clock: SharedClock,
 }
 
 /// PEM files of the server's TLS identity and, for mTLS, the client CA.
@@ -110,6 +115,7 @@ impl ServiceOptions {
             tls_callers: TlsCallers::default(),
             tls: None,
             shred_ledger: None,
+            clock: crate::clock::system(),
         }
     }
 
@@ -178,6 +184,7 @@ impl DataDir {
             options.master_keys.clone(),
             create,
             options.key_policy.clone(),
+            Arc::clone(&options.clock),
         )?);
         // Before anything serves: destroyed tenants and versions recorded in the shred
         // ledger are shredded again (a restored backup), and the ledger must be whole.
@@ -292,10 +299,14 @@ impl AppState {
             options.audit_busy_timeout,
         )?;
         if options.bootstrap_admin_token {
-            bootstrap_admin_token(dir.store.as_ref(), &options.data_dir)?;
+            bootstrap_admin_token(
+                dir.store.as_ref(),
+                &options.data_dir,
+                options.clock.as_ref(),
+            )?;
         }
         Ok(Self {
-            auth: Authenticator::new(Arc::clone(&dir.store)),
+            auth: Authenticator::new(Arc::clone(&dir.store), Arc::clone(&options.clock)),
             keys: dir.keys,
             audit,
             audit_reader: Arc::new(Mutex::new(audit_reader)),
@@ -337,7 +348,7 @@ impl AppState {
 /// On the first start (no token in the store), issues an admin token for every tenant, writes
 /// it to `<data-dir>/admin.token` (0600) and says so once on stderr (showing the token only if
 /// stderr is a terminal).
-fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
+fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path, clock: &dyn Clock) -> Result<()> {
     if !store.list_tokens()?.is_empty() {
         return Ok(());
     }
@@ -351,6 +362,7 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path) -> Result<()> {
             operations: "*".into(),
             ttl_seconds: None,
         },
+        clock,
     )?;
     let _ = std::fs::remove_file(&path);
     fsutil::write_private_file(&path, format!("{}\n", issued.secret.as_str()).as_bytes())?;

@@ -10,7 +10,7 @@ use super::call::Call;
 use super::state::AppState;
 use super::{blocking, convert, status};
 use crate::auth::Operation;
-use crate::domain::{KeyVersionState, TenantId, TenantState, unix_now};
+use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::keys::KeyManager;
 use crate::pb;
@@ -340,7 +340,10 @@ impl TenantService for TenantServiceImpl {
                      --min-deletion-window)"
                 )));
             }
-            let at = unix_now().saturating_add(i64::try_from(waiting).unwrap_or(i64::MAX));
+            let at = keys
+                .clock()
+                .now_unix()
+                .saturating_add(i64::try_from(waiting).unwrap_or(i64::MAX));
             let record = keys.set_state(
                 tenant,
                 &[TenantState::Active, TenantState::Suspended],
