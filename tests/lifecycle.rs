@@ -33,29 +33,38 @@ const OPERATOR: &str = "ops-alice";
 /// Runs the binary as `OPERATOR` on the blocking pool (so an in-process server in this
 /// runtime keeps serving); returns (exit code, stdout, stderr).
 async fn cli(args: &[&str]) -> (i32, String, String) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let output = Command::new(BIN)
-            .args(&args)
-            .env("USER", OPERATOR)
-            .env_remove("LOGNAME")
-            .output()
-            .unwrap();
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    cli_on(args, None).await
+}
+
+/// [`cli`], with the command's wall clock on `clock` if one is given.
+async fn cli_on(args: &[&str], clock: Option<&ProcessClock>) -> (i32, String, String) {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("USER", OPERATOR)
+        .env_remove("LOGNAME");
+    if let Some(clock) = clock {
+        clock.apply(&mut command);
+    }
+    tokio::task::spawn_blocking(move || run_command(&mut command))
+        .await
+        .unwrap()
 }
 
 /// `rotate … --json --data-dir DIR`: exit code, parsed summary, stderr.
 async fn rotate_json(dir: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
+    rotate_json_on(dir, args, None).await
+}
+
+/// [`rotate_json`], with the command's wall clock on `clock` if one is given.
+async fn rotate_json_on(
+    dir: &Path,
+    args: &[&str],
+    clock: Option<&ProcessClock>,
+) -> (i32, serde_json::Value, String) {
     let mut all = vec!["rotate", "--json", "--data-dir", dir.to_str().unwrap()];
     all.extend_from_slice(args);
-    let (code, out, err) = cli(&all).await;
+    let (code, out, err) = cli_on(&all, clock).await;
     let summary: serde_json::Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("rotate --json printed no JSON ({e}): {out:?} / {err}"));
     (code, summary, err)
@@ -803,7 +812,8 @@ async fn every_lifecycle_transition_and_refusal_has_its_status() {
 
 #[tokio::test]
 async fn cancel_within_the_window_restores_service() {
-    let server = TestServer::start().await;
+    let clock = ManualClock::starting_now();
+    let server = TestServer::start_on_clock(&clock).await;
     let (mut keys, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     let before = try_encrypt(&mut keys, "acme", b"kept").await.unwrap();
@@ -812,8 +822,7 @@ async fn cancel_within_the_window_restores_service() {
     let pending = schedule(&mut tenants, "acme", None).await.unwrap();
     assert_eq!(pending.state, pb::TenantState::PendingDeletion as i32);
     let at = pending.deletion_time.unwrap().seconds;
-    let now = tenant_kms::domain::unix_now();
-    assert!((at - now - 7 * 86_400).abs() < 60, "{at} vs {now}");
+    assert_eq!(at, clock.now_unix() + 7 * 86_400);
     let err = decrypt(&mut keys, "acme", "ctx", &before.ciphertext, b"row")
         .await
         .status_err();
@@ -827,6 +836,75 @@ async fn cancel_within_the_window_restores_service() {
         .plaintext;
     assert_eq!(plain, b"kept");
     assert!(try_encrypt(&mut keys, "acme", b"new").await.is_ok());
+}
+
+#[tokio::test]
+async fn deletion_window_closes_at_its_second_on_the_injected_clock() {
+    let clock = ManualClock::starting_now();
+    let server = TestServer::start_on_clock(&clock).await;
+    let (_, mut tenants, _) = server.clients().await;
+    for id in ["early", "late"] {
+        create_tenant(&mut tenants, id).await;
+        schedule(&mut tenants, id, Some(3600)).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(3599));
+    let back = cancel(&mut tenants, "early").await.unwrap();
+    assert_eq!(back.state, pb::TenantState::Active as i32);
+    clock.advance(Duration::from_secs(1));
+    let err = cancel(&mut tenants, "late").await.status_err();
+    assert_failed_precondition(&err, "window has passed");
+}
+
+#[tokio::test]
+async fn reaper_destroys_what_the_injected_clock_says_is_due() {
+    let clock = ManualClock::starting_now();
+    let shared: SharedClock = clock.clone();
+    let server = TestServer::start_on_clock(&clock).await;
+    let (mut keys, mut tenants, _) = server.clients().await;
+    for id in ["leaving", "staying"] {
+        create_tenant(&mut tenants, id).await;
+    }
+    let ct = try_encrypt(&mut keys, "leaving", b"bye").await.unwrap();
+    schedule(&mut tenants, "leaving", Some(3600)).await.unwrap();
+    schedule(&mut tenants, "staying", Some(86_400))
+        .await
+        .unwrap();
+    let dir = server.data_dir.clone();
+    let temp = server.stop().await;
+    // An hour later the server starts again; its reaper looks at once.
+    clock.advance(Duration::from_secs(3600));
+    let mut options = test_options(&dir);
+    options.clock = shared;
+    let server = TestServer::start_with(options).await;
+    let (mut keys, mut tenants, mut audit) = server.clients().await;
+    // The reaper is another task: wait (bounded) for its audit record, written after the
+    // destruction.
+    let mut records = Vec::new();
+    for _ in 0..400 {
+        records = audit_events(&mut audit, "leaving", "DestroyTenant").await;
+        if !records.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(records.len(), 1, "the reaper left a due tenant");
+    assert_eq!(records[0].caller, "server:reaper");
+    assert_eq!(records[0].outcome, "ok");
+    assert_failed_precondition(
+        &get(&mut tenants, "leaving").await.status_err(),
+        "tenant destroyed",
+    );
+    let err = decrypt(&mut keys, "leaving", "ctx", &ct.ciphertext, b"row")
+        .await
+        .status_err();
+    assert_failed_precondition(&err, "tenant destroyed");
+    assert!(wrapped_keys(&dir, "leaving").is_empty());
+    assert_eq!(
+        get(&mut tenants, "staying").await.unwrap().state,
+        pb::TenantState::PendingDeletion as i32
+    );
+    server.stop().await;
+    drop(temp);
 }
 
 #[tokio::test]
@@ -1309,32 +1387,44 @@ async fn rotate_tenant_from_the_command_line_reaches_a_running_server() {
 async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("data");
-    let server = BinaryServer::start(&dir, &[]).await;
+    // The server and every command run on one clock the test moves: an hour passes in an
+    // instant.
+    let clock = ProcessClock::new();
+    let server = BinaryServer::start_on_clock(&dir, &[], &clock).await;
     let token = server.admin_token();
     let (mut keys, mut tenants, mut audit) = clients(&server.url(), Some(&token)).await;
     for id in ["aged", "budget", "fresh", "leaving", "staying", "late"] {
         create_tenant(&mut tenants, id).await;
     }
-    set_policy(&mut tenants, "aged", 1, 0).await.unwrap();
+    set_policy(&mut tenants, "aged", 3600, 0).await.unwrap();
     set_policy(&mut tenants, "fresh", 86_400, 0).await.unwrap();
     // One seal reserves 64 of a budget of 64: past the 90% mark.
     set_policy(&mut tenants, "budget", 0, 64).await.unwrap();
     try_encrypt(&mut keys, "budget", b"v").await.unwrap();
     let leaving_ct = try_encrypt(&mut keys, "leaving", b"bye").await.unwrap();
-    schedule(&mut tenants, "leaving", Some(1)).await.unwrap();
-    schedule(&mut tenants, "late", Some(1)).await.unwrap();
+    schedule(&mut tenants, "leaving", Some(3600)).await.unwrap();
+    schedule(&mut tenants, "late", Some(3600)).await.unwrap();
     schedule(&mut tenants, "staying", Some(86_400))
         .await
         .unwrap();
-    // Let the one-second period and windows pass (waiting for the clock, not for speed).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Before the hour is up only the budget is due, and a deletion can still be cancelled
+    // (and scheduled again).
+    let (code, summary, _) = rotate_json_on(&dir, &["--due", "--dry-run"], Some(&clock)).await;
+    assert_eq!(code, 0);
+    let actions = summary["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 1, "{summary}");
+    assert_eq!(actions[0]["target"], "budget", "{summary}");
+    cancel(&mut tenants, "late").await.unwrap();
+    schedule(&mut tenants, "late", Some(3600)).await.unwrap();
+    // The hour-long period and windows pass.
+    clock.advance(3600);
 
     // A deletion whose window has passed can no longer be cancelled.
     let err = cancel(&mut tenants, "late").await.status_err();
     assert_failed_precondition(&err, "window has passed");
 
     // Dry run: the plan, and nothing changes.
-    let (code, summary, _) = rotate_json(&dir, &["--due", "--dry-run"]).await;
+    let (code, summary, _) = rotate_json_on(&dir, &["--due", "--dry-run"], Some(&clock)).await;
     assert_eq!(code, 0);
     let plan: Vec<(String, String)> = summary["actions"]
         .as_array()
@@ -1363,7 +1453,7 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
         pb::TenantState::PendingDeletion as i32
     );
 
-    let (code, summary, err) = rotate_json(&dir, &["--due"]).await;
+    let (code, summary, err) = rotate_json_on(&dir, &["--due"], Some(&clock)).await;
     assert_eq!(code, 0, "{summary} {err}");
     assert_eq!(summary["failures"], 0);
     assert_eq!(summary["actions"].as_array().unwrap().len(), 4);
@@ -1416,7 +1506,7 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
 
     // Without a server too (cron on a stopped service). "budget" is due again (one seal
     // reserved 64 of its new version's 64); the destroyed and the fresh are not touched.
-    let (code, summary, _) = rotate_json(&dir, &["--due"]).await;
+    let (code, summary, _) = rotate_json_on(&dir, &["--due"], Some(&clock)).await;
     assert_eq!(code, 0);
     let targets: Vec<&str> = summary["actions"]
         .as_array()

@@ -20,7 +20,7 @@ use tenant_kms::auth::{Role, TokenSpec, issue_token};
 use tenant_kms::pb;
 use tenant_kms::pb::key_service_client::KeyServiceClient;
 use tenant_kms::pb::tenant_service_client::TenantServiceClient;
-use tenant_kms::service::{ServiceOptions, TlsFiles};
+use tenant_kms::service::TlsFiles;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -83,6 +83,7 @@ fn issue(
             operations: operations.into(),
             ttl_seconds,
         },
+        server.state.options.clock.as_ref(),
     )
     .unwrap();
     (issued.secret.as_str().to_owned(), issued.record.id.clone())
@@ -126,16 +127,6 @@ fn request_id(status: &tonic::Status) -> String {
         .to_str()
         .unwrap()
         .to_owned()
-}
-
-async fn start_with(configure: impl FnOnce(&mut ServiceOptions)) -> TestServer {
-    let temp = tempfile::tempdir().unwrap();
-    let mut options = test_options(&temp.path().join("data"));
-    configure(&mut options);
-    let server = TestServer::start_with(options).await;
-    // The temp dir must outlive the server: leak it into the process's lifetime.
-    std::mem::forget(temp);
-    server
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,7 +476,7 @@ async fn restore(admin: &mut Tenants, op: Op, tenant: &str) {
 
 #[tokio::test]
 async fn authorization_table_over_grpc() {
-    let server = start_with(|o| o.durability = Durability::Process).await;
+    let server = TestServer::start_configured(|o| o.durability = Durability::Process).await;
     let (mut admin_keys, mut admin_tenants, _) = server.clients().await;
     let mut fixtures = HashMap::new();
     for tenant in ["in", "out"] {
@@ -597,7 +588,7 @@ async fn authorization_table_over_grpc() {
                         .state
                         .keys
                         .store()
-                        .revoke_token(&id, tenant_kms::domain::unix_now())
+                        .revoke_token(&id, server.state.options.clock.now_unix())
                         .unwrap()
                 );
                 format!("token:{id} (revoked)")
@@ -716,9 +707,17 @@ async fn scoped_callers_may_not_list_or_verify_everything() {
 // Revocation and expiry across processes, with the real binary and the CLI.
 
 fn cli_token(data_dir: &Path, args: &[&str]) -> (String, String) {
+    cli_token_on(data_dir, args, None)
+}
+
+/// `token create` (on `clock` if given); returns (secret, id).
+fn cli_token_on(data_dir: &Path, args: &[&str], clock: Option<&ProcessClock>) -> (String, String) {
     let mut all = vec!["token", "create", "--data-dir", data_dir.to_str().unwrap()];
     all.extend_from_slice(args);
-    let (code, stdout, stderr) = run_cli(&all);
+    let (code, stdout, stderr) = match clock {
+        Some(clock) => run_cli_on_clock(&all, clock),
+        None => run_cli(&all),
+    };
     assert_eq!(code, 0, "{stderr}");
     let token = stdout.trim().to_owned();
     assert!(
@@ -738,7 +737,9 @@ fn cli_token(data_dir: &Path, args: &[&str]) -> (String, String) {
 async fn revocation_and_expiry_take_effect_on_the_next_call_across_processes() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("data");
-    let server = BinaryServer::start(&dir, &[]).await;
+    // On a clock the test moves (real time until the expiry part).
+    let clock = ProcessClock::new();
+    let server = BinaryServer::start_on_clock(&dir, &[], &clock).await;
     let (_, mut tenants, _) = clients(&server.url(), Some(&server.admin_token())).await;
     create_tenant(&mut tenants, "acme").await;
 
@@ -764,34 +765,55 @@ async fn revocation_and_expiry_take_effect_on_the_next_call_across_processes() {
         "the very next call after revoke"
     );
 
-    // Expiry: the token works, then stops at its expiry without any store change.
-    let (token, _) = cli_token(
+    // Expiry: the token works, then stops at its expiry without any store change. The
+    // server and the token command share a clock the test moves, so the hour passes at once.
+    let (token, _) = cli_token_on(
         &dir,
-        &["--role", "service", "--tenants", "acme", "--ttl", "3s"],
+        &["--role", "service", "--tenants", "acme", "--ttl", "1h"],
+        Some(&clock),
     );
-    let issued_at = std::time::Instant::now();
     let (mut keys, _, _) = clients(&server.url(), Some(&token)).await;
+    encrypt(&mut keys, "acme", "ctx", b"x", b"").await; // now cached in the server
+    clock.advance(3000);
     encrypt(&mut keys, "acme", "ctx", b"x", b"").await;
-    let mut refused = false;
-    for _ in 0..200 {
-        let result = keys
-            .encrypt(pb::EncryptRequest {
-                tenant_id: "acme".into(),
-                context: "ctx".into(),
-                plaintext: b"x".to_vec(),
-                aad: vec![],
-            })
-            .await;
-        if let Err(status) = result {
-            assert_eq!(status.code(), Code::Unauthenticated);
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(refused, "an expired token kept working");
-    assert!(issued_at.elapsed() >= Duration::from_secs(2));
+    clock.advance(600);
+    let err = keys
+        .encrypt(encrypt_request("acme", "ctx", b"x", b""))
+        .await
+        .status_err();
+    assert_eq!(
+        err.code(),
+        Code::Unauthenticated,
+        "the first call past expiry"
+    );
     server.terminate().await;
+}
+
+#[tokio::test]
+async fn token_expiry_is_exact_to_the_second_on_the_injected_clock() {
+    let clock = ManualClock::starting_now();
+    let server = TestServer::start_on_clock(&clock).await;
+    let (_, mut tenants, _) = server.clients().await;
+    create_tenant(&mut tenants, "acme").await;
+    let (token, id) = issue(&server, Role::Service, "acme", "*", Some(60));
+    let (mut keys, _, _) = server.clients_with(Some(&token)).await;
+    encrypt(&mut keys, "acme", "ctx", b"x", b"").await;
+    // One second before expiry the cached caller still works ...
+    clock.advance(Duration::from_secs(59));
+    encrypt(&mut keys, "acme", "ctx", b"x", b"").await;
+    // ... and at the expiry second it does not, and the denial names the expired token.
+    clock.advance(Duration::from_secs(1));
+    let err = keys
+        .encrypt(encrypt_request("acme", "ctx", b"x", b""))
+        .await
+        .status_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let record = audit_record_for(&server, &request_id(&err)).await;
+    assert_eq!(record.caller, format!("token:{id} (expired)"));
+    // A clock set back (an NTP step) makes it valid again: expiry is a comparison, not a
+    // latch.
+    clock.set_micros(clock.now_micros() - 2_000_000);
+    encrypt(&mut keys, "acme", "ctx", b"x", b"").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -891,7 +913,7 @@ async fn tls_server(pki: &Pki, client_ca: bool, callers: &str) -> TestServer {
     };
     let config: tenant_kms::config::FileConfig = toml::from_str(callers).unwrap();
     let tls_callers = config.tls_callers().unwrap();
-    start_with(move |o| {
+    TestServer::start_configured(move |o| {
         o.tls = Some(files);
         o.tls_callers = tls_callers;
     })
@@ -1131,7 +1153,7 @@ async fn mtls_mapped_certificate_acts_as_its_caller() {
 
 #[tokio::test]
 async fn rate_limit_refuses_the_fourth_call_with_retry_info() {
-    let server = start_with(|o| {
+    let server = TestServer::start_configured(|o| {
         o.limits.rate_limit = tenant_kms::auth::rate::RateLimit {
             per_second: 0.01,
             burst: 3,
@@ -1203,7 +1225,7 @@ impl WriteLock {
 
 #[tokio::test]
 async fn concurrency_cap_refuses_instead_of_queueing() {
-    let server = start_with(|o| o.limits.max_concurrent_requests = 1).await;
+    let server = TestServer::start_configured(|o| o.limits.max_concurrent_requests = 1).await;
     let (_, mut admin, _) = server.clients().await;
     create_tenant(&mut admin, "acme").await;
     let token = server.admin_token.clone();
@@ -1344,7 +1366,9 @@ async fn caller_deadline_is_honoured_with_deadline_exceeded_and_audited() {
 
 #[tokio::test]
 async fn server_request_timeout_caps_every_call() {
-    let server = start_with(|o| o.limits.request_timeout = Duration::from_millis(300)).await;
+    let server =
+        TestServer::start_configured(|o| o.limits.request_timeout = Duration::from_millis(300))
+            .await;
     let (_, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     // No grpc-timeout at all (and then a generous one): the server's cap still applies.
@@ -1457,31 +1481,18 @@ struct LoggedServer {
 
 impl LoggedServer {
     async fn start(data_dir: &Path, log: &Path, level: &str) -> Self {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(BIN)
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", &addr.to_string(), "--log", level])
+            .args(["--listen", "127.0.0.1:0", "--log", level])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
-        // The port answers before the data directory is open: wait for the health service.
-        let channel = connect(&format!("http://{addr}")).await;
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        for _ in 0..400 {
-            let check = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await;
-            if check.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        // The ready line comes once the data directory is open and the port bound.
+        let (child, addr) = await_listening(child, Some(log.to_path_buf())).await;
         Self { child, addr }
     }
 

@@ -13,6 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+// Re-exported for the tests that move time; not every test file does.
+#[allow(unused_imports)]
+pub use tenant_kms::clock::{Clock, ManualClock, SharedClock};
 use tenant_kms::pb;
 use tenant_kms::pb::audit_service_client::AuditServiceClient;
 use tenant_kms::pb::key_service_client::KeyServiceClient;
@@ -72,6 +75,24 @@ impl TestServer {
         let mut server = Self::start_with(test_options(&dir)).await;
         server._temp = Some(temp);
         server
+    }
+
+    /// Starts a server on a fresh temporary data directory, with [`test_options`] changed by
+    /// `configure`.
+    pub async fn start_configured(configure: impl FnOnce(&mut ServiceOptions)) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let mut options = test_options(&temp.path().join("data"));
+        configure(&mut options);
+        let mut server = Self::start_with(options).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on a fresh temporary data directory whose wall clock is `clock`: the
+    /// test moves time (token expiry, deletion windows, rotation age) instead of waiting.
+    pub async fn start_on_clock(clock: &Arc<ManualClock>) -> Self {
+        let clock: SharedClock = clock.clone();
+        Self::start_configured(|options| options.clock = clock).await
     }
 
     /// Starts a server with the given options (the data directory may already exist).
@@ -178,6 +199,21 @@ pub async fn create_tenant(tenants: &mut Tenants, id: &str) -> pb::Tenant {
         .into_inner()
 }
 
+/// An `Encrypt` request.
+pub fn encrypt_request(
+    tenant: &str,
+    context: &str,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> pb::EncryptRequest {
+    pb::EncryptRequest {
+        tenant_id: tenant.into(),
+        context: context.into(),
+        plaintext: plaintext.to_vec(),
+        aad: aad.to_vec(),
+    }
+}
+
 /// Encrypts one value.
 pub async fn encrypt(
     keys: &mut Keys,
@@ -186,15 +222,10 @@ pub async fn encrypt(
     plaintext: &[u8],
     aad: &[u8],
 ) -> pb::EncryptResponse {
-    keys.encrypt(pb::EncryptRequest {
-        tenant_id: tenant.into(),
-        context: context.into(),
-        plaintext: plaintext.to_vec(),
-        aad: aad.to_vec(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    keys.encrypt(encrypt_request(tenant, context, plaintext, aad))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Decrypts one value (the raw result, to inspect errors).
@@ -242,7 +273,9 @@ pub struct BinaryServer {
     pub data_dir: PathBuf,
 }
 
-/// A free loopback port (bound then released; the server binds it right after).
+/// A free loopback port (bound then released). Racy: another process may take the port
+/// before the server binds it. Prefer `--listen 127.0.0.1:0` and [`await_listening`], as
+/// [`BinaryServer::start`] does; kept for callers that need a port number up front.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -251,46 +284,167 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Longest a `serve` child may take to open its data directory and start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where a `serve` child's stderr goes, so a failed start can show it.
+pub enum ServerStderr<'a> {
+    /// Piped to the test (read only if the start fails).
+    Piped,
+    /// Written to this file.
+    File(&'a Path),
+}
+
+/// Waits until the `serve` child prints its ready line (`listening on ADDR`, once its data
+/// directory is open and its listener bound) and returns the bound address. Needs the child's
+/// stdout piped. If the child exits or stays silent for [`START_TIMEOUT`], it is killed and
+/// the error holds the child's stderr. Blocks: call it off the async threads.
+pub fn wait_listening(
+    child: &mut Child,
+    stderr: ServerStderr<'_>,
+) -> Result<std::net::SocketAddr, String> {
+    use std::io::BufRead;
+    let Some(stdout) = child.stdout.take() else {
+        return Err("the serve child's stdout is not piped".into());
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A reader thread, so the wait can time out; after the ready line it keeps draining
+    // stdout, so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.trim().to_owned());
+                sent = true;
+            }
+        }
+    });
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(addr) => addr
+            .parse()
+            .map_err(|e| format!("serve printed a bad address {addr:?}: {e}")),
+        Err(why) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            let text = match stderr {
+                ServerStderr::Piped => {
+                    let mut text = String::new();
+                    if let Some(mut pipe) = child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+                    }
+                    text
+                }
+                ServerStderr::File(path) => std::fs::read_to_string(path).unwrap_or_default(),
+            };
+            Err(format!(
+                "tenant-kms serve did not start ({why:?}, exit {status:?}); stderr:\n{text}"
+            ))
+        }
+    }
+}
+
+/// [`wait_listening`] on the blocking pool; a failed start fails the test with the server's
+/// stderr. Returns the child back with the bound address.
+pub async fn await_listening(
+    mut child: Child,
+    stderr_file: Option<PathBuf>,
+) -> (Child, std::net::SocketAddr) {
+    let (child, result) = tokio::task::spawn_blocking(move || {
+        let stderr = match &stderr_file {
+            Some(path) => ServerStderr::File(path),
+            None => ServerStderr::Piped,
+        };
+        let result = wait_listening(&mut child, stderr);
+        (child, result)
+    })
+    .await
+    .unwrap();
+    match result {
+        Ok(addr) => (child, addr),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// A wall clock for the processes a test starts (`serve` children, CLI commands): the
+/// system time plus an offset the test moves with [`ProcessClock::advance`]. Processes see it
+/// through `TENANT_KMS_TEST_CLOCK_FILE`, which only `test-seams` builds (the binary cargo
+/// builds for these tests) honour; a production build ignores it.
+pub struct ProcessClock {
+    path: PathBuf,
+    offset: std::sync::atomic::AtomicI64,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcessClock {
+    /// A clock standing at the real time (offset 0).
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clock-offset");
+        std::fs::write(&path, "0").unwrap();
+        Self {
+            path,
+            offset: std::sync::atomic::AtomicI64::new(0),
+            _dir: dir,
+        }
+    }
+
+    /// Moves the time of every process on this clock `seconds` forward, at once.
+    pub fn advance(&self, seconds: i64) {
+        let offset = self
+            .offset
+            .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst)
+            + seconds;
+        // Written beside and renamed over, so a reader never sees a half-written number.
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, offset.to_string()).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    /// Puts a command on this clock.
+    pub fn apply<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        command.env(tenant_kms::clock::TEST_CLOCK_ENV, &self.path)
+    }
+}
+
+impl Default for ProcessClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BinaryServer {
-    /// Starts `tenant-kms serve` on `data_dir` with extra flags, and waits until it answers
-    /// health checks.
+    /// Starts `tenant-kms serve` on `data_dir` with extra flags, on a port the server binds
+    /// itself (port 0, learnt from its ready line), and waits until it serves.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        let port = free_port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(BIN)
+        Self::spawn(data_dir, extra, None).await
+    }
+
+    /// Like [`BinaryServer::start`], with the server's wall clock on `clock`.
+    pub async fn start_on_clock(data_dir: &Path, extra: &[&str], clock: &ProcessClock) -> Self {
+        Self::spawn(data_dir, extra, Some(clock)).await
+    }
+
+    async fn spawn(data_dir: &Path, extra: &[&str], clock: Option<&ProcessClock>) -> Self {
+        let mut command = Command::new(BIN);
+        command
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--min-deletion-window")
-            .arg("0s")
+            .args(["--listen", "127.0.0.1:0", "--min-deletion-window", "0s"])
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let server = Self {
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(clock) = clock {
+            clock.apply(&mut command);
+        }
+        let (child, addr) = await_listening(command.spawn().unwrap(), None).await;
+        Self {
             child,
             addr,
             data_dir: data_dir.to_path_buf(),
-        };
-        let channel = connect(&server.url()).await;
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        for _ in 0..200 {
-            if health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        server
     }
 
     /// The endpoint URL.
@@ -338,7 +492,17 @@ impl Drop for BinaryServer {
 
 /// Runs the binary with arguments; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(BIN).args(args).output().unwrap();
+    run_command(Command::new(BIN).args(args))
+}
+
+/// [`run_cli`] with the command's wall clock on `clock`.
+pub fn run_cli_on_clock(args: &[&str], clock: &ProcessClock) -> (i32, String, String) {
+    run_command(clock.apply(Command::new(BIN).args(args)))
+}
+
+/// Runs a prepared command to its end; returns (exit code, stdout, stderr).
+pub fn run_command(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
