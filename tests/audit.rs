@@ -407,12 +407,7 @@ async fn calls_fail_closed_while_the_audit_cannot_write_and_resume_after() {
         calls.spawn(async move {
             match i % 3 {
                 0 => keys
-                    .encrypt(pb::EncryptRequest {
-                        tenant_id: "acme".into(),
-                        context: "ctx".into(),
-                        plaintext: b"during".to_vec(),
-                        aad: vec![],
-                    })
+                    .encrypt(encrypt_request("acme", "ctx", b"during", b""))
                     .await
                     .map(|r| (request_id(&r), r.into_inner().ciphertext.len())),
                 1 => keys
@@ -545,12 +540,12 @@ async fn acknowledged_calls_survive_sigkill_under_load() {
             tasks.spawn(async move {
                 for i in 0..10_000 {
                     let reply = keys
-                        .encrypt(pb::EncryptRequest {
-                            tenant_id: tenant.clone(),
-                            context: "load".into(),
-                            plaintext: format!("value {conn}.{k}.{i}").into_bytes(),
-                            aad: vec![],
-                        })
+                        .encrypt(encrypt_request(
+                            &tenant,
+                            "load",
+                            format!("value {conn}.{k}.{i}").as_bytes(),
+                            b"",
+                        ))
                         .await;
                     match reply {
                         Ok(r) => {
@@ -672,23 +667,10 @@ async fn no_plaintext_aad_ciphertext_or_key_reaches_the_audit_files() {
         }
     }
     for _ in 0..3 {
-        let dk = keys
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                tenant_id: "acme".into(),
-                context: "files".into(),
-            })
+        let dk = generate_data_key(&mut keys, "acme", "files").await;
+        let again = decrypt_data_key(&mut keys, "acme", "files", &dk.wrapped_key)
             .await
-            .unwrap()
-            .into_inner();
-        let again = keys
-            .decrypt_data_key(pb::DecryptDataKeyRequest {
-                tenant_id: "acme".into(),
-                context: "files".into(),
-                wrapped_key: dk.wrapped_key.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         assert_eq!(again.plaintext_key, dk.plaintext_key);
         secrets.push(dk.plaintext_key);
         ciphertexts.push(dk.wrapped_key);
@@ -996,12 +978,7 @@ async fn list_audit_events_pages_and_filters() {
         assert_eq!(err.code(), Code::PermissionDenied, "tenant '{tenant}'");
     }
     let err = auditor_keys
-        .encrypt(pb::EncryptRequest {
-            tenant_id: "a".into(),
-            context: "ctx".into(),
-            plaintext: b"x".to_vec(),
-            aad: vec![],
-        })
+        .encrypt(encrypt_request("a", "ctx", b"x", b""))
         .await
         .status_err();
     assert_eq!(err.code(), Code::PermissionDenied);

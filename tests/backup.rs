@@ -91,26 +91,11 @@ fn write_private(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-async fn rotate(tenants: &mut Tenants, id: &str) -> pb::Tenant {
-    tenants
-        .rotate_tenant_key(pb::RotateTenantKeyRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// A tenant's row. GetTenant refuses a destroyed tenant ("tenant destroyed"); its tombstone
 /// is read from ListTenants then.
 async fn get(tenants: &mut Tenants, id: &str) -> pb::Tenant {
-    match tenants
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: id.into(),
-        })
-        .await
-    {
-        Ok(t) => t.into_inner(),
+    match get_tenant(tenants, id).await {
+        Ok(t) => t,
         Err(status) => {
             assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             assert_eq!(status.message(), "tenant destroyed");
@@ -132,28 +117,15 @@ async fn get(tenants: &mut Tenants, id: &str) -> pb::Tenant {
 
 /// (version, state, primary) of every key version.
 async fn versions(tenants: &mut Tenants, id: &str) -> Vec<(u32, i32, bool)> {
-    tenants
-        .list_key_versions(pb::ListKeyVersionsRequest {
-            tenant_id: id.into(),
-        })
+    key_versions(tenants, id)
         .await
-        .unwrap()
-        .into_inner()
-        .versions
         .iter()
         .map(|v| (v.version, v.state, v.primary))
         .collect()
 }
 
 async fn destroy_now(tenants: &mut Tenants, id: &str) {
-    let t = tenants
-        .schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
-            tenant_id: id.into(),
-            waiting_period_seconds: Some(0),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = schedule_deletion(tenants, id, Some(0)).await.unwrap();
     assert_eq!(t.state, pb::TenantState::Destroyed as i32);
 }
 
@@ -190,7 +162,7 @@ async fn drill_full_backup_wipe_restore_decrypts_everything() {
         let id = format!("tenant-{i:03}");
         create_tenant(&mut tenants, &id).await;
         if i % 10 == 0 {
-            rotate(&mut tenants, &id).await;
+            rotate_tenant(&mut tenants, &id).await.unwrap();
         }
         let plaintext = format!("secret value {i}").into_bytes();
         let aad = format!("row-{i}").into_bytes();
@@ -396,8 +368,8 @@ async fn per_tenant_export_rotate_import_rolls_back_only_that_tenant() {
     let err = site.cli_refused(&["tenant", "export", "a", "--out", &file]);
     assert!(err.contains("exists"), "{err}");
 
-    rotate(&mut tenants, "a").await;
-    rotate(&mut tenants, "b").await;
+    rotate_tenant(&mut tenants, "a").await.unwrap();
+    rotate_tenant(&mut tenants, "b").await.unwrap();
     let a2 = encrypt(&mut keys, "a", "ctx", b"a under v2", b"")
         .await
         .ciphertext;
@@ -610,13 +582,13 @@ async fn restoring_an_old_backup_never_resurrects_shredded_keys() {
     let e1 = encrypt(&mut keys, "e", "ctx", b"e survives", b"")
         .await
         .ciphertext;
-    rotate(&mut tenants, "d").await;
+    rotate_tenant(&mut tenants, "d").await.unwrap();
     let backup = site.path("backup");
     site.cli_ok(&["backup", "--out", &backup]);
 
     // After the backup: tenant c is crypto-shredded, and d's version 1 destroyed.
     destroy_now(&mut tenants, "c").await;
-    rotate(&mut tenants, "d").await;
+    rotate_tenant(&mut tenants, "d").await.unwrap();
     tenants
         .destroy_key_version(pb::DestroyKeyVersionRequest {
             tenant_id: "d".into(),
@@ -693,14 +665,9 @@ async fn restoring_an_old_backup_never_resurrects_shredded_keys() {
 }
 
 async fn encrypt_err(keys: &mut Keys, tenant: &str) -> tonic::Status {
-    keys.encrypt(pb::EncryptRequest {
-        tenant_id: tenant.into(),
-        context: "ctx".into(),
-        plaintext: b"x".to_vec(),
-        aad: vec![],
-    })
-    .await
-    .status_err()
+    keys.encrypt(encrypt_request(tenant, "ctx", b"x", b""))
+        .await
+        .status_err()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,14 +200,7 @@ async fn data_keys_work_with_an_independent_aes_gcm() {
     let server = TestServer::start().await;
     let (mut keys, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
-    let dk = keys
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            tenant_id: "acme".into(),
-            context: "files".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dk = generate_data_key(&mut keys, "acme", "files").await;
     assert_eq!(dk.plaintext_key.len(), 32);
     assert_eq!(dk.wrapped_key[1], 2, "wrapped data key algorithm");
     // The caller seals its own data with the key…
@@ -223,15 +216,9 @@ async fn data_keys_work_with_an_independent_aes_gcm() {
         )
         .unwrap();
     // …and later gets the key back from the wrapped copy.
-    let back = keys
-        .decrypt_data_key(pb::DecryptDataKeyRequest {
-            tenant_id: "acme".into(),
-            context: "files".into(),
-            wrapped_key: dk.wrapped_key.clone(),
-        })
+    let back = decrypt_data_key(&mut keys, "acme", "files", &dk.wrapped_key)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(back.plaintext_key, dk.plaintext_key);
     let cipher = aes_gcm::Aes256Gcm::new_from_slice(&back.plaintext_key).unwrap();
     assert_eq!(
@@ -247,12 +234,7 @@ async fn data_keys_work_with_an_independent_aes_gcm() {
         b"big file"
     );
     // The wrapped key is bound to its context and is not a field ciphertext.
-    let err = keys
-        .decrypt_data_key(pb::DecryptDataKeyRequest {
-            tenant_id: "acme".into(),
-            context: "other".into(),
-            wrapped_key: dk.wrapped_key.clone(),
-        })
+    let err = decrypt_data_key(&mut keys, "acme", "other", &dk.wrapped_key)
         .await
         .status_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -269,12 +251,7 @@ async fn errors_have_the_right_codes() {
     create_tenant(&mut tenants, "acme").await;
 
     let err = keys
-        .encrypt(pb::EncryptRequest {
-            tenant_id: "nobody".into(),
-            context: "c".into(),
-            plaintext: b"x".to_vec(),
-            aad: vec![],
-        })
+        .encrypt(encrypt_request("nobody", "c", b"x", b""))
         .await
         .status_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -282,12 +259,7 @@ async fn errors_have_the_right_codes() {
     for token in [None, Some("tkms_wrong"), Some("")] {
         let (mut anon, _, _) = server.clients_with(token).await;
         let err = anon
-            .encrypt(pb::EncryptRequest {
-                tenant_id: "acme".into(),
-                context: "c".into(),
-                plaintext: b"x".to_vec(),
-                aad: vec![],
-            })
+            .encrypt(encrypt_request("acme", "c", b"x", b""))
             .await
             .status_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
@@ -303,12 +275,7 @@ async fn errors_have_the_right_codes() {
         ("acme", "c", 64 * 1024 + 1),
     ] {
         let err = keys
-            .encrypt(pb::EncryptRequest {
-                tenant_id: tenant.into(),
-                context: context.into(),
-                plaintext: vec![0u8; size],
-                aad: vec![],
-            })
+            .encrypt(encrypt_request(tenant, context, &vec![0u8; size], b""))
             .await
             .status_err();
         assert_eq!(
@@ -318,12 +285,7 @@ async fn errors_have_the_right_codes() {
         );
     }
     let ok = keys
-        .encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            context: "c".into(),
-            plaintext: vec![0u8; 64 * 1024],
-            aad: vec![],
-        })
+        .encrypt(encrypt_request("acme", "c", &[0u8; 64 * 1024], b""))
         .await;
     assert!(ok.is_ok(), "a value at the limit is accepted");
 
@@ -398,23 +360,11 @@ async fn every_call_is_audited_and_no_secret_reaches_the_audit() {
         decrypt(&mut keys, "acme", "ctx", c, &aad).await.unwrap();
         calls += 1;
     }
-    let dk = keys
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            tenant_id: "acme".into(),
-            context: "files".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dk = generate_data_key(&mut keys, "acme", "files").await;
     calls += 1;
     // Refusals: unauthenticated, invalid, not found, tampered.
     let _ = anon
-        .encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            context: "ctx".into(),
-            plaintext: plaintexts[0].clone(),
-            aad: vec![],
-        })
+        .encrypt(encrypt_request("acme", "ctx", &plaintexts[0], b""))
         .await
         .status_err();
     let _ = decrypt(&mut keys, "acme", "", b"x", b"").await.status_err();
@@ -593,6 +543,15 @@ async fn files_are_private_and_health_and_reflection_answer() {
     );
 }
 
+/// The harness learns the port from the server's ready line; a server that cannot start
+/// fails the test at once, with the server's own stderr in the message.
+#[tokio::test]
+#[should_panic(expected = "invalid value 'bogus' for '--audit-durability")]
+async fn a_server_that_fails_to_start_fails_the_test_with_its_stderr() {
+    let temp = tempfile::tempdir().unwrap();
+    BinaryServer::start(&temp.path().join("data"), &["--audit-durability", "bogus"]).await;
+}
+
 #[tokio::test]
 async fn binary_serves_and_client_commands_work() {
     let temp = tempfile::tempdir().unwrap();
@@ -604,65 +563,18 @@ async fn binary_serves_and_client_commands_work() {
     let (code, out, err) = run_cli(&[&["tenant", "create", "acme"][..], &common].concat());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"ACTIVE\""));
-    let mut child = std::process::Command::new(BIN)
-        .args(
-            [
-                &[
-                    "encrypt",
-                    "--tenant",
-                    "acme",
-                    "--context",
-                    "crm.email",
-                    "--aad",
-                    "r1",
-                ][..],
-                &common,
-            ]
-            .concat(),
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"bob@example.com")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let ciphertext = String::from_utf8(out.stdout).unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .args(
-            [
-                &[
-                    "decrypt",
-                    "--tenant",
-                    "acme",
-                    "--context",
-                    "crm.email",
-                    "--aad",
-                    "r1",
-                ][..],
-                &common,
-            ]
-            .concat(),
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(ciphertext.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert_eq!(out.stdout, b"bob@example.com");
+    let field = ["--tenant", "acme", "--context", "crm.email", "--aad", "r1"];
+    let (code, ciphertext, err) = run_cli_with_stdin(
+        &[&["encrypt"][..], &field, &common].concat(),
+        b"bob@example.com",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, plaintext, err) = run_cli_with_stdin(
+        &[&["decrypt"][..], &field, &common].concat(),
+        ciphertext.as_bytes(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(plaintext, "bob@example.com");
     let (code, out, _) = run_cli(&[&["tenant", "list"][..], &common].concat());
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 1);

@@ -70,105 +70,14 @@ async fn rotate_json_on(
     (code, summary, err)
 }
 
-async fn versions(tenants: &mut Tenants, id: &str) -> Vec<pb::KeyVersion> {
-    tenants
-        .list_key_versions(pb::ListKeyVersionsRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .versions
-}
-
-async fn get(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn rotate(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .rotate_tenant_key(pb::RotateTenantKeyRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn suspend(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .suspend_tenant(pb::SuspendTenantRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn resume(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .resume_tenant(pb::ResumeTenantRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn schedule(
-    tenants: &mut Tenants,
-    id: &str,
-    waiting: Option<u64>,
-) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
-            tenant_id: id.into(),
-            waiting_period_seconds: waiting,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn cancel(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .cancel_tenant_deletion(pb::CancelTenantDeletionRequest {
-            tenant_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn set_policy(
-    tenants: &mut Tenants,
-    id: &str,
-    period: u64,
-    max: u64,
-) -> Result<pb::Tenant, tonic::Status> {
-    tenants
-        .set_rotation_policy(pb::SetRotationPolicyRequest {
-            tenant_id: id.into(),
-            rotation_period_seconds: period,
-            max_encryptions: max,
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 async fn try_encrypt(
     keys: &mut Keys,
     id: &str,
     plaintext: &[u8],
 ) -> Result<pb::EncryptResponse, tonic::Status> {
-    keys.encrypt(pb::EncryptRequest {
-        tenant_id: id.into(),
-        context: "ctx".into(),
-        plaintext: plaintext.to_vec(),
-        aad: b"row".to_vec(),
-    })
-    .await
-    .map(|r| r.into_inner())
+    keys.encrypt(encrypt_request(id, "ctx", plaintext, b"row"))
+        .await
+        .map(|r| r.into_inner())
 }
 
 async fn rewrap(
@@ -309,7 +218,7 @@ async fn rotation_keeps_old_versions_and_rewrap_moves_values_to_the_primary() {
     let v1 = encrypt(&mut keys, "acme", "ctx", b"alice@example.com", b"row-1").await;
     assert_eq!((v1.key_version, header_version(&v1.ciphertext)), (1, 1));
 
-    let rotated = rotate(&mut tenants, "acme").await.unwrap();
+    let rotated = rotate_tenant(&mut tenants, "acme").await.unwrap();
     assert_eq!(rotated.primary_version, 2);
     let v2 = encrypt(&mut keys, "acme", "ctx", b"bob@example.com", b"row-2").await;
     assert_eq!((v2.key_version, header_version(&v2.ciphertext)), (2, 2));
@@ -398,7 +307,7 @@ async fn rotation_keeps_old_versions_and_rewrap_moves_values_to_the_primary() {
     }
 
     // Metadata: v1 enabled and not primary, v2 enabled and primary; encryptions counted.
-    let list = versions(&mut tenants, "acme").await;
+    let list = key_versions(&mut tenants, "acme").await;
     assert_eq!(list.len(), 2);
     assert_eq!(
         (list[0].version, list[0].state, list[0].primary),
@@ -672,9 +581,9 @@ async fn tenant_in(keys: &mut Keys, tenants: &mut Tenants, id: &str, state: St) 
     let ct = try_encrypt(keys, id, b"value").await.unwrap().ciphertext;
     let moved = match state {
         St::Active => None,
-        St::Suspended => Some(suspend(tenants, id).await.unwrap()),
-        St::Pending => Some(schedule(tenants, id, Some(86_400)).await.unwrap()),
-        St::Destroyed => Some(schedule(tenants, id, Some(0)).await.unwrap()),
+        St::Suspended => Some(suspend_tenant(tenants, id).await.unwrap()),
+        St::Pending => Some(schedule_deletion(tenants, id, Some(86_400)).await.unwrap()),
+        St::Destroyed => Some(schedule_deletion(tenants, id, Some(0)).await.unwrap()),
     };
     if let Some(t) = moved {
         assert_eq!(t.state, pb_state(state) as i32, "{id}");
@@ -701,14 +610,18 @@ async fn apply(
 ) -> Result<Option<i32>, tonic::Status> {
     let state = |t: pb::Tenant| Some(t.state);
     match op {
-        Op::Suspend => suspend(tenants, id).await.map(state),
-        Op::Resume => resume(tenants, id).await.map(state),
-        Op::ScheduleDeletion => schedule(tenants, id, Some(86_400)).await.map(state),
-        Op::ScheduleDeletionNow => schedule(tenants, id, Some(0)).await.map(state),
-        Op::CancelDeletion => cancel(tenants, id).await.map(state),
-        Op::Rotate => rotate(tenants, id).await.map(state),
-        Op::SetPolicy => set_policy(tenants, id, 3600, 5000).await.map(state),
-        Op::Get => get(tenants, id).await.map(state),
+        Op::Suspend => suspend_tenant(tenants, id).await.map(state),
+        Op::Resume => resume_tenant(tenants, id).await.map(state),
+        Op::ScheduleDeletion => schedule_deletion(tenants, id, Some(86_400))
+            .await
+            .map(state),
+        Op::ScheduleDeletionNow => schedule_deletion(tenants, id, Some(0)).await.map(state),
+        Op::CancelDeletion => cancel_deletion(tenants, id).await.map(state),
+        Op::Rotate => rotate_tenant(tenants, id).await.map(state),
+        Op::SetPolicy => set_rotation_policy(tenants, id, 3600, 5000)
+            .await
+            .map(state),
+        Op::Get => get_tenant(tenants, id).await.map(state),
         Op::ListVersions => tenants
             .list_key_versions(pb::ListKeyVersionsRequest {
                 tenant_id: id.into(),
@@ -752,11 +665,11 @@ async fn every_lifecycle_transition_and_refusal_has_its_status() {
                     if let Some(end) = end {
                         match end {
                             St::Destroyed => {
-                                let err = get(&mut tenants, &id).await.status_err();
+                                let err = get_tenant(&mut tenants, &id).await.status_err();
                                 assert_failed_precondition(&err, "tenant destroyed");
                             }
                             other => assert_eq!(
-                                get(&mut tenants, &id).await.unwrap().state,
+                                get_tenant(&mut tenants, &id).await.unwrap().state,
                                 pb_state(*other) as i32,
                                 "{case}"
                             ),
@@ -817,9 +730,9 @@ async fn cancel_within_the_window_restores_service() {
     let (mut keys, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     let before = try_encrypt(&mut keys, "acme", b"kept").await.unwrap();
-    suspend(&mut tenants, "acme").await.unwrap();
+    suspend_tenant(&mut tenants, "acme").await.unwrap();
     // From SUSPENDED too; the default window is 7 days.
-    let pending = schedule(&mut tenants, "acme", None).await.unwrap();
+    let pending = schedule_deletion(&mut tenants, "acme", None).await.unwrap();
     assert_eq!(pending.state, pb::TenantState::PendingDeletion as i32);
     let at = pending.deletion_time.unwrap().seconds;
     assert_eq!(at, clock.now_unix() + 7 * 86_400);
@@ -827,7 +740,7 @@ async fn cancel_within_the_window_restores_service() {
         .await
         .status_err();
     assert_failed_precondition(&err, "PENDING_DELETION");
-    let back = cancel(&mut tenants, "acme").await.unwrap();
+    let back = cancel_deletion(&mut tenants, "acme").await.unwrap();
     assert_eq!(back.state, pb::TenantState::Active as i32);
     assert!(back.deletion_time.is_none());
     let plain = decrypt(&mut keys, "acme", "ctx", &before.ciphertext, b"row")
@@ -845,13 +758,15 @@ async fn deletion_window_closes_at_its_second_on_the_injected_clock() {
     let (_, mut tenants, _) = server.clients().await;
     for id in ["early", "late"] {
         create_tenant(&mut tenants, id).await;
-        schedule(&mut tenants, id, Some(3600)).await.unwrap();
+        schedule_deletion(&mut tenants, id, Some(3600))
+            .await
+            .unwrap();
     }
     clock.advance(Duration::from_secs(3599));
-    let back = cancel(&mut tenants, "early").await.unwrap();
+    let back = cancel_deletion(&mut tenants, "early").await.unwrap();
     assert_eq!(back.state, pb::TenantState::Active as i32);
     clock.advance(Duration::from_secs(1));
-    let err = cancel(&mut tenants, "late").await.status_err();
+    let err = cancel_deletion(&mut tenants, "late").await.status_err();
     assert_failed_precondition(&err, "window has passed");
 }
 
@@ -865,8 +780,10 @@ async fn reaper_destroys_what_the_injected_clock_says_is_due() {
         create_tenant(&mut tenants, id).await;
     }
     let ct = try_encrypt(&mut keys, "leaving", b"bye").await.unwrap();
-    schedule(&mut tenants, "leaving", Some(3600)).await.unwrap();
-    schedule(&mut tenants, "staying", Some(86_400))
+    schedule_deletion(&mut tenants, "leaving", Some(3600))
+        .await
+        .unwrap();
+    schedule_deletion(&mut tenants, "staying", Some(86_400))
         .await
         .unwrap();
     let dir = server.data_dir.clone();
@@ -891,7 +808,7 @@ async fn reaper_destroys_what_the_injected_clock_says_is_due() {
     assert_eq!(records[0].caller, "server:reaper");
     assert_eq!(records[0].outcome, "ok");
     assert_failed_precondition(
-        &get(&mut tenants, "leaving").await.status_err(),
+        &get_tenant(&mut tenants, "leaving").await.status_err(),
         "tenant destroyed",
     );
     let err = decrypt(&mut keys, "leaving", "ctx", &ct.ciphertext, b"row")
@@ -900,7 +817,7 @@ async fn reaper_destroys_what_the_injected_clock_says_is_due() {
     assert_failed_precondition(&err, "tenant destroyed");
     assert!(wrapped_keys(&dir, "leaving").is_empty());
     assert_eq!(
-        get(&mut tenants, "staying").await.unwrap().state,
+        get_tenant(&mut tenants, "staying").await.unwrap().state,
         pb::TenantState::PendingDeletion as i32
     );
     server.stop().await;
@@ -916,17 +833,19 @@ async fn deletion_window_is_never_below_the_server_minimum() {
     let (_, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     for waiting in [0, 3600, 86_399] {
-        let err = schedule(&mut tenants, "acme", Some(waiting))
+        let err = schedule_deletion(&mut tenants, "acme", Some(waiting))
             .await
             .status_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().contains("--min-deletion-window"), "{err:?}");
     }
     assert_eq!(
-        get(&mut tenants, "acme").await.unwrap().state,
+        get_tenant(&mut tenants, "acme").await.unwrap().state,
         pb::TenantState::Active as i32
     );
-    let t = schedule(&mut tenants, "acme", Some(86_400)).await.unwrap();
+    let t = schedule_deletion(&mut tenants, "acme", Some(86_400))
+        .await
+        .unwrap();
     assert_eq!(t.state, pb::TenantState::PendingDeletion as i32);
 }
 
@@ -944,7 +863,7 @@ async fn a_key_cached_before_a_change_never_serves_a_call_after_it() {
         .await
         .unwrap();
     assert!(server.state.keys.cached(&"acme".parse_tenant()).is_some());
-    suspend(&mut tenants, "acme").await.unwrap();
+    suspend_tenant(&mut tenants, "acme").await.unwrap();
     // The very next calls are refused.
     assert_failed_precondition(
         &try_encrypt(&mut keys, "acme", b"v").await.status_err(),
@@ -956,14 +875,14 @@ async fn a_key_cached_before_a_change_never_serves_a_call_after_it() {
             .status_err(),
         "SUSPENDED",
     );
-    resume(&mut tenants, "acme").await.unwrap();
+    resume_tenant(&mut tenants, "acme").await.unwrap();
     assert!(try_encrypt(&mut keys, "acme", b"v").await.is_ok());
 
     // Same for a version: warm v1, rotate, disable v1: the next decrypt of v1 is refused.
     decrypt(&mut keys, "acme", "ctx", &ct, b"row")
         .await
         .unwrap();
-    rotate(&mut tenants, "acme").await.unwrap();
+    rotate_tenant(&mut tenants, "acme").await.unwrap();
     let next = try_encrypt(&mut keys, "acme", b"v").await.unwrap();
     assert_eq!(next.key_version, 2, "the rotation is seen at once");
     tenants
@@ -980,7 +899,9 @@ async fn a_key_cached_before_a_change_never_serves_a_call_after_it() {
         "DISABLED",
     );
     // And a destruction.
-    schedule(&mut tenants, "acme", Some(0)).await.unwrap();
+    schedule_deletion(&mut tenants, "acme", Some(0))
+        .await
+        .unwrap();
     let err = try_encrypt(&mut keys, "acme", b"v").await.status_err();
     assert_failed_precondition(&err, "tenant destroyed");
 }
@@ -1016,11 +937,11 @@ async fn shredding_leaves_no_key_byte_in_any_file_and_the_id_is_never_reused() {
                 .ciphertext,
         );
         if i == 9 {
-            rotate(&mut tenants, "doomed").await.unwrap();
+            rotate_tenant(&mut tenants, "doomed").await.unwrap();
         }
     }
     let keeper_v1 = try_encrypt(&mut keys, "keeper", b"k1").await.unwrap();
-    rotate(&mut tenants, "keeper").await.unwrap();
+    rotate_tenant(&mut tenants, "keeper").await.unwrap();
     let keeper_v2 = try_encrypt(&mut keys, "keeper", b"k2").await.unwrap();
 
     // Capture every wrapping the doomed keys ever had: under master v1, then (after a
@@ -1066,7 +987,9 @@ async fn shredding_leaves_no_key_byte_in_any_file_and_the_id_is_never_reused() {
     assert!(!files_containing(&dir, &needles[2]).is_empty());
 
     // Destroy the tenant (a zero window: the test server's minimum is 0s).
-    let destroyed = schedule(&mut tenants, "doomed", Some(0)).await.unwrap();
+    let destroyed = schedule_deletion(&mut tenants, "doomed", Some(0))
+        .await
+        .unwrap();
     assert_eq!(destroyed.state, pb::TenantState::Destroyed as i32);
     assert!(destroyed.destroyed_at.is_some());
     let scan = |dir: &Path| {
@@ -1159,7 +1082,9 @@ async fn the_budget_rotates_the_key_at_max_encryptions() {
     let server = TestServer::start().await;
     let (mut keys, mut tenants, mut audit) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
-    let t = set_policy(&mut tenants, "acme", 0, 1000).await.unwrap();
+    let t = set_rotation_policy(&mut tenants, "acme", 0, 1000)
+        .await
+        .unwrap();
     assert_eq!(t.rotation_policy.unwrap().max_encryptions, 1000);
     // 990 in a batch and 10 one by one: all under v1.
     let batch = encrypt_batch(&mut keys, "acme", 990).await.unwrap();
@@ -1171,7 +1096,7 @@ async fn the_budget_rotates_the_key_at_max_encryptions() {
     // The 1,001st is under a new version.
     let out = try_encrypt(&mut keys, "acme", b"v").await.unwrap();
     assert_eq!((out.key_version, header_version(&out.ciphertext)), (2, 2));
-    let list = versions(&mut tenants, "acme").await;
+    let list = key_versions(&mut tenants, "acme").await;
     assert_eq!(list.len(), 2);
     assert_eq!(list[0].encryptions, 1000, "exactly the budget, never more");
     assert!(list[1].primary);
@@ -1189,12 +1114,14 @@ async fn the_budget_rotates_the_key_at_max_encryptions() {
     // batch), the old version never passes its budget, and a batch larger than the whole
     // budget is refused.
     create_tenant(&mut tenants, "straddle").await;
-    set_policy(&mut tenants, "straddle", 0, 1000).await.unwrap();
+    set_rotation_policy(&mut tenants, "straddle", 0, 1000)
+        .await
+        .unwrap();
     let first = encrypt_batch(&mut keys, "straddle", 600).await.unwrap();
     assert!(first.iter().all(|o| o.key_version == 1));
     let second = encrypt_batch(&mut keys, "straddle", 600).await.unwrap();
     assert!(second.iter().all(|o| o.key_version == 2));
-    let list = versions(&mut tenants, "straddle").await;
+    let list = key_versions(&mut tenants, "straddle").await;
     assert!(list[0].encryptions <= 1000);
     let err = encrypt_batch(&mut keys, "straddle", 1001)
         .await
@@ -1202,11 +1129,13 @@ async fn the_budget_rotates_the_key_at_max_encryptions() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("max_encryptions"), "{err:?}");
     // Policy bounds: above 2^32 is refused (NIST SP 800-38D); 0 means the server default.
-    let err = set_policy(&mut tenants, "straddle", 0, (1 << 32) + 1)
+    let err = set_rotation_policy(&mut tenants, "straddle", 0, (1 << 32) + 1)
         .await
         .status_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let t = set_policy(&mut tenants, "straddle", 0, 0).await.unwrap();
+    let t = set_rotation_policy(&mut tenants, "straddle", 0, 0)
+        .await
+        .unwrap();
     assert_eq!(t.rotation_policy.unwrap().max_encryptions, 1 << 30);
 }
 
@@ -1218,19 +1147,21 @@ async fn the_budget_count_never_goes_back_across_a_crash() {
     let token = server.admin_token();
     let (mut keys, mut tenants, _) = clients(&server.url(), Some(&token)).await;
     create_tenant(&mut tenants, "acme").await;
-    set_policy(&mut tenants, "acme", 0, 1000).await.unwrap();
+    set_rotation_policy(&mut tenants, "acme", 0, 1000)
+        .await
+        .unwrap();
     for _ in 0..5 {
         try_encrypt(&mut keys, "acme", b"v").await.unwrap();
     }
     // Reserved ahead: the store already counts a whole reservation (64), not 5.
-    let reserved = versions(&mut tenants, "acme").await[0].encryptions;
+    let reserved = key_versions(&mut tenants, "acme").await[0].encryptions;
     assert_eq!(reserved, 64);
     server.kill9();
 
     let server = BinaryServer::start(&dir, &[]).await;
     let (mut keys, mut tenants, _) = clients(&server.url(), Some(&token)).await;
     assert_eq!(
-        versions(&mut tenants, "acme").await[0].encryptions,
+        key_versions(&mut tenants, "acme").await[0].encryptions,
         64,
         "the count did not go back"
     );
@@ -1238,7 +1169,10 @@ async fn the_budget_count_never_goes_back_across_a_crash() {
     // has exactly 1000 - 64 seals left.
     let batch = encrypt_batch(&mut keys, "acme", 936).await.unwrap();
     assert!(batch.iter().all(|o| o.key_version == 1));
-    assert_eq!(versions(&mut tenants, "acme").await[0].encryptions, 1000);
+    assert_eq!(
+        key_versions(&mut tenants, "acme").await[0].encryptions,
+        1000
+    );
     let out = try_encrypt(&mut keys, "acme", b"v").await.unwrap();
     assert_eq!(out.key_version, 2);
     server.terminate().await;
@@ -1271,7 +1205,7 @@ async fn rotate_tenant_from_the_command_line_reaches_a_running_server() {
             .unwrap()
             .contains("v2")
     );
-    assert_eq!(versions(&mut tenants, "acme").await.len(), 1);
+    assert_eq!(key_versions(&mut tenants, "acme").await.len(), 1);
     assert_eq!(
         try_encrypt(&mut keys, "acme", b"x")
             .await
@@ -1396,15 +1330,25 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
     for id in ["aged", "budget", "fresh", "leaving", "staying", "late"] {
         create_tenant(&mut tenants, id).await;
     }
-    set_policy(&mut tenants, "aged", 3600, 0).await.unwrap();
-    set_policy(&mut tenants, "fresh", 86_400, 0).await.unwrap();
+    set_rotation_policy(&mut tenants, "aged", 3600, 0)
+        .await
+        .unwrap();
+    set_rotation_policy(&mut tenants, "fresh", 86_400, 0)
+        .await
+        .unwrap();
     // One seal reserves 64 of a budget of 64: past the 90% mark.
-    set_policy(&mut tenants, "budget", 0, 64).await.unwrap();
+    set_rotation_policy(&mut tenants, "budget", 0, 64)
+        .await
+        .unwrap();
     try_encrypt(&mut keys, "budget", b"v").await.unwrap();
     let leaving_ct = try_encrypt(&mut keys, "leaving", b"bye").await.unwrap();
-    schedule(&mut tenants, "leaving", Some(3600)).await.unwrap();
-    schedule(&mut tenants, "late", Some(3600)).await.unwrap();
-    schedule(&mut tenants, "staying", Some(86_400))
+    schedule_deletion(&mut tenants, "leaving", Some(3600))
+        .await
+        .unwrap();
+    schedule_deletion(&mut tenants, "late", Some(3600))
+        .await
+        .unwrap();
+    schedule_deletion(&mut tenants, "staying", Some(86_400))
         .await
         .unwrap();
     // Before the hour is up only the budget is due, and a deletion can still be cancelled
@@ -1414,13 +1358,15 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
     let actions = summary["actions"].as_array().unwrap();
     assert_eq!(actions.len(), 1, "{summary}");
     assert_eq!(actions[0]["target"], "budget", "{summary}");
-    cancel(&mut tenants, "late").await.unwrap();
-    schedule(&mut tenants, "late", Some(3600)).await.unwrap();
+    cancel_deletion(&mut tenants, "late").await.unwrap();
+    schedule_deletion(&mut tenants, "late", Some(3600))
+        .await
+        .unwrap();
     // The hour-long period and windows pass.
     clock.advance(3600);
 
     // A deletion whose window has passed can no longer be cancelled.
-    let err = cancel(&mut tenants, "late").await.status_err();
+    let err = cancel_deletion(&mut tenants, "late").await.status_err();
     assert_failed_precondition(&err, "window has passed");
 
     // Dry run: the plan, and nothing changes.
@@ -1447,9 +1393,9 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
     .map(|(a, t)| (a.to_string(), t.to_string()))
     .collect();
     assert_eq!(plan, expected);
-    assert_eq!(versions(&mut tenants, "aged").await.len(), 1);
+    assert_eq!(key_versions(&mut tenants, "aged").await.len(), 1);
     assert_eq!(
-        get(&mut tenants, "leaving").await.unwrap().state,
+        get_tenant(&mut tenants, "leaving").await.unwrap().state,
         pb::TenantState::PendingDeletion as i32
     );
 
@@ -1481,7 +1427,7 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
     );
     for id in ["leaving", "late"] {
         assert_failed_precondition(
-            &get(&mut tenants, id).await.status_err(),
+            &get_tenant(&mut tenants, id).await.status_err(),
             "tenant destroyed",
         );
     }
@@ -1491,7 +1437,7 @@ async fn rotate_due_rotates_by_age_and_budget_and_completes_due_deletions() {
     assert_failed_precondition(&err, "tenant destroyed");
     assert!(wrapped_keys(&dir, "leaving").is_empty());
     assert_eq!(
-        get(&mut tenants, "staying").await.unwrap().state,
+        get_tenant(&mut tenants, "staying").await.unwrap().state,
         pb::TenantState::PendingDeletion as i32
     );
     // Audited as the operator.

@@ -258,12 +258,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
     let result: Result<(), tonic::Status> = match op {
         Op::Encrypt => c
             .keys
-            .encrypt(pb::EncryptRequest {
-                tenant_id: t,
-                context: "ctx".into(),
-                plaintext: b"v".to_vec(),
-                aad: vec![],
-            })
+            .encrypt(encrypt_request(&t, "ctx", b"v", b""))
             .await
             .map(drop),
         Op::Decrypt => c
@@ -308,13 +303,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
             })
             .await
             .map(drop),
-        Op::DecryptDataKey => c
-            .keys
-            .decrypt_data_key(pb::DecryptDataKeyRequest {
-                tenant_id: t,
-                context: "ctx".into(),
-                wrapped_key: f.wrapped_key.clone(),
-            })
+        Op::DecryptDataKey => decrypt_data_key(&mut c.keys, &t, "ctx", &f.wrapped_key)
             .await
             .map(drop),
         Op::Rewrap => c
@@ -344,21 +333,13 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
             .create_tenant(pb::CreateTenantRequest { tenant_id: t })
             .await
             .map(drop),
-        Op::GetTenant => c
-            .tenants
-            .get_tenant(pb::GetTenantRequest { tenant_id: t })
-            .await
-            .map(drop),
+        Op::GetTenant => get_tenant(&mut c.tenants, &t).await.map(drop),
         Op::ListTenants => c
             .tenants
             .list_tenants(pb::ListTenantsRequest::default())
             .await
             .map(drop),
-        Op::RotateTenantKey => c
-            .tenants
-            .rotate_tenant_key(pb::RotateTenantKeyRequest { tenant_id: t })
-            .await
-            .map(drop),
+        Op::RotateTenantKey => rotate_tenant(&mut c.tenants, &t).await.map(drop),
         Op::ListKeyVersions => c
             .tenants
             .list_key_versions(pb::ListKeyVersionsRequest { tenant_id: t })
@@ -388,38 +369,15 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
             })
             .await
             .map(drop),
-        Op::SetRotationPolicy => c
-            .tenants
-            .set_rotation_policy(pb::SetRotationPolicyRequest {
-                tenant_id: t,
-                rotation_period_seconds: 0,
-                max_encryptions: 1 << 30,
-            })
+        Op::SetRotationPolicy => set_rotation_policy(&mut c.tenants, &t, 0, 1 << 30)
             .await
             .map(drop),
-        Op::SuspendTenant => c
-            .tenants
-            .suspend_tenant(pb::SuspendTenantRequest { tenant_id: t })
+        Op::SuspendTenant => suspend_tenant(&mut c.tenants, &t).await.map(drop),
+        Op::ResumeTenant => resume_tenant(&mut c.tenants, &t).await.map(drop),
+        Op::ScheduleTenantDeletion => schedule_deletion(&mut c.tenants, &t, Some(86_400))
             .await
             .map(drop),
-        Op::ResumeTenant => c
-            .tenants
-            .resume_tenant(pb::ResumeTenantRequest { tenant_id: t })
-            .await
-            .map(drop),
-        Op::ScheduleTenantDeletion => c
-            .tenants
-            .schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
-                tenant_id: t,
-                waiting_period_seconds: Some(86_400),
-            })
-            .await
-            .map(drop),
-        Op::CancelTenantDeletion => c
-            .tenants
-            .cancel_tenant_deletion(pb::CancelTenantDeletionRequest { tenant_id: t })
-            .await
-            .map(drop),
+        Op::CancelTenantDeletion => cancel_deletion(&mut c.tenants, &t).await.map(drop),
         Op::ListAuditEvents => c
             .audit
             .list_audit_events(pb::ListAuditEventsRequest {
@@ -455,20 +413,10 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
 async fn restore(admin: &mut Tenants, op: Op, tenant: &str) {
     match op {
         Op::SuspendTenant => {
-            admin
-                .resume_tenant(pb::ResumeTenantRequest {
-                    tenant_id: tenant.into(),
-                })
-                .await
-                .unwrap();
+            resume_tenant(admin, tenant).await.unwrap();
         }
         Op::ScheduleTenantDeletion => {
-            admin
-                .cancel_tenant_deletion(pb::CancelTenantDeletionRequest {
-                    tenant_id: tenant.into(),
-                })
-                .await
-                .unwrap();
+            cancel_deletion(admin, tenant).await.unwrap();
         }
         _ => {}
     }
@@ -484,14 +432,8 @@ async fn authorization_table_over_grpc() {
         let ciphertext = encrypt(&mut admin_keys, tenant, "ctx", b"v", b"")
             .await
             .ciphertext;
-        let wrapped_key = admin_keys
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                tenant_id: tenant.into(),
-                context: "ctx".into(),
-            })
+        let wrapped_key = generate_data_key(&mut admin_keys, tenant, "ctx")
             .await
-            .unwrap()
-            .into_inner()
             .wrapped_key;
         fixtures.insert(
             tenant,
@@ -751,12 +693,7 @@ async fn revocation_and_expiry_take_effect_on_the_next_call_across_processes() {
     let (code, _, stderr) = run_cli(&["token", "revoke", &id, "--data-dir", dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     let err = keys
-        .encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            context: "ctx".into(),
-            plaintext: b"x".to_vec(),
-            aad: vec![],
-        })
+        .encrypt(encrypt_request("acme", "ctx", b"x", b""))
         .await
         .status_err();
     assert_eq!(
@@ -949,12 +886,7 @@ async fn tls_serves_tokens_and_refuses_plaintext() {
         let mut plain_keys = tls_keys(plain, Some(&server.admin_token)).await;
         assert!(
             plain_keys
-                .encrypt(pb::EncryptRequest {
-                    tenant_id: "acme".into(),
-                    context: "ctx".into(),
-                    plaintext: b"x".to_vec(),
-                    aad: vec![],
-                })
+                .encrypt(encrypt_request("acme", "ctx", b"x", b""))
                 .await
                 .is_err()
         );
@@ -979,14 +911,9 @@ trait Probe {
 
 impl Probe for Keys {
     async fn get_tenant_probe(&mut self) -> Result<(), tonic::Status> {
-        self.encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            context: "ctx".into(),
-            plaintext: b"probe".to_vec(),
-            aad: vec![],
-        })
-        .await
-        .map(drop)
+        self.encrypt(encrypt_request("acme", "ctx", b"probe", b""))
+            .await
+            .map(drop)
     }
 }
 
@@ -1076,12 +1003,7 @@ async fn mtls_mapped_certificate_acts_as_its_caller() {
     assert_eq!(record.caller, "cert:ingest.svc.internal");
     assert_eq!(record.outcome.as_str(), "denied");
     let other_tenant = keys
-        .encrypt(pb::EncryptRequest {
-            tenant_id: "globex".into(),
-            context: "ctx".into(),
-            plaintext: b"v".to_vec(),
-            aad: vec![],
-        })
+        .encrypt(encrypt_request("globex", "ctx", b"v", b""))
         .await
         .status_err();
     assert_eq!(other_tenant.code(), Code::PermissionDenied);
@@ -1314,12 +1236,7 @@ async fn caller_deadline_is_honoured_with_deadline_exceeded_and_audited() {
         server.addr,
         &server.admin_token,
         "/tenantkms.v1.KeyService/Encrypt",
-        pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            context: "ctx".into(),
-            plaintext: b"v".to_vec(),
-            aad: vec![],
-        },
+        encrypt_request("acme", "ctx", b"v", b""),
         Some("300m"),
     )
     .await
@@ -1356,12 +1273,7 @@ async fn caller_deadline_is_honoured_with_deadline_exceeded_and_audited() {
     lock.release();
     let record = audit_record_of(&server, "CreateTenant", "late").await;
     assert_eq!(record.outcome.as_str(), "ok");
-    tenants
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: "late".into(),
-        })
-        .await
-        .unwrap();
+    get_tenant(&mut tenants, "late").await.unwrap();
 }
 
 #[tokio::test]
@@ -1380,12 +1292,7 @@ async fn server_request_timeout_caps_every_call() {
             server.addr,
             &server.admin_token,
             "/tenantkms.v1.KeyService/Encrypt",
-            pb::EncryptRequest {
-                tenant_id: "acme".into(),
-                context: "ctx".into(),
-                plaintext: b"v".to_vec(),
-                aad: vec![],
-            },
+            encrypt_request("acme", "ctx", b"v", b""),
             timeout,
         )
         .await
@@ -1628,31 +1535,13 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
     })
     .await
     .unwrap();
-    let data_key = keys
-        .generate_data_key(pb::GenerateDataKeyRequest {
-            tenant_id: "acme".into(),
-            context: "files".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let unwrapped = keys
-        .decrypt_data_key(pb::DecryptDataKeyRequest {
-            tenant_id: "acme".into(),
-            context: "files".into(),
-            wrapped_key: data_key.wrapped_key.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(unwrapped.plaintext_key, data_key.plaintext_key);
-    secrets.push(("data key".into(), data_key.plaintext_key.clone()));
-    tenants
-        .rotate_tenant_key(pb::RotateTenantKeyRequest {
-            tenant_id: "acme".into(),
-        })
+    let data_key = generate_data_key(&mut keys, "acme", "files").await;
+    let unwrapped = decrypt_data_key(&mut keys, "acme", "files", &data_key.wrapped_key)
         .await
         .unwrap();
+    assert_eq!(unwrapped.plaintext_key, data_key.plaintext_key);
+    secrets.push(("data key".into(), data_key.plaintext_key.clone()));
+    rotate_tenant(&mut tenants, "acme").await.unwrap();
     let three = encrypt(&mut keys, "acme", "crm.email", &plaintexts[3], &aads[3]).await;
     keys.rewrap(pb::RewrapRequest {
         tenant_id: "acme".into(),

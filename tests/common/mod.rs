@@ -199,6 +199,131 @@ pub async fn create_tenant(tenants: &mut Tenants, id: &str) -> pb::Tenant {
         .into_inner()
 }
 
+/// `GetTenant`.
+pub async fn get_tenant(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `RotateTenantKey`.
+pub async fn rotate_tenant(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `SuspendTenant`.
+pub async fn suspend_tenant(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .suspend_tenant(pb::SuspendTenantRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `ResumeTenant`.
+pub async fn resume_tenant(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .resume_tenant(pb::ResumeTenantRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `ScheduleTenantDeletion` (`None`: the server's default window).
+pub async fn schedule_deletion(
+    tenants: &mut Tenants,
+    id: &str,
+    waiting: Option<u64>,
+) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
+            tenant_id: id.into(),
+            waiting_period_seconds: waiting,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `CancelTenantDeletion`.
+pub async fn cancel_deletion(tenants: &mut Tenants, id: &str) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .cancel_tenant_deletion(pb::CancelTenantDeletionRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `SetRotationPolicy` (period in seconds, 0: none; nonce budget, 0: the default).
+pub async fn set_rotation_policy(
+    tenants: &mut Tenants,
+    id: &str,
+    period: u64,
+    max: u64,
+) -> Result<pb::Tenant, tonic::Status> {
+    tenants
+        .set_rotation_policy(pb::SetRotationPolicyRequest {
+            tenant_id: id.into(),
+            rotation_period_seconds: period,
+            max_encryptions: max,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Every key version of a tenant (`ListKeyVersions`, which must succeed).
+pub async fn key_versions(tenants: &mut Tenants, id: &str) -> Vec<pb::KeyVersion> {
+    tenants
+        .list_key_versions(pb::ListKeyVersionsRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+}
+
+/// A new data key (`GenerateDataKey`, which must succeed).
+pub async fn generate_data_key(
+    keys: &mut Keys,
+    tenant: &str,
+    context: &str,
+) -> pb::GenerateDataKeyResponse {
+    keys.generate_data_key(pb::GenerateDataKeyRequest {
+        tenant_id: tenant.into(),
+        context: context.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// `DecryptDataKey` (the raw result, to inspect errors).
+pub async fn decrypt_data_key(
+    keys: &mut Keys,
+    tenant: &str,
+    context: &str,
+    wrapped_key: &[u8],
+) -> Result<pb::DecryptDataKeyResponse, tonic::Status> {
+    keys.decrypt_data_key(pb::DecryptDataKeyRequest {
+        tenant_id: tenant.into(),
+        context: context.into(),
+        wrapped_key: wrapped_key.to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 /// An `Encrypt` request.
 pub fn encrypt_request(
     tenant: &str,
@@ -498,6 +623,27 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 /// [`run_cli`] with the command's wall clock on `clock`.
 pub fn run_cli_on_clock(args: &[&str], clock: &ProcessClock) -> (i32, String, String) {
     run_command(clock.apply(Command::new(BIN).args(args)))
+}
+
+/// Runs the binary with arguments and `stdin` as its standard input; returns (exit code,
+/// stdout, stderr).
+pub fn run_cli_with_stdin(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Small inputs: the child reads them whole before it writes, so this cannot deadlock.
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Runs a prepared command to its end; returns (exit code, stdout, stderr).
