@@ -461,12 +461,7 @@ async fn calls_fail_closed_while_the_audit_cannot_write_and_resume_after() {
             .to_owned(),
     );
     // A control-plane call changes state before its record is due: refused all the same.
-    let status = tenants
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: "beta".into(),
-        })
-        .await
-        .status_err();
+    let status = try_create_tenant(&mut tenants, "beta").await.status_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(server.audit_count(), records_before, "nothing was written");
 

@@ -329,12 +329,7 @@ async fn errors_have_the_right_codes() {
         .status_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
 
-    let err = tenants
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: "acme".into(),
-        })
-        .await
-        .status_err();
+    let err = try_create_tenant(&mut tenants, "acme").await.status_err();
     assert_eq!(err.code(), Code::AlreadyExists);
 }
 

@@ -628,12 +628,7 @@ async fn apply(
             })
             .await
             .map(|_| None),
-        Op::Create => tenants
-            .create_tenant(pb::CreateTenantRequest {
-                tenant_id: id.into(),
-            })
-            .await
-            .map(|r| Some(r.into_inner().state)),
+        Op::Create => try_create_tenant(tenants, id).await.map(state),
         Op::Encrypt => try_encrypt(keys, id, b"more").await.map(|_| None),
         Op::Decrypt => decrypt(keys, id, "ctx", ct, b"row").await.map(|_| None),
         Op::Rewrap => rewrap(keys, id, ct, b"row").await.map(|_| None),
@@ -706,15 +701,7 @@ async fn every_lifecycle_transition_and_refusal_has_its_status() {
     assert_eq!(events[1].outcome, "failed_precondition");
     assert!(events[1].detail.contains("SUSPENDED"));
     // The tombstone stays listed, with its destruction time.
-    let listed = tenants
-        .list_tenants(pb::ListTenantsRequest {
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tenants;
+    let listed = list_tenants(&mut tenants).await;
     let tomb = listed
         .iter()
         .find(|t| t.tenant_id == "t0-destroyed")
@@ -1019,12 +1006,7 @@ async fn shredding_leaves_no_key_byte_in_any_file_and_the_id_is_never_reused() {
             .status_err();
         assert_failed_precondition(&err, "tenant destroyed");
     }
-    let err = tenants
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: "doomed".into(),
-        })
-        .await
-        .status_err();
+    let err = try_create_tenant(&mut tenants, "doomed").await.status_err();
     assert_failed_precondition(&err, "tenant destroyed");
     let versions_err = tenants
         .list_key_versions(pb::ListKeyVersionsRequest {

@@ -328,11 +328,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
             })
             .await
             .map(drop),
-        Op::CreateTenant => c
-            .tenants
-            .create_tenant(pb::CreateTenantRequest { tenant_id: t })
-            .await
-            .map(drop),
+        Op::CreateTenant => try_create_tenant(&mut c.tenants, &t).await.map(drop),
         Op::GetTenant => get_tenant(&mut c.tenants, &t).await.map(drop),
         Op::ListTenants => c
             .tenants

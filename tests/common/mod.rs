@@ -190,13 +190,33 @@ pub async fn connect(url: &str) -> Channel {
 
 /// Creates a tenant through the API.
 pub async fn create_tenant(tenants: &mut Tenants, id: &str) -> pb::Tenant {
+    try_create_tenant(tenants, id).await.unwrap()
+}
+
+/// `CreateTenant` (the raw result, to inspect errors).
+pub async fn try_create_tenant(
+    tenants: &mut Tenants,
+    id: &str,
+) -> Result<pb::Tenant, tonic::Status> {
     tenants
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: id.into(),
         })
         .await
+        .map(|r| r.into_inner())
+}
+
+/// The first 1,000 tenants (`ListTenants`, which must succeed), tombstones included.
+pub async fn list_tenants(tenants: &mut Tenants) -> Vec<pb::Tenant> {
+    tenants
+        .list_tenants(pb::ListTenantsRequest {
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
         .unwrap()
         .into_inner()
+        .tenants
 }
 
 /// `GetTenant`.
