@@ -5,6 +5,7 @@ pub mod cache;
 pub mod manager;
 pub mod master;
 pub mod shred;
+pub mod wrapping;
 
 pub use manager::{EncryptGrant, KeyManager, KeyPolicy, RewrapProgress, RewrapSummary};
 pub use master::{MasterKeySource, MasterKeyring};
