@@ -220,7 +220,7 @@ impl KeyManager {
     }
 
     /// Drops the cached keys for the store's change `generation` (from
-    /// [`KeyStore::change_generation`]), also running `also` (dropping other caches built from
+    /// [`crate::store::ChangeDetection::change_generation`]), also running `also` (dropping other caches built from
     /// the store), unless they were dropped for this generation or a later one already.
     /// Returns whether this call dropped them; follow a `true` with
     /// [`KeyManager::reload_keyring_if_stale`] off the async threads.

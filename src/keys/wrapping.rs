@@ -50,11 +50,6 @@ impl TenantKeyWrapping {
         })
     }
 
-    /// The master version new keys are wrapped under (the keyring's highest).
-    pub fn primary_version(&self) -> u32 {
-        self.primary
-    }
-
     /// Opens `wrapped`, the key of `version` of tenant `id`.
     pub fn unwrap(
         &self,

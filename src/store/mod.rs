@@ -12,8 +12,8 @@
 #[cfg(any(test, feature = "test-seams"))]
 pub mod contract;
 mod migrations;
-pub mod recovery;
-pub mod sqlite;
+mod recovery;
+mod sqlite;
 
 use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
