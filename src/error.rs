@@ -2,6 +2,8 @@
 //! (`service::status`). Variants carry only text that is safe for a client to read; internal
 //! detail (SQL errors, paths) travels in [`Error::Internal`] and reaches only the log.
 
+use crate::domain::{KeyVersionState, TenantState};
+
 /// Everything that can go wrong in a request.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -19,9 +21,43 @@ pub enum Error {
     /// The named thing exists already.
     #[error("{0} already exists")]
     AlreadyExists(&'static str),
-    /// The lifecycle state forbids the call; the message names the state.
+    /// A precondition that no caller branches on failed (a file, a keyring, a backup);
+    /// the message says which.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The tenant's lifecycle state forbids the call (`domain::lifecycle`). Carries the
+    /// state, so callers branch on it; the client reads "tenant is STATE" ("tenant
+    /// destroyed" for a tombstone).
+    #[error("{}", tenant_state_message(*.0))]
+    TenantState(TenantState),
+    /// The key version's state forbids the change (e.g. disabling a disabled version).
+    #[error("key version {version} is {}", .state.name())]
+    KeyVersionState {
+        /// The version.
+        version: u32,
+        /// Its state.
+        state: KeyVersionState,
+    },
+    /// The primary version encrypts, so it cannot be disabled or destroyed.
+    #[error("the primary key version cannot be disabled or destroyed; rotate first")]
+    PrimaryKeyVersion,
+    /// A pending deletion is due: it can no longer be cancelled.
+    #[error(
+        "tenant is PENDING_DELETION and its deletion window has passed: it can no longer be \
+         cancelled"
+    )]
+    DeletionWindowPassed,
+    /// A pending deletion's window is still open: it cannot be destroyed yet.
+    #[error("tenant deletion window has not passed")]
+    DeletionWindowOpen,
+    /// A compare-and-set lost: another caller changed what this one read (the tenant's
+    /// primary version) between the read and the write. Retrying from a fresh read is safe.
+    #[error("the tenant's key was rotated concurrently; retry")]
+    ConcurrentChange,
+    /// A key was about to be wrapped under a master version that another process retired:
+    /// this process's keyring is stale. Reloading it and retrying is safe.
+    #[error("master key version {0} is retired; reload the keyring")]
+    RetiredMasterVersion(u32),
     /// No valid credentials.
     #[error("missing, invalid, expired or revoked token")]
     Unauthenticated,
@@ -57,11 +93,21 @@ impl Error {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         Error::Internal(cause.to_string())
     }
+
+    /// What a failed open of a caller's ciphertext or wrapped data key becomes: the one
+    /// opaque [`Error::DecryptFailed`], whatever the cause. Every other crypto failure (a
+    /// CSPRNG, a derivation, a wrap) is mapped explicitly where it happens, never through
+    /// this.
+    pub fn failed_open(_: crate::crypto::CryptoError) -> Self {
+        Error::DecryptFailed
+    }
 }
 
-impl From<crate::crypto::CryptoError> for Error {
-    fn from(_: crate::crypto::CryptoError) -> Self {
-        Error::DecryptFailed
+/// The client text of [`Error::TenantState`]: the state as the API names it.
+fn tenant_state_message(state: TenantState) -> String {
+    match state {
+        TenantState::Destroyed => "tenant destroyed".into(),
+        other => format!("tenant is {}", other.name()),
     }
 }
 

@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use tenant_kms::crypto::{envelope, labels};
-use tenant_kms::domain::{KeyVersionState, TenantId, TenantState};
+use tenant_kms::domain::lifecycle::TenantTransition;
+use tenant_kms::domain::{KeyVersionState, TenantId};
 use tenant_kms::keys::{MasterKeySource, MasterKeyring};
 use tenant_kms::pb;
 use tenant_kms::service::ServiceOptions;
 use tenant_kms::service::state::DataDir;
-use tenant_kms::store::{KeyStore, SqliteKeyStore};
+use tenant_kms::store::{BackupStore, SqliteKeyStore, TenantStore};
 use tonic::Code;
 
 /// A deployment as operators should lay it out: the keyring (and with it the shred ledger)
@@ -756,12 +757,14 @@ fn ledger_records_a_destruction_the_store_made_before_a_crash() {
     dir.store
         .set_tenant_state(
             &id,
-            &[TenantState::Active],
-            TenantState::PendingDeletion,
-            Some(0),
+            TenantTransition::ScheduleDeletion { deletion_time: 0 },
+            0,
         )
         .unwrap();
-    dir.store.destroy_tenant(&id, 1).unwrap(); // bypasses the manager: no ledger write
+    // Bypasses the manager: no ledger write.
+    dir.store
+        .set_tenant_state(&id, TenantTransition::Destroy, 1)
+        .unwrap();
     drop(dir);
     assert!(
         !std::fs::read_to_string(site.ledger())
@@ -895,12 +898,7 @@ fn restore_time_for_many_tenants() {
     for i in 0..destroyed {
         let id = TenantId::parse(&format!("tenant-{:08}", i * (count / destroyed.max(1)))).unwrap();
         dir.keys
-            .set_state(
-                &id,
-                &[TenantState::Active],
-                TenantState::PendingDeletion,
-                Some(0),
-            )
+            .transition(&id, TenantTransition::ScheduleDeletion { deletion_time: 0 })
             .unwrap();
         dir.keys.destroy_tenant(&id).unwrap();
     }

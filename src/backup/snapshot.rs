@@ -5,19 +5,17 @@
 //! ([`super::manifest`]). It holds only wrapped keys: useless without the master keyring,
 //! which is never part of it.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::manifest::{
     self, AuditHead, FileDigest, LedgerInfo, Manifest, MasterCheck, check_keyring,
 };
 use crate::audit::ChainKeys;
-use crate::crypto::aead::AeadKey;
-use crate::crypto::{envelope, labels};
 use crate::domain::unix_now;
 use crate::error::{Error, Result};
 use crate::keys::MasterKeyring;
-use crate::store::{KeyStore, LedgerHead, SqliteKeyStore};
+use crate::keys::wrapping::{self, TenantKeyWrapping, UnwrapFailure};
+use crate::store::{BackupStore, KeyStore, LedgerHead, MasterKeyStore, SqliteKeyStore};
 
 /// The key store file, in a backup and in a data directory.
 pub const KEYS_DB: &str = "keys.db";
@@ -160,29 +158,23 @@ pub fn verify_contents(
     ring: &MasterKeyring,
 ) -> Result<VerifyReport> {
     let store = SqliteKeyStore::open_read_only(&files_dir.join(KEYS_DB))?;
-    let mut wrapping: BTreeMap<u32, AeadKey> = BTreeMap::new();
+    let wrapping = TenantKeyWrapping::new(ring)?;
     let mut failed: Option<String> = None;
     let unwrapped = store.for_each_wrapped_key(&mut |id, version, wrapped| {
         let m = wrapped.master_version;
-        if let std::collections::btree_map::Entry::Vacant(slot) = wrapping.entry(m) {
-            let master = ring.get(m).ok_or_else(|| {
-                Error::FailedPrecondition(format!(
+        match wrapping.unwrap(id, version, wrapped) {
+            Ok(_) => {}
+            Err(UnwrapFailure::MasterVersionMissing(_)) => {
+                return Err(Error::FailedPrecondition(format!(
                     "tenant {id} v{version} is wrapped under master version {m}, which the \
                      keyring at hand does not hold"
-                ))
-            })?;
-            slot.insert(
-                envelope::master_wrapping_key(master, labels::TENANT_KEY_WRAP, m)
-                    .map_err(|_| Error::internal("derivation failed"))?,
-            );
-        }
-        let key = wrapping
-            .get(&m)
-            .ok_or_else(|| Error::internal("wrapping key vanished"))?;
-        if envelope::unwrap_tenant_key(key, m, id.as_str(), version, &wrapped.bytes).is_err()
-            && failed.is_none()
-        {
-            failed = Some(format!("tenant {id} v{version} (master version {m})"));
+                )));
+            }
+            Err(UnwrapFailure::DoesNotOpen) => {
+                if failed.is_none() {
+                    failed = Some(format!("tenant {id} v{version} (master version {m})"));
+                }
+            }
         }
         Ok(())
     })?;
@@ -200,18 +192,14 @@ pub fn verify_contents(
     let audit_wrapped = store
         .audit_key()?
         .ok_or_else(|| Error::FailedPrecondition("the backup holds no audit key".into()))?;
-    let m = audit_wrapped.master_version;
-    let master = ring.get(m).ok_or_else(|| {
-        Error::FailedPrecondition(format!(
-            "the audit key is wrapped under master version {m}, which the keyring lacks"
-        ))
-    })?;
-    let audit_secret = envelope::master_wrapping_key(master, labels::AUDIT_KEY_WRAP, m)
-        .and_then(|k| envelope::unwrap_audit_key(&k, m, &audit_wrapped.bytes))
-        .map_err(|_| {
-            Error::FailedPrecondition(
+    let audit_secret =
+        wrapping::unwrap_audit_secret(ring, &audit_wrapped).map_err(|failure| match failure {
+            UnwrapFailure::MasterVersionMissing(m) => Error::FailedPrecondition(format!(
+                "the audit key is wrapped under master version {m}, which the keyring lacks"
+            )),
+            UnwrapFailure::DoesNotOpen => Error::FailedPrecondition(
                 "the backup's audit key does not unwrap with the keyring at hand".into(),
-            )
+            ),
         })?;
     let chain_keys = ChainKeys::derive(&audit_secret)
         .map_err(|_| Error::internal("audit key derivation failed"))?;

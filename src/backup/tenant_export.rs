@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use super::ledger::LedgerContents;
 use super::mac::MacKey;
 use super::manifest::{MasterCheck, check_keyring};
-use crate::crypto::aead::AeadKey;
-use crate::crypto::{envelope, labels};
+use crate::crypto::labels;
 use crate::domain::{KeyVersionState, TenantId, TenantState, unix_now};
 use crate::error::{Error, Result};
 use crate::keys::MasterKeyring;
+use crate::keys::wrapping::{TenantKeyWrapping, UnwrapFailure};
 use crate::store::{KeyStore, KeyVersionRecord, TenantRecord, WrappedTenantKey};
 
 /// The format name and version written into every export.
@@ -300,15 +300,7 @@ pub fn plan_import(
         .iter()
         .map(|v| (v.version, v.encryptions))
         .collect();
-    let primary_master = ring.primary_version();
-    let primary_wrapping = envelope::master_wrapping_key(
-        ring.get(primary_master)
-            .ok_or_else(|| Error::internal("primary master key missing"))?,
-        labels::TENANT_KEY_WRAP,
-        primary_master,
-    )
-    .map_err(|_| Error::internal("derivation failed"))?;
-    let mut wrapping: BTreeMap<u32, AeadKey> = BTreeMap::new();
+    let wrapping = TenantKeyWrapping::new(ring)?;
     let primary = export.tenant.primary_version;
     let mut versions = Vec::with_capacity(export.versions.len());
     let mut kept_destroyed = Vec::new();
@@ -343,47 +335,31 @@ pub fn plan_import(
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .map_err(|_| invalid("a wrapped key is not base64"))?;
-        if let std::collections::btree_map::Entry::Vacant(slot) = wrapping.entry(m) {
-            let master = ring.get(m).ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "key version {} is wrapped under master version {m}, which the keyring \
+        let exported = WrappedTenantKey {
+            master_version: m,
+            bytes,
+        };
+        let tenant_key =
+            wrapping
+                .unwrap(&id, v.version, &exported)
+                .map_err(|failure| match failure {
+                    UnwrapFailure::MasterVersionMissing(_) => Error::FailedPrecondition(format!(
+                        "key version {} is wrapped under master version {m}, which the keyring \
                      at hand no longer holds: the export cannot be read; nothing was changed",
-                    v.version
-                ))
-            })?;
-            slot.insert(
-                envelope::master_wrapping_key(master, labels::TENANT_KEY_WRAP, m)
-                    .map_err(|_| Error::internal("derivation failed"))?,
-            );
-        }
-        let key = wrapping
-            .get(&m)
-            .ok_or_else(|| Error::internal("wrapping key vanished"))?;
-        let tenant_key = envelope::unwrap_tenant_key(key, m, id.as_str(), v.version, &bytes)
-            .map_err(|_| {
-                Error::FailedPrecondition(format!(
-                    "key version {} of the export does not unwrap for tenant {id}; nothing \
+                        v.version
+                    )),
+                    UnwrapFailure::DoesNotOpen => Error::FailedPrecondition(format!(
+                        "key version {} of the export does not unwrap for tenant {id}; nothing \
                      was changed",
-                    v.version
-                ))
-            })?;
-        let rewrapped = envelope::wrap_tenant_key(
-            &primary_wrapping,
-            primary_master,
-            id.as_str(),
-            v.version,
-            &tenant_key,
-        )
-        .map_err(|_| Error::internal("tenant key wrap failed"))?;
+                        v.version
+                    )),
+                })?;
         versions.push(KeyVersionRecord {
             version: v.version,
             state: exported_state,
             created_at: v.created_at,
             encryptions,
-            wrapped: Some(WrappedTenantKey {
-                master_version: primary_master,
-                bytes: rewrapped,
-            }),
+            wrapped: Some(wrapping.wrap(&id, v.version, &tenant_key)?),
         });
     }
     if !versions

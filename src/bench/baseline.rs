@@ -18,7 +18,7 @@ use crate::crypto::secret::SecretKey;
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::keys::cache::{CachedVersion, TenantEntry};
-use crate::store::{KeyStore, SqliteKeyStore, TenantRecord};
+use crate::store::{ChangeDetection, SqliteKeyStore, TenantRecord};
 
 /// The tenant id the in-process baselines bind (the size of a typical id).
 const TENANT: &str = "bench-000042";

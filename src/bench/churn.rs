@@ -31,7 +31,7 @@ use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::pb::tenant_service_client::TenantServiceClient;
-use crate::store::{KeyStore, SqliteKeyStore};
+use crate::store::{SqliteKeyStore, TenantStore};
 
 type TenantClient = TenantServiceClient<InterceptedService<Channel, Bearer>>;
 

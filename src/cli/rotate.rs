@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use super::common::{DataDirArgs, cli_record};
 use crate::audit::{AuditWriter, Outcome};
-use crate::domain::{TenantId, TenantState};
+use crate::domain::TenantId;
+use crate::domain::lifecycle;
 use crate::error::{Error, Result};
 use crate::keys::{KeyManager, MasterKeySource, MasterKeyring, RewrapSummary};
 use crate::service::ServiceOptions;
@@ -210,17 +211,8 @@ fn rotate_tenants(
 /// What rotating `id` would do, or why it would fail.
 fn preview_rotation(keys: &KeyManager, id: &TenantId) -> Result<String> {
     let tenant = keys.store().tenant(id)?.ok_or(Error::NotFound("tenant"))?;
-    if !matches!(tenant.state, TenantState::Active | TenantState::Suspended) {
-        return Err(crate::store::sqlite::state_error(tenant.state));
-    }
-    let next = keys
-        .store()
-        .key_versions(id)?
-        .iter()
-        .map(|v| v.version)
-        .max()
-        .unwrap_or(0)
-        + 1;
+    lifecycle::check_rotation(tenant.state, tenant.primary_version, tenant.primary_version)?;
+    let next = lifecycle::next_version(keys.store().key_versions(id)?.iter().map(|v| v.version));
     Ok(format!(
         "would add v{next} as primary (now v{})",
         tenant.primary_version

@@ -20,7 +20,7 @@ use lru::LruCache;
 use crate::crypto::aead::AeadKey;
 use crate::crypto::envelope::{self, Purpose};
 use crate::crypto::secret::SecretKey;
-use crate::domain::{KeyVersionState, TenantState};
+use crate::domain::KeyVersionState;
 use crate::error::{Error, Result};
 use crate::store::TenantRecord;
 
@@ -139,10 +139,7 @@ impl TenantEntry {
 
     /// Fails with FAILED_PRECONDITION naming the state unless the tenant is active.
     pub fn require_active(&self) -> Result<()> {
-        match self.record.state {
-            TenantState::Active => Ok(()),
-            other => Err(crate::store::sqlite::state_error(other)),
-        }
+        crate::domain::lifecycle::require_active(self.record.state)
     }
 
     /// The prepared key of (version, purpose, context), derived on first use.
@@ -159,12 +156,7 @@ impl TenantEntry {
             .ok_or(Error::DecryptFailed)?;
         let tenant_key = match (&cached.key, cached.state) {
             (Some(key), KeyVersionState::Enabled) => key,
-            (_, state) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "key version {version} is {}",
-                    state.name()
-                )));
-            }
+            (_, state) => return Err(Error::KeyVersionState { version, state }),
         };
         let mut keys = lock(&self.value_keys);
         if let Some(key) = keys.get(version, purpose, context) {

@@ -7,16 +7,16 @@
 //! callers run them on the blocking pool, except [`KeyManager::cached`], which never does I/O
 //! beyond the store's change check.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::cache::{CachedVersion, TenantCache, TenantEntry};
 use super::master::{MasterKeySource, MasterKeyring};
+use super::wrapping::{self, TenantKeyWrapping, UnwrapFailure};
 use crate::clock::SharedClock;
-use crate::crypto::aead::AeadKey;
 use crate::crypto::envelope;
-use crate::crypto::labels;
 use crate::crypto::secret::SecretKey;
+use crate::domain::lifecycle::{self, TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::store::{
@@ -44,38 +44,61 @@ impl Default for KeyPolicy {
     }
 }
 
-/// Permission to seal `count` values under `version` of the tenant in `entry`.
+/// Permission to seal a counted number of values under `version` of the tenant in `entry`:
+/// proof that the seals fit in the version's nonce budget (NIST SP 800-38D). Only `keys`
+/// creates one, and it is not `Clone`, so each grant is spent by the one call it was made
+/// for.
 pub struct EncryptGrant {
-    /// The snapshot whose primary version is `version`.
-    pub entry: Arc<TenantEntry>,
+    entry: Arc<TenantEntry>,
+    version: u32,
+    rotated_from: Option<u32>,
+}
+
+impl EncryptGrant {
+    /// A grant from the snapshot's in-memory reservation, without touching the store; the
+    /// snapshot back when the reservation has no room for `count` more seals (ask
+    /// [`KeyManager::grant_encryptions`] then).
+    pub fn from_reservation(
+        entry: Arc<TenantEntry>,
+        count: u64,
+    ) -> std::result::Result<Self, Arc<TenantEntry>> {
+        match entry.try_take(count) {
+            Some(version) => Ok(Self {
+                entry,
+                version,
+                rotated_from: None,
+            }),
+            None => Err(entry),
+        }
+    }
+
+    /// The snapshot whose primary version is [`EncryptGrant::version`].
+    pub fn entry(&self) -> &Arc<TenantEntry> {
+        &self.entry
+    }
+
     /// The key version to seal under.
-    pub version: u32,
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Set when this grant rotated the tenant's key because the nonce budget of this former
     /// primary version was spent (the caller audits the rotation).
-    pub rotated_from: Option<u32>,
+    pub fn rotated_from(&self) -> Option<u32> {
+        self.rotated_from
+    }
 }
 
 /// The master keys in memory and the wrapping keys derived from them.
 struct MasterKeys {
     ring: MasterKeyring,
-    tenant_key_wrapping: BTreeMap<u32, AeadKey>,
+    wrapping: TenantKeyWrapping,
 }
 
 impl MasterKeys {
     fn new(ring: MasterKeyring) -> Result<Self> {
-        let mut tenant_key_wrapping = BTreeMap::new();
-        for version in ring.versions() {
-            let key = ring
-                .get(version)
-                .ok_or_else(|| Error::internal("keyring version vanished"))?;
-            let wrapping = envelope::master_wrapping_key(key, labels::TENANT_KEY_WRAP, version)
-                .map_err(|_| Error::internal("master wrapping key derivation failed"))?;
-            tenant_key_wrapping.insert(version, wrapping);
-        }
-        Ok(Self {
-            ring,
-            tenant_key_wrapping,
-        })
+        let wrapping = TenantKeyWrapping::new(&ring)?;
+        Ok(Self { ring, wrapping })
     }
 }
 
@@ -209,7 +232,7 @@ impl KeyManager {
     }
 
     /// Drops the cached keys for the store's change `generation` (from
-    /// [`KeyStore::change_generation`]), also running `also` (dropping other caches built from
+    /// [`crate::store::ChangeDetection::change_generation`]), also running `also` (dropping other caches built from
     /// the store), unless they were dropped for this generation or a later one already.
     /// Returns whether this call dropped them; follow a `true` with
     /// [`KeyManager::reload_keyring_if_stale`] off the async threads.
@@ -259,8 +282,8 @@ impl KeyManager {
     /// reloads the keyring and runs it once more under the new primary.
     fn with_current_master<T>(&self, mut write: impl FnMut() -> Result<T>) -> Result<T> {
         match write() {
-            Err(Error::FailedPrecondition(msg)) if self.reload_if_stale()? => {
-                tracing::info!(reason = %msg, "retrying under the new master key version");
+            Err(Error::RetiredMasterVersion(retired)) if self.reload_if_stale()? => {
+                tracing::info!(retired, "retrying under the new master key version");
                 write()
             }
             other => other,
@@ -385,7 +408,7 @@ impl KeyManager {
                     rotated_from = Some(entry.record.primary_version);
                 }
                 // Someone else rotated first: their new version serves us as well.
-                Err(Error::FailedPrecondition(msg)) if msg.contains("concurrently") => {}
+                Err(Error::ConcurrentChange) => {}
                 Err(e) => return Err(e),
             }
             entry = self.load(&id)?;
@@ -402,24 +425,18 @@ impl KeyManager {
         wrapped: &WrappedTenantKey,
     ) -> Result<SecretKey> {
         self.ensure_master_version(wrapped.master_version)?;
-        let master = read(&self.master);
-        let wrapping = master
-            .tenant_key_wrapping
-            .get(&wrapped.master_version)
-            .ok_or_else(|| Error::internal("master key version missing"))?;
-        envelope::unwrap_tenant_key(
-            wrapping,
-            wrapped.master_version,
-            id.as_str(),
-            version,
-            &wrapped.bytes,
-        )
-        .map_err(|_| {
-            Error::Internal(format!(
-                "tenant key {id} v{version} does not unwrap under master version {}",
-                wrapped.master_version
-            ))
-        })
+        read(&self.master)
+            .wrapping
+            .unwrap(id, version, wrapped)
+            .map_err(|failure| match failure {
+                UnwrapFailure::MasterVersionMissing(_) => {
+                    Error::internal("master key version missing")
+                }
+                UnwrapFailure::DoesNotOpen => Error::Internal(format!(
+                    "tenant key {id} v{version} does not unwrap under master version {}",
+                    wrapped.master_version
+                )),
+            })
     }
 
     /// Reloads the keyring when a key is wrapped under a version it does not hold yet (the
@@ -441,24 +458,13 @@ impl KeyManager {
 
     fn new_wrapped_version(&self, id: &TenantId, version: u32) -> Result<KeyVersionRecord> {
         let tenant_key = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
-        let master = read(&self.master);
-        let master_version = master.ring.primary_version();
-        let wrapping = master
-            .tenant_key_wrapping
-            .get(&master_version)
-            .ok_or_else(|| Error::internal("primary master key missing"))?;
-        let bytes =
-            envelope::wrap_tenant_key(wrapping, master_version, id.as_str(), version, &tenant_key)
-                .map_err(|_| Error::internal("tenant key wrap failed"))?;
+        let wrapped = read(&self.master).wrapping.wrap(id, version, &tenant_key)?;
         Ok(KeyVersionRecord {
             version,
             state: KeyVersionState::Enabled,
             created_at: self.clock.now_unix(),
             encryptions: 0,
-            wrapped: Some(WrappedTenantKey {
-                master_version,
-                bytes,
-            }),
+            wrapped: Some(wrapped),
         })
     }
 
@@ -513,9 +519,7 @@ impl KeyManager {
         for _ in 0..3 {
             let tenant = self.store.tenant(id)?.ok_or(Error::NotFound("tenant"))?;
             match self.rotate_from(id, tenant.primary_version) {
-                Err(Error::FailedPrecondition(msg)) if msg.contains("concurrently") => {
-                    last = Some(Error::FailedPrecondition(msg));
-                }
+                Err(Error::ConcurrentChange) => last = Some(Error::ConcurrentChange),
                 other => return other,
             }
         }
@@ -524,14 +528,8 @@ impl KeyManager {
 
     fn rotate_from(&self, id: &TenantId, expected_primary: u32) -> Result<TenantRecord> {
         let result = self.with_current_master(|| {
-            let next = self
-                .store
-                .key_versions(id)?
-                .iter()
-                .map(|v| v.version)
-                .max()
-                .unwrap_or(0)
-                + 1;
+            let next =
+                lifecycle::next_version(self.store.key_versions(id)?.iter().map(|v| v.version));
             let version = self.new_wrapped_version(id, next)?;
             self.store.add_key_version(id, expected_primary, &version)
         });
@@ -539,36 +537,30 @@ impl KeyManager {
         result
     }
 
-    /// Moves a tenant between lifecycle states (see `KeyStore::set_tenant_state`) and drops
-    /// its cached keys before returning.
-    pub fn set_state(
-        &self,
-        id: &TenantId,
-        from: &[TenantState],
-        to: TenantState,
-        deletion_time: Option<i64>,
-    ) -> Result<TenantRecord> {
-        let result = self.store.set_tenant_state(id, from, to, deletion_time);
+    /// Applies a lifecycle transition now (see [`TenantStore::set_tenant_state`]), drops the
+    /// tenant's cached keys before returning, and records a destruction in the shred ledger.
+    /// Blocking.
+    pub fn transition(&self, id: &TenantId, transition: TenantTransition) -> Result<TenantRecord> {
+        let result = self
+            .store
+            .set_tenant_state(id, transition, self.clock.now_unix());
         self.cache.invalidate(id.as_str());
+        if let (Ok(_), Some(ledger), TenantTransition::Destroy) =
+            (&result, self.shred.get(), transition)
+        {
+            ledger.tenant_destroyed(id)?;
+        }
         result
     }
 
-    /// Cancels a pending deletion while its window is open, and drops the tenant's cached
-    /// snapshot before returning. Blocking.
+    /// Cancels a pending deletion while its window is open. Blocking.
     pub fn cancel_deletion(&self, id: &TenantId) -> Result<TenantRecord> {
-        let result = self.store.cancel_tenant_deletion(id, self.clock.now_unix());
-        self.cache.invalidate(id.as_str());
-        result
+        self.transition(id, TenantTransition::CancelDeletion)
     }
 
     /// Crypto-shreds a tenant whose deletion window has passed. Blocking.
     pub fn destroy_tenant(&self, id: &TenantId) -> Result<TenantRecord> {
-        let result = self.store.destroy_tenant(id, self.clock.now_unix());
-        self.cache.invalidate(id.as_str());
-        if let (Ok(_), Some(ledger)) = (&result, self.shred.get()) {
-            ledger.tenant_destroyed(id)?;
-        }
-        result
+        self.transition(id, TenantTransition::Destroy)
     }
 
     /// Sets the rotation policy (0 for `max_encryptions` means the server default).
@@ -590,15 +582,15 @@ impl KeyManager {
         result
     }
 
-    /// Changes a key version's state and drops the tenant's cached keys.
+    /// Changes a key version's state (see [`TenantStore::set_key_version_state`]), drops the
+    /// tenant's cached keys, and records a destruction in the shred ledger.
     pub fn set_version_state(
         &self,
         id: &TenantId,
         version: u32,
-        from: &[KeyVersionState],
-        to: KeyVersionState,
+        transition: VersionTransition,
     ) -> Result<KeyVersionRecord> {
-        let result = self.store.set_key_version_state(id, version, from, to);
+        let result = self.store.set_key_version_state(id, version, transition);
         self.cache.invalidate(id.as_str());
         if let (Ok(r), Some(ledger)) = (&result, self.shred.get())
             && r.state == KeyVersionState::Destroyed
@@ -621,33 +613,18 @@ impl KeyManager {
             .audit_key()?
             .ok_or_else(|| Error::internal("audit key vanished"))?;
         self.ensure_master_version(wrapped.master_version)?;
-        let master = read(&self.master);
-        let key = master
-            .ring
-            .get(wrapped.master_version)
-            .ok_or_else(|| Error::internal("master key version missing"))?;
-        let wrapping =
-            envelope::master_wrapping_key(key, labels::AUDIT_KEY_WRAP, wrapped.master_version)
-                .map_err(|_| Error::internal("derivation failed"))?;
-        envelope::unwrap_audit_key(&wrapping, wrapped.master_version, &wrapped.bytes)
-            .map_err(|_| Error::internal("the audit key does not unwrap"))
+        wrapping::unwrap_audit_secret(&read(&self.master).ring, &wrapped).map_err(|failure| {
+            match failure {
+                UnwrapFailure::MasterVersionMissing(_) => {
+                    Error::internal("master key version missing")
+                }
+                UnwrapFailure::DoesNotOpen => Error::internal("the audit key does not unwrap"),
+            }
+        })
     }
 
     fn wrap_audit_key(&self, secret: &SecretKey) -> Result<WrappedTenantKey> {
-        let master = read(&self.master);
-        let master_version = master.ring.primary_version();
-        let key = master
-            .ring
-            .get(master_version)
-            .ok_or_else(|| Error::internal("primary master key missing"))?;
-        let wrapping = envelope::master_wrapping_key(key, labels::AUDIT_KEY_WRAP, master_version)
-            .map_err(|_| Error::internal("derivation failed"))?;
-        let bytes = envelope::wrap_audit_key(&wrapping, master_version, secret)
-            .map_err(|_| Error::internal("audit key wrap failed"))?;
-        Ok(WrappedTenantKey {
-            master_version,
-            bytes,
-        })
+        wrapping::wrap_audit_secret(&read(&self.master).ring, secret)
     }
 
     /// The primary master version.
@@ -751,22 +728,14 @@ impl KeyManager {
             let mut rewrappings = Vec::with_capacity(rows.len());
             for (id, version, wrapped) in rows {
                 let key = self.unwrap_tenant_key(&id, version, &wrapped)?;
-                let master = read(&self.master);
-                let wrapping = master
-                    .tenant_key_wrapping
-                    .get(&primary)
-                    .ok_or_else(|| Error::internal("primary master key missing"))?;
-                let bytes =
-                    envelope::wrap_tenant_key(wrapping, primary, id.as_str(), version, &key)
-                        .map_err(|_| Error::internal("tenant key wrap failed"))?;
+                let wrapped = read(&self.master)
+                    .wrapping
+                    .wrap_under(primary, &id, version, &key)?;
                 rewrappings.push(Rewrapping {
                     tenant_id: id,
                     version,
                     from_master: from,
-                    wrapped: WrappedTenantKey {
-                        master_version: primary,
-                        bytes,
-                    },
+                    wrapped,
                 });
             }
             let done = self.store.rewrap(&rewrappings)? as u64;

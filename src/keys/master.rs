@@ -47,7 +47,9 @@ impl MasterKeyring {
                             path.display()
                         )));
                     }
-                    let keyring = Self::single(SecretKey::generate()?);
+                    let keyring = Self::single(
+                        SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?,
+                    );
                     fsutil::write_private_file(path, keyring.to_file_text().as_bytes())?;
                     tracing::info!(path = %path.display(), "created master keyring (version 1)");
                     return Ok(keyring);
@@ -125,7 +127,10 @@ impl MasterKeyring {
     pub fn add_version_to_file(path: &Path) -> Result<u32> {
         let mut keyring = Self::load(&MasterKeySource::File(path.to_owned()), false)?;
         let version = keyring.primary_version() + 1;
-        keyring.keys.insert(version, SecretKey::generate()?);
+        keyring.keys.insert(
+            version,
+            SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?,
+        );
         let tmp = path.with_extension("keyring.new");
         let _ = std::fs::remove_file(&tmp);
         fsutil::write_private_file(&tmp, keyring.to_file_text().as_bytes())?;

@@ -1,10 +1,13 @@
 //! The key hierarchy at run time: master-key providers, the manager that creates, wraps,
-//! unwraps and rotates tenant keys, and the bounded cache of unwrapped keys.
+//! unwraps and rotates tenant keys, the one tenant-key wrapping and unwrapping
+//! (`wrapping`), and the bounded cache of unwrapped keys.
 
 pub mod cache;
-pub mod manager;
+mod manager;
 pub mod master;
-pub mod shred;
+mod shred;
+// Crate-private: backup and the manager unwrap through it; nothing outside needs it.
+pub(crate) mod wrapping;
 
 pub use manager::{EncryptGrant, KeyManager, KeyPolicy, RewrapProgress, RewrapSummary};
 pub use master::{MasterKeySource, MasterKeyring};

@@ -57,21 +57,18 @@ impl KeyServiceImpl {
     /// only when the in-memory reservation is spent). A rotation forced by the nonce budget
     /// is audited (caller `server:nonce-budget`) before the grant is used.
     async fn grant(&self, entry: Arc<TenantEntry>, count: u64) -> Result<EncryptGrant> {
-        if let Some(version) = entry.try_take(count) {
-            return Ok(EncryptGrant {
-                entry,
-                version,
-                rotated_from: None,
-            });
-        }
+        let entry = match EncryptGrant::from_reservation(entry, count) {
+            Ok(grant) => return Ok(grant),
+            Err(entry) => entry,
+        };
         let keys = Arc::clone(&self.state.keys);
         let grant = blocking(move || keys.grant_encryptions(entry, count)).await?;
-        if let Some(from) = grant.rotated_from {
+        if let Some(from) = grant.rotated_from() {
             let record = call::system_record(
                 "server:nonce-budget",
-                &grant.entry.record.tenant_id,
+                &grant.entry().record.tenant_id,
                 "RotateTenantKey",
-                vec![from, grant.version],
+                vec![from, grant.version()],
                 crate::audit::Outcome::Ok,
                 format!("nonce budget of version {from} reached"),
             );
@@ -115,12 +112,12 @@ fn seal(
     plaintext: &[u8],
 ) -> Result<Vec<u8>> {
     let key = grant
-        .entry
-        .value_key(grant.version, purpose, context.as_str())?;
+        .entry()
+        .value_key(grant.version(), purpose, context.as_str())?;
     envelope::seal_value(
         &key,
         purpose,
-        grant.version,
+        grant.version(),
         tenant.as_str(),
         context.as_str(),
         aad,
@@ -138,7 +135,7 @@ fn open(
     aad: &[u8],
     ciphertext: &[u8],
 ) -> Result<(SecretBytes, u32)> {
-    let parsed = format::parse(ciphertext).map_err(|_| Error::DecryptFailed)?;
+    let parsed = format::parse(ciphertext).map_err(Error::failed_open)?;
     let version = parsed.header.key_version;
     let key = entry.value_key(version, purpose, context.as_str())?;
     let plaintext = envelope::open_value(
@@ -149,7 +146,7 @@ fn open(
         context.as_str(),
         aad,
     )
-    .map_err(|_| Error::DecryptFailed)?;
+    .map_err(Error::failed_open)?;
     Ok((plaintext, version))
 }
 
@@ -203,7 +200,7 @@ impl KeyService for KeyServiceImpl {
             call.note_aad(&self.state, &req.aad);
             let entry = self.active_entry(&tenant).await?;
             let grant = self.grant(entry, 1).await?;
-            call.note_version(grant.version);
+            call.note_version(grant.version());
             let ciphertext = seal(
                 &grant,
                 Purpose::Field,
@@ -214,7 +211,7 @@ impl KeyService for KeyServiceImpl {
             )?;
             Ok(pb::EncryptResponse {
                 ciphertext,
-                key_version: grant.version,
+                key_version: grant.version(),
             })
         }
         .instrument(span)
@@ -290,7 +287,7 @@ impl KeyService for KeyServiceImpl {
             let grant = if valid > 0 {
                 let entry = self.active_entry(&tenant).await?;
                 let grant = self.grant(entry, valid).await?;
-                call.note_version(grant.version);
+                call.note_version(grant.version());
                 Some(Arc::new(grant))
             } else {
                 None
@@ -310,7 +307,7 @@ impl KeyService for KeyServiceImpl {
                 )?;
                 Ok(pb::EncryptResponse {
                     ciphertext,
-                    key_version: grant.version,
+                    key_version: grant.version(),
                 })
             })
             .await?;
@@ -409,7 +406,7 @@ impl KeyService for KeyServiceImpl {
             call.note_context(&context);
             let entry = self.active_entry(&tenant).await?;
             let grant = self.grant(entry, 1).await?;
-            call.note_version(grant.version);
+            call.note_version(grant.version());
             let data_key = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
             let wrapped_key = seal(
                 &grant,
@@ -422,7 +419,7 @@ impl KeyService for KeyServiceImpl {
             Ok(pb::GenerateDataKeyResponse {
                 plaintext_key: data_key.expose_secret().to_vec(),
                 wrapped_key,
-                key_version: grant.version,
+                key_version: grant.version(),
             })
         }
         .instrument(span)
@@ -489,7 +486,7 @@ impl KeyService for KeyServiceImpl {
             )?;
             call.note_version(old_version);
             let grant = self.grant(entry, 1).await?;
-            call.note_version(grant.version);
+            call.note_version(grant.version());
             let ciphertext = seal(
                 &grant,
                 Purpose::Field,
@@ -500,7 +497,7 @@ impl KeyService for KeyServiceImpl {
             )?;
             Ok(pb::RewrapResponse {
                 ciphertext,
-                key_version: grant.version,
+                key_version: grant.version(),
             })
         }
         .instrument(span)
@@ -539,7 +536,7 @@ impl KeyService for KeyServiceImpl {
             let entry = self.active_entry(&tenant).await?;
             let grant = if valid > 0 {
                 let grant = self.grant(Arc::clone(&entry), valid).await?;
-                call.note_version(grant.version);
+                call.note_version(grant.version());
                 Some(Arc::new(grant))
             } else {
                 None
@@ -568,7 +565,7 @@ impl KeyService for KeyServiceImpl {
                 Ok((
                     pb::RewrapResponse {
                         ciphertext,
-                        key_version: grant.version,
+                        key_version: grant.version(),
                     },
                     old_version,
                 ))

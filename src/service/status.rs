@@ -16,7 +16,14 @@ pub fn code(error: &Error) -> Code {
         Error::InvalidArgument(_) | Error::DecryptFailed => Code::InvalidArgument,
         Error::NotFound(_) => Code::NotFound,
         Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::FailedPrecondition(_)
+        | Error::TenantState(_)
+        | Error::KeyVersionState { .. }
+        | Error::PrimaryKeyVersion
+        | Error::DeletionWindowPassed
+        | Error::DeletionWindowOpen
+        | Error::ConcurrentChange
+        | Error::RetiredMasterVersion(_) => Code::FailedPrecondition,
         Error::Unauthenticated => Code::Unauthenticated,
         Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::ResourceExhausted(_) | Error::RetryLater { .. } => Code::ResourceExhausted,
@@ -32,7 +39,14 @@ pub fn outcome(error: &Error) -> Outcome {
         Error::InvalidArgument(_) | Error::DecryptFailed => Outcome::Invalid,
         Error::NotFound(_) => Outcome::NotFound,
         Error::AlreadyExists(_) => Outcome::AlreadyExists,
-        Error::FailedPrecondition(_) => Outcome::FailedPrecondition,
+        Error::FailedPrecondition(_)
+        | Error::TenantState(_)
+        | Error::KeyVersionState { .. }
+        | Error::PrimaryKeyVersion
+        | Error::DeletionWindowPassed
+        | Error::DeletionWindowOpen
+        | Error::ConcurrentChange
+        | Error::RetiredMasterVersion(_) => Outcome::FailedPrecondition,
         Error::Unauthenticated => Outcome::Unauthenticated,
         Error::PermissionDenied(_) => Outcome::Denied,
         Error::ResourceExhausted(_) | Error::RetryLater { .. } => Outcome::Exhausted,
@@ -42,7 +56,9 @@ pub fn outcome(error: &Error) -> Outcome {
     }
 }
 
-/// The message a client may read.
+/// The message a client may read: the error's own text for every variant whose text is
+/// safe (the lifecycle variants' texts name states and versions, never a secret), a generic
+/// one with the request id otherwise.
 pub fn client_message(error: &Error, request_id: &str) -> String {
     match error {
         Error::Internal(_) => format!("internal error (request id {request_id})"),
@@ -100,5 +116,41 @@ mod tests {
         assert!(!status.message().contains("SQL"));
         assert!(!status.message().contains("/var"));
         assert!(status.message().contains("abc123"));
+    }
+
+    #[test]
+    fn lifecycle_errors_read_as_before() {
+        use crate::domain::{KeyVersionState, TenantState};
+        let cases = [
+            (
+                Error::TenantState(TenantState::Destroyed),
+                "tenant destroyed",
+            ),
+            (
+                Error::TenantState(TenantState::PendingDeletion),
+                "tenant is PENDING_DELETION",
+            ),
+            (
+                Error::KeyVersionState {
+                    version: 1,
+                    state: KeyVersionState::Disabled,
+                },
+                "key version 1 is DISABLED",
+            ),
+            (
+                Error::ConcurrentChange,
+                "the tenant's key was rotated concurrently; retry",
+            ),
+            (
+                Error::RetiredMasterVersion(3),
+                "master key version 3 is retired; reload the keyring",
+            ),
+        ];
+        for (error, text) in cases {
+            let status = to_status(&error, "r1");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{text}");
+            assert_eq!(status.message(), text);
+            assert_eq!(outcome(&error), Outcome::FailedPrecondition);
+        }
     }
 }

@@ -10,7 +10,8 @@ use super::call::Call;
 use super::state::AppState;
 use super::{blocking, convert, status};
 use crate::auth::Operation;
-use crate::domain::{KeyVersionState, TenantId, TenantState};
+use crate::domain::TenantId;
+use crate::domain::lifecycle::{self, TenantTransition, VersionTransition};
 use crate::error::{Error, Result};
 use crate::keys::KeyManager;
 use crate::pb;
@@ -71,11 +72,10 @@ impl TenantServiceImpl {
         &self,
         tenant_id: String,
         call: Call,
-        from: &'static [TenantState],
-        to: TenantState,
+        transition: TenantTransition,
     ) -> Result<Response<pb::Tenant>, Status> {
         self.tenant_call(call, &tenant_id, move |keys, tenant| {
-            keys.set_state(tenant, from, to, None)
+            keys.transition(tenant, transition)
                 .map(|r| convert::tenant(&r))
         })
         .await
@@ -90,9 +90,7 @@ fn live_tenant(keys: &KeyManager, tenant: &TenantId) -> Result<TenantRecord> {
         .store()
         .tenant(tenant)?
         .ok_or(Error::NotFound("tenant"))?;
-    if record.state == TenantState::Destroyed {
-        return Err(crate::store::sqlite::state_error(record.state));
-    }
+    lifecycle::require_not_destroyed(record.state)?;
     Ok(record)
 }
 
@@ -218,12 +216,7 @@ impl TenantService for TenantServiceImpl {
         let version = req.version;
         self.tenant_call(call, &req.tenant_id, move |keys, tenant| {
             let version = version_of(version)?;
-            let record = keys.set_version_state(
-                tenant,
-                version,
-                &[KeyVersionState::Enabled],
-                KeyVersionState::Disabled,
-            )?;
+            let record = keys.set_version_state(tenant, version, VersionTransition::Disable)?;
             Ok(convert::key_version(&record, 0))
         })
         .await
@@ -238,12 +231,7 @@ impl TenantService for TenantServiceImpl {
         let version = req.version;
         self.tenant_call(call, &req.tenant_id, move |keys, tenant| {
             let version = version_of(version)?;
-            let record = keys.set_version_state(
-                tenant,
-                version,
-                &[KeyVersionState::Disabled, KeyVersionState::Enabled],
-                KeyVersionState::Enabled,
-            )?;
+            let record = keys.set_version_state(tenant, version, VersionTransition::Enable)?;
             let primary = keys
                 .store()
                 .tenant(tenant)?
@@ -262,12 +250,7 @@ impl TenantService for TenantServiceImpl {
         let version = req.version;
         self.tenant_call(call, &req.tenant_id, move |keys, tenant| {
             let version = version_of(version)?;
-            let record = keys.set_version_state(
-                tenant,
-                version,
-                &[KeyVersionState::Enabled, KeyVersionState::Disabled],
-                KeyVersionState::Destroyed,
-            )?;
+            let record = keys.set_version_state(tenant, version, VersionTransition::Destroy)?;
             Ok(convert::key_version(&record, 0))
         })
         .await
@@ -299,13 +282,8 @@ impl TenantService for TenantServiceImpl {
     ) -> Result<Response<pb::Tenant>, Status> {
         let call = Call::begin(&request, Operation::SuspendTenant);
         let req = request.into_inner();
-        self.transition(
-            req.tenant_id,
-            call,
-            &[TenantState::Active],
-            TenantState::Suspended,
-        )
-        .await
+        self.transition(req.tenant_id, call, TenantTransition::Suspend)
+            .await
     }
 
     async fn resume_tenant(
@@ -314,13 +292,8 @@ impl TenantService for TenantServiceImpl {
     ) -> Result<Response<pb::Tenant>, Status> {
         let call = Call::begin(&request, Operation::ResumeTenant);
         let req = request.into_inner();
-        self.transition(
-            req.tenant_id,
-            call,
-            &[TenantState::Suspended],
-            TenantState::Active,
-        )
-        .await
+        self.transition(req.tenant_id, call, TenantTransition::Resume)
+            .await
     }
 
     async fn schedule_tenant_deletion(
@@ -344,11 +317,9 @@ impl TenantService for TenantServiceImpl {
                 .clock()
                 .now_unix()
                 .saturating_add(i64::try_from(waiting).unwrap_or(i64::MAX));
-            let record = keys.set_state(
+            let record = keys.transition(
                 tenant,
-                &[TenantState::Active, TenantState::Suspended],
-                TenantState::PendingDeletion,
-                Some(at),
+                TenantTransition::ScheduleDeletion { deletion_time: at },
             )?;
             // A zero-length window (drills, tests) shreds at once.
             let record = if waiting == 0 {

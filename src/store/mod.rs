@@ -1,14 +1,21 @@
 //! The key store: master-key check values, tenants, wrapped tenant-key versions and caller
-//! tokens, behind the [`KeyStore`] trait so that a PostgreSQL backend can replace SQLite for
+//! tokens, behind the [`KeyStore`] traits so that a PostgreSQL backend can replace SQLite for
 //! multi-node deployments. Nothing outside this module knows the backend is SQLite.
+//!
+//! [`KeyStore`] is five traits by concern: [`TenantStore`], [`TokenStore`],
+//! [`MasterKeyStore`], [`ChangeDetection`] and [`BackupStore`]. Callers import the ones whose
+//! methods they call.
 //!
 //! Every method is one transaction; state changes are conditional on the state they start
 //! from, so two processes (a server and the `rotate` command) can share one data directory.
 
+#[cfg(any(test, feature = "test-seams"))]
+pub mod contract;
 mod migrations;
-pub mod recovery;
-pub mod sqlite;
+mod recovery;
+mod sqlite;
 
+use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
 
@@ -109,18 +116,117 @@ pub struct TokenRecord {
     pub revoked_at: Option<i64>,
 }
 
-/// What a tenant key version's state change must start from.
-pub type FromStates<'a> = &'a [KeyVersionState];
+/// Storage of keys and callers, for a backend to implement: the five traits below, composed
+/// (as tikv's `KvEngine` composes its engine traits). Implementations are shared by many
+/// threads; each method is atomic and durable when it returns. Every implementation must pass
+/// the conformance suite in [`contract`] (behind the `test-seams` feature).
+pub trait KeyStore:
+    TenantStore + TokenStore + MasterKeyStore + ChangeDetection + BackupStore + Send + Sync
+{
+}
 
-/// Storage of keys and callers. Implementations are shared by many threads; each method is
-/// atomic and durable when it returns.
-pub trait KeyStore: Send + Sync {
-    /// All master-key versions the store has seen.
+impl<S> KeyStore for S where
+    S: TenantStore + TokenStore + MasterKeyStore + ChangeDetection + BackupStore + Send + Sync
+{
+}
+
+/// Tenants and their key versions. Lifecycle rules come from [`crate::domain::lifecycle`]:
+/// an implementation reads the row inside its transaction, asks the rule, and writes the
+/// answer conditionally on what it read (compare-and-set), deciding nothing of its own.
+pub trait TenantStore {
+    /// Creates a tenant with its first key version. `AlreadyExists` if the id is in use,
+    /// [`Error::TenantState`](crate::error::Error::TenantState) (DESTROYED) if it belonged to
+    /// a destroyed tenant (ids are never re-used),
+    /// [`Error::RetiredMasterVersion`](crate::error::Error::RetiredMasterVersion) if the key
+    /// is wrapped under a retired master version.
+    fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()>;
+    /// Creates many tenants, each with its first key version, in one transaction (bulk
+    /// provisioning: one durable commit instead of one per tenant), with the errors of
+    /// [`TenantStore::create_tenant`]. All or nothing: nothing is created if any id was ever
+    /// used.
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()>;
+    /// A tenant's row.
+    fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>>;
+    /// A tenant's row and its key versions (oldest first), read as one consistent snapshot
+    /// (so a change committed by another process cannot fall between the two reads).
+    fn tenant_snapshot(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>>;
+    /// Up to `limit` tenants (destroyed tombstones included) in id order, strictly after
+    /// `after`.
+    fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>>;
+    /// A tenant's key versions, oldest first (empty for an unknown tenant).
+    fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>>;
+    /// Adds a version and makes it primary, if the rotation rule
+    /// ([`lifecycle::check_rotation`](crate::domain::lifecycle::check_rotation)) allows it:
+    /// the tenant is rotatable and its primary is still `expected_primary`, else
+    /// [`Error::ConcurrentChange`](crate::error::Error::ConcurrentChange). Of several callers
+    /// racing from the same primary exactly one wins.
+    fn add_key_version(
+        &self,
+        id: &TenantId,
+        expected_primary: u32,
+        version: &KeyVersionRecord,
+    ) -> Result<TenantRecord>;
+    /// Applies a lifecycle transition at `now` as
+    /// [`lifecycle::tenant_transition`](crate::domain::lifecycle::tenant_transition) decides
+    /// it. A destruction crypto-shreds: every wrapped key of the tenant is deleted in the
+    /// same transaction and no copy stays in any file of the store.
+    fn set_tenant_state(
+        &self,
+        id: &TenantId,
+        transition: TenantTransition,
+        now: i64,
+    ) -> Result<TenantRecord>;
+    /// Sets the rotation policy (refused for a destroyed tenant).
+    fn set_rotation_policy(
+        &self,
+        id: &TenantId,
+        rotation_period_seconds: u64,
+        max_encryptions: u64,
+    ) -> Result<TenantRecord>;
+    /// Applies a version transition as
+    /// [`lifecycle::version_transition`](crate::domain::lifecycle::version_transition)
+    /// decides it; destroying deletes the wrapped key for good (crypto-shredding).
+    fn set_key_version_state(
+        &self,
+        id: &TenantId,
+        version: u32,
+        transition: VersionTransition,
+    ) -> Result<KeyVersionRecord>;
+    /// Reserves `count` more encryptions under a version and returns the new reserved total:
+    /// never decreases, and concurrent reservations add up exactly.
+    fn reserve_encryptions(&self, id: &TenantId, version: u32, count: u64) -> Result<u64>;
+    /// Rotatable tenants whose primary is older than their rotation period or whose reserved
+    /// count is within `budget_margin` (a fraction) of their budget, and tenants whose
+    /// deletion is due at `now`.
+    fn tenants_due(&self, now: i64, budget_margin: f64) -> Result<DueTenants>;
+}
+
+/// Callers' tokens, stored only as hashes.
+pub trait TokenStore {
+    /// Stores a new token.
+    fn insert_token(&self, token: &TokenRecord) -> Result<()>;
+    /// The token with this hash.
+    fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>>;
+    /// All tokens, oldest first.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Revokes a token by id; false if there is none or it is revoked already (the first
+    /// revocation time stays).
+    fn revoke_token(&self, id: &str, at: i64) -> Result<bool>;
+}
+
+/// Master-key versions (check values, never keys), what each wraps, and the wrapped audit
+/// secret.
+pub trait MasterKeyStore {
+    /// All master-key versions the store has seen, ascending.
     fn master_versions(&self) -> Result<Vec<MasterVersionRecord>>;
-    /// Records a new master-key version.
+    /// Records a new master-key version (a version already known is left as it is).
     fn insert_master_version(&self, record: &MasterVersionRecord) -> Result<()>;
     /// Marks a master version retired, in one transaction and only if no wrapped key (tenant
-    /// key or audit secret) is under it any more. Returns whether it is retired now.
+    /// key or audit secret) is under it any more. Returns whether it is retired now. Nothing
+    /// can be wrapped under a retired version afterwards.
     fn retire_master_version(&self, version: u32, at: i64) -> Result<bool>;
     /// How many wrapped keys (tenant keys and the audit secret) are under a master version.
     fn count_wrapped_under(&self, master_version: u32) -> Result<u64>;
@@ -133,7 +239,6 @@ pub trait KeyStore: Send + Sync {
     /// Replaces wrappings in one transaction, each only if still under its `from_master`.
     /// Returns how many were replaced.
     fn rewrap(&self, batch: &[Rewrapping]) -> Result<usize>;
-
     /// The wrapped audit secret, if created.
     fn audit_key(&self) -> Result<Option<WrappedTenantKey>>;
     /// Stores the wrapped audit secret: inserts it if there is none, or replaces it if it is
@@ -143,116 +248,31 @@ pub trait KeyStore: Send + Sync {
         wrapped: &WrappedTenantKey,
         replace_master: Option<u32>,
     ) -> Result<bool>;
+}
 
-    /// Creates a tenant with its first key version. `AlreadyExists` if the id is in use,
-    /// FAILED_PRECONDITION "tenant destroyed" if it belonged to a destroyed tenant (ids are
-    /// never re-used). Refused if the key is wrapped under a retired master version.
-    fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()>;
-    /// Creates many tenants, each with its first key version, in one transaction (bulk
-    /// provisioning: one durable commit instead of one per tenant). Nothing is created if any
-    /// id was ever used.
-    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
-        for (tenant, first) in tenants {
-            self.create_tenant(tenant, first)?;
-        }
-        Ok(())
-    }
-    /// A tenant's row.
-    fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>>;
-    /// A tenant's row and its key versions, read as one consistent snapshot (so a change
-    /// committed by another process cannot fall between the two reads).
-    fn tenant_snapshot(
-        &self,
-        id: &TenantId,
-    ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
-        match self.tenant(id)? {
-            Some(tenant) => Ok(Some((tenant, self.key_versions(id)?))),
-            None => Ok(None),
-        }
-    }
-    /// Tenants in id order after `after`.
-    fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>>;
-    /// A tenant's key versions, oldest first.
-    fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>>;
-    /// Adds a version and makes it primary, if the primary is still `expected_primary` and the
-    /// tenant is active or suspended.
-    fn add_key_version(
-        &self,
-        id: &TenantId,
-        expected_primary: u32,
-        version: &KeyVersionRecord,
-    ) -> Result<TenantRecord>;
-    /// Moves a tenant from one of `from` to `to` (with the deletion time for PENDING_DELETION).
-    fn set_tenant_state(
-        &self,
-        id: &TenantId,
-        from: &[TenantState],
-        to: TenantState,
-        deletion_time: Option<i64>,
-    ) -> Result<TenantRecord>;
-    /// Moves a PENDING_DELETION tenant back to ACTIVE, only while its deletion window is still
-    /// open at `now` (a due deletion can no longer be cancelled).
-    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord>;
-    /// Sets the rotation policy.
-    fn set_rotation_policy(
-        &self,
-        id: &TenantId,
-        rotation_period_seconds: u64,
-        max_encryptions: u64,
-    ) -> Result<TenantRecord>;
-    /// Moves a non-primary (for disable/destroy) version between states; destroying deletes
-    /// the wrapped key with secure_delete.
-    fn set_key_version_state(
-        &self,
-        id: &TenantId,
-        version: u32,
-        from: FromStates<'_>,
-        to: KeyVersionState,
-    ) -> Result<KeyVersionRecord>;
-    /// Crypto-shreds a PENDING_DELETION tenant whose window has passed at `now`: deletes every
-    /// wrapped key with secure_delete, marks the tenant DESTROYED and checkpoints the log so
-    /// no copy of the keys stays in any file.
-    fn destroy_tenant(&self, id: &TenantId, now: i64) -> Result<TenantRecord>;
-    /// Reserves `count` more encryptions under a version and returns the new reserved total.
-    fn reserve_encryptions(&self, id: &TenantId, version: u32, count: u64) -> Result<u64>;
-    /// Tenants whose primary is older than their rotation period or whose reserved count is
-    /// within `budget_margin` (a fraction) of their budget, and tenants whose deletion is due.
-    fn tenants_due(&self, now: i64, budget_margin: f64) -> Result<DueTenants>;
-
-    /// Stores a new token.
-    fn insert_token(&self, token: &TokenRecord) -> Result<()>;
-    /// The token with this hash.
-    fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>>;
-    /// All tokens.
-    fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// Revokes a token by id; false if there is none.
-    fn revoke_token(&self, id: &str, at: i64) -> Result<bool>;
-
-    /// True if another process (or connection) changed the store since the last call, so
-    /// every cache built from it must be dropped.
-    fn changed_elsewhere(&self) -> Result<bool>;
-
+/// Noticing changes made by other processes, so caches built from the store can be dropped.
+pub trait ChangeDetection {
     /// How many changes by other processes (or connections) the store has seen, as of a check
     /// that began after this call did: a caller that has dropped its caches for this
     /// generation (or a later one) has seen every change committed before the call began.
-    /// Several callers may get the same generation from one check.
+    /// Several callers may get the same generation from one check. Never decreases; this
+    /// store's own writes do not count.
     fn change_generation(&self) -> Result<u64>;
-
-    /// [`KeyStore::change_generation`] if it can answer without waiting for another
+    /// [`ChangeDetection::change_generation`] if it can answer without waiting for another
     /// operation of this process (a write holding the connection); `None` when it would
     /// have to wait.
-    fn try_change_generation(&self) -> Option<Result<u64>> {
-        Some(self.change_generation())
-    }
+    fn try_change_generation(&self) -> Option<Result<u64>>;
+}
 
-    // Backup, per-tenant import and the shred ledger (see `crate::backup`).
-
+/// Backup, per-tenant import and crypto-shredding by the shred ledger (see `crate::backup`).
+pub trait BackupStore {
     /// Writes a consistent snapshot of the whole store to the new file `dest` (mode 0600)
     /// while other connections and processes keep reading and writing.
     fn snapshot_to(&self, dest: &std::path::Path) -> Result<()>;
     /// How many tenants and wrapped keys the store holds.
     fn counts(&self) -> Result<StoreCounts>;
     /// Calls `f` with every wrapped tenant key, in (tenant, version) order; returns how many.
+    /// `f` must not call back into the store.
     fn for_each_wrapped_key(
         &self,
         f: &mut dyn FnMut(&TenantId, u32, &WrappedTenantKey) -> Result<()>,
@@ -260,12 +280,12 @@ pub trait KeyStore: Send + Sync {
     /// Every destroyed tenant, and every destroyed version of a tenant that is not destroyed.
     fn destroyed_items(&self) -> Result<Vec<ShredItem>>;
     /// Crypto-shreds the items whatever their state (re-applying the shred ledger after a
-    /// restore): one transaction, then the log is checkpointed so no copy of the keys stays.
+    /// restore): one transaction, then no copy of the keys stays in any file of the store.
     /// Returns the items that were not destroyed yet (unknown tenants are skipped).
     fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>>;
     /// Replaces a tenant and all its key versions in one transaction (per-tenant import):
     /// refused if the tenant is destroyed in the store, or if a version the store has
-    /// destroyed would come back with a key.
+    /// destroyed would come back with a key; on refusal nothing changes.
     fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()>;
     /// The shred ledger head this store last saw.
     fn shred_ledger_head(&self) -> Result<Option<LedgerHead>>;

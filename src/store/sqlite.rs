@@ -14,9 +14,11 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    DueTenants, FromStates, KeyStore, KeyVersionRecord, LedgerHead, MasterVersionRecord,
-    Rewrapping, ShredItem, StoreCounts, TenantRecord, TokenRecord, WrappedTenantKey,
+    BackupStore, ChangeDetection, DueTenants, KeyVersionRecord, LedgerHead, MasterKeyStore,
+    MasterVersionRecord, Rewrapping, ShredItem, StoreCounts, TenantRecord, TenantStore,
+    TokenRecord, TokenStore, WrappedTenantKey,
 };
+use crate::domain::lifecycle::{self, TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 
@@ -51,12 +53,10 @@ pub struct SqliteKeyStore {
 struct Inner {
     conn: Connection,
     data_version: i64,
-    /// Changes by others seen so far (see `KeyStore::change_generation`).
+    /// Changes by others seen so far (see `ChangeDetection::change_generation`).
     generation: u64,
     /// The number of the last finished change check.
     checks_done: u64,
-    /// The generation `changed_elsewhere` last reported.
-    reported_generation: u64,
     /// The `-shm` file, read for the WAL-index header (opened on first use).
     shm: Option<std::fs::File>,
     shm_path: std::path::PathBuf,
@@ -188,14 +188,6 @@ fn load_version(
     .optional()
 }
 
-/// The error for a tenant found in a state the call cannot start from.
-pub(crate) fn state_error(state: TenantState) -> Error {
-    match state {
-        TenantState::Destroyed => Error::FailedPrecondition("tenant destroyed".into()),
-        other => Error::FailedPrecondition(format!("tenant is {}", other.name())),
-    }
-}
-
 impl SqliteKeyStore {
     /// Opens (creating if needed, with mode 0600) `keys.db` at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
@@ -226,7 +218,6 @@ impl SqliteKeyStore {
                 data_version,
                 generation: 0,
                 checks_done: 0,
-                reported_generation: 0,
                 shm: None,
                 shm_path: {
                     let mut shm = path.as_os_str().to_owned();
@@ -284,7 +275,7 @@ fn require_tenant(tx: &Connection, id: &TenantId) -> Result<TenantRecord> {
         .ok_or(Error::NotFound("tenant"))
 }
 
-impl KeyStore for SqliteKeyStore {
+impl MasterKeyStore for SqliteKeyStore {
     fn master_versions(&self) -> Result<Vec<MasterVersionRecord>> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
@@ -447,7 +438,9 @@ impl KeyStore for SqliteKeyStore {
             Ok(changed == 1)
         })
     }
+}
 
+impl TenantStore for SqliteKeyStore {
     fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()> {
         let wrapped = first
             .wrapped
@@ -469,6 +462,10 @@ impl KeyStore for SqliteKeyStore {
         })
     }
 
+    fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
+        self.read(|conn| load_tenant(conn, id))
+    }
+
     fn tenant_snapshot(
         &self,
         id: &TenantId,
@@ -485,10 +482,6 @@ impl KeyStore for SqliteKeyStore {
         let versions = load_versions(&tx, id).map_err(sql_error)?;
         tx.commit().map_err(sql_error)?;
         Ok(Some((tenant, versions)))
-    }
-
-    fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
-        self.read(|conn| load_tenant(conn, id))
     }
 
     fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>> {
@@ -521,20 +514,19 @@ impl KeyStore for SqliteKeyStore {
             .ok_or_else(|| Error::internal("a new version needs a wrapped key"))?;
         self.write(|tx| {
             let tenant = require_tenant(tx, id)?;
-            if !matches!(tenant.state, TenantState::Active | TenantState::Suspended) {
-                return Err(state_error(tenant.state));
-            }
-            if tenant.primary_version != expected_primary {
-                return Err(Error::FailedPrecondition(
-                    "the tenant's key was rotated concurrently; retry".into(),
-                ));
-            }
+            lifecycle::check_rotation(tenant.state, tenant.primary_version, expected_primary)?;
             insert_version(tx, id, version, wrapped)?;
-            tx.execute(
-                "UPDATE tenants SET primary_version = ?2 WHERE tenant_id = ?1",
-                params![id.as_str(), version.version],
-            )
-            .map_err(sql_error)?;
+            // Conditional on the primary read above (compare-and-set).
+            let changed = tx
+                .execute(
+                    "UPDATE tenants SET primary_version = ?2 WHERE tenant_id = ?1 \
+                     AND primary_version = ?3",
+                    params![id.as_str(), version.version, expected_primary],
+                )
+                .map_err(sql_error)?;
+            if changed != 1 {
+                return Err(Error::ConcurrentChange);
+            }
             require_tenant(tx, id)
         })
     }
@@ -542,44 +534,39 @@ impl KeyStore for SqliteKeyStore {
     fn set_tenant_state(
         &self,
         id: &TenantId,
-        from: &[TenantState],
-        to: TenantState,
-        deletion_time: Option<i64>,
+        transition: TenantTransition,
+        now: i64,
     ) -> Result<TenantRecord> {
-        self.write(|tx| {
+        let (record, shredded) = self.write(|tx| {
             let tenant = require_tenant(tx, id)?;
-            if !from.contains(&tenant.state) {
-                return Err(state_error(tenant.state));
+            let change =
+                lifecycle::tenant_transition(tenant.state, tenant.deletion_time, transition, now)?;
+            if change.shred {
+                shred_rows(tx, id, None, change.destroyed_at.unwrap_or(now))?;
+            } else {
+                // Conditional on the state read above (compare-and-set).
+                let changed = tx
+                    .execute(
+                        "UPDATE tenants SET state = ?2, deletion_time = ?3 \
+                         WHERE tenant_id = ?1 AND state = ?4",
+                        params![
+                            id.as_str(),
+                            change.state.code(),
+                            change.deletion_time,
+                            tenant.state.code()
+                        ],
+                    )
+                    .map_err(sql_error)?;
+                if changed != 1 {
+                    return Err(Error::ConcurrentChange);
+                }
             }
-            tx.execute(
-                "UPDATE tenants SET state = ?2, deletion_time = ?3 WHERE tenant_id = ?1",
-                params![id.as_str(), to.code(), deletion_time],
-            )
-            .map_err(sql_error)?;
-            require_tenant(tx, id)
-        })
-    }
-
-    fn cancel_tenant_deletion(&self, id: &TenantId, now: i64) -> Result<TenantRecord> {
-        self.write(|tx| {
-            let tenant = require_tenant(tx, id)?;
-            if tenant.state != TenantState::PendingDeletion {
-                return Err(state_error(tenant.state));
-            }
-            if tenant.deletion_time.is_some_and(|at| at <= now) {
-                return Err(Error::FailedPrecondition(
-                    "tenant is PENDING_DELETION and its deletion window has passed: it can no \
-                     longer be cancelled"
-                        .into(),
-                ));
-            }
-            tx.execute(
-                "UPDATE tenants SET state = ?2, deletion_time = NULL WHERE tenant_id = ?1",
-                params![id.as_str(), TenantState::Active.code()],
-            )
-            .map_err(sql_error)?;
-            require_tenant(tx, id)
-        })
+            Ok((require_tenant(tx, id)?, change.shred))
+        })?;
+        if shredded {
+            self.checkpoint_truncate()?;
+        }
+        Ok(record)
     }
 
     fn set_rotation_policy(
@@ -590,9 +577,7 @@ impl KeyStore for SqliteKeyStore {
     ) -> Result<TenantRecord> {
         self.write(|tx| {
             let tenant = require_tenant(tx, id)?;
-            if tenant.state == TenantState::Destroyed {
-                return Err(state_error(tenant.state));
-            }
+            lifecycle::require_not_destroyed(tenant.state)?;
             tx.execute(
                 "UPDATE tenants SET rotation_period_seconds = ?2, max_encryptions = ?3 \
                  WHERE tenant_id = ?1",
@@ -611,37 +596,24 @@ impl KeyStore for SqliteKeyStore {
         &self,
         id: &TenantId,
         version: u32,
-        from: FromStates<'_>,
-        to: KeyVersionState,
+        transition: VersionTransition,
     ) -> Result<KeyVersionRecord> {
         self.write(|tx| {
             let tenant = require_tenant(tx, id)?;
-            if tenant.state == TenantState::Destroyed {
-                return Err(state_error(tenant.state));
-            }
-            let record = load_version(tx, id, version)
-                .map_err(sql_error)?
-                .ok_or(Error::NotFound("key version"))?;
-            if to != KeyVersionState::Enabled && version == tenant.primary_version {
-                return Err(Error::FailedPrecondition(
-                    "the primary key version cannot be disabled or destroyed; rotate first".into(),
-                ));
-            }
-            if !from.contains(&record.state) {
-                return Err(Error::FailedPrecondition(format!(
-                    "key version {version} is {}",
-                    record.state.name()
-                )));
-            }
-            tx.execute(
-                "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
-                params![id.as_str(), version, to.code()],
-            )
-            .map_err(sql_error)?;
+            let current = load_version(tx, id, version).map_err(sql_error)?;
+            let to = lifecycle::version_transition(
+                tenant.state,
+                tenant.primary_version,
+                version,
+                current.as_ref().map(|v| v.state),
+                transition,
+            )?;
             if to == KeyVersionState::Destroyed {
+                shred_rows(tx, id, Some(version), 0)?;
+            } else {
                 tx.execute(
-                    "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
-                    params![id.as_str(), version],
+                    "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
+                    params![id.as_str(), version, to.code()],
                 )
                 .map_err(sql_error)?;
             }
@@ -655,38 +627,6 @@ impl KeyStore for SqliteKeyStore {
             }
             Ok(record)
         })
-    }
-
-    fn destroy_tenant(&self, id: &TenantId, now: i64) -> Result<TenantRecord> {
-        let record = self.write(|tx| {
-            let tenant = require_tenant(tx, id)?;
-            if tenant.state != TenantState::PendingDeletion {
-                return Err(state_error(tenant.state));
-            }
-            if tenant.deletion_time.is_some_and(|at| at > now) {
-                return Err(Error::FailedPrecondition(
-                    "tenant deletion window has not passed".into(),
-                ));
-            }
-            tx.execute(
-                "DELETE FROM wrapped_keys WHERE tenant_id = ?1",
-                [id.as_str()],
-            )
-            .map_err(sql_error)?;
-            tx.execute(
-                "UPDATE key_versions SET state = ?2 WHERE tenant_id = ?1",
-                params![id.as_str(), KeyVersionState::Destroyed.code()],
-            )
-            .map_err(sql_error)?;
-            tx.execute(
-                "UPDATE tenants SET state = ?2, destroyed_at = ?3 WHERE tenant_id = ?1",
-                params![id.as_str(), TenantState::Destroyed.code(), now],
-            )
-            .map_err(sql_error)?;
-            require_tenant(tx, id)
-        })?;
-        self.checkpoint_truncate()?;
-        Ok(record)
     }
 
     fn reserve_encryptions(&self, id: &TenantId, version: u32, count: u64) -> Result<u64> {
@@ -764,8 +704,8 @@ impl KeyStore for SqliteKeyStore {
             )?;
             let rows = stmt.query_map(
                 params![
-                    TenantState::Active.code(),
-                    TenantState::Suspended.code(),
+                    lifecycle::ROTATABLE[0].code(),
+                    lifecycle::ROTATABLE[1].code(),
                     now,
                     1.0 - budget_margin
                 ],
@@ -790,7 +730,9 @@ impl KeyStore for SqliteKeyStore {
             Ok(due)
         })
     }
+}
 
+impl TokenStore for SqliteKeyStore {
     fn insert_token(&self, token: &TokenRecord) -> Result<()> {
         self.write(|tx| {
             tx.execute(
@@ -846,15 +788,9 @@ impl KeyStore for SqliteKeyStore {
             Ok(changed == 1)
         })
     }
+}
 
-    fn changed_elsewhere(&self) -> Result<bool> {
-        let generation = self.change_generation()?;
-        let mut inner = self.lock();
-        let changed = generation != inner.reported_generation;
-        inner.reported_generation = generation;
-        Ok(changed)
-    }
-
+impl ChangeDetection for SqliteKeyStore {
     fn change_generation(&self) -> Result<u64> {
         // Single flight: a check that started after this call began is as good as our own,
         // so callers queued on the mutex while one check ran share the next one.
@@ -872,7 +808,9 @@ impl KeyStore for SqliteKeyStore {
         };
         Some(self.generation_check(inner, arrival))
     }
+}
 
+impl BackupStore for SqliteKeyStore {
     fn snapshot_to(&self, dest: &Path) -> Result<()> {
         crate::fsutil::create_private_file(dest)?;
         let mut out = Connection::open(dest).map_err(sql_error)?;
@@ -976,43 +914,17 @@ impl KeyStore for SqliteKeyStore {
                 if tenant.state == TenantState::Destroyed {
                     continue;
                 }
-                let id = item.tenant_id.as_str();
-                match item.version {
-                    None => {
-                        tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
-                            .map_err(sql_error)?;
-                        tx.execute(
-                            "UPDATE key_versions SET state = ?2 WHERE tenant_id = ?1",
-                            params![id, KeyVersionState::Destroyed.code()],
-                        )
-                        .map_err(sql_error)?;
-                        tx.execute(
-                            "UPDATE tenants SET state = ?2, destroyed_at = ?3 WHERE tenant_id = ?1",
-                            params![id, TenantState::Destroyed.code(), now],
-                        )
-                        .map_err(sql_error)?;
-                    }
-                    Some(version) => {
-                        let Some(record) =
-                            load_version(tx, &item.tenant_id, version).map_err(sql_error)?
-                        else {
-                            continue;
-                        };
-                        if record.state == KeyVersionState::Destroyed && record.wrapped.is_none() {
-                            continue;
-                        }
-                        tx.execute(
-                            "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
-                            params![id, version, KeyVersionState::Destroyed.code()],
-                        )
-                        .map_err(sql_error)?;
-                        tx.execute(
-                            "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
-                            params![id, version],
-                        )
-                        .map_err(sql_error)?;
+                if let Some(version) = item.version {
+                    let Some(record) =
+                        load_version(tx, &item.tenant_id, version).map_err(sql_error)?
+                    else {
+                        continue;
+                    };
+                    if record.state == KeyVersionState::Destroyed && record.wrapped.is_none() {
+                        continue;
                     }
                 }
+                shred_rows(tx, &item.tenant_id, item.version, now)?;
                 done.push(item.clone());
             }
             Ok(done)
@@ -1027,9 +939,7 @@ impl KeyStore for SqliteKeyStore {
         let id = tenant.tenant_id.as_str();
         self.write(|tx| {
             if let Some(live) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
-                if live.state == TenantState::Destroyed {
-                    return Err(state_error(live.state));
-                }
+                lifecycle::require_not_destroyed(live.state)?;
                 let mut stmt = tx
                     .prepare("SELECT version FROM key_versions WHERE tenant_id = ?1 AND state = ?2")
                     .map_err(sql_error)?;
@@ -1138,7 +1048,7 @@ impl KeyStore for SqliteKeyStore {
 
 /// Compares `PRAGMA data_version` with the last value seen on this connection.
 impl SqliteKeyStore {
-    /// The body of a change check (see `KeyStore::change_generation`), with the connection
+    /// The body of a change check (see `ChangeDetection::change_generation`), with the connection
     /// locked; `arrival` is the number of checks started when the caller arrived.
     fn generation_check(&self, mut inner: MutexGuard<'_, Inner>, arrival: u64) -> Result<u64> {
         if inner.checks_done > arrival {
@@ -1214,12 +1124,10 @@ fn insert_tenant(
     first: &KeyVersionRecord,
     wrapped: &WrappedTenantKey,
 ) -> Result<()> {
-    match load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
-        Some(existing) if existing.state == TenantState::Destroyed => {
-            return Err(state_error(existing.state));
-        }
-        Some(_) => return Err(Error::AlreadyExists("tenant")),
-        None => {}
+    if let Some(existing) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+        // A destroyed tenant's id is never reused: its tombstone says so.
+        lifecycle::require_not_destroyed(existing.state)?;
+        return Err(Error::AlreadyExists("tenant"));
     }
     // Cached statements here and in `insert_version`: bulk creation runs them per tenant.
     tx.prepare_cached(&format!(
@@ -1241,12 +1149,49 @@ fn insert_tenant(
     insert_version(tx, &tenant.tenant_id, first, wrapped)
 }
 
-/// The error for a key about to be wrapped under a retired master version: the writer's
-/// keyring is older than the store's (another process rotated the master key).
-pub(crate) fn retired_master_error(version: u32) -> Error {
-    Error::FailedPrecondition(format!(
-        "master key version {version} is retired; reload the keyring"
-    ))
+/// Crypto-shreds inside the caller's transaction: deletes the wrapped keys of a whole tenant
+/// (`version` None) or of one version (secure_delete zeroes them where they lay) and marks
+/// them DESTROYED; a whole tenant becomes a DESTROYED tombstone as of `destroyed_at`. The
+/// caller checkpoints the log after the commit (`SqliteKeyStore::checkpoint_truncate`).
+/// The one copy of the shredding statements: tenant destruction, version destruction and
+/// the shred ledger's re-application all run it.
+fn shred_rows(
+    tx: &Connection,
+    id: &TenantId,
+    version: Option<u32>,
+    destroyed_at: i64,
+) -> Result<()> {
+    let id = id.as_str();
+    let destroyed = KeyVersionState::Destroyed.code();
+    match version {
+        None => {
+            tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
+                .map_err(sql_error)?;
+            tx.execute(
+                "UPDATE key_versions SET state = ?2 WHERE tenant_id = ?1",
+                params![id, destroyed],
+            )
+            .map_err(sql_error)?;
+            tx.execute(
+                "UPDATE tenants SET state = ?2, destroyed_at = ?3 WHERE tenant_id = ?1",
+                params![id, TenantState::Destroyed.code(), destroyed_at],
+            )
+            .map_err(sql_error)?;
+        }
+        Some(version) => {
+            tx.execute(
+                "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
+                params![id, version],
+            )
+            .map_err(sql_error)?;
+            tx.execute(
+                "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
+                params![id, version, destroyed],
+            )
+            .map_err(sql_error)?;
+        }
+    }
+    Ok(())
 }
 
 fn insert_version(
@@ -1265,7 +1210,7 @@ fn insert_version(
         })
         .map_err(sql_error)?;
     if matches!(retired, Some(Some(_))) {
-        return Err(retired_master_error(wrapped.master_version));
+        return Err(Error::RetiredMasterVersion(wrapped.master_version));
     }
     tx.prepare_cached(
         "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
@@ -1311,138 +1256,4 @@ fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
         }
     }
     Err(Error::internal("online backup: the database stayed busy"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store() -> (tempfile::TempDir, SqliteKeyStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteKeyStore::open(&dir.path().join("keys.db")).unwrap();
-        for version in [1, 2] {
-            store
-                .insert_master_version(&MasterVersionRecord {
-                    version,
-                    check_value: vec![version as u8; 32],
-                    created_at: 0,
-                    retired_at: None,
-                })
-                .unwrap();
-        }
-        (dir, store)
-    }
-
-    fn id(s: &str) -> TenantId {
-        TenantId::parse(s).unwrap()
-    }
-
-    fn tenant(name: &str) -> TenantRecord {
-        TenantRecord {
-            tenant_id: id(name),
-            state: TenantState::Active,
-            primary_version: 1,
-            created_at: 0,
-            rotation_period_seconds: 0,
-            max_encryptions: 1000,
-            deletion_time: None,
-            destroyed_at: None,
-        }
-    }
-
-    fn version(v: u32, master: u32) -> KeyVersionRecord {
-        KeyVersionRecord {
-            version: v,
-            state: KeyVersionState::Enabled,
-            created_at: 0,
-            encryptions: 0,
-            wrapped: Some(WrappedTenantKey {
-                master_version: master,
-                bytes: vec![7; 60],
-            }),
-        }
-    }
-
-    #[test]
-    fn a_master_version_is_retired_only_when_nothing_uses_it() {
-        let (_dir, store) = store();
-        store.create_tenant(&tenant("a"), &version(1, 1)).unwrap();
-        assert!(!store.retire_master_version(1, 5).unwrap());
-        let rows = store.wrapped_under(1, 10).unwrap();
-        let batch: Vec<Rewrapping> = rows
-            .into_iter()
-            .map(|(tenant_id, version, _)| Rewrapping {
-                tenant_id,
-                version,
-                from_master: 1,
-                wrapped: WrappedTenantKey {
-                    master_version: 2,
-                    bytes: vec![8; 60],
-                },
-            })
-            .collect();
-        assert_eq!(store.rewrap(&batch).unwrap(), 1);
-        assert!(store.retire_master_version(1, 5).unwrap());
-        // Nothing may be wrapped under a retired version any more.
-        let err = store
-            .create_tenant(&tenant("b"), &version(1, 1))
-            .unwrap_err();
-        assert!(err.to_string().contains("retired"), "{err}");
-        let err = store
-            .add_key_version(&id("a"), 1, &version(2, 1))
-            .unwrap_err();
-        assert!(err.to_string().contains("retired"), "{err}");
-        store.add_key_version(&id("a"), 1, &version(2, 2)).unwrap();
-    }
-
-    #[test]
-    fn destroyed_ids_are_never_reused_and_cancel_needs_an_open_window() {
-        let (_dir, store) = store();
-        store
-            .create_tenants(&[(tenant("a"), version(1, 1)), (tenant("b"), version(1, 1))])
-            .unwrap();
-        // Bulk creation is all or nothing.
-        assert!(
-            store
-                .create_tenants(&[(tenant("c"), version(1, 1)), (tenant("a"), version(1, 1))])
-                .is_err()
-        );
-        assert!(store.tenant(&id("c")).unwrap().is_none());
-        let err = store
-            .create_tenant(&tenant("a"), &version(1, 1))
-            .unwrap_err();
-        assert!(matches!(err, Error::AlreadyExists(_)));
-
-        let active = [TenantState::Active];
-        let pending = TenantState::PendingDeletion;
-        store
-            .set_tenant_state(&id("a"), &active, pending, Some(100))
-            .unwrap();
-        store
-            .set_tenant_state(&id("b"), &active, pending, Some(100))
-            .unwrap();
-        let err = store.cancel_tenant_deletion(&id("a"), 100).unwrap_err();
-        assert!(err.to_string().contains("window has passed"), "{err}");
-        let back = store.cancel_tenant_deletion(&id("a"), 99).unwrap();
-        assert_eq!(
-            (back.state, back.deletion_time),
-            (TenantState::Active, None)
-        );
-        let err = store.destroy_tenant(&id("b"), 99).unwrap_err();
-        assert!(err.to_string().contains("window"), "{err}");
-        let gone = store.destroy_tenant(&id("b"), 100).unwrap();
-        assert_eq!(gone.state, TenantState::Destroyed);
-        let (_, versions) = store.tenant_snapshot(&id("b")).unwrap().unwrap();
-        assert!(
-            versions
-                .iter()
-                .all(|v| v.wrapped.is_none() && v.state == KeyVersionState::Destroyed)
-        );
-        let err = store
-            .create_tenant(&tenant("b"), &version(1, 1))
-            .unwrap_err();
-        assert_eq!(err.to_string(), "tenant destroyed");
-        let err = store.cancel_tenant_deletion(&id("b"), 0).unwrap_err();
-        assert_eq!(err.to_string(), "tenant destroyed");
-    }
 }

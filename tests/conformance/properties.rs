@@ -176,7 +176,7 @@ fn every_single_bit_flip_is_refused_with_one_error() {
                 prop_assert_eq!(result.clone().err(), Some(CryptoError), "bit {}", bit);
                 // ...which the service reports as the one DecryptFailed, whatever the bit.
                 prop_assert!(matches!(
-                    Error::from(result.unwrap_err()),
+                    Error::failed_open(result.unwrap_err()),
                     Error::DecryptFailed
                 ));
                 FLIPS.fetch_add(1, Ordering::Relaxed);

@@ -988,7 +988,7 @@ fn assert_decrypt_failed(name: &str, result: Result<impl Sized, CryptoError>) {
         panic!("{name}: opened");
     };
     // What the service makes of it: one error, one status, one message.
-    let error = Error::from(e);
+    let error = Error::failed_open(e);
     assert!(matches!(error, Error::DecryptFailed), "{name}");
     assert_eq!(status::code(&error), tonic::Code::InvalidArgument, "{name}");
     assert_eq!(

@@ -1,0 +1,684 @@
+//! The key-store conformance suite: the contract of the [`KeyStore`] traits written once, as
+//! generic checks that every backend runs against itself (as tikv's `engine_traits_tests`
+//! verify every engine). `tests/store_contract.rs` runs it for [`super::SqliteKeyStore`]; a
+//! PostgreSQL backend's tests call the same functions.
+//!
+//! Each `check_*` function takes a fresh, empty store (no master version, no tenant) and
+//! panics, naming the broken promise, when the store breaks it. [`keystore_contract`] runs
+//! them all. Built only for tests and behind the `test-seams` feature.
+
+// A test suite: a panic is how it reports a broken contract. `err().expect()` because the
+// records a refused call would return (`KeyVersionRecord`) hold wrapped keys and so have no
+// `Debug`, which `expect_err` needs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::err_expect)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{
+    KeyStore, KeyVersionRecord, MasterVersionRecord, Rewrapping, ShredItem, TenantRecord,
+    TokenRecord, WrappedTenantKey,
+};
+use crate::domain::lifecycle::{TenantTransition, VersionTransition};
+use crate::domain::{KeyVersionState, TenantId, TenantState};
+use crate::error::Error;
+
+/// Runs every check of the contract, each on a store from `make` (which must return a new,
+/// empty store each time).
+pub fn keystore_contract<S: KeyStore>(make: impl Fn() -> S) {
+    check_create_tenants_is_all_or_nothing(&make());
+    check_replace_tenant_is_all_or_nothing(&make());
+    check_compare_and_set_conflicts(&make());
+    check_ordering(&make());
+    check_shredding(&make());
+    check_shred_ledger_reapplication(&make());
+    check_tokens(&make());
+    check_master_versions(&make());
+    check_reserve_encryptions(&make());
+    check_concurrent_rotations_have_one_winner(&make());
+    check_concurrent_reservations_add_up(&make());
+    check_own_writes_are_not_changes_elsewhere(&make());
+}
+
+fn id(name: &str) -> TenantId {
+    TenantId::parse(name).unwrap()
+}
+
+/// A tenant row as a key manager would create it.
+fn tenant(name: &str) -> TenantRecord {
+    TenantRecord {
+        tenant_id: id(name),
+        state: TenantState::Active,
+        primary_version: 1,
+        created_at: 10,
+        rotation_period_seconds: 0,
+        max_encryptions: 1000,
+        deletion_time: None,
+        destroyed_at: None,
+    }
+}
+
+/// Distinct bytes per (version, master), so a swapped or stale key is noticed.
+fn wrapped(version: u32, master: u32) -> WrappedTenantKey {
+    WrappedTenantKey {
+        master_version: master,
+        bytes: [version as u8, master as u8]
+            .into_iter()
+            .cycle()
+            .take(60)
+            .collect(),
+    }
+}
+
+fn version(v: u32, master: u32) -> KeyVersionRecord {
+    KeyVersionRecord {
+        version: v,
+        state: KeyVersionState::Enabled,
+        created_at: 10,
+        encryptions: 0,
+        wrapped: Some(wrapped(v, master)),
+    }
+}
+
+/// Master versions 1 and 2, as a keyring check records them.
+fn with_masters<S: KeyStore>(store: &S) {
+    for version in [1, 2] {
+        store
+            .insert_master_version(&MasterVersionRecord {
+                version,
+                check_value: vec![version as u8; 32],
+                created_at: 0,
+                retired_at: None,
+            })
+            .unwrap();
+    }
+}
+
+/// Tenant `name`, active, with version 1 under master version 1.
+fn create<S: KeyStore>(store: &S, name: &str) {
+    store.create_tenant(&tenant(name), &version(1, 1)).unwrap();
+}
+
+/// Adds the next version of `name` as primary.
+fn rotate<S: KeyStore>(store: &S, name: &str) -> TenantRecord {
+    let current = store.tenant(&id(name)).unwrap().unwrap();
+    let next = current.primary_version + 1;
+    store
+        .add_key_version(&id(name), current.primary_version, &version(next, 1))
+        .unwrap()
+}
+
+fn versions_of<S: KeyStore>(store: &S, name: &str) -> Vec<(u32, KeyVersionState, bool)> {
+    store
+        .key_versions(&id(name))
+        .unwrap()
+        .iter()
+        .map(|v| (v.version, v.state, v.wrapped.is_some()))
+        .collect()
+}
+
+fn wrapped_keys_of<S: KeyStore>(store: &S, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    store
+        .for_each_wrapped_key(&mut |tenant, version, _| {
+            if tenant.as_str() == name {
+                found.push(version);
+            }
+            Ok(())
+        })
+        .unwrap();
+    found
+}
+
+/// `create_tenants` commits every tenant or none; `create_tenant` refuses a used id.
+pub fn check_create_tenants_is_all_or_nothing<S: KeyStore>(store: &S) {
+    with_masters(store);
+    store
+        .create_tenants(&[(tenant("a"), version(1, 1)), (tenant("b"), version(1, 1))])
+        .unwrap();
+    assert!(store.tenant(&id("a")).unwrap().is_some());
+    assert!(store.tenant(&id("b")).unwrap().is_some());
+    // The conflict comes last: the tenants before it must not stay.
+    let err = store
+        .create_tenants(&[
+            (tenant("c"), version(1, 1)),
+            (tenant("d"), version(1, 1)),
+            (tenant("a"), version(1, 1)),
+        ])
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::AlreadyExists("tenant")), "{err:?}");
+    assert!(store.tenant(&id("c")).unwrap().is_none(), "c was created");
+    assert!(store.tenant(&id("d")).unwrap().is_none(), "d was created");
+    assert!(wrapped_keys_of(store, "c").is_empty());
+    // The same id twice in one batch.
+    assert!(
+        store
+            .create_tenants(&[(tenant("e"), version(1, 1)), (tenant("e"), version(1, 1))])
+            .is_err()
+    );
+    assert!(store.tenant(&id("e")).unwrap().is_none());
+    let err = store
+        .create_tenant(&tenant("a"), &version(1, 1))
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::AlreadyExists("tenant")), "{err:?}");
+    assert_eq!(store.counts().unwrap().tenants, 2);
+}
+
+/// `replace_tenant` replaces the row and every version at once, or changes nothing.
+pub fn check_replace_tenant_is_all_or_nothing<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    rotate(store, "a");
+    store
+        .set_key_version_state(&id("a"), 1, VersionTransition::Destroy)
+        .unwrap();
+    let before = store.tenant_snapshot(&id("a")).unwrap().unwrap();
+    // Version 1 would come back with a key: refused, nothing changes.
+    let mut row = tenant("a");
+    row.primary_version = 3;
+    let revived = [version(1, 2), version(2, 2), version(3, 2)];
+    assert!(store.replace_tenant(&row, &revived).is_err());
+    let after = store.tenant_snapshot(&id("a")).unwrap().unwrap();
+    assert_eq!(after.0, before.0);
+    assert_eq!(
+        versions_of(store, "a"),
+        vec![
+            (1, KeyVersionState::Destroyed, false),
+            (2, KeyVersionState::Enabled, true)
+        ]
+    );
+    // A valid import replaces everything in one go.
+    let mut destroyed = version(1, 2);
+    destroyed.state = KeyVersionState::Destroyed;
+    destroyed.wrapped = None;
+    store
+        .replace_tenant(&row, &[destroyed, version(2, 2), version(3, 2)])
+        .unwrap();
+    let (record, versions) = store.tenant_snapshot(&id("a")).unwrap().unwrap();
+    assert_eq!(record.primary_version, 3);
+    assert_eq!(versions.len(), 3);
+    assert!(
+        versions
+            .iter()
+            .skip(1)
+            .all(|v| v.wrapped.as_ref().is_some_and(|w| w.master_version == 2))
+    );
+    // A new tenant can be imported; a destroyed one cannot.
+    store
+        .replace_tenant(&tenant("n"), &[version(1, 1)])
+        .unwrap();
+    assert_eq!(versions_of(store, "n").len(), 1);
+    store
+        .set_tenant_state(
+            &id("n"),
+            TenantTransition::ScheduleDeletion { deletion_time: 0 },
+            0,
+        )
+        .unwrap();
+    store
+        .set_tenant_state(&id("n"), TenantTransition::Destroy, 0)
+        .unwrap();
+    let err = store
+        .replace_tenant(&tenant("n"), &[version(1, 1)])
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::Destroyed)),
+        "{err:?}"
+    );
+    assert!(wrapped_keys_of(store, "n").is_empty());
+}
+
+/// Every conditional update refuses a stale expectation with the typed error and changes
+/// nothing.
+pub fn check_compare_and_set_conflicts<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    rotate(store, "a");
+    // A stale expected primary.
+    let err = store
+        .add_key_version(&id("a"), 1, &version(3, 1))
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::ConcurrentChange), "{err:?}");
+    assert_eq!(
+        versions_of(store, "a").len(),
+        2,
+        "the losing version stayed"
+    );
+    assert_eq!(store.tenant(&id("a")).unwrap().unwrap().primary_version, 2);
+    // A transition from the wrong state.
+    let err = store
+        .set_tenant_state(&id("a"), TenantTransition::Resume, 0)
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::Active)),
+        "{err:?}"
+    );
+    let err = store
+        .set_tenant_state(&id("a"), TenantTransition::CancelDeletion, 0)
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::Active)),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.tenant(&id("a")).unwrap().unwrap().state,
+        TenantState::Active
+    );
+    let suspended = store
+        .set_tenant_state(&id("a"), TenantTransition::Suspend, 0)
+        .unwrap();
+    assert_eq!(suspended.state, TenantState::Suspended);
+    // A suspended tenant still rotates.
+    assert_eq!(rotate(store, "a").primary_version, 3);
+    // Versions: the primary cannot go, a state cannot be left twice.
+    let err = store
+        .set_key_version_state(&id("a"), 3, VersionTransition::Disable)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::PrimaryKeyVersion), "{err:?}");
+    store
+        .set_key_version_state(&id("a"), 1, VersionTransition::Disable)
+        .unwrap();
+    let err = store
+        .set_key_version_state(&id("a"), 1, VersionTransition::Disable)
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(
+            err,
+            Error::KeyVersionState {
+                version: 1,
+                state: KeyVersionState::Disabled
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store
+        .set_key_version_state(&id("a"), 9, VersionTransition::Enable)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::NotFound("key version")), "{err:?}");
+    // Deletion windows, both ways.
+    store
+        .set_tenant_state(
+            &id("a"),
+            TenantTransition::ScheduleDeletion { deletion_time: 100 },
+            0,
+        )
+        .unwrap();
+    let err = store
+        .add_key_version(&id("a"), 3, &version(4, 1))
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::PendingDeletion)),
+        "{err:?}"
+    );
+    let err = store
+        .set_tenant_state(&id("a"), TenantTransition::Destroy, 99)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::DeletionWindowOpen), "{err:?}");
+    assert_eq!(wrapped_keys_of(store, "a"), vec![1, 2, 3]);
+    let err = store
+        .set_tenant_state(&id("a"), TenantTransition::CancelDeletion, 100)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::DeletionWindowPassed), "{err:?}");
+    let back = store
+        .set_tenant_state(&id("a"), TenantTransition::CancelDeletion, 99)
+        .unwrap();
+    assert_eq!(
+        (back.state, back.deletion_time),
+        (TenantState::Active, None)
+    );
+    let err = store
+        .set_tenant_state(&id("missing"), TenantTransition::Suspend, 0)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::NotFound("tenant")), "{err:?}");
+}
+
+/// Tenants list in id order, page after page; versions come oldest first.
+pub fn check_ordering<S: KeyStore>(store: &S) {
+    with_masters(store);
+    for name in ["t05", "t01", "t03", "t02", "t04"] {
+        create(store, name);
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<TenantId> = None;
+    loop {
+        let page = store.list_tenants(after.as_ref(), 2).unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.tenant_id.clone());
+        seen.extend(page.iter().map(|t| t.tenant_id.as_str().to_owned()));
+    }
+    assert_eq!(seen, ["t01", "t02", "t03", "t04", "t05"]);
+    assert_eq!(store.list_tenants(Some(&id("t05")), 10).unwrap().len(), 0);
+    for _ in 0..3 {
+        rotate(store, "t03");
+    }
+    let order: Vec<u32> = versions_of(store, "t03").iter().map(|v| v.0).collect();
+    assert_eq!(order, [1, 2, 3, 4]);
+    let (record, versions) = store.tenant_snapshot(&id("t03")).unwrap().unwrap();
+    assert_eq!(record.primary_version, 4);
+    assert_eq!(
+        versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(store.tenant_snapshot(&id("none")).unwrap().is_none());
+    assert!(store.key_versions(&id("none")).unwrap().is_empty());
+}
+
+/// Destroying a version or a tenant leaves no wrapped key of it, and a destroyed id never
+/// comes back.
+pub fn check_shredding<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    create(store, "b");
+    rotate(store, "a");
+    let destroyed = store
+        .set_key_version_state(&id("a"), 1, VersionTransition::Destroy)
+        .unwrap();
+    assert_eq!(destroyed.state, KeyVersionState::Destroyed);
+    assert!(destroyed.wrapped.is_none());
+    assert_eq!(wrapped_keys_of(store, "a"), vec![2]);
+    // Destroyed is final for a version.
+    let err = store
+        .set_key_version_state(&id("a"), 1, VersionTransition::Enable)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::KeyVersionState { .. }), "{err:?}");
+    store
+        .set_tenant_state(
+            &id("a"),
+            TenantTransition::ScheduleDeletion { deletion_time: 50 },
+            0,
+        )
+        .unwrap();
+    let gone = store
+        .set_tenant_state(&id("a"), TenantTransition::Destroy, 50)
+        .unwrap();
+    assert_eq!(gone.state, TenantState::Destroyed);
+    assert_eq!(gone.destroyed_at, Some(50));
+    assert!(wrapped_keys_of(store, "a").is_empty());
+    assert!(
+        versions_of(store, "a")
+            .iter()
+            .all(|(_, state, has_key)| *state == KeyVersionState::Destroyed && !has_key)
+    );
+    assert_eq!(
+        store.counts().unwrap().wrapped_keys,
+        1,
+        "only b's key stays"
+    );
+    // The tombstone stays, and the id is never reused, alone or in bulk.
+    assert!(store.tenant(&id("a")).unwrap().is_some());
+    let err = store
+        .create_tenant(&tenant("a"), &version(1, 1))
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::Destroyed)),
+        "{err:?}"
+    );
+    assert!(
+        store
+            .create_tenants(&[(tenant("z"), version(1, 1)), (tenant("a"), version(1, 1))])
+            .is_err()
+    );
+    assert!(store.tenant(&id("z")).unwrap().is_none());
+    for transition in [
+        TenantTransition::CancelDeletion,
+        TenantTransition::Destroy,
+        TenantTransition::Resume,
+    ] {
+        let err = store
+            .set_tenant_state(&id("a"), transition, 1000)
+            .err()
+            .expect("the store must refuse this");
+        assert!(
+            matches!(err, Error::TenantState(TenantState::Destroyed)),
+            "{err:?}"
+        );
+    }
+    let err = store
+        .set_rotation_policy(&id("a"), 5, 5)
+        .err()
+        .expect("the store must refuse this");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::Destroyed)),
+        "{err:?}"
+    );
+    let mut items = store.destroyed_items().unwrap();
+    items.sort();
+    assert_eq!(
+        items,
+        vec![ShredItem {
+            tenant_id: id("a"),
+            version: None
+        }]
+    );
+}
+
+/// `shred` destroys whatever the state, reports only what it destroyed, and skips unknown
+/// tenants.
+pub fn check_shred_ledger_reapplication<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    create(store, "b");
+    rotate(store, "b");
+    let items = [
+        ShredItem {
+            tenant_id: id("a"),
+            version: None,
+        },
+        ShredItem {
+            tenant_id: id("b"),
+            version: Some(1),
+        },
+        ShredItem {
+            tenant_id: id("nobody"),
+            version: None,
+        },
+    ];
+    let done = store.shred(&items, 70).unwrap();
+    assert_eq!(done, items[..2].to_vec());
+    assert_eq!(
+        store.tenant(&id("a")).unwrap().unwrap().state,
+        TenantState::Destroyed
+    );
+    assert!(wrapped_keys_of(store, "a").is_empty());
+    assert_eq!(wrapped_keys_of(store, "b"), vec![2]);
+    assert!(store.shred(&items, 80).unwrap().is_empty(), "nothing new");
+    let mut destroyed = store.destroyed_items().unwrap();
+    destroyed.sort();
+    assert_eq!(destroyed, items[..2].to_vec());
+}
+
+/// Tokens: insert, find by hash, list oldest first, revoke once.
+pub fn check_tokens<S: KeyStore>(store: &S) {
+    let token = |id: &str, created_at: i64, byte: u8| TokenRecord {
+        id: id.into(),
+        name: format!("name-{id}"),
+        hash: [byte; 32],
+        role: "service".into(),
+        tenants: "*".into(),
+        operations: "*".into(),
+        created_at,
+        expires_at: Some(1_000),
+        revoked_at: None,
+    };
+    store.insert_token(&token("t2", 20, 2)).unwrap();
+    store.insert_token(&token("t1", 10, 1)).unwrap();
+    let found = store.token_by_hash(&[2; 32]).unwrap().unwrap();
+    assert_eq!(
+        (found.id.as_str(), found.name.as_str(), found.expires_at),
+        ("t2", "name-t2", Some(1_000))
+    );
+    assert!(store.token_by_hash(&[3; 32]).unwrap().is_none());
+    let ids: Vec<String> = store
+        .list_tokens()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(ids, ["t1", "t2"]);
+    assert!(store.revoke_token("t2", 30).unwrap());
+    assert!(!store.revoke_token("t2", 40).unwrap(), "revoked twice");
+    assert!(!store.revoke_token("none", 40).unwrap());
+    let revoked = store.token_by_hash(&[2; 32]).unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(30), "the first revocation stays");
+    assert_eq!(
+        store.token_by_hash(&[1; 32]).unwrap().unwrap().revoked_at,
+        None
+    );
+}
+
+/// Master versions: recorded once, retired only when nothing is wrapped under them, and
+/// nothing can be wrapped under a retired one; the audit secret counts.
+pub fn check_master_versions<S: KeyStore>(store: &S) {
+    with_masters(store);
+    // A version already known keeps its check value.
+    store
+        .insert_master_version(&MasterVersionRecord {
+            version: 1,
+            check_value: vec![9; 32],
+            created_at: 5,
+            retired_at: None,
+        })
+        .unwrap();
+    let masters = store.master_versions().unwrap();
+    assert_eq!(
+        masters.iter().map(|m| m.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(masters[0].check_value, vec![1; 32]);
+    create(store, "a");
+    assert!(store.put_audit_key(&wrapped(0, 1), None).unwrap());
+    assert!(
+        !store.put_audit_key(&wrapped(0, 2), None).unwrap(),
+        "exists"
+    );
+    assert_eq!(store.count_wrapped_under(1).unwrap(), 2);
+    assert!(!store.retire_master_version(1, 5).unwrap());
+    let rows = store.wrapped_under(1, 10).unwrap();
+    assert_eq!(rows.len(), 1);
+    let batch: Vec<Rewrapping> = rows
+        .into_iter()
+        .map(|(tenant_id, version, _)| Rewrapping {
+            tenant_id,
+            version,
+            from_master: 1,
+            wrapped: wrapped(version, 2),
+        })
+        .collect();
+    assert_eq!(store.rewrap(&batch).unwrap(), 1);
+    assert_eq!(store.rewrap(&batch).unwrap(), 0, "no longer under 1");
+    assert!(!store.retire_master_version(1, 5).unwrap(), "the audit key");
+    assert!(!store.put_audit_key(&wrapped(0, 2), Some(2)).unwrap());
+    assert!(store.put_audit_key(&wrapped(0, 2), Some(1)).unwrap());
+    assert_eq!(store.audit_key().unwrap().unwrap().master_version, 2);
+    assert_eq!(store.count_wrapped_under(1).unwrap(), 0);
+    assert!(store.retire_master_version(1, 5).unwrap());
+    assert_eq!(store.master_versions().unwrap()[0].retired_at, Some(5));
+    // Nothing may be wrapped under a retired version any more.
+    let err = store
+        .create_tenant(&tenant("b"), &version(1, 1))
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::RetiredMasterVersion(1)), "{err:?}");
+    assert!(store.tenant(&id("b")).unwrap().is_none());
+    let err = store
+        .add_key_version(&id("a"), 1, &version(2, 1))
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::RetiredMasterVersion(1)), "{err:?}");
+    store.add_key_version(&id("a"), 1, &version(2, 2)).unwrap();
+}
+
+/// Reservations add up, never decrease, and need an existing version.
+pub fn check_reserve_encryptions<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    assert_eq!(store.reserve_encryptions(&id("a"), 1, 5).unwrap(), 5);
+    assert_eq!(store.reserve_encryptions(&id("a"), 1, 3).unwrap(), 8);
+    assert_eq!(store.reserve_encryptions(&id("a"), 1, 0).unwrap(), 8);
+    assert_eq!(store.key_versions(&id("a")).unwrap()[0].encryptions, 8);
+    let err = store
+        .reserve_encryptions(&id("a"), 2, 1)
+        .err()
+        .expect("the store must refuse this");
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+}
+
+/// Of many callers rotating from the same primary at once, exactly one wins; the others get
+/// [`Error::ConcurrentChange`].
+pub fn check_concurrent_rotations_have_one_winner<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    let wins = AtomicUsize::new(0);
+    let conflicts = AtomicUsize::new(0);
+    let racers = 8;
+    std::thread::scope(|scope| {
+        for _ in 0..racers {
+            scope.spawn(
+                || match store.add_key_version(&id("a"), 1, &version(2, 1)) {
+                    Ok(record) => {
+                        assert_eq!(record.primary_version, 2);
+                        wins.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(Error::ConcurrentChange) => {
+                        conflicts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(other) => panic!("a racing rotation failed otherwise: {other:?}"),
+                },
+            );
+        }
+    });
+    assert_eq!(wins.load(Ordering::SeqCst), 1);
+    assert_eq!(conflicts.load(Ordering::SeqCst), racers - 1);
+    assert_eq!(versions_of(store, "a").len(), 2);
+}
+
+/// Concurrent reservations are all counted: the total is exact and each caller sees its
+/// own totals grow.
+pub fn check_concurrent_reservations_add_up<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    let (threads, rounds, each) = (8u64, 25u64, 7u64);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut last = 0;
+                for _ in 0..rounds {
+                    let total = store.reserve_encryptions(&id("a"), 1, each).unwrap();
+                    assert!(total >= last + each, "{total} after {last}");
+                    last = total;
+                }
+            });
+        }
+    });
+    assert_eq!(
+        store.key_versions(&id("a")).unwrap()[0].encryptions,
+        threads * rounds * each
+    );
+}
+
+/// A store's own writes are not changes made elsewhere, and the generation never goes back.
+pub fn check_own_writes_are_not_changes_elsewhere<S: KeyStore>(store: &S) {
+    let before = store.change_generation().unwrap();
+    with_masters(store);
+    create(store, "a");
+    rotate(store, "a");
+    assert_eq!(store.change_generation().unwrap(), before);
+    if let Some(generation) = store.try_change_generation() {
+        assert_eq!(generation.unwrap(), before);
+    }
+}
