@@ -113,30 +113,37 @@ pub enum Operation {
 impl Operation {
     /// The RPC name (as audited).
     pub fn name(self) -> &'static str {
+        self.audited().as_str()
+    }
+
+    /// The audited operation this RPC is recorded as (the one list of stored names is
+    /// [`crate::audit::Operation`]).
+    pub fn audited(self) -> crate::audit::Operation {
+        use crate::audit::Operation as Audited;
         match self {
-            Operation::Encrypt => "Encrypt",
-            Operation::Decrypt => "Decrypt",
-            Operation::EncryptBatch => "EncryptBatch",
-            Operation::DecryptBatch => "DecryptBatch",
-            Operation::GenerateDataKey => "GenerateDataKey",
-            Operation::DecryptDataKey => "DecryptDataKey",
-            Operation::Rewrap => "Rewrap",
-            Operation::RewrapBatch => "RewrapBatch",
-            Operation::CreateTenant => "CreateTenant",
-            Operation::GetTenant => "GetTenant",
-            Operation::ListTenants => "ListTenants",
-            Operation::RotateTenantKey => "RotateTenantKey",
-            Operation::ListKeyVersions => "ListKeyVersions",
-            Operation::DisableKeyVersion => "DisableKeyVersion",
-            Operation::EnableKeyVersion => "EnableKeyVersion",
-            Operation::DestroyKeyVersion => "DestroyKeyVersion",
-            Operation::SetRotationPolicy => "SetRotationPolicy",
-            Operation::SuspendTenant => "SuspendTenant",
-            Operation::ResumeTenant => "ResumeTenant",
-            Operation::ScheduleTenantDeletion => "ScheduleTenantDeletion",
-            Operation::CancelTenantDeletion => "CancelTenantDeletion",
-            Operation::ListAuditEvents => "ListAuditEvents",
-            Operation::VerifyAuditChain => "VerifyAuditChain",
+            Operation::Encrypt => Audited::Encrypt,
+            Operation::Decrypt => Audited::Decrypt,
+            Operation::EncryptBatch => Audited::EncryptBatch,
+            Operation::DecryptBatch => Audited::DecryptBatch,
+            Operation::GenerateDataKey => Audited::GenerateDataKey,
+            Operation::DecryptDataKey => Audited::DecryptDataKey,
+            Operation::Rewrap => Audited::Rewrap,
+            Operation::RewrapBatch => Audited::RewrapBatch,
+            Operation::CreateTenant => Audited::CreateTenant,
+            Operation::GetTenant => Audited::GetTenant,
+            Operation::ListTenants => Audited::ListTenants,
+            Operation::RotateTenantKey => Audited::RotateTenantKey,
+            Operation::ListKeyVersions => Audited::ListKeyVersions,
+            Operation::DisableKeyVersion => Audited::DisableKeyVersion,
+            Operation::EnableKeyVersion => Audited::EnableKeyVersion,
+            Operation::DestroyKeyVersion => Audited::DestroyKeyVersion,
+            Operation::SetRotationPolicy => Audited::SetRotationPolicy,
+            Operation::SuspendTenant => Audited::SuspendTenant,
+            Operation::ResumeTenant => Audited::ResumeTenant,
+            Operation::ScheduleTenantDeletion => Audited::ScheduleTenantDeletion,
+            Operation::CancelTenantDeletion => Audited::CancelTenantDeletion,
+            Operation::ListAuditEvents => Audited::ListAuditEvents,
+            Operation::VerifyAuditChain => Audited::VerifyAuditChain,
         }
     }
 

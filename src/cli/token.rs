@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_record};
-use crate::audit::Outcome;
+use crate::audit::{Operation, Outcome};
 use crate::auth::{DATA_PERMISSIONS, Role, TokenSpec, issue_token};
 use crate::config::parse_duration_seconds;
 use crate::domain::{TenantId, unix_now};
@@ -128,7 +128,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             )?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                "TokenCreate",
+                Operation::TokenCreate,
                 "",
                 Vec::new(),
                 Outcome::Ok,
@@ -170,7 +170,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             let revoked = dir.store.revoke_token(&args.id, unix_now())?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                "TokenRevoke",
+                Operation::TokenRevoke,
                 "",
                 Vec::new(),
                 if revoked {

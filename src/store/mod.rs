@@ -8,6 +8,7 @@
 mod migrations;
 pub mod recovery;
 pub mod sqlite;
+pub(crate) mod sqlite_backup;
 
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
