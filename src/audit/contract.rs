@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::chain::GENESIS_MAC;
 use super::log::{AuditLog, ListFilter};
-use super::operation::Operation;
+use super::operation::Rpc;
 use super::record::{AuditRecord, Outcome};
 
 /// Runs the whole suite. `make` returns a new, empty log each time (all with the same chain
@@ -34,7 +34,7 @@ pub fn auditlog_contract<L: AuditLog>(
 }
 
 /// A record with everything set, so a backend that drops or mangles a field is caught.
-fn record(i: u32, tenant: &str, operation: Operation, time_micros: i64) -> AuditRecord {
+fn record(i: u32, tenant: &str, operation: Rpc, time_micros: i64) -> AuditRecord {
     AuditRecord::new(operation, format!("token:t{i}"), "127.0.0.1:1", Outcome::Ok)
         .at(time_micros)
         .request_id(format!("req-{i}"))
@@ -74,10 +74,10 @@ fn append_order_and_head(log: &impl AuditLog) {
     assert_eq!(log.count().unwrap(), 0);
     assert_verifies(log, "an empty log");
     let first: Vec<AuditRecord> = (1..=3)
-        .map(|i| record(i, "acme", Operation::Encrypt, 1_000 + i64::from(i)))
+        .map(|i| record(i, "acme", Rpc::Encrypt, 1_000 + i64::from(i)))
         .collect();
     let second: Vec<AuditRecord> = (4..=5)
-        .map(|i| record(i, "globex", Operation::Decrypt, 1_000 + i64::from(i)))
+        .map(|i| record(i, "globex", Rpc::Decrypt, 1_000 + i64::from(i)))
         .collect();
     assert_eq!(append(log, &first), 1, "the first batch starts at 1");
     assert_eq!(
@@ -123,9 +123,9 @@ fn query_filters_and_paging(log: &impl AuditLog) {
         .map(|i| {
             let tenant = if i % 2 == 0 { "acme" } else { "globex" };
             let op = if i % 3 == 0 {
-                Operation::RotateTenantKey
+                Rpc::RotateTenantKey
             } else {
-                Operation::Encrypt
+                Rpc::Encrypt
             };
             record(i, tenant, op, 100 * i64::from(i))
         })
@@ -154,7 +154,7 @@ fn query_filters_and_paging(log: &impl AuditLog) {
     );
     assert_eq!(
         seqs(ListFilter {
-            operation: Operation::RotateTenantKey.as_str().into(),
+            operation: Rpc::RotateTenantKey.name().into(),
             ..ListFilter::default()
         }),
         [3, 6, 9, 12],
@@ -172,7 +172,7 @@ fn query_filters_and_paging(log: &impl AuditLog) {
     assert_eq!(
         seqs(ListFilter {
             tenant_id: "globex".into(),
-            operation: Operation::Encrypt.as_str().into(),
+            operation: Rpc::Encrypt.name().into(),
             since_micros: Some(200),
             ..ListFilter::default()
         }),
@@ -208,7 +208,7 @@ fn query_filters_and_paging(log: &impl AuditLog) {
 
 fn prune_leaves_a_checkpoint_that_verifies(log: &impl AuditLog) {
     let records: Vec<AuditRecord> = (1..=10)
-        .map(|i| record(i, "acme", Operation::Encrypt, 100 * i64::from(i)))
+        .map(|i| record(i, "acme", Rpc::Encrypt, 100 * i64::from(i)))
         .collect();
     append(log, &records[..4]);
     let at4 = log.head().unwrap();
@@ -243,10 +243,7 @@ fn prune_leaves_a_checkpoint_that_verifies(log: &impl AuditLog) {
         "before the checkpoint"
     );
     // Appends go on after a prune and chain to what is left.
-    assert_eq!(
-        append(log, &[record(11, "acme", Operation::Decrypt, 1_100)]),
-        11
-    );
+    assert_eq!(append(log, &[record(11, "acme", Rpc::Decrypt, 1_100)]), 11);
     assert_verifies(log, "an append after a prune");
     // Pruning everything leaves the checkpoint as the head's position.
     let head = log.head().unwrap();
@@ -258,10 +255,7 @@ fn prune_leaves_a_checkpoint_that_verifies(log: &impl AuditLog) {
         "the checkpoint keeps the position"
     );
     assert_verifies(log, "a log pruned to nothing");
-    assert_eq!(
-        append(log, &[record(12, "acme", Operation::Decrypt, 1_200)]),
-        12
-    );
+    assert_eq!(append(log, &[record(12, "acme", Rpc::Decrypt, 1_200)]), 12);
     assert_verifies(log, "an append after pruning everything");
 }
 
@@ -271,7 +265,7 @@ fn snapshot_is_one_consistent_state<L: AuditLog>(
     scratch: &Path,
 ) {
     let batch: Vec<AuditRecord> = (1..=4)
-        .map(|i| record(i, "acme", Operation::Encrypt, i64::from(i)))
+        .map(|i| record(i, "acme", Rpc::Encrypt, i64::from(i)))
         .collect();
     append(log, &batch);
     let done = AtomicBool::new(false);
@@ -318,7 +312,7 @@ fn readers_see_whole_batches_during_appends(log: &impl AuditLog) {
     const BATCH: usize = 3;
     const BATCHES: u64 = 40;
     let batch: Vec<AuditRecord> = (1..=BATCH as u32)
-        .map(|i| record(i, "acme", Operation::Encrypt, i64::from(i)))
+        .map(|i| record(i, "acme", Rpc::Encrypt, i64::from(i)))
         .collect();
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {

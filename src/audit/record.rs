@@ -97,7 +97,7 @@ impl AuditRecord {
     /// `outcome`, timed now, about one item, and nothing else (no tenant, request id,
     /// contexts, versions, fingerprint or detail) until the builder methods below add it.
     pub fn new(
-        operation: Operation,
+        operation: impl Into<Operation>,
         caller: impl Into<String>,
         peer: impl Into<String>,
         outcome: Outcome,
@@ -108,7 +108,7 @@ impl AuditRecord {
             caller: caller.into(),
             peer: peer.into(),
             tenant_id: String::new(),
-            operation: operation.as_str().to_owned(),
+            operation: operation.into().as_str().to_owned(),
             contexts: Vec::new(),
             key_versions: Vec::new(),
             item_count: 1,
@@ -120,7 +120,11 @@ impl AuditRecord {
 
     /// A record of something done on this machine, not for a remote peer (a command, the
     /// service by itself): [`AuditRecord::new`] with the peer `local`.
-    pub fn local(operation: Operation, caller: impl Into<String>, outcome: Outcome) -> Self {
+    pub fn local(
+        operation: impl Into<Operation>,
+        caller: impl Into<String>,
+        outcome: Outcome,
+    ) -> Self {
         Self::new(operation, caller, LOCAL_PEER, outcome)
     }
 

@@ -666,18 +666,9 @@ mod tests {
 
     use super::*;
     use crate::audit::log::AuditLog;
-    use crate::audit::operation::Operation;
-    use crate::audit::record::Outcome;
+    use crate::audit::operation::{Operation, Task};
+    use crate::audit::verify::tests::record;
     use crate::crypto::secret::SecretKey;
-
-    fn record(i: u32) -> AuditRecord {
-        AuditRecord::new(Operation::Encrypt, "token:t", "local", Outcome::Ok)
-            .at(1_000 + i64::from(i))
-            .request_id(format!("r{i}"))
-            .tenant("acme")
-            .contexts(vec!["ctx".into()])
-            .versions(vec![1])
-    }
 
     /// A log of `n` records in a temporary directory, and a second connection to tamper
     /// with it as an intruder would.
@@ -765,7 +756,10 @@ mod tests {
             })
             .unwrap()[0]
             .1;
-        assert_eq!(evidence.operation, Operation::AuditTailMismatch.as_str());
+        assert_eq!(
+            evidence.operation,
+            Operation::Task(Task::AuditTailMismatch).as_str()
+        );
         // A later edit of a record the recovery did not accept is a new break.
         intruder
             .execute("UPDATE audit_events SET detail = 'x' WHERE seq = 3", [])

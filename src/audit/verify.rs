@@ -22,7 +22,7 @@
 
 use super::anchor::{Anchor, Stored};
 use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
-use super::operation::Operation;
+use super::operation::{Operation, Task};
 use super::record::{AuditRecord, Outcome};
 use crate::crypto::envelope::constant_time_eq;
 use crate::error::{Error, Result};
@@ -231,9 +231,9 @@ pub fn walk(
                         format!("record {seq} was edited, inserted or moved (MAC mismatch)"),
                         false,
                     );
-                } else if Operation::AuditRecover.is(&record.operation) {
+                } else if Operation::Task(Task::AuditRecover).is(&record.operation) {
                     walk.note_recovery(seq, &record);
-                } else if Operation::AuditTailMismatch.is(&record.operation) {
+                } else if Operation::Task(Task::AuditTailMismatch).is(&record.operation) {
                     walk.push(
                         seq,
                         format!(
@@ -454,13 +454,9 @@ pub fn actual_tail(last: Option<(u64, Vec<u8>)>, checkpoint: Stored) -> (u64, Ve
 /// The evidence record the writer appends when the end of the log is not the one it signed
 /// (see [`writable_tail`]); the verifier reports it as a break.
 pub fn tail_evidence(problem: &TailProblem) -> AuditRecord {
-    AuditRecord::local(
-        Operation::AuditTailMismatch,
-        "audit-writer",
-        Outcome::Internal,
-    )
-    .items(0)
-    .detail(problem.0.clone())
+    AuditRecord::local(Task::AuditTailMismatch, "audit-writer", Outcome::Internal)
+        .items(0)
+        .detail(problem.0.clone())
 }
 
 /// What [`recovery_record`] and a log's `recover` did.
@@ -507,7 +503,7 @@ pub fn recovery_record(report: &VerifyReport, caller: &str) -> Result<Option<Aud
         detail.push_str(&format!("; at the end: {}", head.reason));
     }
     Ok(Some(
-        AuditRecord::local(Operation::AuditRecover, caller, Outcome::Ok)
+        AuditRecord::local(Task::AuditRecover, caller, Outcome::Ok)
             .contexts(ranges)
             .items(u32::try_from(unacknowledged.len()).unwrap_or(u32::MAX))
             .detail(detail),
@@ -538,15 +534,17 @@ fn acknowledged_ranges<'a>(breaks: impl Iterator<Item = &'a Break>) -> Vec<Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
     use crate::audit::anchor::{self, Kind};
+    use crate::audit::operation::Rpc;
     use crate::crypto::secret::SecretKey;
 
-    fn record(i: u32) -> AuditRecord {
-        AuditRecord::new(Operation::Encrypt, "token:t", "local", Outcome::Ok)
+    /// A record numbered `i` (time, request id), otherwise like every other.
+    pub(crate) fn record(i: u32) -> AuditRecord {
+        AuditRecord::new(Rpc::Encrypt, "token:t", "local", Outcome::Ok)
             .at(1_000 + i64::from(i))
             .request_id(format!("r{i}"))
             .tenant("acme")

@@ -81,72 +81,11 @@ impl TenantScope {
     }
 }
 
-/// An RPC, as the authorization layer and the audit name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(missing_docs)]
-pub enum Operation {
-    Encrypt,
-    Decrypt,
-    EncryptBatch,
-    DecryptBatch,
-    GenerateDataKey,
-    DecryptDataKey,
-    Rewrap,
-    RewrapBatch,
-    CreateTenant,
-    GetTenant,
-    ListTenants,
-    RotateTenantKey,
-    ListKeyVersions,
-    DisableKeyVersion,
-    EnableKeyVersion,
-    DestroyKeyVersion,
-    SetRotationPolicy,
-    SuspendTenant,
-    ResumeTenant,
-    ScheduleTenantDeletion,
-    CancelTenantDeletion,
-    ListAuditEvents,
-    VerifyAuditChain,
-}
+/// An RPC, as the authorization layer and the audit name it: the one list of RPCs is
+/// [`crate::audit::operation::Rpc`], which also holds their stored names.
+pub use crate::audit::operation::Rpc as Operation;
 
 impl Operation {
-    /// The RPC name (as audited).
-    pub fn name(self) -> &'static str {
-        self.audited().as_str()
-    }
-
-    /// The audited operation this RPC is recorded as (the one list of stored names is
-    /// [`crate::audit::Operation`]).
-    pub fn audited(self) -> crate::audit::Operation {
-        use crate::audit::Operation as Audited;
-        match self {
-            Operation::Encrypt => Audited::Encrypt,
-            Operation::Decrypt => Audited::Decrypt,
-            Operation::EncryptBatch => Audited::EncryptBatch,
-            Operation::DecryptBatch => Audited::DecryptBatch,
-            Operation::GenerateDataKey => Audited::GenerateDataKey,
-            Operation::DecryptDataKey => Audited::DecryptDataKey,
-            Operation::Rewrap => Audited::Rewrap,
-            Operation::RewrapBatch => Audited::RewrapBatch,
-            Operation::CreateTenant => Audited::CreateTenant,
-            Operation::GetTenant => Audited::GetTenant,
-            Operation::ListTenants => Audited::ListTenants,
-            Operation::RotateTenantKey => Audited::RotateTenantKey,
-            Operation::ListKeyVersions => Audited::ListKeyVersions,
-            Operation::DisableKeyVersion => Audited::DisableKeyVersion,
-            Operation::EnableKeyVersion => Audited::EnableKeyVersion,
-            Operation::DestroyKeyVersion => Audited::DestroyKeyVersion,
-            Operation::SetRotationPolicy => Audited::SetRotationPolicy,
-            Operation::SuspendTenant => Audited::SuspendTenant,
-            Operation::ResumeTenant => Audited::ResumeTenant,
-            Operation::ScheduleTenantDeletion => Audited::ScheduleTenantDeletion,
-            Operation::CancelTenantDeletion => Audited::CancelTenantDeletion,
-            Operation::ListAuditEvents => Audited::ListAuditEvents,
-            Operation::VerifyAuditChain => Audited::VerifyAuditChain,
-        }
-    }
-
     /// The permission name a `service` token's `--operations` list uses for a data-plane
     /// call; `None` for calls outside the data plane.
     pub fn data_permission(self) -> Option<&'static str> {

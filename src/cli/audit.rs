@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_caller, cli_record};
+use crate::audit::operation::Task;
 use crate::audit::verify::VerifyReport;
-use crate::audit::{AuditLog, ListFilter, Operation, Outcome};
+use crate::audit::{AuditLog, ListFilter, Outcome};
 use crate::error::{Error, Result};
 use crate::service::state::{AUDIT_DB, DataDir, open_audit_log_unkeyed};
 
@@ -243,7 +244,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             drop(log);
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                Operation::AuditPrune,
+                Task::AuditPrune,
                 "",
                 Vec::new(),
                 Outcome::Ok,

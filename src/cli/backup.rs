@@ -11,6 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_record};
+use crate::audit::operation::Task;
 use crate::audit::{AuditWriter, Operation, Outcome};
 use crate::backup::ledger::ShredLedger;
 use crate::backup::snapshot;
@@ -109,7 +110,7 @@ fn print(json: bool, value: &serde_json::Value, text: &str) {
 /// Appends the audit record of a command's result, then returns the result.
 fn audited<T>(
     audit: &AuditWriter,
-    operation: Operation,
+    operation: impl Into<Operation>,
     tenant: &str,
     result: Result<T>,
     describe: impl Fn(&T) -> (Vec<u32>, String),
@@ -154,7 +155,7 @@ pub fn run_backup(args: BackupArgs) -> Result<ExitCode> {
         ledger_head,
     );
     let seconds = started.elapsed().as_secs_f64();
-    let result = audited(&audit, Operation::Backup, "", result, |m| {
+    let result = audited(&audit, Task::Backup, "", result, |m| {
         (
             Vec::new(),
             format!(
@@ -279,7 +280,7 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
         replaced_text
     );
     audit.append_blocking(cli_record(
-        Operation::Restore,
+        Task::Restore,
         "",
         Vec::new(),
         Outcome::Ok,
@@ -330,7 +331,7 @@ pub fn run_tenant_export(args: TenantExportArgs) -> Result<ExitCode> {
     });
     let result = audited(
         &audit,
-        Operation::TenantExport,
+        Task::TenantExport,
         id.as_str(),
         result,
         |versions| {
@@ -377,33 +378,27 @@ pub fn run_tenant_import(args: TenantImportArgs) -> Result<ExitCode> {
         dir.store.replace_tenant(&plan.tenant, &plan.versions)?;
         Ok(plan)
     });
-    let result = audited(
-        &audit,
-        Operation::TenantImport,
-        &tenant_label,
-        result,
-        |plan| {
-            (
-                plan.versions
-                    .iter()
-                    .filter(|v| v.wrapped.is_some())
-                    .map(|v| v.version)
-                    .collect(),
-                format!(
-                    "{} from {}: primary v{}; newer versions disabled: {:?}; kept destroyed: {:?}",
-                    if plan.existed {
-                        "rolled back"
-                    } else {
-                        "imported"
-                    },
-                    args.file.display(),
-                    plan.tenant.primary_version,
-                    plan.disabled_newer,
-                    plan.kept_destroyed
-                ),
-            )
-        },
-    );
+    let result = audited(&audit, Task::TenantImport, &tenant_label, result, |plan| {
+        (
+            plan.versions
+                .iter()
+                .filter(|v| v.wrapped.is_some())
+                .map(|v| v.version)
+                .collect(),
+            format!(
+                "{} from {}: primary v{}; newer versions disabled: {:?}; kept destroyed: {:?}",
+                if plan.existed {
+                    "rolled back"
+                } else {
+                    "imported"
+                },
+                args.file.display(),
+                plan.tenant.primary_version,
+                plan.disabled_newer,
+                plan.kept_destroyed
+            ),
+        )
+    });
     audit.shutdown();
     let plan = result?;
     if !plan.disabled_newer.is_empty() {

@@ -60,7 +60,7 @@ pub fn cli_caller() -> String {
 /// simple way for a command to audit what it did (append it with
 /// [`crate::audit::AuditWriter::append_blocking`]).
 pub fn cli_record(
-    operation: Operation,
+    operation: impl Into<Operation>,
     tenant: &str,
     versions: Vec<u32>,
     outcome: Outcome,

@@ -19,6 +19,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::common::{DataDirArgs, cli_record};
+use crate::audit::operation::{Rpc, Task};
 use crate::audit::{AuditWriter, Operation, Outcome};
 use crate::domain::{TenantId, TenantState, unix_now};
 use crate::error::{Error, Result};
@@ -127,7 +128,7 @@ impl Summary {
 /// whose audit record cannot be written is reported as failed.
 fn audited<T>(
     audit: &AuditWriter,
-    operation: Operation,
+    operation: impl Into<Operation>,
     tenant: &str,
     result: Result<T>,
     versions: impl Fn(&T) -> Vec<u32>,
@@ -189,7 +190,7 @@ fn rotate_tenants(
             } else {
                 audited(
                     &audit,
-                    Operation::RotateTenantKey,
+                    Rpc::RotateTenantKey,
                     id.as_str(),
                     dir.keys.rotate(&id),
                     |t| vec![t.primary_version],
@@ -244,7 +245,7 @@ fn rotate_due(
         }
         let result = audited(
             audit,
-            Operation::RotateTenantKey,
+            Rpc::RotateTenantKey,
             id.as_str(),
             keys.rotate(id),
             |t| vec![t.primary_version],
@@ -267,7 +268,7 @@ fn rotate_due(
         }
         let result = audited(
             audit,
-            Operation::DestroyTenant,
+            Task::DestroyTenant,
             id.as_str(),
             keys.destroy_tenant(id),
             |_| Vec::new(),
@@ -285,7 +286,7 @@ fn rotate_due(
 /// An audit record of a master-key step (no tenant; the versions are master versions).
 fn master_record(
     audit: &AuditWriter,
-    operation: Operation,
+    operation: impl Into<Operation>,
     versions: Vec<u32>,
     items: u64,
     detail: String,
@@ -336,7 +337,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
         eprintln!("created master key version {version}");
         master_record(
             &audit,
-            Operation::RotateMasterKey,
+            Task::RotateMasterKey,
             vec![version],
             0,
             format!("created master key version {version}"),
@@ -354,7 +355,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
                 // operator, a test) sees only batches that are committed and audited.
                 master_record(
                     &audit,
-                    Operation::RewrapTenantKeys,
+                    Task::RewrapTenantKeys,
                     vec![p.from_master, p.to_master],
                     p.batch,
                     format!(
@@ -377,7 +378,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
         Err(e) => {
             let _ = master_record(
                 &audit,
-                Operation::RewrapTenantKeys,
+                Task::RewrapTenantKeys,
                 Vec::new(),
                 0,
                 format!("failed: {e}"),
@@ -389,7 +390,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
     for version in &done.retired {
         master_record(
             &audit,
-            Operation::RetireMasterKey,
+            Task::RetireMasterKey,
             vec![*version],
             0,
             format!("master key version {version} wraps no key any more"),

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_record};
-use crate::audit::{Operation, Outcome};
+use crate::audit::Outcome;
+use crate::audit::operation::Task;
 use crate::auth::{DATA_PERMISSIONS, Role, TokenSpec, issue_token};
 use crate::config::parse_duration_seconds;
 use crate::domain::{TenantId, unix_now};
@@ -128,7 +129,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             )?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                Operation::TokenCreate,
+                Task::TokenCreate,
                 "",
                 Vec::new(),
                 Outcome::Ok,
@@ -170,7 +171,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             let revoked = dir.store.revoke_token(&args.id, unix_now())?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                Operation::TokenRevoke,
+                Task::TokenRevoke,
                 "",
                 Vec::new(),
                 if revoked {

@@ -257,7 +257,7 @@ impl Call {
             (None, None) => "anonymous".to_owned(),
         };
         AuditRecord::new(
-            self.operation.audited(),
+            self.operation,
             caller,
             std::mem::take(&mut self.peer),
             outcome,
@@ -318,7 +318,7 @@ impl Drop for Call {
 pub fn system_record(
     caller: &str,
     tenant: &TenantId,
-    operation: AuditOperation,
+    operation: impl Into<AuditOperation>,
     key_versions: Vec<u32>,
     outcome: Outcome,
     detail: String,

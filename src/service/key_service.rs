@@ -70,7 +70,7 @@ impl KeyServiceImpl {
             let record = call::system_record(
                 "server:nonce-budget",
                 &grant.entry.record.tenant_id,
-                crate::audit::Operation::RotateTenantKey,
+                Operation::RotateTenantKey,
                 vec![from, grant.version],
                 crate::audit::Outcome::Ok,
                 format!("nonce budget of version {from} reached"),

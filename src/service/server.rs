@@ -174,7 +174,7 @@ async fn destroy_audited(state: &Arc<AppState>, tenant: TenantId) {
     let record = super::call::system_record(
         "server:reaper",
         &tenant,
-        crate::audit::Operation::DestroyTenant,
+        crate::audit::operation::Task::DestroyTenant,
         Vec::new(),
         match &result {
             Ok(_) => crate::audit::Outcome::Ok,

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::operation::Task;
 use crate::audit::{
-    AuditLog, AuditRecord, AuditWriter, ChainKeys, Durability, Operation as AuditOperation,
-    Outcome, SqliteAuditLog,
+    AuditLog, AuditRecord, AuditWriter, ChainKeys, Durability, Outcome, SqliteAuditLog,
 };
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
@@ -269,14 +269,14 @@ fn audit_shred_report(
         .map(|item| {
             (
                 item,
-                AuditOperation::ShredLedgerReapply,
+                Task::ShredLedgerReapply,
                 "destroyed again: the shred ledger records it destroyed",
             )
         })
         .chain(report.recorded_from_store.iter().map(|item| {
             (
                 item,
-                AuditOperation::ShredLedgerRecord,
+                Task::ShredLedgerRecord,
                 "recorded in the shred ledger from the key store",
             )
         }))
