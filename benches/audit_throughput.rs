@@ -234,9 +234,8 @@ async fn main() {
         let counters = {
             let state = Arc::clone(&bench.state);
             move || {
-                let conn = state.audit_reader.lock().unwrap();
                 (
-                    tenant_kms::audit::sqlite::count(&conn).unwrap(),
+                    state.audit_reader.count().unwrap(),
                     state.audit.commits(),
                     state.audit.busy_nanos(),
                 )

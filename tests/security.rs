@@ -14,8 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use tenant_kms::audit::sqlite::ListFilter;
-use tenant_kms::audit::{AuditRecord, Durability};
+use tenant_kms::audit::{AuditRecord, Durability, ListFilter};
 use tenant_kms::auth::{Role, TokenSpec, issue_token};
 use tenant_kms::pb;
 use tenant_kms::pb::key_service_client::KeyServiceClient;
@@ -91,18 +90,17 @@ fn issue(
 
 /// Every audit record so far.
 fn audit_records(server: &TestServer) -> Vec<AuditRecord> {
-    let conn = server.state.audit_reader.lock().unwrap();
-    tenant_kms::audit::sqlite::list(
-        &conn,
-        &ListFilter {
+    server
+        .state
+        .audit_reader
+        .list(&ListFilter {
             limit: 1_000_000,
             ..Default::default()
-        },
-    )
-    .unwrap()
-    .into_iter()
-    .map(|(_, r)| r)
-    .collect()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// Waits (bounded) until an audit record with this request id exists.

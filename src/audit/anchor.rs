@@ -1,18 +1,17 @@
-//! Signed anchors of the chain, kept in `audit.db`'s `audit_meta` table: the **head** (the
-//! last record's sequence number and MAC, rewritten in the same transaction as every append)
-//! and the retention **checkpoint** (the last pruned record's, written by `audit prune`).
+//! Signed anchors of the chain: the **head** (the last record's sequence number and MAC,
+//! rewritten in the same transaction as every append) and the retention **checkpoint** (the
+//! last pruned record's, written by `audit prune`). Pure: encoding and checking only; where
+//! anchors are kept is the log backend's business (`audit.db`'s `audit_meta` table for
+//! [`super::sqlite`]).
 //!
 //! A chain alone proves every record follows from its predecessor, but not that nothing was
 //! cut from its end: the head closes that gap. Each anchor is stored as
 //! `be64(seq) ‖ mac ‖ HMAC-SHA256(chain key, lp(label) ‖ be64(seq) ‖ mac)`, so someone without
 //! the master key can delete an anchor or replay an old one, but cannot move one.
 
-use rusqlite::{Connection, OptionalExtension, params};
-
 use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
 use crate::crypto::envelope::constant_time_eq;
 use crate::crypto::labels::push_length_prefixed;
-use crate::error::Result;
 
 /// A position in the chain: a sequence number and the MAC of the record there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +40,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    /// The name the anchor is stored under (`audit_meta.name`): fixed, old logs use it.
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Head => "head",
             Kind::Checkpoint => "checkpoint",
@@ -56,15 +56,25 @@ impl Kind {
     }
 }
 
-/// What `audit_meta` holds for an anchor.
+/// What a log holds for an anchor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
-    /// No row.
+    /// Nothing.
     Missing,
-    /// A row that is malformed or whose signature does not verify.
+    /// A value that is malformed or whose signature does not verify.
     Invalid,
-    /// A row whose signature verifies.
+    /// A value whose signature verifies.
     Valid(Anchor),
+}
+
+impl Stored {
+    /// The anchor, if the stored value verified.
+    pub fn valid(self) -> Option<Anchor> {
+        match self {
+            Stored::Valid(anchor) => Some(anchor),
+            Stored::Missing | Stored::Invalid => None,
+        }
+    }
 }
 
 fn signature(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> [u8; MAC_LEN] {
@@ -75,48 +85,76 @@ fn signature(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> [u8; MAC_LEN] {
     keys.sign(&bytes)
 }
 
-/// Reads and checks an anchor.
-pub fn read(conn: &Connection, keys: &ChainKeys, kind: Kind) -> Result<Stored> {
-    let value: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT value FROM audit_meta WHERE name = ?1")
-        .and_then(|mut stmt| {
-            stmt.query_row([kind.name()], |row| Ok(super::sqlite::bytes_at(row, 0)))
-                .optional()
-        })
-        .map_err(super::sqlite::sql_error)?;
-    let Some(value) = value else {
-        return Ok(Stored::Missing);
-    };
-    // Layout: seq (8) ‖ mac (MAC_LEN) ‖ signature (MAC_LEN).
-    let (Some(seq), Some(mac), Some(sig)) = (
-        value.get(..8),
-        value.get(8..8 + MAC_LEN),
-        value.get(8 + MAC_LEN..),
-    ) else {
-        return Ok(Stored::Invalid);
-    };
-    let (Ok(seq), Ok(mac)) = (<[u8; 8]>::try_from(seq), <[u8; MAC_LEN]>::try_from(mac)) else {
-        return Ok(Stored::Invalid);
-    };
-    let anchor = Anchor {
-        seq: u64::from_be_bytes(seq),
-        mac,
-    };
-    if constant_time_eq(sig, &signature(keys, kind, &anchor)) {
-        Ok(Stored::Valid(anchor))
-    } else {
-        Ok(Stored::Invalid)
-    }
-}
-
-/// Writes (or replaces) an anchor. Call it inside the transaction that makes it true.
-pub fn write(conn: &Connection, keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> Result<()> {
+/// The stored value of an anchor: position and signature.
+pub fn encode(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> Vec<u8> {
     let mut value = Vec::with_capacity(8 + 2 * MAC_LEN);
     value.extend_from_slice(&anchor.seq.to_be_bytes());
     value.extend_from_slice(&anchor.mac);
     value.extend_from_slice(&signature(keys, kind, anchor));
-    conn.prepare_cached("INSERT OR REPLACE INTO audit_meta (name, value) VALUES (?1, ?2)")
-        .and_then(|mut stmt| stmt.execute(params![kind.name(), value]))
-        .map_err(super::sqlite::sql_error)?;
-    Ok(())
+    value
+}
+
+/// The position a stored value names, without checking its signature (what a backup
+/// manifest records; the verifier checks the signature).
+pub fn position(value: &[u8]) -> Option<Anchor> {
+    // Layout: seq (8) ‖ mac (MAC_LEN) ‖ signature (MAC_LEN).
+    let seq = <[u8; 8]>::try_from(value.get(..8)?).ok()?;
+    let mac = <[u8; MAC_LEN]>::try_from(value.get(8..8 + MAC_LEN)?).ok()?;
+    Some(Anchor {
+        seq: u64::from_be_bytes(seq),
+        mac,
+    })
+}
+
+/// Checks a stored value (`None`: nothing stored) of the anchor `kind`.
+pub fn decode(keys: &ChainKeys, kind: Kind, value: Option<&[u8]>) -> Stored {
+    let Some(value) = value else {
+        return Stored::Missing;
+    };
+    let (Some(anchor), Some(sig)) = (position(value), value.get(8 + MAC_LEN..)) else {
+        return Stored::Invalid;
+    };
+    if constant_time_eq(sig, &signature(keys, kind, &anchor)) {
+        Stored::Valid(anchor)
+    } else {
+        Stored::Invalid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::crypto::secret::SecretKey;
+
+    #[test]
+    fn an_anchor_decodes_only_as_itself() {
+        let keys = ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap();
+        let other = ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap();
+        let anchor = Anchor {
+            seq: 7,
+            mac: [9; MAC_LEN],
+        };
+        let value = encode(&keys, Kind::Head, &anchor);
+        assert_eq!(
+            decode(&keys, Kind::Head, Some(&value)),
+            Stored::Valid(anchor)
+        );
+        assert_eq!(position(&value), Some(anchor));
+        // Another kind, another key, a moved position, a cut value: invalid.
+        assert_eq!(
+            decode(&keys, Kind::Checkpoint, Some(&value)),
+            Stored::Invalid
+        );
+        assert_eq!(decode(&other, Kind::Head, Some(&value)), Stored::Invalid);
+        let mut moved = value.clone();
+        moved[7] = 8;
+        assert_eq!(decode(&keys, Kind::Head, Some(&moved)), Stored::Invalid);
+        assert_eq!(
+            decode(&keys, Kind::Head, Some(&value[..20])),
+            Stored::Invalid
+        );
+        assert_eq!(decode(&keys, Kind::Head, None), Stored::Missing);
+    }
 }

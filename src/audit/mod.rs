@@ -2,23 +2,37 @@
 //! before the caller gets an answer, and chained with HMAC-SHA256 under a key wrapped by the
 //! master key so that editing, deleting, inserting, reordering or cutting records is detected.
 //!
-//! - [`record`]: what a record holds and its canonical encoding;
+//! Modules, bottom first; each uses only those above it:
+//! - [`operation`]: the names of audited operations;
+//! - [`record`]: what a record holds, its one constructor and its canonical encoding;
 //! - [`chain`]: the chain keys and MAC computation;
-//! - [`anchor`]: the signed head and retention checkpoint;
-//! - [`sqlite`]: `audit.db`, its schema, appends, queries and pruning;
-//! - [`verify`]: the verifier, the start-up tail check and the audited recovery step;
-//! - [`writer`]: the group-commit writer thread that owns the append connection.
+//! - [`anchor`]: the signed head and retention checkpoint, encoded and checked (pure);
+//! - [`verify`]: the chain walk, the tail judgement and the recovery record (pure);
+//! - [`log`]: the [`AuditLog`] traits a backend implements;
+//! - [`sqlite`]: `audit.db`, the SQLite backend;
+//! - [`writer`]: the group-commit writer thread, over any [`AuditLog`];
+//! - `contract` (tests and the `test-seams` feature): the suite every backend passes.
 //!
 //! docs/AUDIT.md describes the format and the guarantees.
 
 pub mod anchor;
 pub mod chain;
+#[cfg(any(test, feature = "test-seams"))]
+pub mod contract;
+pub mod log;
+pub mod operation;
 pub mod record;
 pub mod sqlite;
 pub mod verify;
 pub mod writer;
 
 pub use chain::ChainKeys;
+pub use log::{
+    AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability,
+    ListFilter,
+};
+pub use operation::Operation;
 pub use record::{AuditRecord, Outcome};
+pub use sqlite::SqliteAuditLog;
 pub use verify::VerifyReport;
-pub use writer::{AuditWriter, Durability};
+pub use writer::AuditWriter;

@@ -1,5 +1,6 @@
 //! An audit record and its canonical byte encoding (the input of the chain MAC).
 
+use super::operation::Operation;
 use crate::crypto::labels::push_length_prefixed;
 
 /// How a call ended.
@@ -68,7 +69,8 @@ pub struct AuditRecord {
     pub peer: String,
     /// The tenant, if the request named a valid one.
     pub tenant_id: String,
-    /// The RPC or command, e.g. `Encrypt`, `rotate`.
+    /// The RPC or command, as [`Operation::as_str`] names it (kept as the stored string so a
+    /// record with a name this build does not know still reads and verifies).
     pub operation: String,
     /// The contexts touched (distinct, at most a few for batches).
     pub contexts: Vec<String>,
@@ -84,10 +86,96 @@ pub struct AuditRecord {
     pub detail: String,
 }
 
+/// The peer of a record made on this machine.
+pub const LOCAL_PEER: &str = "local";
+
 /// Label of the canonical record encoding.
 const RECORD_LABEL: &[u8] = b"tenant-kms/v1/audit-record";
 
 impl AuditRecord {
+    /// The one way records are made: `operation` by `caller` from `peer`, ending in
+    /// `outcome`, timed now, about one item, and nothing else (no tenant, request id,
+    /// contexts, versions, fingerprint or detail) until the builder methods below add it.
+    pub fn new(
+        operation: impl Into<Operation>,
+        caller: impl Into<String>,
+        peer: impl Into<String>,
+        outcome: Outcome,
+    ) -> Self {
+        Self {
+            time_micros: crate::domain::unix_now_micros(),
+            request_id: String::new(),
+            caller: caller.into(),
+            peer: peer.into(),
+            tenant_id: String::new(),
+            operation: operation.into().as_str().to_owned(),
+            contexts: Vec::new(),
+            key_versions: Vec::new(),
+            item_count: 1,
+            outcome,
+            aad_fingerprint: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    /// A record of something done on this machine, not for a remote peer (a command, the
+    /// service by itself): [`AuditRecord::new`] with the peer `local`.
+    pub fn local(
+        operation: impl Into<Operation>,
+        caller: impl Into<String>,
+        outcome: Outcome,
+    ) -> Self {
+        Self::new(operation, caller, LOCAL_PEER, outcome)
+    }
+
+    /// Sets the time (µs since the Unix epoch).
+    pub fn at(mut self, time_micros: i64) -> Self {
+        self.time_micros = time_micros;
+        self
+    }
+
+    /// Sets the request id.
+    pub fn request_id(mut self, request_id: impl Into<String>) -> Self {
+        self.request_id = request_id.into();
+        self
+    }
+
+    /// Sets the tenant.
+    pub fn tenant(mut self, tenant_id: impl Into<String>) -> Self {
+        self.tenant_id = tenant_id.into();
+        self
+    }
+
+    /// Sets the contexts touched.
+    pub fn contexts(mut self, contexts: Vec<String>) -> Self {
+        self.contexts = contexts;
+        self
+    }
+
+    /// Sets the key versions touched.
+    pub fn versions(mut self, key_versions: Vec<u32>) -> Self {
+        self.key_versions = key_versions;
+        self
+    }
+
+    /// Sets the item count.
+    pub fn items(mut self, item_count: u32) -> Self {
+        self.item_count = item_count;
+        self
+    }
+
+    /// Sets the keyed AAD fingerprint (never the AAD itself).
+    pub fn aad_fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
+        self.aad_fingerprint = fingerprint.into();
+        self
+    }
+
+    /// Sets the secret-free detail.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
     /// The canonical encoding of this record at position `seq`, chained to `prev_mac`:
     /// `lp(label) ‖ be64(seq) ‖ be64(time) ‖ lp(request_id) ‖ lp(caller) ‖ lp(peer) ‖
     /// lp(tenant) ‖ lp(operation) ‖ be32(#contexts) ‖ lp(context)… ‖ be32(#versions) ‖

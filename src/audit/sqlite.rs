@@ -1,20 +1,29 @@
-//! `audit.db`: the audit records in sequence order, each with its chain MAC, and the signed
-//! anchors (head, retention checkpoint) in `audit_meta`.
+//! `audit.db`, the SQLite audit log: the records in sequence order, each with its chain MAC,
+//! and the signed anchors (head, retention checkpoint) in `audit_meta`. [`SqliteAuditLog`]
+//! implements the [`super::log`] traits; the functions over a [`Connection`] below are its
+//! SQL, public for tests and tools that write a log directly.
 //!
 //! Appends read the chain tail inside the same write transaction (BEGIN IMMEDIATE) and move
 //! the signed head in it, so several processes (the server and the `rotate` command) can
-//! append to one log and the chain stays whole. Queries and verification use their own read
-//! connections; the verifier is in [`super::verify`].
+//! append to one log and the chain stays whole. Reads, verification included, run in one read
+//! transaction each, so appends meanwhile cannot make a consistent log look cut. What the
+//! chain means is decided by the pure [`super::verify`] and [`super::anchor`]: this module
+//! only reads and writes rows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::anchor::{self, Anchor, Kind, Stored};
-use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
+use super::chain::{ChainKeys, MAC_LEN};
+use super::log::{AuditAppend, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability};
 use super::record::{AuditRecord, outcome_from_str};
+use super::verify::{self, Recovery, StoredRow, TAIL_CHECK_RECORDS, VerifyReport, WalkStart};
 use crate::error::{Error, Result};
+
+pub use super::log::ListFilter;
 
 // `audit_meta` is WITHOUT ROWID so that moving the head in every commit rewrites one b-tree
 // page, not a table page and its primary-key index page.
@@ -52,7 +61,7 @@ const AUDIT_CHECKPOINT_PAGES: i64 = 4096;
 /// it fails, when the caller names no other bound.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn sql_error(e: rusqlite::Error) -> Error {
+fn sql_error(e: rusqlite::Error) -> Error {
     Error::Unavailable(format!("audit store: {e}"))
 }
 
@@ -89,17 +98,14 @@ pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Conn
 }
 
 /// Inserts one record row (the caller computed its MAC).
-pub(crate) fn insert(
-    conn: &Connection,
-    seq: u64,
-    record: &AuditRecord,
-    mac: &[u8],
-) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
-         operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
-         detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
-    )?;
+fn insert(conn: &Connection, seq: u64, record: &AuditRecord, mac: &[u8]) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
+             operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
+             detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
+        )
+        .map_err(sql_error)?;
     stmt.execute(params![
         seq as i64,
         record.time_micros,
@@ -115,25 +121,28 @@ pub(crate) fn insert(
         record.aad_fingerprint,
         record.detail,
         mac,
-    ])?;
+    ])
+    .map_err(sql_error)?;
     Ok(())
 }
 
-/// The operation name of the evidence record the writer appends when the end of the log is
-/// not the one it signed.
-pub const TAIL_EVIDENCE_OPERATION: &str = "AuditTailMismatch";
+/// Appends one record after `tail` and returns the new tail.
+fn chain_one(
+    conn: &Connection,
+    keys: &ChainKeys,
+    tail: (u64, &[u8]),
+    record: &AuditRecord,
+) -> Result<Anchor> {
+    let seq = tail.0 + 1;
+    let mac = keys.record_mac(record, seq, tail.1);
+    insert(conn, seq, record, &mac)?;
+    Ok(Anchor { seq, mac })
+}
 
-/// Appends records as one transaction, chained after the current tail, and moves the signed
-/// head to the last of them in the same transaction (so the head costs no extra fsync).
-/// Returns the sequence number of the first; the rest follow in order. Nothing is written if
-/// anything fails.
-///
-/// If the tail is not the one the signed head names (records were cut from the end, or the
-/// head was deleted or forged), the transaction first appends an `AuditTailMismatch` evidence
-/// record saying so, chained after what is actually there: the verifier reports it as a break
-/// until an operator acknowledges it with `tenant-kms audit recover`. Appending after the cut
-/// without it would hide the cut; refusing to append would let anyone who can write the file
-/// stop the service with one DELETE.
+/// Appends records as one transaction, as [`AuditAppend::append`] says: chained after the
+/// current tail (after an `AuditTailMismatch` evidence record if the tail is not the signed
+/// head's), the signed head moved in the same transaction. Returns the sequence number of the
+/// first. Nothing is written if anything fails.
 pub fn append<'a>(
     conn: &mut Connection,
     keys: &ChainKeys,
@@ -142,54 +151,62 @@ pub fn append<'a>(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let mut head = match writable_tail(&tx, keys)? {
+    let last = last_row(&tx)?;
+    let judged = verify::writable_tail(
+        last.as_ref().map(|(seq, mac)| (*seq, mac.as_slice())),
+        read_anchor(&tx, keys, Kind::Checkpoint)?,
+        read_anchor(&tx, keys, Kind::Head)?,
+    );
+    let mut head = match judged {
         Ok(tail) => tail,
-        Err(problem) => append_evidence(&tx, keys, &problem)?,
+        Err(problem) => {
+            tracing::error!(
+                problem = %problem.0,
+                "audit.db's end is not the one this service signed: recording the evidence; \
+                 run `tenant-kms audit verify`"
+            );
+            let (seq, prev) = verify::actual_tail(last, read_anchor(&tx, keys, Kind::Checkpoint)?);
+            chain_one(&tx, keys, (seq, &prev), &verify::tail_evidence(&problem))?
+        }
     };
     let first = head.seq + 1;
     for record in records {
-        head.seq += 1;
-        head.mac = keys.record_mac(record, head.seq, &head.mac);
-        insert(&tx, head.seq, record, &head.mac).map_err(sql_error)?;
+        head = chain_one(&tx, keys, (head.seq, &head.mac), record)?;
     }
-    anchor::write(&tx, keys, Kind::Head, &head)?;
+    write_anchor(&tx, keys, Kind::Head, &head)?;
     tx.commit().map_err(sql_error)?;
     Ok(first)
 }
 
-/// Appends the evidence record for a tail that does not match the signed head; returns it as
-/// the new tail.
-fn append_evidence(conn: &Connection, keys: &ChainKeys, problem: &TailProblem) -> Result<Anchor> {
-    tracing::error!(
-        problem = %problem.0,
-        "audit.db's end is not the one this service signed: recording the evidence; run \
-         `tenant-kms audit verify`"
-    );
-    let (seq, prev) = actual_tail(conn, keys)?;
-    let record = AuditRecord {
-        time_micros: crate::domain::unix_now_micros(),
-        request_id: String::new(),
-        caller: "audit-writer".into(),
-        peer: "local".into(),
-        tenant_id: String::new(),
-        operation: TAIL_EVIDENCE_OPERATION.into(),
-        contexts: Vec::new(),
-        key_versions: Vec::new(),
-        item_count: 0,
-        outcome: super::Outcome::Internal,
-        aad_fingerprint: String::new(),
-        detail: problem.0.clone(),
-    };
-    let anchor = Anchor {
-        seq: seq + 1,
-        mac: keys.record_mac(&record, seq + 1, &prev),
-    };
-    insert(conn, anchor.seq, &record, &anchor.mac).map_err(sql_error)?;
-    Ok(anchor)
+/// Reads and checks an anchor.
+fn read_anchor(conn: &Connection, keys: &ChainKeys, kind: Kind) -> Result<Stored> {
+    Ok(anchor::decode(
+        keys,
+        kind,
+        anchor_value(conn, kind)?.as_deref(),
+    ))
+}
+
+/// The stored value of an anchor, unchecked.
+fn anchor_value(conn: &Connection, kind: Kind) -> Result<Option<Vec<u8>>> {
+    conn.prepare_cached("SELECT value FROM audit_meta WHERE name = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row([kind.name()], |row| Ok(bytes_at(row, 0)))
+                .optional()
+        })
+        .map_err(sql_error)
+}
+
+/// Writes (or replaces) an anchor. Call it inside the transaction that makes it true.
+fn write_anchor(conn: &Connection, keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO audit_meta (name, value) VALUES (?1, ?2)")
+        .and_then(|mut stmt| stmt.execute(params![kind.name(), anchor::encode(keys, kind, anchor)]))
+        .map_err(sql_error)?;
+    Ok(())
 }
 
 /// The last record's sequence number and stored MAC, if there is a record.
-pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
+fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
     conn.prepare_cached("SELECT seq, mac FROM audit_events ORDER BY seq DESC LIMIT 1")
         .and_then(|mut stmt| {
             stmt.query_row([], |row| {
@@ -203,80 +220,15 @@ pub(crate) fn last_row(conn: &Connection) -> Result<Option<(u64, Vec<u8>)>> {
 /// The bytes of a column that should hold a blob. Anything else (text, NULL, a number), as an
 /// intruder might leave it, reads as no bytes, which never verifies: a malformed row is
 /// reported as a break instead of stopping the verifier or the writer.
-pub(crate) fn bytes_at(row: &Row<'_>, index: usize) -> Vec<u8> {
+fn bytes_at(row: &Row<'_>, index: usize) -> Vec<u8> {
     match row.get_ref(index) {
         Ok(rusqlite::types::ValueRef::Blob(bytes)) => bytes.to_vec(),
         _ => Vec::new(),
     }
 }
 
-/// What is actually at the end of the log, whatever the head says: the last record (its MAC
-/// as stored, whatever its length), else a valid checkpoint, else genesis.
-pub(crate) fn actual_tail(conn: &Connection, keys: &ChainKeys) -> Result<(u64, Vec<u8>)> {
-    Ok(match last_row(conn)? {
-        Some(row) => row,
-        None => match checkpoint(conn, keys)? {
-            Some(checkpoint) => (checkpoint.seq, checkpoint.mac.to_vec()),
-            None => (0, GENESIS_MAC.to_vec()),
-        },
-    })
-}
-
-/// How the end of the log differs from its signed head.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TailProblem(pub String);
-
-/// The position new records chain after: the last record, or the retention checkpoint when
-/// every record was pruned, or genesis for a new log, if it equals the signed head written
-/// by the last append (by any process); otherwise the inner error says how they differ.
-pub fn writable_tail(
-    conn: &Connection,
-    keys: &ChainKeys,
-) -> Result<std::result::Result<Anchor, TailProblem>> {
-    let problem = |text: String| Ok(Err(TailProblem(text)));
-    let tail = match last_row(conn)? {
-        Some((seq, mac)) => match <[u8; MAC_LEN]>::try_from(mac.as_slice()) {
-            Ok(mac) => Some(Anchor { seq, mac }),
-            Err(_) => return problem(format!("record {seq} has a malformed MAC")),
-        },
-        None => match anchor::read(conn, keys, Kind::Checkpoint)? {
-            Stored::Missing => None,
-            Stored::Valid(checkpoint) => Some(checkpoint),
-            Stored::Invalid => return problem("the retention checkpoint is invalid".into()),
-        },
-    };
-    match (anchor::read(conn, keys, Kind::Head)?, tail) {
-        (Stored::Missing, None) => Ok(Ok(Anchor::GENESIS)),
-        (Stored::Valid(head), Some(tail)) if head == tail => Ok(Ok(tail)),
-        (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => problem(format!(
-            "record {} is not the one the signed head names",
-            tail.seq
-        )),
-        (Stored::Valid(head), tail) => problem(format!(
-            "the signed head is at record {} but the log ends at record {}",
-            head.seq,
-            tail.map_or(0, |t| t.seq)
-        )),
-        (Stored::Missing, Some(tail)) => problem(format!(
-            "the signed head is missing (the log ends at record {})",
-            tail.seq
-        )),
-        (Stored::Invalid, tail) => problem(format!(
-            "the signed head is invalid (the log ends at record {})",
-            tail.map_or(0, |t| t.seq)
-        )),
-    }
-}
-
-/// The retention checkpoint, if there is a valid one.
-pub fn checkpoint(conn: &Connection, keys: &ChainKeys) -> Result<Option<Anchor>> {
-    Ok(match anchor::read(conn, keys, Kind::Checkpoint)? {
-        Stored::Valid(checkpoint) => Some(checkpoint),
-        Stored::Missing | Stored::Invalid => None,
-    })
-}
-
-pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditRecord, Vec<u8>)> {
+/// The record of a row in [`SELECT_RECORD`]'s column order (seq and MAC aside).
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
     let contexts: String = row.get(7)?;
     let versions: String = row.get(8)?;
     let outcome: String = row.get(10)?;
@@ -287,47 +239,37 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<(u64, AuditReco
             "malformed audit column".into(),
         )
     };
-    Ok((
-        row.get::<_, i64>(0)? as u64,
-        AuditRecord {
-            time_micros: row.get(1)?,
-            request_id: row.get(2)?,
-            caller: row.get(3)?,
-            peer: row.get(4)?,
-            tenant_id: row.get(5)?,
-            operation: row.get(6)?,
-            contexts: serde_json::from_str(&contexts).map_err(|_| bad(7))?,
-            key_versions: serde_json::from_str(&versions).map_err(|_| bad(8))?,
-            item_count: row.get(9)?,
-            outcome: outcome_from_str(&outcome).ok_or_else(|| bad(10))?,
-            aad_fingerprint: row.get(11)?,
-            detail: row.get(12)?,
-        },
-        row.get(13)?,
-    ))
+    Ok(AuditRecord {
+        time_micros: row.get(1)?,
+        request_id: row.get(2)?,
+        caller: row.get(3)?,
+        peer: row.get(4)?,
+        tenant_id: row.get(5)?,
+        operation: row.get(6)?,
+        contexts: serde_json::from_str(&contexts).map_err(|_| bad(7))?,
+        key_versions: serde_json::from_str(&versions).map_err(|_| bad(8))?,
+        item_count: row.get(9)?,
+        outcome: outcome_from_str(&outcome).ok_or_else(|| bad(10))?,
+        aad_fingerprint: row.get(11)?,
+        detail: row.get(12)?,
+    })
+}
+
+/// A row as stored, for the verifier: nothing in it is trusted. Only a sequence number that
+/// is not an integer fails (SQLite's INTEGER PRIMARY KEY cannot hold anything else).
+fn stored_row(row: &Row<'_>) -> rusqlite::Result<StoredRow> {
+    Ok(StoredRow {
+        seq: row.get(0)?,
+        record: record_from_row(row).ok(),
+        // A MAC that is NULL or not a blob is as good as a wrong one.
+        mac: bytes_at(row, 13),
+    })
 }
 
 /// The columns of a record row, in [`record_from_row`]'s order.
-pub(crate) const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, \
+const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, \
      operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac \
      FROM audit_events";
-
-/// Filter for [`list`].
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    /// Only this tenant (empty: all).
-    pub tenant_id: String,
-    /// From this time (µs), inclusive.
-    pub since_micros: Option<i64>,
-    /// Before this time (µs), exclusive.
-    pub until_micros: Option<i64>,
-    /// Only this operation (empty: all).
-    pub operation: String,
-    /// Records after this sequence number (paging).
-    pub after_seq: u64,
-    /// At most this many.
-    pub limit: usize,
-}
 
 /// Records matching `filter`, in sequence order.
 pub fn list(conn: &Connection, filter: &ListFilter) -> Result<Vec<(u64, AuditRecord)>> {
@@ -348,15 +290,11 @@ pub fn list(conn: &Connection, filter: &ListFilter) -> Result<Vec<(u64, AuditRec
                 filter.operation,
                 filter.limit as i64
             ],
-            record_from_row,
+            |row| Ok((row.get::<_, i64>(0)? as u64, record_from_row(row)?)),
         )
         .map_err(sql_error)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (seq, record, _) = row.map_err(sql_error)?;
-        out.push((seq, record));
-    }
-    Ok(out)
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql_error)
 }
 
 /// Number of records.
@@ -368,17 +306,69 @@ pub fn count(conn: &Connection) -> Result<u64> {
     .map_err(sql_error)
 }
 
-/// Removes the oldest records, all of them older than `before_micros`, after verifying the
-/// whole log, and stores a signed checkpoint of the last removed record so the rest still
-/// verifies. Only a prefix can go (the chain needs it): the prefix ends before the first
-/// record at or after `before_micros`, so no newer record is ever removed even if clocks
-/// made times non-monotonic. Refuses to prune a log that does not verify. Returns how many
-/// records were removed.
-pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Result<u64> {
+/// Walks the rows from `from` on with the pure verifier; the caller holds a transaction.
+fn walk_from(
+    conn: &Connection,
+    keys: &ChainKeys,
+    start: WalkStart,
+    from: i64,
+) -> Result<VerifyReport> {
+    let head = read_anchor(conn, keys, Kind::Head)?;
+    let mut stmt = conn
+        .prepare(&format!("{SELECT_RECORD} WHERE seq >= ?1 ORDER BY seq"))
+        .map_err(sql_error)?;
+    let rows = stmt
+        .query_map([from], stored_row)
+        .map_err(sql_error)?
+        .map(|row| row.map_err(sql_error));
+    verify::walk(keys, start, rows, head)
+}
+
+/// Verifies the whole log; the caller holds a transaction for a consistent snapshot.
+fn verify_in(conn: &Connection, keys: &ChainKeys) -> Result<VerifyReport> {
+    let start = WalkStart::Beginning(read_anchor(conn, keys, Kind::Checkpoint)?);
+    walk_from(conn, keys, start, i64::MIN)
+}
+
+/// The start-up tail check; the caller holds a transaction.
+fn check_tail_in(conn: &Connection, keys: &ChainKeys) -> Result<VerifyReport> {
+    let after = match last_row(conn)? {
+        Some((last, _)) if last > TAIL_CHECK_RECORDS => last - TAIL_CHECK_RECORDS,
+        _ => return verify_in(conn, keys),
+    };
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, mac FROM audit_events WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
+            [after as i64],
+            |row| Ok((row.get(0)?, bytes_at(row, 1))),
+        )
+        .optional()
+        .map_err(sql_error)?;
+    let (start, from) = match row {
+        Some((at, mac)) => (
+            WalkStart::After {
+                next_seq: at as u64 + 1,
+                prev_mac: Some(mac),
+            },
+            at.saturating_add(1),
+        ),
+        None => (
+            WalkStart::After {
+                next_seq: after + 1,
+                prev_mac: None,
+            },
+            after as i64 + 1,
+        ),
+    };
+    walk_from(conn, keys, start, from)
+}
+
+/// Prunes as [`AuditMaintenance::prune`] says.
+fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Result<u64> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_error)?;
-    let report = super::verify::verify_in(&tx, keys)?;
+    let report = verify_in(&tx, keys)?;
     if !report.ok {
         return Err(Error::FailedPrecondition(format!(
             "the audit chain does not verify (record {}: {}); not pruning",
@@ -408,7 +398,7 @@ pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Res
     let removed = tx
         .execute("DELETE FROM audit_events WHERE seq <= ?1", [seq])
         .map_err(sql_error)? as u64;
-    anchor::write(
+    write_anchor(
         &tx,
         keys,
         Kind::Checkpoint,
@@ -421,75 +411,392 @@ pub fn prune(conn: &mut Connection, keys: &ChainKeys, before_micros: i64) -> Res
     Ok(removed)
 }
 
-/// The chain head: the last record's sequence number and MAC (the checkpoint's, or 0 and the
-/// genesis MAC, when there is no record). A backup manifest names it, so a restored log can be
-/// checked to be exactly the one backed up.
-pub fn chain_head(conn: &Connection) -> Result<(u64, [u8; MAC_LEN])> {
+/// Recovers as [`AuditMaintenance::recover`] says.
+fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<Recovery> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_error)?;
+    let report = verify_in(&tx, keys)?;
+    let Some(record) = verify::recovery_record(&report, caller)? else {
+        return Ok(Recovery {
+            report,
+            recovery_seq: 0,
+        });
+    };
+    let (seq, prev) =
+        verify::actual_tail(last_row(&tx)?, read_anchor(&tx, keys, Kind::Checkpoint)?);
+    let head = chain_one(&tx, keys, (seq, &prev), &record)?;
+    write_anchor(&tx, keys, Kind::Head, &head)?;
+    tx.commit().map_err(sql_error)?;
+    Ok(Recovery {
+        report,
+        recovery_seq: head.seq,
+    })
+}
+
+/// The chain head (see [`ChainHead`]): the last record, else the checkpoint's position as
+/// stored (its signature is the verifier's job), else genesis.
+fn chain_head(conn: &Connection) -> Result<ChainHead> {
     if let Some((seq, mac)) = last_row(conn)? {
         let mac = <[u8; MAC_LEN]>::try_from(mac.as_slice())
             .map_err(|_| Error::internal(format!("record {seq} has a malformed MAC")))?;
-        return Ok((seq, mac));
+        return Ok(ChainHead::new(seq, mac));
     }
-    // No record: the checkpoint's position as stored (its signature is the verifier's job).
-    let value: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT value FROM audit_meta WHERE name = 'checkpoint'",
-            [],
-            |row| Ok(bytes_at(row, 0)),
+    let checkpoint = anchor_value(conn, Kind::Checkpoint)?
+        .as_deref()
+        .and_then(anchor::position)
+        .unwrap_or(Anchor::GENESIS);
+    Ok(ChainHead::new(checkpoint.seq, checkpoint.mac))
+}
+
+/// How a [`SqliteAuditLog`] opens its connection.
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    /// Read and write (created if missing), with this durability and lock wait.
+    Write {
+        full_sync: bool,
+        busy_timeout: Duration,
+    },
+    /// An existing file, read only (a backup's copy): nothing is written to disk.
+    ReadOnly,
+}
+
+/// The SQLite audit log (`audit.db`): the [`super::log::AuditLog`] of a single node. Each
+/// value owns one connection, used by one call at a time (a mutex: SQLite connections are not
+/// for concurrent use); the writer, the query path and the commands each open their own, and
+/// SQLite's WAL lets readers and the one writer go on together. After a failed append the
+/// connection is dropped and the next call reopens it: the fault may have been a replaced or
+/// re-permissioned file.
+pub struct SqliteAuditLog {
+    path: PathBuf,
+    access: Access,
+    keys: Option<Arc<ChainKeys>>,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl SqliteAuditLog {
+    /// Opens `audit.db` at `path` (created 0600 with its schema if missing, WAL mode) with the
+    /// chain keys it is chained under. `durability` selects `synchronous=FULL` (an fsync per
+    /// commit) or `NORMAL` (durable across a process crash, not a power loss); a write waits
+    /// at most `busy_timeout` for another process's lock.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        busy_timeout: Duration,
+        keys: Arc<ChainKeys>,
+    ) -> Result<Self> {
+        Self::with_access(
+            path,
+            Self::write_access(durability, busy_timeout),
+            Some(keys),
         )
-        .optional()
-        .map_err(sql_error)?;
-    let parsed = value.as_deref().and_then(|v| {
-        let seq = <[u8; 8]>::try_from(v.get(..8)?).ok()?;
-        let mac = <[u8; MAC_LEN]>::try_from(v.get(8..8 + MAC_LEN)?).ok()?;
-        Some((u64::from_be_bytes(seq), mac))
-    });
-    Ok(parsed.unwrap_or((0, GENESIS_MAC)))
-}
-
-/// Opens an existing `audit.db` read-only (a backup's copy), writing nothing to disk.
-pub fn open_read_only(path: &Path) -> Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(sql_error)?;
-    conn.busy_timeout(Duration::from_secs(10))
-        .map_err(sql_error)?;
-    Ok(conn)
-}
-
-/// Writes a consistent snapshot of the audit log at `path` to the new file `dest` (mode
-/// 0600) with SQLite's online backup API, while the server keeps appending. The copy is a
-/// self-contained file (rollback journal mode, no `-wal` beside it).
-pub fn snapshot(path: &Path, dest: &Path) -> Result<()> {
-    let source = open(path, true, DEFAULT_BUSY_TIMEOUT)?;
-    crate::fsutil::create_private_file(dest)?;
-    let mut out = Connection::open(dest).map_err(sql_error)?;
-    {
-        // One step: every page copied inside one read transaction, so the copy is the log as
-        // of one commit; appends by the writer go on meanwhile (WAL).
-        let backup = rusqlite::backup::Backup::new(&source, &mut out).map_err(sql_error)?;
-        copy_all_pages(&backup)?;
     }
-    out.pragma_update(None, "journal_mode", "DELETE")
-        .map_err(sql_error)?;
-    out.close().map_err(|(_, e)| sql_error(e))?;
-    crate::fsutil::sync_file(dest)
-}
 
-/// Runs an online backup as one step (-1: every page), retrying while another connection
-/// holds a lock that keeps the step from starting (bounded).
-fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
-    use rusqlite::backup::StepResult;
-    for attempt in 0..100u64 {
-        match backup.step(-1).map_err(sql_error)? {
-            StepResult::Done => return Ok(()),
-            StepResult::More | StepResult::Busy | StepResult::Locked => {
-                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
-            }
-            _ => {}
+    /// Opens `audit.db` as [`SqliteAuditLog::open`] does but without the chain keys (a
+    /// command that only reads records, such as `audit export`, needs no master key): it
+    /// lists, counts, reports its head and snapshots; whatever needs the keys (appending,
+    /// verifying, anchors, pruning, recovery) fails with FAILED_PRECONDITION.
+    pub fn open_unkeyed(
+        path: &Path,
+        durability: Durability,
+        busy_timeout: Duration,
+    ) -> Result<Self> {
+        Self::with_access(path, Self::write_access(durability, busy_timeout), None)
+    }
+
+    /// Opens an existing `audit.db` read only (a backup's copy), writing nothing to disk;
+    /// appends, pruning and recovery fail.
+    pub fn open_read_only(path: &Path, keys: Arc<ChainKeys>) -> Result<Self> {
+        Self::with_access(path, Access::ReadOnly, Some(keys))
+    }
+
+    fn write_access(durability: Durability, busy_timeout: Duration) -> Access {
+        Access::Write {
+            full_sync: durability == Durability::Fsync,
+            busy_timeout,
         }
     }
-    Err(Error::internal("online backup: the database stayed busy"))
+
+    fn with_access(path: &Path, access: Access, keys: Option<Arc<ChainKeys>>) -> Result<Self> {
+        let conn = connect(path, access)?;
+        Ok(Self {
+            path: path.to_owned(),
+            access,
+            keys,
+            conn: Mutex::new(Some(conn)),
+        })
+    }
+
+    /// The chain keys, if the log was opened with them.
+    fn keys(&self) -> Result<&ChainKeys> {
+        self.keys.as_deref().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "the audit log was opened without its chain keys (no master key)".into(),
+            )
+        })
+    }
+
+    /// Runs `f` on the connection, reopening it first if a failure dropped it, and dropping it
+    /// when `f` fails and `drop_on_error` says a fresh one may fare better.
+    fn with_conn<T>(
+        &self,
+        drop_on_error: bool,
+        f: impl FnOnce(&mut Connection) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard: MutexGuard<'_, Option<Connection>> =
+            self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = match guard.as_mut() {
+            Some(conn) => conn,
+            None => guard.insert(connect(&self.path, self.access)?),
+        };
+        let result = f(conn);
+        if result.is_err() && drop_on_error {
+            *guard = None;
+        }
+        result
+    }
+
+    /// Runs `f` in one read transaction: one consistent state of the log.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.with_conn(false, |conn| {
+            let tx = conn.transaction().map_err(sql_error)?;
+            f(&tx)
+        })
+    }
+}
+
+fn connect(path: &Path, access: Access) -> Result<Connection> {
+    match access {
+        Access::Write {
+            full_sync,
+            busy_timeout,
+        } => open(path, full_sync, busy_timeout),
+        Access::ReadOnly => {
+            let conn = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(sql_error)?;
+            conn.busy_timeout(Duration::from_secs(10))
+                .map_err(sql_error)?;
+            Ok(conn)
+        }
+    }
+}
+
+impl AuditAppend for SqliteAuditLog {
+    fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
+        let keys = self.keys()?;
+        self.with_conn(true, |conn| append(conn, keys, records.iter().copied()))
+    }
+
+    fn head(&self) -> Result<ChainHead> {
+        self.read(chain_head)
+    }
+}
+
+impl AuditQuery for SqliteAuditLog {
+    fn list(&self, filter: &ListFilter) -> Result<Vec<(u64, AuditRecord)>> {
+        self.with_conn(false, |conn| list(conn, filter))
+    }
+
+    fn count(&self) -> Result<u64> {
+        self.with_conn(false, |conn| count(conn))
+    }
+}
+
+impl AuditMaintenance for SqliteAuditLog {
+    fn verify(&self) -> Result<VerifyReport> {
+        let keys = self.keys()?;
+        self.read(|conn| verify_in(conn, keys))
+    }
+
+    fn check_tail(&self) -> Result<VerifyReport> {
+        let keys = self.keys()?;
+        self.read(|conn| check_tail_in(conn, keys))
+    }
+
+    fn check_anchor(&self, seq: u64, mac: &[u8]) -> Result<Option<String>> {
+        let keys = self.keys()?;
+        self.read(|conn| {
+            let checkpoint = read_anchor(conn, keys, Kind::Checkpoint)?.valid();
+            let stored: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT mac FROM audit_events WHERE seq = ?1",
+                    [i64::try_from(seq).unwrap_or(i64::MAX)],
+                    |row| Ok(bytes_at(row, 0)),
+                )
+                .optional()
+                .map_err(sql_error)?;
+            Ok(verify::judge_anchor(
+                checkpoint,
+                stored.as_deref(),
+                seq,
+                mac,
+            ))
+        })
+    }
+
+    fn prune(&self, before_micros: i64) -> Result<u64> {
+        let keys = self.keys()?;
+        self.with_conn(false, |conn| prune(conn, keys, before_micros))
+    }
+
+    fn recover(&self, caller: &str) -> Result<Recovery> {
+        let keys = self.keys()?;
+        self.with_conn(false, |conn| recover(conn, keys, caller))
+    }
+}
+
+impl AuditSnapshot for SqliteAuditLog {
+    fn snapshot_to(&self, dest: &Path) -> Result<ChainHead> {
+        self.with_conn(false, |conn| {
+            crate::store::sqlite_backup::copy_database(conn, dest, sql_error)
+        })?;
+        // The copy's own head, read back from it: exactly what a restore will find.
+        let copy = connect(dest, Access::ReadOnly)?;
+        chain_head(&copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::audit::log::AuditLog;
+    use crate::audit::operation::{Operation, Task};
+    use crate::audit::verify::tests::record;
+    use crate::crypto::secret::SecretKey;
+
+    /// A log of `n` records in a temporary directory, and a second connection to tamper
+    /// with it as an intruder would.
+    fn log(n: u32) -> (tempfile::TempDir, SqliteAuditLog, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        let log =
+            SqliteAuditLog::open(&path, Durability::Process, DEFAULT_BUSY_TIMEOUT, keys).unwrap();
+        let records: Vec<AuditRecord> = (1..=n).map(record).collect();
+        let refs: Vec<&AuditRecord> = records.iter().collect();
+        // Two batches, so the head moves more than once.
+        let (a, b) = refs.split_at(refs.len() / 2);
+        log.append(a).unwrap();
+        log.append(b).unwrap();
+        let intruder = Connection::open(&path).unwrap();
+        (dir, log, intruder)
+    }
+
+    fn first_bad(log: &dyn AuditLog) -> u64 {
+        let report = log.verify().unwrap();
+        assert_eq!(report.ok, report.first_bad_seq == 0, "{report:?}");
+        report.first_bad_seq
+    }
+
+    #[test]
+    fn each_kind_of_tampering_in_the_file_names_its_first_record() {
+        let cases: [(&str, u64); 9] = [
+            ("UPDATE audit_events SET tenant_id = 'x' WHERE seq = 4", 4),
+            ("UPDATE audit_events SET mac = 'text' WHERE seq = 4", 4),
+            (
+                "UPDATE audit_events SET contexts = 'not json' WHERE seq = 4",
+                4,
+            ),
+            ("DELETE FROM audit_events WHERE seq = 4", 4),
+            ("DELETE FROM audit_events WHERE seq = 1", 1),
+            (
+                "UPDATE audit_events SET seq = -4 WHERE seq = 4; \
+                 UPDATE audit_events SET seq = 4 WHERE seq = 5; \
+                 UPDATE audit_events SET seq = 5 WHERE seq = -4",
+                4,
+            ),
+            ("DELETE FROM audit_events WHERE seq >= 9", 9),
+            ("DELETE FROM audit_meta WHERE name = 'head'", 11),
+            (
+                "UPDATE audit_meta SET value = x'00' WHERE name = 'head'",
+                11,
+            ),
+        ];
+        for (sql, bad) in cases {
+            let (_dir, log, intruder) = log(10);
+            assert_eq!(first_bad(&log), 0);
+            intruder.execute_batch(sql).unwrap();
+            assert_eq!(first_bad(&log), bad, "{sql}");
+        }
+    }
+
+    #[test]
+    fn a_cut_tail_gets_evidence_and_recovery_acknowledges_it_without_deleting() {
+        let (_dir, log, intruder) = log(10);
+        intruder
+            .execute("DELETE FROM audit_events WHERE seq = 10", [])
+            .unwrap();
+        assert!(!log.check_tail().unwrap().ok);
+        // The next append records the cut before its own record.
+        assert_eq!(log.append(&[&record(11)]).unwrap(), 11);
+        let report = log.verify().unwrap();
+        assert_eq!(report.first_bad_seq, 10, "{report:?}");
+        assert!(
+            report.reason.contains("signed head is at record 10"),
+            "{report:?}"
+        );
+        let recovery = log.recover("cli:test").unwrap();
+        assert_eq!(recovery.recovery_seq, 12);
+        let report = log.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.breaks[0].acknowledged_by, Some(12));
+        // 9 kept, the evidence, record 11, the recovery: nothing was deleted.
+        assert_eq!(log.count().unwrap(), 12);
+        let evidence = &log
+            .list(&ListFilter {
+                after_seq: 9,
+                limit: 1,
+                ..ListFilter::default()
+            })
+            .unwrap()[0]
+            .1;
+        assert_eq!(
+            evidence.operation,
+            Operation::Task(Task::AuditTailMismatch).as_str()
+        );
+        // A later edit of a record the recovery did not accept is a new break.
+        intruder
+            .execute("UPDATE audit_events SET detail = 'x' WHERE seq = 3", [])
+            .unwrap();
+        assert_eq!(first_bad(&log), 3);
+    }
+
+    #[test]
+    fn a_log_that_does_not_verify_is_not_pruned() {
+        let (_dir, log, intruder) = log(10);
+        intruder
+            .execute("UPDATE audit_events SET detail = 'x' WHERE seq = 3", [])
+            .unwrap();
+        assert!(matches!(
+            log.prune(i64::MAX),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert_eq!(log.count().unwrap(), 10);
+    }
+
+    #[test]
+    fn a_log_without_its_keys_reads_but_neither_writes_nor_verifies() {
+        let (dir, keyed, _intruder) = log(4);
+        let head = keyed.head().unwrap();
+        let log = SqliteAuditLog::open_unkeyed(
+            &dir.path().join("audit.db"),
+            Durability::Process,
+            DEFAULT_BUSY_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(log.count().unwrap(), 4);
+        assert_eq!(log.head().unwrap(), head);
+        assert!(matches!(
+            log.append(&[&record(5)]),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(log.verify(), Err(Error::FailedPrecondition(_))));
+        assert_eq!(log.count().unwrap(), 4);
+    }
 }

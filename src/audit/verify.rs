@@ -1,6 +1,8 @@
-//! Verifying the chain, the start-up tail check, and the audited recovery step.
+//! Verifying the chain, the start-up tail check, and the audited recovery step: pure
+//! functions over what a log backend read, so they are the same for every backend and
+//! unit-testable with rows in memory.
 //!
-//! [`verify`] walks the log from genesis (or the signed retention checkpoint), recomputing
+//! [`walk`] walks the rows from genesis (or the signed retention checkpoint), recomputing
 //! every record's MAC from its predecessor's, then compares the end with the signed head. Each
 //! place where the chain breaks is a [`Break`] named by the first sequence number it affects:
 //! an edited, inserted or moved record fails its MAC; a deleted one leaves a gap in the
@@ -8,28 +10,23 @@
 //! break the walk resynchronises on the stored MAC, so one break is reported once and the
 //! rest of the log is still checked.
 //!
-//! When the writer finds the end of the log is not the one it signed, it appends an
-//! `AuditTailMismatch` evidence record (see [`super::sqlite::append`]); the verifier reports
-//! each such record as a break.
+//! When the writer finds the end of the log is not the one it signed ([`writable_tail`]), the
+//! backend appends a [`tail_evidence`] record (`AuditTailMismatch`) before the batch; the
+//! verifier reports each such record as a break.
 //!
-//! [`recover`] is the only way past a break. It never deletes or rewrites a record: it appends
-//! an `AuditRecover` record, MAC-chained like any other (so only a master-key holder can make
-//! one), whose contexts list the breaks it accepts (`seq:N` or `seq:A-B`). The verifier then
-//! reports those breaks as acknowledged rather than failing on them; a later edit anywhere
-//! else is a new, unacknowledged break.
+//! Recovery ([`recovery_record`]) is the only way past a break. It never deletes or rewrites a
+//! record: it is an `AuditRecover` record, MAC-chained like any other (so only a master-key
+//! holder can make one), whose contexts list the breaks it accepts (`seq:N` or `seq:A-B`). The
+//! verifier then reports those breaks as acknowledged rather than failing on them; a later
+//! edit anywhere else is a new, unacknowledged break.
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
-
-use super::anchor::{self, Anchor, Kind, Stored};
-use super::chain::{ChainKeys, GENESIS_MAC};
+use super::anchor::{Anchor, Stored};
+use super::chain::{ChainKeys, GENESIS_MAC, MAC_LEN};
+use super::operation::{Operation, Task};
 use super::record::{AuditRecord, Outcome};
-use super::sqlite::{self, SELECT_RECORD, TAIL_EVIDENCE_OPERATION, record_from_row, sql_error};
 use crate::crypto::envelope::constant_time_eq;
-use crate::domain::unix_now_micros;
 use crate::error::{Error, Result};
 
-/// The operation name of a recovery record.
-pub const RECOVER_OPERATION: &str = "AuditRecover";
 /// Most breaks listed in a report (the count is always exact).
 const MAX_LISTED_BREAKS: usize = 1000;
 /// Most break ranges one recovery record may acknowledge.
@@ -87,12 +84,34 @@ impl VerifyReport {
     }
 }
 
+/// One record as the log stores it, before anything is trusted: the raw sequence number, the
+/// record if its columns decode, and the MAC bytes whatever their length. An intruder can
+/// leave anything in a row; the verifier reports it as a break instead of stopping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    /// The sequence number as stored (may be negative or zero in a tampered log).
+    pub seq: i64,
+    /// The record, or `None` when a column does not decode.
+    pub record: Option<AuditRecord>,
+    /// The stored MAC (empty when it is not a byte string at all).
+    pub mac: Vec<u8>,
+}
+
 /// Where a walk starts.
-enum Start {
-    /// At genesis or the retention checkpoint: the whole log.
-    Beginning,
-    /// After this record, trusting its stored MAC (the start-up tail check).
-    After(u64),
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalkStart {
+    /// At genesis or at the retention checkpoint, as the log holds it: the whole log. The rows
+    /// are all of them, in sequence order.
+    Beginning(Stored),
+    /// After a record, trusting its stored MAC (the start-up tail check): `next_seq` is the
+    /// first sequence number expected and `prev_mac` the MAC it chains to (`None`: no record
+    /// there, so the first row is taken as it is). The rows are those from `next_seq` on.
+    After {
+        /// The first sequence number expected.
+        next_seq: u64,
+        /// The MAC the first row chains to, if known.
+        prev_mac: Option<Vec<u8>>,
+    },
 }
 
 #[derive(Default)]
@@ -136,75 +155,43 @@ fn parse_range(text: &str) -> Option<(u64, u64)> {
     }
 }
 
-/// Verifies the whole log in one read snapshot (its own read transaction), so appends by the
-/// server or another process during the walk cannot look like a cut end.
-pub fn verify(conn: &mut Connection, keys: &ChainKeys) -> Result<VerifyReport> {
-    let tx = conn.transaction().map_err(sql_error)?;
-    verify_in(&tx, keys)
-}
-
-/// Verifies the whole log; the caller holds a transaction for a consistent snapshot.
-pub fn verify_in(conn: &Connection, keys: &ChainKeys) -> Result<VerifyReport> {
-    walk(conn, keys, Start::Beginning)
-}
-
-/// The start-up check of the writer: whether the tail matches the signed head and the last
-/// [`TAIL_CHECK_RECORDS`] records chain to it. Costs one HMAC per record checked (about a
-/// millisecond), unlike a full verify, which grows with the log.
-pub fn check_tail(conn: &mut Connection, keys: &ChainKeys) -> Result<VerifyReport> {
-    let tx = conn.transaction().map_err(sql_error)?;
-    let start = match sqlite::last_row(&tx)? {
-        Some((last, _)) if last > TAIL_CHECK_RECORDS => Start::After(last - TAIL_CHECK_RECORDS),
-        _ => Start::Beginning,
-    };
-    walk(&tx, keys, start)
-}
-
-fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyReport> {
+/// The chain walk: recomputes every row's MAC from its predecessor's, from `start`, over
+/// `rows` in sequence order, then compares the end with the signed `head`. Pure (no I/O): the
+/// caller reads the rows, the checkpoint and the head in one consistent snapshot. A row error
+/// (the backend failing to read) ends the walk with that error.
+pub fn walk(
+    keys: &ChainKeys,
+    start: WalkStart,
+    rows: impl IntoIterator<Item = Result<StoredRow>>,
+    head: Stored,
+) -> Result<VerifyReport> {
     let mut walk = Walk::default();
     // A checkpoint that does not verify is a break at the first record after it: that record
     // can no longer be tied to what was pruned.
     let mut checkpoint_invalid = false;
     // `expected` is the next sequence number; `prev` the MAC it must chain to. `None`: the
     // starting point is not trustworthy, so the first record is taken as it is.
-    let (mut expected, mut prev, from): (u64, Option<Vec<u8>>, i64) = match start {
-        Start::After(seq) => {
-            let row: Option<(i64, Vec<u8>)> = conn
-                .query_row(
-                    "SELECT seq, mac FROM audit_events WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1",
-                    [seq as i64],
-                    |row| Ok((row.get(0)?, sqlite::bytes_at(row, 1))),
-                )
-                .optional()
-                .map_err(sql_error)?;
-            match row {
-                Some((at, mac)) => (at as u64 + 1, Some(mac), at.saturating_add(1)),
-                None => (seq + 1, None, seq as i64 + 1),
-            }
+    let (mut expected, mut prev): (u64, Option<Vec<u8>>) = match start {
+        WalkStart::After { next_seq, prev_mac } => (next_seq, prev_mac),
+        WalkStart::Beginning(Stored::Missing) => (1, Some(GENESIS_MAC.to_vec())),
+        WalkStart::Beginning(Stored::Valid(checkpoint)) => {
+            (checkpoint.seq + 1, Some(checkpoint.mac.to_vec()))
         }
-        Start::Beginning => match anchor::read(conn, keys, Kind::Checkpoint)? {
-            Stored::Missing => (1, Some(GENESIS_MAC.to_vec()), i64::MIN),
-            Stored::Valid(checkpoint) => {
-                (checkpoint.seq + 1, Some(checkpoint.mac.to_vec()), i64::MIN)
-            }
-            Stored::Invalid => {
-                checkpoint_invalid = true;
-                (1, None, i64::MIN)
-            }
-        },
+        WalkStart::Beginning(Stored::Invalid) => {
+            checkpoint_invalid = true;
+            (1, None)
+        }
     };
-    let mut stmt = conn
-        .prepare(&format!("{SELECT_RECORD} WHERE seq >= ?1 ORDER BY seq"))
-        .map_err(sql_error)?;
-    let mut rows = stmt.query([from]).map_err(sql_error)?;
     let mut checked = 0u64;
     let mut last_seq: Option<u64> = None;
-    while let Some(row) = rows.next().map_err(sql_error)? {
+    for row in rows {
+        let StoredRow {
+            seq: raw_seq,
+            record,
+            mac,
+        } = row?;
         checked += 1;
-        let raw_seq: i64 = row.get(0).map_err(sql_error)?;
         let seq = u64::try_from(raw_seq).unwrap_or(0);
-        // A MAC that is NULL or not a blob is as good as a wrong one.
-        let mac = sqlite::bytes_at(row, 13);
         if seq < expected && prev.is_some() {
             // Below the checkpoint (or not a valid sequence number): not part of the chain.
             walk.push(
@@ -224,9 +211,9 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
                 false,
             );
         }
-        match &prev {
-            None => {}
-            Some(_) if seq != expected => walk.push(
+        match (&prev, record) {
+            (None, _) => {}
+            (Some(_), _) if seq != expected => walk.push(
                 expected,
                 if seq == expected + 1 {
                     format!("record {expected} is missing")
@@ -235,51 +222,46 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
                 },
                 false,
             ),
-            Some(prev_mac) => match record_from_row(row) {
-                Err(_) => walk.push(seq, format!("record {seq} is malformed"), false),
-                Ok((_, record, _)) => {
-                    let expected_mac = keys.record_mac(&record, seq, prev_mac);
-                    if !constant_time_eq(&expected_mac, &mac) {
-                        walk.push(
-                            seq,
-                            format!("record {seq} was edited, inserted or moved (MAC mismatch)"),
-                            false,
-                        );
-                    } else if record.operation == RECOVER_OPERATION {
-                        walk.note_recovery(seq, &record);
-                    } else if record.operation == TAIL_EVIDENCE_OPERATION {
-                        walk.push(
-                            seq,
-                            format!(
-                                "the end of the log was not the one the writer signed when it \
-                                 appended record {seq}: {}",
-                                record.detail
-                            ),
-                            false,
-                        );
-                    }
+            (Some(_), None) => walk.push(seq, format!("record {seq} is malformed"), false),
+            (Some(prev_mac), Some(record)) => {
+                let expected_mac = keys.record_mac(&record, seq, prev_mac);
+                if !constant_time_eq(&expected_mac, &mac) {
+                    walk.push(
+                        seq,
+                        format!("record {seq} was edited, inserted or moved (MAC mismatch)"),
+                        false,
+                    );
+                } else if Operation::Task(Task::AuditRecover).is(&record.operation) {
+                    walk.note_recovery(seq, &record);
+                } else if Operation::Task(Task::AuditTailMismatch).is(&record.operation) {
+                    walk.push(
+                        seq,
+                        format!(
+                            "the end of the log was not the one the writer signed when it \
+                             appended record {seq}: {}",
+                            record.detail
+                        ),
+                        false,
+                    );
                 }
-            },
+            }
         }
         // Resynchronise on what is stored, so the next record is judged on its own.
         prev = Some(mac);
         expected = seq + 1;
         last_seq = Some(seq);
     }
-    drop(rows);
-    drop(stmt);
     if checkpoint_invalid && checked == 0 {
         walk.push(1, "the retention checkpoint is invalid".into(), false);
     }
     let tail_seq = last_seq.unwrap_or(expected - 1);
     check_head(
-        conn,
-        keys,
+        head,
         &mut walk,
         last_seq.is_none(),
         prev.as_deref(),
         tail_seq,
-    )?;
+    );
     let mut report = finish(walk, checked, tail_seq);
     report.head_mac = prev.map(hex::encode).unwrap_or_default();
     Ok(report)
@@ -287,15 +269,14 @@ fn walk(conn: &Connection, keys: &ChainKeys, start: Start) -> Result<VerifyRepor
 
 /// Compares the end of the walk with the signed head.
 fn check_head(
-    conn: &Connection,
-    keys: &ChainKeys,
+    head: Stored,
     walk: &mut Walk,
     no_rows: bool,
     last_mac: Option<&[u8]>,
     tail_seq: u64,
-) -> Result<()> {
+) {
     let empty = no_rows && tail_seq == 0;
-    match anchor::read(conn, keys, Kind::Head)? {
+    match head {
         Stored::Missing if empty => {}
         Stored::Missing => walk.push(
             tail_seq + 1,
@@ -345,7 +326,6 @@ fn check_head(
             }
         }
     }
-    Ok(())
 }
 
 fn finish(mut walk: Walk, checked: u64, head_seq: u64) -> VerifyReport {
@@ -383,46 +363,103 @@ fn finish(mut walk: Walk, checked: u64, head_seq: u64) -> VerifyReport {
     }
 }
 
-/// Checks an anchor kept from an earlier verify (`head_seq`, `head_mac`): the record there
-/// must still be the same one. This is what catches a rollback to an older copy of the log
-/// (or a cut back to an older signed head), which the chain and the head alone cannot, as
-/// both were valid once. Returns the problem, if any. An anchor at or before the retention
-/// checkpoint is checked against it when it names exactly the checkpoint, and passes
-/// otherwise (those records were pruned on purpose).
-pub fn check_anchor(
-    conn: &Connection,
-    keys: &ChainKeys,
+/// Checks an anchor kept from an earlier verify (`seq`, `mac`): the record there must still
+/// be the same one. This is what catches a rollback to an older copy of the log (or a cut
+/// back to an older signed head), which the chain and the head alone cannot, as both were
+/// valid once. `checkpoint` is the log's valid retention checkpoint, `stored` the MAC of the
+/// record at `seq` as the log holds it (`None`: no such record). Returns the problem, if any.
+/// An anchor at or before the retention checkpoint is checked against it when it names
+/// exactly the checkpoint, and passes otherwise (those records were pruned on purpose).
+pub fn judge_anchor(
+    checkpoint: Option<Anchor>,
+    stored: Option<&[u8]>,
     seq: u64,
     mac: &[u8],
-) -> Result<Option<String>> {
-    if let Some(checkpoint) = sqlite::checkpoint(conn, keys)?
+) -> Option<String> {
+    if let Some(checkpoint) = checkpoint
         && seq <= checkpoint.seq
     {
-        return Ok(
-            (seq == checkpoint.seq && !constant_time_eq(&checkpoint.mac, mac))
-                .then(|| format!("the checkpoint at record {seq} is not the one the anchor names")),
-        );
+        return (seq == checkpoint.seq && !constant_time_eq(&checkpoint.mac, mac))
+            .then(|| format!("the checkpoint at record {seq} is not the one the anchor names"));
     }
-    let stored: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT mac FROM audit_events WHERE seq = ?1",
-            [i64::try_from(seq).unwrap_or(i64::MAX)],
-            |row| Ok(sqlite::bytes_at(row, 0)),
-        )
-        .optional()
-        .map_err(sql_error)?;
-    Ok(match stored {
+    match stored {
         None => Some(format!(
             "record {seq}, which the anchor names, is gone: the log was cut or rolled back"
         )),
-        Some(stored) if !constant_time_eq(&stored, mac) => Some(format!(
+        Some(stored) if !constant_time_eq(stored, mac) => Some(format!(
             "record {seq} is not the one the anchor names: the log was rolled back or rewritten"
         )),
         Some(_) => None,
-    })
+    }
 }
 
-/// What [`recover`] did.
+/// How the end of the log differs from its signed head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailProblem(pub String);
+
+/// The position new records chain after: the last record (`last`: its sequence number and
+/// stored MAC), or the retention checkpoint when every record was pruned, or genesis for a new
+/// log, if it equals the signed `head` written by the last append (by any process);
+/// otherwise how they differ. Pure: the backend reads the three in its write transaction.
+pub fn writable_tail(
+    last: Option<(u64, &[u8])>,
+    checkpoint: Stored,
+    head: Stored,
+) -> std::result::Result<Anchor, TailProblem> {
+    let problem = |text: String| Err(TailProblem(text));
+    let tail = match last {
+        Some((seq, mac)) => match <[u8; MAC_LEN]>::try_from(mac) {
+            Ok(mac) => Some(Anchor { seq, mac }),
+            Err(_) => return problem(format!("record {seq} has a malformed MAC")),
+        },
+        None => match checkpoint {
+            Stored::Missing => None,
+            Stored::Valid(checkpoint) => Some(checkpoint),
+            Stored::Invalid => return problem("the retention checkpoint is invalid".into()),
+        },
+    };
+    match (head, tail) {
+        (Stored::Missing, None) => Ok(Anchor::GENESIS),
+        (Stored::Valid(head), Some(tail)) if head == tail => Ok(tail),
+        (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => problem(format!(
+            "record {} is not the one the signed head names",
+            tail.seq
+        )),
+        (Stored::Valid(head), tail) => problem(format!(
+            "the signed head is at record {} but the log ends at record {}",
+            head.seq,
+            tail.map_or(0, |t| t.seq)
+        )),
+        (Stored::Missing, Some(tail)) => problem(format!(
+            "the signed head is missing (the log ends at record {})",
+            tail.seq
+        )),
+        (Stored::Invalid, tail) => problem(format!(
+            "the signed head is invalid (the log ends at record {})",
+            tail.map_or(0, |t| t.seq)
+        )),
+    }
+}
+
+/// What is actually at the end of the log, whatever the head says: the last record (its MAC
+/// as stored, whatever its length), else a valid checkpoint, else genesis.
+pub fn actual_tail(last: Option<(u64, Vec<u8>)>, checkpoint: Stored) -> (u64, Vec<u8>) {
+    match (last, checkpoint) {
+        (Some(row), _) => row,
+        (None, Stored::Valid(checkpoint)) => (checkpoint.seq, checkpoint.mac.to_vec()),
+        (None, Stored::Missing | Stored::Invalid) => (0, GENESIS_MAC.to_vec()),
+    }
+}
+
+/// The evidence record the writer appends when the end of the log is not the one it signed
+/// (see [`writable_tail`]); the verifier reports it as a break.
+pub fn tail_evidence(problem: &TailProblem) -> AuditRecord {
+    AuditRecord::local(Task::AuditTailMismatch, "audit-writer", Outcome::Internal)
+        .items(0)
+        .detail(problem.0.clone())
+}
+
+/// What [`recovery_record`] and a log's `recover` did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Recovery {
     /// The report the recovery acted on.
@@ -431,21 +468,14 @@ pub struct Recovery {
     pub recovery_seq: u64,
 }
 
-/// The audited recovery step: in one write transaction, verifies the whole log and, if it has
-/// unacknowledged breaks, appends an `AuditRecover` record by `caller` that acknowledges them
-/// and re-signs the head on it. Deletes and rewrites nothing. Refuses (and changes nothing)
-/// when the breaks are too scattered to list in one record: then the log is beyond repair
-/// and should be moved aside (kept as evidence) so the service starts a new one.
-pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<Recovery> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql_error)?;
-    let report = verify_in(&tx, keys)?;
+/// The recovery record by `caller` that acknowledges the unacknowledged breaks of `report`
+/// (a whole-log verify); `None` when the log verifies. Refuses when the breaks are too
+/// scattered to list in one record: then the log is beyond repair and should be moved aside
+/// (kept as evidence) so the service starts a new one. The backend appends the record after
+/// the actual tail and re-signs the head on it, in the transaction that verified.
+pub fn recovery_record(report: &VerifyReport, caller: &str) -> Result<Option<AuditRecord>> {
     if report.ok {
-        return Ok(Recovery {
-            report,
-            recovery_seq: 0,
-        });
+        return Ok(None);
     }
     if report.breaks_total > report.breaks.len() as u64 {
         return Err(Error::FailedPrecondition(format!(
@@ -454,7 +484,6 @@ pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<
             report.breaks_total
         )));
     }
-    let tail = sqlite::actual_tail(&tx, keys)?;
     let ranges = acknowledged_ranges(report.unacknowledged().filter(|b| !b.at_head));
     if ranges.len() > MAX_ACKNOWLEDGED_RANGES {
         return Err(Error::FailedPrecondition(format!(
@@ -473,29 +502,12 @@ pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<
     if let Some(head) = unacknowledged.iter().find(|b| b.at_head) {
         detail.push_str(&format!("; at the end: {}", head.reason));
     }
-    let record = AuditRecord {
-        time_micros: unix_now_micros(),
-        request_id: String::new(),
-        caller: caller.to_owned(),
-        peer: "local".into(),
-        tenant_id: String::new(),
-        operation: RECOVER_OPERATION.into(),
-        contexts: ranges,
-        key_versions: Vec::new(),
-        item_count: u32::try_from(unacknowledged.len()).unwrap_or(u32::MAX),
-        outcome: Outcome::Ok,
-        aad_fingerprint: String::new(),
-        detail,
-    };
-    let seq = tail.0 + 1;
-    let mac = keys.record_mac(&record, seq, &tail.1);
-    sqlite::insert(&tx, seq, &record, &mac).map_err(sql_error)?;
-    anchor::write(&tx, keys, Kind::Head, &Anchor { seq, mac })?;
-    tx.commit().map_err(sql_error)?;
-    Ok(Recovery {
-        report,
-        recovery_seq: seq,
-    })
+    Ok(Some(
+        AuditRecord::local(Task::AuditRecover, caller, Outcome::Ok)
+            .contexts(ranges)
+            .items(u32::try_from(unacknowledged.len()).unwrap_or(u32::MAX))
+            .detail(detail),
+    ))
 }
 
 /// Compresses break sequence numbers into `seq:N` / `seq:A-B` contexts.
@@ -522,116 +534,310 @@ fn acknowledged_ranges<'a>(breaks: impl Iterator<Item = &'a Break>) -> Vec<Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::audit::anchor::{self, Kind};
+    use crate::audit::operation::Rpc;
     use crate::crypto::secret::SecretKey;
 
-    fn record(i: u32) -> AuditRecord {
-        AuditRecord {
-            time_micros: 1_000 + i64::from(i),
-            request_id: format!("r{i}"),
-            caller: "token:t".into(),
-            peer: "local".into(),
-            tenant_id: "acme".into(),
-            operation: "Encrypt".into(),
-            contexts: vec!["ctx".into()],
-            key_versions: vec![1],
-            item_count: 1,
-            outcome: Outcome::Ok,
-            aad_fingerprint: String::new(),
-            detail: String::new(),
+    /// A record numbered `i` (time, request id), otherwise like every other.
+    pub(crate) fn record(i: u32) -> AuditRecord {
+        AuditRecord::new(Rpc::Encrypt, "token:t", "local", Outcome::Ok)
+            .at(1_000 + i64::from(i))
+            .request_id(format!("r{i}"))
+            .tenant("acme")
+            .contexts(vec!["ctx".into()])
+            .versions(vec![1])
+    }
+
+    /// A log in memory: its rows and its signed head.
+    struct Log {
+        keys: ChainKeys,
+        rows: Vec<StoredRow>,
+        head: Stored,
+    }
+
+    impl Log {
+        fn new(n: u32) -> Self {
+            let mut log = Log {
+                keys: ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap(),
+                rows: Vec::new(),
+                head: Stored::Missing,
+            };
+            for i in 1..=n {
+                log.append(record(i));
+            }
+            log
         }
-    }
 
-    /// A log of `n` records in a temporary directory.
-    fn log(n: u32) -> (tempfile::TempDir, Connection, ChainKeys) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = sqlite::open(
-            &dir.path().join("audit.db"),
-            false,
-            sqlite::DEFAULT_BUSY_TIMEOUT,
-        )
-        .unwrap();
-        let keys = ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap();
-        let records: Vec<AuditRecord> = (1..=n).map(record).collect();
-        // Two batches, so the head moves more than once.
-        let (a, b) = records.split_at(records.len() / 2);
-        sqlite::append(&mut conn, &keys, a).unwrap();
-        sqlite::append(&mut conn, &keys, b).unwrap();
-        (dir, conn, keys)
-    }
+        /// Appends as a backend does: after the last row, moving the signed head.
+        fn append(&mut self, record: AuditRecord) -> u64 {
+            let (seq, prev) = actual_tail(
+                self.rows.last().map(|r| (r.seq as u64, r.mac.clone())),
+                Stored::Missing,
+            );
+            let seq = seq + 1;
+            let mac = self.keys.record_mac(&record, seq, &prev);
+            self.rows.push(StoredRow {
+                seq: seq as i64,
+                record: Some(record),
+                mac: mac.to_vec(),
+            });
+            self.sign_head(Anchor { seq, mac });
+            seq
+        }
 
-    fn first_bad(conn: &mut Connection, keys: &ChainKeys) -> u64 {
-        let report = verify(conn, keys).unwrap();
-        assert_eq!(report.ok, report.first_bad_seq == 0, "{report:?}");
-        report.first_bad_seq
+        fn sign_head(&mut self, head: Anchor) {
+            let value = anchor::encode(&self.keys, Kind::Head, &head);
+            self.head = anchor::decode(&self.keys, Kind::Head, Some(&value));
+        }
+
+        fn verify(&self) -> VerifyReport {
+            self.verify_from(WalkStart::Beginning(Stored::Missing))
+        }
+
+        fn verify_from(&self, start: WalkStart) -> VerifyReport {
+            let report = walk(
+                &self.keys,
+                start,
+                self.rows.iter().cloned().map(Ok),
+                self.head,
+            )
+            .unwrap();
+            assert_eq!(report.ok, report.first_bad_seq == 0, "{report:?}");
+            report
+        }
+
+        fn index(&self, seq: i64) -> usize {
+            self.rows.iter().position(|r| r.seq == seq).unwrap()
+        }
     }
 
     #[test]
     fn a_whole_log_verifies() {
-        let (_dir, mut conn, keys) = log(10);
-        let report = verify(&mut conn, &keys).unwrap();
+        let log = Log::new(10);
+        let report = log.verify();
         assert!(report.ok, "{report:?}");
         assert_eq!((report.records_checked, report.head_seq), (10, 10));
-        assert!(check_tail(&mut conn, &keys).unwrap().ok);
+        assert_eq!(report.head_mac, hex::encode(&log.rows[9].mac));
+        assert!(Log::new(0).verify().ok);
     }
 
     #[test]
     fn each_kind_of_tampering_names_its_first_record() {
-        let cases: [(&str, u64); 6] = [
-            ("UPDATE audit_events SET tenant_id = 'x' WHERE seq = 4", 4),
-            ("DELETE FROM audit_events WHERE seq = 4", 4),
-            ("DELETE FROM audit_events WHERE seq = 1", 1),
+        type Tamper = fn(&mut Log);
+        let cases: [(&str, Tamper, u64); 10] = [
             (
-                "UPDATE audit_events SET seq = -4 WHERE seq = 4; \
-                 UPDATE audit_events SET seq = 4 WHERE seq = 5; \
-                 UPDATE audit_events SET seq = 5 WHERE seq = -4",
+                "edit",
+                |log| {
+                    let i = log.index(4);
+                    log.rows[i].record.as_mut().unwrap().tenant_id = "x".into();
+                },
                 4,
             ),
-            ("DELETE FROM audit_events WHERE seq >= 9", 9),
-            ("DELETE FROM audit_meta WHERE name = 'head'", 11),
+            ("edit the MAC", |log| log.rows[3].mac[0] ^= 1, 4),
+            ("malformed", |log| log.rows[3].record = None, 4),
+            (
+                "delete",
+                |log| {
+                    log.rows.remove(3);
+                },
+                4,
+            ),
+            (
+                "delete the first",
+                |log| {
+                    log.rows.remove(0);
+                },
+                1,
+            ),
+            (
+                "insert",
+                |log| {
+                    // A forged record at 5, the rest renumbered after it.
+                    for row in &mut log.rows[4..] {
+                        row.seq += 1;
+                    }
+                    let forged = StoredRow {
+                        seq: 5,
+                        record: Some(record(99)),
+                        mac: vec![7; MAC_LEN],
+                    };
+                    log.rows.insert(4, forged);
+                },
+                5,
+            ),
+            (
+                "reorder",
+                |log| {
+                    log.rows.swap(3, 4);
+                    log.rows[3].seq = 4;
+                    log.rows[4].seq = 5;
+                },
+                4,
+            ),
+            ("truncate", |log| log.rows.truncate(8), 9),
+            ("drop the head", |log| log.head = Stored::Missing, 11),
+            (
+                "append without the key",
+                |log| {
+                    let forged = StoredRow {
+                        seq: 11,
+                        record: Some(record(11)),
+                        mac: vec![7; MAC_LEN],
+                    };
+                    log.rows.push(forged);
+                },
+                11,
+            ),
         ];
-        for (sql, bad) in cases {
-            let (_dir, mut conn, keys) = log(10);
-            conn.execute_batch(sql).unwrap();
-            assert_eq!(first_bad(&mut conn, &keys), bad, "{sql}");
+        for (what, tamper, bad) in cases {
+            let mut log = Log::new(10);
+            tamper(&mut log);
+            assert_eq!(log.verify().first_bad_seq, bad, "{what}");
         }
     }
 
     #[test]
-    fn a_cut_tail_gets_evidence_and_recovery_acknowledges_it_without_deleting() {
-        let (_dir, mut conn, keys) = log(10);
-        conn.execute("DELETE FROM audit_events WHERE seq = 10", [])
-            .unwrap();
-        assert!(!check_tail(&mut conn, &keys).unwrap().ok);
-        // The next append records the cut before its own record.
-        let first = sqlite::append(&mut conn, &keys, [&record(11)]).unwrap();
-        assert_eq!(first, 11);
-        let report = verify(&mut conn, &keys).unwrap();
-        assert_eq!(report.first_bad_seq, 10, "{report:?}");
-        assert!(
-            report.reason.contains("signed head is at record 10"),
-            "{report:?}"
+    fn a_cut_end_is_caught_by_the_head_and_a_rollback_by_a_kept_anchor() {
+        let mut log = Log::new(10);
+        let kept = (10u64, log.rows[9].mac.clone());
+        // Cut the end and re-sign the head on what is left: only the master key can do that,
+        // so it stands for a rollback to an older copy of the log.
+        log.rows.truncate(8);
+        let mac = <[u8; MAC_LEN]>::try_from(log.rows[7].mac.as_slice()).unwrap();
+        log.sign_head(Anchor { seq: 8, mac });
+        assert!(log.verify().ok);
+        let stored = log
+            .rows
+            .iter()
+            .find(|r| r.seq == 10)
+            .map(|r| r.mac.as_slice());
+        assert!(judge_anchor(None, stored, kept.0, &kept.1).is_some());
+        // The same anchor on the whole log passes; a wrong MAC does not.
+        let log = Log::new(10);
+        let at = |seq: i64| {
+            log.rows
+                .iter()
+                .find(|r| r.seq == seq)
+                .map(|r| r.mac.as_slice())
+        };
+        assert_eq!(judge_anchor(None, at(5), 5, &log.rows[4].mac), None);
+        assert!(judge_anchor(None, at(5), 5, &[0; MAC_LEN]).is_some());
+    }
+
+    #[test]
+    fn a_checkpoint_starts_the_chain_and_an_invalid_one_is_a_break() {
+        let mut log = Log::new(10);
+        let mac = <[u8; MAC_LEN]>::try_from(log.rows[2].mac.as_slice()).unwrap();
+        let checkpoint = Anchor { seq: 3, mac };
+        log.rows.drain(..3);
+        let report = log.verify_from(WalkStart::Beginning(Stored::Valid(checkpoint)));
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.records_checked, 7);
+        // An anchor at the checkpoint is checked against it; one before it passes.
+        assert_eq!(judge_anchor(Some(checkpoint), None, 3, &mac), None);
+        assert!(judge_anchor(Some(checkpoint), None, 3, &[0; MAC_LEN]).is_some());
+        assert_eq!(judge_anchor(Some(checkpoint), None, 2, &[0; MAC_LEN]), None);
+        // A checkpoint that does not verify cannot tie record 4 to what was pruned.
+        let report = log.verify_from(WalkStart::Beginning(Stored::Invalid));
+        assert_eq!(report.first_bad_seq, 4, "{report:?}");
+        // Without the checkpoint, the first kept record has nothing to chain to.
+        assert_eq!(log.verify().first_bad_seq, 1);
+    }
+
+    #[test]
+    fn the_tail_check_trusts_the_record_it_starts_after() {
+        let mut log = Log::new(10);
+        log.rows[1].mac[0] ^= 1; // before the start: not looked at
+        let start = WalkStart::After {
+            next_seq: 6,
+            prev_mac: Some(log.rows[4].mac.clone()),
+        };
+        let tail: Vec<StoredRow> = log.rows[5..].to_vec();
+        let report = walk(&log.keys, start.clone(), tail.into_iter().map(Ok), log.head).unwrap();
+        assert!(report.ok, "{report:?}");
+        log.rows[7].record.as_mut().unwrap().detail = "x".into();
+        let tail: Vec<StoredRow> = log.rows[5..].to_vec();
+        let report = walk(&log.keys, start, tail.into_iter().map(Ok), log.head).unwrap();
+        assert_eq!(report.first_bad_seq, 8);
+    }
+
+    #[test]
+    fn a_read_error_ends_the_walk_with_it() {
+        let log = Log::new(3);
+        let rows = log
+            .rows
+            .iter()
+            .cloned()
+            .map(Ok)
+            .chain([Err(Error::Unavailable(
+                "audit store: disk I/O error".into(),
+            ))]);
+        let result = walk(
+            &log.keys,
+            WalkStart::Beginning(Stored::Missing),
+            rows,
+            log.head,
         );
-        let recovery = recover(&mut conn, &keys, "cli:test").unwrap();
-        assert_eq!(recovery.recovery_seq, 12);
-        let report = verify(&mut conn, &keys).unwrap();
+        assert!(matches!(result, Err(Error::Unavailable(_))));
+    }
+
+    #[test]
+    fn evidence_of_a_cut_and_its_recovery() {
+        let mut log = Log::new(10);
+        log.rows.truncate(9);
+        let last = log.rows.last().map(|r| (r.seq as u64, r.mac.as_slice()));
+        let problem = writable_tail(last, Stored::Missing, log.head).unwrap_err();
+        assert!(
+            problem.0.contains("signed head is at record 10"),
+            "{problem:?}"
+        );
+        // The backend records the cut before the next record.
+        assert_eq!(log.append(tail_evidence(&problem)), 10);
+        assert_eq!(log.append(record(11)), 11);
+        let report = log.verify();
+        assert_eq!(report.first_bad_seq, 10, "{report:?}");
+        let recovery = recovery_record(&report, "cli:test").unwrap().unwrap();
+        assert_eq!(recovery.contexts, ["seq:10"]);
+        assert_eq!(log.append(recovery), 12);
+        let report = log.verify();
         assert!(report.ok, "{report:?}");
         assert_eq!(report.breaks[0].acknowledged_by, Some(12));
-        // 9 kept, the evidence, record 11, the recovery: nothing was deleted.
-        assert_eq!(sqlite::count(&conn).unwrap(), 12);
-        // A later edit of a record the recovery did not accept is a new break.
-        conn.execute("UPDATE audit_events SET detail = 'x' WHERE seq = 3", [])
-            .unwrap();
-        assert_eq!(first_bad(&mut conn, &keys), 3);
+        // A later edit the recovery did not accept is a new break.
+        log.rows[2].record.as_mut().unwrap().detail = "x".into();
+        assert_eq!(log.verify().first_bad_seq, 3);
         // Nothing to recover on a whole log.
-        let (_dir, mut conn, keys) = log(3);
-        assert_eq!(
-            recover(&mut conn, &keys, "cli:test").unwrap().recovery_seq,
-            0
+        assert!(
+            recovery_record(&Log::new(3).verify(), "cli:test")
+                .unwrap()
+                .is_none()
         );
+    }
+
+    #[test]
+    fn the_writable_tail_is_the_signed_head_or_a_problem() {
+        let log = Log::new(3);
+        let last = log.rows.last().map(|r| (r.seq as u64, r.mac.as_slice()));
+        assert_eq!(
+            writable_tail(last, Stored::Missing, log.head).map(|a| a.seq),
+            Ok(3)
+        );
+        assert_eq!(
+            writable_tail(None, Stored::Missing, Stored::Missing),
+            Ok(Anchor::GENESIS)
+        );
+        for (last, checkpoint, head) in [
+            (last, Stored::Missing, Stored::Missing),
+            (last, Stored::Missing, Stored::Invalid),
+            (Some((3, &[1u8; 5][..])), Stored::Missing, log.head),
+            (None, Stored::Invalid, Stored::Missing),
+            (None, Stored::Missing, log.head),
+        ] {
+            assert!(writable_tail(last, checkpoint, head).is_err());
+        }
     }
 
     #[test]

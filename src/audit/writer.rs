@@ -1,6 +1,7 @@
 //! The group-commit audit writer.
 //!
-//! A dedicated thread owns the append connection. Requests hand it their record and wait on a
+//! A dedicated thread owns an [`AuditLog`] (its own connection, for SQLite) and is the only
+//! one appending through it. Requests hand it their record and wait on a
 //! oneshot channel; the thread takes every record that is waiting, commits them as one
 //! transaction (one fsync), then answers each. An idle service therefore commits a record at
 //! once, and a busy one commits whatever arrived during the previous fsync together: the cost
@@ -8,11 +9,12 @@
 //!
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
-//! fault is cleared. The failed calls' records are kept in memory (bounded) and written, as
+//! fault is cleared (the log reconnects on the next append). The failed calls' records are kept in memory (bounded) and written, as
 //! `unavailable` with what the call did in their detail, by the first commit that succeeds:
 //! a control-plane call that changed state before the audit failed stays on the trail.
 //!
-//! Before it accepts anything, the writer checks the end of the log ([`verify::check_tail`]).
+//! Before it accepts anything, the writer checks the end of the log
+//! ([`AuditMaintenance::check_tail`](super::log::AuditMaintenance::check_tail)).
 //! It flags, and does not refuse: a problem is logged, and a tail that is not the one the
 //! signed head names gets an `AuditTailMismatch` evidence record at once (every append checks
 //! the head again, in its own transaction, so a cut made while the service runs is recorded
@@ -20,36 +22,21 @@
 //! operator acknowledges it with `audit recover`; nothing is ever deleted.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::chain::ChainKeys;
+use super::log::AuditLog;
 use super::record::AuditRecord;
-use super::{sqlite, verify};
 use crate::error::{Error, Result};
 
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 4096;
-
-/// How durable a committed record is.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fsync on every commit (`synchronous=FULL`): survives power loss.
-    Fsync,
-    /// No fsync per commit (`synchronous=NORMAL` in WAL): survives a process crash, may lose
-    /// the last commits on power loss.
-    Process,
-}
 
 struct Job {
     record: AuditRecord,
@@ -87,21 +74,13 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    /// Opens `path`, checks the end of the log (logging what is wrong and recording the
-    /// evidence of a cut tail) and starts the writer thread. A commit waits at most
-    /// `busy_timeout` for another process's write lock before its batch fails closed.
-    pub fn start(
-        path: PathBuf,
-        durability: Durability,
-        busy_timeout: Duration,
-        keys: Arc<ChainKeys>,
-    ) -> Result<Self> {
-        let full_sync = durability == Durability::Fsync;
-        let mut conn = sqlite::open(&path, full_sync, busy_timeout)?;
-        let report = verify::check_tail(&mut conn, &keys)?;
+    /// Checks the end of `log` (logging what is wrong and recording the evidence of a cut
+    /// tail) and starts the writer thread, which owns `log` from then on. `keys` must be the
+    /// chain keys `log` was opened with (they are handed out for fingerprints).
+    pub fn start(log: Box<dyn AuditLog>, keys: Arc<ChainKeys>) -> Result<Self> {
+        let report = log.check_tail()?;
         if !report.ok {
             tracing::error!(
-                path = %path.display(),
                 first_bad_seq = report.first_bad_seq,
                 reason = %report.reason,
                 "the end of the audit log does not verify; the breaks stay on record until \
@@ -109,23 +88,19 @@ impl AuditWriter {
             );
             if report.breaks.iter().any(|b| b.at_head()) {
                 // Record the cut now, with the time it was found, not at the first call.
-                sqlite::append(&mut conn, &keys, std::iter::empty())?;
+                log.append(&[])?;
             }
         }
         let (jobs, queue) = mpsc::channel::<Job>();
-        let thread_keys = Arc::clone(&keys);
         let commits = Arc::new(AtomicU64::new(0));
         let busy_nanos = Arc::new(AtomicU64::new(0));
-        let reopen = Reopen {
-            path,
-            full_sync,
-            busy_timeout,
+        let counters = Counters {
             commits: Arc::clone(&commits),
             busy_nanos: Arc::clone(&busy_nanos),
         };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(conn, &reopen, &thread_keys, &queue))
+            .spawn(move || run(log.as_ref(), &counters, &queue))
             .map_err(|e| Error::Internal(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             jobs,
@@ -190,11 +165,8 @@ impl AuditWriter {
     }
 }
 
-/// How to reopen the append connection after a failure, and the commit counter.
-struct Reopen {
-    path: PathBuf,
-    full_sync: bool,
-    busy_timeout: Duration,
+/// The writer's counters, shared with its handles.
+struct Counters {
     commits: Arc<AtomicU64>,
     busy_nanos: Arc<AtomicU64>,
 }
@@ -227,8 +199,7 @@ fn late(mut record: AuditRecord) -> AuditRecord {
     record
 }
 
-fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiver<Job>) {
-    let mut conn = Some(conn);
+fn run(log: &dyn AuditLog, counters: &Counters, queue: &mpsc::Receiver<Job>) {
     // Records of calls that were failed closed, written with the next commit that succeeds.
     let mut deferred: VecDeque<AuditRecord> = VecDeque::new();
     let mut dropped: u64 = 0;
@@ -258,7 +229,7 @@ fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiv
         }
         let records = deferred.iter().chain(batch.iter().map(|j| &j.record));
         let started = std::time::Instant::now();
-        let committed = commit(&mut conn, reopen, keys, records);
+        let committed = commit(log, counters, records);
         crate::metrics::global().audit_commit(
             deferred.len() + batch.len(),
             started.elapsed(),
@@ -299,39 +270,26 @@ fn run(conn: Connection, reopen: &Reopen, keys: &ChainKeys, queue: &mpsc::Receiv
     }
     if !deferred.is_empty() {
         // Shutting down: one last try, so a fault cleared just before the end loses nothing.
-        if let Err(e) = commit(&mut conn, reopen, keys, deferred.iter()) {
+        if let Err(e) = commit(log, counters, deferred.iter()) {
             tracing::error!(error = %e, records = deferred.len(), "records of calls failed closed could not be written before shutdown");
         }
     }
 }
 
-/// One transaction on the append connection, (re)opening it if needed; a failure drops the
-/// connection so the next commit reopens it (the fault may have been a replaced or
-/// re-permissioned file).
+/// One append transaction, timed and counted. A failed one leaves the log to reconnect on
+/// the next.
 fn commit<'a>(
-    conn: &mut Option<Connection>,
-    reopen: &Reopen,
-    keys: &ChainKeys,
+    log: &dyn AuditLog,
+    counters: &Counters,
     records: impl IntoIterator<Item = &'a AuditRecord>,
 ) -> Result<u64> {
     let started = std::time::Instant::now();
-    let result = match conn.as_mut() {
-        Some(c) => sqlite::append(c, keys, records),
-        None => {
-            sqlite::open(&reopen.path, reopen.full_sync, reopen.busy_timeout).and_then(|mut c| {
-                let r = sqlite::append(&mut c, keys, records);
-                *conn = Some(c);
-                r
-            })
-        }
-    };
+    let records: Vec<&AuditRecord> = records.into_iter().collect();
+    let result = log.append(&records);
     let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    reopen.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
-    match &result {
-        Ok(_) => {
-            reopen.commits.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(_) => *conn = None,
+    counters.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
+    if result.is_ok() {
+        counters.commits.fetch_add(1, Ordering::Relaxed);
     }
     result
 }

@@ -82,65 +82,11 @@ impl TenantScope {
     }
 }
 
-/// An RPC, as the authorization layer and the audit name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(missing_docs)]
-pub enum Operation {
-    Encrypt,
-    Decrypt,
-    EncryptBatch,
-    DecryptBatch,
-    GenerateDataKey,
-    DecryptDataKey,
-    Rewrap,
-    RewrapBatch,
-    CreateTenant,
-    GetTenant,
-    ListTenants,
-    RotateTenantKey,
-    ListKeyVersions,
-    DisableKeyVersion,
-    EnableKeyVersion,
-    DestroyKeyVersion,
-    SetRotationPolicy,
-    SuspendTenant,
-    ResumeTenant,
-    ScheduleTenantDeletion,
-    CancelTenantDeletion,
-    ListAuditEvents,
-    VerifyAuditChain,
-}
+/// An RPC, as the authorization layer and the audit name it: the one list of RPCs is
+/// [`crate::audit::operation::Rpc`], which also holds their stored names.
+pub use crate::audit::operation::Rpc as Operation;
 
 impl Operation {
-    /// The RPC name (as audited).
-    pub fn name(self) -> &'static str {
-        match self {
-            Operation::Encrypt => "Encrypt",
-            Operation::Decrypt => "Decrypt",
-            Operation::EncryptBatch => "EncryptBatch",
-            Operation::DecryptBatch => "DecryptBatch",
-            Operation::GenerateDataKey => "GenerateDataKey",
-            Operation::DecryptDataKey => "DecryptDataKey",
-            Operation::Rewrap => "Rewrap",
-            Operation::RewrapBatch => "RewrapBatch",
-            Operation::CreateTenant => "CreateTenant",
-            Operation::GetTenant => "GetTenant",
-            Operation::ListTenants => "ListTenants",
-            Operation::RotateTenantKey => "RotateTenantKey",
-            Operation::ListKeyVersions => "ListKeyVersions",
-            Operation::DisableKeyVersion => "DisableKeyVersion",
-            Operation::EnableKeyVersion => "EnableKeyVersion",
-            Operation::DestroyKeyVersion => "DestroyKeyVersion",
-            Operation::SetRotationPolicy => "SetRotationPolicy",
-            Operation::SuspendTenant => "SuspendTenant",
-            Operation::ResumeTenant => "ResumeTenant",
-            Operation::ScheduleTenantDeletion => "ScheduleTenantDeletion",
-            Operation::CancelTenantDeletion => "CancelTenantDeletion",
-            Operation::ListAuditEvents => "ListAuditEvents",
-            Operation::VerifyAuditChain => "VerifyAuditChain",
-        }
-    }
-
     /// The permission name a `service` token's `--operations` list uses for a data-plane
     /// call; `None` for calls outside the data plane.
     pub fn data_permission(self) -> Option<&'static str> {

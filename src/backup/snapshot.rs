@@ -6,11 +6,12 @@
 //! which is never part of it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::manifest::{
     self, AuditHead, FileDigest, LedgerInfo, Manifest, MasterCheck, check_keyring,
 };
-use crate::audit::ChainKeys;
+use crate::audit::{AuditLog, ChainKeys, SqliteAuditLog};
 use crate::domain::unix_now;
 use crate::error::{Error, Result};
 use crate::keys::MasterKeyring;
@@ -51,17 +52,17 @@ fn random_id() -> Result<String> {
 }
 
 /// Takes a full backup into `out` (new or empty): snapshots of the key store and of the audit
-/// log at `audit_db`, then the manifest, MAC'd under the keyring's primary version.
+/// log `audit`, then the manifest, MAC'd under the keyring's primary version.
 pub fn create(
     out: &Path,
     store: &dyn KeyStore,
-    audit_db: &Path,
+    audit: &dyn AuditLog,
     ring: &MasterKeyring,
     ledger: Option<LedgerHead>,
 ) -> Result<Manifest> {
     prepare_out_dir(out)?;
     store.snapshot_to(&out.join(KEYS_DB))?;
-    crate::audit::sqlite::snapshot(audit_db, &out.join(AUDIT_DB))?;
+    let head = audit.snapshot_to(&out.join(AUDIT_DB))?;
     let copy = SqliteKeyStore::open_read_only(&out.join(KEYS_DB))?;
     let master_keys: Vec<MasterCheck> = copy
         .master_versions()?
@@ -71,9 +72,6 @@ pub fn create(
     check_keyring(&master_keys, ring, "the snapshot of keys.db")?;
     let counts = copy.counts()?;
     drop(copy);
-    let conn = crate::audit::sqlite::open_read_only(&out.join(AUDIT_DB))?;
-    let (seq, mac) = crate::audit::sqlite::chain_head(&conn)?;
-    drop(conn);
     let mut files = Vec::new();
     for name in DATA_FILES {
         let (bytes, sha256) = manifest::digest_file(&out.join(name))?;
@@ -92,8 +90,8 @@ pub fn create(
         master_keys,
         files,
         audit_head: AuditHead {
-            seq,
-            mac: hex::encode(mac),
+            seq: head.seq,
+            mac: hex::encode(head.mac),
         },
         counts,
         shred_ledger: ledger.map(|h| LedgerInfo {
@@ -201,21 +199,23 @@ pub fn verify_contents(
                 "the backup's audit key does not unwrap with the keyring at hand".into(),
             ),
         })?;
-    let chain_keys = ChainKeys::derive(&audit_secret)
-        .map_err(|_| Error::internal("audit key derivation failed"))?;
+    let chain_keys = Arc::new(
+        ChainKeys::derive(&audit_secret)
+            .map_err(|_| Error::internal("audit key derivation failed"))?,
+    );
     let tenants = store.counts()?.tenants;
     drop(store);
-    let conn = crate::audit::sqlite::open_read_only(&files_dir.join(AUDIT_DB))?;
-    // A backup's copy: nobody appends to it, so one statement sequence is a snapshot.
-    let report = crate::audit::verify::verify_in(&conn, &chain_keys)?;
+    let log: &dyn AuditLog =
+        &SqliteAuditLog::open_read_only(&files_dir.join(AUDIT_DB), chain_keys)?;
+    let report = log.verify()?;
     if !report.ok {
         return Err(Error::FailedPrecondition(format!(
             "the backup's audit chain does not verify: record {}: {}",
             report.first_bad_seq, report.reason
         )));
     }
-    let (seq, mac) = crate::audit::sqlite::chain_head(&conn)?;
-    if seq != manifest.audit_head.seq || hex::encode(mac) != manifest.audit_head.mac {
+    let head = log.head()?;
+    if head.seq != manifest.audit_head.seq || hex::encode(head.mac) != manifest.audit_head.mac {
         return Err(Error::FailedPrecondition(
             "the backup's audit chain does not end at the head the manifest names; refused".into(),
         ));
@@ -226,7 +226,7 @@ pub fn verify_contents(
         tenants,
         wrapped_keys_unwrapped: unwrapped,
         audit_records: report.records_checked,
-        audit_head_seq: seq,
+        audit_head_seq: head.seq,
     })
 }
 

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_caller, cli_record};
-use crate::audit::Outcome;
-use crate::audit::sqlite::{self, ListFilter};
-use crate::audit::verify::{self, VerifyReport};
+use crate::audit::operation::Task;
+use crate::audit::verify::VerifyReport;
+use crate::audit::{AuditLog, ListFilter, Outcome};
 use crate::error::{Error, Result};
-use crate::service::state::{AUDIT_DB, DataDir};
+use crate::service::state::{AUDIT_DB, DataDir, open_audit_log_unkeyed};
 
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -96,8 +96,8 @@ fn parse_time(text: &str) -> Result<i64> {
     Ok(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
-/// Opens the data directory's `audit.db` for an offline command.
-fn open_log(options: &crate::service::ServiceOptions) -> Result<rusqlite::Connection> {
+/// Opens the data directory's audit log for an offline command; it must exist already.
+fn open_log(dir: &DataDir, options: &crate::service::ServiceOptions) -> Result<Box<dyn AuditLog>> {
     let path = options.data_dir.join(AUDIT_DB);
     if !path.exists() {
         return Err(Error::FailedPrecondition(format!(
@@ -105,7 +105,7 @@ fn open_log(options: &crate::service::ServiceOptions) -> Result<rusqlite::Connec
             path.display()
         )));
     }
-    sqlite::open(&path, true, options.audit_busy_timeout)
+    dir.audit_log(options)
 }
 
 /// Prints a verification report for people.
@@ -152,7 +152,7 @@ fn print_report(report: &VerifyReport) {
 fn export(args: &ExportArgs) -> Result<()> {
     use std::io::Write;
     let options = args.data.options();
-    let conn = open_log(&options)?;
+    let log = open_audit_log_unkeyed(&options)?;
     let mut filter = ListFilter {
         tenant_id: crate::service::audit_service::parse_tenant_filter(
             args.tenant.as_deref().unwrap_or(""),
@@ -166,7 +166,7 @@ fn export(args: &ExportArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     loop {
-        let rows = sqlite::list(&conn, &filter)?;
+        let rows = log.list(&filter)?;
         let Some((last, _)) = rows.last() else { break };
         filter.after_seq = *last;
         for (seq, r) in rows {
@@ -205,14 +205,14 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Verify(args) => {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
-            let mut conn = open_log(&options)?;
-            let mut report = verify::verify(&mut conn, &dir.chain_keys)?;
+            let log = open_log(&dir, &options)?;
+            let mut report = log.verify()?;
             if let Some(anchor) = &args.anchor {
                 let (seq, mac) = anchor
                     .split_once(':')
                     .and_then(|(seq, mac)| Some((seq.parse::<u64>().ok()?, hex::decode(mac).ok()?)))
                     .ok_or_else(|| Error::InvalidArgument("--anchor must be SEQ:HEX-MAC".into()))?;
-                if let Some(problem) = verify::check_anchor(&conn, &dir.chain_keys, seq, &mac)? {
+                if let Some(problem) = log.check_anchor(seq, &mac)? {
                     report.ok = false;
                     if report.first_bad_seq == 0 || seq < report.first_bad_seq {
                         report.first_bad_seq = seq;
@@ -239,12 +239,12 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             let before = parse_time(&args.before)?;
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
-            let mut conn = open_log(&options)?;
-            let removed = sqlite::prune(&mut conn, &dir.chain_keys, before)?;
-            drop(conn);
+            let log = open_log(&dir, &options)?;
+            let removed = log.prune(before)?;
+            drop(log);
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                "AuditPrune",
+                Task::AuditPrune,
                 "",
                 Vec::new(),
                 Outcome::Ok,
@@ -257,8 +257,8 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Recover(args) => {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
-            let mut conn = open_log(&options)?;
-            let recovery = verify::recover(&mut conn, &dir.chain_keys, &cli_caller())?;
+            let log = open_log(&dir, &options)?;
+            let recovery = log.recover(&cli_caller())?;
             if args.json {
                 println!("{}", serde_json::to_string(&recovery).unwrap_or_default());
             } else {

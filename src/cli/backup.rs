@@ -11,7 +11,8 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_record};
-use crate::audit::{AuditWriter, Outcome};
+use crate::audit::operation::Task;
+use crate::audit::{AuditWriter, Operation, Outcome};
 use crate::backup::ledger::ShredLedger;
 use crate::backup::snapshot;
 use crate::backup::tenant_export;
@@ -19,7 +20,7 @@ use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::keys::{MasterKeySource, MasterKeyring};
 use crate::service::ServiceOptions;
-use crate::service::state::{ADMIN_TOKEN_FILE, AUDIT_DB, DataDir};
+use crate::service::state::{ADMIN_TOKEN_FILE, DataDir};
 
 /// Flags of `backup`.
 #[derive(Debug, Args)]
@@ -109,7 +110,7 @@ fn print(json: bool, value: &serde_json::Value, text: &str) {
 /// Appends the audit record of a command's result, then returns the result.
 fn audited<T>(
     audit: &AuditWriter,
-    operation: &str,
+    operation: impl Into<Operation>,
     tenant: &str,
     result: Result<T>,
     describe: impl Fn(&T) -> (Vec<u32>, String),
@@ -144,16 +145,17 @@ pub fn run_backup(args: BackupArgs) -> Result<ExitCode> {
     let ring = MasterKeyring::load(&options.master_keys, false)?;
     let ledger_head = dir.store.shred_ledger_head()?;
     let audit = dir.audit_writer(&options)?;
+    let audit_log = dir.audit_log(&options)?;
     let started = std::time::Instant::now();
     let result = snapshot::create(
         &out,
         dir.store.as_ref(),
-        &options.data_dir.join(AUDIT_DB),
+        audit_log.as_ref(),
         &ring,
         ledger_head,
     );
     let seconds = started.elapsed().as_secs_f64();
-    let result = audited(&audit, "Backup", "", result, |m| {
+    let result = audited(&audit, Task::Backup, "", result, |m| {
         (
             Vec::new(),
             format!(
@@ -277,7 +279,13 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
         dir.shred.reapplied.len(),
         replaced_text
     );
-    audit.append_blocking(cli_record("Restore", "", Vec::new(), Outcome::Ok, detail))?;
+    audit.append_blocking(cli_record(
+        Task::Restore,
+        "",
+        Vec::new(),
+        Outcome::Ok,
+        detail,
+    ))?;
     audit.shutdown();
     let seconds = started.elapsed().as_secs_f64();
     print(
@@ -321,16 +329,22 @@ pub fn run_tenant_export(args: TenantExportArgs) -> Result<ExitCode> {
         crate::fsutil::write_private_file(&args.out, &bytes)?;
         dir.store.key_versions(&id)
     });
-    let result = audited(&audit, "TenantExport", id.as_str(), result, |versions| {
-        (
-            versions
-                .iter()
-                .filter(|v| v.wrapped.is_some())
-                .map(|v| v.version)
-                .collect(),
-            format!("exported to {}", args.out.display()),
-        )
-    });
+    let result = audited(
+        &audit,
+        Task::TenantExport,
+        id.as_str(),
+        result,
+        |versions| {
+            (
+                versions
+                    .iter()
+                    .filter(|v| v.wrapped.is_some())
+                    .map(|v| v.version)
+                    .collect(),
+                format!("exported to {}", args.out.display()),
+            )
+        },
+    );
     audit.shutdown();
     result?;
     eprintln!("exported tenant {id} to {}", args.out.display());
@@ -364,7 +378,7 @@ pub fn run_tenant_import(args: TenantImportArgs) -> Result<ExitCode> {
         dir.store.replace_tenant(&plan.tenant, &plan.versions)?;
         Ok(plan)
     });
-    let result = audited(&audit, "TenantImport", &tenant_label, result, |plan| {
+    let result = audited(&audit, Task::TenantImport, &tenant_label, result, |plan| {
         (
             plan.versions
                 .iter()

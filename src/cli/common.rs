@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::audit::{AuditRecord, Outcome};
-use crate::domain::unix_now_micros;
+use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::keys::MasterKeySource;
 use crate::service::ServiceOptions;
 use crate::service::state::KEYRING_FILE;
@@ -59,26 +58,18 @@ pub fn cli_caller() -> String {
     format!("cli:{user}")
 }
 
-/// An audit record for a command-line operation.
+/// An audit record for a command-line operation, by [`cli_caller`] on this machine: the
+/// simple way for a command to audit what it did (append it with
+/// [`crate::audit::AuditWriter::append_blocking`]).
 pub fn cli_record(
-    operation: &str,
+    operation: impl Into<Operation>,
     tenant: &str,
     versions: Vec<u32>,
     outcome: Outcome,
     detail: String,
 ) -> AuditRecord {
-    AuditRecord {
-        time_micros: unix_now_micros(),
-        request_id: String::new(),
-        caller: cli_caller(),
-        peer: "local".into(),
-        tenant_id: tenant.to_owned(),
-        operation: operation.to_owned(),
-        contexts: Vec::new(),
-        key_versions: versions,
-        item_count: 1,
-        outcome,
-        aad_fingerprint: String::new(),
-        detail,
-    }
+    AuditRecord::local(operation, cli_caller(), outcome)
+        .tenant(tenant)
+        .versions(versions)
+        .detail(detail)
 }

@@ -19,7 +19,8 @@ use clap::Args;
 use serde::Serialize;
 
 use super::common::{DataDirArgs, cli_record};
-use crate::audit::{AuditWriter, Outcome};
+use crate::audit::operation::{Rpc, Task};
+use crate::audit::{AuditWriter, Operation, Outcome};
 use crate::domain::TenantId;
 use crate::domain::lifecycle;
 use crate::error::{Error, Result};
@@ -128,7 +129,7 @@ impl Summary {
 /// whose audit record cannot be written is reported as failed.
 fn audited<T>(
     audit: &AuditWriter,
-    operation: &str,
+    operation: impl Into<Operation>,
     tenant: &str,
     result: Result<T>,
     versions: impl Fn(&T) -> Vec<u32>,
@@ -190,7 +191,7 @@ fn rotate_tenants(
             } else {
                 audited(
                     &audit,
-                    "RotateTenantKey",
+                    Rpc::RotateTenantKey,
                     id.as_str(),
                     dir.keys.rotate(&id),
                     |t| vec![t.primary_version],
@@ -238,7 +239,7 @@ fn rotate_due(
         }
         let result = audited(
             audit,
-            "RotateTenantKey",
+            Rpc::RotateTenantKey,
             id.as_str(),
             keys.rotate(id),
             |t| vec![t.primary_version],
@@ -261,7 +262,7 @@ fn rotate_due(
         }
         let result = audited(
             audit,
-            "DestroyTenant",
+            Task::DestroyTenant,
             id.as_str(),
             keys.destroy_tenant(id),
             |_| Vec::new(),
@@ -279,7 +280,7 @@ fn rotate_due(
 /// An audit record of a master-key step (no tenant; the versions are master versions).
 fn master_record(
     audit: &AuditWriter,
-    operation: &str,
+    operation: impl Into<Operation>,
     versions: Vec<u32>,
     items: u64,
     detail: String,
@@ -330,7 +331,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
         eprintln!("created master key version {version}");
         master_record(
             &audit,
-            "RotateMasterKey",
+            Task::RotateMasterKey,
             vec![version],
             0,
             format!("created master key version {version}"),
@@ -348,7 +349,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
                 // operator, a test) sees only batches that are committed and audited.
                 master_record(
                     &audit,
-                    "RewrapTenantKeys",
+                    Task::RewrapTenantKeys,
                     vec![p.from_master, p.to_master],
                     p.batch,
                     format!(
@@ -371,7 +372,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
         Err(e) => {
             let _ = master_record(
                 &audit,
-                "RewrapTenantKeys",
+                Task::RewrapTenantKeys,
                 Vec::new(),
                 0,
                 format!("failed: {e}"),
@@ -383,7 +384,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
     for version in &done.retired {
         master_record(
             &audit,
-            "RetireMasterKey",
+            Task::RetireMasterKey,
             vec![*version],
             0,
             format!("master key version {version} wraps no key any more"),

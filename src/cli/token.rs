@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 
 use super::common::{DataDirArgs, cli_record};
 use crate::audit::Outcome;
+use crate::audit::operation::Task;
 use crate::auth::{DATA_PERMISSIONS, Role, TokenSpec, issue_token};
 use crate::config::parse_duration_seconds;
 use crate::domain::TenantId;
@@ -129,7 +130,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             )?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                "TokenCreate",
+                Task::TokenCreate,
                 "",
                 Vec::new(),
                 Outcome::Ok,
@@ -172,7 +173,7 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             let revoked = dir.store.revoke_token(&args.id, options.clock.now_unix())?;
             let audit = dir.audit_writer(&options)?;
             audit.append_blocking(cli_record(
-                "TokenRevoke",
+                Task::TokenRevoke,
                 "",
                 Vec::new(),
                 if revoked {

@@ -1,5 +1,6 @@
-//! `tenantkms.v1.AuditService`: reading the audit log and verifying its chain. Reads run on
-//! their own connection on the blocking pool, never on the writer's.
+//! `tenantkms.v1.AuditService`: reading the audit log and verifying its chain. Reads go to the
+//! state's reader log (its own connection for SQLite, never the writer's) on the blocking
+//! pool.
 
 use std::sync::Arc;
 
@@ -9,8 +10,7 @@ use tracing::Instrument;
 use super::call::Call;
 use super::state::AppState;
 use super::{blocking, convert};
-use crate::audit::sqlite::{self, ListFilter};
-use crate::audit::verify;
+use crate::audit::ListFilter;
 use crate::auth::{Operation, TenantScope};
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -81,11 +81,7 @@ impl AuditService for AuditServiceImpl {
                 limit: limit + 1,
             };
             let reader = Arc::clone(&self.state.audit_reader);
-            let rows = blocking(move || {
-                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-                sqlite::list(&conn, &filter)
-            })
-            .await?;
+            let rows = blocking(move || reader.list(&filter)).await?;
             let more = rows.len() > limit;
             let events: Vec<pb::AuditEvent> = rows
                 .into_iter()
@@ -131,12 +127,7 @@ impl AuditService for AuditServiceImpl {
         let result = async {
             call.admit_global(&self.state).await?;
             let reader = Arc::clone(&self.state.audit_reader);
-            let state = Arc::clone(&self.state);
-            let report = blocking(move || {
-                let mut conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-                verify::verify(&mut conn, state.audit.keys())
-            })
-            .await?;
+            let report = blocking(move || reader.verify()).await?;
             Ok(pb::VerifyAuditChainResponse {
                 ok: report.ok,
                 records_checked: report.records_checked,

@@ -21,9 +21,9 @@ use zeroize::Zeroizing;
 use super::guard::RequestDeadline;
 use super::state::AppState;
 use super::status;
-use crate::audit::{AuditRecord, AuditWriter, Outcome};
+use crate::audit::{AuditRecord, AuditWriter, Operation as AuditOperation, Outcome};
 use crate::auth::{Caller, Operation, authorize};
-use crate::domain::{Context, TenantId, unix_now_micros};
+use crate::domain::{Context, TenantId};
 use crate::error::Result;
 
 /// Most contexts listed in one audit record (batches may name many).
@@ -251,28 +251,29 @@ impl Call {
 impl Call {
     /// The audit record of this call with the given outcome (moves the collected fields out).
     fn record(&mut self, outcome: Outcome, detail: String) -> AuditRecord {
-        AuditRecord {
-            time_micros: unix_now_micros(),
-            request_id: self.request_id.clone(),
-            caller: match (&self.caller, self.refused_as.take()) {
-                (Some(caller), _) => caller.audit_name(),
-                (None, Some(refused)) => refused,
-                (None, None) => "anonymous".to_owned(),
-            },
-            peer: std::mem::take(&mut self.peer),
-            tenant_id: self
-                .tenant
+        let caller = match (&self.caller, self.refused_as.take()) {
+            (Some(caller), _) => caller.audit_name(),
+            (None, Some(refused)) => refused,
+            (None, None) => "anonymous".to_owned(),
+        };
+        AuditRecord::new(
+            self.operation,
+            caller,
+            std::mem::take(&mut self.peer),
+            outcome,
+        )
+        .request_id(self.request_id.clone())
+        .tenant(
+            self.tenant
                 .as_ref()
                 .map(|t| t.as_str().to_owned())
                 .unwrap_or_default(),
-            operation: self.operation.name().to_owned(),
-            contexts: std::mem::take(&mut self.contexts),
-            key_versions: std::mem::take(&mut self.key_versions),
-            item_count: self.item_count,
-            outcome,
-            aad_fingerprint: std::mem::take(&mut self.aad_fingerprint),
-            detail,
-        }
+        )
+        .contexts(std::mem::take(&mut self.contexts))
+        .versions(std::mem::take(&mut self.key_versions))
+        .items(self.item_count)
+        .aad_fingerprint(std::mem::take(&mut self.aad_fingerprint))
+        .detail(detail)
     }
 }
 
@@ -317,23 +318,13 @@ impl Drop for Call {
 pub fn system_record(
     caller: &str,
     tenant: &TenantId,
-    operation: &str,
+    operation: impl Into<AuditOperation>,
     key_versions: Vec<u32>,
     outcome: Outcome,
     detail: String,
 ) -> AuditRecord {
-    AuditRecord {
-        time_micros: unix_now_micros(),
-        request_id: String::new(),
-        caller: caller.to_owned(),
-        peer: "local".into(),
-        tenant_id: tenant.as_str().to_owned(),
-        operation: operation.to_owned(),
-        contexts: Vec::new(),
-        key_versions,
-        item_count: 1,
-        outcome,
-        aad_fingerprint: String::new(),
-        detail,
-    }
+    AuditRecord::local(operation, caller, outcome)
+        .tenant(tenant.as_str())
+        .versions(key_versions)
+        .detail(detail)
 }

@@ -67,7 +67,7 @@ impl KeyServiceImpl {
             let record = call::system_record(
                 "server:nonce-budget",
                 &grant.entry().record.tenant_id,
-                "RotateTenantKey",
+                Operation::RotateTenantKey,
                 vec![from, grant.version()],
                 crate::audit::Outcome::Ok,
                 format!("nonce budget of version {from} reached"),

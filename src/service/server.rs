@@ -169,7 +169,7 @@ async fn destroy_audited(state: &Arc<AppState>, tenant: TenantId) {
     let record = super::call::system_record(
         "server:reaper",
         &tenant,
-        "DestroyTenant",
+        crate::audit::operation::Task::DestroyTenant,
         Vec::new(),
         match &result {
             Ok(_) => crate::audit::Outcome::Ok,

@@ -1,10 +1,13 @@
 //! The state every handler shares, and how it is assembled from a data directory.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::audit::{AuditRecord, AuditWriter, ChainKeys, Durability, Outcome};
+use crate::audit::operation::Task;
+use crate::audit::{
+    AuditLog, AuditRecord, AuditWriter, ChainKeys, Durability, Outcome, SqliteAuditLog,
+};
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
 use crate::auth::{Authenticator, Role, TokenSpec, issue_token};
@@ -144,8 +147,9 @@ pub struct AppState {
     pub auth: Authenticator,
     /// The group-commit audit writer.
     pub audit: AuditWriter,
-    /// A read connection for audit queries and verification.
-    pub audit_reader: Arc<Mutex<rusqlite::Connection>>,
+    /// The audit log for queries and verification (its own connection, apart from the
+    /// writer's).
+    pub audit_reader: Arc<dyn AuditLog>,
     /// Per-caller rate limits.
     pub limiter: RateLimiter,
     /// The options it was opened with.
@@ -216,21 +220,54 @@ impl DataDir {
         })
     }
 
-    /// Starts an audit writer on this data directory's `audit.db`.
-    pub fn audit_writer(&self, options: &ServiceOptions) -> Result<AuditWriter> {
-        AuditWriter::start(
-            options.data_dir.join(AUDIT_DB),
-            options.durability,
-            options.audit_busy_timeout,
-            Arc::clone(&self.chain_keys),
-        )
+    /// Opens this data directory's audit log (`audit.db`, created if missing) with the
+    /// options' durability and lock wait, chained under this directory's keys. Each call
+    /// opens a log of its own (for SQLite: its own connection).
+    pub fn audit_log(&self, options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
+        open_audit_log(options, &self.chain_keys)
     }
+
+    /// Starts an audit writer on this data directory's audit log: the simple way for a
+    /// command to append records ([`AuditWriter::append_blocking`], then
+    /// [`AuditWriter::shutdown`]).
+    pub fn audit_writer(&self, options: &ServiceOptions) -> Result<AuditWriter> {
+        AuditWriter::start(self.audit_log(options)?, Arc::clone(&self.chain_keys))
+    }
+}
+
+/// Opens the audit log of `options`' data directory: the one place the service chooses the
+/// audit backend.
+fn open_audit_log(options: &ServiceOptions, keys: &Arc<ChainKeys>) -> Result<Box<dyn AuditLog>> {
+    Ok(Box::new(SqliteAuditLog::open(
+        &options.data_dir.join(AUDIT_DB),
+        options.durability,
+        options.audit_busy_timeout,
+        Arc::clone(keys),
+    )?))
+}
+
+/// Opens the audit log of `options`' data directory without its chain keys, for commands
+/// that only read records and need no master key (`audit export`): see
+/// [`SqliteAuditLog::open_unkeyed`]. Fails if there is no log.
+pub fn open_audit_log_unkeyed(options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
+    let path = options.data_dir.join(AUDIT_DB);
+    if !path.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    Ok(Box::new(SqliteAuditLog::open_unkeyed(
+        &path,
+        options.durability,
+        options.audit_busy_timeout,
+    )?))
 }
 
 /// Audits what the shred ledger check changed, as `system:shred-ledger`.
 fn audit_shred_report(
     options: &ServiceOptions,
-    chain_keys: &ChainKeys,
+    chain_keys: &Arc<ChainKeys>,
     report: &ShredReport,
 ) -> Result<()> {
     let records: Vec<AuditRecord> = report
@@ -239,30 +276,22 @@ fn audit_shred_report(
         .map(|item| {
             (
                 item,
-                "ShredLedgerReapply",
+                Task::ShredLedgerReapply,
                 "destroyed again: the shred ledger records it destroyed",
             )
         })
         .chain(report.recorded_from_store.iter().map(|item| {
             (
                 item,
-                "ShredLedgerRecord",
+                Task::ShredLedgerRecord,
                 "recorded in the shred ledger from the key store",
             )
         }))
-        .map(|(item, operation, detail)| AuditRecord {
-            time_micros: crate::domain::unix_now_micros(),
-            request_id: String::new(),
-            caller: "system:shred-ledger".into(),
-            peer: "local".into(),
-            tenant_id: item.tenant_id.as_str().to_owned(),
-            operation: operation.into(),
-            contexts: Vec::new(),
-            key_versions: item.version.into_iter().collect(),
-            item_count: 1,
-            outcome: Outcome::Ok,
-            aad_fingerprint: String::new(),
-            detail: detail.into(),
+        .map(|(item, operation, detail)| {
+            AuditRecord::local(operation, "system:shred-ledger", Outcome::Ok)
+                .tenant(item.tenant_id.as_str())
+                .versions(item.version.into_iter().collect())
+                .detail(detail)
         })
         .collect();
     if records.is_empty() {
@@ -271,12 +300,8 @@ fn audit_shred_report(
     for item in &report.reapplied {
         tracing::warn!(tenant = %item.tenant_id, version = ?item.version, "shredded again: the shred ledger records it destroyed");
     }
-    let mut conn = crate::audit::sqlite::open(
-        &options.data_dir.join(AUDIT_DB),
-        options.durability == Durability::Fsync,
-        options.audit_busy_timeout,
-    )?;
-    crate::audit::sqlite::append(&mut conn, chain_keys, &records)?;
+    let refs: Vec<&AuditRecord> = records.iter().collect();
+    open_audit_log(options, chain_keys)?.append(&refs)?;
     Ok(())
 }
 
@@ -293,11 +318,7 @@ impl AppState {
         })?;
         let dir = DataDir::open(&options, true)?;
         let audit = dir.audit_writer(&options)?;
-        let audit_reader = crate::audit::sqlite::open(
-            &options.data_dir.join(AUDIT_DB),
-            options.durability == Durability::Fsync,
-            options.audit_busy_timeout,
-        )?;
+        let audit_reader: Arc<dyn AuditLog> = Arc::from(dir.audit_log(&options)?);
         if options.bootstrap_admin_token {
             bootstrap_admin_token(
                 dir.store.as_ref(),
@@ -309,7 +330,7 @@ impl AppState {
             auth: Authenticator::new(Arc::clone(&dir.store), Arc::clone(&options.clock)),
             keys: dir.keys,
             audit,
-            audit_reader: Arc::new(Mutex::new(audit_reader)),
+            audit_reader,
             limiter: RateLimiter::new(options.limits.rate_limit),
             options,
         })

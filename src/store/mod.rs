@@ -14,6 +14,7 @@ pub mod contract;
 mod migrations;
 mod recovery;
 mod sqlite;
+pub(crate) mod sqlite_backup;
 
 use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};

@@ -812,20 +812,8 @@ impl ChangeDetection for SqliteKeyStore {
 
 impl BackupStore for SqliteKeyStore {
     fn snapshot_to(&self, dest: &Path) -> Result<()> {
-        crate::fsutil::create_private_file(dest)?;
-        let mut out = Connection::open(dest).map_err(sql_error)?;
-        {
-            let inner = self.lock();
-            // One step copies every page inside one read transaction: a consistent snapshot,
-            // and in WAL mode writers (the server) are not blocked meanwhile.
-            let backup = rusqlite::backup::Backup::new(&inner.conn, &mut out).map_err(sql_error)?;
-            copy_all_pages(&backup)?;
-        }
-        // A self-contained file: no -wal beside it, so its checksum is the whole state.
-        out.pragma_update(None, "journal_mode", "DELETE")
-            .map_err(sql_error)?;
-        out.close().map_err(|(_, e)| sql_error(e))?;
-        crate::fsutil::sync_file(dest)
+        let inner = self.lock();
+        super::sqlite_backup::copy_database(&inner.conn, dest, sql_error)
     }
 
     fn counts(&self) -> Result<StoreCounts> {
@@ -1242,18 +1230,3 @@ fn insert_version(
     Ok(())
 }
 
-/// Runs an online backup as one step (-1: every page), retrying while another connection
-/// holds a lock that keeps the step from starting (bounded).
-fn copy_all_pages(backup: &rusqlite::backup::Backup<'_, '_>) -> Result<()> {
-    use rusqlite::backup::StepResult;
-    for attempt in 0..100u64 {
-        match backup.step(-1).map_err(sql_error)? {
-            StepResult::Done => return Ok(()),
-            StepResult::More | StepResult::Busy | StepResult::Locked => {
-                std::thread::sleep(Duration::from_millis(10 * (attempt + 1).min(10)));
-            }
-            _ => {}
-        }
-    }
-    Err(Error::internal("online backup: the database stayed busy"))
-}

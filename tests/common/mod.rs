@@ -158,8 +158,7 @@ impl TestServer {
 
     /// Number of audit records so far.
     pub fn audit_count(&self) -> u64 {
-        let conn = self.state.audit_reader.lock().unwrap();
-        tenant_kms::audit::sqlite::count(&conn).unwrap()
+        self.state.audit_reader.count().unwrap()
     }
 }
 
