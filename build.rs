@@ -22,7 +22,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tenantkms/v1/keys.proto",
         "tenantkms/v1/tenants.proto",
         "tenantkms/v1/audit.proto",
-        "tenantkms/v1/bench.proto",
     ];
     for file in &files {
         println!("cargo:rerun-if-changed=proto/{file}");

@@ -21,8 +21,6 @@
 //! - [`cli`]: one module per subcommand of the `tenant-kms` binary.
 //! - [`selftest`]: power-on and full cryptographic self-tests (known answers, Wycheproof, our
 //!   vectors), used by `serve` at start and by `tenant-kms selftest`.
-//! - [`bench`]: the load generator behind `tenant-kms bench`, with its same-run baselines
-//!   and the churn soak (a client of the service, like `cli`).
 //! - [`metrics`]: process-wide counters and histograms and the Prometheus `/metrics` endpoint.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
@@ -35,7 +33,6 @@
 pub mod audit;
 pub mod auth;
 pub mod backup;
-pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -5,7 +5,7 @@
 //!   files). The server runs it before it opens anything (`AppState::open`) and refuses to
 //!   serve if it fails: a crypto library that computes wrong answers must not seal data.
 //! - [`full`] adds RFC 5869 A.1–A.3, the Wycheproof AES-GCM and HKDF-SHA256 sets and every
-//!   vector of `tests/vectors/*.json`; `tenant-kms selftest` prints its table.
+//!   vector of `vectors/*.json`; `tenant-kms selftest` prints its table.
 //!
 //! Everything runs through the same functions the service uses (`crypto::aead`,
 //! `crypto::kdf`, `crypto::format`, `crypto::envelope`), and all data is embedded in the

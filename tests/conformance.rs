@@ -4,7 +4,7 @@
 //!
 //! - `wycheproof`: Wycheproof AES-GCM through `AeadKey`, Wycheproof HKDF-SHA256 and RFC 5869
 //!   through `crypto::kdf`.
-//! - `vectors`: `tests/vectors/*.json` (docs/FORMAT.md), their generator, and FORMAT.md itself.
+//! - `vectors`: `vectors/*.json` (docs/FORMAT.md), their generator, and FORMAT.md itself.
 //! - `properties`: proptest round trips, single-bit flips, ring vs RustCrypto `aes-gcm`.
 //! - `nonces`: 10^6 seals from 16 threads repeat no nonce (release builds only).
 //! - `selftest`: the power-on and full self-tests and the `tenant-kms selftest` command.

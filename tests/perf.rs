@@ -1,8 +1,9 @@
-//! Issue 7: the load generator, the metrics endpoint, the churn soak and the hot-path
-//! mechanisms behind them (grouped nonce-budget reservations, the single-flight change check).
+//! Issue 7: the metrics endpoint and the hot-path mechanisms behind the bench's figures
+//! (grouped nonce-budget reservations, the single-flight change check); issue 12: the bench is
+//! not the product (no benchmark service in the default server). The load generator itself,
+//! its echo baseline and the churn soak are tested in the bench crate (`bench/tests/`).
 //!
-//! No test here asserts a speed: the bench runs briefly and only its output's shape and its
-//! correctness checks are asserted.
+//! No test here asserts a speed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +13,6 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use common::*;
-use tenant_kms::pb;
 use tenant_kms::store::{ChangeDetection, MasterKeyStore, SqliteKeyStore, TokenStore};
 
 /// GET `path` over plain HTTP/1.1; returns (status line, body).
@@ -92,173 +92,84 @@ fn metrics_are_off_unless_asked_for() {
     let (code, stdout, _) = run_cli(&["serve", "--help"]);
     assert_eq!(code, 0);
     assert!(stdout.contains("--metrics-listen"));
-    assert!(
-        !stdout.contains("--bench-echo"),
-        "the echo flag is hidden from help"
-    );
+}
+
+/// The names of the services a server's gRPC reflection lists.
+async fn reflected_services(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut client = ServerReflectionClient::new(connect(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match answers.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("not a service list: {other:?}"),
+    }
+}
+
+/// Calls `path` with an empty message; returns the status the server answered with.
+async fn empty_call(url: &str, path: &'static str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(connect(url).await);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(()),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::<(), ()>::default(),
+    )
+    .await
+    .status_err()
 }
 
 #[tokio::test]
-async fn echo_is_served_only_with_the_hidden_flag() {
+async fn the_default_server_lists_and_serves_no_benchmark_service() {
     let temp = tempfile::tempdir().unwrap();
-    let plain = BinaryServer::start(&temp.path().join("a"), &[]).await;
-    let mut echo = pb::bench_service_client::BenchServiceClient::new(connect(&plain.url()).await);
-    let refused = echo.echo(pb::EchoRequest::default()).await.status_err();
-    assert_eq!(refused.code(), tonic::Code::Unimplemented);
-
-    let with = BinaryServer::start(&temp.path().join("b"), &["--bench-echo"]).await;
-    let mut echo = pb::bench_service_client::BenchServiceClient::new(connect(&with.url()).await);
-    // No token needed; nothing is audited; the response carries the asked-for sizes.
-    let response = echo
-        .echo(pb::EchoRequest {
-            tenant_id: "whoever".into(),
-            items: vec![pb::EchoItem::default(); 3],
-            response_bytes: 98,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.results.len(), 3);
-    assert!(
-        response
-            .results
-            .iter()
-            .all(|r| r.output.as_ref().unwrap().ciphertext.len() == 98)
-    );
-    let unary = echo
-        .echo(pb::EchoRequest {
-            plaintext: vec![1; 64],
-            response_bytes: 98,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(unary.ciphertext.len(), 98);
-    let data = with.data_dir.clone();
-    drop(with);
-    let (code, stdout, stderr) =
-        run_cli(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(
-        stdout.contains("OK: 0 records"),
-        "echo calls are not audited: {stdout}"
-    );
-}
-
-fn bench_json(args: &[&str]) -> serde_json::Value {
-    let (code, stdout, stderr) = run_cli(args);
-    assert_eq!(code, 0, "bench failed:\n{stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
-
-#[test]
-fn bench_runs_every_scenario_with_its_baselines() {
-    let report = bench_json(&[
-        "bench",
-        "--duration",
-        "400ms",
-        "--warmup",
-        "100ms",
-        "--concurrency",
-        "2",
-        "--scenario",
-        "encrypt-64,decrypt-64,batch-10,generate-data-key,rewrap",
-        "--durability",
-        "process",
-        "--tenants",
-        "3",
-        "--baseline-time",
-        "20ms",
-        "--json",
-    ]);
-    let results = report["results"].as_array().unwrap();
-    let names: Vec<&str> = results
-        .iter()
-        .map(|r| r["scenario"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        [
-            "encrypt-64",
-            "decrypt-64",
-            "batch-10",
-            "generate-data-key",
-            "rewrap"
-        ]
-    );
-    for r in results {
-        assert_eq!(r["errors"], 0, "{r}");
-        assert_eq!(r["durability"], "process");
-        assert_eq!(r["concurrency"], 2);
-        // Figures and their same-run echo baselines are all present.
-        for field in [
-            "rps",
-            "items_per_s",
-            "p50_us",
-            "p99_us",
-            "max_us",
-            "echo_rps",
-            "echo_p50_us",
-            "rps_vs_echo",
-            "p50_vs_echo",
-            "p99_vs_echo",
-            "server_cpu_us_per_req",
-            "server_rss_mib",
-        ] {
-            assert!(r[field].is_number(), "{field} missing in {r}");
-        }
-    }
-    let baselines = &report["baselines"];
-    for field in [
-        "raw_seal_64_ns",
-        "raw_seal_4k_ns",
-        "field_encrypt_cached_64_ns",
-        "field_encrypt_uncached_64_ns",
-        "change_check_ns",
+    let server = BinaryServer::start(&temp.path().join("data"), &[]).await;
+    let services = reflected_services(&server.url()).await;
+    for real in [
+        "tenantkms.v1.KeyService",
+        "tenantkms.v1.TenantService",
+        "tenantkms.v1.AuditService",
     ] {
-        assert!(baselines[field].as_f64().unwrap() > 0.0, "{field}");
+        assert!(services.iter().any(|s| s == real), "{real} in {services:?}");
     }
-    assert!(baselines["fsync"]["count"].as_u64().unwrap() > 0);
-    assert!(report["targets"].is_array());
-    assert!(report["machine"].as_str().unwrap().contains("cores"));
+    assert!(
+        !services
+            .iter()
+            .any(|s| s.to_lowercase().contains("bench") || s.contains("Echo")),
+        "a benchmark service is listed: {services:?}"
+    );
+    // Nor is one served, under the echo's old name or the bench crate's.
+    for path in [
+        "/tenantkms.v1.BenchService/Echo",
+        "/tenantkms.bench.v1.BenchService/Echo",
+    ] {
+        let status = empty_call(&server.url(), path).await;
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{path}");
+    }
 }
 
 #[test]
-fn bench_refuses_bad_input() {
-    let (code, _, stderr) = run_cli(&["bench", "--scenario", "encrypt-sideways"]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("unknown scenario"), "{stderr}");
-    let (code, _, stderr) = run_cli(&["bench", "--concurrency", "0"]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("positive"), "{stderr}");
-}
-
-#[test]
-fn churn_soak_finds_no_violation() {
-    let report = bench_json(&[
-        "bench",
-        "--scenario",
-        "churn",
-        "--duration",
-        "3s",
-        "--concurrency",
-        "4",
-        "--durability",
-        "process",
-        "--baseline-time",
-        "10ms",
-        "--json",
-    ]);
-    let churn = &report["churn"].as_array().unwrap()[0];
-    assert_eq!(churn["violations"], 0, "{churn}");
-    assert_eq!(churn["final_decrypt_failures"], 0, "{churn}");
-    assert_eq!(churn["destroyed_key_bytes_found"], 0, "{churn}");
-    assert_eq!(churn["audit_verified"], true, "{churn}");
-    assert_eq!(churn["passed"], true, "{churn}");
-    let ops = churn["ops"].as_object().unwrap();
-    assert!(ops["create"].as_u64().unwrap() > 0, "{churn}");
+fn the_product_command_line_has_no_bench() {
+    let (code, stdout, _) = run_cli(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("serve"), "{stdout}");
+    assert!(!stdout.contains("bench"), "{stdout}");
+    let (code, _, stderr) = run_cli(&["bench"]);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, _, stderr) = run_cli(&["serve", "--bench-echo"]);
+    assert_eq!(code, 2, "{stderr}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Client commands that talk to a running server: `tenant …`, `encrypt`, `decrypt`.
 
+use std::future::Future;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -145,6 +146,43 @@ impl ClientArgs {
             self.bearer()?,
         ))
     }
+
+    /// Connects, makes one KeyService call and returns its answer; a refusal becomes the
+    /// command's error.
+    async fn key_call<R, F>(&self, rpc: impl FnOnce(KeyServiceClient<Authed>) -> F) -> Result<R>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+    {
+        answer(rpc(self.keys().await?).await)
+    }
+
+    /// [`Self::key_call`] for the TenantService.
+    async fn tenant_call<R, F>(
+        &self,
+        rpc: impl FnOnce(TenantServiceClient<Authed>) -> F,
+    ) -> Result<R>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+    {
+        answer(rpc(self.tenants().await?).await)
+    }
+
+    /// A TenantService call that answers with a tenant, printed as one JSON line.
+    async fn print_tenant<F>(
+        &self,
+        rpc: impl FnOnce(TenantServiceClient<Authed>) -> F,
+    ) -> Result<()>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<pb::Tenant>, tonic::Status>>,
+    {
+        print_json(&tenant_json(&self.tenant_call(rpc).await?));
+        Ok(())
+    }
+}
+
+/// A call's answer, or its refusal as the command's error.
+fn answer<R>(reply: std::result::Result<tonic::Response<R>, tonic::Status>) -> Result<R> {
+    reply.map(tonic::Response::into_inner).map_err(status_error)
 }
 
 /// `tenant …` subcommands.
@@ -288,43 +326,37 @@ pub fn run_tenant(command: TenantCommand) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         match command {
             TenantCommand::Create(a) => {
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .create_tenant(pb::CreateTenantRequest {
-                        tenant_id: a.tenant_id,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.create_tenant(pb::CreateTenantRequest {
+                            tenant_id: a.tenant_id,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::Get(a) => {
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .get_tenant(pb::GetTenantRequest {
-                        tenant_id: a.tenant_id,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.get_tenant(pb::GetTenantRequest {
+                            tenant_id: a.tenant_id,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::List(client) => {
                 let mut tenants = client.tenants().await?;
                 let mut page_token = String::new();
                 loop {
-                    let page = tenants
-                        .list_tenants(pb::ListTenantsRequest {
-                            page_size: 1000,
-                            page_token,
-                        })
-                        .await
-                        .map_err(status_error)?
-                        .into_inner();
+                    let page = answer(
+                        tenants
+                            .list_tenants(pb::ListTenantsRequest {
+                                page_size: 1000,
+                                page_token,
+                            })
+                            .await,
+                    )?;
                     for t in &page.tenants {
                         print_json(&tenant_json(t));
                     }
@@ -335,30 +367,24 @@ pub fn run_tenant(command: TenantCommand) -> Result<ExitCode> {
                 }
             }
             TenantCommand::Suspend(a) => {
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .suspend_tenant(pb::SuspendTenantRequest {
-                        tenant_id: a.tenant_id,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.suspend_tenant(pb::SuspendTenantRequest {
+                            tenant_id: a.tenant_id,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::Resume(a) => {
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .resume_tenant(pb::ResumeTenantRequest {
-                        tenant_id: a.tenant_id,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.resume_tenant(pb::ResumeTenantRequest {
+                            tenant_id: a.tenant_id,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::Delete(a) => {
                 let waiting = a
@@ -366,59 +392,47 @@ pub fn run_tenant(command: TenantCommand) -> Result<ExitCode> {
                     .as_deref()
                     .map(crate::config::parse_duration_seconds)
                     .transpose()?;
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
-                        tenant_id: a.tenant_id,
-                        waiting_period_seconds: waiting,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.schedule_tenant_deletion(pb::ScheduleTenantDeletionRequest {
+                            tenant_id: a.tenant_id,
+                            waiting_period_seconds: waiting,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::CancelDelete(a) => {
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .cancel_tenant_deletion(pb::CancelTenantDeletionRequest {
-                        tenant_id: a.tenant_id,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.cancel_tenant_deletion(pb::CancelTenantDeletionRequest {
+                            tenant_id: a.tenant_id,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::Rotate(a) => {
-                let t = a
-                    .client
-                    .tenants()
-                    .await?
-                    .rotate_tenant_key(pb::RotateTenantKeyRequest {
-                        tenant_id: a.tenant_id,
+                a.client
+                    .print_tenant(|mut c| async move {
+                        c.rotate_tenant_key(pb::RotateTenantKeyRequest {
+                            tenant_id: a.tenant_id,
+                        })
+                        .await
                     })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                print_json(&tenant_json(&t));
+                    .await?;
             }
             TenantCommand::Export(_) | TenantCommand::Import(_) => {
                 return Err(Error::internal("export and import run offline"));
             }
             TenantCommand::Versions(a) => {
+                let request = pb::ListKeyVersionsRequest {
+                    tenant_id: a.tenant_id,
+                };
                 let versions = a
                     .client
-                    .tenants()
-                    .await?
-                    .list_key_versions(pb::ListKeyVersionsRequest {
-                        tenant_id: a.tenant_id,
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
+                    .tenant_call(|mut c| async move { c.list_key_versions(request).await })
+                    .await?;
                 for v in versions.versions {
                     let state = match pb::KeyVersionState::try_from(v.state) {
                         Ok(pb::KeyVersionState::Enabled) => "ENABLED",
@@ -447,19 +461,16 @@ pub fn run_encrypt(args: EncryptArgs) -> Result<ExitCode> {
         .read_to_end(&mut plaintext)
         .map_err(|e| Error::InvalidArgument(format!("cannot read stdin: {e}")))?;
     runtime()?.block_on(async move {
+        let request = pb::EncryptRequest {
+            tenant_id: args.tenant,
+            context: args.context,
+            plaintext: plaintext.to_vec(),
+            aad: args.aad.into_bytes(),
+        };
         let response = args
             .client
-            .keys()
-            .await?
-            .encrypt(pb::EncryptRequest {
-                tenant_id: args.tenant,
-                context: args.context,
-                plaintext: plaintext.to_vec(),
-                aad: args.aad.into_bytes(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
+            .key_call(|mut c| async move { c.encrypt(request).await })
+            .await?;
         println!(
             "{}",
             base64::engine::general_purpose::STANDARD.encode(&response.ciphertext)
@@ -479,19 +490,16 @@ pub fn run_decrypt(args: DecryptArgs) -> Result<ExitCode> {
         .decode(text.trim())
         .map_err(|_| Error::InvalidArgument("stdin is not base64".into()))?;
     runtime()?.block_on(async move {
+        let request = pb::DecryptRequest {
+            tenant_id: args.tenant,
+            context: args.context,
+            ciphertext,
+            aad: args.aad.into_bytes(),
+        };
         let response = args
             .client
-            .keys()
-            .await?
-            .decrypt(pb::DecryptRequest {
-                tenant_id: args.tenant,
-                context: args.context,
-                ciphertext,
-                aad: args.aad.into_bytes(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
+            .key_call(|mut c| async move { c.decrypt(request).await })
+            .await?;
         let plaintext = Zeroizing::new(response.plaintext);
         std::io::stdout()
             .write_all(&plaintext)

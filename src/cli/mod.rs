@@ -3,7 +3,6 @@
 
 pub mod audit;
 pub mod backup;
-pub mod bench;
 pub mod client;
 pub mod common;
 pub mod rotate;
@@ -45,8 +44,6 @@ enum Command {
     /// Create, list and revoke caller tokens on a data directory.
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Load-test a server (a child process by default) against same-run baselines.
-    Bench(bench::BenchArgs),
     /// Back up keys.db and audit.db consistently while the server runs (`backup --out DIR`),
     /// or check a backup (`backup verify DIR`).
     Backup(backup::BackupArgs),
@@ -67,7 +64,6 @@ pub fn main() -> ExitCode {
         Command::Rotate(args) => rotate::run(args),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Token(cmd) => token::run(cmd),
-        Command::Bench(args) => bench::run(args),
         Command::Backup(args) => backup::run_backup(args),
         Command::Restore(args) => backup::run_restore(args),
         Command::Selftest(args) => selftest::run(args),

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
+use tonic::service::Routes;
 
 use crate::audit::Durability;
 use crate::config::{FileConfig, parse_duration_seconds};
@@ -64,9 +65,6 @@ pub struct ServeArgs {
     /// or a private network: it names the most active tenants).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Also serve the unauthenticated, work-free BenchService.Echo (for `tenant-kms bench`).
-    #[arg(long, hide = true)]
-    bench_echo: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace.
     #[arg(long, env = "TENANT_KMS_LOG", default_value = "info")]
     log: String,
@@ -189,7 +187,6 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         ));
     }
     let insecure = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
-    options.bench_echo = args.bench_echo;
     Ok(Resolved {
         options,
         listen,
@@ -211,6 +208,13 @@ pub fn init_logging(filter: &str) {
 
 /// Runs the service until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    run_with(args, |_| Routes::default())
+}
+
+/// [`run`], also serving the services `extra` returns (see [`server::run_with`]): the bench
+/// crate's server binary serves its echo baseline beside the real services this way, with
+/// exactly the flags, configuration, hardening and start checks of `serve`.
+pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Result<ExitCode> {
     init_logging(&args.log);
     let Resolved {
         options,
@@ -282,9 +286,14 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             ));
         }
         let stop_serving = Arc::clone(&stop);
-        let serving = server::run(listener, Arc::clone(&state), async move {
-            stop_serving.notified().await;
-        });
+        let serving = server::run_with(
+            listener,
+            Arc::clone(&state),
+            async move {
+                stop_serving.notified().await;
+            },
+            extra,
+        );
         tokio::select! {
             result = serving => {
                 result?;

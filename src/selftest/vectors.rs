@@ -1,4 +1,4 @@
-//! tenant-kms's own known-answer vectors (`tests/vectors/*.json`, schema in docs/FORMAT.md):
+//! tenant-kms's own known-answer vectors (`vectors/*.json`, schema in docs/FORMAT.md):
 //! their types, the embedded copies, and a checker that runs them through the functions the
 //! service uses.
 //!
@@ -20,16 +20,16 @@ use crate::crypto::kdf;
 use crate::crypto::labels;
 use crate::crypto::secret::{SecretBytes, SecretKey};
 
-/// `tests/vectors/key_check.json`, embedded.
-pub const KEY_CHECK_JSON: &str = include_str!("../../tests/vectors/key_check.json");
-/// `tests/vectors/tenant_key_wrap.json`, embedded.
-pub const TENANT_KEY_WRAP_JSON: &str = include_str!("../../tests/vectors/tenant_key_wrap.json");
-/// `tests/vectors/audit_key_wrap.json`, embedded.
-pub const AUDIT_KEY_WRAP_JSON: &str = include_str!("../../tests/vectors/audit_key_wrap.json");
-/// `tests/vectors/field_value.json`, embedded.
-pub const FIELD_VALUE_JSON: &str = include_str!("../../tests/vectors/field_value.json");
-/// `tests/vectors/data_key.json`, embedded.
-pub const DATA_KEY_JSON: &str = include_str!("../../tests/vectors/data_key.json");
+/// `vectors/key_check.json`, embedded.
+pub const KEY_CHECK_JSON: &str = include_str!("../../vectors/key_check.json");
+/// `vectors/tenant_key_wrap.json`, embedded.
+pub const TENANT_KEY_WRAP_JSON: &str = include_str!("../../vectors/tenant_key_wrap.json");
+/// `vectors/audit_key_wrap.json`, embedded.
+pub const AUDIT_KEY_WRAP_JSON: &str = include_str!("../../vectors/audit_key_wrap.json");
+/// `vectors/field_value.json`, embedded.
+pub const FIELD_VALUE_JSON: &str = include_str!("../../vectors/field_value.json");
+/// `vectors/data_key.json`, embedded.
+pub const DATA_KEY_JSON: &str = include_str!("../../vectors/data_key.json");
 
 /// The `expected_error` of every invalid vector: the one opaque [`crate::crypto::CryptoError`].
 pub const CRYPTO_ERROR: &str = "crypto_error";
@@ -595,19 +595,30 @@ fn expected_error_is_crypto(name: &str, expected: &str) -> Result<(), String> {
     }
 }
 
-fn tally<T>(
-    report: &mut SuiteReport,
-    items: &[T],
-    name: impl Fn(&T) -> &str,
-    check: impl Fn(&T) -> Result<(), String>,
-) {
-    for item in items {
-        let outcome = match check(item) {
+/// One vector file as one suite: every valid vector must pass `check_valid`; every invalid
+/// one must name the one opaque error and pass `check_invalid` (be refused).
+fn file_suite<V, I>(
+    suite: &'static str,
+    file: &VectorFile<V, I>,
+    valid_name: fn(&V) -> &str,
+    check_valid: impl Fn(&V) -> Result<(), String>,
+    invalid_name_and_error: fn(&I) -> (&str, &str),
+    check_invalid: impl Fn(&I) -> Result<(), String>,
+) -> SuiteReport {
+    let mut report = SuiteReport::new(suite);
+    let valid = file.valid.iter().map(|v| (valid_name(v), check_valid(v)));
+    let invalid = file.invalid.iter().map(|v| {
+        let (name, expected) = invalid_name_and_error(v);
+        let outcome = expected_error_is_crypto(name, expected).and_then(|()| check_invalid(v));
+        (name, outcome)
+    });
+    for (name, outcome) in valid.chain(invalid) {
+        report.record(match outcome {
             Ok(()) => CaseOutcome::Passed,
-            Err(why) => CaseOutcome::Failed(format!("{}: {why}", name(item))),
-        };
-        report.record(outcome);
+            Err(why) => CaseOutcome::Failed(format!("{name}: {why}")),
+        });
     }
+    report
 }
 
 /// Runs every embedded vector file as one suite per file.
@@ -615,59 +626,37 @@ pub fn run_all() -> Vec<SuiteReport> {
     let embedded = match Embedded::load() {
         Ok(embedded) => embedded,
         Err(e) => {
-            let mut report = SuiteReport::new("vectors: tests/vectors/*.json");
+            let mut report = SuiteReport::new("vectors: vectors/*.json");
             report.record(CaseOutcome::Failed(format!("cannot parse: {e}")));
             return vec![report];
         }
     };
-    let mut reports = Vec::new();
-
-    let mut r = SuiteReport::new("vectors: key_check.json");
-    tally(
-        &mut r,
-        &embedded.key_check.valid,
-        |v| &v.name,
-        check_key_check,
-    );
-    tally(
-        &mut r,
-        &embedded.key_check.invalid,
-        |v| &v.name,
-        |v| {
-            expected_error_is_crypto(&v.name, &v.expected_error)?;
-            check_key_check_mismatch(v)
-        },
-    );
-    reports.push(r);
-
-    let mut r = SuiteReport::new("vectors: tenant_key_wrap.json");
-    let file = &embedded.tenant_key_wrap;
-    tally(&mut r, &file.valid, |v| &v.name, check_tenant_key_wrap);
-    tally(
-        &mut r,
-        &file.invalid,
-        |v| &v.name,
-        |v| {
-            expected_error_is_crypto(&v.name, &v.expected_error)?;
-            check_tenant_key_wrap_invalid(v)
-        },
-    );
-    reports.push(r);
-
-    let mut r = SuiteReport::new("vectors: audit_key_wrap.json");
-    let file = &embedded.audit_key_wrap;
-    tally(&mut r, &file.valid, |v| &v.name, check_audit_key_wrap);
-    tally(
-        &mut r,
-        &file.invalid,
-        |v| &v.name,
-        |v| {
-            expected_error_is_crypto(&v.name, &v.expected_error)?;
-            check_audit_key_wrap_invalid(v)
-        },
-    );
-    reports.push(r);
-
+    let mut reports = vec![
+        file_suite(
+            "vectors: key_check.json",
+            &embedded.key_check,
+            |v| &v.name,
+            check_key_check,
+            |v| (&v.name, &v.expected_error),
+            check_key_check_mismatch,
+        ),
+        file_suite(
+            "vectors: tenant_key_wrap.json",
+            &embedded.tenant_key_wrap,
+            |v| &v.name,
+            check_tenant_key_wrap,
+            |v| (&v.name, &v.expected_error),
+            check_tenant_key_wrap_invalid,
+        ),
+        file_suite(
+            "vectors: audit_key_wrap.json",
+            &embedded.audit_key_wrap,
+            |v| &v.name,
+            check_audit_key_wrap,
+            |v| (&v.name, &v.expected_error),
+            check_audit_key_wrap_invalid,
+        ),
+    ];
     for (suite, purpose, file) in [
         (
             "vectors: field_value.json",
@@ -680,23 +669,14 @@ pub fn run_all() -> Vec<SuiteReport> {
             &embedded.data_key,
         ),
     ] {
-        let mut r = SuiteReport::new(suite);
-        tally(
-            &mut r,
-            &file.valid,
+        reports.push(file_suite(
+            suite,
+            file,
             |v| &v.name,
             |v| check_value(purpose, v),
-        );
-        tally(
-            &mut r,
-            &file.invalid,
-            |v| &v.name,
-            |v| {
-                expected_error_is_crypto(&v.name, &v.expected_error)?;
-                check_value_invalid(purpose, v)
-            },
-        );
-        reports.push(r);
+            |v| (&v.name, &v.expected_error),
+            |v| check_value_invalid(purpose, v),
+        ));
     }
     reports
 }

@@ -91,6 +91,60 @@ impl KeyServiceImpl {
         self.check_value_len(what, len.saturating_sub(format::MIN_LEN))
     }
 
+    /// Runs one data-plane call: admits the caller for `tenant_id`, runs `body` in the
+    /// call's span with the parsed tenant, and finishes the call (audit first, answer
+    /// second), so no handler can skip a step or reorder them.
+    async fn data_call<R>(
+        &self,
+        mut call: Call,
+        tenant_id: &str,
+        body: impl AsyncFnOnce(&mut Call, TenantId) -> Result<R>,
+    ) -> Result<Response<R>, Status> {
+        let span = call.span();
+        let result = async {
+            let tenant = call.admit(&self.state, tenant_id).await?;
+            body(&mut call, tenant).await
+        }
+        .instrument(span)
+        .await;
+        call.finish(&self.state, result).await
+    }
+
+    /// Validates a batch: its item count (the whole call fails), then each item on its own
+    /// (an invalid item fails alone, with its own error): its context, its data with
+    /// `check_data`, its AAD. The valid items' contexts are noted for the audit record.
+    fn prepare_batch<T>(
+        &self,
+        call: &mut Call,
+        items: impl ExactSizeIterator<Item = (String, T, Vec<u8>)>,
+        check_data: impl Fn(&T) -> Result<()>,
+    ) -> Result<Vec<Result<Prepared<T>>>> {
+        call.item_count = self.check_batch_len(items.len())?;
+        let prepared: Vec<Result<Prepared<T>>> = items
+            .map(|(context, data, aad)| {
+                let context = Context::parse(&context)?;
+                check_data(&data)?;
+                self.check_value_len("aad", aad.len())?;
+                Ok(Prepared { context, aad, data })
+            })
+            .collect();
+        for item in prepared.iter().flatten() {
+            call.note_context(&item.context);
+        }
+        Ok(prepared)
+    }
+
+    /// [`Self::prepare_batch`] for items that carry a ciphertext (decrypt and rewrap).
+    fn prepare_ciphertexts(
+        &self,
+        call: &mut Call,
+        items: impl ExactSizeIterator<Item = (String, Vec<u8>, Vec<u8>)>,
+    ) -> Result<Vec<Result<Prepared<Vec<u8>>>>> {
+        self.prepare_batch(call, items, |ciphertext| {
+            self.check_ciphertext_len("ciphertext", ciphertext.len())
+        })
+    }
+
     fn check_batch_len(&self, len: usize) -> Result<u32> {
         let limit = self.state.options.limits.max_batch_items;
         if len == 0 || len > limit {
@@ -187,12 +241,10 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::Encrypt);
+        let call = Call::begin(&request, Operation::Encrypt);
         let req = request.into_inner();
         let plaintext = SecretBytes::new(req.plaintext);
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_value_len("plaintext", plaintext.expose_secret().len())?;
@@ -213,21 +265,17 @@ impl KeyService for KeyServiceImpl {
                 ciphertext,
                 key_version: grant.version(),
             })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn decrypt(
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::Decrypt);
+        let call = Call::begin(&request, Operation::Decrypt);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
@@ -249,40 +297,24 @@ impl KeyService for KeyServiceImpl {
                 plaintext: plaintext.into_unprotected_vec(),
                 key_version: version,
             })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn encrypt_batch(
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::EncryptBatch);
+        let call = Call::begin(&request, Operation::EncryptBatch);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
-            call.item_count = self.check_batch_len(req.items.len())?;
-            let prepared: Vec<Result<Prepared<SecretBytes>>> = req
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
+            let items = req
                 .items
                 .into_iter()
-                .map(|item| {
-                    let plaintext = SecretBytes::new(item.plaintext);
-                    let context = Context::parse(&item.context)?;
-                    self.check_value_len("plaintext", plaintext.expose_secret().len())?;
-                    self.check_value_len("aad", item.aad.len())?;
-                    Ok(Prepared {
-                        context,
-                        aad: item.aad,
-                        data: plaintext,
-                    })
-                })
-                .collect();
-            for item in prepared.iter().flatten() {
-                call.note_context(&item.context);
-            }
+                .map(|item| (item.context, SecretBytes::new(item.plaintext), item.aad));
+            let prepared = self.prepare_batch(call, items, |plaintext| {
+                self.check_value_len("plaintext", plaintext.expose_secret().len())
+            })?;
             let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
             let grant = if valid > 0 {
                 let entry = self.active_entry(&tenant).await?;
@@ -316,46 +348,27 @@ impl KeyService for KeyServiceImpl {
                 .map(|output| pb::EncryptBatchResult {
                     result: Some(match output {
                         Ok(o) => pb::encrypt_batch_result::Result::Output(o),
-                        Err(e) => {
-                            pb::encrypt_batch_result::Result::Error(item_error(&mut call, &e))
-                        }
+                        Err(e) => pb::encrypt_batch_result::Result::Error(item_error(call, &e)),
                     }),
                 })
                 .collect();
             Ok(pb::EncryptBatchResponse { results })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn decrypt_batch(
         &self,
         request: Request<pb::DecryptBatchRequest>,
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::DecryptBatch);
+        let call = Call::begin(&request, Operation::DecryptBatch);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
-            call.item_count = self.check_batch_len(req.items.len())?;
-            let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
+            let items = req
                 .items
                 .into_iter()
-                .map(|item| {
-                    let context = Context::parse(&item.context)?;
-                    self.check_ciphertext_len("ciphertext", item.ciphertext.len())?;
-                    self.check_value_len("aad", item.aad.len())?;
-                    Ok(Prepared {
-                        context,
-                        aad: item.aad,
-                        data: item.ciphertext,
-                    })
-                })
-                .collect();
-            for item in prepared.iter().flatten() {
-                call.note_context(&item.context);
-            }
+                .map(|item| (item.context, item.ciphertext, item.aad));
+            let prepared = self.prepare_ciphertexts(call, items)?;
             let entry = self.active_entry(&tenant).await?;
             let outputs = run_items(prepared, move |item| {
                 let item = item?;
@@ -380,28 +393,22 @@ impl KeyService for KeyServiceImpl {
                                 key_version: version,
                             })
                         }
-                        Err(e) => {
-                            pb::decrypt_batch_result::Result::Error(item_error(&mut call, &e))
-                        }
+                        Err(e) => pb::decrypt_batch_result::Result::Error(item_error(call, &e)),
                     }),
                 })
                 .collect();
             Ok(pb::DecryptBatchResponse { results })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn generate_data_key(
         &self,
         request: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::GenerateDataKey);
+        let call = Call::begin(&request, Operation::GenerateDataKey);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             let entry = self.active_entry(&tenant).await?;
@@ -421,21 +428,17 @@ impl KeyService for KeyServiceImpl {
                 wrapped_key,
                 key_version: grant.version(),
             })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn decrypt_data_key(
         &self,
         request: Request<pb::DecryptDataKeyRequest>,
     ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::DecryptDataKey);
+        let call = Call::begin(&request, Operation::DecryptDataKey);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("wrapped_key", req.wrapped_key.len())?;
@@ -455,21 +458,17 @@ impl KeyService for KeyServiceImpl {
                 plaintext_key: plaintext_key.into_unprotected_vec(),
                 key_version: version,
             })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn rewrap(
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::Rewrap);
+        let call = Call::begin(&request, Operation::Rewrap);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
@@ -499,39 +498,22 @@ impl KeyService for KeyServiceImpl {
                 ciphertext,
                 key_version: grant.version(),
             })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 
     async fn rewrap_batch(
         &self,
         request: Request<pb::RewrapBatchRequest>,
     ) -> Result<Response<pb::RewrapBatchResponse>, Status> {
-        let mut call = Call::begin(&request, Operation::RewrapBatch);
+        let call = Call::begin(&request, Operation::RewrapBatch);
         let req = request.into_inner();
-        let span = call.span();
-        let result = async {
-            let tenant = call.admit(&self.state, &req.tenant_id).await?;
-            call.item_count = self.check_batch_len(req.items.len())?;
-            let prepared: Vec<Result<Prepared<Vec<u8>>>> = req
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
+            let items = req
                 .items
                 .into_iter()
-                .map(|item| {
-                    let context = Context::parse(&item.context)?;
-                    self.check_ciphertext_len("ciphertext", item.ciphertext.len())?;
-                    self.check_value_len("aad", item.aad.len())?;
-                    Ok(Prepared {
-                        context,
-                        aad: item.aad,
-                        data: item.ciphertext,
-                    })
-                })
-                .collect();
-            for item in prepared.iter().flatten() {
-                call.note_context(&item.context);
-            }
+                .map(|item| (item.context, item.ciphertext, item.aad));
+            let prepared = self.prepare_ciphertexts(call, items)?;
             let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
             let entry = self.active_entry(&tenant).await?;
             let grant = if valid > 0 {
@@ -579,14 +561,12 @@ impl KeyService for KeyServiceImpl {
                             call.note_version(old_version);
                             pb::rewrap_batch_result::Result::Output(o)
                         }
-                        Err(e) => pb::rewrap_batch_result::Result::Error(item_error(&mut call, &e)),
+                        Err(e) => pb::rewrap_batch_result::Result::Error(item_error(call, &e)),
                     }),
                 })
                 .collect();
             Ok(pb::RewrapBatchResponse { results })
-        }
-        .instrument(span)
-        .await;
-        call.finish(&self.state, result).await
+        })
+        .await
     }
 }

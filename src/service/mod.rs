@@ -8,12 +8,11 @@
 //! - [`guard`]: the concurrency cap and deadlines in front of the services;
 //! - [`codec`]: prost encoding with requests' unknown fields refused;
 //! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
-//! - [`server`]: `run(listener, state, shutdown)`;
-//! - [`bench_echo`]: the empty-work echo RPC `bench` measures the transport with (opt-in);
+//! - [`server`]: `run(listener, state, shutdown)` and `run_with`, which serves extra
+//!   services beside ours (the separate bench crate's echo baseline);
 //! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint.
 
 pub mod audit_service;
-pub mod bench_echo;
 pub mod budget_metrics;
 pub mod call;
 pub mod codec;

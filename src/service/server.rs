@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use zeroize::Zeroizing;
 
 use super::audit_service::AuditServiceImpl;
-use super::bench_echo::EchoService;
 use super::guard::GuardLayer;
 use super::key_service::KeyServiceImpl;
 use super::state::{AppState, TlsFiles};
@@ -19,7 +19,6 @@ use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::pb::audit_service_server::AuditServiceServer;
-use crate::pb::bench_service_server::BenchServiceServer;
 use crate::pb::key_service_server::KeyServiceServer;
 use crate::pb::tenant_service_server::TenantServiceServer;
 
@@ -36,6 +35,20 @@ pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_with(listener, state, shutdown, |_| Routes::default()).await
+}
+
+/// [`run`], also serving the services `extra` returns for the opened state, behind the same
+/// layers (concurrency cap, deadlines, size refusals) and TLS as ours. The product serves
+/// none; the bench crate adds its echo baseline this way, so no benchmark service is
+/// compiled into this library. Reflection lists only this crate's services, and the extra
+/// services are not marked in the health service: they are not part of the product's API.
+pub async fn run_with(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extra: impl FnOnce(&AppState) -> Routes,
 ) -> Result<()> {
     let max = state.options.limits.max_message_bytes;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -68,6 +81,9 @@ pub async fn run(
             message_too_large_is_exhaustion,
         ))
         .layer(guard)
+        // The extra routes go in first because tonic's builder only starts a router from a
+        // `Routes`; ours are then added onto it by service name (names must not clash).
+        .add_routes(extra(&state))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -85,11 +101,6 @@ pub async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_optional_service(state.options.bench_echo.then(|| {
-            BenchServiceServer::new(EchoService)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max)
-        }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();

@@ -71,9 +71,6 @@ pub struct ServiceOptions {
     pub default_deletion_window_seconds: u64,
     /// Issue an admin token into `<data-dir>/admin.token` when the store has no token.
     pub bootstrap_admin_token: bool,
-    /// Also serve `BenchService.Echo` (no auth, no keys, no audit): `bench`'s transport
-    /// baseline. Off unless `serve --bench-echo`.
-    pub bench_echo: bool,
     /// Client-certificate identities that act as callers (the `[[tls_callers]]` table).
     pub tls_callers: TlsCallers,
     /// Serve TLS (and mTLS with a client CA) instead of plaintext.
@@ -114,7 +111,6 @@ impl ServiceOptions {
             min_deletion_window_seconds: 24 * 3600,
             default_deletion_window_seconds: 7 * 24 * 3600,
             bootstrap_admin_token: true,
-            bench_echo: false,
             tls_callers: TlsCallers::default(),
             tls: None,
             shred_ledger: None,

@@ -1,4 +1,4 @@
-//! Our own known-answer vectors (`tests/vectors/*.json`, specified in docs/FORMAT.md).
+//! Our own known-answer vectors (`vectors/*.json`, specified in docs/FORMAT.md).
 //!
 //! `generated_vector_files_are_current` rebuilds every file from the fixed inputs below with
 //! the test-only fixed-nonce seams and compares it with the committed file; with
@@ -39,7 +39,7 @@ const REGENERATE: &str = "TENANT_KMS_WRITE_VECTORS=1 cargo test --test conforman
                           generated_vector_files_are_current";
 
 fn vectors_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1131,7 +1131,7 @@ fn vector_files_hold() {
         .map(|(n, v, i)| format!("{n} {v}+{i}"))
         .collect();
     report(&format!(
-        "tests/vectors: {valid} valid vectors reproduced byte for byte and opened, {invalid} \
+        "vectors/: {valid} valid vectors reproduced byte for byte and opened, {invalid} \
          invalid vectors refused with the one error ({})",
         per_file.join(", ")
     ));
@@ -1220,7 +1220,7 @@ fn format_md_documents_every_label_and_vector_file() {
     }
     for (name, _) in generate() {
         assert!(
-            doc.contains(&format!("tests/vectors/{name}")),
+            doc.contains(&format!("`vectors/{name}`")),
             "FORMAT.md lacks {name}"
         );
     }

@@ -2,7 +2,7 @@
 """A second implementation of the tenant-kms v1 wire format, written from docs/FORMAT.md alone.
 
 Uses only the `cryptography` package (HKDF-SHA256, AES-256-GCM, HMAC-SHA256). For every vector
-in tests/vectors/*.json it derives every key and intermediate value itself, produces the exact
+in vectors/*.json it derives every key and intermediate value itself, produces the exact
 bytes (with the vector's nonce) and opens them; every invalid vector must be refused by its own
 parser and opener. Prints one line per file and exits non-zero on any mismatch.
 
@@ -228,7 +228,7 @@ FILES = {
 
 
 def main():
-    vector_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "vectors"
+    vector_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "vectors"
     passed, failed = 0, 0
     for name, (schema, valid, invalid) in FILES.items():
         data = json.loads((vector_dir / name).read_text())

@@ -12,11 +12,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::load::Driver;
-use crate::crypto::format::MIN_LEN;
-use crate::error::{Error, Result};
-use crate::pb;
+use crate::pb as echo_pb;
 use crate::pb::bench_service_client::BenchServiceClient;
-use crate::pb::key_service_client::KeyServiceClient;
+use tenant_kms::crypto::format::MIN_LEN;
+use tenant_kms::error::{Error, Result};
+use tenant_kms::pb;
+use tenant_kms::pb::key_service_client::KeyServiceClient;
 
 /// One kind of load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -112,7 +113,7 @@ impl Scenario {
         match self {
             Scenario::Encrypt(n) | Scenario::Decrypt(n) => *n,
             Scenario::Batch(_) => BATCH_FIELD_BYTES,
-            Scenario::GenerateDataKey => crate::crypto::secret::KEY_LEN,
+            Scenario::GenerateDataKey => tenant_kms::crypto::secret::KEY_LEN,
             Scenario::Rewrap | Scenario::Churn => REWRAP_FIELD_BYTES,
         }
     }
@@ -336,7 +337,7 @@ impl RpcDriver {
         // Same fields, same sizes; the response carries payloads of the real answer's size.
         let overhead = MIN_LEN;
         let request = match self.scenario {
-            Scenario::Encrypt(n) => pb::EchoRequest {
+            Scenario::Encrypt(n) => echo_pb::EchoRequest {
                 tenant_id: self.tenant(),
                 context: CONTEXT.into(),
                 plaintext: self.plaintext.clone(),
@@ -346,7 +347,7 @@ impl RpcDriver {
             },
             Scenario::Decrypt(n) => {
                 let (tenant_id, ciphertext) = self.prepared(n)?;
-                pb::EchoRequest {
+                echo_pb::EchoRequest {
                     tenant_id,
                     context: CONTEXT.into(),
                     plaintext: ciphertext,
@@ -357,7 +358,7 @@ impl RpcDriver {
             }
             Scenario::Rewrap | Scenario::Churn => {
                 let (tenant_id, ciphertext) = self.prepared(REWRAP_FIELD_BYTES)?;
-                pb::EchoRequest {
+                echo_pb::EchoRequest {
                     tenant_id,
                     context: CONTEXT.into(),
                     plaintext: ciphertext,
@@ -366,13 +367,13 @@ impl RpcDriver {
                     response_bytes: (REWRAP_FIELD_BYTES + overhead) as u32,
                 }
             }
-            Scenario::Batch(n) => pb::EchoRequest {
+            Scenario::Batch(n) => echo_pb::EchoRequest {
                 tenant_id: self.tenant(),
                 context: String::new(),
                 plaintext: Vec::new(),
                 aad: Vec::new(),
                 items: (0..n)
-                    .map(|_| pb::EchoItem {
+                    .map(|_| echo_pb::EchoItem {
                         context: CONTEXT.into(),
                         plaintext: self.plaintext.clone(),
                         aad: AAD.to_vec(),
@@ -380,14 +381,14 @@ impl RpcDriver {
                     .collect(),
                 response_bytes: (BATCH_FIELD_BYTES + overhead) as u32,
             },
-            Scenario::GenerateDataKey => pb::EchoRequest {
+            Scenario::GenerateDataKey => echo_pb::EchoRequest {
                 tenant_id: self.tenant(),
                 context: CONTEXT.into(),
                 plaintext: Vec::new(),
                 aad: Vec::new(),
                 items: Vec::new(),
                 // The plaintext key and the wrapped key together.
-                response_bytes: (2 * crate::crypto::secret::KEY_LEN + overhead) as u32,
+                response_bytes: (2 * tenant_kms::crypto::secret::KEY_LEN + overhead) as u32,
             },
         };
         let items = self.scenario.items();

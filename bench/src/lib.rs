@@ -1,13 +1,22 @@
-//! `tenant-kms bench`: the load generator with its same-run baselines.
+//! `tenant-kms-bench`: the load generator of tenant-kms, with its same-run baselines.
 //!
-//! It starts the server under test as a child process of this binary (`serve --bench-echo` on
-//! a data directory and a free loopback port), or drives a server given by `--addr`. For each
+//! A crate of its own (`publish = false`, like rustls's `ci-bench`), so nothing of the bench
+//! ships in the product: the `tenant-kms` library and binary neither compile nor serve the
+//! echo RPC. This crate's binary is both the load generator (`tenant-kms-bench [FLAGS]`, the
+//! flags `tenant-kms bench` had) and the server it measures (`tenant-kms-bench serve`: the
+//! product's `serve`, with the same flags, plus the echo baseline through the product's
+//! neutral extension point `tenant_kms::cli::serve::run_with`).
+//!
+//! It starts the server under test as a child process of this binary (`serve` on a data
+//! directory and a free loopback port), or drives a server given by `--addr`. For each
 //! scenario and concurrency it runs the real RPC and, interleaved with it, `BenchService.Echo`
 //! of the same request and response sizes on the same server: the transport's ceiling. It also
 //! measures in-process baselines (raw ring seal, our field encryption, fsync of the data dir,
 //! the key store's change check). Every figure is reported beside its baseline, because on a
 //! shared machine only ratios measured in the same run mean anything.
 //!
+//! - [`cli`]: the command line (the bench's flags and the `serve` subcommand);
+//! - [`echo`]: `tenantkms.bench.v1.BenchService`, the empty-work echo RPC; [`pb`]: its messages;
 //! - [`scenario`]: scenario names, the calls they send and their echo twins;
 //! - [`load`]: the closed-loop driver (N calls in flight, warm-up, measured window);
 //! - [`child`]: the child server; [`procfs`]: its CPU time and memory from /proc;
@@ -16,14 +25,35 @@
 //!
 //! The load generator shares the machine with the server, so client CPU is reported too.
 
+#![forbid(unsafe_code)]
+
 pub mod baseline;
 pub mod child;
 pub mod churn;
+pub mod cli;
+pub mod echo;
 pub mod load;
 pub mod procfs;
 pub mod report;
 pub mod scenario;
 pub mod stats;
+
+/// The generated messages and gRPC stubs of `tenantkms.bench.v1` (the echo RPC only; the
+/// real services' stubs are `tenant_kms::pb`).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("tenantkms.bench.v1");
+
+    // The echo RPC decodes through the product's codec, as the real RPCs do, so the baseline
+    // pays the same decoding: its request strictly (unknown fields refused), its response
+    // leniently.
+    impl tenant_kms::service::codec::Strictness for EchoRequest {
+        const STRICT: bool = true;
+    }
+    impl tenant_kms::service::codec::Strictness for EchoResponse {
+        const STRICT: bool = false;
+    }
+}
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,11 +66,11 @@ use self::load::Window;
 use self::report::{Baselines, Report, ScenarioResult, Setup};
 use self::scenario::{Bearer, RpcDriver, Scenario, Workload};
 use self::stats::{median, ratio};
-use crate::audit::Durability;
-use crate::domain::TenantId;
-use crate::error::{Error, Result};
-use crate::service::ServiceOptions;
-use crate::service::state::DataDir;
+use tenant_kms::audit::Durability;
+use tenant_kms::domain::TenantId;
+use tenant_kms::error::{Error, Result};
+use tenant_kms::service::ServiceOptions;
+use tenant_kms::service::state::DataDir;
 
 /// Tenants created per store transaction during setup.
 const SETUP_BATCH: usize = 10_000;
@@ -126,7 +156,7 @@ pub async fn run(config: BenchConfig, command: String) -> Result<Report> {
         .collect();
     let churn = config.scenarios.contains(&Scenario::Churn);
 
-    crate::fsutil::create_private_dir(&data_dir)?;
+    tenant_kms::fsutil::create_private_dir(&data_dir)?;
     let mut tenant_ids: Vec<String> = (0..config.tenants)
         .map(|i| format!("{}{i}", config.prefix))
         .collect();
@@ -136,7 +166,7 @@ pub async fn run(config: BenchConfig, command: String) -> Result<Report> {
     report.setup.tenants = config.tenants;
     let cache_tenants = config
         .cache_tenants
-        .unwrap_or(crate::keys::KeyPolicy::default().cache_tenants);
+        .unwrap_or(tenant_kms::keys::KeyPolicy::default().cache_tenants);
     report.setup.cache_tenants = cache_tenants;
     let config_file = temp.join("serve.toml");
     // The admission limits (a per-caller rate limit, a cap on calls in flight) exist to shed
@@ -307,7 +337,7 @@ fn tempdir() -> Result<PathBuf> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     ));
-    crate::fsutil::create_private_dir(&base)?;
+    tenant_kms::fsutil::create_private_dir(&base)?;
     Ok(base)
 }
 
@@ -449,12 +479,12 @@ impl Clients {
         &self,
         _target: &Target,
     ) -> Result<
-        crate::pb::tenant_service_client::TenantServiceClient<
+        tenant_kms::pb::tenant_service_client::TenantServiceClient<
             tonic::service::interceptor::InterceptedService<Channel, Bearer>,
         >,
     > {
         Ok(
-            crate::pb::tenant_service_client::TenantServiceClient::with_interceptor(
+            tenant_kms::pb::tenant_service_client::TenantServiceClient::with_interceptor(
                 self.channel(0, 1),
                 self.bearer.clone(),
             ),
@@ -469,7 +499,7 @@ impl Clients {
 }
 
 async fn create_tenants_via_api(
-    tenants: &mut crate::pb::tenant_service_client::TenantServiceClient<
+    tenants: &mut tenant_kms::pb::tenant_service_client::TenantServiceClient<
         tonic::service::interceptor::InterceptedService<Channel, Bearer>,
     >,
     ids: &[String],
@@ -477,7 +507,7 @@ async fn create_tenants_via_api(
     // A server that has the last tenant already has them all (a previous run made them).
     if let Some(last) = ids.last()
         && tenants
-            .get_tenant(crate::pb::GetTenantRequest {
+            .get_tenant(tenant_kms::pb::GetTenantRequest {
                 tenant_id: last.clone(),
             })
             .await
@@ -487,7 +517,7 @@ async fn create_tenants_via_api(
     }
     for id in ids {
         match tenants
-            .create_tenant(crate::pb::CreateTenantRequest {
+            .create_tenant(tenant_kms::pb::CreateTenantRequest {
                 tenant_id: id.clone(),
             })
             .await
@@ -515,7 +545,7 @@ async fn prewarm(clients: &Clients, work: &Arc<Workload>, concurrency: usize) ->
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
             for tenant in work.tenants.iter().skip(slot).step_by(concurrency) {
-                let request = crate::pb::EncryptRequest {
+                let request = tenant_kms::pb::EncryptRequest {
                     tenant_id: tenant.clone(),
                     context: scenario::CONTEXT.into(),
                     plaintext: vec![0; 64],

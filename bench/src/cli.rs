@@ -1,4 +1,5 @@
-//! `tenant-kms bench`: load-test a server with same-run baselines (see `crate::bench`).
+//! The `tenant-kms-bench` command line: load-test a server with same-run baselines (the flags
+//! `tenant-kms bench` had), and the subcommands the bench runs this binary as.
 //!
 //! Prints a table (or `--json`) with every scenario's requests/s, items/s and latency
 //! percentiles beside the echo baseline of the same shape, the in-process baselines, and the
@@ -10,14 +11,65 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser, Subcommand};
+use tenant_kms::audit::Durability;
+use tenant_kms::cli::EXIT_FAILURE;
+use tenant_kms::cli::audit::AuditCommand;
+use tenant_kms::cli::rotate::RotateArgs;
+use tenant_kms::cli::serve::ServeArgs;
+use tenant_kms::error::{Error, Result};
 
-use crate::audit::Durability;
-use crate::bench::scenario::Scenario;
-use crate::bench::{self, BenchConfig};
-use crate::error::{Error, Result};
+use crate::BenchConfig;
+use crate::scenario::Scenario;
 
-/// Flags of `bench`.
+/// tenant-kms-bench: load-test a tenant-kms server (a child process by default) against
+/// same-run baselines.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tenant-kms-bench",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What the bench runs this same binary as. The product's commands come from the library, so
+/// they behave exactly as `tenant-kms`'s.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The server under test: `tenant-kms serve` (same flags) plus the echo baseline.
+    Serve(ServeArgs),
+    /// `tenant-kms rotate`: the churn soak runs it as a second process on the data directory.
+    Rotate(RotateArgs),
+    /// `tenant-kms audit`: the churn soak verifies the audit chain with it.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Parses the command line and runs the bench or the subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run(cli.bench),
+        Some(Command::Serve(args)) => tenant_kms::cli::serve::run_with(args, crate::echo::routes),
+        Some(Command::Rotate(args)) => tenant_kms::cli::rotate::run(args),
+        Some(Command::Audit(command)) => tenant_kms::cli::audit::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tenant-kms-bench: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The bench's flags (those of the former `tenant-kms bench`).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Measured time per scenario and concurrency (and the churn soak's length), e.g. 10s, 5m.
@@ -65,7 +117,7 @@ pub struct BenchArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Drive this running server instead of starting one (no server CPU or memory figures;
-    /// echo baselines only if it runs with --bench-echo).
+    /// echo baselines only if it is a `tenant-kms-bench serve`).
     #[arg(long)]
     addr: Option<String>,
     /// Token file for --addr.
@@ -77,7 +129,8 @@ pub struct BenchArgs {
     /// Before measuring, encrypt once for every tenant (a warm cache with many tenants).
     #[arg(long)]
     prewarm: bool,
-    /// Run this tenant-kms binary as the server (to compare builds under the same load).
+    /// Run this binary's `serve` as the server (to compare builds under the same load): a
+    /// tenant-kms-bench build serves the echo baseline too, a tenant-kms binary does not.
     #[arg(long)]
     server_exe: Option<PathBuf>,
     /// Print the report as JSON on stdout.
@@ -138,7 +191,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
-    let report = runtime.block_on(bench::run(config, command))?;
+    let report = runtime.block_on(crate::run(config, command))?;
     if args.json {
         println!(
             "{}",
@@ -150,6 +203,6 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(if report.churn.iter().all(|c| c.passed) {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(super::EXIT_FAILURE)
+        ExitCode::from(EXIT_FAILURE)
     })
 }

@@ -1,15 +1,18 @@
-//! `tenantkms.v1.BenchService`: the transport baseline of `tenant-kms bench`.
+//! `tenantkms.bench.v1.BenchService`: the transport baseline of the bench.
 //!
-//! Served only when `serve` runs with the hidden `--bench-echo` flag. `Echo` does no work: it
+//! Served only by this crate's `tenant-kms-bench serve` (never by the product's `tenant-kms
+//! serve`, which does not compile it). `Echo` does no work: it
 //! does not authenticate, touch a key, or write an audit record. It answers with zero-filled
 //! payloads of the size a real call of the same shape would return, through the same tonic
 //! stack, layers and message limits as the real services, so `bench` can divide a real RPC's
 //! throughput by the transport's ceiling.
 
+use tenant_kms::service::AppState;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::pb;
-use crate::pb::bench_service_server::BenchService;
+use crate::pb::bench_service_server::{BenchService, BenchServiceServer};
 
 /// Largest payload one echo result may carry (the real services' field limit is far lower).
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -47,4 +50,15 @@ impl BenchService for EchoService {
             results,
         }))
     }
+}
+
+/// The routes that add the echo service to the product's server (for
+/// `tenant_kms::cli::serve::run_with`), with the real services' message size limits.
+pub fn routes(state: &AppState) -> Routes {
+    let max = state.options.limits.max_message_bytes;
+    Routes::new(
+        BenchServiceServer::new(EchoService)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    )
 }

@@ -27,11 +27,11 @@ use tonic::transport::Channel;
 
 use super::child::ChildServer;
 use super::scenario::{AAD, Bearer, CONTEXT, KeyClient};
-use crate::domain::TenantId;
-use crate::error::{Error, Result};
-use crate::pb;
-use crate::pb::tenant_service_client::TenantServiceClient;
-use crate::store::{SqliteKeyStore, TenantStore};
+use tenant_kms::domain::TenantId;
+use tenant_kms::error::{Error, Result};
+use tenant_kms::pb;
+use tenant_kms::pb::tenant_service_client::TenantServiceClient;
+use tenant_kms::store::{SqliteKeyStore, TenantStore};
 
 type TenantClient = TenantServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -228,7 +228,7 @@ pub async fn run(options: ChurnOptions<'_>) -> Result<ChurnReport> {
     let channel = super::child::connect(&options.server.url).await?;
     let keys = super::scenario::key_client(channel.clone(), bearer.clone());
     let tenants = TenantServiceClient::with_interceptor(channel, bearer);
-    let store = SqliteKeyStore::open(&options.data_dir.join(crate::service::state::KEYS_DB))?;
+    let store = SqliteKeyStore::open(&options.data_dir.join(tenant_kms::service::state::KEYS_DB))?;
     let shared = Arc::new(Shared {
         tenants: RwLock::new(Vec::new()),
         ops: Mutex::new(BTreeMap::new()),

@@ -1,5 +1,5 @@
-//! The server under test as a child process: the same binary's `serve`, on a data directory
-//! and a free loopback port, with the echo baseline switched on. Being a separate process is
+//! The server under test as a child process: the same binary's `serve` (the product's
+//! `serve` plus the echo baseline), on a data directory and a free loopback port. Being a separate process is
 //! what lets `bench` read the server's own CPU time and memory from /proc.
 
 use std::path::{Path, PathBuf};
@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
-use crate::audit::Durability;
-use crate::error::{Error, Result};
-use crate::service::state::ADMIN_TOKEN_FILE;
+use tenant_kms::audit::Durability;
+use tenant_kms::error::{Error, Result};
+use tenant_kms::service::state::ADMIN_TOKEN_FILE;
 
 /// How long a child may take to answer health checks after starting.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a child may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A running `tenant-kms serve` child.
+/// A running `tenant-kms-bench serve` child (or the `serve` of `--server-exe`).
 pub struct ChildServer {
     child: Option<Child>,
     /// Its process id.
@@ -40,7 +40,8 @@ pub struct ChildOptions<'a> {
     pub log: PathBuf,
     /// Extra `serve` flags.
     pub extra: Vec<String>,
-    /// The `tenant-kms` binary to run (default: this one), e.g. an older build to compare.
+    /// The binary whose `serve` to run (default: this one, which serves the echo baseline),
+    /// e.g. an older build to compare.
     pub exe: Option<PathBuf>,
 }
 
@@ -78,7 +79,6 @@ impl ChildServer {
                 Durability::Fsync => "fsync",
                 Durability::Process => "process",
             })
-            .arg("--bench-echo")
             .arg("--log")
             .arg("warn")
             .args(&options.extra)

@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use super::scenario::{AAD, CONTEXT};
 use super::stats::Latency;
-use crate::crypto::envelope::{self, Purpose};
-use crate::crypto::format;
-use crate::crypto::secret::SecretKey;
-use crate::domain::{KeyVersionState, TenantId, TenantState};
-use crate::error::{Error, Result};
-use crate::keys::cache::{CachedVersion, TenantEntry};
-use crate::store::{ChangeDetection, SqliteKeyStore, TenantRecord};
+use tenant_kms::crypto::envelope::{self, Purpose};
+use tenant_kms::crypto::format;
+use tenant_kms::crypto::secret::SecretKey;
+use tenant_kms::domain::{KeyVersionState, TenantId, TenantState};
+use tenant_kms::error::{Error, Result};
+use tenant_kms::keys::cache::{CachedVersion, TenantEntry};
+use tenant_kms::store::{ChangeDetection, SqliteKeyStore, TenantRecord};
 
 /// The tenant id the in-process baselines bind (the size of a typical id).
 const TENANT: &str = "bench-000042";

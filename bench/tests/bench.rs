@@ -1,0 +1,221 @@
+//! The bench crate end to end: its server serves the echo baseline beside the real services,
+//! and the load generator and the churn soak run against it (issue 7; moved here by issue 12).
+//!
+//! No test here asserts a speed: the bench runs briefly and only its output's shape and its
+//! correctness checks are asserted. The server under test is started by the bench's own
+//! child-process harness (`tenant_kms_bench::child`), so these tests need nothing of the
+//! product's test helpers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use tenant_kms::audit::Durability;
+use tenant_kms_bench::child::{self, ChildOptions, ChildServer};
+use tenant_kms_bench::pb;
+use tenant_kms_bench::pb::bench_service_client::BenchServiceClient;
+
+/// The bench binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_tenant-kms-bench");
+
+/// Runs the bench binary with arguments; returns (exit code, stdout, stderr).
+fn run_bench(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN).args(args).output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `tenant-kms-bench serve` on `data_dir`, started the way the bench starts it.
+async fn start_server(data_dir: &Path) -> ChildServer {
+    ChildServer::start(ChildOptions {
+        data_dir,
+        durability: Durability::Process,
+        config: None,
+        log: data_dir.with_extension("log"),
+        extra: Vec::new(),
+        exe: Some(BIN.into()),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_bench_server_serves_echo_beside_the_real_services_and_audits_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let server = start_server(&data).await;
+    let channel = child::connect(&server.url).await.unwrap();
+
+    // The real services are served beside the echo.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tenantkms.v1.KeyService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // No token needed; the response carries the asked-for sizes.
+    let mut echo = BenchServiceClient::new(channel);
+    let response = echo
+        .echo(pb::EchoRequest {
+            tenant_id: "whoever".into(),
+            items: vec![pb::EchoItem::default(); 3],
+            response_bytes: 98,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.results.len(), 3);
+    assert!(
+        response
+            .results
+            .iter()
+            .all(|r| r.output.as_ref().unwrap().ciphertext.len() == 98)
+    );
+    let unary = echo
+        .echo(pb::EchoRequest {
+            plaintext: vec![1; 64],
+            response_bytes: 98,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unary.ciphertext.len(), 98);
+    server.stop().await;
+
+    // Echo calls are not audited (the bench binary runs the product's `audit verify`).
+    let (code, stdout, stderr) =
+        run_bench(&["audit", "verify", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("OK: 0 records"),
+        "echo calls are not audited: {stdout}"
+    );
+}
+
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = run_bench(args);
+    assert_eq!(code, 0, "bench failed:\n{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn bench_runs_every_scenario_with_its_baselines() {
+    let report = bench_json(&[
+        "--duration",
+        "400ms",
+        "--warmup",
+        "100ms",
+        "--concurrency",
+        "2",
+        "--scenario",
+        "encrypt-64,decrypt-64,batch-10,generate-data-key,rewrap",
+        "--durability",
+        "process",
+        "--tenants",
+        "3",
+        "--baseline-time",
+        "20ms",
+        "--json",
+    ]);
+    let results = report["results"].as_array().unwrap();
+    let names: Vec<&str> = results
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "encrypt-64",
+            "decrypt-64",
+            "batch-10",
+            "generate-data-key",
+            "rewrap"
+        ]
+    );
+    for r in results {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["durability"], "process");
+        assert_eq!(r["concurrency"], 2);
+        // Figures and their same-run echo baselines are all present.
+        for field in [
+            "rps",
+            "items_per_s",
+            "p50_us",
+            "p99_us",
+            "max_us",
+            "echo_rps",
+            "echo_p50_us",
+            "rps_vs_echo",
+            "p50_vs_echo",
+            "p99_vs_echo",
+            "server_cpu_us_per_req",
+            "server_rss_mib",
+        ] {
+            assert!(r[field].is_number(), "{field} missing in {r}");
+        }
+    }
+    let baselines = &report["baselines"];
+    for field in [
+        "raw_seal_64_ns",
+        "raw_seal_4k_ns",
+        "field_encrypt_cached_64_ns",
+        "field_encrypt_uncached_64_ns",
+        "change_check_ns",
+    ] {
+        assert!(baselines[field].as_f64().unwrap() > 0.0, "{field}");
+    }
+    assert!(baselines["fsync"]["count"].as_u64().unwrap() > 0);
+    assert!(report["targets"].is_array());
+    assert!(report["machine"].as_str().unwrap().contains("cores"));
+}
+
+#[test]
+fn bench_refuses_bad_input() {
+    let (code, _, stderr) = run_bench(&["--scenario", "encrypt-sideways"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown scenario"), "{stderr}");
+    let (code, _, stderr) = run_bench(&["--concurrency", "0"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("positive"), "{stderr}");
+    // The bench's flags and its subcommands do not mix.
+    let (code, _, stderr) = run_bench(&["--json", "serve"]);
+    assert_eq!(code, 2, "{stderr}");
+}
+
+#[test]
+fn churn_soak_finds_no_violation() {
+    let report = bench_json(&[
+        "--scenario",
+        "churn",
+        "--duration",
+        "3s",
+        "--concurrency",
+        "4",
+        "--durability",
+        "process",
+        "--baseline-time",
+        "10ms",
+        "--json",
+    ]);
+    let churn = &report["churn"].as_array().unwrap()[0];
+    assert_eq!(churn["violations"], 0, "{churn}");
+    assert_eq!(churn["final_decrypt_failures"], 0, "{churn}");
+    assert_eq!(churn["destroyed_key_bytes_found"], 0, "{churn}");
+    assert_eq!(churn["audit_verified"], true, "{churn}");
+    assert_eq!(churn["passed"], true, "{churn}");
+    let ops = churn["ops"].as_object().unwrap();
+    assert!(ops["create"].as_u64().unwrap() > 0, "{churn}");
+}
