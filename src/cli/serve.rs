@@ -214,6 +214,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     } = resolve(&args)?;
     // Before any key is read: no core dumps, memory locked where the OS allows.
     crate::hardening::harden_process(lock_memory);
+    // Held until the process exits: `restore` and a second `serve` refuse while it is held.
+    crate::service::data_dir_guard::check_dir_mode(&options.data_dir)?;
+    crate::fsutil::create_private_dir(&options.data_dir)?;
+    let _lock = crate::service::data_dir_guard::DataDirLock::acquire(&options.data_dir, "serve")?;
     if options.tls.is_none() && !listen.ip().is_loopback() {
         if !insecure {
             return Err(Error::FailedPrecondition(format!(
