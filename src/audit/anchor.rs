@@ -1,6 +1,9 @@
 //! Signed anchors of the chain, kept in `audit.db`'s `audit_meta` table: the **head** (the
-//! last record's sequence number and MAC, rewritten in the same transaction as every append)
-//! and the retention **checkpoint** (the last pruned record's, written by `audit prune`).
+//! last record's sequence number and MAC, rewritten in the same transaction as every append),
+//! the retention **checkpoint** (the last pruned record's, written by `audit prune`) and the
+//! log's **identity** (written once, when the data directory's audit key and its `audit.db`
+//! are created together; it binds the file to that key, so another directory's `audit.db`
+//! put in its place is refused at start, see [`super::sqlite::check_identity`]).
 //!
 //! A chain alone proves every record follows from its predecessor, but not that nothing was
 //! cut from its end: the head closes that gap. Each anchor is stored as
@@ -38,6 +41,8 @@ pub enum Kind {
     Head,
     /// The last pruned record.
     Checkpoint,
+    /// The log's birth under this data directory's audit key (always [`Anchor::GENESIS`]).
+    Identity,
 }
 
 impl Kind {
@@ -45,6 +50,7 @@ impl Kind {
         match self {
             Kind::Head => "head",
             Kind::Checkpoint => "checkpoint",
+            Kind::Identity => "identity",
         }
     }
 
@@ -52,6 +58,7 @@ impl Kind {
         match self {
             Kind::Head => b"tenant-kms/v1/audit-head",
             Kind::Checkpoint => b"tenant-kms/v1/audit-checkpoint",
+            Kind::Identity => b"tenant-kms/v1/audit-identity",
         }
     }
 }

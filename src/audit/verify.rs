@@ -435,7 +435,7 @@ pub struct Recovery {
 /// unacknowledged breaks, appends an `AuditRecover` record by `caller` that acknowledges them
 /// and re-signs the head on it. Deletes and rewrites nothing. Refuses (and changes nothing)
 /// when the breaks are too scattered to list in one record: then the log is beyond repair
-/// and should be moved aside (kept as evidence) so the service starts a new one.
+/// and `audit recover --new-log` moves it aside (kept as evidence) and begins a new one.
 pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<Recovery> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -449,8 +449,8 @@ pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<
     }
     if report.breaks_total > report.breaks.len() as u64 {
         return Err(Error::FailedPrecondition(format!(
-            "the log has {} breaks, more than one recovery can list: move audit.db aside \
-             (keep it as evidence) to start a new log",
+            "the log has {} breaks, more than one recovery can list: start a new log \
+             with `audit recover --new-log` (the old one is kept as evidence)",
             report.breaks_total
         )));
     }
@@ -458,8 +458,8 @@ pub fn recover(conn: &mut Connection, keys: &ChainKeys, caller: &str) -> Result<
     let ranges = acknowledged_ranges(report.unacknowledged().filter(|b| !b.at_head));
     if ranges.len() > MAX_ACKNOWLEDGED_RANGES {
         return Err(Error::FailedPrecondition(format!(
-            "the log has {} separate breaks, more than one recovery can list: move audit.db \
-             aside (keep it as evidence) to start a new log",
+            "the log has {} separate breaks, more than one recovery can list: start a new \
+             log with `audit recover --new-log` (the old one is kept as evidence)",
             ranges.len()
         )));
     }
