@@ -138,15 +138,18 @@ impl FileConfig {
     }
 }
 
-/// Parses a duration like `0s`, `90m`, `1d`, `7d` into seconds.
+/// Parses a duration like `0s`, `90m`, `1d`, `7d` into seconds, at most
+/// [`crate::domain::MAX_DURATION_SECONDS`] (3650 days): every flag and setting that takes a
+/// duration goes through here, so none can name an absurd one.
 pub fn parse_duration_seconds(text: &str) -> Result<u64> {
-    humantime::parse_duration(text.trim())
+    let seconds = humantime::parse_duration(text.trim())
         .map(|d| d.as_secs())
         .map_err(|_| {
             Error::InvalidArgument(format!(
                 "'{text}' is not a duration (examples: 0s, 30m, 1d, 7d)"
             ))
-        })
+        })?;
+    crate::domain::bounded_duration(&format!("the duration '{}'", text.trim()), seconds)
 }
 
 #[cfg(test)]
@@ -159,6 +162,10 @@ mod tests {
         assert_eq!(parse_duration_seconds("1d").unwrap(), 86_400);
         assert_eq!(parse_duration_seconds("7d").unwrap(), 604_800);
         assert!(parse_duration_seconds("soon").is_err());
+        assert_eq!(parse_duration_seconds("3650d").unwrap(), 3650 * 86_400);
+        let err = parse_duration_seconds("100000000000d").unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+        assert!(parse_duration_seconds("3651d").is_err());
     }
 
     #[test]
