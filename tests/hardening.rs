@@ -20,9 +20,15 @@ use tonic::Code;
 /// code and stderr. A server that starts anyway is killed after 60 s and the test fails
 /// (rather than hanging).
 fn serve_refused(data_dir: &Path) -> (i32, String) {
+    serve_refused_with(data_dir, &[])
+}
+
+/// [`serve_refused`] with extra flags.
+fn serve_refused_with(data_dir: &Path, extra: &[&str]) -> (i32, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -471,6 +477,42 @@ async fn absurd_durations_are_refused_and_stored_ones_never_panic() {
     }
     drop(tenants);
     server.terminate().await;
+}
+
+#[test]
+fn absurd_configuration_values_are_refused_at_start() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let config = temp.path().join("kms.toml");
+    for (setting, name) in [
+        (
+            "default_deletion_window = \"100000000000d\"",
+            "100000000000d",
+        ),
+        ("min_deletion_window = \"3651d\"", "3651d"),
+        ("request_timeout = \"3651d\"", "3651d"),
+        (
+            "default_max_encryptions = 18446744073709551615",
+            "default_max_encryptions",
+        ),
+        (
+            "max_concurrent_requests = 18446744073709551615",
+            "max_concurrent_requests",
+        ),
+        (
+            "max_message_bytes = 18446744073709551615",
+            "max_message_bytes",
+        ),
+    ] {
+        std::fs::write(&config, format!("{setting}\n")).unwrap();
+        let (code, err) = serve_refused_with(&data, &["--config", s(&config)]);
+        assert_eq!(code, 1, "{setting}: {err}");
+        assert!(
+            err.contains(name) && err.contains("most"),
+            "{setting}: {err}"
+        );
+        assert!(!data.exists(), "{setting}: nothing created");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::audit::Durability;
-use crate::config::{FileConfig, parse_duration_seconds};
+use crate::config::{FileConfig, bounded_count, max, parse_duration_seconds};
 use crate::error::{Error, Result};
 use crate::keys::MasterKeySource;
 use crate::service::state::KEYRING_FILE;
@@ -113,19 +113,21 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         options.default_deletion_window_seconds = parse_duration_seconds(text)?;
     }
     if let Some(n) = file.max_field_bytes {
-        options.limits.max_field_bytes = n;
+        options.limits.max_field_bytes = bounded_count("max_field_bytes", n, max::MESSAGE_BYTES)?;
     }
     if let Some(n) = file.max_batch_items {
-        options.limits.max_batch_items = n;
+        options.limits.max_batch_items = bounded_count("max_batch_items", n, max::BATCH_ITEMS)?;
     }
     if let Some(n) = file.max_message_bytes {
-        options.limits.max_message_bytes = n;
+        options.limits.max_message_bytes =
+            bounded_count("max_message_bytes", n, max::MESSAGE_BYTES)?;
     }
     if let Some(n) = file.cache_tenants {
         options.key_policy.cache_tenants = n;
     }
     if let Some(n) = file.default_max_encryptions {
-        options.key_policy.default_max_encryptions = n;
+        options.key_policy.default_max_encryptions =
+            bounded_count("default_max_encryptions", n, max::ENCRYPTIONS)?;
     }
     let listen = match (args.listen, &file.listen) {
         (Some(addr), _) => addr,
@@ -146,7 +148,8 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         options.limits.rate_limit.burst = burst.max(1);
     }
     if let Some(n) = file.max_concurrent_requests {
-        options.limits.max_concurrent_requests = n.max(1);
+        options.limits.max_concurrent_requests =
+            bounded_count("max_concurrent_requests", n, max::CONCURRENT_REQUESTS)?.max(1);
     }
     if let Some(text) = &file.request_timeout {
         let seconds = parse_duration_seconds(text)?;
