@@ -138,15 +138,41 @@ impl FileConfig {
     }
 }
 
-/// Parses a duration like `0s`, `90m`, `1d`, `7d` into seconds.
+/// Parses a duration like `0s`, `90m`, `1d`, `7d` into seconds, at most
+/// [`crate::domain::MAX_DURATION_SECONDS`] (3650 days): every flag and setting that takes a
+/// duration goes through here, so none can name an absurd one.
 pub fn parse_duration_seconds(text: &str) -> Result<u64> {
-    humantime::parse_duration(text.trim())
+    let seconds = humantime::parse_duration(text.trim())
         .map(|d| d.as_secs())
         .map_err(|_| {
             Error::InvalidArgument(format!(
                 "'{text}' is not a duration (examples: 0s, 30m, 1d, 7d)"
             ))
-        })
+        })?;
+    crate::domain::bounded_duration(&format!("the duration '{}'", text.trim()), seconds)
+}
+
+/// Upper bounds of the configuration's counts, so that no setting can ask for something the
+/// service cannot honour or that defeats a safety bound.
+pub mod max {
+    /// `default_max_encryptions`: the NIST SP 800-38D bound for random 96-bit nonces, 2^32.
+    pub const ENCRYPTIONS: u64 = 1 << 32;
+    /// `max_concurrent_requests` (tokio's semaphore refuses far larger counts with a panic).
+    pub const CONCURRENT_REQUESTS: usize = 1_000_000;
+    /// `max_message_bytes` and `max_field_bytes`: 1 GiB (a gRPC frame's length is 32 bits).
+    pub const MESSAGE_BYTES: usize = 1 << 30;
+    /// `max_batch_items`.
+    pub const BATCH_ITEMS: usize = 1_000_000;
+}
+
+/// `value` if it is at most `max`; otherwise INVALID_ARGUMENT naming the setting.
+pub fn bounded_count<T: PartialOrd + std::fmt::Display>(name: &str, value: T, max: T) -> Result<T> {
+    if value > max {
+        return Err(Error::InvalidArgument(format!(
+            "{name} = {value} is more than the most allowed, {max}"
+        )));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -159,6 +185,17 @@ mod tests {
         assert_eq!(parse_duration_seconds("1d").unwrap(), 86_400);
         assert_eq!(parse_duration_seconds("7d").unwrap(), 604_800);
         assert!(parse_duration_seconds("soon").is_err());
+        assert_eq!(parse_duration_seconds("3650d").unwrap(), 3650 * 86_400);
+        let err = parse_duration_seconds("100000000000d").unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+        assert!(parse_duration_seconds("3651d").is_err());
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        assert_eq!(bounded_count("n", 5_u64, max::ENCRYPTIONS).unwrap(), 5);
+        let err = bounded_count("default_max_encryptions", u64::MAX, max::ENCRYPTIONS).unwrap_err();
+        assert!(err.to_string().contains("default_max_encryptions"), "{err}");
     }
 
     #[test]

@@ -519,7 +519,8 @@ async fn per_tenant_export_rotate_import_rolls_back_only_that_tenant() {
     );
 
     // Even where the store never knew it (a fresh data directory on the same keyring), the
-    // shred ledger refuses the destroyed tenant.
+    // shred ledger refuses the destroyed tenant: opening the directory re-applied the ledger,
+    // which left the id as a tombstone there.
     let fresh = Site {
         _temp: tempfile::tempdir().unwrap(),
         root: site.root.clone(),
@@ -528,7 +529,10 @@ async fn per_tenant_export_rotate_import_rolls_back_only_that_tenant() {
     };
     DataDir::open(&fresh.options(), true).unwrap();
     let err = fresh.cli_refused(&["tenant", "import", &c_file]);
-    assert!(err.contains("destroyed in the shred ledger"), "{err}");
+    assert!(
+        err.contains("tenant c is DESTROYED in the key store: a crypto-shredded tenant never"),
+        "{err}"
+    );
     // ... while a live tenant's export imports into it as a new tenant.
     let out = fresh.cli_ok(&["tenant", "import", &file]);
     assert!(out.contains("\"result\":\"imported\""), "{out}");

@@ -1,8 +1,10 @@
 //! Signed anchors of the chain: the **head** (the last record's sequence number and MAC,
-//! rewritten in the same transaction as every append) and the retention **checkpoint** (the
-//! last pruned record's, written by `audit prune`). Pure: encoding and checking only; where
-//! anchors are kept is the log backend's business (`audit.db`'s `audit_meta` table for
-//! [`super::sqlite`]).
+//! rewritten in the same transaction as every append), the retention **checkpoint** (the
+//! last pruned record's, written by `audit prune`) and the log's **identity** (written once,
+//! when the data directory's audit key and its log are created together; it binds the log to
+//! that key, so another directory's `audit.db` put in its place is refused at start). Pure:
+//! encoding and checking only; where anchors are kept is the log backend's business
+//! (`audit.db`'s `audit_meta` table for [`super::sqlite`]).
 //!
 //! A chain alone proves every record follows from its predecessor, but not that nothing was
 //! cut from its end: the head closes that gap. Each anchor is stored as
@@ -37,6 +39,8 @@ pub enum Kind {
     Head,
     /// The last pruned record.
     Checkpoint,
+    /// The log's birth under this data directory's audit key (always [`Anchor::GENESIS`]).
+    Identity,
 }
 
 impl Kind {
@@ -45,6 +49,7 @@ impl Kind {
         match self {
             Kind::Head => "head",
             Kind::Checkpoint => "checkpoint",
+            Kind::Identity => "identity",
         }
     }
 
@@ -52,6 +57,7 @@ impl Kind {
         match self {
             Kind::Head => b"tenant-kms/v1/audit-head",
             Kind::Checkpoint => b"tenant-kms/v1/audit-checkpoint",
+            Kind::Identity => b"tenant-kms/v1/audit-identity",
         }
     }
 }

@@ -126,6 +126,9 @@ named_enum! {
         AuditPrune => "AuditPrune",
         /// `audit recover`: a recovery record acknowledging breaks.
         AuditRecover => "AuditRecover",
+        /// `audit recover --new-log`: the first record of a deliberately new log (the old
+        /// one moved aside as evidence).
+        AuditNewLog => "AuditNewLog",
         /// Evidence the writer appends when the end of the log is not the one it signed.
         AuditTailMismatch => "AuditTailMismatch",
         /// A destroyed tenant or version shredded again from the shred ledger at start.

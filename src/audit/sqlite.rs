@@ -227,6 +227,78 @@ fn bytes_at(row: &Row<'_>, index: usize) -> Vec<u8> {
     }
 }
 
+/// Checks, when a data directory opens, that `path` is the audit log of the key store whose
+/// audit key gave `keys`, so that a missing, re-created or swapped `audit.db` is refused
+/// instead of silently started afresh (issue 13).
+///
+/// - `fresh` (the audit key was created by this open, a first start; or the operator asked
+///   for a new log, `audit recover --new-log`): the file is created if missing and its
+///   identity anchor written (signed under `keys`).
+/// - Otherwise the file must exist (the key store has an audit key, so a log was created with
+///   it) and hold an identity anchor that verifies under `keys`. A log from before identity
+///   anchors is adopted when its signed head verifies under `keys` (or it has no head to
+///   judge by; the writer then records that break as usual); an empty log without identity
+///   is refused: it was re-created.
+///
+/// Another directory's `audit.db` has its anchors signed under another audit key: refused.
+/// An older copy of the same log (a rollback) is not caught here; kept anchors catch it
+/// (`audit verify --anchor`).
+pub fn check_identity(
+    path: &Path,
+    keys: &ChainKeys,
+    fresh: bool,
+    full_sync: bool,
+    busy_timeout: Duration,
+) -> Result<()> {
+    let restore = "restore audit.db (with keys.db) from a backup: `tenant-kms restore --from \
+                   BACKUP --force`, see docs/OPERATIONS.md, \"A data file is missing\"; or, \
+                   to begin a new audit log deliberately (any old one kept as evidence), run \
+                   `tenant-kms audit recover --new-log`";
+    if !fresh && !path.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is missing, but keys.db holds the audit key of an existing audit log: it was \
+             deleted or moved; {restore}",
+            path.display()
+        )));
+    }
+    let mut conn = open(path, full_sync, busy_timeout)?;
+    match read_anchor(&conn, keys, Kind::Identity)? {
+        Stored::Valid(_) => return Ok(()),
+        Stored::Invalid => {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not this data directory's audit log (its identity is not signed under \
+                 this key store's audit key): it was replaced, e.g. by another directory's \
+                 audit.db; {restore}",
+                path.display()
+            )));
+        }
+        Stored::Missing => {}
+    }
+    let head = read_anchor(&conn, keys, Kind::Head)?;
+    if head == Stored::Invalid {
+        return Err(Error::FailedPrecondition(format!(
+            "{} is not this data directory's audit log (its signed head does not verify under \
+             this key store's audit key): it was replaced, e.g. by another directory's \
+             audit.db; {restore}",
+            path.display()
+        )));
+    }
+    let empty = head == Stored::Missing
+        && last_row(&conn)?.is_none()
+        && read_anchor(&conn, keys, Kind::Checkpoint)? == Stored::Missing;
+    if empty && !fresh {
+        return Err(Error::FailedPrecondition(format!(
+            "{} holds no audit log of this data directory (it is empty and unsigned): it was \
+             deleted and re-created, or replaced by an empty file; {restore}",
+            path.display()
+        )));
+    }
+    let tx = conn.transaction().map_err(sql_error)?;
+    write_anchor(&tx, keys, Kind::Identity, &Anchor::GENESIS)?;
+    tx.commit().map_err(sql_error)?;
+    Ok(())
+}
+
 /// The record of a row in [`SELECT_RECORD`]'s column order (seq and MAC aside).
 fn record_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
     let contexts: String = row.get(7)?;

@@ -470,8 +470,8 @@ pub struct Recovery {
 
 /// The recovery record by `caller` that acknowledges the unacknowledged breaks of `report`
 /// (a whole-log verify); `None` when the log verifies. Refuses when the breaks are too
-/// scattered to list in one record: then the log is beyond repair and should be moved aside
-/// (kept as evidence) so the service starts a new one. The backend appends the record after
+/// scattered to list in one record: then the log is beyond repair and
+/// `audit recover --new-log` moves it aside (kept as evidence) and begins a new one. The backend appends the record after
 /// the actual tail and re-signs the head on it, in the transaction that verified.
 pub fn recovery_record(report: &VerifyReport, caller: &str) -> Result<Option<AuditRecord>> {
     if report.ok {
@@ -479,16 +479,16 @@ pub fn recovery_record(report: &VerifyReport, caller: &str) -> Result<Option<Aud
     }
     if report.breaks_total > report.breaks.len() as u64 {
         return Err(Error::FailedPrecondition(format!(
-            "the log has {} breaks, more than one recovery can list: move audit.db aside \
-             (keep it as evidence) to start a new log",
+            "the log has {} breaks, more than one recovery can list: start a new log \
+             with `audit recover --new-log` (the old one is kept as evidence)",
             report.breaks_total
         )));
     }
     let ranges = acknowledged_ranges(report.unacknowledged().filter(|b| !b.at_head));
     if ranges.len() > MAX_ACKNOWLEDGED_RANGES {
         return Err(Error::FailedPrecondition(format!(
-            "the log has {} separate breaks, more than one recovery can list: move audit.db \
-             aside (keep it as evidence) to start a new log",
+            "the log has {} separate breaks, more than one recovery can list: start a new \
+             log with `audit recover --new-log` (the old one is kept as evidence)",
             ranges.len()
         )));
     }

@@ -36,6 +36,11 @@ pub struct RecoverArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Begin a new, empty audit log instead: the current audit.db (if any) is moved to
+    /// <data-dir>/audit-replaced-<time>/ and kept as evidence, and the new log's first record
+    /// says so. For a log beyond repair, or one that is lost. Refused while a server runs.
+    #[arg(long)]
+    new_log: bool,
     #[command(flatten)]
     data: DataDirArgs,
 }
@@ -170,8 +175,10 @@ fn export(args: &ExportArgs) -> Result<()> {
         let Some((last, _)) = rows.last() else { break };
         filter.after_seq = *last;
         for (seq, r) in rows {
+            // A time past 9999 (only a forged row has one) stays empty: the formatter panics.
             let time = u64::try_from(r.time_micros)
                 .ok()
+                .filter(|&us| us < 253_402_300_800_000_000)
                 .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
                 .map(|t| humantime::format_rfc3339_micros(t).to_string())
                 .unwrap_or_default();
@@ -254,6 +261,7 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             eprintln!("removed {removed} record(s); a signed checkpoint keeps the rest verifiable");
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Recover(args) if args.new_log => new_log(&args),
         AuditCommand::Recover(args) => {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;
@@ -277,4 +285,73 @@ pub fn run(command: AuditCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `audit recover --new-log`: moves the current log aside (under the serve lock, so no server
+/// writes into the moved file) and begins a new one whose first record, by `cli:<user>`, says
+/// where the old one went. The one deliberate way past the start-up refusal of a missing or
+/// re-created audit.db.
+fn new_log(args: &RecoverArgs) -> Result<ExitCode> {
+    let mut options = args.data.options();
+    let data_dir = options.data_dir.clone();
+    if !data_dir.join(crate::service::state::KEYS_DB).exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "{} holds no keys.db: not a tenant-kms data directory",
+            data_dir.display()
+        )));
+    }
+    let _lock =
+        crate::service::data_dir_guard::DataDirLock::acquire(&data_dir, "audit recover --new-log")?;
+    let mut aside = None;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = data_dir.join(format!("{AUDIT_DB}{suffix}"));
+        if !path.exists() {
+            continue;
+        }
+        let dir = match &aside {
+            Some(dir) => std::path::PathBuf::clone(dir),
+            None => {
+                let dir = data_dir.join(format!(
+                    "audit-replaced-{}",
+                    crate::domain::unix_now_micros()
+                ));
+                crate::fsutil::create_private_dir(&dir)?;
+                aside = Some(dir.clone());
+                dir
+            }
+        };
+        std::fs::rename(&path, dir.join(format!("{AUDIT_DB}{suffix}")))
+            .map_err(|e| Error::Internal(format!("cannot move {} aside: {e}", path.display())))?;
+    }
+    crate::fsutil::sync_dir(&data_dir)?;
+    options.new_audit_log = true;
+    let dir = DataDir::open(&options, false)?;
+    let detail = match &aside {
+        Some(old) => format!(
+            "began a new audit log; the previous one is kept in {}",
+            old.display()
+        ),
+        None => "began a new audit log; the previous one was missing".to_owned(),
+    };
+    let audit = dir.audit_writer(&options)?;
+    audit.append_blocking(cli_record(
+        Task::AuditNewLog,
+        "",
+        Vec::new(),
+        Outcome::Ok,
+        detail.clone(),
+    ))?;
+    audit.shutdown();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "new_log": true,
+                "previous": aside.as_ref().map(|p| p.display().to_string()),
+            })
+        );
+    } else {
+        println!("NEW LOG: {detail}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

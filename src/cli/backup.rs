@@ -1,6 +1,7 @@
 //! `tenant-kms backup`, `backup verify`, `restore`, `tenant export` and `tenant import`: the
 //! recovery commands. They work on a data directory like `rotate` does (a server may run on it,
-//! except for `restore`), and every change is audited as `cli:<user>`.
+//! except for `restore`, which takes the serve lock and so refuses while a server holds it),
+//! and every change is audited as `cli:<user>`.
 //!
 //! Exit codes: 0 done, 1 refused or failed (the reason on stderr), 2 usage.
 
@@ -20,6 +21,7 @@ use crate::domain::TenantId;
 use crate::error::{Error, Result};
 use crate::keys::{MasterKeySource, MasterKeyring};
 use crate::service::ServiceOptions;
+use crate::service::data_dir_guard::{DataDirLock, SERVE_LOCK_FILE};
 use crate::service::state::{ADMIN_TOKEN_FILE, DataDir};
 
 /// Flags of `backup`.
@@ -215,7 +217,8 @@ fn run_verify(args: BackupVerifyArgs) -> Result<ExitCode> {
 }
 
 /// Files a data directory may hold that do not make it "non-empty" for `restore`: the
-/// keyring and the shred ledger when they live inside it, and the operator's admin token.
+/// keyring and the shred ledger when they live inside it, the operator's admin token, and the
+/// lock file.
 fn ignorable(options: &ServiceOptions, path: &Path) -> bool {
     let keyring = match &options.master_keys {
         MasterKeySource::File(keyring) => Some(keyring.as_path()),
@@ -227,7 +230,9 @@ fn ignorable(options: &ServiceOptions, path: &Path) -> bool {
     };
     keyring.is_some_and(same)
         || same(&options.shred_ledger_path())
-        || path.file_name().is_some_and(|n| n == ADMIN_TOKEN_FILE)
+        || path
+            .file_name()
+            .is_some_and(|n| n == ADMIN_TOKEN_FILE || n == SERVE_LOCK_FILE)
 }
 
 /// Runs `restore`.
@@ -235,27 +240,30 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
     let options = args.data.options();
     let data_dir = &options.data_dir;
     let ring = MasterKeyring::load(&options.master_keys, false)?;
-    if data_dir.exists() {
-        let entries = std::fs::read_dir(data_dir).map_err(|e| {
-            Error::FailedPrecondition(format!("cannot read {}: {e}", data_dir.display()))
-        })?;
-        let occupied: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| !ignorable(&options, p))
-            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect();
-        if !occupied.is_empty() && !args.force {
-            return Err(Error::FailedPrecondition(format!(
-                "the data directory {} is not empty (it holds {}): stop the server and pass \
-                 --force to replace its data; the replaced files are kept in \
-                 <data-dir>/replaced-<time>/",
-                data_dir.display(),
-                occupied.join(", ")
-            )));
-        }
-    } else {
+    crate::service::data_dir_guard::check_dir_mode(data_dir)?;
+    if !data_dir.exists() {
         crate::fsutil::create_private_dir(data_dir)?;
+    }
+    // Held for the whole restore: refused while a server serves the directory (it would keep
+    // writing into the files moved aside), and no server starts halfway through.
+    let _lock = DataDirLock::acquire(data_dir, "restore")?;
+    let entries = std::fs::read_dir(data_dir).map_err(|e| {
+        Error::FailedPrecondition(format!("cannot read {}: {e}", data_dir.display()))
+    })?;
+    let occupied: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| !ignorable(&options, p))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if !occupied.is_empty() && !args.force {
+        return Err(Error::FailedPrecondition(format!(
+            "the data directory {} is not empty (it holds {}): stop the server and pass \
+             --force to replace its data; the replaced files are kept in \
+             <data-dir>/replaced-<time>/",
+            data_dir.display(),
+            occupied.join(", ")
+        )));
     }
     let started = std::time::Instant::now();
     let staged = snapshot::stage(&args.from, data_dir, &ring)?;

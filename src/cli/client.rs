@@ -286,14 +286,21 @@ fn state_name(code: i32) -> &'static str {
     }
 }
 
+/// RFC 3339 text of a timestamp; a time before 1970 or after 9999 (which a server should
+/// never send) prints as its raw seconds instead of panicking in the formatter.
 fn rfc3339(ts: &Option<prost_types::Timestamp>) -> String {
     ts.as_ref()
-        .and_then(|t| u64::try_from(t.seconds).ok())
-        .map(|s| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
-            )
-            .to_string()
+        .map(|t| {
+            u64::try_from(t.seconds)
+                .ok()
+                .filter(|&s| s <= 253_402_300_799)
+                .map(|s| {
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+                    )
+                    .to_string()
+                })
+                .unwrap_or_else(|| format!("{}s since the epoch", t.seconds))
         })
         .unwrap_or_default()
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use tonic::service::Routes;
 
 use crate::audit::Durability;
-use crate::config::{FileConfig, parse_duration_seconds};
+use crate::config::{FileConfig, bounded_count, max, parse_duration_seconds};
 use crate::error::{Error, Result};
 use crate::keys::MasterKeySource;
 use crate::service::state::KEYRING_FILE;
@@ -117,19 +117,21 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         options.default_deletion_window_seconds = parse_duration_seconds(text)?;
     }
     if let Some(n) = file.max_field_bytes {
-        options.limits.max_field_bytes = n;
+        options.limits.max_field_bytes = bounded_count("max_field_bytes", n, max::MESSAGE_BYTES)?;
     }
     if let Some(n) = file.max_batch_items {
-        options.limits.max_batch_items = n;
+        options.limits.max_batch_items = bounded_count("max_batch_items", n, max::BATCH_ITEMS)?;
     }
     if let Some(n) = file.max_message_bytes {
-        options.limits.max_message_bytes = n;
+        options.limits.max_message_bytes =
+            bounded_count("max_message_bytes", n, max::MESSAGE_BYTES)?;
     }
     if let Some(n) = file.cache_tenants {
         options.key_policy.cache_tenants = n;
     }
     if let Some(n) = file.default_max_encryptions {
-        options.key_policy.default_max_encryptions = n;
+        options.key_policy.default_max_encryptions =
+            bounded_count("default_max_encryptions", n, max::ENCRYPTIONS)?;
     }
     let listen = match (args.listen, &file.listen) {
         (Some(addr), _) => addr,
@@ -150,7 +152,8 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         options.limits.rate_limit.burst = burst.max(1);
     }
     if let Some(n) = file.max_concurrent_requests {
-        options.limits.max_concurrent_requests = n.max(1);
+        options.limits.max_concurrent_requests =
+            bounded_count("max_concurrent_requests", n, max::CONCURRENT_REQUESTS)?.max(1);
     }
     if let Some(text) = &file.request_timeout {
         let seconds = parse_duration_seconds(text)?;
@@ -224,6 +227,10 @@ pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Res
     } = resolve(&args)?;
     // Before any key is read: no core dumps, memory locked where the OS allows.
     crate::hardening::harden_process(lock_memory);
+    // Held until the process exits: `restore` and a second `serve` refuse while it is held.
+    crate::service::data_dir_guard::check_dir_mode(&options.data_dir)?;
+    crate::fsutil::create_private_dir(&options.data_dir)?;
+    let _lock = crate::service::data_dir_guard::DataDirLock::acquire(&options.data_dir, "serve")?;
     if options.tls.is_none() && !listen.ip().is_loopback() {
         if !insecure {
             return Err(Error::FailedPrecondition(format!(

@@ -170,6 +170,24 @@ impl KeyVersionState {
     }
 }
 
+/// The longest duration an API field, a CLI flag or a configuration value may name, in
+/// seconds: 3650 days (ten years). Deletion windows (AWS KMS allows 7–30 days), rotation
+/// periods and token lifetimes longer than that are mistakes, and bounding them keeps every
+/// time computed from them (now + duration) far inside the range of a protobuf `Timestamp`
+/// and of `i64` (issue 13: a window of 10^11 days was stored and broke every reader).
+pub const MAX_DURATION_SECONDS: u64 = 3650 * 86_400;
+
+/// `seconds` if it is at most [`MAX_DURATION_SECONDS`]; otherwise INVALID_ARGUMENT naming
+/// `what` and the bound.
+pub fn bounded_duration(what: &str, seconds: u64) -> Result<u64, Error> {
+    if seconds > MAX_DURATION_SECONDS {
+        return Err(Error::InvalidArgument(format!(
+            "{what} may be at most {MAX_DURATION_SECONDS} seconds (3650 days)"
+        )));
+    }
+    Ok(seconds)
+}
+
 /// Seconds since the Unix epoch, now, from the OS clock: the implementation of
 /// [`crate::clock::SystemClock`]. Whatever decides by time asks the [`crate::clock::Clock`] it
 /// was given instead; only timestamps that decide nothing (audit record times, backup
@@ -193,6 +211,20 @@ pub fn unix_now_micros() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(bounded_duration("x", 0).unwrap(), 0);
+        assert_eq!(
+            bounded_duration("x", MAX_DURATION_SECONDS).unwrap(),
+            MAX_DURATION_SECONDS
+        );
+        for bad in [MAX_DURATION_SECONDS + 1, 1 << 63, u64::MAX] {
+            let err = bounded_duration("waiting_period_seconds", bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)));
+            assert!(err.to_string().contains("waiting_period_seconds"), "{err}");
+        }
+    }
 
     #[test]
     fn tenant_ids() {

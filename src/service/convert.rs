@@ -4,15 +4,29 @@ use crate::domain::{KeyVersionState, TenantState};
 use crate::pb;
 use crate::store::{KeyVersionRecord, TenantRecord};
 
-/// A protobuf timestamp from unix seconds.
+/// The earliest second a protobuf `Timestamp` may hold: 0001-01-01T00:00:00Z.
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// The latest second a protobuf `Timestamp` may hold: 9999-12-31T23:59:59Z.
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// A protobuf timestamp from unix seconds, saturated to the range a `Timestamp` may hold
+/// (google/protobuf/timestamp.proto), so that no value the store holds, however it got
+/// there, yields a message a client cannot parse.
 pub fn timestamp(seconds: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds, nanos: 0 }
+    prost_types::Timestamp {
+        seconds: seconds.clamp(MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS),
+        nanos: 0,
+    }
 }
 
-/// A protobuf timestamp from unix microseconds.
+/// A protobuf timestamp from unix microseconds, saturated like [`timestamp`].
 pub fn timestamp_micros(micros: i64) -> prost_types::Timestamp {
+    let seconds = micros.div_euclid(1_000_000);
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&seconds) {
+        return timestamp(seconds);
+    }
     prost_types::Timestamp {
-        seconds: micros.div_euclid(1_000_000),
+        seconds,
         nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
     }
 }
@@ -65,5 +79,21 @@ pub fn key_version(record: &KeyVersionRecord, primary: u32) -> pb::KeyVersion {
         created_at: Some(timestamp(record.created_at)),
         encryptions: record.encryptions,
         primary: record.version == primary,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_saturate_to_the_protobuf_range() {
+        assert_eq!(timestamp(1_700_000_000).seconds, 1_700_000_000);
+        assert_eq!(timestamp(i64::MAX).seconds, MAX_TIMESTAMP_SECONDS);
+        assert_eq!(timestamp(i64::MIN).seconds, MIN_TIMESTAMP_SECONDS);
+        let ts = timestamp_micros(i64::MAX);
+        assert_eq!((ts.seconds, ts.nanos), (MAX_TIMESTAMP_SECONDS, 0));
+        let ts = timestamp_micros(1_500_000);
+        assert_eq!((ts.seconds, ts.nanos), (1, 500_000_000));
     }
 }

@@ -3,6 +3,7 @@
 //! record before answering.
 //!
 //! - [`state`]: the shared state and how it is opened from a data directory;
+//! - [`data_dir_guard`]: the serve lock and the start-time checks of a data directory;
 //! - [`call`]: the per-request frame (request id, caller, audit fields) and its finish;
 //! - [`status`]: the one mapping from [`crate::error::Error`] to a gRPC status;
 //! - [`guard`]: the concurrency cap and deadlines in front of the services;
@@ -17,6 +18,7 @@ pub mod budget_metrics;
 pub mod call;
 pub mod codec;
 pub mod convert;
+pub mod data_dir_guard;
 pub mod guard;
 pub mod key_service;
 pub mod server;

@@ -136,21 +136,49 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
 /// tonic reports a request over the message size limit as OUT_OF_RANGE; the gRPC status
 /// code guide (and our API contract) say RESOURCE_EXHAUSTED. The handlers never return
 /// OUT_OF_RANGE themselves, so every such status is a size refusal and is renamed here.
+///
+/// tonic also answers INTERNAL for request bodies that are not a whole gRPC message (issue
+/// 13): an empty body, one that ends inside the 5-byte prefix or before the length its prefix
+/// announces, and a compression flag other than 0 or 1. Those are the caller's fault, so they
+/// become INVALID_ARGUMENT here, recognised by tonic's exact messages (they come from its
+/// request decoder before any handler runs, in a trailers-only response). A compressed flag
+/// without a `grpc-encoding` stays INTERNAL: the gRPC compression spec says it MUST.
 fn message_too_large_is_exhaustion<B>(
     mut response: tonic::codegen::http::Response<B>,
 ) -> tonic::codegen::http::Response<B> {
     let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
-    if response
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
-    {
+    let status = response.headers().get("grpc-status");
+    if status.is_some_and(|v| v.as_bytes() == out_of_range.as_bytes()) {
         let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
         if let Ok(value) = exhausted.parse() {
             response.headers_mut().insert("grpc-status", value);
         }
+    } else if status.is_some_and(|v| v.as_bytes() == b"13")
+        && tonic::Status::from_header_map(response.headers())
+            .is_some_and(|s| is_malformed_request_body(s.message()))
+    {
+        let headers = response.headers_mut();
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("3"),
+        );
+        headers.insert(
+            "grpc-message",
+            tonic::codegen::http::HeaderValue::from_static(
+                "the request body is not one complete gRPC message (empty, truncated, a wrong \
+                 length prefix or an invalid compression flag)",
+            ),
+        );
     }
     response
+}
+
+/// Whether `message` is one of tonic's request-framing errors (tonic 0.14 `codec/decode.rs`
+/// and `server/grpc.rs`).
+fn is_malformed_request_body(message: &str) -> bool {
+    message == "Missing request message."
+        || message == "Unexpected EOF decoding stream."
+        || message.starts_with("protocol error: received message with invalid compression flag")
 }
 
 /// Destroys tenants whose deletion window has passed, so shredding happens on time even when

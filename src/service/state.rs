@@ -18,6 +18,8 @@ use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
 use crate::store::{KeyStore, SqliteKeyStore};
 
+use super::data_dir_guard;
+
 /// Input limits (issue: tenant ids and contexts are limited by their types).
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -75,6 +77,9 @@ pub struct ServiceOptions {
     pub tls_callers: TlsCallers,
     /// Serve TLS (and mTLS with a client CA) instead of plaintext.
     pub tls: Option<TlsFiles>,
+    /// Begin a new audit log where `audit.db` is missing or empty (`audit recover
+    /// --new-log`, after moving the old one aside), instead of refusing to open.
+    pub new_audit_log: bool,
     /// The shred ledger file; `None`: beside the keyring file (`<keyring>.shred-ledger`), or
     /// `<data-dir>/master.keyring.shred-ledger` with environment-provided master keys.
     pub shred_ledger: Option<PathBuf>,
@@ -115,6 +120,7 @@ impl ServiceOptions {
             tls: None,
             shred_ledger: None,
             clock: crate::clock::system(),
+            new_audit_log: false,
         }
     }
 
@@ -168,8 +174,20 @@ pub struct DataDir {
 impl DataDir {
     /// Opens a data directory. With `create`, a missing directory and keyring are created
     /// (first start); without it they must exist.
+    ///
+    /// Refuses (issue 13) a directory group or others may write, a first start in a directory
+    /// that served before but lost its `keys.db`, and an `audit.db` that is missing, re-created
+    /// or another directory's (see [`data_dir_guard`] and
+    /// [`crate::audit::sqlite::check_identity`]).
     pub fn open(options: &ServiceOptions, create: bool) -> Result<Self> {
+        data_dir_guard::check_dir_mode(&options.data_dir)?;
         if create {
+            if !options.data_dir.join(KEYS_DB).exists() {
+                data_dir_guard::refuse_lost_key_store(
+                    &options.data_dir,
+                    &earlier_life_signs(options),
+                )?;
+            }
             fsutil::create_private_dir(&options.data_dir)?;
         } else if !options.data_dir.join(KEYS_DB).exists() {
             return Err(Error::FailedPrecondition(format!(
@@ -203,10 +221,19 @@ impl DataDir {
         ));
         let shred = ledger.enforce(&keys)?;
         keys.set_shred_recorder(ledger);
+        // Read before `audit_secret` creates it: an audit key means an audit log exists.
+        let audit_log_exists = store.audit_key()?.is_some();
         let chain_keys = Arc::new(
             ChainKeys::derive(&keys.audit_secret()?)
                 .map_err(|_| Error::internal("audit key derivation failed"))?,
         );
+        crate::audit::sqlite::check_identity(
+            &options.data_dir.join(AUDIT_DB),
+            &chain_keys,
+            !audit_log_exists || options.new_audit_log,
+            options.durability == Durability::Fsync,
+            options.audit_busy_timeout,
+        )?;
         audit_shred_report(options, &chain_keys, &shred)?;
         Ok(Self {
             store,
@@ -258,6 +285,20 @@ pub fn open_audit_log_unkeyed(options: &ServiceOptions) -> Result<Box<dyn AuditL
         options.durability,
         options.audit_busy_timeout,
     )?))
+}
+
+/// Files inside the data directory that exist only once it has served: the audit log, the
+/// first-start admin token, and the shred ledger when it lives there. A keyring file is not
+/// one (operators provision it before the first start), nor is a ledger outside the directory
+/// (one ledger may serve several data directories on the same keyring).
+fn earlier_life_signs(options: &ServiceOptions) -> Vec<PathBuf> {
+    let dir = &options.data_dir;
+    let mut signs = vec![dir.join(AUDIT_DB), dir.join(ADMIN_TOKEN_FILE)];
+    let ledger = options.shred_ledger_path();
+    if ledger.parent() == Some(dir.as_path()) {
+        signs.push(ledger);
+    }
+    signs
 }
 
 /// Audits what the shred ledger check changed, as `system:shred-ledger`.
@@ -381,7 +422,15 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path, clock: &dyn Cloc
         },
         clock,
     )?;
-    let _ = std::fs::remove_file(&path);
+    // Never overwrite a token file: one here while the store has no token means the store
+    // was replaced, and the file is the operator's only copy of the old token.
+    if path.exists() {
+        return Err(Error::FailedPrecondition(format!(
+            "{} exists but keys.db holds no token: keys.db was replaced or re-created; restore \
+             it from a backup (docs/OPERATIONS.md, \"A data file is missing\")",
+            path.display()
+        )));
+    }
     fsutil::write_private_file(&path, format!("{}\n", issued.secret.as_str()).as_bytes())?;
     // The token itself is shown only to a person at a terminal: when stderr is a file, a pipe
     // or the journal, it would be stored in clear wherever the logs go (and the trace-log leak

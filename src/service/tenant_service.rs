@@ -264,6 +264,7 @@ impl TenantService for TenantServiceImpl {
         let req = request.into_inner();
         let (period, max) = (req.rotation_period_seconds, req.max_encryptions);
         self.tenant_call(call, &req.tenant_id, move |keys, tenant| {
+            crate::domain::bounded_duration("rotation_period_seconds", period)?;
             if max > keys.policy().default_max_encryptions.max(1 << 32) {
                 return Err(Error::InvalidArgument(
                     "max_encryptions may not exceed 2^32 (NIST SP 800-38D random-nonce bound)"
@@ -307,6 +308,7 @@ impl TenantService for TenantServiceImpl {
             .waiting_period_seconds
             .unwrap_or(self.state.options.default_deletion_window_seconds);
         self.tenant_call(call, &req.tenant_id, move |keys, tenant| {
+            crate::domain::bounded_duration("waiting_period_seconds", waiting)?;
             if waiting < min {
                 return Err(Error::InvalidArgument(format!(
                     "waiting_period_seconds must be at least {min} (the server's \

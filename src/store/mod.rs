@@ -282,7 +282,9 @@ pub trait BackupStore {
     fn destroyed_items(&self) -> Result<Vec<ShredItem>>;
     /// Crypto-shreds the items whatever their state (re-applying the shred ledger after a
     /// restore): one transaction, then no copy of the keys stays in any file of the store.
-    /// Returns the items that were not destroyed yet (unknown tenants are skipped).
+    /// Returns the items that were not destroyed yet. A destroyed tenant the store does not
+    /// know becomes a tombstone (a DESTROYED row without key versions), so its id cannot be
+    /// created again; a destroyed version of an unknown tenant is skipped.
     fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>>;
     /// Replaces a tenant and all its key versions in one transaction (per-tenant import):
     /// refused if the tenant is destroyed in the store, or if a version the store has

@@ -897,6 +897,20 @@ impl BackupStore for SqliteKeyStore {
             let mut done = Vec::new();
             for item in items {
                 let Some(tenant) = load_tenant(tx, &item.tenant_id).map_err(sql_error)? else {
+                    // A tenant destroyed after this store's copy was taken (a restored older
+                    // backup): its id becomes a tombstone here too, so CreateTenant refuses it
+                    // like any destroyed tenant instead of creating one the next start shreds.
+                    if item.version.is_none() {
+                        tx.execute(
+                            &format!(
+                                "INSERT INTO tenants ({TENANT_COLUMNS}) \
+                                 VALUES (?1, ?2, 0, ?3, 0, 0, NULL, ?3)"
+                            ),
+                            params![item.tenant_id.as_str(), TenantState::Destroyed.code(), now],
+                        )
+                        .map_err(sql_error)?;
+                        done.push(item.clone());
+                    }
                     continue;
                 };
                 if tenant.state == TenantState::Destroyed {
@@ -1229,4 +1243,3 @@ fn insert_version(
     .map_err(sql_error)?;
     Ok(())
 }
-
