@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use super::keyring::SealArgs;
 use crate::audit::Durability;
 use crate::config::{FileConfig, parse_duration_seconds};
 use crate::error::{Error, Result};
@@ -68,6 +69,9 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace.
     #[arg(long, env = "TENANT_KMS_LOG", default_value = "info")]
     log: String,
+    /// How the keyring file is sealed (`--seal pkcs11|passphrase` and its flags).
+    #[command(flatten)]
+    seal: SealArgs,
 }
 
 /// What `serve` resolved from flags, config and defaults.
@@ -95,8 +99,8 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         args.keyring.clone().or(file.keyring_file),
     ) {
         (Some(var), _) => MasterKeySource::Env(var),
-        (None, Some(path)) => MasterKeySource::File(path),
-        (None, None) => MasterKeySource::File(data_dir.join(KEYRING_FILE)),
+        (None, Some(path)) => args.seal.source(path),
+        (None, None) => args.seal.source(data_dir.join(KEYRING_FILE)),
     };
     options.shred_ledger = args.shred_ledger.clone();
     if let Some(d) = args.audit_durability.or(file.audit_durability) {
@@ -203,6 +207,28 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// Warns at start when the master keys are not sealed under a root of trust, naming the
+/// options that seal them.
+fn warn_if_unsealed(source: &MasterKeySource) {
+    match source {
+        MasterKeySource::Sealed(_) => {}
+        // A sealed file opened without --seal is refused with its own message when loaded.
+        MasterKeySource::File(path) if crate::keys::seal::is_sealed_file(path) => {}
+        MasterKeySource::File(path) => tracing::warn!(
+            path = %path.display(),
+            "the master keyring is NOT sealed: whoever reads this file (a stolen disk or \
+             backup) holds every key. Seal it under an HSM or a passphrase: tenant-kms keyring \
+             seal --seal pkcs11|passphrase, then start with the same --seal flags \
+             (docs/OPERATIONS.md, \"Root of trust\")"
+        ),
+        MasterKeySource::Env(var) => tracing::warn!(
+            var = %var,
+            "the master keys come unsealed from the environment; a keyring file sealed with \
+             --seal pkcs11|passphrase keeps them under a root of trust (docs/OPERATIONS.md)"
+        ),
+    }
+}
+
 /// Runs the service until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     init_logging(&args.log);
@@ -214,6 +240,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     } = resolve(&args)?;
     // Before any key is read: no core dumps, memory locked where the OS allows.
     crate::hardening::harden_process(lock_memory);
+    warn_if_unsealed(&options.master_keys);
     if options.tls.is_none() && !listen.ip().is_loopback() {
         if !insecure {
             return Err(Error::FailedPrecondition(format!(
@@ -232,7 +259,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             .await
             .map_err(|e| Error::FailedPrecondition(format!("cannot listen on {listen}: {e}")))?;
         let data_dir = options.data_dir.clone();
+        let opening = std::time::Instant::now();
         let state = Arc::new(tokio::task::block_in_place(|| AppState::open(options))?);
+        // Reported so operators can compare start-up with a sealed and a plain keyring.
+        let open_ms = opening.elapsed().as_millis();
         let transport = match &state.options.tls {
             None => "plaintext",
             Some(TlsFiles {
@@ -244,6 +274,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             addr = %listener.local_addr().map_err(Error::internal)?,
             data_dir = %data_dir.display(),
             transport,
+            open_ms,
             "tenant-kms serving"
         );
         // The signal starts a graceful shutdown; clients that keep connections open get at
