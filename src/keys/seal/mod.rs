@@ -273,7 +273,16 @@ impl RootKey {
                 p,
             } => {
                 let params = passphrase::new_params(*m_kib, *t, *p)?;
-                let secret = source.read("passphrase")?;
+                let secret = source.read("new passphrase")?;
+                // Typed by hand: a typo here would seal the keyring under an unknown
+                // passphrase, so it is asked twice.
+                if *source == SecretSource::Terminal
+                    && *source.read("new passphrase (again)")? != *secret
+                {
+                    return Err(Error::InvalidArgument(
+                        "the two passphrases differ; nothing was sealed".into(),
+                    ));
+                }
                 let key = passphrase::derive(secret.as_bytes(), &params)?;
                 (RootParams::Passphrase(params), key)
             }
