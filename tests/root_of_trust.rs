@@ -516,6 +516,31 @@ fn hsm_start_refusals_name_their_cause() {
         "{err}"
     );
 
+    // A key of the wrong type under the root key's label: an EC private key imported into a
+    // token that is otherwise right.
+    let typed = Hsm::new(&setup.root, "typed-hsm", TOKEN);
+    let pem = setup.root.join("ec-key.pem");
+    std::fs::write(&pem, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let output = typed
+        .command("softhsm2-util")
+        .args([
+            "--import",
+            pem.to_str().unwrap(),
+            "--token",
+            TOKEN,
+            "--label",
+            KEY,
+        ])
+        .args(["--id", "01", "--pin", PIN])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let err = start_refused(Some(&typed), &data, &flags);
+    assert!(
+        err.contains("key 'root' in token 'kms' is of the wrong type"),
+        "{err}"
+    );
+
     // A tampered sealed keyring: the body, the token's IV (header), the check value.
     let (header, body) = sealed.split_at(sealed.find("\nend\n").unwrap() + 5);
     let flip = |text: &str, at: usize| {

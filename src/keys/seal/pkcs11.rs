@@ -165,12 +165,11 @@ impl Token {
         Ok(token)
     }
 
+    /// Every object with this label, of any class (a private key under the root key's label
+    /// is reported as a key of the wrong type, not as a missing key).
     fn keys_labelled(&self, label: &str) -> Result<Vec<ObjectHandle>> {
         self.session()?
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
             .map_err(|e| fail(format!("cannot search token '{}': {e}", self.label)))
     }
 
@@ -178,20 +177,40 @@ impl Token {
     /// extractable.
     fn root_key(&self, label: &str) -> Result<ObjectHandle> {
         let handles = self.keys_labelled(label)?;
-        let handle = match handles.as_slice() {
+        if handles.is_empty() {
+            return Err(fail(format!(
+                "token '{}' holds no key labelled '{label}' (deleted, or never created: \
+                 tenant-kms keyring init-hsm-key)",
+                self.label
+            )));
+        }
+        let session = self.session()?;
+        let secret_keys: Vec<ObjectHandle> = handles
+            .iter()
+            .copied()
+            .filter(|h| {
+                session
+                    .get_attributes(*h, &[AttributeType::Class])
+                    .is_ok_and(|a| a.contains(&Attribute::Class(ObjectClass::SECRET_KEY)))
+            })
+            .collect();
+        let handle = match secret_keys.as_slice() {
+            [one] => *one,
             [] => {
                 return Err(fail(format!(
-                    "token '{}' holds no key labelled '{label}' (deleted, or never created: \
-                     tenant-kms keyring init-hsm-key)",
-                    self.label
-                )));
-            }
-            [one] => *one,
-            _ => {
-                return Err(fail(format!(
-                    "token '{}' holds {} keys labelled '{label}'; the label must name one key",
+                    "key '{label}' in token '{}' is of the wrong type: a root key must be an \
+                     AES-256 secret key, sensitive and not extractable (found {} object(s) \
+                     labelled '{label}', none a secret key: a key pair?)",
                     self.label,
                     handles.len()
+                )));
+            }
+            _ => {
+                return Err(fail(format!(
+                    "token '{}' holds {} secret keys labelled '{label}'; the label must name \
+                     one key",
+                    self.label,
+                    secret_keys.len()
                 )));
             }
         };
@@ -200,6 +219,7 @@ impl Token {
             .get_attributes(
                 handle,
                 &[
+                    AttributeType::Class,
                     AttributeType::KeyType,
                     AttributeType::ValueLen,
                     AttributeType::Sensitive,
@@ -207,9 +227,11 @@ impl Token {
                 ],
             )
             .map_err(|e| fail(format!("cannot read the attributes of key '{label}': {e}")))?;
-        let (mut aes, mut len, mut sensitive, mut extractable) = (false, 0u64, false, true);
+        let (mut secret, mut aes, mut len) = (false, false, 0u64);
+        let (mut sensitive, mut extractable) = (false, true);
         for attribute in attributes {
             match attribute {
+                Attribute::Class(c) => secret = c == ObjectClass::SECRET_KEY,
                 Attribute::KeyType(t) => aes = t == KeyType::AES,
                 Attribute::ValueLen(l) => len = l.into(),
                 Attribute::Sensitive(s) => sensitive = s,
@@ -217,11 +239,11 @@ impl Token {
                 _ => {}
             }
         }
-        if !aes || len != KEY_LEN as u64 || !sensitive || extractable {
+        if !secret || !aes || len != KEY_LEN as u64 || !sensitive || extractable {
             return Err(fail(format!(
-                "key '{label}' in token '{}' is of the wrong type: a root key must be AES-256, \
-                 sensitive and not extractable (found: AES {aes}, {len} bytes, sensitive \
-                 {sensitive}, extractable {extractable})",
+                "key '{label}' in token '{}' is of the wrong type: a root key must be an AES-256 \
+                 secret key, sensitive and not extractable (found: secret key {secret}, AES \
+                 {aes}, {len} bytes, sensitive {sensitive}, extractable {extractable})",
                 self.label
             )));
         }
