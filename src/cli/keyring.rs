@@ -328,6 +328,7 @@ fn keyring_path(data: &DataDirArgs) -> Result<PathBuf> {
         })
 }
 
+/// Reads a sealed keyring file (ciphertext and header only: never used for a plain one).
 fn read_file(path: &Path) -> Result<String> {
     fsutil::check_private(path)?;
     std::fs::read_to_string(path)
@@ -363,9 +364,10 @@ fn failed<T>(audit: AuditWriter, operation: &str, error: Error) -> Result<T> {
 
 fn status(data: &DataDirArgs) -> Result<()> {
     let path = keyring_path(data)?;
-    let text = read_file(&path)?;
-    let state = if seal::header::is_sealed(text.as_bytes()) {
-        seal::describe(&text)?
+    fsutil::check_private(&path)?;
+    // A plain keyring is not read into memory here: it is secret text.
+    let state = if seal::is_sealed_file(&path) {
+        seal::describe(&read_file(&path)?)?
     } else {
         "NOT sealed: plain text; seal it with `tenant-kms keyring seal --seal pkcs11|passphrase`"
             .into()
@@ -385,8 +387,7 @@ fn init_hsm_key(data: &DataDirArgs) -> Result<()> {
     // created cannot open anything yet.
     let audit = if data.data_dir.join(KEYS_DB).exists() {
         let path = keyring_path(data)?;
-        let sealed = seal::header::is_sealed(read_file(&path)?.as_bytes());
-        let source = if sealed {
+        let source = if seal::is_sealed_file(&path) {
             MasterKeySource::Sealed(SealedKeyring {
                 path,
                 root: Arc::new(RootKey::new(RootKeyConfig::Pkcs11(Pkcs11Config {
@@ -473,6 +474,8 @@ fn current_sealed(data: &DataDirArgs) -> Result<SealedKeyring> {
 fn reseal(data: &DataDirArgs, new: &NewSealArgs) -> Result<()> {
     let current = current_sealed(data)?;
     let mut new_root = new.root(&data.seal)?;
+    // Opens the keyring through the current root first, which refuses a plain file.
+    let audit = open_audit(data, MasterKeySource::Sealed(current.clone()))?;
     let before = read_file(&current.path)?;
     // Same token by default: the label the keyring was sealed with, when no flag names one.
     if let (RootKeyConfig::Pkcs11(config), (header, _, _)) =
@@ -485,7 +488,6 @@ fn reseal(data: &DataDirArgs, new: &NewSealArgs) -> Result<()> {
         config.token = Some(old.token);
     }
     let from = seal::describe(&before)?;
-    let audit = open_audit(data, MasterKeySource::Sealed(current.clone()))?;
     let result = current
         .root
         .unseal(&before)

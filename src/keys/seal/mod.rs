@@ -198,8 +198,10 @@ fn seal_body(file_key: &SecretKey, root: RootParams, plaintext: &[u8]) -> Result
         nonce: random_nonce(),
     };
     let aad = header.encode();
-    // Encrypted in place: after the call the buffer holds only ciphertext.
-    let mut buffer = plaintext.to_vec();
+    // Encrypted in place, with room for the tag so no reallocation leaves a plaintext copy:
+    // after the call the buffer holds only ciphertext.
+    let mut buffer = Vec::with_capacity(plaintext.len() + crate::crypto::aead::TAG_LEN);
+    buffer.extend_from_slice(plaintext);
     key.seal_in_place(&header.nonce, aad.as_bytes(), &mut buffer)
         .map_err(|_| Error::internal("sealed keyring encryption failed"))?;
     Ok(format!("{aad}{}\n", BASE64.encode(&buffer)))
