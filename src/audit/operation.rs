@@ -131,6 +131,14 @@ named_enum! {
         AuditNewLog => "AuditNewLog",
         /// Evidence the writer appends when the end of the log is not the one it signed.
         AuditTailMismatch => "AuditTailMismatch",
+        /// `keyring init-hsm-key`: a root key generated in a PKCS#11 token.
+        CreateRootKey => "CreateRootKey",
+        /// `keyring seal`: a plain keyring sealed under a root of trust.
+        SealKeyring => "SealKeyring",
+        /// `keyring reseal`: a sealed keyring re-sealed under another root.
+        ResealKeyring => "ResealKeyring",
+        /// `keyring unseal`: a sealed keyring written out in plain text (export-controlled).
+        UnsealKeyring => "UnsealKeyring",
         /// A destroyed tenant or version shredded again from the shred ledger at start.
         ShredLedgerReapply => "ShredLedgerReapply",
         /// A destruction found in the key store and recorded in the shred ledger at start.

@@ -55,13 +55,13 @@ pub const DATA_DIR_LEDGER: &str = "master.keyring.shred-ledger";
 /// Where the ledger lives by default: beside the keyring file, or (environment-provided master
 /// keys) in the data directory, which does not survive the data directory being wiped.
 pub fn default_path(source: &MasterKeySource, data_dir: &Path) -> PathBuf {
-    match source {
-        MasterKeySource::File(keyring) => {
+    match source.keyring_file() {
+        Some(keyring) => {
             let mut name = keyring.as_os_str().to_owned();
             name.push(LEDGER_SUFFIX);
             PathBuf::from(name)
         }
-        MasterKeySource::Env(_) => data_dir.join(DATA_DIR_LEDGER),
+        None => data_dir.join(DATA_DIR_LEDGER),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::backup::snapshot;
 use crate::backup::tenant_export;
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
-use crate::keys::{MasterKeySource, MasterKeyring};
+use crate::keys::MasterKeyring;
 use crate::service::ServiceOptions;
 use crate::service::data_dir_guard::{DataDirLock, SERVE_LOCK_FILE};
 use crate::service::state::{ADMIN_TOKEN_FILE, DataDir};
@@ -220,10 +220,7 @@ fn run_verify(args: BackupVerifyArgs) -> Result<ExitCode> {
 /// keyring and the shred ledger when they live inside it, the operator's admin token, and the
 /// lock file.
 fn ignorable(options: &ServiceOptions, path: &Path) -> bool {
-    let keyring = match &options.master_keys {
-        MasterKeySource::File(keyring) => Some(keyring.as_path()),
-        MasterKeySource::Env(_) => None,
-    };
+    let keyring = options.master_keys.keyring_file();
     let same = |other: &Path| match (path.canonicalize(), other.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::keyring::SealArgs;
 use crate::audit::{AuditRecord, Operation, Outcome};
 use crate::keys::MasterKeySource;
 use crate::service::ServiceOptions;
@@ -26,15 +27,18 @@ pub struct DataDirArgs {
     /// --master-key-env, <data-dir>/master.keyring.shred-ledger). Keep it with the master keys.
     #[arg(long, env = "TENANT_KMS_SHRED_LEDGER")]
     pub shred_ledger: Option<PathBuf>,
+    /// How the keyring file is sealed (`--seal pkcs11|passphrase` and its flags).
+    #[command(flatten)]
+    pub seal: SealArgs,
 }
 
 impl DataDirArgs {
-    /// The master-key source these arguments name.
+    /// The master-key source these arguments name (sealed when `--seal` is given).
     pub fn master_keys(&self) -> MasterKeySource {
         match (&self.master_key_env, &self.keyring) {
             (Some(var), _) => MasterKeySource::Env(var.clone()),
-            (None, Some(path)) => MasterKeySource::File(path.clone()),
-            (None, None) => MasterKeySource::File(self.data_dir.join(KEYRING_FILE)),
+            (None, Some(path)) => self.seal.source(path.clone()),
+            (None, None) => self.seal.source(self.data_dir.join(KEYRING_FILE)),
         }
     }
 

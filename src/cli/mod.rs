@@ -5,6 +5,7 @@ pub mod audit;
 pub mod backup;
 pub mod client;
 pub mod common;
+pub mod keyring;
 pub mod rotate;
 pub mod selftest;
 pub mod serve;
@@ -49,6 +50,10 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a full backup into a data directory (the server stopped).
     Restore(backup::RestoreArgs),
+    /// Seal the master keyring under a root of trust (PKCS#11 HSM or passphrase), re-seal,
+    /// unseal for migration, or show its state.
+    #[command(subcommand)]
+    Keyring(keyring::KeyringCommand),
     /// Run the cryptographic self-tests (known answers, Wycheproof, wire-format vectors).
     Selftest(selftest::SelftestArgs),
 }
@@ -67,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Backup(args) => backup::run_backup(args),
         Command::Restore(args) => backup::run_restore(args),
         Command::Selftest(args) => selftest::run(args),
+        Command::Keyring(cmd) => keyring::run(cmd),
     };
     match result {
         Ok(code) => code,

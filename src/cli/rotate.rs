@@ -321,6 +321,8 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
     } else {
         let version = match &options.master_keys {
             MasterKeySource::File(path) => MasterKeyring::add_version_to_file(path)?,
+            // Re-sealed in memory under the same root; the plaintext never reaches the disk.
+            MasterKeySource::Sealed(sealed) => sealed.add_version()?,
             MasterKeySource::Env(var) => {
                 return Err(Error::FailedPrecondition(format!(
                     "every key is already under the newest master version; with keys from \

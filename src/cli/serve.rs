@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::Args;
 use tonic::service::Routes;
 
+use super::keyring::SealArgs;
 use crate::audit::Durability;
 use crate::config::{FileConfig, bounded_count, max, parse_duration_seconds};
 use crate::error::{Error, Result};
@@ -68,6 +69,9 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace.
     #[arg(long, env = "TENANT_KMS_LOG", default_value = "info")]
     log: String,
+    /// How the keyring file is sealed (`--seal pkcs11|passphrase` and its flags).
+    #[command(flatten)]
+    seal: SealArgs,
 }
 
 /// What `serve` prints on stdout, followed by the bound address, once it is ready to serve.
@@ -99,8 +103,8 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         args.keyring.clone().or(file.keyring_file),
     ) {
         (Some(var), _) => MasterKeySource::Env(var),
-        (None, Some(path)) => MasterKeySource::File(path),
-        (None, None) => MasterKeySource::File(data_dir.join(KEYRING_FILE)),
+        (None, Some(path)) => args.seal.source(path),
+        (None, None) => args.seal.source(data_dir.join(KEYRING_FILE)),
     };
     options.shred_ledger = args.shred_ledger.clone();
     if let Some(d) = args.audit_durability.or(file.audit_durability) {
@@ -209,6 +213,28 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// Warns at start when the master keys are not sealed under a root of trust, naming the
+/// options that seal them.
+fn warn_if_unsealed(source: &MasterKeySource) {
+    match source {
+        MasterKeySource::Sealed(_) => {}
+        // A sealed file opened without --seal is refused with its own message when loaded.
+        MasterKeySource::File(path) if crate::keys::seal::is_sealed_file(path) => {}
+        MasterKeySource::File(path) => tracing::warn!(
+            path = %path.display(),
+            "the master keyring is NOT sealed: whoever reads this file (a stolen disk or \
+             backup) holds every key. Seal it under an HSM or a passphrase: tenant-kms keyring \
+             seal --seal pkcs11|passphrase, then start with the same --seal flags \
+             (docs/OPERATIONS.md, \"Root of trust\")"
+        ),
+        MasterKeySource::Env(var) => tracing::warn!(
+            var = %var,
+            "the master keys come unsealed from the environment; a keyring file sealed with \
+             --seal pkcs11|passphrase keeps them under a root of trust (docs/OPERATIONS.md)"
+        ),
+    }
+}
+
 /// Runs the service until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     run_with(args, |_| Routes::default())
@@ -231,6 +257,7 @@ pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Res
     crate::service::data_dir_guard::check_dir_mode(&options.data_dir)?;
     crate::fsutil::create_private_dir(&options.data_dir)?;
     let _lock = crate::service::data_dir_guard::DataDirLock::acquire(&options.data_dir, "serve")?;
+    warn_if_unsealed(&options.master_keys);
     if options.tls.is_none() && !listen.ip().is_loopback() {
         if !insecure {
             return Err(Error::FailedPrecondition(format!(
@@ -249,7 +276,10 @@ pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Res
             .await
             .map_err(|e| Error::FailedPrecondition(format!("cannot listen on {listen}: {e}")))?;
         let data_dir = options.data_dir.clone();
+        let opening = std::time::Instant::now();
         let state = Arc::new(tokio::task::block_in_place(|| AppState::open(options))?);
+        // Reported so operators can compare start-up with a sealed and a plain keyring.
+        let open_ms = opening.elapsed().as_millis();
         let transport = match &state.options.tls {
             None => "plaintext",
             Some(TlsFiles {
@@ -262,6 +292,7 @@ pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Res
             addr = %bound,
             data_dir = %data_dir.display(),
             transport,
+            open_ms,
             "tenant-kms serving"
         );
         // The one line `serve` writes to stdout, for scripts and test harnesses: the address

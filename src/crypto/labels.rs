@@ -26,6 +26,12 @@ pub const TENANT_EXPORT: &[u8] = b"tenant-kms/v1/tenant-export";
 /// version).
 pub const SHRED_LEDGER: &[u8] = b"tenant-kms/v1/shred-ledger";
 
+/// HKDF info label for the key that encrypts a sealed keyring's body (derived from its file
+/// key).
+pub const SEALED_KEYRING_BODY: &[u8] = b"tenant-kms/v1/sealed-keyring-body";
+/// HKDF info label for a sealed keyring's check value (derived from its file key).
+pub const SEALED_KEYRING_CHECK: &[u8] = b"tenant-kms/v1/sealed-keyring-check";
+
 /// Every label, for the test that proves them distinct and for docs.
 pub const ALL: &[&[u8]] = &[
     FIELD,
@@ -38,6 +44,8 @@ pub const ALL: &[&[u8]] = &[
     BACKUP_MANIFEST,
     TENANT_EXPORT,
     SHRED_LEDGER,
+    SEALED_KEYRING_BODY,
+    SEALED_KEYRING_CHECK,
 ];
 
 /// Appends `part` to `out` prefixed by its length as a 4-byte big-endian integer, so that no

@@ -5,24 +5,118 @@
 //!   first start, refused if group or others can access it; `rotate --master` appends versions;
 //! - an **environment variable** holding `1:<hex>,2:<hex>` for deployments that inject secrets.
 //!
-//! File format: one `VERSION HEX` line per version (64 hex digits), `#` comments.
+//! A keyring file may be **sealed** under a root of trust (a PKCS#11 token or a passphrase,
+//! [`super::seal`]): then it is a [`MasterKeySource::Sealed`], opened into zeroizing memory
+//! and re-sealed in memory when `rotate --master` adds a version; its plaintext is never
+//! written to a file.
+//!
+//! File format: one `VERSION HEX` line per version (64 hex digits), `#` comments (sealed:
+//! the same text is the encrypted body, docs/FORMAT.md).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
 use crate::crypto::secret::{KEY_LEN, SecretKey};
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::keys::seal::{self, RootKey};
 
 /// Where the master keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MasterKeySource {
-    /// A keyring file (created on first start when allowed).
+    /// A plain keyring file (created on first start when allowed).
     File(PathBuf),
     /// The name of an environment variable holding `1:<hex>,2:<hex>`.
     Env(String),
+    /// A keyring file sealed under a root of trust (created sealed on first start when
+    /// allowed).
+    Sealed(SealedKeyring),
+}
+
+impl MasterKeySource {
+    /// The keyring file, sealed or not (`None` for keys from the environment).
+    pub fn keyring_file(&self) -> Option<&Path> {
+        match self {
+            Self::File(path) => Some(path),
+            Self::Sealed(sealed) => Some(&sealed.path),
+            Self::Env(_) => None,
+        }
+    }
+}
+
+/// A sealed keyring file and the root that opens it. Clones share the root, so a file key
+/// opened once serves every later load in the process.
+#[derive(Debug, Clone)]
+pub struct SealedKeyring {
+    /// The sealed keyring file.
+    pub path: PathBuf,
+    /// The root of trust it is sealed under.
+    pub root: Arc<RootKey>,
+}
+
+impl PartialEq for SealedKeyring {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.root.config() == other.root.config()
+    }
+}
+
+impl Eq for SealedKeyring {}
+
+impl SealedKeyring {
+    /// Reads the sealed file (refused when others can read it, or when it is not sealed).
+    fn read(&self) -> Result<Zeroizing<String>> {
+        fsutil::check_private(&self.path)?;
+        let text =
+            Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| {
+                Error::Internal(format!("cannot read {}: {e}", self.path.display()))
+            })?);
+        if !seal::header::is_sealed(text.as_bytes()) {
+            return Err(Error::FailedPrecondition(format!(
+                "master keyring {} is not sealed, but --seal {} was given: seal it first \
+                 (tenant-kms keyring seal) or start without --seal",
+                self.path.display(),
+                self.root.config().method()
+            )));
+        }
+        Ok(text)
+    }
+
+    /// Appends a new random version: opened, extended and re-sealed (same file key) in
+    /// memory, then written atomically. Returns the new version.
+    pub fn add_version(&self) -> Result<u32> {
+        let previous = self.read()?;
+        let mut keyring = MasterKeyring::parse_text(&self.root.unseal(&previous)?)?;
+        let version = keyring.primary_version() + 1;
+        keyring.keys.insert(version, fresh_key()?);
+        let sealed = self
+            .root
+            .reseal(&previous, keyring.to_file_text().as_bytes())?;
+        replace_private_file(&self.path, sealed.as_bytes())?;
+        Ok(version)
+    }
+}
+
+/// A new random master-key version.
+fn fresh_key() -> Result<SecretKey> {
+    SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))
+}
+
+/// Replaces `path` atomically with `contents`: a temporary 0600 file beside it, synced, then
+/// renamed over it, and the directory synced.
+pub fn replace_private_file(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("keyring.new");
+    let _ = std::fs::remove_file(&tmp);
+    fsutil::write_private_file(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::Internal(format!("cannot replace {}: {e}", path.display())))?;
+    if let Some(dir) = path.parent() {
+        // Make the rename durable.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// The master-key versions in memory. Not `Debug`, not `Clone`; keys zeroize on drop.
@@ -47,21 +141,48 @@ impl MasterKeyring {
                             path.display()
                         )));
                     }
-                    let keyring = Self::single(
-                        SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?,
-                    );
+                    let keyring = Self::single(fresh_key()?);
                     fsutil::write_private_file(path, keyring.to_file_text().as_bytes())?;
                     tracing::info!(path = %path.display(), "created master keyring (version 1)");
                     return Ok(keyring);
                 }
                 fsutil::check_private(path)?;
-                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                let text = Zeroizing::new(std::fs::read(path).map_err(|e| {
                     Error::Internal(format!("cannot read {}: {e}", path.display()))
                 })?);
-                Self::parse(
-                    text.lines()
-                        .map(|line| line.split_once(char::is_whitespace)),
-                )
+                if seal::header::is_sealed(&text) {
+                    let method = std::str::from_utf8(&text)
+                        .ok()
+                        .and_then(|t| seal::header::parse(t).ok())
+                        .map_or("pkcs11|passphrase", |(h, _, _)| h.root.method());
+                    return Err(Error::FailedPrecondition(format!(
+                        "master keyring {} is sealed: start with --seal {method} and its \
+                         options (docs/OPERATIONS.md, \"Root of trust\")",
+                        path.display()
+                    )));
+                }
+                Self::parse_text(&text)
+            }
+            MasterKeySource::Sealed(sealed) => {
+                if !sealed.path.exists() {
+                    if !create_if_missing {
+                        return Err(Error::FailedPrecondition(format!(
+                            "master keyring {} does not exist",
+                            sealed.path.display()
+                        )));
+                    }
+                    let keyring = Self::single(fresh_key()?);
+                    let text = sealed.root.seal_new(keyring.to_file_text().as_bytes())?;
+                    fsutil::write_private_file(&sealed.path, text.as_bytes())?;
+                    tracing::info!(
+                        path = %sealed.path.display(),
+                        method = sealed.root.config().method(),
+                        "created sealed master keyring (version 1)"
+                    );
+                    return Ok(keyring);
+                }
+                let file = sealed.read()?;
+                Self::parse_text(&sealed.root.unseal(&file)?)
             }
             MasterKeySource::Env(var) => {
                 let text = Zeroizing::new(std::env::var(var).map_err(|_| {
@@ -72,6 +193,17 @@ impl MasterKeyring {
                 Self::parse(text.split(',').map(|item| item.split_once(':')))
             }
         }
+    }
+
+    /// Parses keyring file text (plain, or the opened body of a sealed file).
+    pub(crate) fn parse_text(text: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(text).map_err(|_| {
+            Error::FailedPrecondition("master keyring: the file is not UTF-8 text".into())
+        })?;
+        Self::parse(
+            text.lines()
+                .map(|line| line.split_once(char::is_whitespace)),
+        )
     }
 
     fn single(key: SecretKey) -> Self {
@@ -112,7 +244,8 @@ impl MasterKeyring {
         Ok(Self { keys })
     }
 
-    fn to_file_text(&self) -> Zeroizing<String> {
+    /// The keyring as plain file text (for sealing, or an audited `keyring unseal`).
+    pub(crate) fn to_file_text(&self) -> Zeroizing<String> {
         let mut text = Zeroizing::new(String::from(FILE_HEADER));
         for (version, key) in &self.keys {
             text.push_str(&format!("{version} "));
@@ -127,19 +260,8 @@ impl MasterKeyring {
     pub fn add_version_to_file(path: &Path) -> Result<u32> {
         let mut keyring = Self::load(&MasterKeySource::File(path.to_owned()), false)?;
         let version = keyring.primary_version() + 1;
-        keyring.keys.insert(
-            version,
-            SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?,
-        );
-        let tmp = path.with_extension("keyring.new");
-        let _ = std::fs::remove_file(&tmp);
-        fsutil::write_private_file(&tmp, keyring.to_file_text().as_bytes())?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| Error::Internal(format!("cannot replace {}: {e}", path.display())))?;
-        if let Some(dir) = path.parent() {
-            // Make the rename durable.
-            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-        }
+        keyring.keys.insert(version, fresh_key()?);
+        replace_private_file(path, keyring.to_file_text().as_bytes())?;
         Ok(version)
     }
 
