@@ -33,26 +33,20 @@ pub fn code(error: &Error) -> Code {
     }
 }
 
-/// The audit outcome of an error.
+/// The audit outcome of an error: its status code in the audit's words, so the two can never
+/// disagree (the variants are matched once, in [`code`]).
 pub fn outcome(error: &Error) -> Outcome {
-    match error {
-        Error::InvalidArgument(_) | Error::DecryptFailed => Outcome::Invalid,
-        Error::NotFound(_) => Outcome::NotFound,
-        Error::AlreadyExists(_) => Outcome::AlreadyExists,
-        Error::FailedPrecondition(_)
-        | Error::TenantState(_)
-        | Error::KeyVersionState { .. }
-        | Error::PrimaryKeyVersion
-        | Error::DeletionWindowPassed
-        | Error::DeletionWindowOpen
-        | Error::ConcurrentChange
-        | Error::RetiredMasterVersion(_) => Outcome::FailedPrecondition,
-        Error::Unauthenticated => Outcome::Unauthenticated,
-        Error::PermissionDenied(_) => Outcome::Denied,
-        Error::ResourceExhausted(_) | Error::RetryLater { .. } => Outcome::Exhausted,
-        Error::DeadlineExceeded => Outcome::DeadlineExceeded,
-        Error::Unavailable(_) => Outcome::Unavailable,
-        Error::Internal(_) => Outcome::Internal,
+    match code(error) {
+        Code::InvalidArgument => Outcome::Invalid,
+        Code::NotFound => Outcome::NotFound,
+        Code::AlreadyExists => Outcome::AlreadyExists,
+        Code::FailedPrecondition => Outcome::FailedPrecondition,
+        Code::Unauthenticated => Outcome::Unauthenticated,
+        Code::PermissionDenied => Outcome::Denied,
+        Code::ResourceExhausted => Outcome::Exhausted,
+        Code::DeadlineExceeded => Outcome::DeadlineExceeded,
+        Code::Unavailable => Outcome::Unavailable,
+        _ => Outcome::Internal,
     }
 }
 
