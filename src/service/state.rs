@@ -375,7 +375,7 @@ impl AppState {
 
     /// Drops caches when another process changed the key store (a rotation, a revocation).
     ///
-    /// The check (see [`crate::store::KeyStore::change_generation`]) reads the WAL-index header of
+    /// The check (see [`crate::store::ChangeDetection::change_generation`]) reads the WAL-index header of
     /// keys.db, and only when that moved runs a `PRAGMA data_version` on the process's
     /// connection. When that connection is free it runs inline (well under a microsecond when
     /// nothing changed); when a write holds it (an fsync, or a wait for another process's
