@@ -467,8 +467,9 @@ pub fn check_shredding<S: KeyStore>(store: &S) {
     );
 }
 
-/// `shred` destroys whatever the state, reports only what it destroyed, and skips unknown
-/// tenants.
+/// `shred` destroys whatever the state and reports only what it destroyed; a destroyed tenant
+/// the store never knew becomes a tombstone (its id can never be created), a version of an
+/// unknown tenant is skipped.
 pub fn check_shred_ledger_reapplication<S: KeyStore>(store: &S) {
     with_masters(store);
     create(store, "a");
@@ -487,19 +488,39 @@ pub fn check_shred_ledger_reapplication<S: KeyStore>(store: &S) {
             tenant_id: id("nobody"),
             version: None,
         },
+        ShredItem {
+            tenant_id: id("unknown"),
+            version: Some(1),
+        },
     ];
     let done = store.shred(&items, 70).unwrap();
-    assert_eq!(done, items[..2].to_vec());
+    assert_eq!(done, items[..3].to_vec());
     assert_eq!(
         store.tenant(&id("a")).unwrap().unwrap().state,
         TenantState::Destroyed
     );
     assert!(wrapped_keys_of(store, "a").is_empty());
     assert_eq!(wrapped_keys_of(store, "b"), vec![2]);
+    // The tenant the store never knew is a tombstone now: its id is never created again.
+    assert_eq!(
+        store.tenant(&id("nobody")).unwrap().unwrap().state,
+        TenantState::Destroyed
+    );
+    let err = store
+        .create_tenant(&tenant("nobody"), &version(1, 1))
+        .err()
+        .expect("a tombstone id must not be created again");
+    assert!(
+        matches!(err, Error::TenantState(TenantState::Destroyed)),
+        "{err:?}"
+    );
+    assert!(store.tenant(&id("unknown")).unwrap().is_none());
     assert!(store.shred(&items, 80).unwrap().is_empty(), "nothing new");
     let mut destroyed = store.destroyed_items().unwrap();
     destroyed.sort();
-    assert_eq!(destroyed, items[..2].to_vec());
+    let mut expected = items[..3].to_vec();
+    expected.sort();
+    assert_eq!(destroyed, expected);
 }
 
 /// Tokens: insert, find by hash, list oldest first, revoke once.
