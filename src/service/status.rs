@@ -10,35 +10,25 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::audit::Outcome;
 use crate::error::Error;
 
-/// The gRPC code of an error.
+/// The gRPC code of an error. It always agrees with [`outcome`]: both come from one match.
 pub fn code(error: &Error) -> Code {
-    match error {
-        Error::InvalidArgument(_) | Error::DecryptFailed => Code::InvalidArgument,
-        Error::NotFound(_) => Code::NotFound,
-        Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::FailedPrecondition(_)
-        | Error::TenantState(_)
-        | Error::KeyVersionState { .. }
-        | Error::PrimaryKeyVersion
-        | Error::DeletionWindowPassed
-        | Error::DeletionWindowOpen
-        | Error::ConcurrentChange
-        | Error::RetiredMasterVersion(_) => Code::FailedPrecondition,
-        Error::Unauthenticated => Code::Unauthenticated,
-        Error::PermissionDenied(_) => Code::PermissionDenied,
-        Error::ResourceExhausted(_) | Error::RetryLater { .. } => Code::ResourceExhausted,
-        Error::DeadlineExceeded => Code::DeadlineExceeded,
-        Error::Unavailable(_) => Code::Unavailable,
-        Error::Internal(_) => Code::Internal,
-    }
+    classify(error).0
 }
 
-/// The audit outcome of an error.
+/// The audit outcome of an error. It always agrees with [`code`]: both come from one match.
 pub fn outcome(error: &Error) -> Outcome {
+    classify(error).1
+}
+
+/// The one place an error variant is classified, so the code a client sees and the outcome
+/// the audit log records cannot drift apart.
+fn classify(error: &Error) -> (Code, Outcome) {
     match error {
-        Error::InvalidArgument(_) | Error::DecryptFailed => Outcome::Invalid,
-        Error::NotFound(_) => Outcome::NotFound,
-        Error::AlreadyExists(_) => Outcome::AlreadyExists,
+        Error::InvalidArgument(_) | Error::DecryptFailed => {
+            (Code::InvalidArgument, Outcome::Invalid)
+        }
+        Error::NotFound(_) => (Code::NotFound, Outcome::NotFound),
+        Error::AlreadyExists(_) => (Code::AlreadyExists, Outcome::AlreadyExists),
         Error::FailedPrecondition(_)
         | Error::TenantState(_)
         | Error::KeyVersionState { .. }
@@ -46,13 +36,15 @@ pub fn outcome(error: &Error) -> Outcome {
         | Error::DeletionWindowPassed
         | Error::DeletionWindowOpen
         | Error::ConcurrentChange
-        | Error::RetiredMasterVersion(_) => Outcome::FailedPrecondition,
-        Error::Unauthenticated => Outcome::Unauthenticated,
-        Error::PermissionDenied(_) => Outcome::Denied,
-        Error::ResourceExhausted(_) | Error::RetryLater { .. } => Outcome::Exhausted,
-        Error::DeadlineExceeded => Outcome::DeadlineExceeded,
-        Error::Unavailable(_) => Outcome::Unavailable,
-        Error::Internal(_) => Outcome::Internal,
+        | Error::RetiredMasterVersion(_) => (Code::FailedPrecondition, Outcome::FailedPrecondition),
+        Error::Unauthenticated => (Code::Unauthenticated, Outcome::Unauthenticated),
+        Error::PermissionDenied(_) => (Code::PermissionDenied, Outcome::Denied),
+        Error::ResourceExhausted(_) | Error::RetryLater { .. } => {
+            (Code::ResourceExhausted, Outcome::Exhausted)
+        }
+        Error::DeadlineExceeded => (Code::DeadlineExceeded, Outcome::DeadlineExceeded),
+        Error::Unavailable(_) => (Code::Unavailable, Outcome::Unavailable),
+        Error::Internal(_) => (Code::Internal, Outcome::Internal),
     }
 }
 
