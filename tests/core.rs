@@ -432,13 +432,7 @@ async fn restart_keeps_keys_and_wrong_master_key_is_refused() {
     let keyring = dir.join("master.keyring");
     let original = std::fs::read(&keyring).unwrap();
     std::fs::remove_file(&keyring).unwrap();
-    let (code, _, stderr) = run_cli(&[
-        "serve",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (code, stderr) = serve_refused(&dir);
     assert_ne!(code, 0);
     assert!(
         stderr.contains("not the keyring this data directory was created with"),
@@ -449,13 +443,7 @@ async fn restart_keeps_keys_and_wrong_master_key_is_refused() {
 
     // A keyring readable by others: refused.
     std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (code, _, stderr) = run_cli(&[
-        "serve",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (code, stderr) = serve_refused(&dir);
     assert_ne!(code, 0);
     assert!(
         stderr.contains("must not be accessible by group or others"),
