@@ -462,35 +462,28 @@ async fn restart_keeps_keys_and_wrong_master_key_is_refused() {
         .unwrap()
         .to_owned();
     // SAFETY-free: set_var is unsafe in edition 2024 only because of threads; use a child.
-    let output = std::process::Command::new(BIN)
-        .args([
-            "audit",
-            "verify",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--master-key-env",
-            "TKMS_TEST_MK",
-        ])
-        .env("TKMS_TEST_MK", format!("1:{hex_key}"))
-        .output()
-        .unwrap();
+    // `audit verify` with the master key given as `1:<hex>` in the environment.
+    let verify_with = |hex: &str| {
+        std::process::Command::new(BIN)
+            .args([
+                "audit",
+                "verify",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--master-key-env",
+                "TKMS_TEST_MK",
+            ])
+            .env("TKMS_TEST_MK", format!("1:{hex}"))
+            .output()
+            .unwrap()
+    };
+    let output = verify_with(&hex_key);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let output = std::process::Command::new(BIN)
-        .args([
-            "audit",
-            "verify",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--master-key-env",
-            "TKMS_TEST_MK",
-        ])
-        .env("TKMS_TEST_MK", format!("1:{}", "ab".repeat(32)))
-        .output()
-        .unwrap();
+    let output = verify_with(&"ab".repeat(32));
     assert!(!output.status.success());
 }
 
