@@ -15,6 +15,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The in-process server harness of the integration tests: one way to start a server.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ use tenant_kms::audit::Durability;
 use tenant_kms::pb;
 use tenant_kms::pb::key_service_client::KeyServiceClient;
 use tenant_kms::pb::tenant_service_client::TenantServiceClient;
-use tenant_kms::service::{AppState, ServiceOptions, server};
+use tenant_kms::service::ServiceOptions;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -137,39 +141,21 @@ async fn drive(
 
 /// A server on a fresh data directory and eight connections to it.
 struct Bench {
-    state: Arc<AppState>,
+    server: common::TestServer,
     channels: Vec<Channel>,
     auth: Auth,
-    stop: tokio::sync::oneshot::Sender<()>,
-    served: tokio::task::JoinHandle<()>,
     _temp: tempfile::TempDir,
 }
 
 async fn start(base: &std::path::Path, durability: Durability) -> Bench {
     let temp = tempfile::tempdir_in(base).unwrap();
-    let dir = temp.path().join("data");
-    let mut options = ServiceOptions::new(&dir);
+    let mut options = ServiceOptions::new(temp.path().join("data"));
     options.durability = durability;
-    let state = Arc::new(
-        tokio::task::spawn_blocking(move || AppState::open(options))
-            .await
-            .unwrap()
-            .expect("server state opens"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run_state = Arc::clone(&state);
-    let served = tokio::spawn(async move {
-        server::run(listener, run_state, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
-    let auth = Auth(format!("Bearer {}", token.trim()).parse().unwrap());
-    let endpoint = Channel::from_shared(url).unwrap();
+    let server = common::TestServer::start_with(options).await;
+    // Parsed once here, not per call as the tests' interceptor does, so the measured loop
+    // pays only for the call.
+    let auth = Auth(format!("Bearer {}", server.admin_token).parse().unwrap());
+    let endpoint = Channel::from_shared(server.url()).unwrap();
     let mut channels = Vec::new();
     for _ in 0..8 {
         channels.push(endpoint.connect().await.unwrap());
@@ -181,11 +167,9 @@ async fn start(base: &std::path::Path, durability: Durability) -> Bench {
         .await
         .unwrap();
     Bench {
-        state,
+        server,
         channels,
         auth,
-        stop,
-        served,
         _temp: temp,
     }
 }
@@ -232,7 +216,7 @@ async fn main() {
             "clients", "calls/s", "p50 ms", "p99 ms", "records/commit", "writer busy", "ratio"
         );
         let counters = {
-            let state = Arc::clone(&bench.state);
+            let state = Arc::clone(&bench.server.state);
             move || {
                 (
                     state.audit_reader.count().unwrap(),
@@ -256,7 +240,6 @@ async fn main() {
                 level.rate / base_rate
             );
         }
-        let _ = bench.stop.send(());
-        bench.served.await.unwrap();
+        bench.server.stop().await;
     }
 }

@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -17,9 +16,8 @@ use tenant_kms::crypto::aead::random_nonce;
 use tenant_kms::crypto::envelope::{self, Purpose};
 use tenant_kms::crypto::format;
 use tenant_kms::crypto::secret::SecretKey;
-use tenant_kms::domain::{KeyVersionState, TenantId, TenantState};
-use tenant_kms::keys::cache::{CachedVersion, TenantEntry};
-use tenant_kms::store::TenantRecord;
+use tenant_kms::domain::TenantId;
+use tenant_kms::keys::cache::TenantEntry;
 
 const TENANT: &str = "bench-000042";
 const CONTEXT: &str = "bench.customers.email";
@@ -27,27 +25,9 @@ const AAD: &[u8] = b"row-0000001234";
 const SIZES: &[usize] = &[16, 64, 256, 1024, 4096, 65536];
 
 fn entry() -> TenantEntry {
-    let mut versions = HashMap::new();
-    versions.insert(
-        1,
-        CachedVersion {
-            state: KeyVersionState::Enabled,
-            key: Some(SecretKey::from_slice(&[7; 32]).unwrap()),
-        },
-    );
-    TenantEntry::new(
-        TenantRecord {
-            tenant_id: TenantId::parse(TENANT).unwrap(),
-            state: TenantState::Active,
-            primary_version: 1,
-            created_at: 0,
-            rotation_period_seconds: 0,
-            max_encryptions: 1 << 30,
-            deletion_time: None,
-            destroyed_at: None,
-        },
-        versions,
-        0,
+    TenantEntry::with_one_key(
+        TenantId::parse(TENANT).unwrap(),
+        SecretKey::from_slice(&[7; 32]).unwrap(),
     )
 }
 

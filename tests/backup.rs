@@ -81,6 +81,15 @@ impl Site {
         TestServer::start_with(self.options()).await
     }
 
+    /// Starts a server on the site, asserts that tenant `id` is in `state`, and stops it.
+    async fn assert_state_after_start(&self, id: &str, state: pb::TenantState) {
+        let server = self.start().await;
+        let (_, mut tenants, _) = server.clients().await;
+        assert_eq!(get(&mut tenants, id).await.state, state as i32, "{id}");
+        drop(tenants);
+        server.stop().await;
+    }
+
     fn path(&self, name: &str) -> String {
         self.root.join(name).to_str().unwrap().to_owned()
     }
@@ -284,14 +293,8 @@ async fn backup_verify_and_restore_refuse_bad_backups() {
     // The failed restores left the live data directory as it was.
     let out = site.cli_ok(&["audit", "verify"]);
     assert!(out.starts_with("OK: "), "{out}");
-    let server = site.start().await;
-    let (_, mut tenants, _) = server.clients().await;
-    assert_eq!(
-        get(&mut tenants, "acme").await.state,
-        pb::TenantState::Active as i32
-    );
-    drop(tenants);
-    server.stop().await;
+    site.assert_state_after_start("acme", pb::TenantState::Active)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,22 +402,10 @@ async fn per_tenant_export_rotate_import_rolls_back_only_that_tenant() {
     assert_eq!(again.key_version, 1);
     // ... and not lost: an operator who imported by mistake enables it again. A later
     // rotation never reuses its number.
-    tenants
-        .enable_key_version(pb::EnableKeyVersionRequest {
-            tenant_id: "a".into(),
-            version: 2,
-        })
-        .await
-        .unwrap();
+    enable_key_version(&mut tenants, "a", 2).await.unwrap();
     let back = decrypt(&mut keys, "a", "ctx", &a2, b"").await.unwrap();
     assert_eq!(back.plaintext, b"a under v2");
-    tenants
-        .disable_key_version(pb::DisableKeyVersionRequest {
-            tenant_id: "a".into(),
-            version: 2,
-        })
-        .await
-        .unwrap();
+    disable_key_version(&mut tenants, "a", 2).await.unwrap();
     // B is untouched.
     assert_eq!(
         (
@@ -587,13 +578,7 @@ async fn restoring_an_old_backup_never_resurrects_shredded_keys() {
     // After the backup: tenant c is crypto-shredded, and d's version 1 destroyed.
     destroy_now(&mut tenants, "c").await;
     rotate_tenant(&mut tenants, "d").await.unwrap();
-    tenants
-        .destroy_key_version(pb::DestroyKeyVersionRequest {
-            tenant_id: "d".into(),
-            version: 1,
-        })
-        .await
-        .unwrap();
+    destroy_key_version(&mut tenants, "d", 1).await.unwrap();
     drop((keys, tenants));
     server.stop().await;
     let ledger = std::fs::read_to_string(site.ledger()).unwrap();
@@ -687,14 +672,8 @@ async fn server_start_shreds_again_a_backup_copied_in_by_hand() {
         std::fs::copy(Path::new(&backup).join(file), site.data.join(file)).unwrap();
     }
     std::fs::write(site.data.join("admin.token"), format!("{token}\n")).unwrap();
-    let server = site.start().await;
-    let (_, mut tenants, _) = server.clients().await;
-    assert_eq!(
-        get(&mut tenants, "c").await.state,
-        pb::TenantState::Destroyed as i32
-    );
-    drop(tenants);
-    server.stop().await;
+    site.assert_state_after_start("c", pb::TenantState::Destroyed)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -432,13 +432,7 @@ async fn restart_keeps_keys_and_wrong_master_key_is_refused() {
     let keyring = dir.join("master.keyring");
     let original = std::fs::read(&keyring).unwrap();
     std::fs::remove_file(&keyring).unwrap();
-    let (code, _, stderr) = run_cli(&[
-        "serve",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (code, stderr) = serve_refused(&dir);
     assert_ne!(code, 0);
     assert!(
         stderr.contains("not the keyring this data directory was created with"),
@@ -449,13 +443,7 @@ async fn restart_keeps_keys_and_wrong_master_key_is_refused() {
 
     // A keyring readable by others: refused.
     std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (code, _, stderr) = run_cli(&[
-        "serve",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let (code, stderr) = serve_refused(&dir);
     assert_ne!(code, 0);
     assert!(
         stderr.contains("must not be accessible by group or others"),
@@ -474,35 +462,28 @@ async fn restart_keeps_keys_and_wrong_master_key_is_refused() {
         .unwrap()
         .to_owned();
     // SAFETY-free: set_var is unsafe in edition 2024 only because of threads; use a child.
-    let output = std::process::Command::new(BIN)
-        .args([
-            "audit",
-            "verify",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--master-key-env",
-            "TKMS_TEST_MK",
-        ])
-        .env("TKMS_TEST_MK", format!("1:{hex_key}"))
-        .output()
-        .unwrap();
+    // `audit verify` with the master key given as `1:<hex>` in the environment.
+    let verify_with = |hex: &str| {
+        std::process::Command::new(BIN)
+            .args([
+                "audit",
+                "verify",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--master-key-env",
+                "TKMS_TEST_MK",
+            ])
+            .env("TKMS_TEST_MK", format!("1:{hex}"))
+            .output()
+            .unwrap()
+    };
+    let output = verify_with(&hex_key);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let output = std::process::Command::new(BIN)
-        .args([
-            "audit",
-            "verify",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--master-key-env",
-            "TKMS_TEST_MK",
-        ])
-        .env("TKMS_TEST_MK", format!("1:{}", "ab".repeat(32)))
-        .output()
-        .unwrap();
+    let output = verify_with(&"ab".repeat(32));
     assert!(!output.status.success());
 }
 

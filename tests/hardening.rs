@@ -8,46 +8,23 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tenant_kms::domain::TenantState;
 use tenant_kms::pb;
 use tonic::Code;
 
-/// Runs `tenant-kms serve` on `data_dir` expecting it to refuse to start: returns its exit
-/// code and stderr. A server that starts anyway is killed after 60 s and the test fails
-/// (rather than hanging).
-fn serve_refused(data_dir: &Path) -> (i32, String) {
-    serve_refused_with(data_dir, &[])
-}
-
-/// [`serve_refused`] with extra flags.
-fn serve_refused_with(data_dir: &Path, extra: &[&str]) -> (i32, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("serve on {} did not refuse to start", data_dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+/// `restore --force` of `backup` into `data`: its exit code, stdout and stderr.
+fn restore_forced(backup: &Path, data: &Path) -> (i32, String, String) {
+    run_cli(&[
+        "restore",
+        "--from",
+        s(backup),
+        "--force",
+        "--data-dir",
+        s(data),
+    ])
 }
 
 fn s(path: &Path) -> &str {
@@ -129,14 +106,7 @@ async fn restore_and_a_second_serve_are_refused_while_a_server_holds_the_directo
 
     // The restore is refused, naming the server's pid, and changes nothing.
     let before = names(&data);
-    let (code, _, err) = run_cli(&[
-        "restore",
-        "--from",
-        s(&backup),
-        "--force",
-        "--data-dir",
-        s(&data),
-    ]);
+    let (code, _, err) = restore_forced(&backup, &data);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(&format!("in use by process {pid} (serve)")),
@@ -170,14 +140,7 @@ async fn restore_and_a_second_serve_are_refused_while_a_server_holds_the_directo
     server.terminate().await;
 
     // Stopped: the restore goes through, and a server starts on the restored data.
-    let (code, out, err) = run_cli(&[
-        "restore",
-        "--from",
-        s(&backup),
-        "--force",
-        "--data-dir",
-        s(&data),
-    ]);
+    let (code, out, err) = restore_forced(&backup, &data);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("restored backup"), "{out}");
     let server = BinaryServer::start(&data, &[]).await;
@@ -217,14 +180,7 @@ async fn a_tenant_destroyed_after_a_backup_stays_destroyed_after_restoring_it() 
     drop(tenants);
     server.stop().await;
 
-    let (code, _, err) = run_cli(&[
-        "restore",
-        "--from",
-        s(&backup),
-        "--force",
-        "--data-dir",
-        s(&data),
-    ]);
+    let (code, _, err) = restore_forced(&backup, &data);
     assert_eq!(code, 0, "{err}");
     for restart in 0..2 {
         let server = TestServer::start_with(test_options(&data)).await;

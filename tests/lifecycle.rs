@@ -320,14 +320,7 @@ async fn rotation_keeps_old_versions_and_rewrap_moves_values_to_the_primary() {
     assert!(list[0].encryptions >= 1 && list[1].encryptions >= 4);
 
     // Disable v1: its values fail (FAILED_PRECONDITION naming the state), v2 values work.
-    let disabled = tenants
-        .disable_key_version(pb::DisableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let disabled = disable_key_version(&mut tenants, "acme", 1).await.unwrap();
     assert_eq!(disabled.state, pb::KeyVersionState::Disabled as i32);
     let err = decrypt(&mut keys, "acme", "ctx", &v1.ciphertext, b"row-1")
         .await
@@ -343,14 +336,7 @@ async fn rotation_keeps_old_versions_and_rewrap_moves_values_to_the_primary() {
             .is_ok()
     );
     // Enable again: they work again.
-    let enabled = tenants
-        .enable_key_version(pb::EnableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let enabled = enable_key_version(&mut tenants, "acme", 1).await.unwrap();
     assert_eq!(enabled.state, pb::KeyVersionState::Enabled as i32);
     let back = decrypt(&mut keys, "acme", "ctx", &v1.ciphertext, b"row-1")
         .await
@@ -358,66 +344,35 @@ async fn rotation_keeps_old_versions_and_rewrap_moves_values_to_the_primary() {
     assert_eq!(back.plaintext, b"alice@example.com");
 
     // The primary can be neither disabled nor destroyed; bad versions are named.
-    let err = tenants
-        .disable_key_version(pb::DisableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 2,
-        })
+    let err = disable_key_version(&mut tenants, "acme", 2)
         .await
         .status_err();
     assert_failed_precondition(&err, "primary");
-    let err = tenants
-        .destroy_key_version(pb::DestroyKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 2,
-        })
+    let err = destroy_key_version(&mut tenants, "acme", 2)
         .await
         .status_err();
     assert_failed_precondition(&err, "primary");
-    let err = tenants
-        .disable_key_version(pb::DisableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 0,
-        })
+    let err = disable_key_version(&mut tenants, "acme", 0)
         .await
         .status_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = tenants
-        .disable_key_version(pb::DisableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 9,
-        })
+    let err = disable_key_version(&mut tenants, "acme", 9)
         .await
         .status_err();
     assert_eq!(err.code(), Code::NotFound);
 
     // Destroy v1: its values fail for good; it cannot be enabled or destroyed again.
-    let destroyed = tenants
-        .destroy_key_version(pb::DestroyKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let destroyed = destroy_key_version(&mut tenants, "acme", 1).await.unwrap();
     assert_eq!(destroyed.state, pb::KeyVersionState::Destroyed as i32);
     let err = decrypt(&mut keys, "acme", "ctx", &v1.ciphertext, b"row-1")
         .await
         .status_err();
     assert_failed_precondition(&err, "key version 1 is DESTROYED");
-    let err = tenants
-        .enable_key_version(pb::EnableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
+    let err = enable_key_version(&mut tenants, "acme", 1)
         .await
         .status_err();
     assert_failed_precondition(&err, "DESTROYED");
-    let err = tenants
-        .destroy_key_version(pb::DestroyKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
+    let err = destroy_key_version(&mut tenants, "acme", 1)
         .await
         .status_err();
     assert_failed_precondition(&err, "DESTROYED");
@@ -872,13 +827,7 @@ async fn a_key_cached_before_a_change_never_serves_a_call_after_it() {
     rotate_tenant(&mut tenants, "acme").await.unwrap();
     let next = try_encrypt(&mut keys, "acme", b"v").await.unwrap();
     assert_eq!(next.key_version, 2, "the rotation is seen at once");
-    tenants
-        .disable_key_version(pb::DisableKeyVersionRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
-        .await
-        .unwrap();
+    disable_key_version(&mut tenants, "acme", 1).await.unwrap();
     assert_failed_precondition(
         &decrypt(&mut keys, "acme", "ctx", &ct, b"row")
             .await
@@ -955,11 +904,7 @@ async fn shredding_leaves_no_key_byte_in_any_file_and_the_id_is_never_reused() {
 
     // Destroying one version of another tenant shreds just that version.
     let keeper_keys = wrapped_keys(&dir, "keeper");
-    tenants
-        .destroy_key_version(pb::DestroyKeyVersionRequest {
-            tenant_id: "keeper".into(),
-            version: 1,
-        })
+    destroy_key_version(&mut tenants, "keeper", 1)
         .await
         .unwrap();
     let keeper_v1_bytes = &keeper_keys[0].2;

@@ -304,6 +304,14 @@ fn assert_no_key_bytes(dir: &Path, keys: &[Vec<u8>]) {
     }
 }
 
+/// `keyring init-hsm-key` on `hsm` for the data directory `data`: exit code, stdout, stderr.
+fn init_hsm_key(hsm: &Hsm, data: &str, flags: &[String]) -> (i32, String, String) {
+    run(
+        Some(hsm),
+        &args(&["keyring", "init-hsm-key", "--data-dir", data], flags),
+    )
+}
+
 /// The plain keyring text, through the audited export-controlled unseal.
 fn unseal_text(setup: &Setup, hsm: Option<&Hsm>, flags: &[String], name: &str) -> String {
     let out = setup.root.join(name);
@@ -338,13 +346,7 @@ async fn hsm_sealed_keyring_serves_and_holds_no_master_key_bytes() {
     let setup = Setup::new();
     let hsm = Hsm::new(&setup.root, "hsm", TOKEN);
     let flags = setup.hsm_flags(KEY);
-    let (code, _, err) = run(
-        Some(&hsm),
-        &args(
-            &["keyring", "init-hsm-key", "--data-dir", &setup.data()],
-            &flags,
-        ),
-    );
+    let (code, _, err) = init_hsm_key(&hsm, &setup.data(), &flags);
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("generated AES-256 root key 'root' in token 'kms'"),
@@ -449,22 +451,10 @@ fn hsm_start_refusals_name_their_cause() {
     let setup = Setup::new();
     let hsm = Hsm::new(&setup.root, "hsm", TOKEN);
     let flags = setup.hsm_flags(KEY);
-    let (code, _, err) = run(
-        Some(&hsm),
-        &args(
-            &["keyring", "init-hsm-key", "--data-dir", &setup.data()],
-            &flags,
-        ),
-    );
+    let (code, _, err) = init_hsm_key(&hsm, &setup.data(), &flags);
     assert_eq!(code, 0, "{err}");
     // A label already taken is refused (no second key with the same label).
-    let (code, _, err) = run(
-        Some(&hsm),
-        &args(
-            &["keyring", "init-hsm-key", "--data-dir", &setup.data()],
-            &flags,
-        ),
-    );
+    let (code, _, err) = init_hsm_key(&hsm, &setup.data(), &flags);
     assert_ne!(code, 0);
     assert!(err.contains("already holds a key labelled 'root'"), "{err}");
     // First start with --seal creates the keyring sealed: no plaintext ever written.
@@ -496,18 +486,11 @@ fn hsm_start_refusals_name_their_cause() {
 
     // A different token: same label, same PIN, a key with the same label, another key.
     let other = Hsm::new(&setup.root, "other-hsm", TOKEN);
-    let (code, _, err) = run(
-        Some(&other),
-        &args(
-            // Another HSM, not serving this data directory yet: nothing to audit into.
-            &[
-                "keyring",
-                "init-hsm-key",
-                "--data-dir",
-                setup.root.join("elsewhere").to_str().unwrap(),
-            ],
-            &flags,
-        ),
+    let (code, _, err) = init_hsm_key(
+        &other,
+        // Another HSM, not serving this data directory yet: nothing to audit into.
+        setup.root.join("elsewhere").to_str().unwrap(),
+        &flags,
     );
     assert_eq!(code, 0, "{err}");
     let err = start_refused(Some(&other), &data, &flags);
@@ -602,13 +585,7 @@ fn hsm_key_wrap_reseal_to_new_key_and_to_passphrase() {
     drop(start(None, &data, &[]));
     let masters = master_keys(&std::fs::read_to_string(setup.keyring()).unwrap());
     for key in [KEY, "root-2024"] {
-        let (code, _, err) = run(
-            Some(&hsm),
-            &args(
-                &["keyring", "init-hsm-key", "--data-dir", &data],
-                &setup.hsm_flags(key),
-            ),
-        );
+        let (code, _, err) = init_hsm_key(&hsm, &data, &setup.hsm_flags(key));
         assert_eq!(code, 0, "{err}");
     }
 

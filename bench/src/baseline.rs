@@ -2,7 +2,6 @@
 //! encryption costs with a cached and an uncached key, what one fsync of the data directory
 //! costs, and what the key store's change check costs.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,10 +14,10 @@ use super::stats::Latency;
 use tenant_kms::crypto::envelope::{self, Purpose};
 use tenant_kms::crypto::format;
 use tenant_kms::crypto::secret::SecretKey;
-use tenant_kms::domain::{KeyVersionState, TenantId, TenantState};
+use tenant_kms::domain::TenantId;
 use tenant_kms::error::{Error, Result};
-use tenant_kms::keys::cache::{CachedVersion, TenantEntry};
-use tenant_kms::store::{ChangeDetection, SqliteKeyStore, TenantRecord};
+use tenant_kms::keys::cache::TenantEntry;
+use tenant_kms::store::{ChangeDetection, SqliteKeyStore};
 
 /// The tenant id the in-process baselines bind (the size of a typical id).
 const TENANT: &str = "bench-000042";
@@ -103,25 +102,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn bench_entry() -> Result<(TenantEntry, TenantId)> {
     let tenant = TenantId::parse(TENANT)?;
     let key = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
-    let mut versions = HashMap::new();
-    versions.insert(
-        1,
-        CachedVersion {
-            state: KeyVersionState::Enabled,
-            key: Some(key),
-        },
-    );
-    let record = TenantRecord {
-        tenant_id: tenant.clone(),
-        state: TenantState::Active,
-        primary_version: 1,
-        created_at: 0,
-        rotation_period_seconds: 0,
-        max_encryptions: 1 << 30,
-        deletion_time: None,
-        destroyed_at: None,
-    };
-    Ok((TenantEntry::new(record, versions, 0), tenant))
+    Ok((TenantEntry::with_one_key(tenant.clone(), key), tenant))
 }
 
 /// One field encryption of `size` bytes with the tenant's snapshot cached, per call:

@@ -232,14 +232,10 @@ impl ShredLedger {
         }
     }
 
-    /// Reads the whole file and verifies the chain. A last line without its newline is a
-    /// write torn by a crash (never acknowledged): ignored, and with `repair` cut off.
-    fn read_verified(
-        &self,
-        file: &mut File,
-        ring: &MasterKeyring,
-        repair: bool,
-    ) -> Result<LedgerContents> {
+    /// Reads the whole file and returns its complete lines. A last line without its newline
+    /// is a write torn by a crash (never acknowledged): it is left out, and with `repair` cut
+    /// off the file too, so the next append starts on a line of its own.
+    fn complete_lines(&self, file: &mut File, repair: bool) -> Result<String> {
         let mut text = String::new();
         file.seek(SeekFrom::Start(0))
             .and_then(|_| file.read_to_string(&mut text))
@@ -252,7 +248,20 @@ impl ShredLedger {
                     .and_then(|()| file.sync_all())
                     .map_err(|e| io_error(&self.path, e))?;
             }
+            text.truncate(complete);
         }
+        Ok(text)
+    }
+
+    /// Reads the complete lines ([`Self::complete_lines`]: a torn last write is ignored, and
+    /// with `repair` cut off) and verifies the chain.
+    fn read_verified(
+        &self,
+        file: &mut File,
+        ring: &MasterKeyring,
+        repair: bool,
+    ) -> Result<LedgerContents> {
+        let text = self.complete_lines(file, repair)?;
         let mut contents = LedgerContents::default();
         let mut prev = genesis_prev();
         let mut keys: BTreeMap<u32, MacKey> = BTreeMap::new();
@@ -263,7 +272,7 @@ impl ShredLedger {
                 self.path.display()
             ))
         };
-        for (index, line) in text[..complete].lines().enumerate() {
+        for (index, line) in text.lines().enumerate() {
             let entry: Entry =
                 serde_json::from_str(line).map_err(|_| tampered(index, "not a ledger entry"))?;
             if entry.seq != index as u64 {
@@ -301,17 +310,8 @@ impl ShredLedger {
     /// verified in full whenever a data directory opens; the last entry's MAC is checked
     /// here), so an append costs one read, not one MAC per entry.
     fn read_tail(&self, file: &mut File, ring: &MasterKeyring) -> Result<LedgerContents> {
-        let mut text = String::new();
-        file.seek(SeekFrom::Start(0))
-            .and_then(|_| file.read_to_string(&mut text))
-            .map_err(|e| io_error(&self.path, e))?;
-        let complete = text.rfind('\n').map_or(0, |i| i + 1);
-        if complete < text.len() {
-            file.set_len(complete as u64)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| io_error(&self.path, e))?;
-        }
-        let Some(line) = text[..complete].lines().next_back() else {
+        let text = self.complete_lines(file, true)?;
+        let Some(line) = text.lines().next_back() else {
             return Ok(LedgerContents::default());
         };
         let bad = || {

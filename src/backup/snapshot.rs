@@ -121,9 +121,10 @@ pub struct VerifyReport {
     pub audit_head_seq: u64,
 }
 
-/// Checks the manifest (MAC, check values) and that every file is listed with its size and
-/// digest, nothing missing and nothing more.
-pub fn verify_manifest_and_files(dir: &Path, ring: &MasterKeyring) -> Result<Manifest> {
+/// Reads the manifest in `dir`, verifies its MAC and check values against `ring`, and
+/// requires it to list exactly the data files, in order: the part of a backup's verification
+/// that needs only the manifest.
+fn read_checked_manifest(dir: &Path, ring: &MasterKeyring) -> Result<Manifest> {
     let manifest = Manifest::read_verified(dir, ring)?;
     check_keyring(&manifest.master_keys, ring, "the backup")?;
     let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
@@ -132,6 +133,13 @@ pub fn verify_manifest_and_files(dir: &Path, ring: &MasterKeyring) -> Result<Man
             "the manifest lists {listed:?}, not {DATA_FILES:?}; refused"
         )));
     }
+    Ok(manifest)
+}
+
+/// Checks the manifest (MAC, check values) and that every file is listed with its size and
+/// digest, nothing missing and nothing more.
+pub fn verify_manifest_and_files(dir: &Path, ring: &MasterKeyring) -> Result<Manifest> {
+    let manifest = read_checked_manifest(dir, ring)?;
     for file in &manifest.files {
         let (bytes, sha256) = manifest::digest_file(&dir.join(&file.name)).map_err(|_| {
             Error::FailedPrecondition(format!("{} is missing or unreadable", file.name))
@@ -261,14 +269,7 @@ pub struct Staged {
 /// copy (checksums computed from the bytes written, then [`verify_contents`]), so what is
 /// installed is exactly what was verified.
 pub fn stage(from: &Path, data_dir: &Path, ring: &MasterKeyring) -> Result<Staged> {
-    let manifest = Manifest::read_verified(from, ring)?;
-    check_keyring(&manifest.master_keys, ring, "the backup")?;
-    let listed: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
-    if listed != DATA_FILES {
-        return Err(Error::FailedPrecondition(format!(
-            "the manifest lists {listed:?}, not {DATA_FILES:?}; refused"
-        )));
-    }
+    let manifest = read_checked_manifest(from, ring)?;
     let dir = StagingDir(data_dir.join(format!(".restore-staging-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     crate::fsutil::create_private_dir(&dir.0)?;

@@ -165,17 +165,23 @@ pub fn export(store: &dyn KeyStore, ring: &MasterKeyring, id: &TenantId) -> Resu
             .collect(),
     };
     let mut out = serde_json::to_vec(&body).map_err(Error::internal)?;
-    let key = MacKey::from_keyring(
-        ring,
-        labels::TENANT_EXPORT,
-        body.mac_master_version,
-        id.as_str().as_bytes(),
-    )?;
+    let key = export_mac_key(ring, body.mac_master_version, id)?;
     let mac = hex::encode(key.sign(labels::TENANT_EXPORT, &out));
     out.push(b'\n');
     out.extend_from_slice(mac.as_bytes());
     out.push(b'\n');
     Ok(out)
+}
+
+/// The MAC key of a tenant export: derived from master version `master_version` and bound
+/// to the tenant id, so a file made for one tenant never verifies as another's.
+fn export_mac_key(ring: &MasterKeyring, master_version: u32, id: &TenantId) -> Result<MacKey> {
+    MacKey::from_keyring(
+        ring,
+        labels::TENANT_EXPORT,
+        master_version,
+        id.as_str().as_bytes(),
+    )
 }
 
 /// Parses an export file and verifies its MAC for the tenant it names (and, with `expected`,
@@ -206,12 +212,7 @@ pub fn parse_verified(
             "the file is bound to tenant {id}, not {expected}; nothing was changed"
         )));
     }
-    let key = MacKey::from_keyring(
-        ring,
-        labels::TENANT_EXPORT,
-        export.mac_master_version,
-        id.as_str().as_bytes(),
-    )?;
+    let key = export_mac_key(ring, export.mac_master_version, &id)?;
     if !key.verify_hex(labels::TENANT_EXPORT, body.as_bytes(), mac) {
         return Err(Error::FailedPrecondition(format!(
             "the tenant export does not verify for tenant {id}: the file was altered, or it \

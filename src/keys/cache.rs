@@ -20,7 +20,7 @@ use lru::LruCache;
 use crate::crypto::aead::AeadKey;
 use crate::crypto::envelope::{self, Purpose};
 use crate::crypto::secret::SecretKey;
-use crate::domain::KeyVersionState;
+use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::store::TenantRecord;
 
@@ -135,6 +135,30 @@ impl TenantEntry {
                 reserved: primary_reserved,
             }),
         }
+    }
+
+    /// A snapshot of an active tenant whose only key version, 1, is enabled and primary, with a
+    /// nonce budget of 2^30 and nothing reserved. No store stands behind it: it is how the
+    /// load generator's baseline and the micro-benchmarks measure the hot path alone.
+    pub fn with_one_key(tenant_id: TenantId, key: SecretKey) -> Self {
+        let versions = HashMap::from([(
+            1,
+            CachedVersion {
+                state: KeyVersionState::Enabled,
+                key: Some(key),
+            },
+        )]);
+        let record = TenantRecord {
+            tenant_id,
+            state: TenantState::Active,
+            primary_version: 1,
+            created_at: 0,
+            rotation_period_seconds: 0,
+            max_encryptions: 1 << 30,
+            deletion_time: None,
+            destroyed_at: None,
+        };
+        Self::new(record, versions, 0)
     }
 
     /// Fails with FAILED_PRECONDITION naming the state unless the tenant is active.

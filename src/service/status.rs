@@ -10,12 +10,25 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::audit::Outcome;
 use crate::error::Error;
 
-/// The gRPC code of an error.
+/// The gRPC code of an error. It always agrees with [`outcome`]: both come from one match.
 pub fn code(error: &Error) -> Code {
+    classify(error).0
+}
+
+/// The audit outcome of an error. It always agrees with [`code`]: both come from one match.
+pub fn outcome(error: &Error) -> Outcome {
+    classify(error).1
+}
+
+/// The one place an error variant is classified, so the code a client sees and the outcome
+/// the audit log records cannot drift apart.
+fn classify(error: &Error) -> (Code, Outcome) {
     match error {
-        Error::InvalidArgument(_) | Error::DecryptFailed => Code::InvalidArgument,
-        Error::NotFound(_) => Code::NotFound,
-        Error::AlreadyExists(_) => Code::AlreadyExists,
+        Error::InvalidArgument(_) | Error::DecryptFailed => {
+            (Code::InvalidArgument, Outcome::Invalid)
+        }
+        Error::NotFound(_) => (Code::NotFound, Outcome::NotFound),
+        Error::AlreadyExists(_) => (Code::AlreadyExists, Outcome::AlreadyExists),
         Error::FailedPrecondition(_)
         | Error::TenantState(_)
         | Error::KeyVersionState { .. }
@@ -23,30 +36,15 @@ pub fn code(error: &Error) -> Code {
         | Error::DeletionWindowPassed
         | Error::DeletionWindowOpen
         | Error::ConcurrentChange
-        | Error::RetiredMasterVersion(_) => Code::FailedPrecondition,
-        Error::Unauthenticated => Code::Unauthenticated,
-        Error::PermissionDenied(_) => Code::PermissionDenied,
-        Error::ResourceExhausted(_) | Error::RetryLater { .. } => Code::ResourceExhausted,
-        Error::DeadlineExceeded => Code::DeadlineExceeded,
-        Error::Unavailable(_) => Code::Unavailable,
-        Error::Internal(_) => Code::Internal,
-    }
-}
-
-/// The audit outcome of an error: its status code in the audit's words, so the two can never
-/// disagree (the variants are matched once, in [`code`]).
-pub fn outcome(error: &Error) -> Outcome {
-    match code(error) {
-        Code::InvalidArgument => Outcome::Invalid,
-        Code::NotFound => Outcome::NotFound,
-        Code::AlreadyExists => Outcome::AlreadyExists,
-        Code::FailedPrecondition => Outcome::FailedPrecondition,
-        Code::Unauthenticated => Outcome::Unauthenticated,
-        Code::PermissionDenied => Outcome::Denied,
-        Code::ResourceExhausted => Outcome::Exhausted,
-        Code::DeadlineExceeded => Outcome::DeadlineExceeded,
-        Code::Unavailable => Outcome::Unavailable,
-        _ => Outcome::Internal,
+        | Error::RetiredMasterVersion(_) => (Code::FailedPrecondition, Outcome::FailedPrecondition),
+        Error::Unauthenticated => (Code::Unauthenticated, Outcome::Unauthenticated),
+        Error::PermissionDenied(_) => (Code::PermissionDenied, Outcome::Denied),
+        Error::ResourceExhausted(_) | Error::RetryLater { .. } => {
+            (Code::ResourceExhausted, Outcome::Exhausted)
+        }
+        Error::DeadlineExceeded => (Code::DeadlineExceeded, Outcome::DeadlineExceeded),
+        Error::Unavailable(_) => (Code::Unavailable, Outcome::Unavailable),
+        Error::Internal(_) => (Code::Internal, Outcome::Internal),
     }
 }
 

@@ -300,6 +300,51 @@ pub async fn set_rotation_policy(
         .map(|r| r.into_inner())
 }
 
+/// `DisableKeyVersion`.
+pub async fn disable_key_version(
+    tenants: &mut Tenants,
+    id: &str,
+    version: u32,
+) -> Result<pb::KeyVersion, tonic::Status> {
+    tenants
+        .disable_key_version(pb::DisableKeyVersionRequest {
+            tenant_id: id.into(),
+            version,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `EnableKeyVersion`.
+pub async fn enable_key_version(
+    tenants: &mut Tenants,
+    id: &str,
+    version: u32,
+) -> Result<pb::KeyVersion, tonic::Status> {
+    tenants
+        .enable_key_version(pb::EnableKeyVersionRequest {
+            tenant_id: id.into(),
+            version,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `DestroyKeyVersion`.
+pub async fn destroy_key_version(
+    tenants: &mut Tenants,
+    id: &str,
+    version: u32,
+) -> Result<pb::KeyVersion, tonic::Status> {
+    tenants
+        .destroy_key_version(pb::DestroyKeyVersionRequest {
+            tenant_id: id.into(),
+            version,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Every key version of a tenant (`ListKeyVersions`, which must succeed).
 pub async fn key_versions(tenants: &mut Tenants, id: &str) -> Vec<pb::KeyVersion> {
     tenants
@@ -671,6 +716,40 @@ pub fn run_command(command: &mut Command) -> (i32, String, String) {
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `tenant-kms serve` on `data_dir` expecting it to refuse to start: returns its exit
+/// code and stderr. A server that starts anyway is killed after 60 s and the test fails
+/// (rather than hanging).
+pub fn serve_refused(data_dir: &Path) -> (i32, String) {
+    serve_refused_with(data_dir, &[])
+}
+
+/// [`serve_refused`] with extra flags.
+pub fn serve_refused_with(data_dir: &Path, extra: &[&str]) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve on {} did not refuse to start", data_dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
