@@ -160,7 +160,7 @@ pub fn parse_duration_seconds(text: &str) -> Result<u64> {
 pub mod max {
     /// `default_max_encryptions`: the NIST SP 800-38D bound for random 96-bit nonces, 2^32.
     pub const ENCRYPTIONS: u64 = 1 << 32;
-    /// `max_concurrent_requests` (tokio's semaphore refuses far larger counts with a panic).
+    /// `max_concurrent_requests` (far above what one process can serve at once).
     pub const CONCURRENT_REQUESTS: usize = 1_000_000;
     /// `max_message_bytes` and `max_field_bytes`: 1 GiB (a gRPC frame's length is 32 bits).
     pub const MESSAGE_BYTES: usize = 1 << 30;
