@@ -23,6 +23,7 @@
 //! rate_limit_burst = 20000
 //! max_concurrent_requests = 1024
 //! request_timeout = "60s"                             # caps every call's deadline
+//! request_body_timeout = "10s"                        # a request body must arrive within
 //! lock_memory = true                                  # mlockall when the OS allows
 //!
 //! # A client certificate whose SAN (DNS or URI; the subject CN if it has no SAN) is exactly
@@ -85,6 +86,8 @@ pub struct FileConfig {
     pub max_concurrent_requests: Option<usize>,
     /// Longest deadline of a call, e.g. `60s`.
     pub request_timeout: Option<String>,
+    /// Longest a request's body may take to arrive, e.g. `10s`.
+    pub request_body_timeout: Option<String>,
     /// Lock the process's memory against swapping when the OS allows.
     pub lock_memory: Option<bool>,
     /// Client-certificate identities that act as callers.
@@ -157,7 +160,7 @@ pub fn parse_duration_seconds(text: &str) -> Result<u64> {
 pub mod max {
     /// `default_max_encryptions`: the NIST SP 800-38D bound for random 96-bit nonces, 2^32.
     pub const ENCRYPTIONS: u64 = 1 << 32;
-    /// `max_concurrent_requests` (tokio's semaphore refuses far larger counts with a panic).
+    /// `max_concurrent_requests` (far above what one process can serve at once).
     pub const CONCURRENT_REQUESTS: usize = 1_000_000;
     /// `max_message_bytes` and `max_field_bytes`: 1 GiB (a gRPC frame's length is 32 bits).
     pub const MESSAGE_BYTES: usize = 1 << 30;

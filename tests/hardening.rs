@@ -447,6 +447,7 @@ fn absurd_configuration_values_are_refused_at_start() {
         ),
         ("min_deletion_window = \"3651d\"", "3651d"),
         ("request_timeout = \"3651d\"", "3651d"),
+        ("request_body_timeout = \"3651d\"", "3651d"),
         (
             "default_max_encryptions = 18446744073709551615",
             "default_max_encryptions",

@@ -1599,3 +1599,178 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admission under hostile clients (issue 13, item 1).
+
+/// Opens streams on one raw HTTP/2 connection, each sending the headers of an Encrypt call
+/// (with a garbage token) and the first bytes of a body it never finishes, until the server's
+/// stream limit stops it or `want` are open. Returns the pending responses and the send halves
+/// (kept so the streams stay open), and the stream limit the server advertised.
+async fn stalled_streams(
+    addr: std::net::SocketAddr,
+    want: usize,
+) -> (
+    Vec<h2::client::ResponseFuture>,
+    Vec<h2::SendStream<prost::bytes::Bytes>>,
+    usize,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // A ping's answer comes after the server's SETTINGS, so the limit is known afterwards.
+    let mut ping = connection.ping_pong().unwrap();
+    let driver = tokio::spawn(async move {
+        let pong = ping.ping(h2::Ping::opaque());
+        tokio::select! {
+            _ = pong => {}
+            _ = &mut connection => panic!("connection closed before the ping's answer"),
+        }
+        let advertised = connection.max_concurrent_send_streams();
+        tokio::spawn(connection);
+        advertised
+    });
+    let advertised = driver.await.unwrap();
+    let (mut responses, mut bodies) = (Vec::new(), Vec::new());
+    while responses.len() < want {
+        sender = match tokio::time::timeout(Duration::from_millis(300), sender.ready()).await {
+            Ok(ready) => ready.unwrap(),
+            Err(_) => break, // the server's limit is reached: no more streams on it
+        };
+        let request = tonic::codegen::http::Request::post(format!(
+            "http://{addr}/tenantkms.v1.KeyService/Encrypt"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", "Bearer not-a-token")
+        .body(())
+        .unwrap();
+        let (response, mut body) = sender.send_request(request, false).unwrap();
+        // A prefix announcing 100 bytes, then only 10 of them.
+        let mut partial = vec![0u8, 0, 0, 0, 100];
+        partial.extend_from_slice(&[0u8; 10]);
+        body.send_data(partial.into(), false).unwrap();
+        responses.push(response);
+        bodies.push(body);
+    }
+    (responses, bodies, advertised)
+}
+
+#[tokio::test]
+async fn stalled_streams_from_one_connection_lock_nobody_out() {
+    let body_timeout = Duration::from_millis(1500);
+    let server = TestServer::start_configured(|o| {
+        // Far fewer places than the attacker has streams: half-sent requests take none.
+        o.limits.max_concurrent_requests = 16;
+        o.limits.body_timeout = body_timeout;
+    })
+    .await;
+    let (_, mut admin, _) = server.clients().await;
+    create_tenant(&mut admin, "acme").await;
+    let (service_token, _) = issue(&server, Role::Service, "acme", "encrypt,decrypt", None);
+
+    let started = std::time::Instant::now();
+    // 300 streams: the client keeps those beyond the advertised limit waiting to open until
+    // earlier ones end, so they reach the server in waves of at most the limit.
+    let (responses, bodies, advertised) = stalled_streams(server.addr, 300).await;
+    let limit = tenant_kms::service::server::MAX_STREAMS_PER_CONNECTION as usize;
+    assert_eq!(advertised, limit, "the server advertises its stream limit");
+    assert_eq!(responses.len(), 300);
+
+    // While they stall, the admin and a service caller are served.
+    get_tenant(&mut admin, "acme").await.unwrap();
+    let (mut keys, _, _) = server.clients_with(Some(&service_token)).await;
+    encrypt(&mut keys, "acme", "ctx", b"value", b"").await;
+
+    // Every stalled stream is ended once the body deadline passes (not the 60 s request
+    // timeout), with DEADLINE_EXCEEDED.
+    for response in responses {
+        let response = tokio::time::timeout(Duration::from_secs(20), response)
+            .await
+            .expect("a stalled stream was not ended")
+            .unwrap();
+        let status = response.headers().get("grpc-status").unwrap();
+        assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    }
+    // Three waves (128 + 128 + 44), each ended by the body deadline.
+    assert!(
+        started.elapsed() >= body_timeout * 3,
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(bodies);
+    // Nothing stalled reached the audit: no caller was authenticated, no key touched.
+    assert!(
+        audit_records(&server)
+            .iter()
+            .all(|r| r.caller != "anonymous"),
+        "half-sent requests are not audited"
+    );
+}
+
+#[tokio::test]
+async fn one_caller_with_many_calls_in_flight_cannot_make_another_fail() {
+    let server = TestServer::start_configured(|o| o.limits.max_concurrent_requests = 64).await;
+    let (_, mut admin, _) = server.clients().await;
+    create_tenant(&mut admin, "acme").await;
+    let (hog, _) = issue(&server, Role::Service, "acme", "encrypt", None);
+    let (other, _) = issue(&server, Role::Service, "acme", "encrypt", None);
+
+    // With audit.db locked, admitted calls cannot finish: they stay in flight.
+    let lock = WriteLock::take(&server.data_dir.join("audit.db"));
+    let url = server.url();
+    let mut hog_calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (keys, _, _) = clients(&url, Some(&hog)).await;
+        for _ in 0..50 {
+            let mut keys = keys.clone();
+            hog_calls.spawn(async move { keys.get_tenant_probe().await });
+        }
+    }
+    // 200 calls against 64 places: the hog is held to 48 (the cap less its quarter kept for
+    // others), and its other 152 calls are refused at once.
+    let mut refused = 0;
+    while refused < 152 {
+        let result = tokio::time::timeout(Duration::from_secs(30), hog_calls.join_next())
+            .await
+            .expect("hog calls neither refused nor stuck")
+            .unwrap()
+            .unwrap();
+        let err = result.status_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        refused += 1;
+    }
+    // The other caller and the admin are admitted while the hog holds its 48.
+    let mut other_call = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let (mut keys, _, _) = clients(&url, Some(&other)).await;
+            keys.get_tenant_probe().await
+        }
+    });
+    let mut admin_call = tokio::spawn({
+        let (url, token) = (url.clone(), server.admin_token.clone());
+        async move {
+            let (_, mut tenants, _) = clients(&url, Some(&token)).await;
+            get_tenant(&mut tenants, "acme").await.map(drop)
+        }
+    });
+    // A refusal would come at once; admitted, they wait for the audit lock instead.
+    for call in [&mut other_call, &mut admin_call] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), call)
+                .await
+                .is_err(),
+            "the call was answered while the audit was locked (refused)"
+        );
+    }
+    lock.release();
+    other_call.await.unwrap().unwrap();
+    admin_call.await.unwrap().unwrap();
+    let mut served = 0;
+    while let Some(result) = hog_calls.join_next().await {
+        result.unwrap().unwrap();
+        served += 1;
+    }
+    assert_eq!(served, 48);
+}

@@ -168,6 +168,15 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         }
         options.limits.request_timeout = std::time::Duration::from_secs(seconds);
     }
+    if let Some(text) = &file.request_body_timeout {
+        let seconds = parse_duration_seconds(text)?;
+        if seconds == 0 {
+            return Err(Error::InvalidArgument(
+                "request_body_timeout must be at least 1s".into(),
+            ));
+        }
+        options.limits.body_timeout = std::time::Duration::from_secs(seconds);
+    }
     options.tls_callers = tls_callers;
     let cert = args.tls_cert.clone().or(file.tls_cert.clone());
     let key = args.tls_key.clone().or(file.tls_key.clone());

@@ -18,7 +18,8 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::guard::RequestDeadline;
+use super::admission::Ticket;
+use super::guard::{AdmissionHandle, RequestDeadline};
 use super::state::AppState;
 use super::status;
 use crate::audit::{AuditRecord, AuditWriter, Operation as AuditOperation, Outcome};
@@ -38,6 +39,14 @@ pub struct Call {
     bearer: Option<Zeroizing<String>>,
     peer_certs: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
     deadline: Option<tokio::time::Instant>,
+    /// The server's admission counter (absent only outside the guard, e.g. in unit tests).
+    admission: Option<AdmissionHandle>,
+    /// This call's place under the concurrency cap, taken once the caller is authenticated
+    /// and held until the call is dropped.
+    _ticket: Option<Ticket>,
+    /// The call was refused a place under the cap: it is answered without an audit record
+    /// (it touched nothing, and an overload must not be turned into audit writes).
+    unaudited: bool,
     /// Set once the call is admitted to the audit path; a call dropped with it set and
     /// `finished` unset writes its record from `Drop`.
     audit: Option<AuditWriter>,
@@ -88,6 +97,9 @@ impl Call {
             bearer,
             peer_certs: request.peer_certs(),
             deadline: request.extensions().get::<RequestDeadline>().map(|d| d.0),
+            admission: request.extensions().get::<AdmissionHandle>().cloned(),
+            _ticket: None,
+            unaudited: false,
             audit: None,
             finished: false,
             caller: None,
@@ -103,10 +115,25 @@ impl Call {
     }
 
     /// Authenticates the caller (see the module docs; token caches are dropped first if
-    /// another process changed the store) and charges its rate limit.
+    /// another process changed the store), takes its place under the concurrency cap (see
+    /// `admission`) and charges its rate limit.
     pub fn authenticate(&mut self, state: &AppState) -> Result<Arc<Caller>> {
+        let identified = self.identify(state);
+        if let (Ok(caller), Some(admission)) = (&identified, &self.admission) {
+            match admission.0.admit(&caller.audit_name()) {
+                Ok(ticket) => self._ticket = Some(ticket),
+                Err(refused) => {
+                    tracing::debug!(parent: &self.span, "request refused: {}", refused.0);
+                    self.unaudited = true;
+                    return Err(crate::error::Error::RetryLater {
+                        reason: refused.0,
+                        retry_after_ms: 100,
+                    });
+                }
+            }
+        }
         self.audit = Some(state.audit.clone());
-        let caller = match self.identify(state) {
+        let caller = match identified {
             Ok(caller) => caller,
             Err(e) => {
                 // Failed authentications are limited per peer address, so guessing (or
@@ -206,6 +233,16 @@ impl Call {
         result: Result<R>,
     ) -> Result<Response<R>, Status> {
         self.finished = true;
+        if self.unaudited
+            && let Err(e) = &result
+        {
+            crate::metrics::global().rpc(
+                self.operation.name(),
+                Outcome::Exhausted.as_str(),
+                self.started.elapsed(),
+            );
+            return Err(status::to_status(e, &self.request_id));
+        }
         let (outcome, detail) = match &result {
             Ok(_) if self.failed_items > 0 => (
                 Outcome::Partial,

@@ -1,14 +1,23 @@
-//! The request guard: a tower layer in front of the `tenantkms.v1` services that caps the
-//! number of requests in flight and enforces each request's deadline.
+//! The request guard: a tower layer in front of the `tenantkms.v1` services that receives each
+//! request's body under a short deadline, hands the handler the [`Admission`] counter, and
+//! enforces each request's deadline.
 //!
-//! **Concurrency cap.** A semaphore with `max_concurrent_requests` permits; a request that
-//! finds none free is answered at once with RESOURCE_EXHAUSTED and retry info, before it is
-//! decoded or authenticated. We refuse rather than queue (as tower's `ConcurrencyLimit` would):
-//! a queue hides overload, lets latency grow past every caller's deadline and holds memory for
-//! requests that will time out anyway, while a fast refusal lets clients back off and retry
-//! elsewhere. These refusals touch no key and are not audited (the audit store is what an
-//! overload would stress first); they are logged at debug level. Health checks and reflection
-//! are not counted, so an overloaded server still answers its orchestrator truthfully.
+//! **Body deadline.** A request's body must arrive whole within `body_timeout` (capped by its
+//! own deadline); otherwise it is answered DEADLINE_EXCEEDED at once and its stream ends, so
+//! the client's half-sent stream is reset and its place on the connection is freed. Until its
+//! body is there a request holds no admission ticket (issue 13: a thousand streams with
+//! half-sent bodies used to fill the global cap and lock every caller out). The body is read
+//! here, up to the message size limit plus the gRPC frame prefix; a larger body is passed on
+//! unread past that point, so tonic refuses it as before. These refusals are not audited:
+//! nothing was authenticated and no key was touched; they are logged at debug level.
+//!
+//! **Concurrency cap.** Counted by [`Admission`] once the caller is authenticated (in
+//! `call::Call`), with fair shares per caller; a request that finds no place is answered at
+//! once with RESOURCE_EXHAUSTED and retry info. We refuse rather than queue (as tower's
+//! `ConcurrencyLimit` would): a queue hides overload, lets latency grow past every caller's
+//! deadline and holds memory for requests that will time out anyway, while a fast refusal
+//! lets clients back off and retry elsewhere. Health checks and reflection are not guarded,
+//! so an overloaded server still answers its orchestrator truthfully.
 //!
 //! **Deadlines.** The deadline is the caller's `grpc-timeout`, capped by the server's
 //! `request_timeout` (which also applies when the caller sends none). When it passes, the
@@ -25,10 +34,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Frame};
 use tokio::time::Instant;
+use tonic::body::Body;
 use tonic::codegen::http;
 
+use super::admission::Admission;
 use super::status;
 use crate::error::Error;
 
@@ -42,23 +54,38 @@ const GUARDED_PREFIX: &str = "/tenantkms.v1.";
 #[derive(Debug, Clone, Copy)]
 pub struct RequestDeadline(pub Instant);
 
+/// The server's admission counter, put into every guarded request's extensions so the
+/// handler can take a ticket once it has authenticated the caller.
+#[derive(Clone)]
+pub struct AdmissionHandle(pub Arc<Admission>);
+
 /// Builds [`Guard`]s.
 #[derive(Clone)]
 pub struct GuardLayer {
-    permits: Arc<Semaphore>,
-    max_concurrent: usize,
+    admission: Arc<Admission>,
     max_timeout: Duration,
+    body_timeout: Duration,
+    max_body_bytes: usize,
 }
 
+/// The gRPC length-prefixed message header: a compression flag and a 4-byte length.
+const GRPC_PREFIX_BYTES: usize = 5;
+
 impl GuardLayer {
-    /// A guard allowing `max_concurrent` requests in flight (at least 1) and deadlines of at
-    /// most `max_timeout`.
-    pub fn new(max_concurrent: usize, max_timeout: Duration) -> Self {
-        let max_concurrent = max_concurrent.clamp(1, Semaphore::MAX_PERMITS);
+    /// A guard admitting up to `max_concurrent` authenticated requests (at least 1), with
+    /// deadlines of at most `max_timeout`, bodies received within `body_timeout`, and bodies
+    /// buffered up to one message of `max_message_bytes`.
+    pub fn new(
+        max_concurrent: usize,
+        max_timeout: Duration,
+        body_timeout: Duration,
+        max_message_bytes: usize,
+    ) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max_concurrent)),
-            max_concurrent,
+            admission: Admission::new(max_concurrent),
             max_timeout,
+            body_timeout,
+            max_body_bytes: max_message_bytes.saturating_add(GRPC_PREFIX_BYTES),
         }
     }
 }
@@ -83,9 +110,9 @@ pub struct Guard<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-impl<S, B, R> tower::Service<http::Request<B>> for Guard<S>
+impl<S, R> tower::Service<http::Request<Body>> for Guard<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S: tower::Service<http::Request<Body>, Response = http::Response<R>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     R: Default + Send + 'static,
@@ -98,38 +125,77 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if !request.uri().path().starts_with(GUARDED_PREFIX) {
             return Box::pin(self.inner.call(request));
         }
-        let Ok(permit) = Arc::clone(&self.layer.permits).try_acquire_owned() else {
-            tracing::debug!(
-                limit = self.layer.max_concurrent,
-                "request refused: concurrency cap reached"
-            );
-            let refusal = Error::RetryLater {
-                reason: format!(
-                    "the server is at its limit of {} concurrent requests",
-                    self.layer.max_concurrent
-                ),
-                retry_after_ms: 100,
-            };
-            let response = status::to_status(&refusal, "").into_http();
-            return Box::pin(std::future::ready(Ok(response)));
-        };
         let timeout = grpc_timeout(request.headers())
             .map_or(self.layer.max_timeout, |t| t.min(self.layer.max_timeout));
         let deadline = Instant::now() + timeout.saturating_sub(DEADLINE_MARGIN);
-        request.extensions_mut().insert(RequestDeadline(deadline));
-        let work = self.inner.call(request);
+        let body_deadline = deadline.min(Instant::now() + self.layer.body_timeout);
+        // The service was made ready for this call; a clone takes its place for the next one
+        // (tower's documented pattern), because the call itself waits for the body first.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(RequestDeadline(deadline));
+        parts
+            .extensions
+            .insert(AdmissionHandle(Arc::clone(&self.layer.admission)));
+        let max_body_bytes = self.layer.max_body_bytes;
         Box::pin(async move {
-            let _permit = permit;
+            let body =
+                match tokio::time::timeout_at(body_deadline, receive(body, max_body_bytes)).await {
+                    Ok(Ok(body)) => body,
+                    Ok(Err(refusal)) => {
+                        tracing::debug!(reason = %refusal.message(), "request body refused");
+                        return Ok(refusal.into_http());
+                    }
+                    Err(_) => {
+                        tracing::debug!("request refused: its body did not arrive in time");
+                        let refusal = tonic::Status::deadline_exceeded(
+                            "the request body did not arrive before the server's body deadline",
+                        );
+                        return Ok(refusal.into_http());
+                    }
+                };
+            let work = inner.call(http::Request::from_parts(parts, body));
             match tokio::time::timeout_at(deadline, work).await {
                 Ok(result) => result,
                 Err(_) => Ok(status::to_status(&Error::DeadlineExceeded, "").into_http()),
             }
         })
     }
+}
+
+/// Reads `body` until its end or until more than `limit` bytes have come; returns a body
+/// that replays what was read (and, past the limit, the unread rest, so the codec's own size
+/// refusal still applies). A transport error while reading is the caller's stream failing:
+/// it is answered CANCELLED.
+async fn receive(mut body: Body, limit: usize) -> Result<Body, tonic::Status> {
+    let mut data = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            tonic::Status::cancelled(format!("the request stream failed: {}", e.message()))
+        })?;
+        match frame.into_data() {
+            Ok(chunk) => {
+                data.extend_from_slice(&chunk);
+                if data.len() > limit {
+                    let prefix =
+                        tokio_stream::once(Ok::<_, tonic::Status>(Frame::data(Bytes::from(data))));
+                    let rest = http_body_util::BodyStream::new(body);
+                    let chained = tokio_stream::StreamExt::chain(prefix, rest);
+                    return Ok(Body::new(http_body_util::StreamBody::new(chained)));
+                }
+            }
+            // gRPC requests carry no trailers; any that come are dropped with the stream's end.
+            Err(_) => break,
+        }
+    }
+    Ok(Body::new(
+        http_body_util::Full::new(Bytes::from(data)).map_err(|never| match never {}),
+    ))
 }
 
 /// The `grpc-timeout` header (gRPC over HTTP/2: at most 8 digits, then H, M, S, m, u or n);

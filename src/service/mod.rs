@@ -13,6 +13,7 @@
 //!   services beside ours (the separate bench crate's echo baseline);
 //! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint.
 
+pub mod admission;
 pub mod audit_service;
 pub mod budget_metrics;
 pub mod call;

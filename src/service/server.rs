@@ -67,8 +67,15 @@ pub async fn run_with(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let limits = &state.options.limits;
-    let guard = GuardLayer::new(limits.max_concurrent_requests, limits.request_timeout);
-    let mut builder = Server::builder();
+    let guard = GuardLayer::new(
+        limits.max_concurrent_requests,
+        limits.request_timeout,
+        limits.body_timeout,
+        max,
+    );
+    // The advertised stream limit bounds what one connection can hold open (issue 13: the
+    // server advertised none, so one connection opened a thousand stalled streams).
+    let mut builder = Server::builder().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     if let Some(files) = &state.options.tls {
         builder = builder
             .tls_config(tls_config(files)?)
@@ -106,6 +113,11 @@ pub async fn run_with(
     reaper.abort();
     served.map_err(|e| Error::Internal(format!("server: {e}")))
 }
+
+/// The HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` the server advertises: streams one
+/// connection may have open at once. Clients multiplex more calls by waiting or by opening
+/// more connections; gRPC clients do both by themselves.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// Longest a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -36,6 +36,9 @@ pub struct Limits {
     /// Longest a request may run: caps the caller's `grpc-timeout` and applies when it sends
     /// none.
     pub request_timeout: Duration,
+    /// Longest a request's body may take to arrive; a request still waiting for its body
+    /// after this is answered DEADLINE_EXCEEDED and its stream ends (issue 13).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             rate_limit: RateLimit::default(),
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
