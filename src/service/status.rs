@@ -28,7 +28,7 @@ pub fn code(error: &Error) -> Code {
         Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::ResourceExhausted(_) | Error::RetryLater { .. } => Code::ResourceExhausted,
         Error::DeadlineExceeded => Code::DeadlineExceeded,
-        Error::Unavailable(_) => Code::Unavailable,
+        Error::Unavailable(_) | Error::StoreUnavailable(_) => Code::Unavailable,
         Error::Internal(_) => Code::Internal,
     }
 }
@@ -51,7 +51,7 @@ pub fn outcome(error: &Error) -> Outcome {
         Error::PermissionDenied(_) => Outcome::Denied,
         Error::ResourceExhausted(_) | Error::RetryLater { .. } => Outcome::Exhausted,
         Error::DeadlineExceeded => Outcome::DeadlineExceeded,
-        Error::Unavailable(_) => Outcome::Unavailable,
+        Error::Unavailable(_) | Error::StoreUnavailable(_) => Outcome::Unavailable,
         Error::Internal(_) => Outcome::Internal,
     }
 }
