@@ -4,7 +4,7 @@
 //! compares the key store's changes since a persisted watermark with the audit log and
 //! appends a `Reconciled…` record for each change that has none, then moves the watermark.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::audit::operation::{Rpc, Task};
 use crate::audit::{AuditLog, AuditRecord, ListFilter, Operation, Outcome};
@@ -43,12 +43,18 @@ pub fn reconcile(store: &dyn KeyStore, log: &dyn AuditLog, now: i64) -> Result<V
                 .or_default()
                 .push(change.clone());
         }
+        let traces = traces(log, after_seq)?;
         for (tenant, changes) in &by_tenant {
-            missing.extend(untraced(log, tenant, changes, after_seq)?);
+            missing.extend(untraced(traces.get(tenant.as_str()), changes));
         }
     }
     if !missing.is_empty() {
-        for record in &missing {
+        tracing::warn!(
+            count = missing.len(),
+            "key changes had no audit record (a crash between the two commits): recording them"
+        );
+        // Named one by one up to a bound: the records themselves name every one.
+        for record in missing.iter().take(100) {
             tracing::warn!(
                 tenant = %record.tenant_id,
                 versions = ?record.key_versions,
@@ -76,60 +82,75 @@ fn restored_since(log: &dyn AuditLog, after_seq: u64) -> Result<bool> {
         .any(|(_, record)| record.outcome == Outcome::Ok))
 }
 
-/// The records to append for `changes` (one tenant's, in time order) that the log does
-/// not show.
-fn untraced(
-    log: &dyn AuditLog,
-    tenant: &TenantId,
-    changes: &[KeyChange],
-    after_seq: u64,
-) -> Result<Vec<AuditRecord>> {
-    let (mut created, mut rotations, mut imported) = (false, 0usize, false);
-    let mut filter = ListFilter {
-        tenant_id: tenant.as_str().to_owned(),
-        after_seq,
-        limit: PAGE,
-        ..ListFilter::default()
-    };
-    loop {
-        let page = log.list(&filter)?;
-        for (_, record) in &page {
-            if record.outcome != Outcome::Ok {
-                continue;
+/// What the audit log shows for one tenant after the watermark.
+#[derive(Default)]
+struct Trace {
+    created: bool,
+    rotations: usize,
+    imported: bool,
+}
+
+/// The traces of every tenant, from the records after `after_seq` of the few operations
+/// that create keys (control-plane records: a handful of range scans, however many tenants
+/// changed).
+fn traces(log: &dyn AuditLog, after_seq: u64) -> Result<HashMap<String, Trace>> {
+    let mut traces: HashMap<String, Trace> = HashMap::new();
+    let operations: [(Operation, fn(&mut Trace)); 5] = [
+        (Operation::Rpc(Rpc::CreateTenant), |t| t.created = true),
+        (Operation::Task(Task::ReconciledTenantCreate), |t| {
+            t.created = true
+        }),
+        (Operation::Rpc(Rpc::RotateTenantKey), |t| t.rotations += 1),
+        (Operation::Task(Task::ReconciledKeyVersion), |t| {
+            t.rotations += 1
+        }),
+        (Operation::Task(Task::TenantImport), |t| t.imported = true),
+    ];
+    for (operation, note) in operations {
+        let mut filter = ListFilter {
+            operation: operation.as_str().to_owned(),
+            after_seq,
+            limit: PAGE,
+            ..ListFilter::default()
+        };
+        loop {
+            let page = log.list(&filter)?;
+            for (_, record) in &page {
+                if record.outcome == Outcome::Ok {
+                    note(traces.entry(record.tenant_id.clone()).or_default());
+                }
             }
-            let name = record.operation.as_str();
-            if Operation::Rpc(Rpc::CreateTenant).is(name)
-                || Operation::Task(Task::ReconciledTenantCreate).is(name)
-            {
-                created = true;
-            } else if Operation::Rpc(Rpc::RotateTenantKey).is(name)
-                || Operation::Task(Task::ReconciledKeyVersion).is(name)
-            {
-                rotations += 1;
-            } else if Operation::Task(Task::TenantImport).is(name) {
-                imported = true;
+            match page.last() {
+                Some((seq, _)) if page.len() == PAGE => filter.after_seq = *seq,
+                _ => break,
             }
-        }
-        match page.last() {
-            Some((seq, _)) if page.len() == PAGE => filter.after_seq = *seq,
-            _ => break,
         }
     }
-    if imported {
-        return Ok(Vec::new());
+    Ok(traces)
+}
+
+/// The records to append for `changes` (one tenant's, in time order) that `trace` does
+/// not account for.
+fn untraced(trace: Option<&Trace>, changes: &[KeyChange]) -> Vec<AuditRecord> {
+    let empty = Trace::default();
+    let trace = trace.unwrap_or(&empty);
+    if trace.imported {
+        return Vec::new();
     }
     let mut records = Vec::new();
-    if !created && let Some(first) = changes.iter().find(|c| c.version == 1) {
+    if !trace.created
+        && let Some(first) = changes.iter().find(|c| c.version == 1)
+    {
         records.push(record(Task::ReconciledTenantCreate, first));
     }
     // The rotation records carry no version number, so they are counted: the versions
     // beyond what they account for are the newest ones (a crash hits the last change).
     let versions: Vec<&KeyChange> = changes.iter().filter(|c| c.version > 1).collect();
-    let untraced = versions.len().saturating_sub(rotations);
+    let untraced = versions.len().saturating_sub(trace.rotations);
     for change in versions.iter().skip(versions.len() - untraced) {
         records.push(record(Task::ReconciledKeyVersion, change));
     }
-    Ok(records)
+    records
 }
 
 fn record(task: Task, change: &KeyChange) -> AuditRecord {
