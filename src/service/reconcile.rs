@@ -90,12 +90,15 @@ struct Trace {
     imported: bool,
 }
 
+/// How one record adds to its tenant's [`Trace`].
+type Note = fn(&mut Trace);
+
 /// The traces of every tenant, from the records after `after_seq` of the few operations
 /// that create keys (control-plane records: a handful of range scans, however many tenants
 /// changed).
 fn traces(log: &dyn AuditLog, after_seq: u64) -> Result<HashMap<String, Trace>> {
     let mut traces: HashMap<String, Trace> = HashMap::new();
-    let operations: [(Operation, fn(&mut Trace)); 5] = [
+    let operations: [(Operation, Note); 5] = [
         (Operation::Rpc(Rpc::CreateTenant), |t| t.created = true),
         (Operation::Task(Task::ReconciledTenantCreate), |t| {
             t.created = true
