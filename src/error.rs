@@ -82,6 +82,12 @@ pub enum Error {
     /// The service cannot answer safely now (the audit store cannot write): fail closed.
     #[error("{0}")]
     Unavailable(String),
+    /// The key store refused a write for a reason of its environment, not of the request: its
+    /// disk is full, its file is read-only, or another writer held it past the busy timeout.
+    /// Nothing was changed, and the same call can succeed once the operator frees space or the
+    /// lock; the fault names the reason only, never a path or SQL text.
+    #[error("the key store cannot write now ({0}); nothing was changed, retry later")]
+    StoreUnavailable(StoreFault),
     /// A bug or an environment fault. The text goes to the log only; the client gets a generic
     /// message with the request id.
     #[error("internal error: {0}")]
@@ -100,6 +106,29 @@ impl Error {
     /// this.
     pub fn failed_open(_: crate::crypto::CryptoError) -> Self {
         Error::DecryptFailed
+    }
+}
+
+/// Why a key-store write could not happen ([`Error::StoreUnavailable`]); each is a state of
+/// the environment that can pass, so the client is told to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreFault {
+    /// The disk (or the database's size limit) is full.
+    Full,
+    /// The database file or its directory is read-only.
+    ReadOnly,
+    /// Another writer held the database past the busy timeout.
+    Busy,
+}
+
+impl std::fmt::Display for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreFault::Full => "storage full",
+            StoreFault::ReadOnly => "storage read-only",
+            StoreFault::Busy => "storage busy",
+        })
     }
 }
 

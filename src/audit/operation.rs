@@ -143,6 +143,12 @@ named_enum! {
         ShredLedgerReapply => "ShredLedgerReapply",
         /// A destruction found in the key store and recorded in the shred ledger at start.
         ShredLedgerRecord => "ShredLedgerRecord",
+        /// A tenant creation found in the key store at start with no audit record (a crash
+        /// between the two commits), recorded then (docs/AUDIT.md).
+        ReconciledTenantCreate => "ReconciledTenantCreate",
+        /// A new key version found in the key store at start with no audit record,
+        /// recorded then (docs/AUDIT.md).
+        ReconciledKeyVersion => "ReconciledKeyVersion",
     }
 }
 

@@ -77,6 +77,40 @@ impl KeyServiceImpl {
         Ok(grant)
     }
 
+    /// Refuses an EncryptBatch whose answer could exceed the message limit, before any
+    /// nonce budget is spent or any value sealed (issue 13: such a batch was sealed, audited
+    /// `ok` and then failed to encode, so the caller got nothing for the nonces it spent).
+    /// The bound is exact for the payloads (a ciphertext is the plaintext plus
+    /// [`format::MIN_LEN`]; an item error is its client message) plus an upper bound on
+    /// protobuf framing per item.
+    fn check_encrypt_batch_answer(
+        &self,
+        call: &Call,
+        prepared: &[Result<Prepared<SecretBytes>>],
+    ) -> Result<()> {
+        // Tag and length varint (at most 1 + 5 bytes) of the repeated result, the oneof
+        // member, the ciphertext or message, and the key version or code (at most 1 + 5).
+        const FRAMING_PER_ITEM: usize = 4 * 6;
+        let answer = prepared
+            .iter()
+            .map(|item| {
+                FRAMING_PER_ITEM
+                    + match item {
+                        Ok(item) => item.data.expose_secret().len() + format::MIN_LEN,
+                        Err(e) => status::client_message(e, &call.request_id).len(),
+                    }
+            })
+            .fold(0usize, usize::saturating_add);
+        let limit = self.state.options.limits.max_message_bytes;
+        if answer > limit {
+            return Err(Error::ResourceExhausted(format!(
+                "the answer to this batch would be up to {answer} bytes, over the {limit}-byte \
+                 message limit; split the batch"
+            )));
+        }
+        Ok(())
+    }
+
     fn check_value_len(&self, what: &str, len: usize) -> Result<()> {
         let limit = self.state.options.limits.max_field_bytes;
         if len > limit {
@@ -315,6 +349,7 @@ impl KeyService for KeyServiceImpl {
             let prepared = self.prepare_batch(call, items, |plaintext| {
                 self.check_value_len("plaintext", plaintext.expose_secret().len())
             })?;
+            self.check_encrypt_batch_answer(call, &prepared)?;
             let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
             let grant = if valid > 0 {
                 let entry = self.active_entry(&tenant).await?;

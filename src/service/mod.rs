@@ -22,6 +22,7 @@ pub mod convert;
 pub mod data_dir_guard;
 pub mod guard;
 pub mod key_service;
+pub mod reconcile;
 pub mod server;
 pub mod state;
 pub mod status;

@@ -358,6 +358,13 @@ impl AppState {
             Error::Internal(format!("{failure}; refusing to serve"))
         })?;
         let dir = DataDir::open(&options, true)?;
+        // Before the writer starts (it owns the log's tail from then on) and before anything
+        // serves: key changes a crash left without an audit record get one.
+        super::reconcile::reconcile(
+            dir.store.as_ref(),
+            dir.audit_log(&options)?.as_ref(),
+            options.clock.now_unix(),
+        )?;
         let audit = dir.audit_writer(&options)?;
         let audit_reader: Arc<dyn AuditLog> = Arc::from(dir.audit_log(&options)?);
         if options.bootstrap_admin_token {

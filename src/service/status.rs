@@ -43,7 +43,9 @@ fn classify(error: &Error) -> (Code, Outcome) {
             (Code::ResourceExhausted, Outcome::Exhausted)
         }
         Error::DeadlineExceeded => (Code::DeadlineExceeded, Outcome::DeadlineExceeded),
-        Error::Unavailable(_) => (Code::Unavailable, Outcome::Unavailable),
+        Error::Unavailable(_) | Error::StoreUnavailable(_) => {
+            (Code::Unavailable, Outcome::Unavailable)
+        }
         Error::Internal(_) => (Code::Internal, Outcome::Internal),
     }
 }

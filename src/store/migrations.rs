@@ -64,6 +64,32 @@ const MIGRATIONS: &[&str] = &[
         entries  INTEGER NOT NULL,
         head_mac BLOB NOT NULL
      );",
+    // 3: a destruction committed whose WAL has not yet been checkpointed and truncated (a
+    // kill -9 between the two leaves the destroyed key's bytes in keys.db-wal): its row is
+    // written in the destruction's transaction and removed once the shred sequence finished,
+    // and the next open re-applies the sequence while it is there.
+    "CREATE TABLE shred_pending (id INTEGER PRIMARY KEY CHECK (id = 1));",
+    // 4: the audit reconciliation watermark (docs/AUDIT.md, "Reconciliation at start"):
+    // key-store changes at or after it are checked against the audit log at the next open.
+    // Starts at the migration's time: changes made before it were never checked.
+    // Two halves: a time on the store's clock (Unix seconds, like created_at) for key
+    // changes, and the audit sequence number the log had then (audit records carry the
+    // system clock's time, which a test clock may not match; a sequence number needs no
+    // clock). The boundary table lists the changes of the watermark's own second that were
+    // checked already: created_at has whole seconds, so a change of that second may have
+    // come before the check (its record before the sequence number) or after it.
+    "CREATE TABLE audit_reconciled (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        through_secs  INTEGER NOT NULL,
+        audit_seq     INTEGER NOT NULL
+     );
+     INSERT INTO audit_reconciled (id, through_secs, audit_seq)
+        VALUES (1, CAST(strftime('%s', 'now') AS INTEGER), 0);
+     CREATE TABLE audit_reconciled_boundary (
+        tenant_id TEXT NOT NULL,
+        version   INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, version)
+     ) WITHOUT ROWID;",
 ];
 
 /// Brings the schema up to date. Refuses a database newer than this binary.

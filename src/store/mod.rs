@@ -20,8 +20,35 @@ use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
 
-pub use recovery::{LedgerHead, ShredItem, StoreCounts};
+pub use recovery::{KeyChange, LedgerHead, ShredItem, StoreCounts};
 pub use sqlite::SqliteKeyStore;
+
+/// The environment value that, in `test-seams` builds only, caps keys.db at this many pages
+/// (SQLite's `max_page_count`), so a test can make key-store writes fail as on a full disk.
+pub const TEST_MAX_PAGES_ENV: &str = "TENANT_KMS_TEST_KEYS_MAX_PAGES";
+
+/// The environment value that, in `test-seams` builds only, names a failpoint (one of the
+/// `FAILPOINT_*` names) at which the process aborts at once: no destructor runs and no file
+/// is closed, as under kill -9. A production build ignores it.
+pub const TEST_FAILPOINT_ENV: &str = "TENANT_KMS_TEST_FAILPOINT";
+
+/// Failpoint: a tenant creation or a new key version is committed in keys.db, its audit
+/// record is not written yet.
+pub const FAILPOINT_AFTER_KEY_COMMIT: &str = "after-key-commit";
+
+/// Failpoint: a destruction is committed in keys.db, its shred sequence (rebuild, WAL
+/// checkpoint and truncate) has not run.
+pub const FAILPOINT_BEFORE_SHRED_SEQUENCE: &str = "before-shred-sequence";
+
+/// In `test-seams` builds, aborts the process when [`TEST_FAILPOINT_ENV`] names `point`;
+/// otherwise does nothing.
+pub(crate) fn failpoint(point: &str) {
+    #[cfg(feature = "test-seams")]
+    if std::env::var(TEST_FAILPOINT_ENV).is_ok_and(|armed| armed == point) {
+        std::process::abort();
+    }
+    let _ = point;
+}
 
 /// A master-key version as the store knows it: its check value, never the key.
 #[derive(Debug, Clone)]
@@ -294,6 +321,19 @@ pub trait BackupStore {
     fn shred_ledger_head(&self) -> Result<Option<LedgerHead>>;
     /// Records the shred ledger head, unless the store already saw a longer ledger.
     fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()>;
+    /// The audit reconciliation watermark `(seconds, audit sequence number)`, and every
+    /// tenant creation and key-version creation recorded at or after its time that was not
+    /// checked at its own second already, in time order: what the reconciliation at start
+    /// compares with the audit records after that sequence number.
+    fn unreconciled_key_changes(&self) -> Result<((i64, u64), Vec<KeyChange>)>;
+    /// Moves the watermark to `(secs, audit_seq)` (its time never goes back) and remembers
+    /// which of the `checked` changes fall in its own second, so the next check skips them.
+    fn set_audit_reconciled_through(
+        &self,
+        secs: i64,
+        audit_seq: u64,
+        checked: &[KeyChange],
+    ) -> Result<()>;
 }
 
 /// What `rotate --due` has to do.

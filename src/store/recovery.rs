@@ -32,3 +32,15 @@ pub struct StoreCounts {
     /// Wrapped tenant keys (versions not destroyed).
     pub wrapped_keys: u64,
 }
+
+/// A change of the key store that the audit log must show (see docs/AUDIT.md,
+/// "Reconciliation at start"): a tenant's creation or a new key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// The key version created; 1 with the tenant.
+    pub version: u32,
+    /// When the store recorded it (Unix seconds, the store's clock).
+    pub at_secs: i64,
+}

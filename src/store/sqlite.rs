@@ -14,13 +14,13 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    BackupStore, ChangeDetection, DueTenants, KeyVersionRecord, LedgerHead, MasterKeyStore,
-    MasterVersionRecord, Rewrapping, ShredItem, StoreCounts, TenantRecord, TenantStore,
-    TokenRecord, TokenStore, WrappedTenantKey,
+    BackupStore, ChangeDetection, DueTenants, KeyChange, KeyVersionRecord, LedgerHead,
+    MasterKeyStore, MasterVersionRecord, Rewrapping, ShredItem, StoreCounts, TenantRecord,
+    TenantStore, TokenRecord, TokenStore, WrappedTenantKey,
 };
 use crate::domain::lifecycle::{self, TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreFault};
 
 /// How long a write waits for another process's write transaction before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,8 +84,25 @@ impl Inner {
     }
 }
 
+/// The one conversion of a SQLite error: faults of the environment that can pass (full,
+/// read-only, busy) become the typed [`Error::StoreUnavailable`], so a client is told to retry
+/// (UNAVAILABLE) rather than that the service is broken; anything else is internal.
 fn sql_error(e: rusqlite::Error) -> Error {
-    Error::Internal(format!("key store: {e}"))
+    use rusqlite::ErrorCode;
+    let fault = match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => Some(StoreFault::Full),
+        Some(ErrorCode::ReadOnly) => Some(StoreFault::ReadOnly),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Some(StoreFault::Busy),
+        _ => None,
+    };
+    match fault {
+        Some(fault) => {
+            // The detail (SQLite's text) goes to the log only, like an internal error's.
+            tracing::warn!(error = %e, "key store write refused by its environment");
+            Error::StoreUnavailable(fault)
+        }
+        None => Error::Internal(format!("key store: {e}")),
+    }
 }
 
 fn u32_of(value: i64) -> rusqlite::Result<u32> {
@@ -205,10 +222,32 @@ impl SqliteKeyStore {
         super::migrations::migrate(&mut conn)
             .map_err(sql_error)?
             .map_err(Error::Internal)?;
+        #[cfg(feature = "test-seams")]
+        if let Some(pages) = std::env::var_os(super::TEST_MAX_PAGES_ENV) {
+            // Test builds only: a size limit that makes writes fail as on a full disk.
+            conn.pragma_update(None, "max_page_count", pages.to_string_lossy().as_ref())
+                .map_err(sql_error)?;
+        }
+        let shred_pending: bool = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM shred_pending)", [], |row| {
+                row.get(0)
+            })
+            .map_err(sql_error)?;
         let data_version = conn
             .query_row("PRAGMA data_version", [], |row| row.get(0))
             .map_err(sql_error)?;
-        Ok(Self::with_connection(conn, path, data_version))
+        let store = Self::with_connection(conn, path, data_version);
+        if shred_pending {
+            // A destruction was committed but the process died before its WAL was
+            // checkpointed and truncated: the destroyed key's bytes may still lie in
+            // keys.db-wal (or in free pages). Finish the one shred sequence before anything
+            // else reads or copies the files.
+            tracing::warn!(
+                "key store: finishing an interrupted destruction (rebuild and WAL truncate)"
+            );
+            store.checkpoint_truncate()?;
+        }
+        Ok(store)
     }
 
     fn with_connection(conn: Connection, path: &Path, data_version: i64) -> Self {
@@ -446,7 +485,9 @@ impl TenantStore for SqliteKeyStore {
             .wrapped
             .as_ref()
             .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-        self.write(|tx| insert_tenant(tx, tenant, first, wrapped))
+        self.write(|tx| insert_tenant(tx, tenant, first, wrapped))?;
+        super::failpoint(super::FAILPOINT_AFTER_KEY_COMMIT);
+        Ok(())
     }
 
     fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
@@ -940,6 +981,7 @@ impl BackupStore for SqliteKeyStore {
     fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()> {
         let id = tenant.tenant_id.as_str();
         self.write(|tx| {
+            mark_shred_pending(tx)?;
             if let Some(live) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
                 lifecycle::require_not_destroyed(live.state)?;
                 let mut stmt = tx
@@ -1046,6 +1088,81 @@ impl BackupStore for SqliteKeyStore {
             Ok(())
         })
     }
+
+    fn unreconciled_key_changes(&self) -> Result<((i64, u64), Vec<KeyChange>)> {
+        let mut inner = self.lock();
+        // One read transaction: the watermark and the changes it selects agree.
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql_error)?;
+        let (secs, seq): (i64, i64) = tx
+            .query_row(
+                "SELECT through_secs, audit_seq FROM audit_reconciled WHERE id = 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(sql_error)?;
+        let changes = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT v.tenant_id, v.version, v.created_at FROM key_versions v \
+                     WHERE v.created_at >= ?1 AND NOT EXISTS (SELECT 1 FROM \
+                     audit_reconciled_boundary b WHERE b.tenant_id = v.tenant_id \
+                     AND b.version = v.version) ORDER BY v.created_at, v.tenant_id, v.version",
+                )
+                .map_err(sql_error)?;
+            stmt.query_map([secs], |row| {
+                let id: String = row.get(0)?;
+                Ok(KeyChange {
+                    tenant_id: TenantId::parse(&id).map_err(|_| bad_column(0, "tenant id"))?,
+                    version: u32_of(row.get(1)?)?,
+                    at_secs: row.get(2)?,
+                })
+            })
+            .map_err(sql_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_error)?
+        };
+        tx.commit().map_err(sql_error)?;
+        Ok(((secs, u64_of(seq)), changes))
+    }
+
+    fn set_audit_reconciled_through(
+        &self,
+        secs: i64,
+        audit_seq: u64,
+        checked: &[KeyChange],
+    ) -> Result<()> {
+        self.write(|tx| {
+            let current: i64 = tx
+                .query_row(
+                    "SELECT through_secs FROM audit_reconciled WHERE id = 1",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(sql_error)?;
+            let secs = secs.max(current);
+            if secs > current {
+                tx.execute("DELETE FROM audit_reconciled_boundary", [])
+                    .map_err(sql_error)?;
+            }
+            tx.execute(
+                "UPDATE audit_reconciled SET through_secs = ?1, audit_seq = ?2 WHERE id = 1",
+                params![secs, i64_of(audit_seq)],
+            )
+            .map_err(sql_error)?;
+            for change in checked.iter().filter(|c| c.at_secs >= secs) {
+                tx.execute(
+                    "INSERT OR IGNORE INTO audit_reconciled_boundary (tenant_id, version) \
+                     VALUES (?1, ?2)",
+                    params![change.tenant_id.as_str(), change.version],
+                )
+                .map_err(sql_error)?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Compares `PRAGMA data_version` with the last value seen on this connection.
@@ -1091,6 +1208,8 @@ impl SqliteKeyStore {
     /// `tenant-kms bench` found destroyed tenants' wrapped keys that way). VACUUM writes every
     /// page afresh from live rows only. It costs time in proportion to keys.db's size.
     fn checkpoint_truncate(&self) -> Result<()> {
+        // Every caller has committed its deletion by now: the window a kill -9 can hit.
+        super::failpoint(super::FAILPOINT_BEFORE_SHRED_SEQUENCE);
         let inner = self.lock();
         inner.conn.execute_batch("VACUUM").map_err(sql_error)?;
         for attempt in 0..50 {
@@ -1101,6 +1220,12 @@ impl SqliteKeyStore {
                 })
                 .map_err(sql_error)?;
             if busy == 0 {
+                // The shred sequence is complete: the mark that makes the next open re-run
+                // it can go (its own small commit holds no key bytes).
+                inner
+                    .conn
+                    .execute("DELETE FROM shred_pending", [])
+                    .map_err(sql_error)?;
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10 * (attempt + 1)));
@@ -1157,12 +1282,22 @@ fn insert_tenant(
 /// caller checkpoints the log after the commit (`SqliteKeyStore::checkpoint_truncate`).
 /// The one copy of the shredding statements: tenant destruction, version destruction and
 /// the shred ledger's re-application all run it.
+/// Marks, inside a transaction that deletes wrapped keys, that the shred sequence
+/// (`SqliteKeyStore::checkpoint_truncate`) must run after it: the mark survives a crash
+/// before the sequence ends, and the next open finishes the sequence.
+fn mark_shred_pending(tx: &Connection) -> Result<()> {
+    tx.execute("INSERT OR IGNORE INTO shred_pending (id) VALUES (1)", [])
+        .map_err(sql_error)?;
+    Ok(())
+}
+
 fn shred_rows(
     tx: &Connection,
     id: &TenantId,
     version: Option<u32>,
     destroyed_at: i64,
 ) -> Result<()> {
+    mark_shred_pending(tx)?;
     let id = id.as_str();
     let destroyed = KeyVersionState::Destroyed.code();
     match version {

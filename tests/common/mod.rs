@@ -606,15 +606,26 @@ impl BinaryServer {
     /// Starts `tenant-kms serve` on `data_dir` with extra flags, on a port the server binds
     /// itself (port 0, learnt from its ready line), and waits until it serves.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        Self::spawn(data_dir, extra, None).await
+        Self::spawn(data_dir, extra, None, &[]).await
     }
 
     /// Like [`BinaryServer::start`], with the server's wall clock on `clock`.
     pub async fn start_on_clock(data_dir: &Path, extra: &[&str], clock: &ProcessClock) -> Self {
-        Self::spawn(data_dir, extra, Some(clock)).await
+        Self::spawn(data_dir, extra, Some(clock), &[]).await
     }
 
-    async fn spawn(data_dir: &Path, extra: &[&str], clock: Option<&ProcessClock>) -> Self {
+    /// Like [`BinaryServer::start`], with extra environment values (the `test-seams` knobs:
+    /// failpoints, a capped key store).
+    pub async fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(data_dir, extra, None, env).await
+    }
+
+    async fn spawn(
+        data_dir: &Path,
+        extra: &[&str],
+        clock: Option<&ProcessClock>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(BIN);
         command
             .arg("serve")
@@ -628,6 +639,7 @@ impl BinaryServer {
         if let Some(clock) = clock {
             clock.apply(&mut command);
         }
+        command.envs(env.iter().copied());
         let (child, addr) = await_listening(command.spawn().unwrap(), None).await;
         Self {
             child,
@@ -653,6 +665,13 @@ impl BinaryServer {
     pub fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGKILL (a no-op if the process already died by itself, e.g. at a failpoint) and
+    /// its exit status, which tells which of the two ended it.
+    pub fn kill9_status(mut self) -> std::process::ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().unwrap()
     }
 
     /// SIGTERM and wait for a graceful exit; returns its stderr. Waits on the blocking pool
