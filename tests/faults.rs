@@ -228,21 +228,19 @@ async fn a_batch_whose_answer_would_be_too_large_is_refused_before_any_work() {
     let server = TestServer::start_configured(|o| o.limits.max_message_bytes = 64 * 1024).await;
     let (mut keys, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
+    // `count` items of 40 bytes each.
+    let request = |count: usize| tenant_kms::pb::EncryptBatchRequest {
+        tenant_id: "acme".into(),
+        items: (0..count)
+            .map(|i| tenant_kms::pb::EncryptBatchItem {
+                context: "c".into(),
+                plaintext: format!("{i:040}").into_bytes(),
+                aad: Vec::new(),
+            })
+            .collect(),
+    };
     // About 45 KiB of request; the ciphertexts would make about 80 KiB of answer.
-    let items: Vec<tenant_kms::pb::EncryptBatchItem> = (0..1000)
-        .map(|i| tenant_kms::pb::EncryptBatchItem {
-            context: "c".into(),
-            plaintext: format!("{i:040}").into_bytes(),
-            aad: Vec::new(),
-        })
-        .collect();
-    let status = keys
-        .encrypt_batch(tenant_kms::pb::EncryptBatchRequest {
-            tenant_id: "acme".into(),
-            items,
-        })
-        .await
-        .unwrap_err();
+    let status = keys.encrypt_batch(request(1000)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("split the batch"), "{status:?}");
     let versions = key_versions(&mut tenants, "acme").await;
@@ -257,21 +255,7 @@ async fn a_batch_whose_answer_would_be_too_large_is_refused_before_any_work() {
     assert_eq!(batch[0].1, "exhausted", "{rows:?}");
 
     // A batch that fits still works.
-    let items: Vec<tenant_kms::pb::EncryptBatchItem> = (0..100)
-        .map(|i| tenant_kms::pb::EncryptBatchItem {
-            context: "c".into(),
-            plaintext: format!("{i:040}").into_bytes(),
-            aad: Vec::new(),
-        })
-        .collect();
-    let ok = keys
-        .encrypt_batch(tenant_kms::pb::EncryptBatchRequest {
-            tenant_id: "acme".into(),
-            items,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let ok = keys.encrypt_batch(request(100)).await.unwrap().into_inner();
     assert_eq!(ok.results.len(), 100);
     server.stop().await;
 }
