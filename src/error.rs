@@ -88,6 +88,13 @@ pub enum Error {
     /// lock; the fault names the reason only, never a path or SQL text.
     #[error("the key store cannot write now ({0}); nothing was changed, retry later")]
     StoreUnavailable(StoreFault),
+    /// A key-store row (or the store's row anchor) failed its MAC check (`store::row_auth`):
+    /// someone without the master key edited, inserted, moved, deleted or rolled back a
+    /// security-relevant row. The call fails closed and nothing is served from that row. The
+    /// text names the table and the row's identity (never a secret) and goes to the log
+    /// only; the client reads a generic message with the request id.
+    #[error("key store integrity check failed: {0}")]
+    StoreIntegrity(String),
     /// A bug or an environment fault. The text goes to the log only; the client gets a generic
     /// message with the request id.
     #[error("internal error: {0}")]

@@ -226,6 +226,8 @@ fn change_generation_sees_other_connections_only() {
     let path = temp.path().join("keys.db");
     let a = SqliteKeyStore::open(&path).unwrap();
     let b = SqliteKeyStore::open(&path).unwrap();
+    tenant_kms::store::contract::install_test_row_key(&a);
+    tenant_kms::store::contract::install_test_row_key(&b);
     let g0 = a.change_generation().unwrap();
     assert_eq!(
         a.change_generation().unwrap(),

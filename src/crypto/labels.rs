@@ -32,6 +32,11 @@ pub const SEALED_KEYRING_BODY: &[u8] = b"tenant-kms/v1/sealed-keyring-body";
 /// HKDF info label for a sealed keyring's check value (derived from its file key).
 pub const SEALED_KEYRING_CHECK: &[u8] = b"tenant-kms/v1/sealed-keyring-check";
 
+/// HKDF info label for the key that MACs security-relevant key-store rows (tokens, tenants,
+/// key versions) and the store's row anchor (derived from the audit secret, which is wrapped
+/// under the master key); also the first part of every row MAC's input (`store::row_auth`).
+pub const ROW_MAC: &[u8] = b"tenant-kms/v1/row-mac";
+
 /// Every label, for the test that proves them distinct and for docs.
 pub const ALL: &[&[u8]] = &[
     FIELD,
@@ -46,6 +51,7 @@ pub const ALL: &[&[u8]] = &[
     SHRED_LEDGER,
     SEALED_KEYRING_BODY,
     SEALED_KEYRING_CHECK,
+    ROW_MAC,
 ];
 
 /// Appends `part` to `out` prefixed by its length as a 4-byte big-endian integer, so that no

@@ -208,6 +208,17 @@ impl DataDir {
             options.key_policy.clone(),
             Arc::clone(&options.clock),
         )?);
+        // Read before `audit_secret` creates it: an audit key means an audit log exists.
+        let audit_log_exists = store.audit_key()?.is_some();
+        let audit_secret = keys.audit_secret()?;
+        // Before any tenant, key-version or token row is read or written (the shred ledger
+        // below does both): the row MAC key, derived from the audit secret, so that master-key
+        // rotation (which re-wraps that secret) leaves every row MAC valid. Installing it
+        // finishes a pending upgrade and checks every row against the anchor.
+        store.set_row_key(
+            crate::store::row_auth::RowKey::derive(&audit_secret)
+                .map_err(|_| Error::internal("row key derivation failed"))?,
+        )?;
         // Before anything serves: destroyed tenants and versions recorded in the shred
         // ledger are shredded again (a restored backup), and the ledger must be whole.
         if options.shred_ledger.is_none() && matches!(options.master_keys, MasterKeySource::Env(_))
@@ -225,10 +236,8 @@ impl DataDir {
         ));
         let shred = ledger.enforce(&keys)?;
         keys.set_shred_recorder(ledger);
-        // Read before `audit_secret` creates it: an audit key means an audit log exists.
-        let audit_log_exists = store.audit_key()?.is_some();
         let chain_keys = Arc::new(
-            ChainKeys::derive(&keys.audit_secret()?)
+            ChainKeys::derive(&audit_secret)
                 .map_err(|_| Error::internal("audit key derivation failed"))?,
         );
         crate::audit::sqlite::check_identity(

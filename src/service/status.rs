@@ -47,6 +47,10 @@ fn classify(error: &Error) -> (Code, Outcome) {
             (Code::Unavailable, Outcome::Unavailable)
         }
         Error::Internal(_) => (Code::Internal, Outcome::Internal),
+        // DATA_LOSS, not INTERNAL: the store's content is corrupt or was tampered with (a row
+        // MAC failed), which no retry or code fix cures; the operator must restore keys.db.
+        // gRPC reserves DATA_LOSS for "unrecoverable data loss or corruption".
+        Error::StoreIntegrity(_) => (Code::DataLoss, Outcome::Internal),
     }
 }
 
@@ -56,6 +60,10 @@ fn classify(error: &Error) -> (Code, Outcome) {
 pub fn client_message(error: &Error, request_id: &str) -> String {
     match error {
         Error::Internal(_) => format!("internal error (request id {request_id})"),
+        Error::StoreIntegrity(_) => format!(
+            "the key store failed an integrity check; nothing was served (request id \
+             {request_id})"
+        ),
         Error::Unavailable(_) => format!(
             "service unavailable: the audit store cannot record this call, so no result was \
              returned (request id {request_id})"
@@ -73,7 +81,9 @@ pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 /// from any client) and as `google.rpc.RetryInfo` in the details (what gRPC client libraries
 /// with retry support understand).
 pub fn to_status(error: &Error, request_id: &str) -> Status {
-    if let Error::Internal(detail) | Error::Unavailable(detail) = error {
+    if let Error::Internal(detail) | Error::Unavailable(detail) | Error::StoreIntegrity(detail) =
+        error
+    {
         tracing::error!(request_id, detail = %detail, "request failed");
     }
     let mut status = match error {
@@ -110,6 +120,16 @@ mod tests {
         assert!(!status.message().contains("SQL"));
         assert!(!status.message().contains("/var"));
         assert!(status.message().contains("abc123"));
+    }
+
+    #[test]
+    fn integrity_failures_are_data_loss_without_detail() {
+        let error = Error::StoreIntegrity("tokens row tok-1: MAC mismatch".into());
+        let status = to_status(&error, "r9");
+        assert_eq!(status.code(), Code::DataLoss);
+        assert_eq!(outcome(&error), Outcome::Internal);
+        assert!(!status.message().contains("tok-1"));
+        assert!(status.message().contains("r9"));
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! verify every engine). `tests/store_contract.rs` runs it for [`super::SqliteKeyStore`]; a
 //! PostgreSQL backend's tests call the same functions.
 //!
-//! Each `check_*` function takes a fresh, empty store (no master version, no tenant) and
-//! panics, naming the broken promise, when the store breaks it. [`keystore_contract`] runs
-//! them all. Built only for tests and behind the `test-seams` feature.
+//! Each `check_*` function takes a fresh, empty store (no master version, no tenant) with the
+//! contract's row key installed ([`install_test_row_key`]) and panics, naming the broken
+//! promise, when the store breaks it. [`keystore_contract`] runs them all (and installs the
+//! key); the tamper checks ([`tamper_contract`]) also need the [`RowTamper`] seam. Built only
+//! for tests and behind the `test-seams` feature.
 
 // A test suite: a panic is how it reports a broken contract. `err().expect()` because the
 // records a refused call would return (`KeyVersionRecord`) hold wrapped keys and so have no
@@ -14,10 +16,12 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::row_auth::RowKey;
 use super::{
-    KeyStore, KeyVersionRecord, MasterVersionRecord, Rewrapping, ShredItem, TenantRecord,
-    TokenRecord, WrappedTenantKey,
+    KeyStore, KeyVersionRecord, MasterVersionRecord, RawValue, Rewrapping, RowRef, RowTamper,
+    ShredItem, TenantRecord, TokenRecord, WrappedTenantKey,
 };
+use crate::crypto::secret::SecretKey;
 use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Error;
@@ -25,6 +29,11 @@ use crate::error::Error;
 /// Runs every check of the contract, each on a store from `make` (which must return a new,
 /// empty store each time).
 pub fn keystore_contract<S: KeyStore>(make: impl Fn() -> S) {
+    let make = || {
+        let store = make();
+        install_test_row_key(&store);
+        store
+    };
     check_create_tenants_is_all_or_nothing(&make());
     check_replace_tenant_is_all_or_nothing(&make());
     check_compare_and_set_conflicts(&make());
@@ -702,4 +711,355 @@ pub fn check_own_writes_are_not_changes_elsewhere<S: KeyStore>(store: &S) {
     if let Some(generation) = store.try_change_generation() {
         assert_eq!(generation.unwrap(), before);
     }
+}
+
+/// The row key every contract store gets (a fixed audit secret: tests only).
+pub fn test_row_key() -> RowKey {
+    RowKey::derive(&SecretKey::from_slice(&[0x5a; 32]).unwrap()).unwrap()
+}
+
+/// Installs [`test_row_key`] in a fresh store, as `DataDir::open` installs the real one.
+pub fn install_test_row_key<S: KeyStore>(store: &S) {
+    store.set_row_key(test_row_key()).unwrap();
+}
+
+/// Runs every tamper check, each on a store from `make` (new, empty, key installed or not).
+pub fn tamper_contract<S: KeyStore + RowTamper>(make: impl Fn() -> S) {
+    let make = || {
+        let store = make();
+        install_test_row_key(&store);
+        store
+    };
+    check_rows_need_the_row_key(&make);
+    check_edited_rows_are_refused(&make());
+    check_moved_and_forged_rows_are_refused(&make());
+    check_rolled_back_rows_are_detected(&make());
+    check_upgrade_macs_existing_rows_once(&make());
+}
+
+fn is_integrity<T>(result: crate::error::Result<T>) -> bool {
+    matches!(result, Err(Error::StoreIntegrity(_)))
+}
+
+fn column(row: &[(String, RawValue)], name: &str) -> RawValue {
+    row.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("no column {name}"))
+}
+
+fn set(name: &str, value: RawValue) -> Vec<(String, RawValue)> {
+    vec![(name.to_owned(), value)]
+}
+
+fn service_token(id: &str, byte: u8, tenants: &str, operations: &str) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        name: format!("name-{id}"),
+        hash: [byte; 32],
+        role: "service".into(),
+        tenants: tenants.into(),
+        operations: operations.into(),
+        created_at: 10,
+        expires_at: None,
+        revoked_at: None,
+    }
+}
+
+/// Rows MAC'd under one key fail the full check under another (a wrong audit secret), and
+/// after a failed check the store serves no row until a check passes.
+pub fn check_rows_need_the_row_key<S: KeyStore>(make: &impl Fn() -> S) {
+    let store = make();
+    with_masters(&store);
+    create(&store, "a");
+    store
+        .insert_token(&service_token("t1", 1, "a", "*"))
+        .unwrap();
+    let other = RowKey::derive(&SecretKey::from_slice(&[0x77; 32]).unwrap()).unwrap();
+    assert!(
+        is_integrity(store.set_row_key(other)),
+        "a key of another secret must fail the full check"
+    );
+    assert!(
+        is_integrity(store.tenant(&id("a"))),
+        "after a failed check nothing is served"
+    );
+    install_test_row_key(&store);
+    assert!(
+        store.tenant(&id("a")).unwrap().is_some(),
+        "the right key serves again"
+    );
+}
+
+/// A row edited by a database writer (no MAC update) is refused on load, for every
+/// security-relevant column: token role, scope, operations, revocation; tenant state,
+/// deletion schedule, rotation policy, primary version; key-version state and nonce-budget
+/// count. Putting the genuine value back makes the row load again.
+pub fn check_edited_rows_are_refused<S: KeyStore + RowTamper>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    rotate(store, "a");
+    store
+        .insert_token(&service_token("t1", 1, "a", "encrypt"))
+        .unwrap();
+    store
+        .insert_token(&service_token("t2", 2, "a", "*"))
+        .unwrap();
+    assert!(store.revoke_token("t2", 20).unwrap());
+    store
+        .set_key_version_state(&id("a"), 1, VersionTransition::Disable)
+        .unwrap();
+    store.reserve_encryptions(&id("a"), 2, 500).unwrap();
+    store
+        .set_tenant_state(&id("a"), TenantTransition::Suspend, 30)
+        .unwrap();
+    let token = RowRef::Token("t1".into());
+    let revoked = RowRef::Token("t2".into());
+    let tenant = RowRef::Tenant(id("a"));
+    let v1 = RowRef::KeyVersion(id("a"), 1);
+    let v2 = RowRef::KeyVersion(id("a"), 2);
+    let cases: Vec<(&RowRef, &str, RawValue, &str)> = vec![
+        (&token, "role", RawValue::Text("admin".into()), "token role"),
+        (&token, "tenants", RawValue::Text("*".into()), "token scope"),
+        (
+            &token,
+            "operations",
+            RawValue::Text("*".into()),
+            "token operations",
+        ),
+        (
+            &token,
+            "expires_at",
+            RawValue::Integer(i64::MAX),
+            "token expiry",
+        ),
+        (&revoked, "revoked_at", RawValue::Null, "token revocation"),
+        (
+            &tenant,
+            "state",
+            RawValue::Integer(TenantState::Active.code()),
+            "tenant state",
+        ),
+        (
+            &tenant,
+            "primary_version",
+            RawValue::Integer(1),
+            "primary version",
+        ),
+        (
+            &tenant,
+            "deletion_time",
+            RawValue::Integer(1),
+            "deletion schedule",
+        ),
+        (
+            &tenant,
+            "max_encryptions",
+            RawValue::Integer(i64::MAX),
+            "nonce budget",
+        ),
+        (
+            &tenant,
+            "rotation_period_seconds",
+            RawValue::Integer(1),
+            "rotation period",
+        ),
+        (
+            &v1,
+            "state",
+            RawValue::Integer(KeyVersionState::Enabled.code()),
+            "version state",
+        ),
+        (
+            &v2,
+            "encryptions",
+            RawValue::Integer(0),
+            "nonce-budget count",
+        ),
+    ];
+    for (row, name, value, what) in cases {
+        let genuine = column(&store.raw_row(row).unwrap().unwrap(), name);
+        assert_ne!(genuine, value, "{what}: the case must change the row");
+        store.raw_update(row, &set(name, value)).unwrap();
+        let refused = match row {
+            RowRef::Token(_) => {
+                let hash = if matches!(row, RowRef::Token(t) if t == "t1") {
+                    [1; 32]
+                } else {
+                    [2; 32]
+                };
+                is_integrity(store.token_by_hash(&hash))
+                    && is_integrity(store.list_tokens())
+                    && (matches!(row, RowRef::Token(t) if t == "t2")
+                        || is_integrity(store.revoke_token("t1", 40)))
+            }
+            RowRef::Tenant(_) => {
+                is_integrity(store.tenant(&id("a")))
+                    && is_integrity(store.tenant_snapshot(&id("a")))
+                    && is_integrity(store.list_tenants(None, 10))
+                    && is_integrity(store.set_tenant_state(&id("a"), TenantTransition::Resume, 40))
+                    && is_integrity(store.add_key_version(&id("a"), 2, &version(3, 1)))
+            }
+            RowRef::KeyVersion(_, v) => {
+                is_integrity(store.key_versions(&id("a")))
+                    && is_integrity(store.tenant_snapshot(&id("a")))
+                    && is_integrity(store.reserve_encryptions(&id("a"), *v, 1))
+            }
+        };
+        assert!(
+            refused,
+            "{what}: an edited row must fail its MAC check on every load"
+        );
+        store.raw_update(row, &set(name, genuine)).unwrap();
+    }
+    // Genuine again: everything loads, and the untouched writes still work.
+    assert_eq!(
+        store.tenant(&id("a")).unwrap().unwrap().state,
+        TenantState::Suspended
+    );
+    assert!(
+        store
+            .token_by_hash(&[2; 32])
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
+    assert_eq!(store.reserve_encryptions(&id("a"), 2, 1).unwrap(), 501);
+    install_test_row_key(store);
+}
+
+/// A MAC moved to another row (of the same or another table) is refused, and so is a row
+/// inserted without the key (a forged admin token, with or without a copied MAC).
+pub fn check_moved_and_forged_rows_are_refused<S: KeyStore + RowTamper>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    create(store, "b");
+    store
+        .set_tenant_state(&id("b"), TenantTransition::Suspend, 30)
+        .unwrap();
+    store
+        .insert_token(&service_token("t1", 1, "a", "*"))
+        .unwrap();
+    // b's whole authenticated state (columns, generation, MAC) copied onto a: refused, since
+    // the identity is inside the MAC.
+    let b = store.raw_row(&RowRef::Tenant(id("b"))).unwrap().unwrap();
+    let moved: Vec<(String, RawValue)> = b
+        .iter()
+        .filter(|(n, _)| n != "tenant_id")
+        .cloned()
+        .collect();
+    store.raw_update(&RowRef::Tenant(id("a")), &moved).unwrap();
+    assert!(
+        is_integrity(store.tenant(&id("a"))),
+        "a MAC moved between rows"
+    );
+    // A key version's MAC on a tenant row (another table): refused.
+    let v = store
+        .raw_row(&RowRef::KeyVersion(id("b"), 1))
+        .unwrap()
+        .unwrap();
+    store
+        .raw_update(
+            &RowRef::Tenant(id("b")),
+            &[
+                ("mac".into(), column(&v, "mac")),
+                ("generation".into(), column(&v, "generation")),
+            ],
+        )
+        .unwrap();
+    assert!(
+        is_integrity(store.tenant(&id("b"))),
+        "a MAC moved between tables"
+    );
+    // A forged admin token carrying t1's MAC and generation.
+    let t1 = store.raw_row(&RowRef::Token("t1".into())).unwrap().unwrap();
+    let forged: Vec<(String, RawValue)> = t1
+        .iter()
+        .map(|(n, v)| match n.as_str() {
+            "id" => (n.clone(), RawValue::Text("forged".into())),
+            "hash" => (n.clone(), RawValue::Blob(vec![9; 32])),
+            "role" => (n.clone(), RawValue::Text("admin".into())),
+            "tenants" => (n.clone(), RawValue::Text("*".into())),
+            _ => (n.clone(), v.clone()),
+        })
+        .collect();
+    store
+        .raw_insert(&RowRef::Token("forged".into()), &forged)
+        .unwrap();
+    assert!(
+        is_integrity(store.token_by_hash(&[9; 32])),
+        "a forged token row"
+    );
+    assert!(
+        is_integrity(store.set_row_key(test_row_key())),
+        "the full check finds the forged and moved rows"
+    );
+}
+
+/// A row replaced by an earlier genuine copy (its genuine MAC and generation) passes its own
+/// MAC check but not the anchor: the full check (at every open, and in a server after every
+/// change by another process) refuses the store. Covers an un-revoked token, an un-suspended
+/// tenant, an earlier primary and a reset nonce-budget count.
+pub fn check_rolled_back_rows_are_detected<S: KeyStore + RowTamper>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    store
+        .insert_token(&service_token("t1", 1, "a", "*"))
+        .unwrap();
+    store.reserve_encryptions(&id("a"), 1, 100).unwrap();
+    let rows = [
+        RowRef::Token("t1".into()),
+        RowRef::Tenant(id("a")),
+        RowRef::KeyVersion(id("a"), 1),
+    ];
+    let before: Vec<_> = rows
+        .iter()
+        .map(|r| store.raw_row(r).unwrap().unwrap())
+        .collect();
+    assert!(store.revoke_token("t1", 50).unwrap());
+    store.reserve_encryptions(&id("a"), 1, 100).unwrap();
+    rotate(store, "a");
+    store
+        .set_tenant_state(&id("a"), TenantTransition::Suspend, 60)
+        .unwrap();
+    install_test_row_key(store);
+    for (row, old) in rows.iter().zip(&before) {
+        let now = store.raw_row(row).unwrap().unwrap();
+        store.raw_update(row, old).unwrap();
+        assert!(
+            is_integrity(store.set_row_key(test_row_key())),
+            "{row:?} rolled back to an earlier genuine copy must fail the full check"
+        );
+        store.raw_update(row, &now).unwrap();
+        install_test_row_key(store);
+    }
+    // A deleted row (its MAC gone from the set) is caught the same way: emulated by
+    // replacing the revoked token's MAC with garbage and generation with another.
+    store
+        .raw_update(
+            &RowRef::Token("t1".into()),
+            &set("mac", RawValue::Blob(vec![0; 32])),
+        )
+        .unwrap();
+    assert!(is_integrity(store.set_row_key(test_row_key())));
+}
+
+/// Only a pending schema upgrade MACs rows without checking them (once, backend-specific:
+/// SQLite's is tested in `store::sqlite`): a row whose MAC a writer cleared afterwards is
+/// refused, and installing the key again does not re-MAC it.
+pub fn check_upgrade_macs_existing_rows_once<S: KeyStore + RowTamper>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    store
+        .raw_update(&RowRef::Tenant(id("a")), &set("mac", RawValue::Null))
+        .unwrap();
+    assert!(
+        is_integrity(store.tenant(&id("a"))),
+        "a cleared MAC is not a missing one"
+    );
+    assert!(
+        is_integrity(store.set_row_key(test_row_key())),
+        "installing the key again does not re-MAC a cleared row"
+    );
 }

@@ -90,6 +90,27 @@ const MIGRATIONS: &[&str] = &[
         version   INTEGER NOT NULL,
         PRIMARY KEY (tenant_id, version)
      ) WITHOUT ROWID;",
+    // 5: row MACs (issue 13, docs/FORMAT.md "Key-store row MACs"): every tenant, key-version
+    // and token row carries the generation of its last write and a MAC over its canonical
+    // encoding (`store::row_auth`); `row_anchor` holds the write counter and the digest of all
+    // row MACs, MAC'd itself. SQL cannot compute a MAC (no key here), so the migration leaves
+    // `mac` NULL and marks the upgrade pending; the first open with the master key
+    // (`set_row_key`) MACs every existing row once, creates the anchor and clears the mark,
+    // in one transaction.
+    "ALTER TABLE tenants ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tenants ADD COLUMN mac BLOB;
+     ALTER TABLE key_versions ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE key_versions ADD COLUMN mac BLOB;
+     ALTER TABLE tokens ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tokens ADD COLUMN mac BLOB;
+     CREATE TABLE row_anchor (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        counter INTEGER NOT NULL,
+        digest  BLOB NOT NULL,
+        mac     BLOB NOT NULL
+     );
+     CREATE TABLE row_mac_upgrade (id INTEGER PRIMARY KEY CHECK (id = 1));
+     INSERT INTO row_mac_upgrade (id) VALUES (1);",
 ];
 
 /// Brings the schema up to date. Refuses a database newer than this binary.

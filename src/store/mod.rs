@@ -13,6 +13,7 @@
 pub mod contract;
 mod migrations;
 mod recovery;
+pub mod row_auth;
 mod sqlite;
 pub(crate) mod sqlite_backup;
 
@@ -276,6 +277,17 @@ pub trait MasterKeyStore {
         wrapped: &WrappedTenantKey,
         replace_master: Option<u32>,
     ) -> Result<bool>;
+    /// Installs the key that MACs security-relevant rows ([`row_auth`]; derived from the audit
+    /// secret once the keyring is open). First finishes a pending upgrade in one transaction
+    /// (a store from before row MACs gets every row MAC'd once, as it is, and its anchor),
+    /// then runs the full check: every row's MAC and the anchor's digest of them. A failure
+    /// is [`Error::StoreIntegrity`](crate::error::Error::StoreIntegrity), and then the store
+    /// serves no MAC'd row until a later check passes. Until a key is installed every read or write of a tenant, key-version
+    /// or token row fails; afterwards each such read verifies the row's MAC (fails closed
+    /// with `StoreIntegrity`), each write computes it and updates the anchor in the same
+    /// transaction, and a change by another process (see [`ChangeDetection`]) re-checks the
+    /// anchor against every row MAC before anything is served again.
+    fn set_row_key(&self, key: row_auth::RowKey) -> Result<()>;
 }
 
 /// Noticing changes made by other processes, so caches built from the store can be dropped.
@@ -334,6 +346,48 @@ pub trait BackupStore {
         audit_seq: u64,
         checked: &[KeyChange],
     ) -> Result<()>;
+}
+
+/// A value as a database writer sees it, for [`RowTamper`].
+#[cfg(any(test, feature = "test-seams"))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawValue {
+    /// SQL NULL.
+    Null,
+    /// An integer column.
+    Integer(i64),
+    /// A text column.
+    Text(String),
+    /// A blob column (a MAC, a hash).
+    Blob(Vec<u8>),
+}
+
+/// Which row [`RowTamper`] reads or writes.
+#[cfg(any(test, feature = "test-seams"))]
+#[derive(Debug, Clone)]
+pub enum RowRef {
+    /// A tenant row.
+    Tenant(TenantId),
+    /// A key-version row.
+    KeyVersion(TenantId, u32),
+    /// A token row, by token id.
+    Token(String),
+}
+
+/// Test seam (feature `test-seams`): what someone who can write the database but holds no
+/// master key can do, so that the contract suite's tamper checks
+/// ([`contract::check_tampered_rows_are_refused`]) run against every backend. Column names
+/// and value codes are those of the SQLite schema (`tenants`, `key_versions`, `tokens`, with
+/// `mac` and `generation`); a backend maps them to its own.
+#[cfg(any(test, feature = "test-seams"))]
+pub trait RowTamper {
+    /// Every column of the row as stored, by name (`None` if there is no such row).
+    fn raw_row(&self, row: &RowRef) -> Result<Option<Vec<(String, RawValue)>>>;
+    /// Sets the named columns of the row to the given values, nothing else (no MAC, no
+    /// anchor update), as a direct database write would.
+    fn raw_update(&self, row: &RowRef, columns: &[(String, RawValue)]) -> Result<()>;
+    /// Inserts a row with the given columns into the row's table, as a direct write would.
+    fn raw_insert(&self, row: &RowRef, columns: &[(String, RawValue)]) -> Result<()>;
 }
 
 /// What `rotate --due` has to do.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
+use super::row_auth::{Anchor, RowDigest, RowKey};
 use super::{
     BackupStore, ChangeDetection, DueTenants, KeyChange, KeyVersionRecord, LedgerHead,
     MasterKeyStore, MasterVersionRecord, Rewrapping, ShredItem, StoreCounts, TenantRecord,
@@ -62,6 +63,14 @@ struct Inner {
     shm_path: std::path::PathBuf,
     /// The WAL-index header as read just before the last full change check.
     seen_header: Option<[u8; WAL_INDEX_HEADERS]>,
+    /// The key of the row MACs, once installed (`MasterKeyStore::set_row_key`).
+    row_key: Option<RowKey>,
+    /// Why the store refuses to serve rows: the last check of the anchor against the row
+    /// MACs (after another process changed keys.db) failed. Cleared when a later check passes.
+    integrity: Option<String>,
+    /// The highest anchor counter this process has seen: a lower one later means keys.db was
+    /// replaced by an earlier copy while this process had it open.
+    anchor_seen: u64,
 }
 
 /// Bytes at the start of the `-shm` file: two copies of the 48-byte WAL-index header, which
@@ -70,6 +79,35 @@ struct Inner {
 const WAL_INDEX_HEADERS: usize = 96;
 
 impl Inner {
+    /// After another process changed keys.db: checks the anchor against every row MAC, so
+    /// nothing is served from a store whose rows were deleted, inserted or rolled back, until
+    /// a later check passes.
+    fn recheck_rows(&mut self) {
+        let Some(key) = &self.row_key else {
+            return;
+        };
+        match full_check(&self.conn, key, self.anchor_seen, false) {
+            Ok(counter) => {
+                self.anchor_seen = counter;
+                self.integrity = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "key store: refusing to serve rows until keys.db is restored");
+                self.integrity = Some(e.to_string());
+            }
+        }
+    }
+
+    /// The row key, unless the store refuses to serve rows or has no key yet.
+    fn serving_key(&self) -> Result<&RowKey> {
+        if let Some(why) = &self.integrity {
+            return Err(Error::StoreIntegrity(why.clone()));
+        }
+        self.row_key
+            .as_ref()
+            .ok_or_else(|| Error::internal("key store: the row key is not installed"))
+    }
+
     /// Both copies of the WAL-index header if they agree (no commit is half-published);
     /// `None` if the file cannot be read, in which case the caller does a full check.
     fn wal_index_header(&mut self) -> Option<[u8; WAL_INDEX_HEADERS]> {
@@ -143,7 +181,7 @@ fn tenant_from_row(row: &Row<'_>) -> rusqlite::Result<TenantRecord> {
 }
 
 const VERSION_COLUMNS: &str = "v.version, v.state, v.created_at, v.encryptions, \
-     w.master_version, w.wrapped_key";
+     w.master_version, w.wrapped_key, v.generation, v.mac";
 
 fn version_from_row(row: &Row<'_>) -> rusqlite::Result<KeyVersionRecord> {
     let master: Option<i64> = row.get(4)?;
@@ -164,6 +202,58 @@ fn version_from_row(row: &Row<'_>) -> rusqlite::Result<KeyVersionRecord> {
     })
 }
 
+const TOKEN_COLUMNS: &str = "id, name, hash, role, tenants, operations, created_at, expires_at, \
+     revoked_at, generation, mac";
+
+/// A MAC'd row as stored: the record, the generation of its last write and its MAC (empty if
+/// the column is NULL, which no MAC matches).
+struct Stored<T> {
+    record: T,
+    generation: u64,
+    mac: Vec<u8>,
+}
+
+fn stored<T>(row: &Row<'_>, record: T, first: usize) -> rusqlite::Result<Stored<T>> {
+    Ok(Stored {
+        record,
+        generation: u64_of(row.get(first)?),
+        mac: row
+            .get::<_, Option<Vec<u8>>>(first + 1)?
+            .unwrap_or_default(),
+    })
+}
+
+fn stored_tenant(row: &Row<'_>) -> rusqlite::Result<Stored<TenantRecord>> {
+    stored(row, tenant_from_row(row)?, 8)
+}
+
+fn stored_version(row: &Row<'_>) -> rusqlite::Result<Stored<KeyVersionRecord>> {
+    stored(row, version_from_row(row)?, 6)
+}
+
+fn stored_token(row: &Row<'_>) -> rusqlite::Result<Stored<TokenRecord>> {
+    stored(row, token_from_row(row)?, 9)
+}
+
+fn verified_tenant(key: &RowKey, row: Stored<TenantRecord>) -> Result<Stored<TenantRecord>> {
+    key.verify_tenant(&row.record, row.generation, &row.mac)?;
+    Ok(row)
+}
+
+fn verified_version(
+    key: &RowKey,
+    id: &TenantId,
+    row: Stored<KeyVersionRecord>,
+) -> Result<Stored<KeyVersionRecord>> {
+    key.verify_key_version(id, &row.record, row.generation, &row.mac)?;
+    Ok(row)
+}
+
+fn verified_token(key: &RowKey, row: Stored<TokenRecord>) -> Result<TokenRecord> {
+    key.verify_token(&row.record, row.generation, &row.mac)?;
+    Ok(row.record)
+}
+
 fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
     let hash: Vec<u8> = row.get(2)?;
     Ok(TokenRecord {
@@ -179,30 +269,362 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
     })
 }
 
-fn load_tenant(conn: &Connection, id: &TenantId) -> rusqlite::Result<Option<TenantRecord>> {
+/// A tenant row as stored, its MAC not checked yet.
+fn load_tenant_unchecked(conn: &Connection, id: &TenantId) -> Result<Option<Stored<TenantRecord>>> {
     // Cached: every cache miss runs it.
     conn.prepare_cached(&format!(
-        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ?1"
-    ))?
-    .query_row([id.as_str()], tenant_from_row)
-    .optional()
+        "SELECT {TENANT_COLUMNS}, generation, mac FROM tenants WHERE tenant_id = ?1"
+    ))
+    .and_then(|mut stmt| stmt.query_row([id.as_str()], stored_tenant).optional())
+    .map_err(sql_error)
 }
 
-fn load_version(
+/// A tenant row whose MAC checked out, with its MAC (for a write that replaces it).
+fn load_tenant_stored(
+    conn: &Connection,
+    key: &RowKey,
+    id: &TenantId,
+) -> Result<Option<Stored<TenantRecord>>> {
+    load_tenant_unchecked(conn, id)?
+        .map(|row| verified_tenant(key, row))
+        .transpose()
+}
+
+/// A tenant row whose MAC checked out.
+fn load_tenant(conn: &Connection, key: &RowKey, id: &TenantId) -> Result<Option<TenantRecord>> {
+    Ok(load_tenant_stored(conn, key, id)?.map(|row| row.record))
+}
+
+/// A key-version row as stored, its MAC not checked yet.
+fn load_version_unchecked(
     conn: &Connection,
     id: &TenantId,
     version: u32,
-) -> rusqlite::Result<Option<KeyVersionRecord>> {
-    conn.query_row(
-        &format!(
-            "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
-             ON w.tenant_id = v.tenant_id AND w.version = v.version \
-             WHERE v.tenant_id = ?1 AND v.version = ?2"
-        ),
-        params![id.as_str(), version],
-        version_from_row,
+) -> Result<Option<Stored<KeyVersionRecord>>> {
+    conn.prepare_cached(&format!(
+        "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
+         ON w.tenant_id = v.tenant_id AND w.version = v.version \
+         WHERE v.tenant_id = ?1 AND v.version = ?2"
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_row(params![id.as_str(), version], stored_version)
+            .optional()
+    })
+    .map_err(sql_error)
+}
+
+/// A key-version row whose MAC checked out, with its MAC.
+fn load_version_stored(
+    conn: &Connection,
+    key: &RowKey,
+    id: &TenantId,
+    version: u32,
+) -> Result<Option<Stored<KeyVersionRecord>>> {
+    load_version_unchecked(conn, id, version)?
+        .map(|row| verified_version(key, id, row))
+        .transpose()
+}
+
+/// A key-version row whose MAC checked out.
+fn load_version(
+    conn: &Connection,
+    key: &RowKey,
+    id: &TenantId,
+    version: u32,
+) -> Result<Option<KeyVersionRecord>> {
+    Ok(load_version_stored(conn, key, id, version)?.map(|row| row.record))
+}
+
+/// A token row (by id) whose MAC checked out, with its MAC.
+fn load_token_stored(
+    conn: &Connection,
+    key: &RowKey,
+    id: &str,
+) -> Result<Option<Stored<TokenRecord>>> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"),
+            [id],
+            stored_token,
+        )
+        .optional()
+        .map_err(sql_error)?;
+    match row {
+        Some(row) => {
+            key.verify_token(&row.record, row.generation, &row.mac)?;
+            Ok(Some(row))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The anchor, its MAC checked, and not older than `seen` (the highest counter this process
+/// saw: a lower one means keys.db was replaced by an earlier copy).
+fn load_anchor(conn: &Connection, key: &RowKey, seen: u64) -> Result<Anchor> {
+    let row: Option<(i64, Vec<u8>, Vec<u8>)> = conn
+        .prepare_cached("SELECT counter, digest, mac FROM row_anchor WHERE id = 1")
+        .and_then(|mut stmt| {
+            stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                .optional()
+        })
+        .map_err(sql_error)?;
+    let Some((counter, digest, mac)) = row else {
+        return Err(integrity("the row anchor is missing"));
+    };
+    let anchor = Anchor {
+        counter: u64_of(counter),
+        digest: RowDigest::from_slice(&digest)
+            .ok_or_else(|| integrity("the row anchor is malformed"))?,
+    };
+    key.verify_anchor(&anchor, &mac)?;
+    if anchor.counter < seen {
+        return Err(integrity(format!(
+            "the row anchor's write counter is {}, below the {seen} this process saw: keys.db \
+             was replaced by an earlier copy",
+            anchor.counter
+        )));
+    }
+    Ok(anchor)
+}
+
+fn store_anchor(conn: &Connection, key: &RowKey, anchor: &Anchor) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO row_anchor (id, counter, digest, mac) VALUES (1, ?1, ?2, ?3) \
+         ON CONFLICT(id) DO UPDATE SET counter = excluded.counter, digest = excluded.digest, \
+         mac = excluded.mac",
     )
-    .optional()
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            i64_of(anchor.counter),
+            anchor.digest.0.as_slice(),
+            key.anchor_mac(anchor).as_slice()
+        ])
+    })
+    .map_err(sql_error)?;
+    Ok(())
+}
+
+/// An integrity failure found by the store itself (not by a row's MAC), logged here.
+fn integrity(what: impl Into<String>) -> Error {
+    let what = what.into();
+    tracing::error!(problem = %what, "key store failed its integrity check");
+    Error::StoreIntegrity(what)
+}
+
+/// The full check: the anchor's MAC and counter, every row's MAC (with `every_row`; else only
+/// the digest of the stored MACs), and the anchor's digest against the rows'. Returns the
+/// anchor's counter.
+fn full_check(conn: &Connection, key: &RowKey, seen: u64, every_row: bool) -> Result<u64> {
+    let anchor = load_anchor(conn, key, seen)?;
+    let mut sum = Anchor::empty();
+    if every_row {
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {TENANT_COLUMNS}, generation, mac FROM tenants"
+            ))
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let row = verified_tenant(key, stored_tenant(row).map_err(sql_error)?)?;
+            sum.add(key, &row.mac);
+        }
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {VERSION_COLUMNS}, v.tenant_id FROM key_versions v LEFT JOIN \
+                 wrapped_keys w ON w.tenant_id = v.tenant_id AND w.version = v.version"
+            ))
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let id: String = row.get(8).map_err(sql_error)?;
+            let id = TenantId::parse(&id).map_err(|_| sql_error(bad_column(8, "tenant id")))?;
+            let row = verified_version(key, &id, stored_version(row).map_err(sql_error)?)?;
+            sum.add(key, &row.mac);
+        }
+        let mut stmt = conn
+            .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens"))
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let row = stored_token(row).map_err(sql_error)?;
+            key.verify_token(&row.record, row.generation, &row.mac)?;
+            sum.add(key, &row.mac);
+        }
+    } else {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT mac FROM tenants UNION ALL SELECT mac FROM key_versions \
+                 UNION ALL SELECT mac FROM tokens",
+            )
+            .map_err(sql_error)?;
+        let mut rows = stmt.query([]).map_err(sql_error)?;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let mac: Option<Vec<u8>> = row.get(0).map_err(sql_error)?;
+            sum.add(key, &mac.unwrap_or_default());
+        }
+    }
+    if sum.digest != anchor.digest {
+        return Err(integrity(
+            "the row anchor does not match the rows: a tenant, key-version or token row was \
+             deleted, inserted, or replaced by an earlier copy",
+        ));
+    }
+    Ok(anchor.counter)
+}
+
+/// The MAC'd rows of one write transaction: every row written gets the next generation and
+/// its MAC, and the anchor follows, written back by [`Rows::finish`] in the same transaction.
+struct Rows<'t> {
+    tx: &'t Connection,
+    key: &'t RowKey,
+    anchor: Anchor,
+}
+
+impl<'t> Rows<'t> {
+    fn begin(tx: &'t Connection, key: &'t RowKey, seen: u64) -> Result<Self> {
+        Ok(Self {
+            tx,
+            key,
+            anchor: load_anchor(tx, key, seen)?,
+        })
+    }
+
+    /// Takes a replaced or deleted row's MAC out of the digest.
+    fn forget(&mut self, old_mac: &[u8]) {
+        self.anchor.remove(self.key, old_mac);
+    }
+
+    /// The generation and MAC for a row written now, the old MAC (if it replaces a row) out
+    /// of the digest and the new one in.
+    fn next(
+        &mut self,
+        old_mac: Option<&[u8]>,
+        mac: impl FnOnce(&RowKey, u64) -> [u8; 32],
+    ) -> (i64, [u8; 32]) {
+        if let Some(old) = old_mac {
+            self.forget(old);
+        }
+        let generation = self.anchor.next_generation();
+        let mac = mac(self.key, generation);
+        self.anchor.add(self.key, &mac);
+        (i64_of(generation), mac)
+    }
+
+    /// Writes a tenant row: inserts it (`old_mac` None; fails if the id exists) or replaces
+    /// the one whose MAC was `old_mac`.
+    fn put_tenant(&mut self, tenant: &TenantRecord, old_mac: Option<&[u8]>) -> Result<()> {
+        let (generation, mac) = self.next(old_mac, |key, g| key.tenant_mac(tenant, g));
+        let sql = if old_mac.is_some() {
+            "UPDATE tenants SET state = ?2, primary_version = ?3, created_at = ?4, \
+             rotation_period_seconds = ?5, max_encryptions = ?6, deletion_time = ?7, \
+             destroyed_at = ?8, generation = ?9, mac = ?10 WHERE tenant_id = ?1"
+        } else {
+            "INSERT INTO tenants (tenant_id, state, primary_version, created_at, \
+             rotation_period_seconds, max_encryptions, deletion_time, destroyed_at, generation, \
+             mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)"
+        };
+        let changed = self
+            .tx
+            .prepare_cached(sql)
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    tenant.tenant_id.as_str(),
+                    tenant.state.code(),
+                    tenant.primary_version,
+                    tenant.created_at,
+                    i64_of(tenant.rotation_period_seconds),
+                    i64_of(tenant.max_encryptions),
+                    tenant.deletion_time,
+                    tenant.destroyed_at,
+                    generation,
+                    mac.as_slice()
+                ])
+            })
+            .map_err(sql_error)?;
+        if changed != 1 {
+            return Err(Error::ConcurrentChange);
+        }
+        Ok(())
+    }
+
+    /// Writes a key-version row's metadata (never its wrapped key): inserts or replaces, as
+    /// [`Rows::put_tenant`].
+    fn put_version(
+        &mut self,
+        id: &TenantId,
+        version: &KeyVersionRecord,
+        old_mac: Option<&[u8]>,
+    ) -> Result<()> {
+        let (generation, mac) = self.next(old_mac, |key, g| key.key_version_mac(id, version, g));
+        let sql = if old_mac.is_some() {
+            "UPDATE key_versions SET state = ?3, created_at = ?4, encryptions = ?5, \
+             generation = ?6, mac = ?7 WHERE tenant_id = ?1 AND version = ?2"
+        } else {
+            "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions, \
+             generation, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        };
+        let changed = self
+            .tx
+            .prepare_cached(sql)
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    id.as_str(),
+                    version.version,
+                    version.state.code(),
+                    version.created_at,
+                    i64_of(version.encryptions),
+                    generation,
+                    mac.as_slice()
+                ])
+            })
+            .map_err(sql_error)?;
+        if changed != 1 {
+            return Err(Error::ConcurrentChange);
+        }
+        Ok(())
+    }
+
+    /// Writes a token row: inserts or replaces, as [`Rows::put_tenant`].
+    fn put_token(&mut self, token: &TokenRecord, old_mac: Option<&[u8]>) -> Result<()> {
+        let (generation, mac) = self.next(old_mac, |key, g| key.token_mac(token, g));
+        let sql = if old_mac.is_some() {
+            "UPDATE tokens SET name = ?2, hash = ?3, role = ?4, tenants = ?5, operations = ?6, \
+             created_at = ?7, expires_at = ?8, revoked_at = ?9, generation = ?10, mac = ?11 \
+             WHERE id = ?1"
+        } else {
+            "INSERT INTO tokens (id, name, hash, role, tenants, operations, created_at, \
+             expires_at, revoked_at, generation, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)"
+        };
+        let changed = self
+            .tx
+            .execute(
+                sql,
+                params![
+                    token.id,
+                    token.name,
+                    token.hash.as_slice(),
+                    token.role,
+                    token.tenants,
+                    token.operations,
+                    token.created_at,
+                    token.expires_at,
+                    token.revoked_at,
+                    generation,
+                    mac.as_slice()
+                ],
+            )
+            .map_err(sql_error)?;
+        if changed != 1 {
+            return Err(Error::ConcurrentChange);
+        }
+        Ok(())
+    }
+
+    /// Writes the anchor back; returns its counter.
+    fn finish(self) -> Result<u64> {
+        store_anchor(self.tx, self.key, &self.anchor)?;
+        Ok(self.anchor.counter)
+    }
 }
 
 impl SqliteKeyStore {
@@ -264,6 +686,9 @@ impl SqliteKeyStore {
                     shm.into()
                 },
                 seen_header: None,
+                row_key: None,
+                integrity: None,
+                anchor_seen: 0,
             }),
             checks_started: AtomicU64::new(0),
             reservations: Mutex::new(Vec::new()),
@@ -306,12 +731,47 @@ impl SqliteKeyStore {
         let inner = self.lock();
         f(&inner.conn).map_err(sql_error)
     }
+
+    /// A read of MAC'd rows: refused while the store refuses to serve rows or has no key.
+    fn read_rows<T>(&self, f: impl FnOnce(&Connection, &RowKey) -> Result<T>) -> Result<T> {
+        let inner = self.lock();
+        let key = inner.serving_key()?;
+        f(&inner.conn, key)
+    }
+
+    /// A write transaction of MAC'd rows: `f` writes through [`Rows`], whose anchor is
+    /// written back in the same transaction.
+    fn write_rows<T>(&self, f: impl FnOnce(&mut Rows<'_>) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock();
+        guard.serving_key()?;
+        let inner = &mut *guard;
+        let key = inner
+            .row_key
+            .as_ref()
+            .ok_or_else(|| Error::internal("key store: the row key is not installed"))?;
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_error)?;
+        let mut rows = Rows::begin(&tx, key, inner.anchor_seen)?;
+        let value = f(&mut rows)?;
+        let counter = rows.finish()?;
+        tx.commit().map_err(sql_error)?;
+        inner.anchor_seen = counter;
+        Ok(value)
+    }
 }
 
-fn require_tenant(tx: &Connection, id: &TenantId) -> Result<TenantRecord> {
-    load_tenant(tx, id)
-        .map_err(sql_error)?
-        .ok_or(Error::NotFound("tenant"))
+fn require_tenant(tx: &Connection, key: &RowKey, id: &TenantId) -> Result<TenantRecord> {
+    Ok(require_tenant_stored(tx, key, id)?.record)
+}
+
+fn require_tenant_stored(
+    tx: &Connection,
+    key: &RowKey,
+    id: &TenantId,
+) -> Result<Stored<TenantRecord>> {
+    load_tenant_stored(tx, key, id)?.ok_or(Error::NotFound("tenant"))
 }
 
 impl MasterKeyStore for SqliteKeyStore {
@@ -477,6 +937,123 @@ impl MasterKeyStore for SqliteKeyStore {
             Ok(changed == 1)
         })
     }
+
+    fn set_row_key(&self, key: RowKey) -> Result<()> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_error)?;
+        let pending: bool = tx
+            .query_row("SELECT EXISTS (SELECT 1 FROM row_mac_upgrade)", [], |row| {
+                row.get(0)
+            })
+            .map_err(sql_error)?;
+        if pending {
+            let rows = mac_existing_rows(&tx, &key)?;
+            tx.execute("DELETE FROM row_mac_upgrade", [])
+                .map_err(sql_error)?;
+            tx.commit().map_err(sql_error)?;
+            tracing::warn!(
+                rows,
+                "key store upgraded to row MACs: every existing tenant, key-version and token \
+                 row was MAC'd once, as it stood (docs/ARCHITECTURE.md, \"Key-store row MACs\")"
+            );
+        } else {
+            tx.commit().map_err(sql_error)?;
+        }
+        match full_check(&inner.conn, &key, 0, true) {
+            Ok(counter) => {
+                inner.anchor_seen = counter;
+                inner.integrity = None;
+                inner.row_key = Some(key);
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing is served until a later check passes.
+                inner.integrity = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The schema upgrade to row MACs (migration 5, finished once the key is known): every row
+/// gets a generation and its MAC, and the anchor is created. Trusts the rows as they stand.
+/// Returns how many rows it MAC'd.
+fn mac_existing_rows(tx: &Connection, key: &RowKey) -> Result<u64> {
+    let mut anchor = Anchor::empty();
+    let mut count = 0u64;
+    let tenants = tx
+        .prepare(&format!("SELECT {TENANT_COLUMNS} FROM tenants"))
+        .and_then(|mut stmt| {
+            stmt.query_map([], tenant_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_error)?;
+    for tenant in &tenants {
+        let generation = anchor.next_generation();
+        let mac = key.tenant_mac(tenant, generation);
+        anchor.add(key, &mac);
+        tx.execute(
+            "UPDATE tenants SET generation = ?2, mac = ?3 WHERE tenant_id = ?1",
+            params![
+                tenant.tenant_id.as_str(),
+                i64_of(generation),
+                mac.as_slice()
+            ],
+        )
+        .map_err(sql_error)?;
+        count += 1;
+    }
+    let versions = tx
+        .prepare(&format!(
+            "SELECT {VERSION_COLUMNS}, v.tenant_id FROM key_versions v LEFT JOIN wrapped_keys w \
+             ON w.tenant_id = v.tenant_id AND w.version = v.version"
+        ))
+        .and_then(|mut stmt| {
+            stmt.query_map([], |row| {
+                let id: String = row.get(8)?;
+                Ok((
+                    TenantId::parse(&id).map_err(|_| bad_column(8, "tenant id"))?,
+                    version_from_row(row)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_error)?;
+    for (id, version) in &versions {
+        let generation = anchor.next_generation();
+        let mac = key.key_version_mac(id, version, generation);
+        anchor.add(key, &mac);
+        tx.execute(
+            "UPDATE key_versions SET generation = ?3, mac = ?4 WHERE tenant_id = ?1 AND version = ?2",
+            params![id.as_str(), version.version, i64_of(generation), mac.as_slice()],
+        )
+        .map_err(sql_error)?;
+        count += 1;
+    }
+    let tokens = tx
+        .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens"))
+        .and_then(|mut stmt| {
+            stmt.query_map([], token_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_error)?;
+    for token in &tokens {
+        let generation = anchor.next_generation();
+        let mac = key.token_mac(token, generation);
+        anchor.add(key, &mac);
+        tx.execute(
+            "UPDATE tokens SET generation = ?2, mac = ?3 WHERE id = ?1",
+            params![token.id, i64_of(generation), mac.as_slice()],
+        )
+        .map_err(sql_error)?;
+        count += 1;
+    }
+    store_anchor(tx, key, &anchor)?;
+    Ok(count)
 }
 
 impl TenantStore for SqliteKeyStore {
@@ -485,62 +1062,75 @@ impl TenantStore for SqliteKeyStore {
             .wrapped
             .as_ref()
             .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-        self.write(|tx| insert_tenant(tx, tenant, first, wrapped))?;
+        self.write_rows(|rows| insert_tenant(rows, tenant, first, wrapped))?;
         super::failpoint(super::FAILPOINT_AFTER_KEY_COMMIT);
         Ok(())
     }
 
     fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
-        self.write(|tx| {
+        self.write_rows(|rows| {
             for (tenant, first) in tenants {
                 let wrapped = first
                     .wrapped
                     .as_ref()
                     .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-                insert_tenant(tx, tenant, first, wrapped)?;
+                insert_tenant(rows, tenant, first, wrapped)?;
             }
             Ok(())
         })
     }
 
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
-        self.read(|conn| load_tenant(conn, id))
+        self.read_rows(|conn, key| load_tenant(conn, key, id))
     }
 
     fn tenant_snapshot(
         &self,
         id: &TenantId,
     ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        guard.serving_key()?;
+        let inner = &mut *guard;
+        let key = inner
+            .row_key
+            .as_ref()
+            .ok_or_else(|| Error::internal("key store: the row key is not installed"))?;
         // A read transaction: both reads see the same committed state.
         let tx = inner
             .conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(sql_error)?;
-        let Some(tenant) = load_tenant(&tx, id).map_err(sql_error)? else {
+        let Some(tenant) = load_tenant(&tx, key, id)? else {
             return Ok(None);
         };
-        let versions = load_versions(&tx, id).map_err(sql_error)?;
+        let versions = load_versions(&tx, key, id)?;
         tx.commit().map_err(sql_error)?;
         Ok(Some((tenant, versions)))
     }
 
     fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id > ?1 \
-                 ORDER BY tenant_id LIMIT ?2"
-            ))?;
-            stmt.query_map(
-                params![after.map(TenantId::as_str).unwrap_or(""), limit as i64],
-                tenant_from_row,
-            )?
-            .collect()
+        self.read_rows(|conn, key| {
+            let rows = conn
+                .prepare(&format!(
+                    "SELECT {TENANT_COLUMNS}, generation, mac FROM tenants WHERE tenant_id > ?1 \
+                     ORDER BY tenant_id LIMIT ?2"
+                ))
+                .and_then(|mut stmt| {
+                    stmt.query_map(
+                        params![after.map(TenantId::as_str).unwrap_or(""), limit as i64],
+                        stored_tenant,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(sql_error)?;
+            rows.into_iter()
+                .map(|row| verified_tenant(key, row).map(|row| row.record))
+                .collect()
         })
     }
 
     fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>> {
-        self.read(|conn| load_versions(conn, id))
+        self.read_rows(|conn, key| load_versions(conn, key, id))
     }
 
     fn add_key_version(
@@ -553,22 +1143,16 @@ impl TenantStore for SqliteKeyStore {
             .wrapped
             .as_ref()
             .ok_or_else(|| Error::internal("a new version needs a wrapped key"))?;
-        self.write(|tx| {
-            let tenant = require_tenant(tx, id)?;
+        self.write_rows(|rows| {
+            let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+            let mut tenant = stored.record;
             lifecycle::check_rotation(tenant.state, tenant.primary_version, expected_primary)?;
-            insert_version(tx, id, version, wrapped)?;
-            // Conditional on the primary read above (compare-and-set).
-            let changed = tx
-                .execute(
-                    "UPDATE tenants SET primary_version = ?2 WHERE tenant_id = ?1 \
-                     AND primary_version = ?3",
-                    params![id.as_str(), version.version, expected_primary],
-                )
-                .map_err(sql_error)?;
-            if changed != 1 {
-                return Err(Error::ConcurrentChange);
-            }
-            require_tenant(tx, id)
+            insert_version(rows, id, version, wrapped)?;
+            // The primary read above (compare-and-set: the transaction holds the write lock
+            // from that read to this write, and the row's MAC proved what was read).
+            tenant.primary_version = version.version;
+            rows.put_tenant(&tenant, Some(&stored.mac))?;
+            Ok(tenant)
         })
     }
 
@@ -578,31 +1162,19 @@ impl TenantStore for SqliteKeyStore {
         transition: TenantTransition,
         now: i64,
     ) -> Result<TenantRecord> {
-        let (record, shredded) = self.write(|tx| {
-            let tenant = require_tenant(tx, id)?;
+        let (record, shredded) = self.write_rows(|rows| {
+            let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+            let mut tenant = stored.record;
             let change =
                 lifecycle::tenant_transition(tenant.state, tenant.deletion_time, transition, now)?;
             if change.shred {
-                shred_rows(tx, id, None, change.destroyed_at.unwrap_or(now))?;
+                shred_rows(rows, id, None, change.destroyed_at.unwrap_or(now))?;
             } else {
-                // Conditional on the state read above (compare-and-set).
-                let changed = tx
-                    .execute(
-                        "UPDATE tenants SET state = ?2, deletion_time = ?3 \
-                         WHERE tenant_id = ?1 AND state = ?4",
-                        params![
-                            id.as_str(),
-                            change.state.code(),
-                            change.deletion_time,
-                            tenant.state.code()
-                        ],
-                    )
-                    .map_err(sql_error)?;
-                if changed != 1 {
-                    return Err(Error::ConcurrentChange);
-                }
+                tenant.state = change.state;
+                tenant.deletion_time = change.deletion_time;
+                rows.put_tenant(&tenant, Some(&stored.mac))?;
             }
-            Ok((require_tenant(tx, id)?, change.shred))
+            Ok((require_tenant(rows.tx, rows.key, id)?, change.shred))
         })?;
         if shredded {
             self.checkpoint_truncate()?;
@@ -616,20 +1188,15 @@ impl TenantStore for SqliteKeyStore {
         rotation_period_seconds: u64,
         max_encryptions: u64,
     ) -> Result<TenantRecord> {
-        self.write(|tx| {
-            let tenant = require_tenant(tx, id)?;
+        self.write_rows(|rows| {
+            let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+            let mut tenant = stored.record;
             lifecycle::require_not_destroyed(tenant.state)?;
-            tx.execute(
-                "UPDATE tenants SET rotation_period_seconds = ?2, max_encryptions = ?3 \
-                 WHERE tenant_id = ?1",
-                params![
-                    id.as_str(),
-                    i64_of(rotation_period_seconds),
-                    i64_of(max_encryptions)
-                ],
-            )
-            .map_err(sql_error)?;
-            require_tenant(tx, id)
+            // Stored as SQLite integers: the same saturation the row is read back with.
+            tenant.rotation_period_seconds = u64_of(i64_of(rotation_period_seconds));
+            tenant.max_encryptions = u64_of(i64_of(max_encryptions));
+            rows.put_tenant(&tenant, Some(&stored.mac))?;
+            Ok(tenant)
         })
     }
 
@@ -639,28 +1206,24 @@ impl TenantStore for SqliteKeyStore {
         version: u32,
         transition: VersionTransition,
     ) -> Result<KeyVersionRecord> {
-        self.write(|tx| {
-            let tenant = require_tenant(tx, id)?;
-            let current = load_version(tx, id, version).map_err(sql_error)?;
+        self.write_rows(|rows| {
+            let tenant = require_tenant(rows.tx, rows.key, id)?;
+            let current = load_version_stored(rows.tx, rows.key, id, version)?;
             let to = lifecycle::version_transition(
                 tenant.state,
                 tenant.primary_version,
                 version,
-                current.as_ref().map(|v| v.state),
+                current.as_ref().map(|v| v.record.state),
                 transition,
             )?;
             if to == KeyVersionState::Destroyed {
-                shred_rows(tx, id, Some(version), 0)?;
-            } else {
-                tx.execute(
-                    "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
-                    params![id.as_str(), version, to.code()],
-                )
-                .map_err(sql_error)?;
+                shred_rows(rows, id, Some(version), 0)?;
+            } else if let Some(current) = current {
+                let mut record = current.record;
+                record.state = to;
+                rows.put_version(id, &record, Some(&current.mac))?;
             }
-            load_version(tx, id, version)
-                .map_err(sql_error)?
-                .ok_or(Error::NotFound("key version"))
+            load_version(rows.tx, rows.key, id, version)?.ok_or(Error::NotFound("key version"))
         })
         .and_then(|record| {
             if record.state == KeyVersionState::Destroyed {
@@ -681,53 +1244,65 @@ impl TenantStore for SqliteKeyStore {
             count,
             ticket: Arc::clone(&ticket),
         });
-        let mut inner = self.lock();
+        let mut guard = self.lock();
         if let Some(result) = lock_plain(&ticket).take() {
             return result;
         }
         let batch = std::mem::take(&mut *lock_plain(&self.reservations));
         let written = (|| {
+            let inner = &mut *guard;
+            if let Some(why) = &inner.integrity {
+                return Err(Error::StoreIntegrity(why.clone()));
+            }
+            let key = inner
+                .row_key
+                .as_ref()
+                .ok_or_else(|| Error::internal("key store: the row key is not installed"))?;
             let tx = inner
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql_error)?;
+            let mut rows = Rows::begin(&tx, key, inner.anchor_seen)?;
             let mut totals = Vec::with_capacity(batch.len());
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE key_versions SET encryptions = encryptions + ?3 \
-                         WHERE tenant_id = ?1 AND version = ?2 RETURNING encryptions",
-                    )
-                    .map_err(sql_error)?;
-                for item in &batch {
-                    let total: Option<i64> = stmt
-                        .query_row(
-                            params![item.id.as_str(), item.version, i64_of(item.count)],
-                            |row| row.get(0),
-                        )
-                        .optional()
-                        .map_err(sql_error)?;
-                    totals.push(total);
-                }
+            for item in &batch {
+                // A row that fails its MAC fails its own reservation only: the count it holds
+                // is not trusted, and the other tenants' reservations go ahead.
+                let total = match load_version_stored(rows.tx, rows.key, &item.id, item.version) {
+                    Ok(Some(stored)) => {
+                        let mut record = stored.record;
+                        record.encryptions =
+                            u64_of(i64_of(record.encryptions.saturating_add(item.count)));
+                        rows.put_version(&item.id, &record, Some(&stored.mac))?;
+                        Ok(record.encryptions)
+                    }
+                    Ok(None) => Err(Error::NotFound("key version")),
+                    Err(e @ Error::StoreIntegrity(_)) => Err(e),
+                    Err(e) => return Err(e),
+                };
+                totals.push(total);
             }
+            let counter = rows.finish()?;
             tx.commit().map_err(sql_error)?;
+            inner.anchor_seen = counter;
             Ok::<_, Error>(totals)
         })();
         match written {
             Ok(totals) => {
                 for (item, total) in batch.iter().zip(totals) {
-                    *lock_plain(&item.ticket) =
-                        Some(total.map(u64_of).ok_or(Error::NotFound("key version")));
+                    *lock_plain(&item.ticket) = Some(total);
                 }
             }
             Err(e) => {
-                let text = e.to_string();
+                let shared = |e: &Error| match e {
+                    Error::StoreIntegrity(why) => Error::StoreIntegrity(why.clone()),
+                    other => Error::Internal(other.to_string()),
+                };
                 for item in &batch {
-                    *lock_plain(&item.ticket) = Some(Err(Error::Internal(text.clone())));
+                    *lock_plain(&item.ticket) = Some(Err(shared(&e)));
                 }
             }
         }
-        drop(inner);
+        drop(guard);
         let result = lock_plain(&ticket).take();
         result.unwrap_or_else(|| Err(Error::internal("reservation was not written")))
     }
@@ -775,58 +1350,52 @@ impl TenantStore for SqliteKeyStore {
 
 impl TokenStore for SqliteKeyStore {
     fn insert_token(&self, token: &TokenRecord) -> Result<()> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO tokens (id, name, hash, role, tenants, operations, created_at, \
-                 expires_at, revoked_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
-                params![
-                    token.id,
-                    token.name,
-                    token.hash.as_slice(),
-                    token.role,
-                    token.tenants,
-                    token.operations,
-                    token.created_at,
-                    token.expires_at,
-                    token.revoked_at
-                ],
-            )
-            .map_err(sql_error)?;
-            Ok(())
-        })
+        self.write_rows(|rows| rows.put_token(token, None))
     }
 
     fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>> {
-        self.read(|conn| {
-            conn.query_row(
-                "SELECT id, name, hash, role, tenants, operations, created_at, expires_at, \
-                 revoked_at FROM tokens WHERE hash = ?1",
-                [hash.as_slice()],
-                token_from_row,
-            )
-            .optional()
+        // The authenticator's lookup: the row's MAC covers its hash, role, scope, operations,
+        // expiry and revocation, so a row a database writer forged, widened or un-revoked is
+        // refused here, before any caller is built from it.
+        self.read_rows(|conn, key| {
+            conn.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([hash.as_slice()], stored_token).optional())
+            .map_err(sql_error)?
+            .map(|row| verified_token(key, row))
+            .transpose()
         })
     }
 
     fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare(
-                "SELECT id, name, hash, role, tenants, operations, created_at, expires_at, \
-                 revoked_at FROM tokens ORDER BY created_at, id",
-            )?;
-            stmt.query_map([], token_from_row)?.collect()
+        self.read_rows(|conn, key| {
+            conn.prepare(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_map([], stored_token)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sql_error)?
+            .into_iter()
+            .map(|row| verified_token(key, row))
+            .collect()
         })
     }
 
     fn revoke_token(&self, id: &str, at: i64) -> Result<bool> {
-        self.write(|tx| {
-            let changed = tx
-                .execute(
-                    "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                    params![id, at],
-                )
-                .map_err(sql_error)?;
-            Ok(changed == 1)
+        self.write_rows(|rows| {
+            let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
+                return Ok(false);
+            };
+            if stored.record.revoked_at.is_some() {
+                return Ok(false);
+            }
+            let mut token = stored.record;
+            token.revoked_at = Some(at);
+            rows.put_token(&token, Some(&stored.mac))?;
+            Ok(true)
         })
     }
 }
@@ -899,34 +1468,54 @@ impl BackupStore for SqliteKeyStore {
     }
 
     fn destroyed_items(&self) -> Result<Vec<ShredItem>> {
-        self.read(|conn| {
+        // Rows whose MACs check out only: the shred ledger records (and re-applies) what this
+        // returns, so a state a database writer forged must not reach it.
+        self.read_rows(|conn, key| {
             let mut items = Vec::new();
-            let mut stmt = conn.prepare("SELECT tenant_id FROM tenants WHERE state = ?1")?;
-            let rows = stmt.query_map([TenantState::Destroyed.code()], |row| {
-                row.get::<_, String>(0)
-            })?;
-            for id in rows {
+            let tenants = conn
+                .prepare(&format!(
+                    "SELECT {TENANT_COLUMNS}, generation, mac FROM tenants WHERE state = ?1"
+                ))
+                .and_then(|mut stmt| {
+                    stmt.query_map([TenantState::Destroyed.code()], stored_tenant)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(sql_error)?;
+            for row in tenants {
                 items.push(ShredItem {
-                    tenant_id: TenantId::parse(&id?).map_err(|_| bad_column(0, "tenant id"))?,
+                    tenant_id: verified_tenant(key, row)?.record.tenant_id,
                     version: None,
                 });
             }
-            let mut stmt = conn.prepare(
-                "SELECT v.tenant_id, v.version FROM key_versions v JOIN tenants t \
-                 ON t.tenant_id = v.tenant_id WHERE v.state = ?1 AND t.state != ?2",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    KeyVersionState::Destroyed.code(),
-                    TenantState::Destroyed.code()
-                ],
-                |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
-            )?;
-            for row in rows {
-                let (id, version) = row?;
+            let versions = conn
+                .prepare(&format!(
+                    "SELECT {VERSION_COLUMNS}, v.tenant_id FROM key_versions v \
+                     LEFT JOIN wrapped_keys w ON w.tenant_id = v.tenant_id \
+                     AND w.version = v.version JOIN tenants t ON t.tenant_id = v.tenant_id \
+                     WHERE v.state = ?1 AND t.state != ?2"
+                ))
+                .and_then(|mut stmt| {
+                    stmt.query_map(
+                        params![
+                            KeyVersionState::Destroyed.code(),
+                            TenantState::Destroyed.code()
+                        ],
+                        |row| {
+                            let id: String = row.get(8)?;
+                            Ok((
+                                TenantId::parse(&id).map_err(|_| bad_column(8, "tenant id"))?,
+                                stored_version(row)?,
+                            ))
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(sql_error)?;
+            for (id, row) in versions {
+                let version = verified_version(key, &id, row)?.record.version;
                 items.push(ShredItem {
-                    tenant_id: TenantId::parse(&id).map_err(|_| bad_column(0, "tenant id"))?,
-                    version: Some(u32_of(version)?),
+                    tenant_id: id,
+                    version: Some(version),
                 });
             }
             Ok(items)
@@ -934,22 +1523,27 @@ impl BackupStore for SqliteKeyStore {
     }
 
     fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>> {
-        let done = self.write(|tx| {
+        let done = self.write_rows(|rows| {
             let mut done = Vec::new();
             for item in items {
-                let Some(tenant) = load_tenant(tx, &item.tenant_id).map_err(sql_error)? else {
+                let Some(tenant) = load_tenant(rows.tx, rows.key, &item.tenant_id)? else {
                     // A tenant destroyed after this store's copy was taken (a restored older
                     // backup): its id becomes a tombstone here too, so CreateTenant refuses it
                     // like any destroyed tenant instead of creating one the next start shreds.
                     if item.version.is_none() {
-                        tx.execute(
-                            &format!(
-                                "INSERT INTO tenants ({TENANT_COLUMNS}) \
-                                 VALUES (?1, ?2, 0, ?3, 0, 0, NULL, ?3)"
-                            ),
-                            params![item.tenant_id.as_str(), TenantState::Destroyed.code(), now],
-                        )
-                        .map_err(sql_error)?;
+                        rows.put_tenant(
+                            &TenantRecord {
+                                tenant_id: item.tenant_id.clone(),
+                                state: TenantState::Destroyed,
+                                primary_version: 0,
+                                created_at: now,
+                                rotation_period_seconds: 0,
+                                max_encryptions: 0,
+                                deletion_time: None,
+                                destroyed_at: Some(now),
+                            },
+                            None,
+                        )?;
                         done.push(item.clone());
                     }
                     continue;
@@ -958,8 +1552,7 @@ impl BackupStore for SqliteKeyStore {
                     continue;
                 }
                 if let Some(version) = item.version {
-                    let Some(record) =
-                        load_version(tx, &item.tenant_id, version).map_err(sql_error)?
+                    let Some(record) = load_version(rows.tx, rows.key, &item.tenant_id, version)?
                     else {
                         continue;
                     };
@@ -967,7 +1560,7 @@ impl BackupStore for SqliteKeyStore {
                         continue;
                     }
                 }
-                shred_rows(tx, &item.tenant_id, item.version, now)?;
+                shred_rows(rows, &item.tenant_id, item.version, now)?;
                 done.push(item.clone());
             }
             Ok(done)
@@ -980,77 +1573,47 @@ impl BackupStore for SqliteKeyStore {
 
     fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()> {
         let id = tenant.tenant_id.as_str();
-        self.write(|tx| {
-            mark_shred_pending(tx)?;
-            if let Some(live) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
-                lifecycle::require_not_destroyed(live.state)?;
-                let mut stmt = tx
-                    .prepare("SELECT version FROM key_versions WHERE tenant_id = ?1 AND state = ?2")
-                    .map_err(sql_error)?;
-                let destroyed = stmt
-                    .query_map(params![id, KeyVersionState::Destroyed.code()], |row| {
-                        row.get::<_, i64>(0)
-                    })
-                    .map_err(sql_error)?
-                    .collect::<rusqlite::Result<Vec<i64>>>()
-                    .map_err(sql_error)?;
-                if let Some(v) = versions
-                    .iter()
-                    .find(|v| v.wrapped.is_some() && destroyed.contains(&i64::from(v.version)))
-                {
-                    return Err(Error::FailedPrecondition(format!(
-                        "key version {} of tenant {id} was destroyed; it cannot come back",
-                        v.version
-                    )));
-                }
+        self.write_rows(|rows| {
+            mark_shred_pending(rows.tx)?;
+            let live = load_tenant_stored(rows.tx, rows.key, &tenant.tenant_id)?;
+            if let Some(live) = &live {
+                lifecycle::require_not_destroyed(live.record.state)?;
             }
-            tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
+            // The rows replaced, their MACs checked: a destroyed version's state is proven,
+            // and each MAC leaves the digest.
+            let current = load_versions_stored(rows.tx, rows.key, &tenant.tenant_id)?;
+            if let Some(v) = versions.iter().find(|v| {
+                v.wrapped.is_some()
+                    && current.iter().any(|c| {
+                        c.record.version == v.version
+                            && c.record.state == KeyVersionState::Destroyed
+                    })
+            }) {
+                return Err(Error::FailedPrecondition(format!(
+                    "key version {} of tenant {id} was destroyed; it cannot come back",
+                    v.version
+                )));
+            }
+            for old in &current {
+                rows.forget(&old.mac);
+            }
+            rows.tx
+                .execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
                 .map_err(sql_error)?;
-            tx.execute("DELETE FROM key_versions WHERE tenant_id = ?1", [id])
+            rows.tx
+                .execute("DELETE FROM key_versions WHERE tenant_id = ?1", [id])
                 .map_err(sql_error)?;
-            tx.execute(
-                &format!(
-                    "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
-                     ON CONFLICT(tenant_id) DO UPDATE SET state = excluded.state, \
-                     primary_version = excluded.primary_version, \
-                     created_at = excluded.created_at, \
-                     rotation_period_seconds = excluded.rotation_period_seconds, \
-                     max_encryptions = excluded.max_encryptions, \
-                     deletion_time = excluded.deletion_time, \
-                     destroyed_at = excluded.destroyed_at"
-                ),
-                params![
-                    id,
-                    tenant.state.code(),
-                    tenant.primary_version,
-                    tenant.created_at,
-                    i64_of(tenant.rotation_period_seconds),
-                    i64_of(tenant.max_encryptions),
-                    tenant.deletion_time,
-                    tenant.destroyed_at
-                ],
-            )
-            .map_err(sql_error)?;
+            rows.put_tenant(tenant, live.as_ref().map(|l| l.mac.as_slice()))?;
             for version in versions {
-                tx.execute(
-                    "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        id,
-                        version.version,
-                        version.state.code(),
-                        version.created_at,
-                        i64_of(version.encryptions)
-                    ],
-                )
-                .map_err(sql_error)?;
+                rows.put_version(&tenant.tenant_id, version, None)?;
                 if let Some(wrapped) = &version.wrapped {
-                    tx.execute(
-                        "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![id, version.version, wrapped.master_version, wrapped.bytes],
-                    )
-                    .map_err(sql_error)?;
+                    rows.tx
+                        .execute(
+                            "INSERT INTO wrapped_keys (tenant_id, version, master_version, \
+                             wrapped_key) VALUES (?1, ?2, ?3, ?4)",
+                            params![id, version.version, wrapped.master_version, wrapped.bytes],
+                        )
+                        .map_err(sql_error)?;
                 }
             }
             Ok(())
@@ -1191,6 +1754,9 @@ impl SqliteKeyStore {
         if now != inner.data_version {
             inner.data_version = now;
             inner.generation += 1;
+            // Another process wrote: before its change is served, the anchor must still
+            // match every row MAC (a deleted, inserted or rolled-back row breaks it).
+            inner.recheck_rows();
         }
         // Read before the PRAGMA: a commit after it shows as a different header next time.
         inner.seen_header = header;
@@ -1236,52 +1802,50 @@ impl SqliteKeyStore {
     }
 }
 
-fn load_versions(conn: &Connection, id: &TenantId) -> rusqlite::Result<Vec<KeyVersionRecord>> {
-    let mut stmt = conn.prepare_cached(&format!(
+/// A tenant's key-version rows, oldest first, each MAC checked, with their MACs.
+fn load_versions_stored(
+    conn: &Connection,
+    key: &RowKey,
+    id: &TenantId,
+) -> Result<Vec<Stored<KeyVersionRecord>>> {
+    conn.prepare_cached(&format!(
         "SELECT {VERSION_COLUMNS} FROM key_versions v LEFT JOIN wrapped_keys w \
          ON w.tenant_id = v.tenant_id AND w.version = v.version \
          WHERE v.tenant_id = ?1 ORDER BY v.version"
-    ))?;
-    stmt.query_map([id.as_str()], version_from_row)?.collect()
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_map([id.as_str()], stored_version)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .map_err(sql_error)?
+    .into_iter()
+    .map(|row| verified_version(key, id, row))
+    .collect()
+}
+
+/// A tenant's key versions, oldest first, each MAC checked.
+fn load_versions(conn: &Connection, key: &RowKey, id: &TenantId) -> Result<Vec<KeyVersionRecord>> {
+    Ok(load_versions_stored(conn, key, id)?
+        .into_iter()
+        .map(|row| row.record)
+        .collect())
 }
 
 fn insert_tenant(
-    tx: &Connection,
+    rows: &mut Rows<'_>,
     tenant: &TenantRecord,
     first: &KeyVersionRecord,
     wrapped: &WrappedTenantKey,
 ) -> Result<()> {
-    if let Some(existing) = load_tenant(tx, &tenant.tenant_id).map_err(sql_error)? {
+    if let Some(existing) = load_tenant(rows.tx, rows.key, &tenant.tenant_id)? {
         // A destroyed tenant's id is never reused: its tombstone says so.
         lifecycle::require_not_destroyed(existing.state)?;
         return Err(Error::AlreadyExists("tenant"));
     }
-    // Cached statements here and in `insert_version`: bulk creation runs them per tenant.
-    tx.prepare_cached(&format!(
-        "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"
-    ))
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            tenant.tenant_id.as_str(),
-            tenant.state.code(),
-            tenant.primary_version,
-            tenant.created_at,
-            i64_of(tenant.rotation_period_seconds),
-            i64_of(tenant.max_encryptions),
-            tenant.deletion_time,
-            tenant.destroyed_at
-        ])
-    })
-    .map_err(sql_error)?;
-    insert_version(tx, &tenant.tenant_id, first, wrapped)
+    rows.put_tenant(tenant, None)?;
+    insert_version(rows, &tenant.tenant_id, first, wrapped)
 }
 
-/// Crypto-shreds inside the caller's transaction: deletes the wrapped keys of a whole tenant
-/// (`version` None) or of one version (secure_delete zeroes them where they lay) and marks
-/// them DESTROYED; a whole tenant becomes a DESTROYED tombstone as of `destroyed_at`. The
-/// caller checkpoints the log after the commit (`SqliteKeyStore::checkpoint_truncate`).
-/// The one copy of the shredding statements: tenant destruction, version destruction and
-/// the shred ledger's re-application all run it.
 /// Marks, inside a transaction that deletes wrapped keys, that the shred sequence
 /// (`SqliteKeyStore::checkpoint_truncate`) must run after it: the mark survives a crash
 /// before the sequence ends, and the next open finishes the sequence.
@@ -1291,55 +1855,74 @@ fn mark_shred_pending(tx: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Crypto-shreds inside the caller's transaction: deletes the wrapped keys of a whole tenant
+/// (`version` None) or of one version (secure_delete zeroes them where they lay) and marks
+/// them DESTROYED; a whole tenant becomes a DESTROYED tombstone as of `destroyed_at`. The
+/// caller checkpoints the log after the commit (`SqliteKeyStore::checkpoint_truncate`).
+/// The one copy of the shredding statements: tenant destruction, version destruction and
+/// the shred ledger's re-application all run it.
+///
+/// The key-version rows are rewritten without checking their MACs first: destroying never
+/// widens anything, so a tampered version row must not keep its key alive; it comes out
+/// DESTROYED with a fresh MAC.
 fn shred_rows(
-    tx: &Connection,
+    rows: &mut Rows<'_>,
     id: &TenantId,
     version: Option<u32>,
     destroyed_at: i64,
 ) -> Result<()> {
-    mark_shred_pending(tx)?;
-    let id = id.as_str();
-    let destroyed = KeyVersionState::Destroyed.code();
+    mark_shred_pending(rows.tx)?;
+    let targets: Vec<u32> = match version {
+        Some(version) => vec![version],
+        None => rows
+            .tx
+            .prepare_cached("SELECT version FROM key_versions WHERE tenant_id = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_map([id.as_str()], |row| u32_of(row.get(0)?))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(sql_error)?,
+    };
     match version {
-        None => {
-            tx.execute("DELETE FROM wrapped_keys WHERE tenant_id = ?1", [id])
-                .map_err(sql_error)?;
-            tx.execute(
-                "UPDATE key_versions SET state = ?2 WHERE tenant_id = ?1",
-                params![id, destroyed],
-            )
-            .map_err(sql_error)?;
-            tx.execute(
-                "UPDATE tenants SET state = ?2, destroyed_at = ?3 WHERE tenant_id = ?1",
-                params![id, TenantState::Destroyed.code(), destroyed_at],
-            )
-            .map_err(sql_error)?;
-        }
-        Some(version) => {
-            tx.execute(
-                "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
-                params![id, version],
-            )
-            .map_err(sql_error)?;
-            tx.execute(
-                "UPDATE key_versions SET state = ?3 WHERE tenant_id = ?1 AND version = ?2",
-                params![id, version, destroyed],
-            )
-            .map_err(sql_error)?;
-        }
+        None => rows.tx.execute(
+            "DELETE FROM wrapped_keys WHERE tenant_id = ?1",
+            [id.as_str()],
+        ),
+        Some(version) => rows.tx.execute(
+            "DELETE FROM wrapped_keys WHERE tenant_id = ?1 AND version = ?2",
+            params![id.as_str(), version],
+        ),
+    }
+    .map_err(sql_error)?;
+    for number in targets {
+        let Some(stored) = load_version_unchecked(rows.tx, id, number)? else {
+            continue;
+        };
+        let mut record = stored.record;
+        record.state = KeyVersionState::Destroyed;
+        record.wrapped = None;
+        rows.put_version(id, &record, Some(&stored.mac))?;
+    }
+    if version.is_none() {
+        let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+        let mut tenant = stored.record;
+        tenant.state = TenantState::Destroyed;
+        tenant.destroyed_at = Some(destroyed_at);
+        rows.put_tenant(&tenant, Some(&stored.mac))?;
     }
     Ok(())
 }
 
 fn insert_version(
-    tx: &Connection,
+    rows: &mut Rows<'_>,
     id: &TenantId,
     version: &KeyVersionRecord,
     wrapped: &WrappedTenantKey,
 ) -> Result<()> {
     // A key must never be wrapped under a retired master version: the operator may already
     // have removed that version from the keyring, which would leave the key unreadable.
-    let retired: Option<Option<i64>> = tx
+    let retired: Option<Option<i64>> = rows
+        .tx
         .prepare_cached("SELECT retired_at FROM master_keys WHERE version = ?1")
         .and_then(|mut stmt| {
             stmt.query_row([wrapped.master_version], |row| row.get(0))
@@ -1349,32 +1932,138 @@ fn insert_version(
     if matches!(retired, Some(Some(_))) {
         return Err(Error::RetiredMasterVersion(wrapped.master_version));
     }
-    tx.prepare_cached(
-        "INSERT INTO key_versions (tenant_id, version, state, created_at, encryptions) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            id.as_str(),
-            version.version,
-            version.state.code(),
-            version.created_at,
-            i64_of(version.encryptions)
-        ])
-    })
-    .map_err(sql_error)?;
-    tx.prepare_cached(
-        "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
-         VALUES (?1, ?2, ?3, ?4)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            id.as_str(),
-            version.version,
-            wrapped.master_version,
-            wrapped.bytes
-        ])
-    })
-    .map_err(sql_error)?;
+    rows.put_version(id, version, None)?;
+    rows.tx
+        .prepare_cached(
+            "INSERT INTO wrapped_keys (tenant_id, version, master_version, wrapped_key) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                id.as_str(),
+                version.version,
+                wrapped.master_version,
+                wrapped.bytes
+            ])
+        })
+        .map_err(sql_error)?;
     Ok(())
+}
+
+/// The test seam of a database writer without the master key (see [`super::RowTamper`]).
+#[cfg(any(test, feature = "test-seams"))]
+impl super::RowTamper for SqliteKeyStore {
+    fn raw_row(&self, row: &super::RowRef) -> Result<Option<Vec<(String, super::RawValue)>>> {
+        use rusqlite::types::ValueRef;
+        let (table, condition, key) = row_target(row);
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM {table} WHERE {condition}"))?;
+            let names: Vec<String> = stmt
+                .column_names()
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect();
+            stmt.query_row(rusqlite::params_from_iter(key.iter()), |r| {
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| {
+                        let value = match r.get_ref(i)? {
+                            ValueRef::Null => super::RawValue::Null,
+                            ValueRef::Integer(v) => super::RawValue::Integer(v),
+                            ValueRef::Real(v) => super::RawValue::Integer(v as i64),
+                            ValueRef::Text(t) => {
+                                super::RawValue::Text(String::from_utf8_lossy(t).into_owned())
+                            }
+                            ValueRef::Blob(b) => super::RawValue::Blob(b.to_vec()),
+                        };
+                        Ok((name.clone(), value))
+                    })
+                    .collect()
+            })
+            .optional()
+        })
+    }
+
+    fn raw_update(&self, row: &super::RowRef, columns: &[(String, super::RawValue)]) -> Result<()> {
+        let (table, condition, key) = row_target(row);
+        let sets: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("{} = ?{}", checked_name(name), key.len() + i + 1))
+            .collect();
+        let mut values: Vec<rusqlite::types::Value> = key;
+        values.extend(columns.iter().map(|(_, v)| raw_value(v)));
+        self.write(|tx| {
+            tx.execute(
+                &format!("UPDATE {table} SET {} WHERE {condition}", sets.join(", ")),
+                rusqlite::params_from_iter(values.iter()),
+            )
+            .map_err(sql_error)?;
+            Ok(())
+        })
+    }
+
+    fn raw_insert(&self, row: &super::RowRef, columns: &[(String, super::RawValue)]) -> Result<()> {
+        let (table, _, _) = row_target(row);
+        let names: Vec<&str> = columns.iter().map(|(n, _)| checked_name(n)).collect();
+        let marks: Vec<String> = (1..=columns.len()).map(|i| format!("?{i}")).collect();
+        let values: Vec<rusqlite::types::Value> =
+            columns.iter().map(|(_, v)| raw_value(v)).collect();
+        self.write(|tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {table} ({}) VALUES ({})",
+                    names.join(", "),
+                    marks.join(", ")
+                ),
+                rusqlite::params_from_iter(values.iter()),
+            )
+            .map_err(sql_error)?;
+            Ok(())
+        })
+    }
+}
+
+/// Table, WHERE clause and key values of a row the test seam names.
+#[cfg(any(test, feature = "test-seams"))]
+fn row_target(row: &super::RowRef) -> (&'static str, &'static str, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    match row {
+        super::RowRef::Tenant(id) => (
+            "tenants",
+            "tenant_id = ?1",
+            vec![Value::Text(id.as_str().into())],
+        ),
+        super::RowRef::KeyVersion(id, v) => (
+            "key_versions",
+            "tenant_id = ?1 AND version = ?2",
+            vec![
+                Value::Text(id.as_str().into()),
+                Value::Integer(i64::from(*v)),
+            ],
+        ),
+        super::RowRef::Token(id) => ("tokens", "id = ?1", vec![Value::Text(id.clone())]),
+    }
+}
+
+/// A column name from a test, used only if it is a plain identifier.
+#[cfg(any(test, feature = "test-seams"))]
+fn checked_name(name: &str) -> &str {
+    if name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        name
+    } else {
+        "invalid column name"
+    }
+}
+
+#[cfg(any(test, feature = "test-seams"))]
+fn raw_value(value: &super::RawValue) -> rusqlite::types::Value {
+    use rusqlite::types::Value;
+    match value {
+        super::RawValue::Null => Value::Null,
+        super::RawValue::Integer(v) => Value::Integer(*v),
+        super::RawValue::Text(t) => Value::Text(t.clone()),
+        super::RawValue::Blob(b) => Value::Blob(b.clone()),
+    }
 }

@@ -1,0 +1,326 @@
+//! A writer of keys.db without the master key, against the real binary (issue 13, item 5):
+//! rows edited with rusqlite while `tenant-kms serve` runs and across a restart. Every forged,
+//! widened, moved or rolled-back security-relevant row is refused (DATA_LOSS, nothing served
+//! from it), a restart with such a row is refused, and putting the genuine row back restores
+//! service. SECURITY.md, "A writer of the key store without the master key", cites these.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use rusqlite::types::Value;
+use tonic::Code;
+
+/// keys.db as a second process opens it (the server keeps its own connection).
+fn keys_db(dir: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.join("keys.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn
+}
+
+/// The named columns of the row(s) `cond` selects in `table`.
+fn read_cols(dir: &Path, table: &str, cond: &str, cols: &[&str]) -> Vec<Value> {
+    keys_db(dir)
+        .query_row(
+            &format!("SELECT {} FROM {table} WHERE {cond}", cols.join(", ")),
+            [],
+            |row| (0..cols.len()).map(|i| row.get::<_, Value>(i)).collect(),
+        )
+        .unwrap()
+}
+
+/// Overwrites the named columns: a direct write, no MAC, no anchor.
+fn write_cols(dir: &Path, table: &str, cond: &str, cols: &[&str], values: &[Value]) {
+    let sets: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", i + 1))
+        .collect();
+    let changed = keys_db(dir)
+        .execute(
+            &format!("UPDATE {table} SET {} WHERE {cond}", sets.join(", ")),
+            rusqlite::params_from_iter(values.iter()),
+        )
+        .unwrap();
+    assert_eq!(changed, 1, "{table} {cond}");
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.into())
+}
+
+/// The call was refused as an integrity failure, and returned nothing.
+/// (Responses carrying plaintext have no `Debug`, so an answer is not printed.)
+fn assert_data_loss<T>(result: Result<T, tonic::Status>, what: &str) {
+    match result {
+        Err(status) => assert_eq!(status.code(), Code::DataLoss, "{what}: {status:?}"),
+        Ok(_) => panic!("{what}: served from a tampered row"),
+    }
+}
+
+/// `token create` on the data directory; returns (secret, id).
+fn cli_token(dir: &Path, args: &[&str]) -> (String, String) {
+    let mut all = vec!["token", "create", "--data-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_cli(&all);
+    assert_eq!(code, 0, "{stderr}");
+    let id = stderr
+        .split_whitespace()
+        .skip_while(|w| *w != "token")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    (stdout.trim().to_owned(), id)
+}
+
+/// A restart with the store as it is now: refused, naming the integrity failure.
+async fn assert_restart_refused(server: BinaryServer, dir: &Path) {
+    server.terminate().await;
+    let (code, stderr) = serve_refused(dir);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("integrity"), "{stderr}");
+}
+
+#[tokio::test]
+async fn token_rows_forged_widened_or_rolled_back_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let url = server.url();
+    let admin = server.admin_token();
+    let (mut keys, mut tenants, _) = clients(&url, Some(&admin)).await;
+    create_tenant(&mut tenants, "acme").await;
+    create_tenant(&mut tenants, "other").await;
+    let other_ct = encrypt(&mut keys, "other", "crm.email", b"other's secret", b"")
+        .await
+        .ciphertext;
+    let (svc, svc_id) = cli_token(
+        &dir,
+        &[
+            "--role",
+            "service",
+            "--tenants",
+            "acme",
+            "--operations",
+            "encrypt",
+        ],
+    );
+    let (mut svc_keys, _, _) = clients(&url, Some(&svc)).await;
+    let acme_ct = encrypt(&mut svc_keys, "acme", "crm.email", b"acme", b"")
+        .await
+        .ciphertext;
+    let denied = decrypt(&mut svc_keys, "other", "crm.email", &other_ct, b"").await;
+    assert_eq!(denied.err().unwrap().code(), Code::PermissionDenied);
+    let svc_row = format!("id = '{svc_id}'");
+
+    // Widened scope, widened operations, a raised role: each refused while the server runs;
+    // the genuine value back, the token works again.
+    for (column, widened) in [("tenants", "*"), ("operations", "*"), ("role", "admin")] {
+        let genuine = read_cols(&dir, "tokens", &svc_row, &[column]);
+        write_cols(&dir, "tokens", &svc_row, &[column], &[text(widened)]);
+        assert_data_loss(
+            decrypt(&mut svc_keys, "other", "crm.email", &other_ct, b"").await,
+            &format!("token {column} widened to {widened}"),
+        );
+        assert_data_loss(
+            decrypt(&mut svc_keys, "acme", "crm.email", &acme_ct, b"").await,
+            &format!("token {column} widened to {widened}"),
+        );
+        write_cols(&dir, "tokens", &svc_row, &[column], &genuine);
+        encrypt(&mut svc_keys, "acme", "crm.email", b"again", b"").await;
+    }
+
+    // A forged admin token row, carrying the bootstrap admin row's genuine MAC and
+    // generation: refused, and it cannot decrypt another tenant's data. The row set no
+    // longer matches the anchor, so the whole store fails closed until the row is gone.
+    let forged = "tkms_forged_by_a_database_writer";
+    let hash = ring::digest::digest(&ring::digest::SHA256, forged.as_bytes());
+    keys_db(&dir)
+        .execute(
+            "INSERT INTO tokens (id, name, hash, role, tenants, operations, created_at, \
+             generation, mac) SELECT 'forged', 'forged', ?1, 'admin', '*', '*', created_at, \
+             generation, mac FROM tokens WHERE name = 'bootstrap-admin'",
+            [hash.as_ref()],
+        )
+        .unwrap();
+    let (mut forged_keys, _, _) = clients(&url, Some(forged)).await;
+    assert_data_loss(
+        decrypt(&mut forged_keys, "other", "crm.email", &other_ct, b"").await,
+        "forged admin token",
+    );
+    assert_data_loss(
+        decrypt(&mut keys, "other", "crm.email", &other_ct, b"").await,
+        "any call while a forged row is in the store",
+    );
+    keys_db(&dir)
+        .execute("DELETE FROM tokens WHERE id = 'forged'", [])
+        .unwrap();
+    let plain = decrypt(&mut keys, "other", "crm.email", &other_ct, b"")
+        .await
+        .unwrap();
+    assert_eq!(plain.plaintext, b"other's secret");
+
+    // A revocation cleared by putting back the row's earlier genuine copy (its own MAC is
+    // valid): caught by the anchor, live and at the next start.
+    let cols = ["revoked_at", "generation", "mac"];
+    let unrevoked = read_cols(&dir, "tokens", &svc_row, &cols);
+    let (code, _, stderr) = run_cli(&[
+        "token",
+        "revoke",
+        &svc_id,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let revoked = encrypt_status(&mut svc_keys).await;
+    assert_eq!(revoked.err().unwrap().code(), Code::Unauthenticated);
+    let revoked_row = read_cols(&dir, "tokens", &svc_row, &cols);
+    write_cols(&dir, "tokens", &svc_row, &cols, &unrevoked);
+    assert_data_loss(
+        encrypt_status(&mut svc_keys).await,
+        "un-revoked token (rollback)",
+    );
+    drop((keys, tenants, svc_keys, forged_keys));
+    assert_restart_refused(server, &dir).await;
+
+    // The genuine (revoked) row back: the server starts, and the token stays revoked.
+    write_cols(&dir, "tokens", &svc_row, &cols, &revoked_row);
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (mut svc_keys, _, _) = clients(&server.url(), Some(&svc)).await;
+    assert_eq!(
+        encrypt_status(&mut svc_keys).await.err().unwrap().code(),
+        Code::Unauthenticated
+    );
+    drop(svc_keys);
+    server.terminate().await;
+}
+
+async fn encrypt_status(keys: &mut Keys) -> Result<tenant_kms::pb::EncryptResponse, tonic::Status> {
+    keys.encrypt(encrypt_request("acme", "crm.email", b"x", b""))
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn tenant_and_key_version_rows_edited_moved_or_rolled_back_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let admin = server.admin_token();
+    let (mut keys, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    create_tenant(&mut tenants, "acme").await;
+    create_tenant(&mut tenants, "other").await;
+    let v1_ct = encrypt(&mut keys, "acme", "ctx", b"under v1", b"")
+        .await
+        .ciphertext;
+    rotate_tenant(&mut tenants, "acme").await.unwrap();
+    disable_key_version(&mut tenants, "acme", 1).await.unwrap();
+    encrypt(&mut keys, "acme", "ctx", b"under v2", b"").await;
+    let acme = "tenant_id = 'acme'";
+    let v1 = "tenant_id = 'acme' AND version = 1";
+    let v2 = "tenant_id = 'acme' AND version = 2";
+
+    // A disabled version re-enabled by an edit: nothing decrypts under it.
+    write_cols(&dir, "key_versions", v1, &["state"], &[Value::Integer(1)]);
+    assert_data_loss(
+        decrypt(&mut keys, "acme", "ctx", &v1_ct, b"").await,
+        "disabled version re-enabled",
+    );
+    write_cols(&dir, "key_versions", v1, &["state"], &[Value::Integer(2)]);
+    let disabled = decrypt(&mut keys, "acme", "ctx", &v1_ct, b"").await;
+    assert_eq!(disabled.err().unwrap().code(), Code::FailedPrecondition);
+
+    // The primary rolled back by an edit, and the nonce-budget count reset by an edit.
+    for (table, cond, column, value) in [
+        ("tenants", acme, "primary_version", 1),
+        ("key_versions", v2, "encryptions", 0),
+    ] {
+        let genuine = read_cols(&dir, table, cond, &[column]);
+        assert_ne!(genuine, [Value::Integer(value)], "{column}");
+        write_cols(&dir, table, cond, &[column], &[Value::Integer(value)]);
+        assert_data_loss(
+            keys.encrypt(encrypt_request("acme", "ctx", b"x", b""))
+                .await,
+            &format!("{column} set to {value}"),
+        );
+        write_cols(&dir, table, cond, &[column], &genuine);
+        encrypt(&mut keys, "acme", "ctx", b"genuine again", b"").await;
+    }
+
+    // Another tenant's whole authenticated row (columns, generation, MAC) moved onto acme.
+    let all = [
+        "state",
+        "primary_version",
+        "created_at",
+        "rotation_period_seconds",
+        "max_encryptions",
+        "deletion_time",
+        "destroyed_at",
+        "generation",
+        "mac",
+    ];
+    let genuine = read_cols(&dir, "tenants", acme, &all);
+    let other = read_cols(&dir, "tenants", "tenant_id = 'other'", &all);
+    write_cols(&dir, "tenants", acme, &all, &other);
+    assert_data_loss(
+        keys.encrypt(encrypt_request("acme", "ctx", b"x", b""))
+            .await,
+        "MAC moved between tenant rows",
+    );
+    write_cols(&dir, "tenants", acme, &all, &genuine);
+    encrypt(&mut keys, "acme", "ctx", b"genuine again", b"").await;
+
+    // Suspended set back to ACTIVE, by an edit and by the row's earlier genuine copy; an
+    // earlier primary brought back by an earlier genuine copy.
+    let active_v2 = read_cols(&dir, "tenants", acme, &all);
+    suspend_tenant(&mut tenants, "acme").await.unwrap();
+    let suspended = read_cols(&dir, "tenants", acme, &all);
+    write_cols(&dir, "tenants", acme, &["state"], &[Value::Integer(1)]);
+    assert_data_loss(
+        keys.encrypt(encrypt_request("acme", "ctx", b"x", b""))
+            .await,
+        "suspended tenant set ACTIVE by an edit",
+    );
+    write_cols(&dir, "tenants", acme, &all, &active_v2);
+    assert_data_loss(
+        keys.encrypt(encrypt_request("acme", "ctx", b"x", b""))
+            .await,
+        "suspended tenant rolled back to its ACTIVE copy",
+    );
+    write_cols(&dir, "tenants", acme, &all, &suspended);
+    let refused = keys
+        .encrypt(encrypt_request("acme", "ctx", b"x", b""))
+        .await;
+    assert_eq!(refused.err().unwrap().code(), Code::FailedPrecondition);
+    resume_tenant(&mut tenants, "acme").await.unwrap();
+    let primary_2 = read_cols(&dir, "tenants", acme, &all);
+    rotate_tenant(&mut tenants, "acme").await.unwrap();
+    let primary_3 = read_cols(&dir, "tenants", acme, &all);
+    write_cols(&dir, "tenants", acme, &all, &primary_2);
+    assert_data_loss(
+        keys.encrypt(encrypt_request("acme", "ctx", b"x", b""))
+            .await,
+        "earlier primary brought back (rollback)",
+    );
+
+    // Across a restart: refused to start while the rolled-back row is there; the genuine row
+    // back, it serves with primary 3.
+    drop((keys, tenants));
+    assert_restart_refused(server, &dir).await;
+    write_cols(&dir, "tenants", acme, &all, &primary_3);
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (mut keys, _, _) = clients(&server.url(), Some(&admin)).await;
+    let sealed = encrypt(&mut keys, "acme", "ctx", b"after restart", b"").await;
+    assert_eq!(sealed.key_version, 3);
+    // An edit made while stopped is refused at the next start too.
+    drop(keys);
+    server.terminate().await;
+    write_cols(&dir, "key_versions", v1, &["state"], &[Value::Integer(1)]);
+    let (code, stderr) = serve_refused(&dir);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("integrity"), "{stderr}");
+}
