@@ -112,15 +112,23 @@ fn sqlite_upgrade_macs_existing_rows_once() {
     // Without the pending mark, rows without MACs are refused.
     let store = SqliteKeyStore::open(&path).unwrap();
     assert!(matches!(
-        store.set_row_key(contract::test_row_key()),
+        store.set_row_key(contract::test_row_key(), true),
         Err(tenant_kms::error::Error::StoreIntegrity(_))
     ));
     drop(store);
     conn.execute("INSERT INTO row_mac_upgrade (id) VALUES (1)", [])
         .unwrap();
     drop(conn);
+    // A caller whose record says the upgrade happened already refuses it.
     let store = SqliteKeyStore::open(&path).unwrap();
-    contract::install_test_row_key(&store);
+    assert!(store.set_row_key(contract::test_row_key(), false).is_err());
+    drop(store);
+    let store = SqliteKeyStore::open(&path).unwrap();
+    assert_eq!(
+        store.set_row_key(contract::test_row_key(), true).unwrap(),
+        Some(3),
+        "three rows MAC'd once"
+    );
     let old = tenant_kms::domain::TenantId::parse("old").unwrap();
     let tenant = store.tenant(&old).unwrap().unwrap();
     assert_eq!(tenant.state.code(), 2, "the row as it stood");
@@ -134,5 +142,15 @@ fn sqlite_upgrade_macs_existing_rows_once() {
         .unwrap();
     drop(conn);
     let store = SqliteKeyStore::open(&path).unwrap();
-    assert!(store.set_row_key(contract::test_row_key()).is_err());
+    assert!(store.set_row_key(contract::test_row_key(), true).is_err());
+    drop(store);
+    // Nor does a mark put back beside the anchor.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "UPDATE key_versions SET encryptions = 50; INSERT INTO row_mac_upgrade (id) VALUES (1);",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteKeyStore::open(&path).unwrap();
+    assert!(store.set_row_key(contract::test_row_key(), true).is_err());
 }

@@ -324,3 +324,47 @@ async fn tenant_and_key_version_rows_edited_moved_or_rolled_back_are_refused() {
     assert_ne!(code, 0);
     assert!(stderr.contains("integrity"), "{stderr}");
 }
+
+/// The upgrade to row MACs trusts the rows it finds, once: a store whose rows carry no MAC
+/// and that asks for the upgrade (what migration 5 leaves in a keys.db from before row MACs;
+/// emulated here) is MAC'd at the next start and the audit chain records it; a store
+/// rewritten into that form again afterwards is refused, since the chain says it was done.
+#[tokio::test]
+async fn the_row_mac_upgrade_happens_once_and_is_audited() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let admin = server.admin_token();
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    create_tenant(&mut tenants, "acme").await;
+    drop(tenants);
+    server.terminate().await;
+    let pre_upgrade = "UPDATE tenants SET mac = NULL; UPDATE key_versions SET mac = NULL; \
+                       UPDATE tokens SET mac = NULL; DELETE FROM row_anchor; \
+                       INSERT INTO row_mac_upgrade (id) VALUES (1);";
+    keys_db(&dir).execute_batch(pre_upgrade).unwrap();
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (_, mut tenants, mut audit) = clients(&server.url(), Some(&admin)).await;
+    assert_eq!(
+        get_tenant(&mut tenants, "acme").await.unwrap().tenant_id,
+        "acme"
+    );
+    let events = audit
+        .list_audit_events(tenant_kms::pb::ListAuditEventsRequest {
+            operation: "RowMacUpgrade".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(events.events.len(), 1, "the upgrade is audited once");
+    drop((tenants, audit));
+    server.terminate().await;
+    // Rewritten into the pre-upgrade form again, with a widened token: refused at start.
+    keys_db(&dir)
+        .execute_batch(&format!("UPDATE tokens SET tenants = '*'; {pre_upgrade}"))
+        .unwrap();
+    let (code, stderr) = serve_refused(&dir);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("upgraded before"), "{stderr}");
+}

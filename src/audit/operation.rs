@@ -149,6 +149,10 @@ named_enum! {
         /// A new key version found in the key store at start with no audit record,
         /// recorded then (docs/AUDIT.md).
         ReconciledKeyVersion => "ReconciledKeyVersion",
+        /// The key store's rows MAC'd for the first time (the schema upgrade to row MACs,
+        /// `store::row_auth`): recorded so that a later request for the same upgrade (a
+        /// key store rewritten into its pre-upgrade form) is refused.
+        RowMacUpgrade => "RowMacUpgrade",
     }
 }
 

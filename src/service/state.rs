@@ -211,13 +211,20 @@ impl DataDir {
         // Read before `audit_secret` creates it: an audit key means an audit log exists.
         let audit_log_exists = store.audit_key()?.is_some();
         let audit_secret = keys.audit_secret()?;
+        let chain_keys = Arc::new(
+            ChainKeys::derive(&audit_secret)
+                .map_err(|_| Error::internal("audit key derivation failed"))?,
+        );
         // Before any tenant, key-version or token row is read or written (the shred ledger
         // below does both): the row MAC key, derived from the audit secret, so that master-key
         // rotation (which re-wraps that secret) leaves every row MAC valid. Installing it
-        // finishes a pending upgrade and checks every row against the anchor.
-        store.set_row_key(
+        // finishes a pending upgrade (unless the audit chain, which a writer of keys.db cannot
+        // forge, says it happened already) and checks every row against the anchor.
+        let upgraded_before = audit_log_exists && row_mac_upgrade_recorded(options, &chain_keys)?;
+        let upgraded = store.set_row_key(
             crate::store::row_auth::RowKey::derive(&audit_secret)
                 .map_err(|_| Error::internal("row key derivation failed"))?,
+            !upgraded_before,
         )?;
         // Before anything serves: destroyed tenants and versions recorded in the shred
         // ledger are shredded again (a restored backup), and the ledger must be whole.
@@ -236,10 +243,6 @@ impl DataDir {
         ));
         let shred = ledger.enforce(&keys)?;
         keys.set_shred_recorder(ledger);
-        let chain_keys = Arc::new(
-            ChainKeys::derive(&audit_secret)
-                .map_err(|_| Error::internal("audit key derivation failed"))?,
-        );
         crate::audit::sqlite::check_identity(
             &options.data_dir.join(AUDIT_DB),
             &chain_keys,
@@ -248,6 +251,16 @@ impl DataDir {
             options.audit_busy_timeout,
         )?;
         audit_shred_report(options, &chain_keys, &shred)?;
+        // Only an upgrade of existing rows is recorded: a new store's first key install is
+        // not (it would shift every record's sequence number of a fresh directory).
+        if let Some(rows) = upgraded.filter(|rows| *rows > 0) {
+            let record = AuditRecord::local(Task::RowMacUpgrade, "system:key-store", Outcome::Ok)
+                .detail(format!(
+                    "{rows} tenant, key-version and token rows MAC'd for the first time, as they \
+                     stood"
+                ));
+            open_audit_log(options, &chain_keys)?.append(&[&record])?;
+        }
         Ok(Self {
             store,
             keys,
@@ -312,6 +325,22 @@ fn earlier_life_signs(options: &ServiceOptions) -> Vec<PathBuf> {
         signs.push(ledger);
     }
     signs
+}
+
+/// Whether the audit log records the key store's upgrade to row MACs (a `RowMacUpgrade`
+/// record). Read before the upgrade may run: the chain is keyed, so a writer of keys.db who
+/// rewrote it into its pre-upgrade form cannot also erase this without breaking the chain.
+fn row_mac_upgrade_recorded(options: &ServiceOptions, chain_keys: &Arc<ChainKeys>) -> Result<bool> {
+    if !options.data_dir.join(AUDIT_DB).exists() {
+        // The identity check below refuses a missing log.
+        return Ok(false);
+    }
+    let found = open_audit_log(options, chain_keys)?.list(&crate::audit::ListFilter {
+        operation: Task::RowMacUpgrade.stored_name().to_owned(),
+        limit: 1,
+        ..Default::default()
+    })?;
+    Ok(!found.is_empty())
 }
 
 /// Audits what the shred ledger check changed, as `system:shred-ledger`.

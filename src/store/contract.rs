@@ -720,7 +720,7 @@ pub fn test_row_key() -> RowKey {
 
 /// Installs [`test_row_key`] in a fresh store, as `DataDir::open` installs the real one.
 pub fn install_test_row_key<S: KeyStore>(store: &S) {
-    store.set_row_key(test_row_key()).unwrap();
+    store.set_row_key(test_row_key(), true).unwrap();
 }
 
 /// Runs every tamper check, each on a store from `make` (new, empty, key installed or not).
@@ -777,7 +777,7 @@ pub fn check_rows_need_the_row_key<S: KeyStore>(make: &impl Fn() -> S) {
         .unwrap();
     let other = RowKey::derive(&SecretKey::from_slice(&[0x77; 32]).unwrap()).unwrap();
     assert!(
-        is_integrity(store.set_row_key(other)),
+        is_integrity(store.set_row_key(other, false)),
         "a key of another secret must fail the full check"
     );
     assert!(
@@ -992,7 +992,7 @@ pub fn check_moved_and_forged_rows_are_refused<S: KeyStore + RowTamper>(store: &
         "a forged token row"
     );
     assert!(
-        is_integrity(store.set_row_key(test_row_key())),
+        is_integrity(store.set_row_key(test_row_key(), false)),
         "the full check finds the forged and moved rows"
     );
 }
@@ -1028,7 +1028,7 @@ pub fn check_rolled_back_rows_are_detected<S: KeyStore + RowTamper>(store: &S) {
         let now = store.raw_row(row).unwrap().unwrap();
         store.raw_update(row, old).unwrap();
         assert!(
-            is_integrity(store.set_row_key(test_row_key())),
+            is_integrity(store.set_row_key(test_row_key(), false)),
             "{row:?} rolled back to an earlier genuine copy must fail the full check"
         );
         store.raw_update(row, &now).unwrap();
@@ -1042,7 +1042,7 @@ pub fn check_rolled_back_rows_are_detected<S: KeyStore + RowTamper>(store: &S) {
             &set("mac", RawValue::Blob(vec![0; 32])),
         )
         .unwrap();
-    assert!(is_integrity(store.set_row_key(test_row_key())));
+    assert!(is_integrity(store.set_row_key(test_row_key(), false)));
 }
 
 /// Only a pending schema upgrade MACs rows without checking them (once, backend-specific:
@@ -1059,7 +1059,7 @@ pub fn check_upgrade_macs_existing_rows_once<S: KeyStore + RowTamper>(store: &S)
         "a cleared MAC is not a missing one"
     );
     assert!(
-        is_integrity(store.set_row_key(test_row_key())),
+        is_integrity(store.set_row_key(test_row_key(), false)),
         "installing the key again does not re-MAC a cleared row"
     );
 }

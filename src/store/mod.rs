@@ -287,7 +287,12 @@ pub trait MasterKeyStore {
     /// with `StoreIntegrity`), each write computes it and updates the anchor in the same
     /// transaction, and a change by another process (see [`ChangeDetection`]) re-checks the
     /// anchor against every row MAC before anything is served again.
-    fn set_row_key(&self, key: row_auth::RowKey) -> Result<()>;
+    ///
+    /// `allow_upgrade` false (the caller's trusted record, the audit chain, says the upgrade
+    /// was done already) makes a pending upgrade an integrity failure instead: a writer who
+    /// rewrote the store into its pre-upgrade form must not get forged rows MAC'd. Returns
+    /// how many rows the upgrade MAC'd (`None` when none was pending).
+    fn set_row_key(&self, key: row_auth::RowKey, allow_upgrade: bool) -> Result<Option<u64>>;
 }
 
 /// Noticing changes made by other processes, so caches built from the store can be dropped.

@@ -938,7 +938,7 @@ impl MasterKeyStore for SqliteKeyStore {
         })
     }
 
-    fn set_row_key(&self, key: RowKey) -> Result<()> {
+    fn set_row_key(&self, key: RowKey, allow_upgrade: bool) -> Result<Option<u64>> {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let tx = inner
@@ -950,8 +950,25 @@ impl MasterKeyStore for SqliteKeyStore {
                 row.get(0)
             })
             .map_err(sql_error)?;
+        let has_anchor: bool = tx
+            .query_row("SELECT EXISTS (SELECT 1 FROM row_anchor)", [], |row| {
+                row.get(0)
+            })
+            .map_err(sql_error)?;
+        if pending && (has_anchor || !allow_upgrade) {
+            // Only a store that never had row MACs may be upgraded: a mark beside an anchor,
+            // or one the caller's record says was already served, is a rewrite of keys.db.
+            let e = integrity(
+                "keys.db asks for the upgrade to row MACs, but it was upgraded before: it was \
+                 rewritten by someone without the master key; restore it from a backup",
+            );
+            inner.integrity = Some(e.to_string());
+            return Err(e);
+        }
+        let mut upgraded = None;
         if pending {
             let rows = mac_existing_rows(&tx, &key)?;
+            upgraded = Some(rows);
             tx.execute("DELETE FROM row_mac_upgrade", [])
                 .map_err(sql_error)?;
             tx.commit().map_err(sql_error)?;
@@ -968,7 +985,7 @@ impl MasterKeyStore for SqliteKeyStore {
                 inner.anchor_seen = counter;
                 inner.integrity = None;
                 inner.row_key = Some(key);
-                Ok(())
+                Ok(upgraded)
             }
             Err(e) => {
                 // Nothing is served until a later check passes.
