@@ -368,3 +368,69 @@ async fn the_row_mac_upgrade_happens_once_and_is_audited() {
     assert_ne!(code, 0);
     assert!(stderr.contains("upgraded before"), "{stderr}");
 }
+
+/// keys.db put back as a whole to an earlier consistent state (every row and the anchor, as
+/// a backup restore would): a running server has seen a higher anchor counter and refuses
+/// it; a server started afterwards cannot tell it from a restore (SECURITY.md states this
+/// limit), so the revocation made after the copy is lost there.
+#[tokio::test]
+async fn a_whole_store_rollback_is_refused_by_a_running_server() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let admin = server.admin_token();
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    create_tenant(&mut tenants, "acme").await;
+    let (svc, svc_id) = cli_token(&dir, &["--role", "service", "--tenants", "acme"]);
+    let (mut svc_keys, _, _) = clients(&server.url(), Some(&svc)).await;
+    encrypt_status(&mut svc_keys).await.unwrap();
+    let snapshot = temp.path().join("earlier.db");
+    let conn = keys_db(&dir);
+    conn.execute("ATTACH ?1 AS earlier", [snapshot.to_str().unwrap()])
+        .unwrap();
+    // The tenant and key-version rows do not change between the copy and the rollback (no
+    // call in between reserves or rotates), so the token rows and the anchor are the whole
+    // difference: putting them back is putting keys.db back.
+    for table in ["tokens", "row_anchor"] {
+        conn.execute_batch(&format!(
+            "CREATE TABLE earlier.{table} AS SELECT * FROM main.{table}"
+        ))
+        .unwrap();
+    }
+    let (code, _, stderr) = run_cli(&[
+        "token",
+        "revoke",
+        &svc_id,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        encrypt_status(&mut svc_keys).await.err().unwrap().code(),
+        Code::Unauthenticated
+    );
+    let mut restore = String::from("BEGIN;");
+    for table in ["tokens", "row_anchor"] {
+        restore.push_str(&format!(
+            "DELETE FROM main.{table}; INSERT INTO main.{table} SELECT * FROM earlier.{table};"
+        ));
+    }
+    restore.push_str("COMMIT;");
+    conn.execute_batch(&restore).unwrap();
+    drop(conn);
+    assert_data_loss(
+        encrypt_status(&mut svc_keys).await,
+        "whole-store rollback, live",
+    );
+    drop((tenants, svc_keys));
+    server.terminate().await;
+    // The documented limit: after a restart the earlier state is all there is to see.
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (mut svc_keys, _, _) = clients(&server.url(), Some(&svc)).await;
+    assert!(
+        encrypt_status(&mut svc_keys).await.is_ok(),
+        "SECURITY.md says a restart cannot tell a whole-store rollback from a restore"
+    );
+    drop(svc_keys);
+    server.terminate().await;
+}
