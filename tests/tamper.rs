@@ -371,8 +371,8 @@ async fn the_row_mac_upgrade_happens_once_and_is_audited() {
 
 /// keys.db put back as a whole to an earlier consistent state (every row and the anchor, as
 /// a backup restore would): a running server has seen a higher anchor counter and refuses
-/// it; a server started afterwards cannot tell it from a restore (SECURITY.md states this
-/// limit), so the revocation made after the copy is lost there.
+/// it; a server started afterwards refuses it too, since the audit chain recorded the
+/// counter the revocation reached (a `KeyStoreAnchor` record).
 #[tokio::test]
 async fn a_whole_store_rollback_is_refused_by_a_running_server() {
     let temp = tempfile::tempdir().unwrap();
@@ -424,13 +424,268 @@ async fn a_whole_store_rollback_is_refused_by_a_running_server() {
     );
     drop((tenants, svc_keys));
     server.terminate().await;
-    // The documented limit: after a restart the earlier state is all there is to see.
+    assert_refused_as_rollback(
+        &dir,
+        "whole-store rollback under a running server, restarted",
+    );
+}
+
+/// keys.db with its WAL and shared-memory files: copied as files, with no server running
+/// (a stopped server leaves no WAL content behind, but a copy must not depend on that).
+const KEY_STORE_FILES: [&str; 3] = ["keys.db", "keys.db-wal", "keys.db-shm"];
+
+/// Copies the key-store files of `from` over those of `to` (a file `from` lacks is removed
+/// from `to`).
+fn copy_key_store(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in KEY_STORE_FILES {
+        let _ = std::fs::remove_file(to.join(name));
+        if from.join(name).exists() {
+            std::fs::copy(from.join(name), to.join(name)).unwrap();
+        }
+    }
+}
+
+/// A start on the data directory as it is is refused as a key-store rollback, with the
+/// message saying what to do; so is a command on it (`token list`).
+fn assert_refused_as_rollback(dir: &Path, what: &str) {
+    let (code, stderr) = serve_refused(dir);
+    assert_ne!(code, 0, "{what}");
+    assert!(
+        stderr.contains("keys.db is older than the audit log"),
+        "{what}: {stderr}"
+    );
+    assert!(
+        stderr.contains("tenant-kms restore --from"),
+        "{what}: the message says what to do: {stderr}"
+    );
+    let (code, _, stderr) = run_cli(&["token", "list", "--data-dir", dir.to_str().unwrap()]);
+    assert_ne!(code, 0, "{what}: token list");
+    assert!(
+        stderr.contains("keys.db is older than the audit log"),
+        "{what}: token list: {stderr}"
+    );
+}
+
+/// Puts `earlier` back as keys.db (the server stopped), asserts the start is refused, then
+/// puts the current store back.
+fn assert_put_back_refused(dir: &Path, earlier: &Path, what: &str) {
+    let current = dir.with_extension("current-key-store");
+    copy_key_store(dir, &current);
+    copy_key_store(earlier, dir);
+    assert_refused_as_rollback(dir, what);
+    copy_key_store(&current, dir);
+}
+
+/// The gap rowmac left: the whole keys.db (rows and anchor together) put back to an earlier
+/// consistent copy while no server runs. The audit chain now records the key store's anchor
+/// counter after every change, so each start (and each command) on the earlier copy is
+/// refused: a revoked token, a suspended tenant and a nonce-budget reservation cannot be
+/// undone this way. The current store put back, the directory serves as before.
+#[tokio::test]
+async fn a_whole_key_store_put_back_while_stopped_is_refused_at_start() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let earlier = temp.path().join("earlier");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let admin = server.admin_token();
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    create_tenant(&mut tenants, "acme").await;
+    let (svc, svc_id) = cli_token(&dir, &["--role", "service", "--tenants", "acme"]);
+    let (mut svc_keys, _, _) = clients(&server.url(), Some(&svc)).await;
+    encrypt_status(&mut svc_keys).await.unwrap();
+    drop((tenants, svc_keys));
+    server.terminate().await;
+
+    // A token revoked (by the command, no server running) after the copy.
+    copy_key_store(&dir, &earlier);
+    let (code, _, stderr) = run_cli(&[
+        "token",
+        "revoke",
+        &svc_id,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_put_back_refused(&dir, &earlier, "token revoked after the copy");
+
+    // A tenant suspended after the copy.
+    copy_key_store(&dir, &earlier);
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (mut keys, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    suspend_tenant(&mut tenants, "acme").await.unwrap();
+    drop((keys, tenants));
+    server.terminate().await;
+    assert_put_back_refused(&dir, &earlier, "tenant suspended after the copy");
+
+    // Encryptions reserved (the nonce-budget count) after the copy: a new process reserves
+    // a new chunk at its first encryption.
+    let server = BinaryServer::start(&dir, &[]).await;
+    (keys, tenants, _) = clients(&server.url(), Some(&admin)).await;
+    resume_tenant(&mut tenants, "acme").await.unwrap();
+    drop((keys, tenants));
+    server.terminate().await;
+    copy_key_store(&dir, &earlier);
+    let reserved =
+        |dir: &Path| read_cols(dir, "key_versions", "tenant_id = 'acme'", &["encryptions"]);
+    let before = reserved(&dir);
+    let server = BinaryServer::start(&dir, &[]).await;
+    (keys, _, _) = clients(&server.url(), Some(&admin)).await;
+    encrypt(&mut keys, "acme", "ctx", b"reserves", b"").await;
+    drop(keys);
+    server.terminate().await;
+    assert_ne!(
+        reserved(&dir),
+        before,
+        "the encryption reserved a new chunk"
+    );
+    assert_put_back_refused(&dir, &earlier, "encryptions reserved after the copy");
+
+    // The current store back: it serves, the revocation holds.
     let server = BinaryServer::start(&dir, &[]).await;
     let (mut svc_keys, _, _) = clients(&server.url(), Some(&svc)).await;
-    assert!(
-        encrypt_status(&mut svc_keys).await.is_ok(),
-        "SECURITY.md says a restart cannot tell a whole-store rollback from a restore"
+    assert_eq!(
+        encrypt_status(&mut svc_keys).await.err().unwrap().code(),
+        Code::Unauthenticated
     );
     drop(svc_keys);
     server.terminate().await;
+}
+
+/// Operations (and, in order, the sequence numbers) of every record in audit.db.
+fn audit_operations(dir: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(dir.join("audit.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT operation FROM audit_events ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// A legitimate restore of a backup pair is not a rollback: `restore` records the restored
+/// key store's anchor right after its Restore record, the server starts on it, and from
+/// then on a rollback within the restored line is refused again.
+#[tokio::test]
+async fn a_restored_backup_pair_starts_and_anchors_its_key_store() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let backup = temp.path().join("backup");
+    let earlier = temp.path().join("earlier");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let admin = server.admin_token();
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    create_tenant(&mut tenants, "acme").await;
+    let (svc, svc_id) = cli_token(&dir, &["--role", "service", "--tenants", "acme"]);
+    let data = dir.to_str().unwrap();
+    let (code, _, stderr) = run_cli(&[
+        "backup",
+        "--out",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        data,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    // Changes after the backup: the chain's anchor is now above the backup's keys.db.
+    let (code, _, stderr) = run_cli(&["token", "revoke", &svc_id, "--data-dir", data]);
+    assert_eq!(code, 0, "{stderr}");
+    create_tenant(&mut tenants, "later").await;
+    drop(tenants);
+    server.terminate().await;
+
+    let (code, _, stderr) = run_cli(&[
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--force",
+        "--data-dir",
+        data,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let operations = audit_operations(&dir);
+    let restore = operations.iter().rposition(|op| op == "Restore").unwrap();
+    assert_eq!(
+        operations.get(restore + 1).map(String::as_str),
+        Some("KeyStoreAnchor"),
+        "the restored key store is anchored right after the Restore record: {operations:?}"
+    );
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    assert_eq!(
+        get_tenant(&mut tenants, "later")
+            .await
+            .err()
+            .unwrap()
+            .code(),
+        Code::NotFound,
+        "the backup's state is served"
+    );
+    let (mut svc_keys, _, _) = clients(&server.url(), Some(&svc)).await;
+    encrypt_status(&mut svc_keys).await.unwrap();
+    drop((tenants, svc_keys));
+    server.terminate().await;
+
+    // Within the restored line, a rollback is refused again.
+    copy_key_store(&dir, &earlier);
+    let (code, _, stderr) = run_cli(&["token", "revoke", &svc_id, "--data-dir", data]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_put_back_refused(
+        &dir,
+        &earlier,
+        "token revoked after the restore, then put back",
+    );
+}
+
+/// A kill -9 between a key-store commit and its audit record leaves the store ahead of the
+/// chain's anchor: the next start is not refused; reconciliation records the change and the
+/// start anchors the store's counter, so a rollback past it is refused afterwards.
+#[tokio::test]
+async fn a_crash_between_a_key_store_commit_and_its_audit_record_still_starts() {
+    use std::os::unix::process::ExitStatusExt;
+    use tenant_kms::store::{FAILPOINT_AFTER_KEY_COMMIT, TEST_FAILPOINT_ENV};
+
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let earlier = temp.path().join("earlier");
+    let server = BinaryServer::start(&dir, &[]).await;
+    let admin = server.admin_token();
+    server.terminate().await;
+    copy_key_store(&dir, &earlier);
+    let server = BinaryServer::start_with_env(
+        &dir,
+        &[],
+        &[(TEST_FAILPOINT_ENV, FAILPOINT_AFTER_KEY_COMMIT)],
+    )
+    .await;
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    assert!(try_create_tenant(&mut tenants, "orphan").await.is_err());
+    drop(tenants);
+    let exit = server.kill9_status();
+    assert_eq!(
+        exit.signal(),
+        Some(6),
+        "the failpoint did not fire: {exit:?}"
+    );
+
+    let server = BinaryServer::start(&dir, &[]).await;
+    let (_, mut tenants, _) = clients(&server.url(), Some(&admin)).await;
+    assert_eq!(
+        get_tenant(&mut tenants, "orphan").await.unwrap().tenant_id,
+        "orphan"
+    );
+    drop(tenants);
+    server.terminate().await;
+    let operations = audit_operations(&dir);
+    let reconciled = operations
+        .iter()
+        .position(|op| op == "ReconciledTenantCreate")
+        .unwrap();
+    assert!(
+        operations[reconciled..]
+            .iter()
+            .any(|op| op == "KeyStoreAnchor"),
+        "{operations:?}"
+    );
+    assert_put_back_refused(&dir, &earlier, "the crashed creation put back out");
 }

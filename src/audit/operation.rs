@@ -153,6 +153,10 @@ named_enum! {
         /// `store::row_auth`): recorded so that a later request for the same upgrade (a
         /// key store rewritten into its pre-upgrade form) is refused.
         RowMacUpgrade => "RowMacUpgrade",
+        /// The key store's row-anchor write counter as it stood after a key-store change (or
+        /// after a restore): a start whose key store is behind the latest such record is
+        /// refused as a rollback (docs/AUDIT.md, "Key-store anchors").
+        KeyStoreAnchor => "KeyStoreAnchor",
     }
 }
 

@@ -267,6 +267,14 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
     let manifest = staged.manifest.clone();
     let report = staged.report.clone();
     let replaced = staged.install()?;
+    // The backup's audit copy is taken after its key-store copy, so it may record a later
+    // key-store anchor than the restored keys.db has: the restored pair is accepted as it is,
+    // and the Restore record below is followed by the restored store's anchor (the chain's
+    // new baseline for the rollback check at start).
+    let options = ServiceOptions {
+        key_store_restored: true,
+        ..options.clone()
+    };
     let dir = DataDir::open(&options, false)?;
     let audit = dir.audit_writer(&options)?;
     let replaced_text = replaced.as_ref().map_or_else(

@@ -2,11 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::audit::operation::Task;
+use crate::audit::verify::{Recovery, VerifyReport};
 use crate::audit::{
-    AuditLog, AuditRecord, AuditWriter, ChainKeys, Durability, Outcome, SqliteAuditLog,
+    AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditRecord, AuditSnapshot, AuditWriter,
+    ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome, SqliteAuditLog,
 };
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
@@ -87,6 +90,11 @@ pub struct ServiceOptions {
     /// The shred ledger file; `None`: beside the keyring file (`<keyring>.shred-ledger`), or
     /// `<data-dir>/master.keyring.shred-ledger` with environment-provided master keys.
     pub shred_ledger: Option<PathBuf>,
+    /// Set by `restore` only, after it installed a backup's `keys.db` and `audit.db`
+    /// together: the key store is not held to the audit chain's latest `KeyStoreAnchor`
+    /// (a backup's audit copy is taken after its key-store copy and may record a later
+    /// counter); the restore records the restored counter instead.
+    pub key_store_restored: bool,
     /// The wall clock every time-based decision reads (token expiry, deletion windows and
     /// their reaper, rotation age): [`crate::clock::SystemClock`] unless a test injects
     /// another.
@@ -125,6 +133,7 @@ impl ServiceOptions {
             shred_ledger: None,
             clock: crate::clock::system(),
             new_audit_log: false,
+            key_store_restored: false,
         }
     }
 
@@ -173,6 +182,9 @@ pub struct DataDir {
     pub chain_keys: Arc<ChainKeys>,
     /// What the shred ledger check did when the directory opened.
     pub shred: ShredReport,
+    /// The highest key-store anchor counter known to be recorded in the audit chain, shared
+    /// by every audit log this directory hands out (see [`AnchoringLog`]).
+    anchored: Arc<AtomicU64>,
 }
 
 impl DataDir {
@@ -221,11 +233,35 @@ impl DataDir {
         // finishes a pending upgrade (unless the audit chain, which a writer of keys.db cannot
         // forge, says it happened already) and checks every row against the anchor.
         let upgraded_before = audit_log_exists && row_mac_upgrade_recorded(options, &chain_keys)?;
+        // Read before the key store's anchor is (set_row_key below): another process may
+        // change the store and record its new counter meanwhile, and the store only moves
+        // forward, so a recorded counter read first never exceeds a genuine store's.
+        let recorded = if audit_log_exists && !options.new_audit_log {
+            recorded_key_store_anchor(options, &chain_keys)?
+        } else {
+            None
+        };
         let upgraded = store.set_row_key(
             crate::store::row_auth::RowKey::derive(&audit_secret)
                 .map_err(|_| Error::internal("row key derivation failed"))?,
             !upgraded_before,
         )?;
+        // Before anything writes a row (the shred ledger below may): a write would move the
+        // counter up and could hide a rollback.
+        let anchored = Arc::new(AtomicU64::new(0));
+        if let Some(recorded) = recorded {
+            if options.key_store_restored {
+                tracing::warn!(
+                    counter = store.anchor_counter(),
+                    recorded = recorded.counter,
+                    "restore: the restored keys.db is the key store from now on; its anchor is \
+                     recorded after the Restore record"
+                );
+            } else {
+                refuse_key_store_rollback(store.anchor_counter(), &recorded)?;
+                anchored.store(recorded.counter, Ordering::Release);
+            }
+        }
         // Before anything serves: destroyed tenants and versions recorded in the shred
         // ledger are shredded again (a restored backup), and the ledger must be whole.
         if options.shred_ledger.is_none() && matches!(options.master_keys, MasterKeySource::Env(_))
@@ -250,7 +286,17 @@ impl DataDir {
             options.durability == Durability::Fsync,
             options.audit_busy_timeout,
         )?;
-        audit_shred_report(options, &chain_keys, &shred)?;
+        let anchoring = |log: Box<dyn AuditLog>| -> Box<dyn AuditLog> {
+            Box::new(AnchoringLog {
+                log,
+                store: Arc::clone(&store),
+                anchored: Arc::clone(&anchored),
+            })
+        };
+        audit_shred_report(
+            anchoring(open_audit_log(options, &chain_keys)?).as_ref(),
+            &shred,
+        )?;
         // Only an upgrade of existing rows is recorded: a new store's first key install is
         // not (it would shift every record's sequence number of a fresh directory).
         if let Some(rows) = upgraded.filter(|rows| *rows > 0) {
@@ -259,21 +305,50 @@ impl DataDir {
                     "{rows} tenant, key-version and token rows MAC'd for the first time, as they \
                      stood"
                 ));
-            open_audit_log(options, &chain_keys)?.append(&[&record])?;
+            anchoring(open_audit_log(options, &chain_keys)?).append(&[&record])?;
+        }
+        if options.key_store_restored {
+            // The first batch appended after this (the restore's own record) carries the
+            // restored store's anchor, after the Restore record that begins its line.
+            anchored.store(0, Ordering::Release);
         }
         Ok(Self {
             store,
             keys,
             chain_keys,
             shred,
+            anchored,
         })
+    }
+
+    /// Records the key store's anchor counter as it stands now in the audit chain (a
+    /// `KeyStoreAnchor` record), through `audit`, unless the chain already holds it (or a
+    /// later one). The service calls it at start after reconciliation and the first-start
+    /// token, so that a change no audit record followed (a crash between the two commits) is
+    /// anchored before anything serves.
+    pub fn record_key_store_anchor(&self, audit: &AuditWriter) -> Result<()> {
+        let counter = self.store.anchor_counter();
+        if counter > self.anchored.load(Ordering::Acquire) {
+            audit.append_blocking(key_store_anchor_record(counter))?;
+            self.anchored.fetch_max(counter, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Opens this data directory's audit log (`audit.db`, created if missing) with the
     /// options' durability and lock wait, chained under this directory's keys. Each call
     /// opens a log of its own (for SQLite: its own connection).
+    ///
+    /// Every batch appended through it that follows a key-store change of this process
+    /// (one the store's anchor counter shows and the chain does not record yet) carries a
+    /// `KeyStoreAnchor` record after its own records, in the same transaction
+    /// ([`AnchoringLog`]).
     pub fn audit_log(&self, options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
-        open_audit_log(options, &self.chain_keys)
+        Ok(Box::new(AnchoringLog {
+            log: open_audit_log(options, &self.chain_keys)?,
+            store: Arc::clone(&self.store),
+            anchored: Arc::clone(&self.anchored),
+        }))
     }
 
     /// Starts an audit writer on this data directory's audit log: the simple way for a
@@ -343,12 +418,8 @@ fn row_mac_upgrade_recorded(options: &ServiceOptions, chain_keys: &Arc<ChainKeys
     Ok(!found.is_empty())
 }
 
-/// Audits what the shred ledger check changed, as `system:shred-ledger`.
-fn audit_shred_report(
-    options: &ServiceOptions,
-    chain_keys: &Arc<ChainKeys>,
-    report: &ShredReport,
-) -> Result<()> {
+/// Audits what the shred ledger check changed, as `system:shred-ledger`, into `log`.
+fn audit_shred_report(log: &dyn AuditLog, report: &ShredReport) -> Result<()> {
     let records: Vec<AuditRecord> = report
         .reapplied
         .iter()
@@ -380,8 +451,199 @@ fn audit_shred_report(
         tracing::warn!(tenant = %item.tenant_id, version = ?item.version, "shredded again: the shred ledger records it destroyed");
     }
     let refs: Vec<&AuditRecord> = records.iter().collect();
-    open_audit_log(options, chain_keys)?.append(&refs)?;
+    log.append(&refs)?;
     Ok(())
+}
+
+/// The caller named in `KeyStoreAnchor` records.
+pub const KEY_STORE_ANCHOR_CALLER: &str = "system:key-store";
+
+/// What a `KeyStoreAnchor` record's detail says before the counter (docs/AUDIT.md): the
+/// detail is exactly this and the counter in decimal.
+const ANCHOR_DETAIL: &str = "key-store row-anchor write counter ";
+
+/// Records looked at, newest first, per read of the audit log while looking for the latest
+/// key-store anchors; also how far before the newest anchor older ones still count (anchors
+/// of two processes may land out of order, by as little as their appends race).
+const ANCHOR_WINDOW: u64 = 1000;
+
+/// The `KeyStoreAnchor` record of `counter`.
+fn key_store_anchor_record(counter: u64) -> AuditRecord {
+    AuditRecord::local(Task::KeyStoreAnchor, KEY_STORE_ANCHOR_CALLER, Outcome::Ok)
+        .detail(format!("{ANCHOR_DETAIL}{counter}"))
+}
+
+/// The counter a `KeyStoreAnchor` record names (`None` for any other record, or a detail
+/// not in the one format).
+fn anchored_counter(record: &AuditRecord) -> Option<u64> {
+    if !Operation::Task(Task::KeyStoreAnchor).is(&record.operation) || record.outcome != Outcome::Ok
+    {
+        return None;
+    }
+    let digits = record.detail.strip_prefix(ANCHOR_DETAIL)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A key-store anchor counter the audit chain records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordedAnchor {
+    /// The counter.
+    counter: u64,
+    /// The sequence number of the record that names it.
+    seq: u64,
+}
+
+/// The highest counter among the latest `KeyStoreAnchor` records of `options`' audit log:
+/// the newest one and those up to [`ANCHOR_WINDOW`] records before it, none before the last
+/// `ok` Restore record (a restore begins a new line of the key store). `None` when the log
+/// holds no such record (a log from before key-store anchors, a new log, just restored).
+fn recorded_key_store_anchor(
+    options: &ServiceOptions,
+    chain_keys: &Arc<ChainKeys>,
+) -> Result<Option<RecordedAnchor>> {
+    if !options.data_dir.join(AUDIT_DB).exists() {
+        // The identity check refuses a missing log later.
+        return Ok(None);
+    }
+    latest_anchor(open_audit_log(options, chain_keys)?.as_ref())
+}
+
+/// [`recorded_key_store_anchor`] over any audit log: reads backwards from the head, one
+/// window of records at a time, so the cost is the records since the latest anchor (the
+/// latest key-store change or start), not the whole log.
+fn latest_anchor(log: &dyn AuditLog) -> Result<Option<RecordedAnchor>> {
+    let mut end = log.head()?.seq;
+    let mut best: Option<RecordedAnchor> = None;
+    // Once the newest anchor is found, older ones count only down to this sequence number.
+    let mut floor = 0u64;
+    while end > floor {
+        let start = end.saturating_sub(ANCHOR_WINDOW).max(floor);
+        let page = log.list(&ListFilter {
+            after_seq: start,
+            limit: usize::try_from(end - start).unwrap_or(usize::MAX),
+            ..ListFilter::default()
+        })?;
+        for (seq, record) in page.iter().rev().filter(|(seq, _)| *seq <= end) {
+            if Operation::Task(Task::Restore).is(&record.operation) && record.outcome == Outcome::Ok
+            {
+                return Ok(best);
+            }
+            if let Some(counter) = anchored_counter(record) {
+                if best.is_none() {
+                    floor = seq.saturating_sub(ANCHOR_WINDOW);
+                }
+                if best.is_none_or(|b| counter > b.counter) {
+                    best = Some(RecordedAnchor { counter, seq: *seq });
+                }
+            }
+        }
+        if page.is_empty() {
+            // Pruned below here: nothing older to read.
+            break;
+        }
+        end = start;
+    }
+    Ok(best)
+}
+
+/// Refuses a key store whose anchor counter is below the one the audit chain recorded: the
+/// whole of keys.db was put back to an earlier copy (a store ahead of the chain is fine: a
+/// crash between a key-store commit and its audit record leaves it so).
+fn refuse_key_store_rollback(counter: u64, recorded: &RecordedAnchor) -> Result<()> {
+    if counter >= recorded.counter {
+        return Ok(());
+    }
+    tracing::error!(
+        counter,
+        recorded = recorded.counter,
+        record = recorded.seq,
+        "keys.db is older than the audit log: refusing to open it"
+    );
+    Err(Error::StoreIntegrity(format!(
+        "keys.db is older than the audit log says it was: its row-anchor write counter is \
+         {counter}, but audit record {} (KeyStoreAnchor) recorded {} after a later change. \
+         keys.db was put back to an earlier copy, which would undo every revocation, \
+         suspension, rotation and nonce-budget reservation made since. Put back the keys.db \
+         that belongs with this audit.db, or restore a backup as a pair with `tenant-kms \
+         restore --from <backup> --force` (which records the restored key store in the \
+         audit chain); see docs/OPERATIONS.md, \"A data file is missing\"",
+        recorded.seq, recorded.counter
+    )))
+}
+
+/// An audit log that anchors the key store: each non-empty batch appended after a change
+/// the store's anchor counter shows (and the chain does not record yet) gets a
+/// `KeyStoreAnchor` record after its own records, in the same transaction, so the record of
+/// a key-store change and the anchor of its counter are durable together (one fsync) and a
+/// later start can refuse an earlier copy of keys.db. The counter is read from memory
+/// before the append: the batch's records were submitted after their changes committed, so
+/// it covers them. Changes are control-plane or nonce-budget reservations (one per chunk of
+/// encryptions), so few batches carry one. Everything else passes through.
+struct AnchoringLog {
+    log: Box<dyn AuditLog>,
+    store: Arc<dyn KeyStore>,
+    /// The highest counter known recorded (shared by the logs of one [`DataDir`]).
+    anchored: Arc<AtomicU64>,
+}
+
+impl AuditAppend for AnchoringLog {
+    fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
+        let counter = self.store.anchor_counter();
+        if records.is_empty() || counter <= self.anchored.load(Ordering::Acquire) {
+            return self.log.append(records);
+        }
+        let anchor = key_store_anchor_record(counter);
+        let mut batch = records.to_vec();
+        batch.push(&anchor);
+        let first = self.log.append(&batch)?;
+        self.anchored.fetch_max(counter, Ordering::AcqRel);
+        Ok(first)
+    }
+
+    fn head(&self) -> Result<ChainHead> {
+        self.log.head()
+    }
+}
+
+impl AuditQuery for AnchoringLog {
+    fn list(&self, filter: &ListFilter) -> Result<Vec<(u64, AuditRecord)>> {
+        self.log.list(filter)
+    }
+
+    fn count(&self) -> Result<u64> {
+        self.log.count()
+    }
+}
+
+impl AuditMaintenance for AnchoringLog {
+    fn verify(&self) -> Result<VerifyReport> {
+        self.log.verify()
+    }
+
+    fn check_tail(&self) -> Result<VerifyReport> {
+        self.log.check_tail()
+    }
+
+    fn check_anchor(&self, seq: u64, mac: &[u8]) -> Result<Option<String>> {
+        self.log.check_anchor(seq, mac)
+    }
+
+    fn prune(&self, before_micros: i64) -> Result<u64> {
+        self.log.prune(before_micros)
+    }
+
+    fn recover(&self, caller: &str) -> Result<Recovery> {
+        self.log.recover(caller)
+    }
+}
+
+impl AuditSnapshot for AnchoringLog {
+    fn snapshot_to(&self, dest: &Path) -> Result<ChainHead> {
+        self.log.snapshot_to(dest)
+    }
 }
 
 impl AppState {
@@ -412,6 +674,7 @@ impl AppState {
                 options.clock.as_ref(),
             )?;
         }
+        dir.record_key_store_anchor(&audit)?;
         Ok(Self {
             auth: Authenticator::new(Arc::clone(&dir.store), Arc::clone(&options.clock)),
             keys: dir.keys,

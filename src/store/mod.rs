@@ -307,6 +307,13 @@ pub trait ChangeDetection {
     /// operation of this process (a write holding the connection); `None` when it would
     /// have to wait.
     fn try_change_generation(&self) -> Option<Result<u64>>;
+    /// The highest row-anchor write counter ([`row_auth::Anchor::counter`]) this handle has
+    /// seen in a verified anchor or committed itself; 0 before
+    /// [`MasterKeyStore::set_row_key`]. Never decreases, never above what the store held
+    /// when it was read, and answers from memory without waiting for any store operation:
+    /// the audit chain records it after key-store changes (a `KeyStoreAnchor` record,
+    /// docs/AUDIT.md) so that a start with an earlier copy of the whole store is refused.
+    fn anchor_counter(&self) -> u64;
 }
 
 /// Backup, per-tenant import and crypto-shredding by the shred ledger (see `crate::backup`).

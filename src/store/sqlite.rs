@@ -49,6 +49,10 @@ pub struct SqliteKeyStore {
     reservations: Mutex<Vec<PendingReservation>>,
     /// Change checks started so far (numbered from 1), for single-flight checking.
     checks_started: AtomicU64,
+    /// A copy of `Inner::anchor_seen` readable without the connection's lock (see
+    /// `ChangeDetection::anchor_counter`): the audit writer reads it for every batch and must
+    /// not wait behind a key-store fsync.
+    anchor_published: Arc<AtomicU64>,
 }
 
 struct Inner {
@@ -71,6 +75,9 @@ struct Inner {
     /// The highest anchor counter this process has seen: a lower one later means keys.db was
     /// replaced by an earlier copy while this process had it open.
     anchor_seen: u64,
+    /// Shared with `SqliteKeyStore::anchor_published`: every raise of `anchor_seen` is
+    /// published there.
+    anchor_published: Arc<AtomicU64>,
 }
 
 /// Bytes at the start of the `-shm` file: two copies of the 48-byte WAL-index header, which
@@ -79,6 +86,13 @@ struct Inner {
 const WAL_INDEX_HEADERS: usize = 96;
 
 impl Inner {
+    /// Records an anchor counter read from a verified anchor or just committed, and publishes
+    /// it for `ChangeDetection::anchor_counter`.
+    fn saw_counter(&mut self, counter: u64) {
+        self.anchor_seen = counter;
+        self.anchor_published.fetch_max(counter, Ordering::Release);
+    }
+
     /// After another process changed keys.db: checks the anchor against every row MAC, so
     /// nothing is served from a store whose rows were deleted, inserted or rolled back, until
     /// a later check passes.
@@ -88,7 +102,7 @@ impl Inner {
         };
         match full_check(&self.conn, key, self.anchor_seen, false) {
             Ok(counter) => {
-                self.anchor_seen = counter;
+                self.saw_counter(counter);
                 self.integrity = None;
             }
             Err(e) => {
@@ -673,6 +687,7 @@ impl SqliteKeyStore {
     }
 
     fn with_connection(conn: Connection, path: &Path, data_version: i64) -> Self {
+        let anchor_published = Arc::new(AtomicU64::new(0));
         Self {
             inner: Mutex::new(Inner {
                 conn,
@@ -689,8 +704,10 @@ impl SqliteKeyStore {
                 row_key: None,
                 integrity: None,
                 anchor_seen: 0,
+                anchor_published: Arc::clone(&anchor_published),
             }),
             checks_started: AtomicU64::new(0),
+            anchor_published,
             reservations: Mutex::new(Vec::new()),
         }
     }
@@ -757,7 +774,7 @@ impl SqliteKeyStore {
         let value = f(&mut rows)?;
         let counter = rows.finish()?;
         tx.commit().map_err(sql_error)?;
-        inner.anchor_seen = counter;
+        inner.saw_counter(counter);
         Ok(value)
     }
 }
@@ -982,7 +999,7 @@ impl MasterKeyStore for SqliteKeyStore {
         }
         match full_check(&inner.conn, &key, 0, true) {
             Ok(counter) => {
-                inner.anchor_seen = counter;
+                inner.saw_counter(counter);
                 inner.integrity = None;
                 inner.row_key = Some(key);
                 Ok(upgraded)
@@ -1300,7 +1317,7 @@ impl TenantStore for SqliteKeyStore {
             }
             let counter = rows.finish()?;
             tx.commit().map_err(sql_error)?;
-            inner.anchor_seen = counter;
+            inner.saw_counter(counter);
             Ok::<_, Error>(totals)
         })();
         match written {
@@ -1418,6 +1435,10 @@ impl TokenStore for SqliteKeyStore {
 }
 
 impl ChangeDetection for SqliteKeyStore {
+    fn anchor_counter(&self) -> u64 {
+        self.anchor_published.load(Ordering::Acquire)
+    }
+
     fn change_generation(&self) -> Result<u64> {
         // Single flight: a check that started after this call began is as good as our own,
         // so callers queued on the mutex while one check ran share the next one.
