@@ -269,7 +269,7 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
     let replaced = staged.install()?;
     // The backup's audit copy is taken after its key-store copy, so it may record a later
     // key-store anchor than the restored keys.db has: the restored pair is accepted as it is,
-    // and the Restore record below is followed by the restored store's anchor (the chain's
+    // and the Restore record below names the restored store's anchor counter (the chain's
     // new baseline for the rollback check at start).
     let options = ServiceOptions {
         key_store_restored: true,
@@ -283,14 +283,15 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode> {
     );
     let detail = format!(
         "restored backup {} (taken at unix {}): {} tenants, {} wrapped keys; the audit chain \
-         continues from the backup's head {}; {} shredded again from the shred ledger; {}",
+         continues from the backup's head {}; {} shredded again from the shred ledger; {}{}",
         manifest.backup_id,
         manifest.created_at,
         report.tenants,
         report.wrapped_keys_unwrapped,
         manifest.audit_head.seq,
         dir.shred.reapplied.len(),
-        replaced_text
+        replaced_text,
+        dir.restored_key_store_note()
     );
     audit.append_blocking(cli_record(
         Task::Restore,

@@ -308,9 +308,9 @@ impl DataDir {
             anchoring(open_audit_log(options, &chain_keys)?).append(&[&record])?;
         }
         if options.key_store_restored {
-            // The first batch appended after this (the restore's own record) carries the
-            // restored store's anchor, after the Restore record that begins its line.
-            anchored.store(0, Ordering::Release);
+            // The restore's own record names the restored store's counter
+            // ([`DataDir::restored_key_store_note`]) and begins its line: no separate anchor.
+            anchored.store(store.anchor_counter(), Ordering::Release);
         }
         Ok(Self {
             store,
@@ -319,6 +319,16 @@ impl DataDir {
             shred,
             anchored,
         })
+    }
+
+    /// The text `restore` ends its Restore record's detail with: the restored key store's
+    /// anchor counter, the baseline of the rollback check from that record on (docs/AUDIT.md,
+    /// "Key-store anchors").
+    pub fn restored_key_store_note(&self) -> String {
+        format!(
+            "{RESTORE_ANCHOR_SEPARATOR}{ANCHOR_DETAIL}{}",
+            self.store.anchor_counter()
+        )
     }
 
     /// Records the key store's anchor counter as it stands now in the audit chain (a
@@ -462,6 +472,10 @@ pub const KEY_STORE_ANCHOR_CALLER: &str = "system:key-store";
 /// detail is exactly this and the counter in decimal.
 const ANCHOR_DETAIL: &str = "key-store row-anchor write counter ";
 
+/// What separates the restored key store's counter from the rest of a Restore record's
+/// detail.
+const RESTORE_ANCHOR_SEPARATOR: &str = "; ";
+
 /// Records looked at, newest first, per read of the audit log while looking for the latest
 /// key-store anchors; also how far before the newest anchor older ones still count (anchors
 /// of two processes may land out of order, by as little as their appends race).
@@ -480,7 +494,18 @@ fn anchored_counter(record: &AuditRecord) -> Option<u64> {
     {
         return None;
     }
-    let digits = record.detail.strip_prefix(ANCHOR_DETAIL)?;
+    parse_counter(record.detail.strip_prefix(ANCHOR_DETAIL)?)
+}
+
+/// The counter an `ok` Restore record's detail ends with (`None` for a restore by a build
+/// from before key-store anchors).
+fn restored_counter(record: &AuditRecord) -> Option<u64> {
+    let (_, tail) = record.detail.rsplit_once(RESTORE_ANCHOR_SEPARATOR)?;
+    parse_counter(tail.strip_prefix(ANCHOR_DETAIL)?)
+}
+
+/// A counter in decimal digits only.
+fn parse_counter(digits: &str) -> Option<u64> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -498,7 +523,8 @@ struct RecordedAnchor {
 
 /// The highest counter among the latest `KeyStoreAnchor` records of `options`' audit log:
 /// the newest one and those up to [`ANCHOR_WINDOW`] records before it, none before the last
-/// `ok` Restore record (a restore begins a new line of the key store). `None` when the log
+/// `ok` Restore record (a restore begins a new line of the key store; the counter its detail
+/// ends with counts when no anchor follows it). `None` when the log
 /// holds no such record (a log from before key-store anchors, a new log, just restored).
 fn recorded_key_store_anchor(
     options: &ServiceOptions,
@@ -529,6 +555,12 @@ fn latest_anchor(log: &dyn AuditLog) -> Result<Option<RecordedAnchor>> {
         for (seq, record) in page.iter().rev().filter(|(seq, _)| *seq <= end) {
             if Operation::Task(Task::Restore).is(&record.operation) && record.outcome == Outcome::Ok
             {
+                // A restore begins the restored store's line: nothing before it counts, and
+                // its own record names the restored counter.
+                if best.is_none() {
+                    best = restored_counter(record)
+                        .map(|counter| RecordedAnchor { counter, seq: *seq });
+                }
                 return Ok(best);
             }
             if let Some(counter) = anchored_counter(record) {
