@@ -54,12 +54,14 @@ async fn rpc_verify(audit: &mut Audit) -> pb::VerifyAuditChainResponse {
         .into_inner()
 }
 
-/// A running server with tenant `acme` and ten encryptions: records 1 (CreateTenant) to 11.
+/// A running server with tenant `acme` and eight encryptions: records 1 (CreateTenant) to 11
+/// (the creation and the first encryption's nonce reservation each change the key store, so
+/// each is followed by a `KeyStoreAnchor` record: records 2 and 4).
 async fn server_with_records() -> (TestServer, Keys, Audit) {
     let server = TestServer::start().await;
     let (mut keys, mut tenants, audit) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
-    for i in 0..10 {
+    for i in 0..8 {
         encrypt(&mut keys, "acme", "ctx", format!("v{i}").as_bytes(), b"").await;
     }
     assert_eq!(server.audit_count(), 11);
@@ -358,7 +360,9 @@ async fn a_rollback_to_an_old_copy_is_caught_by_a_kept_anchor() {
     let (code, out) = cli_verify(&dir);
     assert_eq!(code, 0, "{out}");
     let anchor = anchor_of(&out);
-    assert!(anchor.starts_with("16:"), "{anchor}");
+    // Eleven records, five encryptions and the `KeyStoreAnchor` of the new process's first
+    // nonce reservation.
+    assert!(anchor.starts_with("17:"), "{anchor}");
     let d = dir.to_str().unwrap();
     let (code, _, err) = run_cli(&["audit", "verify", "--data-dir", d, "--anchor", &anchor]);
     assert_eq!(code, 0, "{err}");
@@ -371,7 +375,7 @@ async fn a_rollback_to_an_old_copy_is_caught_by_a_kept_anchor() {
     let (code, out, _) = run_cli(&["audit", "verify", "--data-dir", d, "--anchor", &anchor]);
     assert_eq!(code, 1);
     assert!(
-        out.starts_with("FAILED: first bad record 16: record 16, which the anchor names, is gone"),
+        out.starts_with("FAILED: first bad record 17: record 17, which the anchor names, is gone"),
         "{out}"
     );
 }
@@ -479,8 +483,9 @@ async fn calls_fail_closed_while_the_audit_cannot_write_and_resume_after() {
         b"after"
     );
     // The refused calls are on the trail after all, as what the callers saw: unavailable,
-    // written late by the first commit that succeeded (before the calls above).
-    assert_eq!(server.audit_count(), records_before + 26 + 2);
+    // written late by the first commit that succeeded (before the calls above), with the
+    // `KeyStoreAnchor` of the refused creation's key-store change.
+    assert_eq!(server.audit_count(), records_before + 26 + 2 + 1);
     let (outcome, detail): (String, String) = audit_db(&dir)
         .query_row(
             "SELECT outcome, detail FROM audit_events WHERE operation = 'CreateTenant' \

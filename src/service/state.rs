@@ -185,6 +185,9 @@ pub struct DataDir {
     /// The highest key-store anchor counter known to be recorded in the audit chain, shared
     /// by every audit log this directory hands out (see [`AnchoringLog`]).
     anchored: Arc<AtomicU64>,
+    /// Whether the audit log existed before this open (a first start anchors nothing at
+    /// start: no earlier copy of its key store can exist).
+    audit_log_existed: bool,
 }
 
 impl DataDir {
@@ -318,6 +321,7 @@ impl DataDir {
             chain_keys,
             shred,
             anchored,
+            audit_log_existed: audit_log_exists,
         })
     }
 
@@ -333,14 +337,14 @@ impl DataDir {
 
     /// Records the key store's anchor counter as it stands now in the audit chain (a
     /// `KeyStoreAnchor` record), through `audit`, unless the chain already holds it (or a
-    /// later one). The service calls it at start after reconciliation and the first-start
-    /// token, so that a change no audit record followed (a crash between the two commits) is
-    /// anchored before anything serves.
+    /// later one). The service calls it at start after reconciliation, so that a change no
+    /// audit record followed (a crash between the two commits) is anchored before anything
+    /// serves. Not on a first start (a new audit log): its first-start token is anchored
+    /// with the first change after it.
     pub fn record_key_store_anchor(&self, audit: &AuditWriter) -> Result<()> {
         let counter = self.store.anchor_counter();
-        if counter > self.anchored.load(Ordering::Acquire) {
+        if self.audit_log_existed && counter > self.anchored.load(Ordering::Acquire) {
             audit.append_blocking(key_store_anchor_record(counter))?;
-            self.anchored.fetch_max(counter, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -624,8 +628,17 @@ struct AnchoringLog {
 impl AuditAppend for AnchoringLog {
     fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
         let counter = self.store.anchor_counter();
-        if records.is_empty() || counter <= self.anchored.load(Ordering::Acquire) {
-            return self.log.append(records);
+        // A batch that is an anchor already (`DataDir::record_key_store_anchor`) needs none.
+        let anchors_itself = records
+            .iter()
+            .any(|record| anchored_counter(record).is_some());
+        if records.is_empty() || anchors_itself || counter <= self.anchored.load(Ordering::Acquire)
+        {
+            let first = self.log.append(records)?;
+            if let Some(max) = records.iter().filter_map(|r| anchored_counter(r)).max() {
+                self.anchored.fetch_max(max, Ordering::AcqRel);
+            }
+            return Ok(first);
         }
         let anchor = key_store_anchor_record(counter);
         let mut batch = records.to_vec();
