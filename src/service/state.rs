@@ -253,7 +253,15 @@ impl DataDir {
         // counter up and could hide a rollback.
         let anchored = Arc::new(AtomicU64::new(0));
         if let Some(recorded) = recorded {
-            if options.key_store_restored {
+            if upgraded.is_some() {
+                // The one-time upgrade to row MACs (allowed only when the chain records none
+                // before) built the anchor afresh: its counter starts a new line, which the
+                // RowMacUpgrade record below begins and the anchor after it sets.
+                tracing::warn!(
+                    recorded = recorded.counter,
+                    "row-MAC upgrade: the key store's anchor counter starts again"
+                );
+            } else if options.key_store_restored {
                 tracing::warn!(
                     counter = store.anchor_counter(),
                     recorded = recorded.counter,
@@ -527,8 +535,8 @@ struct RecordedAnchor {
 
 /// The highest counter among the latest `KeyStoreAnchor` records of `options`' audit log:
 /// the newest one and those up to [`ANCHOR_WINDOW`] records before it, none before the last
-/// `ok` Restore record (a restore begins a new line of the key store; the counter its detail
-/// ends with counts when no anchor follows it). `None` when the log
+/// `ok` Restore or RowMacUpgrade record (each begins a new line of the key store; the
+/// counter a Restore record's detail ends with counts when no anchor follows it). `None` when the log
 /// holds no such record (a log from before key-store anchors, a new log, just restored).
 fn recorded_key_store_anchor(
     options: &ServiceOptions,
@@ -557,10 +565,11 @@ fn latest_anchor(log: &dyn AuditLog) -> Result<Option<RecordedAnchor>> {
             ..ListFilter::default()
         })?;
         for (seq, record) in page.iter().rev().filter(|(seq, _)| *seq <= end) {
-            if Operation::Task(Task::Restore).is(&record.operation) && record.outcome == Outcome::Ok
-            {
-                // A restore begins the restored store's line: nothing before it counts, and
-                // its own record names the restored counter.
+            let new_line = Operation::Task(Task::Restore).is(&record.operation)
+                || Operation::Task(Task::RowMacUpgrade).is(&record.operation);
+            if new_line && record.outcome == Outcome::Ok {
+                // A restore (or the upgrade to row MACs) begins the store's new line: nothing
+                // before it counts, and a Restore record names the restored counter.
                 if best.is_none() {
                     best = restored_counter(record)
                         .map(|counter| RecordedAnchor { counter, seq: *seq });
@@ -809,4 +818,104 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path, clock: &dyn Cloc
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::crypto::secret::SecretKey;
+
+    fn new_log(dir: &Path) -> SqliteAuditLog {
+        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        SqliteAuditLog::open(
+            &dir.join(AUDIT_DB),
+            Durability::Process,
+            crate::audit::sqlite::DEFAULT_BUSY_TIMEOUT,
+            keys,
+        )
+        .unwrap()
+    }
+
+    fn other() -> AuditRecord {
+        AuditRecord::local(Task::Backup, "cli:test", Outcome::Ok)
+    }
+
+    fn latest(log: &SqliteAuditLog) -> Option<u64> {
+        latest_anchor(log).unwrap().map(|anchor| anchor.counter)
+    }
+
+    #[test]
+    fn the_latest_anchors_count_and_a_restore_begins_a_new_line() {
+        let temp = tempfile::tempdir().unwrap();
+        let log = new_log(temp.path());
+        assert_eq!(latest(&log), None, "no anchor yet: no baseline");
+        // Two processes' anchors landed out of order: the highest of them counts.
+        log.append(&[
+            &key_store_anchor_record(7),
+            &other(),
+            &key_store_anchor_record(5),
+        ])
+        .unwrap();
+        assert_eq!(latest(&log), Some(7));
+        // More than a window of other records since: still found, reading backwards.
+        let filler: Vec<AuditRecord> = (0..2 * ANCHOR_WINDOW + 10).map(|_| other()).collect();
+        log.append(&filler.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(latest(&log), Some(7));
+        // A failed restore is no boundary; an `ok` one is, with the counter it names.
+        let restore = |outcome, counter: u64| {
+            AuditRecord::local(Task::Restore, "cli:test", outcome).detail(format!(
+                "restored backup b; nothing replaced{RESTORE_ANCHOR_SEPARATOR}{ANCHOR_DETAIL}\
+                 {counter}"
+            ))
+        };
+        log.append(&[&restore(Outcome::Internal, 1)]).unwrap();
+        assert_eq!(latest(&log), Some(7));
+        log.append(&[&restore(Outcome::Ok, 3)]).unwrap();
+        assert_eq!(latest(&log), Some(3), "the restored line's baseline");
+        log.append(&[&key_store_anchor_record(4)]).unwrap();
+        assert_eq!(latest(&log), Some(4));
+        // Only the one detail format names a counter.
+        for detail in [
+            "",
+            "8",
+            "key-store row-anchor write counter ",
+            "key-store row-anchor write counter +9",
+            "key-store row-anchor write counter 9 ",
+        ] {
+            let record =
+                AuditRecord::local(Task::KeyStoreAnchor, KEY_STORE_ANCHOR_CALLER, Outcome::Ok)
+                    .detail(detail);
+            assert_eq!(anchored_counter(&record), None, "{detail:?}");
+        }
+        assert_eq!(anchored_counter(&key_store_anchor_record(9)), Some(9));
+        let mut not_ok = key_store_anchor_record(9);
+        not_ok.outcome = Outcome::Internal;
+        assert_eq!(anchored_counter(&not_ok), None);
+    }
+
+    #[test]
+    fn only_a_store_behind_the_chain_is_refused_and_the_message_says_what_to_do() {
+        let recorded = RecordedAnchor {
+            counter: 5,
+            seq: 42,
+        };
+        assert!(refuse_key_store_rollback(5, &recorded).is_ok());
+        assert!(
+            refuse_key_store_rollback(6, &recorded).is_ok(),
+            "ahead: a crash window"
+        );
+        let refused = refuse_key_store_rollback(4, &recorded).unwrap_err();
+        assert!(matches!(refused, Error::StoreIntegrity(_)));
+        let text = refused.to_string();
+        for part in [
+            "counter is 4",
+            "audit record 42",
+            "recorded 5",
+            "tenant-kms restore --from",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+    }
 }
