@@ -149,6 +149,14 @@ named_enum! {
         /// A new key version found in the key store at start with no audit record,
         /// recorded then (docs/AUDIT.md).
         ReconciledKeyVersion => "ReconciledKeyVersion",
+        /// Calls from one peer refused because they proved no identity (no, an unknown or a
+        /// malformed credential), aggregated: the first of a window at once, then one record
+        /// per window whose item count is the number of further refusals (issue 13).
+        UnauthenticatedRefusals => "UnauthenticatedRefusals",
+        /// Requests from one peer refused because they were larger than the message limit,
+        /// before any handler or authentication ran; aggregated like
+        /// [`Task::UnauthenticatedRefusals`].
+        OversizeRequestRefusals => "OversizeRequestRefusals",
     }
 }
 
@@ -239,6 +247,14 @@ mod tests {
                 "ShredLedgerReapply",
             ),
             (Operation::Task(Task::TokenCreate), "TokenCreate"),
+            (
+                Operation::Task(Task::UnauthenticatedRefusals),
+                "UnauthenticatedRefusals",
+            ),
+            (
+                Operation::Task(Task::OversizeRequestRefusals),
+                "OversizeRequestRefusals",
+            ),
         ] {
             assert_eq!(op.as_str(), name);
         }
