@@ -232,6 +232,24 @@ mod tests {
     }
 
     #[test]
+    fn network_abuse_keys_parse() {
+        let config: FileConfig = toml::from_str(
+            "max_requests_awaiting_body = 64\nrefusal_audit_window = \"5m\"\n\
+             refusal_rate_per_second = 2.5\nrefusal_rate_burst = 10\n\
+             response_send_timeout = \"2s\"\nhandshake_timeout = \"3s\"\n\
+             max_unestablished_connections = 9\n",
+        )
+        .unwrap();
+        assert_eq!(config.max_requests_awaiting_body, Some(64));
+        assert_eq!(config.refusal_audit_window.as_deref(), Some("5m"));
+        assert_eq!(config.refusal_rate_per_second, Some(2.5));
+        assert_eq!(config.refusal_rate_burst, Some(10));
+        assert_eq!(config.response_send_timeout.as_deref(), Some("2s"));
+        assert_eq!(config.handshake_timeout.as_deref(), Some("3s"));
+        assert_eq!(config.max_unestablished_connections, Some(9));
+    }
+
+    #[test]
     fn tls_callers_table() {
         let config: FileConfig = toml::from_str(
             "[[tls_callers]]\nidentity = \"svc\"\nrole = \"service\"\ntenants = [\"a\"]\n\

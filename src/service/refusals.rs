@@ -313,9 +313,30 @@ impl Refusals {
         self.append(records).await
     }
 
+    /// Appends `records` in order; if one cannot be written, its count and the later
+    /// records' counts go back to pending under their own keys (so a later flush or the
+    /// shutdown drain writes them: no attempt goes uncounted because the audit failed once)
+    /// and the error is returned.
     async fn append(&self, records: Vec<AuditRecord>) -> crate::error::Result<()> {
-        for record in records {
-            self.audit.append(record).await?;
+        let mut records = records.into_iter();
+        while let Some(record) = records.next() {
+            let key = key_of(&record);
+            let count = u64::from(record.item_count);
+            if let Err(e) = self.audit.append(record).await {
+                let unwritten = std::iter::once((key, count))
+                    .chain(records.map(|r| (key_of(&r), u64::from(r.item_count))));
+                let now = self.clock.now_micros();
+                let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                for (key, count) in unwritten {
+                    let window = tracked.entry(key).or_insert_with(|| Window {
+                        started: now,
+                        pending: 0,
+                        first: "(an unwritten record)".to_owned(),
+                    });
+                    window.pending = window.pending.saturating_add(count);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -330,11 +351,23 @@ impl Refusals {
         loop {
             interval.tick().await;
             if let Err(e) = self.flush_due().await {
-                // The counts stay pending only if the records were never taken; an audit
-                // failure here loses them, and says so.
-                tracing::error!(error = %e, "could not audit aggregated refusals");
+                // The counts went back to pending (see `append`): retried next tick.
+                tracing::error!(error = %e, "could not audit aggregated refusals; will retry");
             }
         }
+    }
+}
+
+/// The key a record of ours was made for.
+fn key_of(record: &AuditRecord) -> Key {
+    Key {
+        kind: if record.operation == RefusalKind::Oversize.task().stored_name() {
+            RefusalKind::Oversize
+        } else {
+            RefusalKind::Unauthenticated
+        },
+        peer: record.peer.clone(),
+        caller: record.caller.clone(),
     }
 }
 
