@@ -25,6 +25,13 @@
 //! request_timeout = "60s"                             # caps every call's deadline
 //! request_body_timeout = "10s"                        # a request body must arrive within
 //! lock_memory = true                                  # mlockall when the OS allows
+//! max_requests_awaiting_body = 4096                   # server-wide, requests still receiving
+//! refusal_audit_window = "60s"                        # unauthenticated refusals: one record
+//! refusal_rate_per_second = 20.0                      #   per peer and window; budget per peer
+//! refusal_rate_burst = 100
+//! response_send_timeout = "30s"                       # a response must be taken by then
+//! handshake_timeout = "10s"                           # TLS handshake and first request
+//! max_unestablished_connections = 1024                # connections without a request yet
 //!
 //! # A client certificate whose SAN (DNS or URI; the subject CN if it has no SAN) is exactly
 //! # `identity` acts as this caller, in place of a bearer token.
@@ -90,6 +97,20 @@ pub struct FileConfig {
     pub request_body_timeout: Option<String>,
     /// Lock the process's memory against swapping when the OS allows.
     pub lock_memory: Option<bool>,
+    /// Requests that may wait for their bodies at once, server-wide.
+    pub max_requests_awaiting_body: Option<usize>,
+    /// Window of the aggregated audit of refusals before authentication, e.g. `60s`.
+    pub refusal_audit_window: Option<String>,
+    /// Refused authentications per second a peer (or a dead token) may sustain.
+    pub refusal_rate_per_second: Option<f64>,
+    /// Burst of refused authentications per peer.
+    pub refusal_rate_burst: Option<u32>,
+    /// Longest a response may take to be taken by its client, e.g. `30s`.
+    pub response_send_timeout: Option<String>,
+    /// Longest a connection may take to finish its TLS handshake and send a request.
+    pub handshake_timeout: Option<String>,
+    /// Connections that may be open at once without having sent a request.
+    pub max_unestablished_connections: Option<usize>,
     /// Client-certificate identities that act as callers.
     #[serde(default)]
     pub tls_callers: Vec<TlsCallerConfig>,
@@ -166,6 +187,8 @@ pub mod max {
     pub const MESSAGE_BYTES: usize = 1 << 30;
     /// `max_batch_items`.
     pub const BATCH_ITEMS: usize = 1_000_000;
+    /// `max_requests_awaiting_body` and `max_unestablished_connections`.
+    pub const CONNECTION_COUNTS: usize = 1_000_000;
 }
 
 /// `value` if it is at most `max`; otherwise INVALID_ARGUMENT naming the setting.
@@ -206,6 +229,24 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("listen = \"x\"\nbogus = 1").is_err());
         let config: FileConfig = toml::from_str("audit_durability = \"process\"").unwrap();
         assert_eq!(config.audit_durability, Some(Durability::Process));
+    }
+
+    #[test]
+    fn network_abuse_keys_parse() {
+        let config: FileConfig = toml::from_str(
+            "max_requests_awaiting_body = 64\nrefusal_audit_window = \"5m\"\n\
+             refusal_rate_per_second = 2.5\nrefusal_rate_burst = 10\n\
+             response_send_timeout = \"2s\"\nhandshake_timeout = \"3s\"\n\
+             max_unestablished_connections = 9\n",
+        )
+        .unwrap();
+        assert_eq!(config.max_requests_awaiting_body, Some(64));
+        assert_eq!(config.refusal_audit_window.as_deref(), Some("5m"));
+        assert_eq!(config.refusal_rate_per_second, Some(2.5));
+        assert_eq!(config.refusal_rate_burst, Some(10));
+        assert_eq!(config.response_send_timeout.as_deref(), Some("2s"));
+        assert_eq!(config.handshake_timeout.as_deref(), Some("3s"));
+        assert_eq!(config.max_unestablished_connections, Some(9));
     }
 
     #[test]

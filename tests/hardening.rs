@@ -471,6 +471,17 @@ fn absurd_configuration_values_are_refused_at_start() {
             "max_message_bytes = 18446744073709551615",
             "max_message_bytes",
         ),
+        ("response_send_timeout = \"3651d\"", "3651d"),
+        ("handshake_timeout = \"3651d\"", "3651d"),
+        ("refusal_audit_window = \"3651d\"", "3651d"),
+        (
+            "max_requests_awaiting_body = 18446744073709551615",
+            "max_requests_awaiting_body",
+        ),
+        (
+            "max_unestablished_connections = 18446744073709551615",
+            "max_unestablished_connections",
+        ),
     ] {
         std::fs::write(&config, format!("{setting}\n")).unwrap();
         let (code, err) = serve_refused_with(&data, &["--config", s(&config)]);

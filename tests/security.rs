@@ -9,10 +9,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::tls::{Pki, tls_channel};
 use common::*;
 use tenant_kms::audit::{AuditRecord, Durability, ListFilter};
 use tenant_kms::auth::{Role, TokenSpec, issue_token};
@@ -21,7 +22,7 @@ use tenant_kms::pb::key_service_client::KeyServiceClient;
 use tenant_kms::pb::tenant_service_client::TenantServiceClient;
 use tenant_kms::service::TlsFiles;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 // ---------------------------------------------------------------------------------------------
 // Compile-time leak-proofing: secret types cannot be printed, cloned or compared.
@@ -749,89 +750,6 @@ async fn token_expiry_is_exact_to_the_second_on_the_injected_clock() {
 
 // ---------------------------------------------------------------------------------------------
 // TLS and mTLS with generated certificates.
-
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
-
-struct Pem {
-    cert: String,
-    key: String,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            ca: rcgen::Issuer::new(params, key),
-            ca_pem: cert.pem(),
-        }
-    }
-
-    fn issue(&self, sans: &[&str], server: bool, expired: bool) -> Pem {
-        let mut params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        if server {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        } else {
-            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        }
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        Pem {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-/// A TLS channel to 127.0.0.1:`port`, verifying the server as `localhost` against `ca`.
-async fn tls_channel(
-    addr: std::net::SocketAddr,
-    ca: &str,
-    client: Option<&Pem>,
-) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("localhost");
-    if let Some(pem) = client {
-        tls = tls.identity(Identity::from_pem(&pem.cert, &pem.key));
-    }
-    Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-}
 
 /// A TLS server on a fresh data dir: server certificate from `pki`, client CA optional,
 /// `[[tls_callers]]` entries given.

@@ -157,6 +157,14 @@ named_enum! {
         /// after a restore): a start whose key store is behind the latest such record is
         /// refused as a rollback (docs/AUDIT.md, "Key-store anchors").
         KeyStoreAnchor => "KeyStoreAnchor",
+        /// Calls from one peer refused because they proved no identity (no, an unknown or a
+        /// malformed credential), aggregated: the first of a window at once, then one record
+        /// per window whose item count is the number of further refusals (issue 13).
+        UnauthenticatedRefusals => "UnauthenticatedRefusals",
+        /// Requests from one peer refused because they were larger than the message limit,
+        /// before any handler or authentication ran; aggregated like
+        /// [`Task::UnauthenticatedRefusals`].
+        OversizeRequestRefusals => "OversizeRequestRefusals",
     }
 }
 
@@ -247,6 +255,14 @@ mod tests {
                 "ShredLedgerReapply",
             ),
             (Operation::Task(Task::TokenCreate), "TokenCreate"),
+            (
+                Operation::Task(Task::UnauthenticatedRefusals),
+                "UnauthenticatedRefusals",
+            ),
+            (
+                Operation::Task(Task::OversizeRequestRefusals),
+                "OversizeRequestRefusals",
+            ),
         ] {
             assert_eq!(op.as_str(), name);
         }

@@ -91,12 +91,15 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         None => FileConfig::default(),
     };
     let tls_callers = file.tls_callers()?;
+    let mut limits = crate::service::Limits::default();
+    apply_abuse_limits(&file, &mut limits)?;
     let data_dir = args
         .data_dir
         .clone()
         .or(file.data_dir)
         .unwrap_or_else(|| PathBuf::from("./data"));
     let mut options = ServiceOptions::new(&data_dir);
+    options.limits = limits;
     options.clock = crate::clock::process_clock();
     options.master_keys = match (
         args.master_key_env.clone().or(file.master_key_env),
@@ -209,6 +212,48 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         insecure,
         lock_memory: file.lock_memory.unwrap_or(true),
     })
+}
+
+/// The configuration keys of issue 13's network limits (see `service::refusals`,
+/// `service::connections`, `service::guard`).
+fn apply_abuse_limits(file: &FileConfig, limits: &mut crate::service::Limits) -> Result<()> {
+    let at_least_1s = |name: &str, text: &String| -> Result<std::time::Duration> {
+        match parse_duration_seconds(text)? {
+            0 => Err(Error::InvalidArgument(format!(
+                "{name} must be at least 1s"
+            ))),
+            seconds => Ok(std::time::Duration::from_secs(seconds)),
+        }
+    };
+    if let Some(n) = file.max_requests_awaiting_body {
+        limits.max_awaiting_body =
+            bounded_count("max_requests_awaiting_body", n, max::CONNECTION_COUNTS)?.max(1);
+    }
+    if let Some(n) = file.max_unestablished_connections {
+        limits.max_unestablished_connections =
+            bounded_count("max_unestablished_connections", n, max::CONNECTION_COUNTS)?.max(1);
+    }
+    if let Some(text) = &file.refusal_audit_window {
+        limits.refusals.window = at_least_1s("refusal_audit_window", text)?;
+    }
+    if let Some(rate) = file.refusal_rate_per_second {
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(Error::InvalidArgument(
+                "refusal_rate_per_second must be 0 (off) or more".into(),
+            ));
+        }
+        limits.refusals.budget.per_second = rate;
+    }
+    if let Some(burst) = file.refusal_rate_burst {
+        limits.refusals.budget.burst = burst.max(1);
+    }
+    if let Some(text) = &file.response_send_timeout {
+        limits.send_timeout = at_least_1s("response_send_timeout", text)?;
+    }
+    if let Some(text) = &file.handshake_timeout {
+        limits.handshake_timeout = at_least_1s("handshake_timeout", text)?;
+    }
+    Ok(())
 }
 
 /// Installs the log subscriber: human-readable lines on stderr.

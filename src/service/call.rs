@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use super::admission::Ticket;
 use super::guard::{AdmissionHandle, RequestDeadline};
+use super::refusals::{RefusalKind, RefusalsHandle, peer_ip};
 use super::state::AppState;
 use super::status;
 use crate::audit::{AuditRecord, AuditWriter, Operation as AuditOperation, Outcome};
@@ -47,6 +48,11 @@ pub struct Call {
     /// The call was refused a place under the cap: it is answered without an audit record
     /// (it touched nothing, and an overload must not be turned into audit writes).
     unaudited: bool,
+    /// The server's refusal counters (absent only outside the guard).
+    refusals: Option<RefusalsHandle>,
+    /// The call proved no identity: instead of its own record it is counted in the
+    /// aggregated refusal audit (see `refusals`) when it finishes.
+    aggregated: Option<RefusalKind>,
     /// Set once the call is admitted to the audit path; a call dropped with it set and
     /// `finished` unset writes its record from `Drop`.
     audit: Option<AuditWriter>,
@@ -67,7 +73,8 @@ pub struct Call {
     span: tracing::Span,
 }
 
-fn new_request_id() -> String {
+/// A fresh random request id (16 hex digits).
+pub(crate) fn new_request_id() -> String {
     let mut id = [0u8; 8];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
     hex::encode(id)
@@ -100,6 +107,8 @@ impl Call {
             admission: request.extensions().get::<AdmissionHandle>().cloned(),
             _ticket: None,
             unaudited: false,
+            refusals: request.extensions().get::<RefusalsHandle>().cloned(),
+            aggregated: None,
             audit: None,
             finished: false,
             caller: None,
@@ -132,23 +141,57 @@ impl Call {
                 }
             }
         }
-        self.audit = Some(state.audit.clone());
         let caller = match identified {
             Ok(caller) => caller,
-            Err(e) => {
-                // Failed authentications are limited per peer address, so guessing (or
-                // flooding the audit with anonymous records) is throttled too.
-                let peer_ip = self
-                    .peer
-                    .rsplit_once(':')
-                    .map_or(self.peer.as_str(), |p| p.0);
-                self.charge(state, &format!("peer:{peer_ip}"))?;
-                return Err(e);
-            }
+            Err(e) => return Err(self.refuse(state, e)),
         };
+        self.audit = Some(state.audit.clone());
         self.caller = Some(Arc::clone(&caller));
         self.charge(state, &caller.audit_name())?;
         Ok(caller)
+    }
+
+    /// A failed authentication. Charged, as every failed authentication is, to the rate
+    /// limit of the peer's address (so guessing is throttled), and (see `refusals`) to the
+    /// refusal budget of the peer, or of the dead token it presented. A call that proved no
+    /// identity is counted in the aggregated audit instead of writing its own record, and so
+    /// is a dead token's call past its budget; other dead-token calls keep their own record.
+    /// Store failures keep their own record too (they are the server's fault).
+    fn refuse(&mut self, state: &AppState, error: crate::error::Error) -> crate::error::Error {
+        let peer_key = format!("peer:{}", peer_ip(&self.peer));
+        let refusals = self
+            .refusals
+            .clone()
+            .filter(|_| matches!(error, crate::error::Error::Unauthenticated));
+        let Some(refusals) = refusals else {
+            self.audit = Some(state.audit.clone());
+            return self.charge(state, &peer_key).err().unwrap_or(error);
+        };
+        let budget_key = self.refused_as.clone().unwrap_or_else(|| peer_key.clone());
+        let over_budget = refusals.0.charge(&budget_key).err().map(|wait| {
+            let budget = refusals.0.budget();
+            crate::error::Error::RetryLater {
+                reason: format!(
+                    "too many refused authentications from this peer (limit {} per second, \
+                     burst {})",
+                    budget.per_second, budget.burst
+                ),
+                retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+            }
+        });
+        let answer = self
+            .charge(state, &peer_key)
+            .err()
+            .or(over_budget)
+            .unwrap_or(error);
+        let dead_token_within_budget =
+            self.refused_as.is_some() && !matches!(answer, crate::error::Error::RetryLater { .. });
+        if dead_token_within_budget {
+            self.audit = Some(state.audit.clone());
+        } else {
+            self.aggregated = Some(RefusalKind::Unauthenticated);
+        }
+        answer
     }
 
     fn identify(&mut self, state: &AppState) -> Result<Arc<Caller>> {
@@ -233,6 +276,38 @@ impl Call {
         result: Result<R>,
     ) -> Result<Response<R>, Status> {
         self.finished = true;
+        let result = match (self.aggregated, self.refusals.clone(), result) {
+            (Some(kind), Some(refusals), Err(e)) => {
+                // The answer is settled before awaiting, so the error is not held across it.
+                let answer = status::to_status(&e, &self.request_id);
+                let outcome = status::outcome(&e);
+                drop(e);
+                let caller = self
+                    .refused_as
+                    .take()
+                    .unwrap_or_else(|| "anonymous".to_owned());
+                let recorded = refusals
+                    .0
+                    .record(
+                        kind,
+                        peer_ip(&self.peer),
+                        &caller,
+                        self.operation.name(),
+                        &self.request_id,
+                    )
+                    .await;
+                crate::metrics::global().rpc(
+                    self.operation.name(),
+                    outcome.as_str(),
+                    self.started.elapsed(),
+                );
+                return Err(match recorded {
+                    Ok(()) => answer,
+                    Err(audit_error) => status::to_status(&audit_error, &self.request_id),
+                });
+            }
+            (_, _, result) => result,
+        };
         if self.unaudited
             && let Err(e) = &result
         {

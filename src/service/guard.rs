@@ -7,9 +7,21 @@
 //! the client's half-sent stream is reset and its place on the connection is freed. Until its
 //! body is there a request holds no admission ticket (issue 13: a thousand streams with
 //! half-sent bodies used to fill the global cap and lock every caller out). The body is read
-//! here, up to the message size limit plus the gRPC frame prefix; a larger body is passed on
-//! unread past that point, so tonic refuses it as before. These refusals are not audited:
-//! nothing was authenticated and no key was touched; they are logged at debug level.
+//! here, up to the message size limit plus the gRPC frame prefix. Deadline refusals are not
+//! audited: nothing was authenticated and no key was touched; they are logged at debug level.
+//!
+//! **Oversize bodies.** A body whose gRPC prefix announces more than the message limit, or
+//! that grows past it, is refused at once with RESOURCE_EXHAUSTED, without reading the rest,
+//! and counted in the aggregated refusal audit (`refusals`; issue 13: such requests used to
+//! be refused by tonic with no audit record at all).
+//!
+//! **Requests waiting for their body, across connections.** At most `max_awaiting_body`
+//! requests may wait for their bodies at once, server-wide (the per-connection stream limit
+//! alone lets many connections hold many each). A request that finds the count full is given
+//! [`FULL_GRACE`] for its body, since a complete request's body has normally arrived with its
+//! headers; if the body is not there by then it is refused with RESOURCE_EXHAUSTED and its
+//! stream ends. A caller sending complete requests is therefore served while an attacker's
+//! half-sent streams hold every place.
 //!
 //! **Concurrency cap.** Counted by [`Admission`] once the caller is authenticated (in
 //! `call::Call`), with fair shares per caller; a request that finds no place is answered at
@@ -35,12 +47,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use hyper::body::{Bytes, Frame};
+use hyper::body::Bytes;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codegen::http;
 
 use super::admission::Admission;
+use super::refusals::{RefusalKind, RefusalsHandle, peer_ip};
 use super::status;
 use crate::error::Error;
 
@@ -59,13 +72,18 @@ pub struct RequestDeadline(pub Instant);
 #[derive(Clone)]
 pub struct AdmissionHandle(pub Arc<Admission>);
 
+/// How long a request that finds every body-waiting place taken may still wait for its body.
+pub const FULL_GRACE: Duration = Duration::from_millis(200);
+
 /// Builds [`Guard`]s.
 #[derive(Clone)]
 pub struct GuardLayer {
     admission: Arc<Admission>,
+    refusals: Arc<super::refusals::Refusals>,
+    awaiting_body: Arc<tokio::sync::Semaphore>,
     max_timeout: Duration,
     body_timeout: Duration,
-    max_body_bytes: usize,
+    max_message_bytes: usize,
 }
 
 /// The gRPC length-prefixed message header: a compression flag and a 4-byte length.
@@ -73,19 +91,26 @@ const GRPC_PREFIX_BYTES: usize = 5;
 
 impl GuardLayer {
     /// A guard admitting up to `max_concurrent` authenticated requests (at least 1), with
-    /// deadlines of at most `max_timeout`, bodies received within `body_timeout`, and bodies
-    /// buffered up to one message of `max_message_bytes`.
+    /// deadlines of at most `max_timeout`, bodies received within `body_timeout` by at most
+    /// `max_awaiting_body` requests at once (at least 1), bodies buffered up to one message of
+    /// `max_message_bytes`, and refusals before authentication counted in `refusals`.
     pub fn new(
         max_concurrent: usize,
         max_timeout: Duration,
         body_timeout: Duration,
         max_message_bytes: usize,
+        max_awaiting_body: usize,
+        refusals: Arc<super::refusals::Refusals>,
     ) -> Self {
         Self {
             admission: Admission::new(max_concurrent),
+            refusals,
+            awaiting_body: Arc::new(tokio::sync::Semaphore::new(
+                max_awaiting_body.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             max_timeout,
             body_timeout,
-            max_body_bytes: max_message_bytes.saturating_add(GRPC_PREFIX_BYTES),
+            max_message_bytes,
         }
     }
 }
@@ -142,23 +167,70 @@ where
         parts
             .extensions
             .insert(AdmissionHandle(Arc::clone(&self.layer.admission)));
-        let max_body_bytes = self.layer.max_body_bytes;
+        parts
+            .extensions
+            .insert(RefusalsHandle(Arc::clone(&self.layer.refusals)));
+        let layer = self.layer.clone();
+        let peer = super::connections::connection_addr(&parts.extensions)
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let rpc = parts.uri.path().to_owned();
         Box::pin(async move {
-            let body =
-                match tokio::time::timeout_at(body_deadline, receive(body, max_body_bytes)).await {
-                    Ok(Ok(body)) => body,
-                    Ok(Err(refusal)) => {
-                        tracing::debug!(reason = %refusal.message(), "request body refused");
-                        return Ok(refusal.into_http());
+            // A place among the requests waiting for their bodies; without one, a short grace
+            // (see the module docs). The place is held only while the body is received.
+            let place = Arc::clone(&layer.awaiting_body).try_acquire_owned().ok();
+            let receive_by = if place.is_some() {
+                body_deadline
+            } else {
+                body_deadline.min(Instant::now() + FULL_GRACE)
+            };
+            let received =
+                tokio::time::timeout_at(receive_by, receive(body, layer.max_message_bytes)).await;
+            drop(place);
+            let body = match received {
+                Ok(Ok(body)) => body,
+                Ok(Err(Refusal::Stream(refusal))) => {
+                    tracing::debug!(reason = %refusal.message(), "request body refused");
+                    return Ok(refusal.into_http());
+                }
+                Ok(Err(Refusal::Oversize)) => {
+                    tracing::debug!("request refused: its body is over the message limit");
+                    let request_id = super::call::new_request_id();
+                    if let Err(e) = layer
+                        .refusals
+                        .record(
+                            RefusalKind::Oversize,
+                            peer_ip(&peer),
+                            "anonymous",
+                            &rpc,
+                            &request_id,
+                        )
+                        .await
+                    {
+                        return Ok(status::to_status(&e, &request_id).into_http());
                     }
-                    Err(_) => {
-                        tracing::debug!("request refused: its body did not arrive in time");
-                        let refusal = tonic::Status::deadline_exceeded(
-                            "the request body did not arrive before the server's body deadline",
-                        );
-                        return Ok(refusal.into_http());
-                    }
-                };
+                    let refusal = tonic::Status::resource_exhausted(format!(
+                        "the request is larger than the server's message limit of {} bytes \
+                         (request id {request_id})",
+                        layer.max_message_bytes
+                    ));
+                    return Ok(refusal.into_http());
+                }
+                Err(_) if receive_by < body_deadline => {
+                    tracing::debug!("request refused: every body-waiting place is taken");
+                    let refusal = tonic::Status::resource_exhausted(
+                        "the server has too many requests waiting for their bodies; retry with \
+                         the whole request",
+                    );
+                    return Ok(refusal.into_http());
+                }
+                Err(_) => {
+                    tracing::debug!("request refused: its body did not arrive in time");
+                    let refusal = tonic::Status::deadline_exceeded(
+                        "the request body did not arrive before the server's body deadline",
+                    );
+                    return Ok(refusal.into_http());
+                }
+            };
             let work = inner.call(http::Request::from_parts(parts, body));
             match tokio::time::timeout_at(deadline, work).await {
                 Ok(result) => result,
@@ -168,25 +240,40 @@ where
     }
 }
 
-/// Reads `body` until its end or until more than `limit` bytes have come; returns a body
-/// that replays what was read (and, past the limit, the unread rest, so the codec's own size
-/// refusal still applies). A transport error while reading is the caller's stream failing:
-/// it is answered CANCELLED.
-async fn receive(mut body: Body, limit: usize) -> Result<Body, tonic::Status> {
+/// Why a body was not received.
+enum Refusal {
+    /// The stream failed (answered CANCELLED).
+    Stream(tonic::Status),
+    /// The body announced or reached more than the message limit.
+    Oversize,
+}
+
+/// Reads `body` until its end; returns a body that replays what was read. A body whose
+/// first gRPC prefix announces a message over `max_message` bytes, or that grows past one
+/// such message and its prefix, is refused at once without reading the rest. A transport
+/// error while reading is the caller's stream failing: it is answered CANCELLED.
+async fn receive(mut body: Body, max_message: usize) -> Result<Body, Refusal> {
+    let limit = max_message.saturating_add(GRPC_PREFIX_BYTES);
     let mut data = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            tonic::Status::cancelled(format!("the request stream failed: {}", e.message()))
+            Refusal::Stream(tonic::Status::cancelled(format!(
+                "the request stream failed: {}",
+                e.message()
+            )))
         })?;
         match frame.into_data() {
             Ok(chunk) => {
                 data.extend_from_slice(&chunk);
-                if data.len() > limit {
-                    let prefix =
-                        tokio_stream::once(Ok::<_, tonic::Status>(Frame::data(Bytes::from(data))));
-                    let rest = http_body_util::BodyStream::new(body);
-                    let chained = tokio_stream::StreamExt::chain(prefix, rest);
-                    return Ok(Body::new(http_body_util::StreamBody::new(chained)));
+                let announced = data
+                    .get(1..GRPC_PREFIX_BYTES)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes);
+                if data.len() > limit
+                    || announced
+                        .is_some_and(|n| usize::try_from(n).unwrap_or(usize::MAX) > max_message)
+                {
+                    return Err(Refusal::Oversize);
                 }
             }
             // gRPC requests carry no trailers; any that come are dropped with the stream's end.

@@ -11,18 +11,22 @@
 //! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
 //! - [`server`]: `run(listener, state, shutdown)` and `run_with`, which serves extra
 //!   services beside ours (the separate bench crate's echo baseline);
-//! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint.
+//! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint;
+//! - [`refusals`]: refusals before authentication, audited in aggregate per peer and window;
+//! - [`connections`]: accepted connections: handshake bound and cap, send timeout.
 
 pub mod admission;
 pub mod audit_service;
 pub mod budget_metrics;
 pub mod call;
 pub mod codec;
+pub mod connections;
 pub mod convert;
 pub mod data_dir_guard;
 pub mod guard;
 pub mod key_service;
 pub mod reconcile;
+pub mod refusals;
 pub mod server;
 pub mod state;
 pub mod status;

@@ -12,8 +12,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use zeroize::Zeroizing;
 
 use super::audit_service::AuditServiceImpl;
+use super::connections::{Connections, WatchLayer};
 use super::guard::GuardLayer;
 use super::key_service::KeyServiceImpl;
+use super::refusals::Refusals;
 use super::state::{AppState, TlsFiles};
 use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
@@ -67,23 +69,44 @@ pub async fn run_with(
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
     let limits = &state.options.limits;
+    // Refusals before authentication are audited in aggregate (issue 13): counted here,
+    // flushed per window by a task, and drained when the server stops.
+    let refusals = Refusals::new(
+        limits.refusals,
+        Arc::clone(&state.options.clock),
+        state.audit.clone(),
+    );
     let guard = GuardLayer::new(
         limits.max_concurrent_requests,
         limits.request_timeout,
         limits.body_timeout,
         max,
+        limits.max_awaiting_body,
+        Arc::clone(&refusals),
+    );
+    let connections = Connections::new(
+        limits.send_timeout,
+        limits.handshake_timeout,
+        limits.max_unestablished_connections,
     );
     // The advertised stream limit bounds what one connection can hold open (issue 13: the
     // server advertised none, so one connection opened a thousand stalled streams).
     let mut builder = Server::builder().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     if let Some(files) = &state.options.tls {
         builder = builder
-            .tls_config(tls_config(files)?)
+            .tls_config(tls_config(files, limits.handshake_timeout)?)
             .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?;
     }
     let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let flusher = tokio::spawn(Arc::clone(&refusals).flush_periodically());
+    let sweeper = tokio::spawn(Arc::clone(&connections).sweep_periodically());
+    let watched = Arc::clone(&connections);
+    let incoming = tokio_stream::StreamExt::map(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        move |accepted| accepted.map(|stream| watched.watch(stream)),
+    );
     let served = builder
+        .layer(WatchLayer(Arc::clone(&connections)))
         .layer(tower::util::MapResponseLayer::new(
             message_too_large_is_exhaustion,
         ))
@@ -111,6 +134,11 @@ pub async fn run_with(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();
+    flusher.abort();
+    sweeper.abort();
+    if let Err(e) = refusals.drain().await {
+        tracing::error!(error = %e, "could not audit the last aggregated refusals");
+    }
     served.map_err(|e| Error::Internal(format!("server: {e}")))
 }
 
@@ -119,13 +147,12 @@ pub async fn run_with(
 /// more connections; gRPC clients do both by themselves.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
-/// Longest a TLS handshake may take before the connection is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The rustls server configuration (ring provider, TLS 1.2 and 1.3) from PEM files. With a
 /// client CA, client certificates are required and verified against it (chain, validity
-/// period, key usage); a connection without one fails the handshake.
-fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+/// period, key usage); a connection without one fails the handshake. A handshake not done
+/// within `handshake_timeout` is dropped (and `connections` closes a connection that sends no
+/// request within it either).
+fn tls_config(files: &TlsFiles, handshake_timeout: Duration) -> Result<ServerTlsConfig> {
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read(path).map(Zeroizing::new).map_err(|e| {
             Error::FailedPrecondition(format!("cannot read {what} {}: {e}", path.display()))
@@ -135,7 +162,7 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
     let key = read(&files.key, "TLS key")?;
     let mut config = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert.as_slice(), key.as_slice()))
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+        .timeout(handshake_timeout);
     if let Some(ca) = &files.client_ca {
         let ca = read(ca, "client CA")?;
         config = config

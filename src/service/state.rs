@@ -42,6 +42,21 @@ pub struct Limits {
     /// Longest a request's body may take to arrive; a request still waiting for its body
     /// after this is answered DEADLINE_EXCEEDED and its stream ends (issue 13).
     pub body_timeout: Duration,
+    /// Requests that may wait for their bodies at once, server-wide (issue 13; see
+    /// `guard`).
+    pub max_awaiting_body: usize,
+    /// How refusals before authentication are aggregated in the audit and budgeted (issue
+    /// 13; see `refusals`).
+    pub refusals: crate::service::refusals::RefusalPolicy,
+    /// Longest a response may take to be handed to a client that reads slowly or not at all;
+    /// then its connection is closed (issue 13; see `connections`).
+    pub send_timeout: Duration,
+    /// Longest a new connection may take to complete its TLS handshake and send its first
+    /// request; then it is closed (see `connections`).
+    pub handshake_timeout: Duration,
+    /// Connections that may be open at once without having sent a request (handshakes in
+    /// progress); past it the oldest is closed (see `connections`).
+    pub max_unestablished_connections: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +69,11 @@ impl Default for Limits {
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(10),
+            max_awaiting_body: 4096,
+            refusals: crate::service::refusals::RefusalPolicy::default(),
+            send_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_unestablished_connections: 1024,
         }
     }
 }

@@ -25,6 +25,8 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod tls;
+
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_tenant-kms");
 
