@@ -11,7 +11,8 @@
 //! - [`key_service`], [`tenant_service`], [`audit_service`]: the three services;
 //! - [`server`]: `run(listener, state, shutdown)` and `run_with`, which serves extra
 //!   services beside ours (the separate bench crate's echo baseline);
-//! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint.
+//! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint;
+//! - [`traceparent`]: the W3C `traceparent` a caller may send, validated.
 
 pub mod admission;
 pub mod audit_service;
@@ -27,6 +28,7 @@ pub mod server;
 pub mod state;
 pub mod status;
 pub mod tenant_service;
+pub mod traceparent;
 
 pub use state::{AppState, Limits, ServiceOptions, TlsFiles};
 
