@@ -205,7 +205,7 @@ async fn an_inserted_record_is_named() {
          UPDATE audit_events SET seq = 1 - seq WHERE seq < 0; \
          INSERT INTO audit_events SELECT 5, time_us, request_id, caller, peer, tenant_id, \
            operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, \
-           mac FROM audit_events WHERE seq = 4",
+           mac, trace_parent FROM audit_events WHERE seq = 4",
         5,
     )
     .await;
@@ -213,7 +213,7 @@ async fn an_inserted_record_is_named() {
     tamper_and_check(
         "INSERT INTO audit_events SELECT 12, time_us, request_id, caller, peer, tenant_id, \
            operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, \
-           mac FROM audit_events WHERE seq = 11",
+           mac, trace_parent FROM audit_events WHERE seq = 11",
         12,
     )
     .await;
@@ -1161,8 +1161,8 @@ async fn prune_leaves_a_signed_checkpoint_and_tampering_with_it_is_named() {
     // A row slipped in before the checkpoint is not part of the chain.
     conn.execute(
         "INSERT INTO audit_events SELECT 1, time_us, request_id, caller, peer, tenant_id, \
-         operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac \
-         FROM audit_events WHERE seq = ?1",
+         operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac, \
+         trace_parent FROM audit_events WHERE seq = ?1",
         [keep_from as i64],
     )
     .unwrap();

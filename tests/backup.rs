@@ -817,6 +817,7 @@ fn restore_time_for_many_tenants() {
                 outcome: tenant_kms::audit::Outcome::Ok,
                 aad_fingerprint: String::new(),
                 detail: String::new(),
+                trace_parent: String::new(),
             })
             .collect();
         written += batch.len() as u64;

@@ -94,29 +94,54 @@ fn metrics_are_off_unless_asked_for() {
     assert!(stdout.contains("--metrics-listen"));
 }
 
-/// The names of the services a server's gRPC reflection lists.
+/// The names of the services a server's gRPC reflection lists, asked through
+/// `grpc.reflection.v1` and through `v1alpha` (what older stock tools speak): both must give
+/// the same list, returned sorted.
 async fn reflected_services(url: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::{v1, v1alpha};
 
-    let mut client = ServerReflectionClient::new(connect(url).await);
-    let request = ServerReflectionRequest {
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(connect(url).await);
+    let request = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut answers = client
         .server_reflection_info(tokio_stream::iter([request]))
         .await
         .unwrap()
         .into_inner();
-    match answers.message().await.unwrap().unwrap().message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
+    let mut names: Vec<String> = match answers.message().await.unwrap().unwrap().message_response {
+        Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
             list.service.into_iter().map(|s| s.name).collect()
         }
         other => panic!("not a service list: {other:?}"),
-    }
+    };
+    names.sort();
+
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(connect(url).await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1alpha reflection is served")
+        .into_inner();
+    let mut alpha: Vec<String> = match answers.message().await.unwrap().unwrap().message_response {
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("not a service list: {other:?}"),
+    };
+    alpha.sort();
+    assert_eq!(names, alpha, "v1 and v1alpha list different services");
+    names
 }
 
 /// Calls `path` with an empty message; returns the status the server answered with.
@@ -137,13 +162,18 @@ async fn the_default_server_lists_and_serves_no_benchmark_service() {
     let temp = tempfile::tempdir().unwrap();
     let server = BinaryServer::start(&temp.path().join("data"), &[]).await;
     let services = reflected_services(&server.url()).await;
-    for real in [
-        "tenantkms.v1.KeyService",
-        "tenantkms.v1.TenantService",
-        "tenantkms.v1.AuditService",
-    ] {
-        assert!(services.iter().any(|s| s == real), "{real} in {services:?}");
-    }
+    // Exactly what the server serves: ours, health, and both reflection versions.
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "tenantkms.v1.AuditService",
+            "tenantkms.v1.KeyService",
+            "tenantkms.v1.TenantService",
+        ]
+    );
     assert!(
         !services
             .iter()

@@ -44,6 +44,12 @@ fn record(i: u32, tenant: &str, operation: Rpc, time_micros: i64) -> AuditRecord
         .items(i)
         .aad_fingerprint("00112233445566778899aabbccddeeff")
         .detail(format!("détail {i} ✓"))
+        // Every other record with a trace: a backend must keep it, and keep it empty.
+        .trace_parent(if i.is_multiple_of(2) {
+            format!("00-{:032x}-{:016x}-01", i + 1, i + 1)
+        } else {
+            String::new()
+        })
 }
 
 fn all(log: &impl AuditLog) -> Vec<(u64, AuditRecord)> {

@@ -58,6 +58,8 @@ named_enum! {
         Rewrap => "Rewrap",
         /// `KeyService.RewrapBatch`.
         RewrapBatch => "RewrapBatch",
+        /// `KeyService.GenerateDataKeyWithoutPlaintext`.
+        GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
         /// `TenantService.CreateTenant`.
         CreateTenant => "CreateTenant",
         /// `TenantService.GetTenant`.

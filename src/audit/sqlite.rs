@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS audit_events (
     outcome         TEXT NOT NULL,
     aad_fingerprint TEXT NOT NULL,
     detail          TEXT NOT NULL,
-    mac             BLOB NOT NULL
+    mac             BLOB NOT NULL,
+    trace_parent    TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS audit_events_by_tenant ON audit_events(tenant_id, seq);
 CREATE TABLE IF NOT EXISTS audit_meta (
@@ -94,7 +95,27 @@ pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Conn
     conn.pragma_update(None, "wal_autocheckpoint", AUDIT_CHECKPOINT_PAGES)
         .map_err(sql_error)?;
     conn.execute_batch(SCHEMA).map_err(sql_error)?;
+    add_trace_parent_column(&conn)?;
     Ok(conn)
+}
+
+/// Adds `trace_parent` to an `audit_events` table made before it existed. Old rows get ''
+/// (no trace), which is how their MACs were computed, so they verify as before.
+fn add_trace_parent_column(conn: &Connection) -> Result<()> {
+    let present: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('audit_events') WHERE name = 'trace_parent'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(sql_error)?;
+    if !present {
+        conn.execute_batch(
+            "ALTER TABLE audit_events ADD COLUMN trace_parent TEXT NOT NULL DEFAULT ''",
+        )
+        .map_err(sql_error)?;
+    }
+    Ok(())
 }
 
 /// Inserts one record row (the caller computed its MAC).
@@ -103,7 +124,8 @@ fn insert(conn: &Connection, seq: u64, record: &AuditRecord, mac: &[u8]) -> Resu
         .prepare_cached(
             "INSERT INTO audit_events (seq, time_us, request_id, caller, peer, tenant_id, \
              operation, contexts, key_versions, item_count, outcome, aad_fingerprint, \
-             detail, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)",
+             detail, mac, trace_parent) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
         )
         .map_err(sql_error)?;
     stmt.execute(params![
@@ -121,6 +143,7 @@ fn insert(conn: &Connection, seq: u64, record: &AuditRecord, mac: &[u8]) -> Resu
         record.aad_fingerprint,
         record.detail,
         mac,
+        record.trace_parent,
     ])
     .map_err(sql_error)?;
     Ok(())
@@ -324,6 +347,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
         outcome: outcome_from_str(&outcome).ok_or_else(|| bad(10))?,
         aad_fingerprint: row.get(11)?,
         detail: row.get(12)?,
+        trace_parent: row.get(14)?,
     })
 }
 
@@ -340,8 +364,8 @@ fn stored_row(row: &Row<'_>) -> rusqlite::Result<StoredRow> {
 
 /// The columns of a record row, in [`record_from_row`]'s order.
 const SELECT_RECORD: &str = "SELECT seq, time_us, request_id, caller, peer, tenant_id, \
-     operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac \
-     FROM audit_events";
+     operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, mac, \
+     trace_parent FROM audit_events";
 
 /// Records matching `filter`, in sequence order.
 pub fn list(conn: &Connection, filter: &ListFilter) -> Result<Vec<(u64, AuditRecord)>> {
@@ -652,9 +676,32 @@ fn connect(path: &Path, access: Access) -> Result<Connection> {
             .map_err(sql_error)?;
             conn.busy_timeout(Duration::from_secs(10))
                 .map_err(sql_error)?;
+            read_old_rows_without_trace(&conn)?;
             Ok(conn)
         }
     }
+}
+
+/// A read-only connection cannot add `trace_parent` to a log written before it existed (a
+/// backup, a copy): a temporary view of the same name, which SQLite resolves before the
+/// table, reads those rows with an empty trace, as their MACs were computed.
+fn read_old_rows_without_trace(conn: &Connection) -> Result<()> {
+    let (table, trace): (bool, bool) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = \
+             'audit_events'), (SELECT COUNT(*) > 0 FROM pragma_table_info('audit_events') \
+             WHERE name = 'trace_parent')",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .map_err(sql_error)?;
+    if table && !trace {
+        conn.execute_batch(
+            "CREATE TEMP VIEW audit_events AS SELECT *, '' AS trace_parent FROM main.audit_events",
+        )
+        .map_err(sql_error)?;
+    }
+    Ok(())
 }
 
 impl AuditAppend for SqliteAuditLog {

@@ -71,6 +71,7 @@ pub struct AuditWriter {
     commits: Arc<AtomicU64>,
     busy_nanos: Arc<AtomicU64>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    writable: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AuditWriter {
@@ -94,9 +95,12 @@ impl AuditWriter {
         let (jobs, queue) = mpsc::channel::<Job>();
         let commits = Arc::new(AtomicU64::new(0));
         let busy_nanos = Arc::new(AtomicU64::new(0));
+        // Starts true: the tail check above has just read and, if needed, written the log.
+        let (writable_tx, writable) = tokio::sync::watch::channel(true);
         let counters = Counters {
             commits: Arc::clone(&commits),
             busy_nanos: Arc::clone(&busy_nanos),
+            writable: writable_tx,
         };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -108,7 +112,16 @@ impl AuditWriter {
             commits,
             busy_nanos,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            writable,
         })
+    }
+
+    /// Whether the last commit succeeded: false from a failed commit (calls are being failed
+    /// closed with UNAVAILABLE) until the next one that succeeds, which the writer retries by
+    /// itself at least every second while records of failed calls wait. The health service
+    /// follows it (NOT_SERVING while false).
+    pub fn writable(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.writable.clone()
     }
 
     /// How many transactions (batches) this writer has committed: with the records appended,
@@ -169,6 +182,8 @@ impl AuditWriter {
 struct Counters {
     commits: Arc<AtomicU64>,
     busy_nanos: Arc<AtomicU64>,
+    /// Sends only on a change, so watchers wake once per transition, not per commit.
+    writable: tokio::sync::watch::Sender<bool>,
 }
 
 /// Most records kept in memory for a late write while the store cannot write. Past it the
@@ -291,5 +306,11 @@ fn commit<'a>(
     if result.is_ok() {
         counters.commits.fetch_add(1, Ordering::Relaxed);
     }
+    let ok = result.is_ok();
+    counters.writable.send_if_modified(|writable| {
+        let changed = *writable != ok;
+        *writable = ok;
+        changed
+    });
     result
 }

@@ -94,6 +94,11 @@ impl Operation {
             Operation::Encrypt | Operation::EncryptBatch => Some("encrypt"),
             Operation::Decrypt | Operation::DecryptBatch => Some("decrypt"),
             Operation::GenerateDataKey => Some("generate-data-key"),
+            // Its own scope: a token that may only mint wrapped keys (for a writer that
+            // stores them for others to open) cannot obtain any key in plaintext.
+            Operation::GenerateDataKeyWithoutPlaintext => {
+                Some("generate-data-key-without-plaintext")
+            }
             Operation::DecryptDataKey => Some("decrypt-data-key"),
             Operation::Rewrap | Operation::RewrapBatch => Some("rewrap"),
             _ => None,
@@ -108,6 +113,7 @@ pub const DATA_PERMISSIONS: &[&str] = &[
     "generate-data-key",
     "decrypt-data-key",
     "rewrap",
+    "generate-data-key-without-plaintext",
 ];
 
 /// The credential a caller proved.

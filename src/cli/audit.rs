@@ -197,6 +197,7 @@ fn export(args: &ExportArgs) -> Result<()> {
                 "outcome": r.outcome.as_str(),
                 "aad_fingerprint": r.aad_fingerprint,
                 "detail": r.detail,
+                "trace_parent": r.trace_parent,
             });
             writeln!(out, "{line}")
                 .map_err(|e| Error::Internal(format!("cannot write to stdout: {e}")))?;

@@ -77,7 +77,11 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tenant-kms: {e}");
+            // Not eprintln!, which panics (exit 101) when stderr is a closed pipe.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("tenant-kms: {e}\n"),
+            );
             ExitCode::from(EXIT_FAILURE)
         }
     }

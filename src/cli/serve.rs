@@ -66,9 +66,19 @@ pub struct ServeArgs {
     /// or a private network: it names the most active tenants).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace.
-    #[arg(long, env = "TENANT_KMS_LOG", default_value = "info")]
+    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, tenant_kms=trace. An
+    /// invalid filter is a usage error (exit 2), not silently replaced.
+    #[arg(long, env = "TENANT_KMS_LOG", default_value = "info", value_parser = parse_log_filter)]
     log: String,
+    /// Log line format on stderr: `text` for people, `json` for log shippers (one JSON object
+    /// per line; every line of a call carries its request id and tenant).
+    #[arg(
+        long,
+        env = "TENANT_KMS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     /// How the keyring file is sealed (`--seal pkcs11|passphrase` and its flags).
     #[command(flatten)]
     seal: SealArgs,
@@ -256,15 +266,61 @@ fn apply_abuse_limits(file: &FileConfig, limits: &mut crate::service::Limits) ->
     Ok(())
 }
 
-/// Installs the log subscriber: human-readable lines on stderr.
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+/// How `serve` writes its log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colour only on a terminal without `NO_COLOR`.
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON formatter) with the fields of the
+    /// spans the line was written in: a call's `request_id`, `tenant` and `trace_id`.
+    Json,
+}
+
+/// clap's check of `--log`: the filter must parse, so a typo is refused at start (exit 2)
+/// instead of silently logging at another level.
+fn parse_log_filter(text: &str) -> std::result::Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("not a log filter ({e}); examples: info, debug, tenant_kms=trace"))
+}
+
+/// Whether log lines may carry ANSI colour: only on a terminal, and never when `NO_COLOR` is
+/// set to anything non-empty (<https://no-color.org>), so files and pipes get plain text.
+fn colour_allowed() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Installs the log subscriber on stderr in `format`. `filter` is one [`parse_log_filter`]
+/// accepted; should it fail anyway, `info` is used and the failure is the first line logged.
+/// A write to a closed stderr is dropped by the formatter (no panic, no exit): logging never
+/// stops the service.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    let (filter, bad) = match tracing_subscriber::EnvFilter::try_new(filter) {
+        Ok(f) => (f, None),
+        Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(e)),
+    };
+    // `log_internal_errors(false)`: the formatter would otherwise report a failed write with
+    // eprintln!, which panics when stderr is a closed pipe, and so would every logging call
+    // (issue 18: `serve` under a supervisor whose log reader died).
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .log_internal_errors(false)
+        .with_target(false);
+    let installed = match format {
+        LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+    if installed.is_ok()
+        && let Some(e) = bad
+    {
+        tracing::warn!(error = %e, "invalid log filter; logging at info");
+    }
 }
 
 /// Warns at start when the master keys are not sealed under a root of trust, naming the
@@ -298,7 +354,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
 /// crate's server binary serves its echo baseline beside the real services this way, with
 /// exactly the flags, configuration, hardening and start checks of `serve`.
 pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Result<ExitCode> {
-    init_logging(&args.log);
+    init_logging(&args.log, args.log_format);
     let Resolved {
         options,
         listen,

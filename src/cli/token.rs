@@ -40,7 +40,7 @@ pub struct CreateArgs {
     #[arg(long)]
     all_tenants: bool,
     /// Limit a service token to these operations (encrypt, decrypt, generate-data-key,
-    /// decrypt-data-key, rewrap).
+    /// decrypt-data-key, rewrap, generate-data-key-without-plaintext).
     #[arg(long)]
     operations: Option<String>,
     /// Lifetime, e.g. 30d (default: no expiry).

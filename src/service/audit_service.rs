@@ -100,6 +100,7 @@ impl AuditService for AuditServiceImpl {
                     outcome: r.outcome.as_str().to_owned(),
                     aad_fingerprint: r.aad_fingerprint,
                     detail: r.detail,
+                    trace_parent: r.trace_parent,
                 })
                 .collect();
             let next_page_token = if more {

@@ -69,8 +69,11 @@ pub struct Call {
     pub failed_items: u32,
     aad_fingerprint: String,
     started: Instant,
-    /// The tracing span every log line of this call is emitted in (carries the request id).
+    /// The tracing span every log line of this call is emitted in (carries the request id,
+    /// the tenant once known, and the caller's trace).
     span: tracing::Span,
+    /// The caller's valid W3C `traceparent`, carried into the audit record.
+    trace: Option<super::traceparent::TraceParent>,
 }
 
 /// A fresh random request id (16 hex digits).
@@ -93,9 +96,24 @@ impl Call {
             })
             .map(|t| Zeroizing::new(t.trim().to_owned()));
         let request_id = new_request_id();
-        let span = tracing::info_span!("call", request_id = %request_id, op = operation.name());
+        // An invalid traceparent is ignored (W3C Trace Context): the call goes on untraced.
+        let trace = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::traceparent::TraceParent::parse);
+        // The tenant is filled in once parsed (`admit`), so every later line names it.
+        let span = tracing::info_span!(
+            "call",
+            request_id = %request_id,
+            op = operation.name(),
+            tenant = tracing::field::Empty,
+            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
+            parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
+        );
         Self {
             span,
+            trace,
             request_id,
             operation,
             peer: request
@@ -234,6 +252,7 @@ impl Call {
         state.refresh().await?;
         let caller = self.authenticate(state)?;
         let tenant = TenantId::parse(tenant_id)?;
+        self.span.record("tenant", tenant.as_str());
         self.tenant = Some(tenant.clone());
         authorize(&caller, self.operation, Some(&tenant))?;
         Ok(tenant)
@@ -375,6 +394,7 @@ impl Call {
             outcome,
         )
         .request_id(self.request_id.clone())
+        .trace_parent(self.trace.as_ref().map(|t| t.header()).unwrap_or_default())
         .tenant(
             self.tenant
                 .as_ref()

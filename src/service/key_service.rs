@@ -477,6 +477,8 @@ impl KeyService for KeyServiceImpl {
             let context = Context::parse(&req.context)?;
             call.note_context(&context);
             self.check_ciphertext_len("wrapped_key", req.wrapped_key.len())?;
+            self.check_value_len("aad", req.aad.len())?;
+            call.note_aad(&self.state, &req.aad);
             if let Ok(parsed) = format::parse(&req.wrapped_key) {
                 call.note_version(parsed.header.key_version);
             }
@@ -486,12 +488,46 @@ impl KeyService for KeyServiceImpl {
                 Purpose::DataKey,
                 &tenant,
                 &context,
-                b"",
+                &req.aad,
                 &req.wrapped_key,
             )?;
             Ok(pb::DecryptDataKeyResponse {
                 plaintext_key: plaintext_key.into_unprotected_vec(),
                 key_version: version,
+            })
+        })
+        .await
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let call = Call::begin(&request, Operation::GenerateDataKeyWithoutPlaintext);
+        let req = request.into_inner();
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
+            let context = Context::parse(&req.context)?;
+            call.note_context(&context);
+            self.check_value_len("aad", req.aad.len())?;
+            call.note_aad(&self.state, &req.aad);
+            let entry = self.active_entry(&tenant).await?;
+            let grant = self.grant(entry, 1).await?;
+            call.note_version(grant.version());
+            // Generated and sealed like GenerateDataKey's, then dropped (zeroized): only the
+            // wrapped form leaves, for a caller that stores it and opens it later (or lets
+            // another service open it) with DecryptDataKey and the same aad.
+            let data_key = SecretKey::generate().map_err(|_| Error::internal("CSPRNG failed"))?;
+            let wrapped_key = seal(
+                &grant,
+                Purpose::DataKey,
+                &tenant,
+                &context,
+                &req.aad,
+                data_key.expose_secret(),
+            )?;
+            Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
+                wrapped_key,
+                key_version: grant.version(),
             })
         })
         .await

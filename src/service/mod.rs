@@ -14,6 +14,7 @@
 //! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint;
 //! - [`refusals`]: refusals before authentication, audited in aggregate per peer and window;
 //! - [`connections`]: accepted connections: handshake bound and cap, send timeout.
+//! - [`traceparent`]: the W3C `traceparent` a caller may send, validated.
 
 pub mod admission;
 pub mod audit_service;
@@ -31,6 +32,7 @@ pub mod server;
 pub mod state;
 pub mod status;
 pub mod tenant_service;
+pub mod traceparent;
 
 pub use state::{AppState, Limits, ServiceOptions, TlsFiles};
 

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
 use zeroize::Zeroizing;
 
 use super::audit_service::AuditServiceImpl;
@@ -54,19 +56,28 @@ pub async fn run_with(
 ) -> Result<()> {
     let max = state.options.limits.max_message_bytes;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<KeyServiceServer<KeyServiceImpl>>()
-        .await;
-    health_reporter
-        .set_serving::<TenantServiceServer<TenantServiceImpl>>()
-        .await;
-    health_reporter
-        .set_serving::<AuditServiceServer<AuditServiceImpl>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+    let readiness = Readiness::new(health_reporter);
+    readiness.set(ServingStatus::Serving).await;
+    let follow_audit = tokio::spawn(Readiness::follow_audit(
+        readiness.clone(),
+        state.audit.writable(),
+    ));
+    // Both reflection versions: v1alpha is all that grpcurl before 1.8.8, Python's
+    // grpcio-reflection, Evans and Postman speak. Each lists exactly what this server serves:
+    // our three services, health, and both reflection services.
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection v1alpha: {e}")))?;
+    // On shutdown the services turn NOT_SERVING first (watchers see it), then their health
+    // streams end, so an open Watch does not hold the graceful stop open.
+    let stopping = readiness.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.shut_down().await;
+    };
 
     let limits = &state.options.limits;
     // Refusals before authentication are audited in aggregate (issue 13): counted here,
@@ -116,6 +127,7 @@ pub async fn run_with(
         .add_routes(extra(&state))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             KeyServiceServer::new(KeyServiceImpl::new(Arc::clone(&state)))
                 .max_decoding_message_size(max)
@@ -139,7 +151,106 @@ pub async fn run_with(
     if let Err(e) = refusals.drain().await {
         tracing::error!(error = %e, "could not audit the last aggregated refusals");
     }
+    follow_audit.abort();
     served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// The names the health service answers for: the whole server (`""`, as the gRPC health
+/// protocol defines it) and each of our services. Reflection and health themselves are not
+/// listed: they serve whatever the audit store does.
+pub const HEALTH_SERVICES: [&str; 4] = [
+    "",
+    <KeyServiceServer<KeyServiceImpl> as NamedService>::NAME,
+    <TenantServiceServer<TenantServiceImpl> as NamedService>::NAME,
+    <AuditServiceServer<AuditServiceImpl> as NamedService>::NAME,
+];
+
+/// The service names reflection lists beside ours (health and both reflection versions).
+const INFRASTRUCTURE_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// A reflection builder naming exactly the services this server serves: every service of our
+/// descriptor set plus [`INFRASTRUCTURE_SERVICES`] (by default each reflection version would
+/// list only itself, not the other one nor health).
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let ours = HEALTH_SERVICES.iter().filter(|name| !name.is_empty());
+    ours.chain(INFRASTRUCTURE_SERVICES.iter()).fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version's builder adds its own descriptors; both are needed for both to
+            // describe every listed service (a file registered twice is kept once).
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ),
+        |builder, name| builder.with_service_name(*name),
+    )
+}
+
+/// The health statuses of [`HEALTH_SERVICES`], which move together: every call of every
+/// service needs its audit record written, so they are ready or not as one.
+#[derive(Clone)]
+struct Readiness {
+    reporter: tonic_health::server::HealthReporter,
+    /// True once shutdown began. Held across each change of status, so that an audit store
+    /// recovering during shutdown cannot turn SERVING back after shutdown's NOT_SERVING.
+    stopping: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Readiness {
+    fn new(reporter: tonic_health::server::HealthReporter) -> Self {
+        Self {
+            reporter,
+            stopping: Arc::new(tokio::sync::Mutex::new(false)),
+        }
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        let stopping = self.stopping.lock().await;
+        if !*stopping {
+            self.set_all(status).await;
+        }
+    }
+
+    async fn set_all(&self, status: ServingStatus) {
+        for name in HEALTH_SERVICES {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+
+    /// Follows the audit writer: NOT_SERVING from a failed commit (calls then fail closed
+    /// with UNAVAILABLE) until a commit succeeds again.
+    async fn follow_audit(self, mut writable: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let ok = *writable.borrow_and_update();
+            if ok {
+                tracing::info!("audit store writable: health SERVING");
+                self.set(ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("audit store cannot write: health NOT_SERVING");
+                self.set(ServingStatus::NotServing).await;
+            }
+            if writable.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// NOT_SERVING for good, then the statuses are removed so that open Watch streams end
+    /// (after delivering NOT_SERVING) instead of keeping their connections open.
+    async fn shut_down(self) {
+        let mut stopping = self.stopping.lock().await;
+        *stopping = true;
+        self.set_all(ServingStatus::NotServing).await;
+        let mut reporter = self.reporter.clone();
+        for name in HEALTH_SERVICES {
+            reporter.clear_service_status(name).await;
+        }
+    }
 }
 
 /// The HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` the server advertises: streams one

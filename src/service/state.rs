@@ -1,5 +1,6 @@
 //! The state every handler shares, and how it is assembled from a data directory.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -821,8 +822,10 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path, clock: &dyn Cloc
     // The token itself is shown only to a person at a terminal: when stderr is a file, a pipe
     // or the journal, it would be stored in clear wherever the logs go (and the trace-log leak
     // test would find it). The file is the durable copy either way.
+    // Written, not eprintln!'d: a closed stderr must not panic the start.
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600):\n{}\n\
              It is shown only this once; keep it secret.",
             issued.record.id,
@@ -830,11 +833,12 @@ fn bootstrap_admin_token(store: &dyn KeyStore, data_dir: &Path, clock: &dyn Cloc
             issued.secret.as_str()
         );
     } else {
-        eprintln!(
-            "tenant-kms: first start: created an admin token (id {}), saved to {} (mode 0600); \
-             it is not printed because stderr is not a terminal.",
-            issued.record.id,
-            path.display()
+        // A log event, so that it reaches log shippers in the log format (`--log-format json`).
+        tracing::warn!(
+            token_id = %issued.record.id,
+            path = %path.display(),
+            "first start: created an admin token (mode 0600); it is not printed because \
+             stderr is not a terminal"
         );
     }
     Ok(())

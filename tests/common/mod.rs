@@ -385,6 +385,8 @@ pub async fn decrypt_data_key(
         tenant_id: tenant.into(),
         context: context.into(),
         wrapped_key: wrapped_key.to_vec(),
+        // GenerateDataKey's keys are bound to no aad.
+        aad: Vec::new(),
     })
     .await
     .map(|r| r.into_inner())
