@@ -32,6 +32,11 @@ pub const SEALED_KEYRING_BODY: &[u8] = b"tenant-kms/v1/sealed-keyring-body";
 /// HKDF info label for a sealed keyring's check value (derived from its file key).
 pub const SEALED_KEYRING_CHECK: &[u8] = b"tenant-kms/v1/sealed-keyring-check";
 
+/// HKDF info label for a blind index key (docs/FORMAT.md "Blind indexes").
+pub const BLIND_INDEX: &[u8] = b"tenant-kms/v1/blind-index";
+/// HKDF info and AAD label for deterministic values (algorithm 3, AES-256-SIV).
+pub const DETERMINISTIC: &[u8] = b"tenant-kms/v1/deterministic";
+
 /// Every label, for the test that proves them distinct and for docs.
 pub const ALL: &[&[u8]] = &[
     FIELD,
@@ -46,6 +51,8 @@ pub const ALL: &[&[u8]] = &[
     SHRED_LEDGER,
     SEALED_KEYRING_BODY,
     SEALED_KEYRING_CHECK,
+    BLIND_INDEX,
+    DETERMINISTIC,
 ];
 
 /// Appends `part` to `out` prefixed by its length as a 4-byte big-endian integer, so that no
