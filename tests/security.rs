@@ -277,7 +277,9 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
                     context: "ctx".into(),
                     plaintext: b"v".to_vec(),
                     aad: vec![],
+                    ..Default::default()
                 }],
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -311,6 +313,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
                 context: "ctx".into(),
                 ciphertext: f.ciphertext.clone(),
                 aad: vec![],
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -322,6 +325,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
                     context: "ctx".into(),
                     ciphertext: f.ciphertext.clone(),
                     aad: vec![],
+                    ..Default::default()
                 }],
             })
             .await
@@ -1501,8 +1505,10 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
                     context: "crm.phone".into(),
                     plaintext: plaintexts[i].clone(),
                     aad: aads[i].clone(),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1542,6 +1548,7 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
         context: "crm.email".into(),
         ciphertext: one.ciphertext.clone(),
         aad: aads[0].clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -1551,6 +1558,7 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
             context: "crm.email".into(),
             ciphertext: three.ciphertext,
             aad: aads[3].clone(),
+            ..Default::default()
         }],
     })
     .await

@@ -43,6 +43,7 @@ contract_tests!(
     check_concurrent_rotations_have_one_winner,
     check_concurrent_reservations_add_up,
     check_own_writes_are_not_changes_elsewhere,
+    check_index_definitions,
 );
 
 /// The whole suite through its one entry point, as a new backend would first run it.

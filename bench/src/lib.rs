@@ -550,6 +550,7 @@ async fn prewarm(clients: &Clients, work: &Arc<Workload>, concurrency: usize) ->
                     context: scenario::CONTEXT.into(),
                     plaintext: vec![0; 64],
                     aad: scenario::AAD.to_vec(),
+                    ..Default::default()
                 };
                 client
                     .encrypt(request)

@@ -200,6 +200,7 @@ impl Workload {
                     context: CONTEXT.into(),
                     plaintext: vec![0x5a; size],
                     aad: AAD.to_vec(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| {
@@ -271,6 +272,7 @@ impl RpcDriver {
                     context: CONTEXT.into(),
                     plaintext: self.plaintext.clone(),
                     aad: AAD.to_vec(),
+                    ..Default::default()
                 };
                 self.keys.encrypt(request).await.map_err(status)?;
                 Ok(1)
@@ -293,6 +295,7 @@ impl RpcDriver {
                     context: CONTEXT.into(),
                     ciphertext,
                     aad: AAD.to_vec(),
+                    ..Default::default()
                 };
                 self.keys.rewrap(request).await.map_err(status)?;
                 Ok(1)
@@ -303,11 +306,13 @@ impl RpcDriver {
                         context: CONTEXT.into(),
                         plaintext: self.plaintext.clone(),
                         aad: AAD.to_vec(),
+                        ..Default::default()
                     })
                     .collect();
                 let request = pb::EncryptBatchRequest {
                     tenant_id: self.tenant(),
                     items,
+                    ..Default::default()
                 };
                 let response = self.keys.encrypt_batch(request).await.map_err(status)?;
                 let results = response.into_inner().results;

@@ -96,6 +96,10 @@ impl Operation {
             Operation::GenerateDataKey => Some("generate-data-key"),
             Operation::DecryptDataKey => Some("decrypt-data-key"),
             Operation::Rewrap | Operation::RewrapBatch => Some("rewrap"),
+            Operation::ComputeBlindIndex => Some("compute-blind-index"),
+            Operation::EncryptDeterministic | Operation::EncryptBatchDeterministic => {
+                Some("encrypt-deterministic")
+            }
             _ => None,
         }
     }
@@ -108,6 +112,8 @@ pub const DATA_PERMISSIONS: &[&str] = &[
     "generate-data-key",
     "decrypt-data-key",
     "rewrap",
+    "compute-blind-index",
+    "encrypt-deterministic",
 ];
 
 /// The credential a caller proved.
@@ -168,7 +174,10 @@ pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId
         Role::Admin => true,
         Role::Service => {
             operation.data_permission().is_some()
-                || matches!(operation, Operation::GetTenant | Operation::ListKeyVersions)
+                || matches!(
+                    operation,
+                    Operation::GetTenant | Operation::ListKeyVersions | Operation::ListBlindIndexes
+                )
         }
         Role::Auditor => matches!(
             operation,

@@ -112,6 +112,20 @@ impl IndexKey {
     }
 }
 
+/// The blind index of a raw value: normalizes it as `normalization` says, then
+/// [`IndexKey::compute`]s it. A normalized copy (case folding makes one) is zeroized after use.
+pub fn index_of(
+    key: &IndexKey,
+    bits: u16,
+    normalization: Normalization,
+    value: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    match normalization.apply(value)? {
+        Cow::Borrowed(same) => key.compute(bits, same),
+        Cow::Owned(copy) => key.compute(bits, &zeroize::Zeroizing::new(copy)),
+    }
+}
+
 /// The first `bits` bits of `mac`, most significant bit of each byte first: `ceil(bits / 8)`
 /// bytes, of which the last keeps its `bits mod 8` most significant bits (all 8 when `bits` is
 /// a multiple of 8) and has the others zero. E.g. 12 bits of `ab cd …` are `ab c0`.
