@@ -682,6 +682,34 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         .status_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
+    // At most 8 different indexes per call, checked before anything is sealed.
+    for i in 0..9 {
+        declare(&mut tenants, "acme", &format!("i{i}"), 16, "exact")
+            .await
+            .unwrap();
+    }
+    let err = keys
+        .encrypt_batch(pb::EncryptBatchRequest {
+            tenant_id: "acme".into(),
+            items: (0..9)
+                .map(|i| pb::EncryptBatchItem {
+                    context: "c".into(),
+                    plaintext: b"v".to_vec(),
+                    blind_indexes: vec![format!("i{i}")],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .status_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("at most 8 different"),
+        "{}",
+        err.message()
+    );
+
     // Oversize and non-UTF-8 values fail alone, with a clear message; the others succeed.
     let big = vec![b'a'; 1025];
     let results = compute(

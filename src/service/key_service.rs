@@ -31,7 +31,7 @@ use crate::pb::key_service_server::KeyService;
 /// Batches with more items than this run their crypto on the blocking pool.
 const INLINE_BATCH_ITEMS: usize = 32;
 
-/// Most blind indexes one value may ask for in one call.
+/// Most blind indexes one value may name, and most different ones one call may name.
 const MAX_INDEXES_PER_VALUE: usize = 8;
 
 /// Most blind index definitions kept in memory before the cache starts over.
@@ -89,8 +89,8 @@ impl KeyServiceImpl {
         Ok(found)
     }
 
-    /// Parses and resolves the blind index names a request asks for (distinct, at most
-    /// [`MAX_INDEXES_PER_VALUE`] per value), notes them for the audit record, and checks
+    /// Parses and resolves the blind index names a request asks for (at most
+    /// [`MAX_INDEXES_PER_VALUE`] different ones per call), notes them for the audit record, and checks
     /// that the caller may also compute blind indexes. Nothing is asked: nothing is checked.
     async fn resolve_indexes<'a>(
         &self,
@@ -106,6 +106,12 @@ impl KeyServiceImpl {
             let name = IndexName::parse(raw)?;
             if out.iter().any(|d| d.name == name) {
                 continue;
+            }
+            // Bounded before any lookup, so a long list costs nothing but its parsing.
+            if out.len() == MAX_INDEXES_PER_VALUE {
+                return Err(Error::InvalidArgument(format!(
+                    "a call may name at most {MAX_INDEXES_PER_VALUE} different blind indexes"
+                )));
             }
             call.note_index(&name);
             out.push(self.index_definition(tenant, &name).await?);
