@@ -14,6 +14,8 @@ const SECRET_MESSAGES: &[&str] = &[
     "tenantkms.v1.DecryptBatchResponse",
     "tenantkms.v1.GenerateDataKeyResponse",
     "tenantkms.v1.DecryptDataKeyResponse",
+    // Searchable columns: the values whose blind indexes are computed.
+    "tenantkms.v1.ComputeBlindIndexRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -103,6 +103,7 @@ async fn drive(
                         context: "bench.value".into(),
                         plaintext: plaintext.clone(),
                         aad: Vec::new(),
+                        ..Default::default()
                     })
                     .await
                     .expect("audited encrypt");

@@ -4,14 +4,16 @@
 //!   HKDF-SHA256 (RFC 5869 A.1) and the v1 wire format (the first vectors of our own vector
 //!   files). The server runs it before it opens anything (`AppState::open`) and refuses to
 //!   serve if it fails: a crypto library that computes wrong answers must not seal data.
-//! - [`full`] adds RFC 5869 A.1–A.3, the Wycheproof AES-GCM and HKDF-SHA256 sets and every
-//!   vector of `vectors/*.json`; `tenant-kms selftest` prints its table.
+//! - [`full`] adds RFC 5869 A.1–A.3, the Wycheproof AES-GCM and HKDF-SHA256 sets, every
+//!   vector of `vectors/*.json`, and RFC 5297 A.1–A.2 (AES-SIV) for searchable columns;
+//!   `tenant-kms selftest` prints its table.
 //!
 //! Everything runs through the same functions the service uses (`crypto::aead`,
 //! `crypto::kdf`, `crypto::format`, `crypto::envelope`), and all data is embedded in the
 //! binary, so the self-test needs no files. Pure: no I/O, no async.
 
 pub mod kat;
+pub mod searchable;
 pub mod vectors;
 pub mod wycheproof;
 
@@ -107,6 +109,9 @@ pub fn full() -> Vec<SuiteReport> {
     reports.push(wycheproof::aes_gcm());
     reports.push(wycheproof::hkdf_sha256());
     reports.extend(vectors::run_all());
+    // Searchable columns: RFC 5297 AES-SIV and the blind-index and deterministic vectors.
+    reports.push(searchable::rfc5297());
+    reports.extend(searchable::vectors());
     reports
 }
 

@@ -648,6 +648,7 @@ async fn no_plaintext_aad_ciphertext_or_key_reaches_the_audit_files() {
                 context: "crm.email".into(),
                 ciphertext: out.ciphertext.clone(),
                 aad: aad(i),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -665,8 +666,10 @@ async fn no_plaintext_aad_ciphertext_or_key_reaches_the_audit_files() {
                     context: "crm.phone".into(),
                     plaintext: plaintext(i),
                     aad: aad(i),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()

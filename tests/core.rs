@@ -139,6 +139,7 @@ async fn batches_round_trip_with_per_item_errors() {
             context: format!("ctx.{}", i % 3),
             plaintext: format!("value {i}").into_bytes(),
             aad: format!("row {i}").into_bytes(),
+            ..Default::default()
         })
         .collect();
     items[42].context = String::new(); // invalid: fails alone
@@ -146,6 +147,7 @@ async fn batches_round_trip_with_per_item_errors() {
         .encrypt_batch(pb::EncryptBatchRequest {
             tenant_id: "acme".into(),
             items: items.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -294,12 +296,14 @@ async fn errors_have_the_right_codes() {
             context: "c".into(),
             plaintext: vec![1],
             aad: vec![],
+            ..Default::default()
         })
         .collect();
     let err = keys
         .encrypt_batch(pb::EncryptBatchRequest {
             tenant_id: "acme".into(),
             items: too_many,
+            ..Default::default()
         })
         .await
         .status_err();
@@ -308,6 +312,7 @@ async fn errors_have_the_right_codes() {
         .encrypt_batch(pb::EncryptBatchRequest {
             tenant_id: "acme".into(),
             items: vec![],
+            ..Default::default()
         })
         .await
         .status_err();
@@ -322,8 +327,10 @@ async fn errors_have_the_right_codes() {
                     context: "c".into(),
                     plaintext: vec![0u8; 60_000],
                     aad: vec![],
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .status_err();

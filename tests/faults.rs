@@ -236,8 +236,10 @@ async fn a_batch_whose_answer_would_be_too_large_is_refused_before_any_work() {
                 context: "c".into(),
                 plaintext: format!("{i:040}").into_bytes(),
                 aad: Vec::new(),
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     };
     // About 45 KiB of request; the ciphertexts would make about 80 KiB of answer.
     let status = keys.encrypt_batch(request(1000)).await.unwrap_err();

@@ -80,6 +80,7 @@ async fn try_encrypt(keys: &mut Keys, id: &str) -> Result<pb::EncryptResponse, t
         context: "ctx".into(),
         plaintext: b"value".to_vec(),
         aad: Vec::new(),
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner())
@@ -551,6 +552,7 @@ async fn malformed_request_bodies_are_invalid_argument() {
         context: "ctx".into(),
         plaintext: b"value".to_vec(),
         aad: Vec::new(),
+        ..Default::default()
     });
     let len = u32::try_from(message.len()).unwrap();
     let token = server.admin_token.clone();

@@ -91,6 +91,7 @@ async fn rewrap(
         context: "ctx".into(),
         ciphertext: ciphertext.to_vec(),
         aad: aad.to_vec(),
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner())
@@ -106,12 +107,14 @@ async fn encrypt_batch(
             context: "ctx".into(),
             plaintext: format!("v{i}").into_bytes(),
             aad: vec![],
+            ..Default::default()
         })
         .collect();
     let results = keys
         .encrypt_batch(pb::EncryptBatchRequest {
             tenant_id: id.into(),
             items,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -266,16 +269,19 @@ async fn rotation_keeps_old_versions_and_rewrap_moves_values_to_the_primary() {
                     context: "ctx".into(),
                     ciphertext: v1.ciphertext.clone(),
                     aad: b"row-1".to_vec(),
+                    ..Default::default()
                 },
                 pb::RewrapBatchItem {
                     context: "ctx".into(),
                     ciphertext: v1.ciphertext[..20].to_vec(),
                     aad: b"row-1".to_vec(),
+                    ..Default::default()
                 },
                 pb::RewrapBatchItem {
                     context: "ctx".into(),
                     ciphertext: v2.ciphertext.clone(),
                     aad: b"row-2".to_vec(),
+                    ..Default::default()
                 },
             ],
         })

@@ -278,7 +278,9 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
                     context: "ctx".into(),
                     plaintext: b"v".to_vec(),
                     aad: vec![],
+                    ..Default::default()
                 }],
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -312,6 +314,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
                 context: "ctx".into(),
                 ciphertext: f.ciphertext.clone(),
                 aad: vec![],
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -323,6 +326,7 @@ async fn run_op(c: &mut Clients, op: Op, tenant: &str, f: &Fixture) -> (Code, St
                     context: "ctx".into(),
                     ciphertext: f.ciphertext.clone(),
                     aad: vec![],
+                    ..Default::default()
                 }],
             })
             .await
@@ -1419,8 +1423,10 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
                     context: "crm.phone".into(),
                     plaintext: plaintexts[i].clone(),
                     aad: aads[i].clone(),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1460,6 +1466,7 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
         context: "crm.email".into(),
         ciphertext: one.ciphertext.clone(),
         aad: aads[0].clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -1469,6 +1476,7 @@ async fn trace_log_of_a_full_walkthrough_holds_no_secret() {
             context: "crm.email".into(),
             ciphertext: three.ciphertext,
             aad: aads[3].clone(),
+            ..Default::default()
         }],
     })
     .await

@@ -48,6 +48,7 @@ contract_tests!(
     check_moved_and_forged_rows_are_refused,
     check_rolled_back_rows_are_detected,
     check_upgrade_macs_existing_rows_once,
+    check_index_definitions,
 );
 
 #[test]

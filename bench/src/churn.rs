@@ -343,6 +343,7 @@ async fn load_worker(
                         context: CONTEXT.into(),
                         plaintext: b"churn value".to_vec(),
                         aad: AAD.to_vec(),
+                        ..Default::default()
                     })
                     .await;
                 match result {

@@ -82,7 +82,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1,16,64,256", value_delimiter = ',')]
     concurrency: Vec<usize>,
     /// Scenarios, comma-separated: encrypt-64, encrypt-4k, decrypt-64, decrypt-4k, batch-100,
-    /// batch-1000, generate-data-key, rewrap, churn (any size: encrypt-1k, batch-10).
+    /// batch-1000, generate-data-key, rewrap, churn, blind-index-1000 (ComputeBlindIndex),
+    /// det-batch-1000 (deterministic EncryptBatch) (any size: encrypt-1k, batch-10).
     #[arg(
         long,
         default_value = "encrypt-64,encrypt-4k,decrypt-64,decrypt-4k,batch-100,batch-1000,generate-data-key,rewrap",

@@ -203,6 +203,12 @@ pub async fn run(config: BenchConfig, command: String) -> Result<Report> {
             let (target, child) =
                 start_target(&config, &data_dir, &temp, &config_file, *durability, run).await?;
             let clients = Clients::connect(&target, &config).await?;
+            if load_scenarios
+                .iter()
+                .any(|s| matches!(s, Scenario::BlindIndex(_)))
+            {
+                declare_bench_index(&mut clients.keys_tenants(&target).await?).await?;
+            }
             if config.addr.is_some() && run == 0 {
                 create_tenants_via_api(&mut clients.keys_tenants(&target).await?, &tenant_ids)
                     .await?;
@@ -498,6 +504,27 @@ impl Clients {
     }
 }
 
+/// Declares the blind index the `blind-index-N` scenario computes, for every tenant (a
+/// repeated declaration of the same definition is a no-op).
+async fn declare_bench_index(
+    tenants: &mut tenant_kms::pb::tenant_service_client::TenantServiceClient<
+        tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+    >,
+) -> Result<()> {
+    tenants
+        .declare_blind_index(tenant_kms::pb::DeclareBlindIndexRequest {
+            tenant_id: String::new(),
+            name: scenario::BLIND_INDEX.into(),
+            bits: 32,
+            normalization: "exact".into(),
+        })
+        .await
+        .map_err(|s| {
+            Error::Unavailable(format!("cannot declare the bench index: {}", s.message()))
+        })?;
+    Ok(())
+}
+
 async fn create_tenants_via_api(
     tenants: &mut tenant_kms::pb::tenant_service_client::TenantServiceClient<
         tonic::service::interceptor::InterceptedService<Channel, Bearer>,
@@ -550,6 +577,7 @@ async fn prewarm(clients: &Clients, work: &Arc<Workload>, concurrency: usize) ->
                     context: scenario::CONTEXT.into(),
                     plaintext: vec![0; 64],
                     aad: scenario::AAD.to_vec(),
+                    ..Default::default()
                 };
                 client
                     .encrypt(request)

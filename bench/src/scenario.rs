@@ -35,7 +35,17 @@ pub enum Scenario {
     Rewrap,
     /// The churn soak (see `churn`).
     Churn,
+    /// Searchable columns: ComputeBlindIndex of this many 32-byte values (index
+    /// [`BLIND_INDEX`], declared for every tenant before the run).
+    BlindIndex(usize),
+    /// Searchable columns: deterministic (AES-256-SIV) EncryptBatch of this many 64-byte values.
+    DeterministicBatch(usize),
 }
+
+/// The blind index the `blind-index-N` scenario computes: 32 bits, `exact`.
+pub const BLIND_INDEX: &str = "bench-email";
+/// Bytes of each value a `blind-index-N` call carries (an email's size).
+pub const BLIND_INDEX_VALUE_BYTES: usize = 32;
 
 /// Bytes of each value batches carry.
 pub const BATCH_FIELD_BYTES: usize = 64;
@@ -67,6 +77,18 @@ impl Scenario {
         if let Some(size) = name.strip_prefix("decrypt-") {
             return parse_size(size).map(Scenario::Decrypt).ok_or_else(bad);
         }
+        if let Some(items) = name.strip_prefix("blind-index-") {
+            return parse_size(items)
+                .filter(|n| *n > 0)
+                .map(Scenario::BlindIndex)
+                .ok_or_else(bad);
+        }
+        if let Some(items) = name.strip_prefix("det-batch-") {
+            return parse_size(items)
+                .filter(|n| *n > 0)
+                .map(Scenario::DeterministicBatch)
+                .ok_or_else(bad);
+        }
         if let Some(items) = name.strip_prefix("batch-") {
             return parse_size(items)
                 .filter(|n| *n > 0)
@@ -97,13 +119,17 @@ impl Scenario {
             Scenario::GenerateDataKey => "generate-data-key".into(),
             Scenario::Rewrap => "rewrap".into(),
             Scenario::Churn => "churn".into(),
+            Scenario::BlindIndex(n) => format!("blind-index-{n}"),
+            Scenario::DeterministicBatch(n) => format!("det-batch-{n}"),
         }
     }
 
     /// Items per call.
     pub fn items(&self) -> u64 {
         match self {
-            Scenario::Batch(n) => *n as u64,
+            Scenario::Batch(n) | Scenario::BlindIndex(n) | Scenario::DeterministicBatch(n) => {
+                *n as u64
+            }
             _ => 1,
         }
     }
@@ -112,7 +138,8 @@ impl Scenario {
     pub fn field_bytes(&self) -> usize {
         match self {
             Scenario::Encrypt(n) | Scenario::Decrypt(n) => *n,
-            Scenario::Batch(_) => BATCH_FIELD_BYTES,
+            Scenario::Batch(_) | Scenario::DeterministicBatch(_) => BATCH_FIELD_BYTES,
+            Scenario::BlindIndex(_) => BLIND_INDEX_VALUE_BYTES,
             Scenario::GenerateDataKey => tenant_kms::crypto::secret::KEY_LEN,
             Scenario::Rewrap | Scenario::Churn => REWRAP_FIELD_BYTES,
         }
@@ -200,6 +227,7 @@ impl Workload {
                     context: CONTEXT.into(),
                     plaintext: vec![0x5a; size],
                     aad: AAD.to_vec(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| {
@@ -271,6 +299,7 @@ impl RpcDriver {
                     context: CONTEXT.into(),
                     plaintext: self.plaintext.clone(),
                     aad: AAD.to_vec(),
+                    ..Default::default()
                 };
                 self.keys.encrypt(request).await.map_err(status)?;
                 Ok(1)
@@ -293,6 +322,7 @@ impl RpcDriver {
                     context: CONTEXT.into(),
                     ciphertext,
                     aad: AAD.to_vec(),
+                    ..Default::default()
                 };
                 self.keys.rewrap(request).await.map_err(status)?;
                 Ok(1)
@@ -303,11 +333,13 @@ impl RpcDriver {
                         context: CONTEXT.into(),
                         plaintext: self.plaintext.clone(),
                         aad: AAD.to_vec(),
+                        ..Default::default()
                     })
                     .collect();
                 let request = pb::EncryptBatchRequest {
                     tenant_id: self.tenant(),
                     items,
+                    ..Default::default()
                 };
                 let response = self.keys.encrypt_batch(request).await.map_err(status)?;
                 let results = response.into_inner().results;
@@ -319,6 +351,63 @@ impl RpcDriver {
                     .count();
                 if ok != n {
                     return Err(format!("{} of {n} batch items failed", n - ok));
+                }
+                Ok(n as u64)
+            }
+            Scenario::DeterministicBatch(n) => {
+                let items = (0..n)
+                    .map(|_| pb::EncryptBatchItem {
+                        context: CONTEXT.into(),
+                        plaintext: self.plaintext.clone(),
+                        aad: AAD.to_vec(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let request = pb::EncryptBatchRequest {
+                    tenant_id: self.tenant(),
+                    items,
+                    deterministic: true,
+                    ..Default::default()
+                };
+                let response = self.keys.encrypt_batch(request).await.map_err(status)?;
+                let ok = response
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(|r| {
+                        matches!(r.result, Some(pb::encrypt_batch_result::Result::Output(_)))
+                    })
+                    .count();
+                if ok != n {
+                    return Err(format!("{} of {n} batch items failed", n - ok));
+                }
+                Ok(n as u64)
+            }
+            Scenario::BlindIndex(n) => {
+                let request = pb::ComputeBlindIndexRequest {
+                    tenant_id: self.tenant(),
+                    index_name: BLIND_INDEX.into(),
+                    values: (0..n).map(|_| self.plaintext.clone()).collect(),
+                    all_enabled_versions: false,
+                };
+                let response = self
+                    .keys
+                    .compute_blind_index(request)
+                    .await
+                    .map_err(status)?;
+                let ok = response
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(|r| {
+                        matches!(
+                            r.result,
+                            Some(pb::compute_blind_index_result::Result::Output(_))
+                        )
+                    })
+                    .count();
+                if ok != n {
+                    return Err(format!("{} of {n} values failed", n - ok));
                 }
                 Ok(n as u64)
             }
@@ -367,7 +456,23 @@ impl RpcDriver {
                     response_bytes: (REWRAP_FIELD_BYTES + overhead) as u32,
                 }
             }
-            Scenario::Batch(n) => echo_pb::EchoRequest {
+            // Same shape: n values in, n answers of an index's size (4 bytes, with its name
+            // and version) out.
+            Scenario::BlindIndex(n) => echo_pb::EchoRequest {
+                tenant_id: self.tenant(),
+                context: BLIND_INDEX.into(),
+                plaintext: Vec::new(),
+                aad: Vec::new(),
+                items: (0..n)
+                    .map(|_| echo_pb::EchoItem {
+                        context: String::new(),
+                        plaintext: self.plaintext.clone(),
+                        aad: Vec::new(),
+                    })
+                    .collect(),
+                response_bytes: (4 + BLIND_INDEX.len() + 4) as u32,
+            },
+            Scenario::Batch(n) | Scenario::DeterministicBatch(n) => echo_pb::EchoRequest {
                 tenant_id: self.tenant(),
                 context: String::new(),
                 plaintext: Vec::new(),

@@ -182,6 +182,40 @@ fn bench_runs_every_scenario_with_its_baselines() {
     assert!(report["machine"].as_str().unwrap().contains("cores"));
 }
 
+/// Searchable columns: ComputeBlindIndex and deterministic EncryptBatch under load, each with
+/// its echo of the same shape (the bench declares its index before the run).
+#[test]
+fn bench_runs_the_searchable_scenarios() {
+    let report = bench_json(&[
+        "--duration",
+        "400ms",
+        "--warmup",
+        "100ms",
+        "--concurrency",
+        "2",
+        "--scenario",
+        "blind-index-10,det-batch-10",
+        "--durability",
+        "process",
+        "--tenants",
+        "3",
+        "--baseline-time",
+        "20ms",
+        "--json",
+    ]);
+    let results = report["results"].as_array().unwrap();
+    let names: Vec<&str> = results
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["blind-index-10", "det-batch-10"]);
+    for r in results {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["items_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["rps_vs_echo"].is_number(), "{r}");
+    }
+}
+
 #[test]
 fn bench_refuses_bad_input() {
     let (code, _, stderr) = run_bench(&["--scenario", "encrypt-sideways"]);

@@ -90,6 +90,17 @@ named_enum! {
         ListAuditEvents => "ListAuditEvents",
         /// `AuditService.VerifyAuditChain`.
         VerifyAuditChain => "VerifyAuditChain",
+        /// `KeyService.ComputeBlindIndex` (its record names the index as `blind-index:NAME`).
+        ComputeBlindIndex => "ComputeBlindIndex",
+        /// `KeyService.Encrypt` with `deterministic` set (AES-256-SIV): its own name, so the
+        /// audit and token scopes tell equality-revealing encryption apart.
+        EncryptDeterministic => "EncryptDeterministic",
+        /// `KeyService.EncryptBatch` with `deterministic` set.
+        EncryptBatchDeterministic => "EncryptBatchDeterministic",
+        /// `TenantService.DeclareBlindIndex`.
+        DeclareBlindIndex => "DeclareBlindIndex",
+        /// `TenantService.ListBlindIndexes`.
+        ListBlindIndexes => "ListBlindIndexes",
     }
 }
 

@@ -101,6 +101,10 @@ impl Operation {
             }
             Operation::DecryptDataKey => Some("decrypt-data-key"),
             Operation::Rewrap | Operation::RewrapBatch => Some("rewrap"),
+            Operation::ComputeBlindIndex => Some("compute-blind-index"),
+            Operation::EncryptDeterministic | Operation::EncryptBatchDeterministic => {
+                Some("encrypt-deterministic")
+            }
             _ => None,
         }
     }
@@ -114,6 +118,8 @@ pub const DATA_PERMISSIONS: &[&str] = &[
     "decrypt-data-key",
     "rewrap",
     "generate-data-key-without-plaintext",
+    "compute-blind-index",
+    "encrypt-deterministic",
 ];
 
 /// The credential a caller proved.
@@ -174,7 +180,10 @@ pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId
         Role::Admin => true,
         Role::Service => {
             operation.data_permission().is_some()
-                || matches!(operation, Operation::GetTenant | Operation::ListKeyVersions)
+                || matches!(
+                    operation,
+                    Operation::GetTenant | Operation::ListKeyVersions | Operation::ListBlindIndexes
+                )
         }
         Role::Auditor => matches!(
             operation,

@@ -149,7 +149,10 @@ impl ClientArgs {
 
     /// Connects, makes one KeyService call and returns its answer; a refusal becomes the
     /// command's error.
-    async fn key_call<R, F>(&self, rpc: impl FnOnce(KeyServiceClient<Authed>) -> F) -> Result<R>
+    pub(super) async fn key_call<R, F>(
+        &self,
+        rpc: impl FnOnce(KeyServiceClient<Authed>) -> F,
+    ) -> Result<R>
     where
         F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
     {
@@ -157,7 +160,7 @@ impl ClientArgs {
     }
 
     /// [`Self::key_call`] for the TenantService.
-    async fn tenant_call<R, F>(
+    pub(super) async fn tenant_call<R, F>(
         &self,
         rpc: impl FnOnce(TenantServiceClient<Authed>) -> F,
     ) -> Result<R>
@@ -245,6 +248,10 @@ pub struct EncryptArgs {
     /// Additional authenticated data (UTF-8), e.g. the row id.
     #[arg(long, default_value = "")]
     aad: String,
+    /// Seal deterministically (AES-256-SIV): equal values give equal ciphertexts, which a
+    /// database can compare; reveals equality (docs/SEARCHABLE.md).
+    #[arg(long)]
+    deterministic: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -265,7 +272,7 @@ pub struct DecryptArgs {
     client: ClientArgs,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -288,7 +295,7 @@ fn state_name(code: i32) -> &'static str {
 
 /// RFC 3339 text of a timestamp; a time before 1970 or after 9999 (which a server should
 /// never send) prints as its raw seconds instead of panicking in the formatter.
-fn rfc3339(ts: &Option<prost_types::Timestamp>) -> String {
+pub(super) fn rfc3339(ts: &Option<prost_types::Timestamp>) -> String {
     ts.as_ref()
         .map(|t| {
             u64::try_from(t.seconds)
@@ -318,7 +325,7 @@ fn tenant_json(t: &pb::Tenant) -> serde_json::Value {
     })
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(super) fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 
@@ -473,6 +480,8 @@ pub fn run_encrypt(args: EncryptArgs) -> Result<ExitCode> {
             context: args.context,
             plaintext: plaintext.to_vec(),
             aad: args.aad.into_bytes(),
+            deterministic: args.deterministic,
+            ..Default::default()
         };
         let response = args
             .client

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod backup;
 pub mod client;
 pub mod common;
+pub mod index;
 pub mod keyring;
 pub mod rotate;
 pub mod selftest;
@@ -56,6 +57,9 @@ enum Command {
     Keyring(keyring::KeyringCommand),
     /// Run the cryptographic self-tests (known answers, Wycheproof, wire-format vectors).
     Selftest(selftest::SelftestArgs),
+    /// Declare, list and compute blind indexes (searchable columns) through a running server.
+    #[command(subcommand)]
+    Index(index::IndexCommand),
 }
 
 /// Parses the command line and runs the command.
@@ -73,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Restore(args) => backup::run_restore(args),
         Command::Selftest(args) => selftest::run(args),
         Command::Keyring(cmd) => keyring::run(cmd),
+        Command::Index(cmd) => index::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -3,11 +3,11 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 1 | format version = 1 |
-//! | 1 | 1 | algorithm (1 = field value, 2 = wrapped data key) |
+//! | 1 | 1 | algorithm (1 = field value, 2 = wrapped data key, 3 = deterministic value) |
 //! | 2 | 4 | tenant key version, big-endian |
-//! | 6 | 12 | nonce |
+//! | 6 | 12 | nonce (all zero for algorithm 3) |
 //! | 18 | n | ciphertext |
-//! | 18+n | 16 | GCM tag |
+//! | 18+n | 16 | GCM tag (algorithm 3: the 16-byte SIV comes first, then the ciphertext) |
 //!
 //! Parsing is total: any malformed input is the one opaque [`CryptoError`].
 
@@ -29,6 +29,9 @@ pub enum Algorithm {
     FieldValue = 1,
     /// A 256-bit data key sealed with AES-256-GCM under a data-key wrapping key.
     WrappedDataKey = 2,
+    /// A column value sealed deterministically with AES-256-SIV (RFC 5297) under a
+    /// deterministic key (`crypto::siv`); the header's nonce field is all zero.
+    DeterministicValue = 3,
 }
 
 impl Algorithm {
@@ -41,6 +44,7 @@ impl Algorithm {
         match byte {
             1 => Ok(Self::FieldValue),
             2 => Ok(Self::WrappedDataKey),
+            3 => Ok(Self::DeterministicValue),
             _ => Err(CryptoError),
         }
     }
@@ -96,6 +100,10 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CryptoError> {
     }
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&header_bytes[6..]);
+    // SIV takes no nonce: a deterministic value has exactly one encoding, with a zero field.
+    if algorithm == Algorithm::DeterministicValue && nonce != [0u8; NONCE_LEN] {
+        return Err(CryptoError);
+    }
     Ok(Parsed {
         header: Header {
             algorithm,
@@ -239,8 +247,14 @@ mod tests {
         bad[0] = 2;
         assert!(parse(&bad).is_err());
         let mut bad = bytes.clone();
+        bad[1] = 4;
+        assert!(parse(&bad).is_err());
+        // Algorithm 3 (deterministic) with a non-zero nonce field is refused.
+        let mut bad = bytes.clone();
         bad[1] = 3;
         assert!(parse(&bad).is_err());
+        bad[6..HEADER_LEN].fill(0);
+        assert!(parse(&bad).is_ok());
         let mut bad = bytes;
         bad[2..6].copy_from_slice(&[0, 0, 0, 0]);
         assert!(parse(&bad).is_err());

@@ -36,6 +36,10 @@ pub const SEALED_KEYRING_CHECK: &[u8] = b"tenant-kms/v1/sealed-keyring-check";
 /// key versions) and the store's row anchor (derived from the audit secret, which is wrapped
 /// under the master key); also the first part of every row MAC's input (`store::row_auth`).
 pub const ROW_MAC: &[u8] = b"tenant-kms/v1/row-mac";
+/// HKDF info label for a blind index key (docs/FORMAT.md "Blind indexes").
+pub const BLIND_INDEX: &[u8] = b"tenant-kms/v1/blind-index";
+/// HKDF info and AAD label for deterministic values (algorithm 3, AES-256-SIV).
+pub const DETERMINISTIC: &[u8] = b"tenant-kms/v1/deterministic";
 
 /// Every label, for the test that proves them distinct and for docs.
 pub const ALL: &[&[u8]] = &[
@@ -52,6 +56,8 @@ pub const ALL: &[&[u8]] = &[
     SEALED_KEYRING_BODY,
     SEALED_KEYRING_CHECK,
     ROW_MAC,
+    BLIND_INDEX,
+    DETERMINISTIC,
 ];
 
 /// Appends `part` to `out` prefixed by its length as a 4-byte big-endian integer, so that no

@@ -6,11 +6,13 @@
 //! suites (which therefore test exactly what runs in production).
 
 pub mod aead;
+pub mod blind_index;
 pub mod envelope;
 pub mod format;
 pub mod kdf;
 pub mod labels;
 pub mod secret;
+pub mod siv;
 
 /// The one error every cryptographic failure becomes.
 ///

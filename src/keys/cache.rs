@@ -18,8 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use lru::LruCache;
 
 use crate::crypto::aead::AeadKey;
+use crate::crypto::blind_index::IndexKey;
 use crate::crypto::envelope::{self, Purpose};
 use crate::crypto::secret::SecretKey;
+use crate::crypto::siv::SivKey;
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result};
 use crate::store::TenantRecord;
@@ -100,6 +102,25 @@ pub struct Counter {
     pub reserved: u64,
 }
 
+/// Prepared searchable-column keys of one tenant (docs/SEARCHABLE.md): blind index keys by
+/// (version, index name) and deterministic keys by (version, context), bounded like the value
+/// keys. Their own maps, because their key types are not AEAD keys.
+#[derive(Default)]
+struct SearchKeys {
+    index: HashMap<u32, HashMap<String, Arc<IndexKey>>>,
+    siv: HashMap<u32, HashMap<String, Arc<SivKey>>>,
+    count: usize,
+}
+
+impl SearchKeys {
+    fn make_room(&mut self) {
+        if self.count >= MAX_VALUE_KEYS_PER_TENANT {
+            *self = Self::default();
+        }
+        self.count += 1;
+    }
+}
+
 /// A snapshot of one tenant's keys.
 pub struct TenantEntry {
     /// The tenant's row at load time.
@@ -107,6 +128,7 @@ pub struct TenantEntry {
     /// Sorted by version (a binary search is cheaper than hashing on the hot path).
     versions: Vec<(u32, CachedVersion)>,
     value_keys: Mutex<ValueKeys>,
+    search_keys: Mutex<SearchKeys>,
     /// The primary version's nonce-budget counter.
     pub counter: Mutex<Counter>,
 }
@@ -130,6 +152,7 @@ impl TenantEntry {
             record,
             versions,
             value_keys: Mutex::new(ValueKeys::default()),
+            search_keys: Mutex::new(SearchKeys::default()),
             counter: Mutex::new(Counter {
                 used: primary_reserved,
                 reserved: primary_reserved,
@@ -196,6 +219,77 @@ impl TenantEntry {
             .map_err(|_| Error::internal("value key derivation failed"))?,
         );
         keys.insert(version, purpose, context, Arc::clone(&key));
+        Ok(key)
+    }
+
+    /// The unwrapped key of an enabled version in the snapshot; as [`TenantEntry::value_key`]
+    /// for a version that is missing, disabled or destroyed.
+    fn enabled_key(&self, version: u32) -> Result<&SecretKey> {
+        let cached = self
+            .versions
+            .binary_search_by_key(&version, |(v, _)| *v)
+            .ok()
+            .and_then(|i| self.versions.get(i))
+            .map(|(_, c)| c)
+            .ok_or(Error::DecryptFailed)?;
+        match (&cached.key, cached.state) {
+            (Some(key), KeyVersionState::Enabled) => Ok(key),
+            (_, state) => Err(Error::KeyVersionState { version, state }),
+        }
+    }
+
+    /// The enabled versions of the snapshot: the primary first, then the others newest first
+    /// (the order in which searchable-column answers list them).
+    pub fn enabled_versions(&self) -> Vec<u32> {
+        let primary = self.record.primary_version;
+        let mut out = vec![primary];
+        out.extend(
+            self.versions
+                .iter()
+                .rev()
+                .filter(|(v, c)| {
+                    *v != primary && c.state == KeyVersionState::Enabled && c.key.is_some()
+                })
+                .map(|(v, _)| *v),
+        );
+        out
+    }
+
+    /// The prepared blind index key of (version, index name), derived on first use.
+    pub fn index_key(&self, version: u32, index_name: &str) -> Result<Arc<IndexKey>> {
+        let tenant_key = self.enabled_key(version)?;
+        let mut keys = lock(&self.search_keys);
+        if let Some(key) = keys.index.get(&version).and_then(|m| m.get(index_name)) {
+            return Ok(Arc::clone(key));
+        }
+        let key = Arc::new(
+            IndexKey::derive(tenant_key, self.record.tenant_id.as_str(), index_name)
+                .map_err(|_| Error::internal("index key derivation failed"))?,
+        );
+        keys.make_room();
+        keys.index
+            .entry(version)
+            .or_default()
+            .insert(index_name.to_owned(), Arc::clone(&key));
+        Ok(key)
+    }
+
+    /// The deterministic (AES-256-SIV) key of (version, context), derived on first use.
+    pub fn deterministic_key(&self, version: u32, context: &str) -> Result<Arc<SivKey>> {
+        let tenant_key = self.enabled_key(version)?;
+        let mut keys = lock(&self.search_keys);
+        if let Some(key) = keys.siv.get(&version).and_then(|m| m.get(context)) {
+            return Ok(Arc::clone(key));
+        }
+        let key = Arc::new(
+            SivKey::derive(tenant_key, self.record.tenant_id.as_str(), context)
+                .map_err(|_| Error::internal("deterministic key derivation failed"))?,
+        );
+        keys.make_room();
+        keys.siv
+            .entry(version)
+            .or_default()
+            .insert(context.to_owned(), Arc::clone(&key));
         Ok(key)
     }
 

@@ -275,6 +275,26 @@ impl Call {
         }
     }
 
+    /// Searchable columns: authorizes an admitted call for a second operation it also
+    /// performs (an Encrypt or Rewrap that computes blind indexes also needs
+    /// `ComputeBlindIndex`), for the same tenant.
+    pub fn authorize_also(&self, operation: Operation) -> Result<()> {
+        let caller = self
+            .caller
+            .as_ref()
+            .ok_or(crate::error::Error::Unauthenticated)?;
+        authorize(caller, operation, self.tenant.as_ref())
+    }
+
+    /// Searchable columns: notes a blind index name for the audit record, among the
+    /// contexts, as `blind-index:NAME`.
+    pub fn note_index(&mut self, name: &crate::domain::index::IndexName) {
+        let noted = format!("blind-index:{name}");
+        if self.contexts.len() < MAX_AUDITED_CONTEXTS && !self.contexts.contains(&noted) {
+            self.contexts.push(noted);
+        }
+    }
+
     /// Notes a key version for the audit record (distinct).
     pub fn note_version(&mut self, version: u32) {
         if !self.key_versions.contains(&version) {

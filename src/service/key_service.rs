@@ -15,9 +15,12 @@ use super::call::{self, Call};
 use super::state::AppState;
 use super::{blocking, status};
 use crate::auth::Operation;
+use crate::crypto::blind_index::{self, Normalization};
 use crate::crypto::envelope::{self, Purpose};
-use crate::crypto::format;
+use crate::crypto::format::{self, Algorithm};
 use crate::crypto::secret::{SecretBytes, SecretKey};
+use crate::crypto::siv;
+use crate::domain::index::{IndexDefinition, IndexName};
 use crate::domain::{Context, TenantId};
 use crate::error::{Error, Result};
 use crate::keys::EncryptGrant;
@@ -28,15 +31,92 @@ use crate::pb::key_service_server::KeyService;
 /// Batches with more items than this run their crypto on the blocking pool.
 const INLINE_BATCH_ITEMS: usize = 32;
 
+/// Most blind indexes one value may name, and most different ones one call may name.
+const MAX_INDEXES_PER_VALUE: usize = 8;
+
+/// Most blind index definitions kept in memory before the cache starts over.
+const MAX_CACHED_DEFINITIONS: usize = 4096;
+
 /// The KeyService implementation.
 pub struct KeyServiceImpl {
     state: Arc<AppState>,
+    /// Blind index definitions found in force, by (tenant, name). A definition in force for a
+    /// tenant never changes and is never removed (`domain::index::check_declaration`), so a
+    /// cached one is never stale, even when another process declares indexes.
+    definitions: std::sync::Mutex<std::collections::HashMap<(String, String), IndexDefinition>>,
 }
 
 impl KeyServiceImpl {
     /// A service over the shared state.
     pub fn new(state: Arc<AppState>) -> Self {
-        Self { state }
+        Self {
+            state,
+            definitions: std::sync::Mutex::default(),
+        }
+    }
+
+    fn cached_definitions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), IndexDefinition>>
+    {
+        // A poisoned lock only means a panic elsewhere; the map is consistent between
+        // statements.
+        self.definitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The blind index definition of `name` in force for `tenant`; NOT_FOUND if none.
+    async fn index_definition(
+        &self,
+        tenant: &TenantId,
+        name: &IndexName,
+    ) -> Result<IndexDefinition> {
+        let key = (tenant.as_str().to_owned(), name.as_str().to_owned());
+        if let Some(found) = self.cached_definitions().get(&key) {
+            return Ok(found.clone());
+        }
+        let keys = Arc::clone(&self.state.keys);
+        let (t, n) = (tenant.clone(), name.clone());
+        let found = blocking(move || keys.store().index_definition(&t, &n))
+            .await?
+            .ok_or(Error::NotFound("blind index"))?;
+        let mut cache = self.cached_definitions();
+        if cache.len() >= MAX_CACHED_DEFINITIONS {
+            cache.clear();
+        }
+        cache.insert(key, found.clone());
+        Ok(found)
+    }
+
+    /// Parses and resolves the blind index names a request asks for (at most
+    /// [`MAX_INDEXES_PER_VALUE`] different ones per call), notes them for the audit record, and checks
+    /// that the caller may also compute blind indexes. Nothing is asked: nothing is checked.
+    async fn resolve_indexes<'a>(
+        &self,
+        call: &mut Call,
+        tenant: &TenantId,
+        names: impl Iterator<Item = &'a String>,
+    ) -> Result<Vec<IndexDefinition>> {
+        let mut out: Vec<IndexDefinition> = Vec::new();
+        for raw in names {
+            if out.is_empty() {
+                call.authorize_also(Operation::ComputeBlindIndex)?;
+            }
+            let name = IndexName::parse(raw)?;
+            if out.iter().any(|d| d.name == name) {
+                continue;
+            }
+            // Bounded before any lookup, so a long list costs nothing but its parsing.
+            if out.len() == MAX_INDEXES_PER_VALUE {
+                return Err(Error::InvalidArgument(format!(
+                    "a call may name at most {MAX_INDEXES_PER_VALUE} different blind indexes"
+                )));
+            }
+            call.note_index(&name);
+            out.push(self.index_definition(tenant, &name).await?);
+        }
+        Ok(out)
     }
 
     /// The tenant's key snapshot; it must be active to serve crypto.
@@ -86,8 +166,14 @@ impl KeyServiceImpl {
     fn check_encrypt_batch_answer(
         &self,
         call: &Call,
-        prepared: &[Result<Prepared<SecretBytes>>],
+        prepared: &[Result<Prepared<EncryptItem>>],
+        deterministic: bool,
+        versions: usize,
     ) -> Result<()> {
+        // Searchable columns: a deterministic value is sealed once per answered version, and
+        // each blind index (at most 32 bytes, its name at most 64) is returned once per
+        // version, with its own framing.
+        let copies = if deterministic { versions } else { 1 };
         // Tag and length varint (at most 1 + 5 bytes) of the repeated result, the oneof
         // member, the ciphertext or message, and the key version or code (at most 1 + 5).
         const FRAMING_PER_ITEM: usize = 4 * 6;
@@ -96,7 +182,11 @@ impl KeyServiceImpl {
             .map(|item| {
                 FRAMING_PER_ITEM
                     + match item {
-                        Ok(item) => item.data.expose_secret().len() + format::MIN_LEN,
+                        Ok(item) => {
+                            (item.data.0.expose_secret().len() + format::MIN_LEN) * copies
+                                + FRAMING_PER_ITEM * (copies - 1)
+                                + item.data.1.len() * versions * (32 + 64 + 16)
+                        }
                         Err(e) => status::client_message(e, &call.request_id).len(),
                     }
             })
@@ -214,6 +304,135 @@ fn seal(
     .map_err(|_| Error::internal("seal failed"))
 }
 
+/// The indexes of `definitions` that a value asks for by name (names resolved already).
+fn indexes_named(definitions: &[IndexDefinition], names: &[String]) -> Result<Vec<usize>> {
+    if names.len() > MAX_INDEXES_PER_VALUE {
+        return Err(Error::InvalidArgument(format!(
+            "blind_indexes may name at most {MAX_INDEXES_PER_VALUE} indexes"
+        )));
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let i = definitions
+            .iter()
+            .position(|d| d.name.as_str() == name)
+            .ok_or_else(|| Error::internal("blind index not resolved"))?;
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses, before anything is sealed, a value that an index's normalization cannot take
+/// (case folding needs UTF-8 text).
+fn check_normalizable<'a>(
+    definitions: impl IntoIterator<Item = &'a IndexDefinition>,
+    value: &[u8],
+) -> Result<()> {
+    for d in definitions {
+        if d.normalization == Normalization::CaseFoldTrim && std::str::from_utf8(value).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "blind index {} normalizes with casefold_trim, which needs UTF-8 text",
+                d.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The blind indexes of one value: for each definition, under each of `versions`.
+fn blind_indexes<'a>(
+    entry: &TenantEntry,
+    versions: &[u32],
+    definitions: impl IntoIterator<Item = &'a IndexDefinition>,
+    value: &[u8],
+) -> Result<Vec<pb::BlindIndex>> {
+    let mut out = Vec::new();
+    for d in definitions {
+        for &version in versions {
+            let key = entry.index_key(version, d.name.as_str())?;
+            let index =
+                blind_index::index_of(&key, d.bits, d.normalization, value).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "blind index {} normalizes with casefold_trim, which needs UTF-8 text",
+                        d.name
+                    ))
+                })?;
+            out.push(pb::BlindIndex {
+                index_name: d.name.as_str().to_owned(),
+                key_version: version,
+                index,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The versions a searchable answer covers: the one that sealed, or every enabled version
+/// (that one first, then the others newest first).
+fn answer_versions(entry: &TenantEntry, version: u32, all: bool) -> Vec<u32> {
+    if !all {
+        return vec![version];
+    }
+    let mut versions = vec![version];
+    versions.extend(
+        entry
+            .enabled_versions()
+            .into_iter()
+            .filter(|v| *v != version),
+    );
+    versions
+}
+
+/// Seals one value deterministically (algorithm 3, AES-256-SIV) under `version`. SIV takes no
+/// nonce, so this spends no nonce budget (docs/SEARCHABLE.md).
+fn seal_deterministic(
+    entry: &TenantEntry,
+    version: u32,
+    tenant: &TenantId,
+    context: &Context,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
+    let key = entry.deterministic_key(version, context.as_str())?;
+    siv::seal_deterministic(
+        &key,
+        version,
+        tenant.as_str(),
+        context.as_str(),
+        aad,
+        plaintext,
+    )
+    .map_err(|_| Error::internal("deterministic seal failed"))
+}
+
+/// A deterministic value's other enabled versions' ciphertexts (`all_enabled_versions`).
+fn other_versions(
+    entry: &TenantEntry,
+    versions: &[u32],
+    tenant: &TenantId,
+    context: &Context,
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<pb::VersionedCiphertext>> {
+    versions
+        .iter()
+        .skip(1)
+        .map(|&version| {
+            Ok(pb::VersionedCiphertext {
+                key_version: version,
+                ciphertext: seal_deterministic(entry, version, tenant, context, aad, plaintext)?,
+            })
+        })
+        .collect()
+}
+
+/// Whether a ciphertext is a deterministic value (algorithm 3); a rewrap keeps the mode.
+fn is_deterministic(ciphertext: &[u8]) -> bool {
+    format::parse(ciphertext).is_ok_and(|p| p.header.algorithm == Algorithm::DeterministicValue)
+}
+
 /// Opens one v1 ciphertext with whichever version its header names.
 fn open(
     entry: &TenantEntry,
@@ -225,6 +444,13 @@ fn open(
 ) -> Result<(SecretBytes, u32)> {
     let parsed = format::parse(ciphertext).map_err(Error::failed_open)?;
     let version = parsed.header.key_version;
+    if purpose == Purpose::Field && parsed.header.algorithm == Algorithm::DeterministicValue {
+        let key = entry.deterministic_key(version, context.as_str())?;
+        let plaintext =
+            siv::open_deterministic(&key, &parsed, tenant.as_str(), context.as_str(), aad)
+                .map_err(Error::failed_open)?;
+        return Ok((plaintext, version));
+    }
     let key = entry.value_key(version, purpose, context.as_str())?;
     let plaintext = envelope::open_value(
         &key,
@@ -262,6 +488,9 @@ fn item_error(call: &mut Call, error: &Error) -> pb::ItemError {
     }
 }
 
+/// An EncryptBatch item's data: its plaintext and the blind index names it asks for.
+type EncryptItem = (SecretBytes, Vec<String>);
+
 /// A batch item after validation: its context and its owned fields.
 struct Prepared<T> {
     context: Context,
@@ -275,7 +504,13 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let call = Call::begin(&request, Operation::Encrypt);
+        // A deterministic seal is its own operation (audit, token scopes): it reveals equality.
+        let operation = if request.get_ref().deterministic {
+            Operation::EncryptDeterministic
+        } else {
+            Operation::Encrypt
+        };
+        let call = Call::begin(&request, operation);
         let req = request.into_inner();
         let plaintext = SecretBytes::new(req.plaintext);
         self.data_call(call, &req.tenant_id, async |call, tenant| {
@@ -284,20 +519,59 @@ impl KeyService for KeyServiceImpl {
             self.check_value_len("plaintext", plaintext.expose_secret().len())?;
             self.check_value_len("aad", req.aad.len())?;
             call.note_aad(&self.state, &req.aad);
+            let definitions = self
+                .resolve_indexes(call, &tenant, req.blind_indexes.iter())
+                .await?;
+            indexes_named(&definitions, &req.blind_indexes)?;
+            check_normalizable(&definitions, plaintext.expose_secret())?;
             let entry = self.active_entry(&tenant).await?;
-            let grant = self.grant(entry, 1).await?;
-            call.note_version(grant.version());
-            let ciphertext = seal(
-                &grant,
-                Purpose::Field,
-                &tenant,
-                &context,
-                &req.aad,
-                plaintext.expose_secret(),
-            )?;
+            let (ciphertext, version, entry) = if req.deterministic {
+                let version = entry.record.primary_version;
+                let ciphertext = seal_deterministic(
+                    &entry,
+                    version,
+                    &tenant,
+                    &context,
+                    &req.aad,
+                    plaintext.expose_secret(),
+                )?;
+                (ciphertext, version, entry)
+            } else {
+                let grant = self.grant(entry, 1).await?;
+                let ciphertext = seal(
+                    &grant,
+                    Purpose::Field,
+                    &tenant,
+                    &context,
+                    &req.aad,
+                    plaintext.expose_secret(),
+                )?;
+                (ciphertext, grant.version(), Arc::clone(grant.entry()))
+            };
+            call.note_version(version);
+            let versions = answer_versions(&entry, version, req.all_enabled_versions);
+            if req.deterministic || !definitions.is_empty() {
+                versions.iter().for_each(|v| call.note_version(*v));
+            }
+            let other_versions = if req.deterministic {
+                other_versions(
+                    &entry,
+                    &versions,
+                    &tenant,
+                    &context,
+                    &req.aad,
+                    plaintext.expose_secret(),
+                )?
+            } else {
+                Vec::new()
+            };
+            let blind_indexes =
+                blind_indexes(&entry, &versions, &definitions, plaintext.expose_secret())?;
             Ok(pb::EncryptResponse {
                 ciphertext,
-                key_version: grant.version(),
+                key_version: version,
+                blind_indexes,
+                other_versions,
             })
         })
         .await
@@ -339,42 +613,127 @@ impl KeyService for KeyServiceImpl {
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let call = Call::begin(&request, Operation::EncryptBatch);
+        let operation = if request.get_ref().deterministic {
+            Operation::EncryptBatchDeterministic
+        } else {
+            Operation::EncryptBatch
+        };
+        let call = Call::begin(&request, operation);
         let req = request.into_inner();
+        let deterministic = req.deterministic;
+        let all_versions = req.all_enabled_versions;
         self.data_call(call, &req.tenant_id, async |call, tenant| {
-            let items = req
-                .items
-                .into_iter()
-                .map(|item| (item.context, SecretBytes::new(item.plaintext), item.aad));
-            let prepared = self.prepare_batch(call, items, |plaintext| {
-                self.check_value_len("plaintext", plaintext.expose_secret().len())
+            self.check_batch_len(req.items.len())?;
+            let definitions = Arc::new(
+                self.resolve_indexes(
+                    call,
+                    &tenant,
+                    req.items.iter().flat_map(|i| i.blind_indexes.iter()),
+                )
+                .await?,
+            );
+            let items = req.items.into_iter().map(|item| {
+                (
+                    item.context,
+                    (SecretBytes::new(item.plaintext), item.blind_indexes),
+                    item.aad,
+                )
+            });
+            let prepared = self.prepare_batch(call, items, |(plaintext, names)| {
+                self.check_value_len("plaintext", plaintext.expose_secret().len())?;
+                let named = indexes_named(&definitions, names)?;
+                check_normalizable(
+                    named.iter().filter_map(|i| definitions.get(*i)),
+                    plaintext.expose_secret(),
+                )
             })?;
-            self.check_encrypt_batch_answer(call, &prepared)?;
             let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
-            let grant = if valid > 0 {
-                let entry = self.active_entry(&tenant).await?;
-                let grant = self.grant(entry, valid).await?;
-                call.note_version(grant.version());
-                Some(Arc::new(grant))
+            let entry = if valid > 0 {
+                Some(self.active_entry(&tenant).await?)
             } else {
                 None
             };
+            // Every enabled version, plus one for a rotation the grant below may make.
+            let answered = match &entry {
+                Some(entry) if all_versions => entry.enabled_versions().len() + 1,
+                _ => 1,
+            };
+            self.check_encrypt_batch_answer(call, &prepared, deterministic, answered)?;
+            // A deterministic seal takes no nonce, so it reserves no nonce budget.
+            let sealer = match entry {
+                None => None,
+                Some(entry) if deterministic => {
+                    let version = entry.record.primary_version;
+                    Some((entry, version, None))
+                }
+                Some(entry) => {
+                    let grant = self.grant(entry, valid).await?;
+                    Some((
+                        Arc::clone(grant.entry()),
+                        grant.version(),
+                        Some(Arc::new(grant)),
+                    ))
+                }
+            };
+            let versions = match &sealer {
+                Some((entry, version, _)) => {
+                    let versions = answer_versions(entry, *version, all_versions);
+                    call.note_version(*version);
+                    if deterministic || !definitions.is_empty() {
+                        versions.iter().for_each(|v| call.note_version(*v));
+                    }
+                    versions
+                }
+                None => Vec::new(),
+            };
             let outputs = run_items(prepared, move |item| {
                 let item = item?;
-                let grant = grant
+                let (plaintext, names) = &item.data;
+                let (entry, version, grant) = sealer
                     .as_ref()
-                    .ok_or_else(|| Error::internal("no grant for a valid item"))?;
-                let ciphertext = seal(
-                    grant,
-                    Purpose::Field,
-                    &tenant,
-                    &item.context,
-                    &item.aad,
-                    item.data.expose_secret(),
+                    .ok_or_else(|| Error::internal("no sealer for a valid item"))?;
+                let ciphertext = match grant {
+                    Some(grant) => seal(
+                        grant,
+                        Purpose::Field,
+                        &tenant,
+                        &item.context,
+                        &item.aad,
+                        plaintext.expose_secret(),
+                    )?,
+                    None => seal_deterministic(
+                        entry,
+                        *version,
+                        &tenant,
+                        &item.context,
+                        &item.aad,
+                        plaintext.expose_secret(),
+                    )?,
+                };
+                let other_versions = if grant.is_none() {
+                    other_versions(
+                        entry,
+                        &versions,
+                        &tenant,
+                        &item.context,
+                        &item.aad,
+                        plaintext.expose_secret(),
+                    )?
+                } else {
+                    Vec::new()
+                };
+                let named = indexes_named(&definitions, names)?;
+                let blind_indexes = blind_indexes(
+                    entry,
+                    &versions,
+                    named.iter().filter_map(|i| definitions.get(*i)),
+                    plaintext.expose_secret(),
                 )?;
                 Ok(pb::EncryptResponse {
                     ciphertext,
-                    key_version: grant.version(),
+                    key_version: *version,
+                    blind_indexes,
+                    other_versions,
                 })
             })
             .await?;
@@ -545,6 +904,10 @@ impl KeyService for KeyServiceImpl {
             self.check_ciphertext_len("ciphertext", req.ciphertext.len())?;
             self.check_value_len("aad", req.aad.len())?;
             call.note_aad(&self.state, &req.aad);
+            let definitions = self
+                .resolve_indexes(call, &tenant, req.blind_indexes.iter())
+                .await?;
+            indexes_named(&definitions, &req.blind_indexes)?;
             let entry = self.active_entry(&tenant).await?;
             let (plaintext, old_version) = open(
                 &entry,
@@ -555,19 +918,37 @@ impl KeyService for KeyServiceImpl {
                 &req.ciphertext,
             )?;
             call.note_version(old_version);
-            let grant = self.grant(entry, 1).await?;
-            call.note_version(grant.version());
-            let ciphertext = seal(
-                &grant,
-                Purpose::Field,
-                &tenant,
-                &context,
-                &req.aad,
-                plaintext.expose_secret(),
-            )?;
+            check_normalizable(&definitions, plaintext.expose_secret())?;
+            let (ciphertext, version, entry) = if is_deterministic(&req.ciphertext) {
+                let version = entry.record.primary_version;
+                let ciphertext = seal_deterministic(
+                    &entry,
+                    version,
+                    &tenant,
+                    &context,
+                    &req.aad,
+                    plaintext.expose_secret(),
+                )?;
+                (ciphertext, version, entry)
+            } else {
+                let grant = self.grant(entry, 1).await?;
+                let ciphertext = seal(
+                    &grant,
+                    Purpose::Field,
+                    &tenant,
+                    &context,
+                    &req.aad,
+                    plaintext.expose_secret(),
+                )?;
+                (ciphertext, grant.version(), Arc::clone(grant.entry()))
+            };
+            call.note_version(version);
+            let blind_indexes =
+                blind_indexes(&entry, &[version], &definitions, plaintext.expose_secret())?;
             Ok(pb::RewrapResponse {
                 ciphertext,
-                key_version: grant.version(),
+                key_version: version,
+                blind_indexes,
             })
         })
         .await
@@ -580,45 +961,93 @@ impl KeyService for KeyServiceImpl {
         let call = Call::begin(&request, Operation::RewrapBatch);
         let req = request.into_inner();
         self.data_call(call, &req.tenant_id, async |call, tenant| {
-            let items = req
-                .items
-                .into_iter()
-                .map(|item| (item.context, item.ciphertext, item.aad));
-            let prepared = self.prepare_ciphertexts(call, items)?;
-            let valid = prepared.iter().filter(|p| p.is_ok()).count() as u64;
+            self.check_batch_len(req.items.len())?;
+            let definitions = Arc::new(
+                self.resolve_indexes(
+                    call,
+                    &tenant,
+                    req.items.iter().flat_map(|i| i.blind_indexes.iter()),
+                )
+                .await?,
+            );
+            let items = req.items.into_iter().map(|item| {
+                (
+                    item.context,
+                    (item.ciphertext, item.blind_indexes),
+                    item.aad,
+                )
+            });
+            let prepared = self.prepare_batch(call, items, |(ciphertext, names)| {
+                self.check_ciphertext_len("ciphertext", ciphertext.len())?;
+                indexes_named(&definitions, names).map(|_| ())
+            })?;
+            // Deterministic values re-seal without a nonce: only the others reserve budget.
+            let randomized = prepared
+                .iter()
+                .flatten()
+                .filter(|p| !is_deterministic(&p.data.0))
+                .count() as u64;
             let entry = self.active_entry(&tenant).await?;
-            let grant = if valid > 0 {
-                let grant = self.grant(Arc::clone(&entry), valid).await?;
+            let grant = if randomized > 0 {
+                let grant = self.grant(Arc::clone(&entry), randomized).await?;
                 call.note_version(grant.version());
                 Some(Arc::new(grant))
             } else {
+                call.note_version(entry.record.primary_version);
                 None
             };
             let outputs = run_items(prepared, move |item| {
                 let item = item?;
+                let (ciphertext, names) = &item.data;
                 let (plaintext, old_version) = open(
                     &entry,
                     Purpose::Field,
                     &tenant,
                     &item.context,
                     &item.aad,
-                    &item.data,
+                    ciphertext,
                 )?;
-                let grant = grant
-                    .as_ref()
-                    .ok_or_else(|| Error::internal("no grant for a valid item"))?;
-                let ciphertext = seal(
-                    grant,
-                    Purpose::Field,
-                    &tenant,
-                    &item.context,
-                    &item.aad,
+                let named = indexes_named(&definitions, names)?;
+                check_normalizable(
+                    named.iter().filter_map(|i| definitions.get(*i)),
+                    plaintext.expose_secret(),
+                )?;
+                let (new_ciphertext, version, sealed_by) = if is_deterministic(ciphertext) {
+                    let version = entry.record.primary_version;
+                    let sealed = seal_deterministic(
+                        &entry,
+                        version,
+                        &tenant,
+                        &item.context,
+                        &item.aad,
+                        plaintext.expose_secret(),
+                    )?;
+                    (sealed, version, Arc::clone(&entry))
+                } else {
+                    let grant = grant
+                        .as_ref()
+                        .ok_or_else(|| Error::internal("no grant for a valid item"))?;
+                    let sealed = seal(
+                        grant,
+                        Purpose::Field,
+                        &tenant,
+                        &item.context,
+                        &item.aad,
+                        plaintext.expose_secret(),
+                    )?;
+                    (sealed, grant.version(), Arc::clone(grant.entry()))
+                };
+                let blind_indexes = blind_indexes(
+                    &sealed_by,
+                    &[version],
+                    named.iter().filter_map(|i| definitions.get(*i)),
                     plaintext.expose_secret(),
                 )?;
                 Ok((
                     pb::RewrapResponse {
-                        ciphertext,
-                        key_version: grant.version(),
+                        ciphertext: new_ciphertext,
+                        key_version: version,
+                        blind_indexes,
                     },
                     old_version,
                 ))
@@ -630,6 +1059,7 @@ impl KeyService for KeyServiceImpl {
                     result: Some(match output {
                         Ok((o, old_version)) => {
                             call.note_version(old_version);
+                            call.note_version(o.key_version);
                             pb::rewrap_batch_result::Result::Output(o)
                         }
                         Err(e) => pb::rewrap_batch_result::Result::Error(item_error(call, &e)),
@@ -637,6 +1067,61 @@ impl KeyService for KeyServiceImpl {
                 })
                 .collect();
             Ok(pb::RewrapBatchResponse { results })
+        })
+        .await
+    }
+
+    async fn compute_blind_index(
+        &self,
+        request: Request<pb::ComputeBlindIndexRequest>,
+    ) -> Result<Response<pb::ComputeBlindIndexResponse>, Status> {
+        let call = Call::begin(&request, Operation::ComputeBlindIndex);
+        let req = request.into_inner();
+        let values: Vec<SecretBytes> = req.values.into_iter().map(SecretBytes::new).collect();
+        self.data_call(call, &req.tenant_id, async |call, tenant| {
+            call.item_count = self.check_batch_len(values.len())?;
+            let name = IndexName::parse(&req.index_name)?;
+            call.note_index(&name);
+            let entry = self.active_entry(&tenant).await?;
+            let definition = Arc::new(self.index_definition(&tenant, &name).await?);
+            let versions = answer_versions(
+                &entry,
+                entry.record.primary_version,
+                req.all_enabled_versions,
+            );
+            versions.iter().for_each(|v| call.note_version(*v));
+            let limit = self.state.options.limits.max_field_bytes;
+            let outputs = run_items(values, move |value| {
+                let len = value.expose_secret().len();
+                if len > limit {
+                    return Err(Error::InvalidArgument(format!(
+                        "value is {len} bytes; the limit is {limit}"
+                    )));
+                }
+                blind_indexes(
+                    &entry,
+                    &versions,
+                    std::iter::once(definition.as_ref()),
+                    value.expose_secret(),
+                )
+            })
+            .await?;
+            let results = outputs
+                .into_iter()
+                .map(|output| pb::ComputeBlindIndexResult {
+                    result: Some(match output {
+                        Ok(indexes) => {
+                            pb::compute_blind_index_result::Result::Output(pb::BlindIndexes {
+                                indexes,
+                            })
+                        }
+                        Err(e) => {
+                            pb::compute_blind_index_result::Result::Error(item_error(call, &e))
+                        }
+                    }),
+                })
+                .collect();
+            Ok(pb::ComputeBlindIndexResponse { results })
         })
         .await
     }

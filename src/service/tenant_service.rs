@@ -11,6 +11,7 @@ use super::state::AppState;
 use super::{blocking, convert, status};
 use crate::auth::Operation;
 use crate::domain::TenantId;
+use crate::domain::index::{IndexDefinition, IndexName, IndexScope};
 use crate::domain::lifecycle::{self, TenantTransition, VersionTransition};
 use crate::error::{Error, Result};
 use crate::keys::KeyManager;
@@ -79,6 +80,63 @@ impl TenantServiceImpl {
                 .map(|r| convert::tenant(&r))
         })
         .await
+    }
+}
+
+impl TenantServiceImpl {
+    /// Searchable columns: runs a blind-index definition call like [`Self::tenant_call`]
+    /// (shielded from the caller's deadline once admitted), for one tenant or, with an empty
+    /// `tenant_id`, for every tenant (which needs an all-tenants token). The index name, when
+    /// valid, is noted for the audit record.
+    async fn index_call<R: Send + 'static>(
+        &self,
+        mut call: Call,
+        tenant_id: &str,
+        index_name: Option<String>,
+        work: impl FnOnce(&KeyManager, Option<&TenantId>) -> Result<R> + Send + 'static,
+    ) -> Result<Response<R>, Status> {
+        let state = Arc::clone(&self.state);
+        let tenant_id = tenant_id.to_owned();
+        let request_id = call.request_id.clone();
+        let task = tokio::spawn(async move {
+            let span = call.span();
+            let result = async {
+                let tenant = if tenant_id.is_empty() {
+                    call.admit_global(&state).await?;
+                    None
+                } else {
+                    Some(call.admit(&state, &tenant_id).await?)
+                };
+                if let Some(name) = index_name.as_deref().and_then(|n| IndexName::parse(n).ok()) {
+                    call.note_index(&name);
+                }
+                let keys = Arc::clone(&state.keys);
+                blocking(move || work(&keys, tenant.as_ref())).await
+            }
+            .instrument(span)
+            .await;
+            call.finish(&state, result).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(status::to_status(
+                &Error::Internal(format!("index call task failed: {e}")),
+                &request_id,
+            ))
+        })
+    }
+}
+
+/// A blind index definition on the wire.
+fn convert_index_definition(d: &IndexDefinition) -> pb::BlindIndexDefinition {
+    pb::BlindIndexDefinition {
+        name: d.name.as_str().to_owned(),
+        bits: u32::from(d.bits),
+        normalization: d.normalization.name().to_owned(),
+        tenant_id: match &d.scope {
+            IndexScope::AllTenants => String::new(),
+            IndexScope::Tenant(t) => t.as_str().to_owned(),
+        },
+        created_at: Some(convert::timestamp(d.created_at)),
     }
 }
 
@@ -342,6 +400,53 @@ impl TenantService for TenantServiceImpl {
         let req = request.into_inner();
         self.tenant_call(call, &req.tenant_id, |keys, tenant| {
             keys.cancel_deletion(tenant).map(|r| convert::tenant(&r))
+        })
+        .await
+    }
+
+    async fn declare_blind_index(
+        &self,
+        request: Request<pb::DeclareBlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexDefinition>, Status> {
+        let call = Call::begin(&request, Operation::DeclareBlindIndex);
+        let req = request.into_inner();
+        let name = req.name.clone();
+        self.index_call(call, &req.tenant_id, Some(name), move |keys, tenant| {
+            let scope = match tenant {
+                Some(tenant) => {
+                    // A tenant's own index only for a tenant that exists and is not destroyed.
+                    live_tenant(keys, tenant)?;
+                    IndexScope::Tenant(tenant.clone())
+                }
+                None => IndexScope::AllTenants,
+            };
+            let definition = IndexDefinition::parse(
+                &req.name,
+                req.bits,
+                &req.normalization,
+                scope,
+                keys.clock().now_unix(),
+            )?;
+            let in_force = keys.store().declare_index(&definition)?;
+            Ok(convert_index_definition(&in_force))
+        })
+        .await
+    }
+
+    async fn list_blind_indexes(
+        &self,
+        request: Request<pb::ListBlindIndexesRequest>,
+    ) -> Result<Response<pb::ListBlindIndexesResponse>, Status> {
+        let call = Call::begin(&request, Operation::ListBlindIndexes);
+        let req = request.into_inner();
+        self.index_call(call, &req.tenant_id, None, move |keys, tenant| {
+            if let Some(tenant) = tenant {
+                live_tenant(keys, tenant)?;
+            }
+            let definitions = keys.store().list_index_definitions(tenant)?;
+            Ok(pb::ListBlindIndexesResponse {
+                definitions: definitions.iter().map(convert_index_definition).collect(),
+            })
         })
         .await
     }

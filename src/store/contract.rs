@@ -46,6 +46,7 @@ pub fn keystore_contract<S: KeyStore>(make: impl Fn() -> S) {
     check_concurrent_rotations_have_one_winner(&make());
     check_concurrent_reservations_add_up(&make());
     check_own_writes_are_not_changes_elsewhere(&make());
+    check_index_definitions(&make());
 }
 
 fn id(name: &str) -> TenantId {
@@ -1061,5 +1062,87 @@ pub fn check_upgrade_macs_existing_rows_once<S: KeyStore + RowTamper>(store: &S)
     assert!(
         is_integrity(store.set_row_key(test_row_key(), false)),
         "installing the key again does not re-MAC a cleared row"
+/// Blind index definitions: declared, found for the tenants they serve (a tenant's own before
+/// the all-tenants one), listed, idempotent when repeated, never changed, and persisted
+/// exactly (bits, normalization, scope, time).
+pub fn check_index_definitions<S: KeyStore>(store: &S) {
+    use crate::domain::index::{IndexDefinition, IndexName, IndexScope};
+    let def = |name: &str, bits: u32, norm: &str, scope: IndexScope, at: i64| {
+        IndexDefinition::parse(name, bits, norm, scope, at).unwrap()
+    };
+    let acme = IndexScope::Tenant(id("acme"));
+    let email = IndexName::parse("email").unwrap();
+    assert_eq!(store.index_definition(&id("acme"), &email).unwrap(), None);
+    assert!(store.list_index_definitions(None).unwrap().is_empty());
+
+    let all = def("email", 32, "casefold_trim", IndexScope::AllTenants, 100);
+    assert_eq!(
+        store.declare_index(&all).unwrap(),
+        all,
+        "a new definition is stored"
+    );
+    let again = def("email", 32, "casefold_trim", IndexScope::AllTenants, 200);
+    assert_eq!(
+        store.declare_index(&again).unwrap(),
+        all,
+        "repeating a declaration returns the one in force, unchanged"
+    );
+    assert_eq!(
+        store.index_definition(&id("acme"), &email).unwrap(),
+        Some(all.clone()),
+        "an all-tenants definition serves every tenant, even one created later"
+    );
+    for changed in [
+        def("email", 16, "casefold_trim", IndexScope::AllTenants, 300),
+        def("email", 32, "exact", IndexScope::AllTenants, 300),
+        def("email", 16, "casefold_trim", acme.clone(), 300),
+    ] {
+        assert!(
+            matches!(store.declare_index(&changed), Err(Error::AlreadyExists(_))),
+            "a changed definition under the same name is refused: {changed:?}"
+        );
+    }
+    assert_eq!(
+        store.index_definition(&id("acme"), &email).unwrap(),
+        Some(all.clone())
+    );
+
+    let phone = def("phone", 64, "exact", acme.clone(), 400);
+    store.declare_index(&phone).unwrap();
+    let phone_name = IndexName::parse("phone").unwrap();
+    assert_eq!(
+        store.index_definition(&id("acme"), &phone_name).unwrap(),
+        Some(phone.clone())
+    );
+    assert_eq!(
+        store.index_definition(&id("other"), &phone_name).unwrap(),
+        None,
+        "a one-tenant definition serves no other tenant"
+    );
+    let other_phone = def(
+        "phone",
+        8,
+        "casefold_trim",
+        IndexScope::Tenant(id("other")),
+        500,
+    );
+    store.declare_index(&other_phone).unwrap();
+    assert!(
+        matches!(
+            store.declare_index(&def("phone", 64, "exact", IndexScope::AllTenants, 600)),
+            Err(Error::AlreadyExists(_))
+        ),
+        "an all-tenants definition that some tenant's own contradicts is refused"
+    );
+
+    assert_eq!(
+        store.list_index_definitions(Some(&id("acme"))).unwrap(),
+        vec![all.clone(), phone.clone()],
+        "a tenant's listing: one definition in force per name, in name order"
+    );
+    assert_eq!(
+        store.list_index_definitions(None).unwrap(),
+        vec![all, phone, other_phone],
+        "the full listing: every definition"
     );
 }

@@ -111,6 +111,18 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE TABLE row_mac_upgrade (id INTEGER PRIMARY KEY CHECK (id = 1));
      INSERT INTO row_mac_upgrade (id) VALUES (1);",
+    // 6: blind index definitions (docs/SEARCHABLE.md). `scope` is `*` for every tenant or a
+    // tenant id; a definition is never updated or deleted (a new definition is a new name),
+    // and none is secret, so shredding a tenant leaves its rows (its keys are what die).
+    "CREATE TABLE blind_indexes (
+        scope         TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        bits          INTEGER NOT NULL,
+        normalization TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        PRIMARY KEY (scope, name)
+     ) WITHOUT ROWID;
+     CREATE INDEX blind_indexes_by_name ON blind_indexes(name);",
 ];
 
 /// Brings the schema up to date. Refuses a database newer than this binary.

@@ -150,12 +150,26 @@ pub struct TokenRecord {
 /// threads; each method is atomic and durable when it returns. Every implementation must pass
 /// the conformance suite in [`contract`] (behind the `test-seams` feature).
 pub trait KeyStore:
-    TenantStore + TokenStore + MasterKeyStore + ChangeDetection + BackupStore + Send + Sync
+    TenantStore
+    + TokenStore
+    + MasterKeyStore
+    + ChangeDetection
+    + BackupStore
+    + IndexDefinitionStore
+    + Send
+    + Sync
 {
 }
 
 impl<S> KeyStore for S where
-    S: TenantStore + TokenStore + MasterKeyStore + ChangeDetection + BackupStore + Send + Sync
+    S: TenantStore
+        + TokenStore
+        + MasterKeyStore
+        + ChangeDetection
+        + BackupStore
+        + IndexDefinitionStore
+        + Send
+        + Sync
 {
 }
 
@@ -409,4 +423,31 @@ pub struct DueTenants {
     pub rotate: Vec<TenantId>,
     /// Pending deletions whose window has passed.
     pub destroy: Vec<TenantId>,
+}
+
+/// Blind index definitions (docs/SEARCHABLE.md): declared once, listed, never changed. The
+/// declaration rule is [`crate::domain::index::check_declaration`]: an implementation reads
+/// the definitions of that name the rule needs inside its transaction, asks it, and inserts
+/// only on [`Declaration::Insert`](crate::domain::index::Declaration::Insert).
+pub trait IndexDefinitionStore {
+    /// Declares a definition; returns the definition in force afterwards (the new one, or an
+    /// identical one already in force, unchanged). `AlreadyExists` if a definition of that
+    /// name that could serve one of its tenants computes something else.
+    fn declare_index(
+        &self,
+        definition: &crate::domain::index::IndexDefinition,
+    ) -> Result<crate::domain::index::IndexDefinition>;
+    /// The definition of `name` in force for `tenant`: the tenant's own, else the
+    /// all-tenants one.
+    fn index_definition(
+        &self,
+        tenant: &TenantId,
+        name: &crate::domain::index::IndexName,
+    ) -> Result<Option<crate::domain::index::IndexDefinition>>;
+    /// With a tenant: the definitions in force for it, one per name; without: every stored
+    /// definition (all scopes). In name order, then all-tenants before one tenant's.
+    fn list_index_definitions(
+        &self,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<crate::domain::index::IndexDefinition>>;
 }

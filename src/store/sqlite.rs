@@ -23,6 +23,9 @@ use crate::domain::lifecycle::{self, TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::{Error, Result, StoreFault};
 
+// Blind index definitions (`IndexDefinitionStore`), in their own file.
+mod index;
+
 /// How long a write waits for another process's write transaction before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 

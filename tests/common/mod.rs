@@ -404,6 +404,7 @@ pub fn encrypt_request(
         context: context.into(),
         plaintext: plaintext.to_vec(),
         aad: aad.to_vec(),
+        ..Default::default()
     }
 }
 

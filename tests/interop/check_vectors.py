@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A second implementation of the tenant-kms v1 wire format, written from docs/FORMAT.md alone.
 
-Uses only the `cryptography` package (HKDF-SHA256, AES-256-GCM, HMAC-SHA256). For every vector
+Uses only the `cryptography` package (HKDF-SHA256, AES-256-GCM, HMAC-SHA256, AES-SIV) and the
+standard library's `unicodedata` (for the casefold_trim normalization of blind indexes). For every vector
 in vectors/*.json it derives every key and intermediate value itself, produces the exact
 bytes (with the vector's nonce) and opens them; every invalid vector must be refused by its own
 parser and opener. Prints one line per file and exits non-zero on any mismatch.
@@ -11,12 +12,13 @@ parser and opener. Prints one line per file and exits non-zero on any mismatch.
 
 import json
 import struct
+import unicodedata
 import sys
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # FORMAT.md section 2.
@@ -216,6 +218,115 @@ def value_checks(alg):
     return valid, invalid
 
 
+# FORMAT.md "Blind indexes" and "Deterministic values" (searchable columns).
+BLIND_INDEX = b"tenant-kms/v1/blind-index"
+DETERMINISTIC = b"tenant-kms/v1/deterministic"
+
+# The characters with the Unicode White_Space property (PropList.txt), which casefold_trim
+# removes at both ends. Spelled out: Python's str.strip() uses a different set.
+WHITE_SPACE = "".join(map(chr, [
+    0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
+    0x2028, 0x2029, 0x202F, 0x205F, 0x3000,
+]))
+
+
+class NotUtf8(Exception):
+    """casefold_trim refuses bytes that are not UTF-8."""
+
+
+def normalize(name, value):
+    if name == "exact":
+        return value
+    if name != "casefold_trim":
+        raise ValueError(name)
+    try:
+        text = value.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise NotUtf8() from e
+    text = text.strip(WHITE_SPACE)
+    folded = unicodedata.normalize("NFD", text).casefold()
+    return unicodedata.normalize("NFC", folded).encode("utf-8")
+
+
+def truncate_bits(mac, bits):
+    if not 8 <= bits <= 256:
+        raise ValueError("bits out of range")
+    out = bytearray(mac[: (bits + 7) // 8])
+    if bits % 8:
+        out[-1] &= (0xFF << (8 - bits % 8)) & 0xFF
+    return bytes(out)
+
+
+def check_blind_index(v):
+    tk, tenant, index_name = h(v["tenant_key"]), v["tenant_id"], v["index_name"]
+    info = lp(BLIND_INDEX) + lp(tenant.encode()) + lp(index_name.encode())
+    expect(v["name"], "info", info, h(v["info"]))
+    ik = hkdf(tk, info)
+    expect(v["name"], "index_key", ik, h(v["index_key"]))
+    normalized = normalize(v["normalization"], h(v["value"]))
+    expect(v["name"], "normalized", normalized, h(v["normalized"]))
+    mac = hmac_sha256(ik, normalized)
+    expect(v["name"], "mac", mac, h(v["mac"]))
+    expect(v["name"], "index", truncate_bits(mac, v["bits"]), h(v["index"]))
+
+
+def check_blind_index_invalid(v):
+    if v["expected_error"] == "bits_out_of_range":
+        try:
+            truncate_bits(bytes(32), v["bits"])
+        except ValueError:
+            return
+    elif v["expected_error"] == "not_utf8":
+        try:
+            normalize(v["normalization"], h(v["value"]))
+        except NotUtf8:
+            return
+    raise AssertionError(f"{v['name']}: accepted, must be refused")
+
+
+def deterministic_key(tenant_key, tenant, context):
+    info = value_info(DETERMINISTIC, tenant, context)
+    return info, HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(tenant_key)
+
+
+def open_deterministic(tenant_keys, tenant, context, aad, ct):
+    """FORMAT.md "Deterministic values": parse, then AES-SIV with the one AD component."""
+    if len(ct) < HEADER_LEN + TAG_LEN or ct[0] != 1 or ct[1] != 3 or ct[6:HEADER_LEN] != bytes(12):
+        raise Refused("parse")
+    (v,) = struct.unpack(">I", ct[2:6])
+    if v == 0 or v not in tenant_keys:
+        raise Refused("header")
+    _, key = deterministic_key(tenant_keys[v], tenant, context)
+    ad = additional_data(DETERMINISTIC, ct[:HEADER_LEN], tenant, context, aad)
+    try:
+        return AESSIV(key).decrypt(ct[HEADER_LEN:], [ad])
+    except InvalidTag as e:
+        raise Refused("tag") from e
+
+
+def check_deterministic(v):
+    tk, tenant, context, aad = h(v["tenant_key"]), v["tenant_id"], v["context"], h(v["aad"])
+    kv = v["key_version"]
+    info, key = deterministic_key(tk, tenant, context)
+    expect(v["name"], "info", info, h(v["info"]))
+    expect(v["name"], "deterministic_key", key, h(v["deterministic_key"]))
+    header = bytes([1, 3]) + be32(kv) + bytes(12)
+    expect(v["name"], "header", header, h(v["header"]))
+    ad = additional_data(DETERMINISTIC, header, tenant, context, aad)
+    expect(v["name"], "additional_data", ad, h(v["additional_data"]))
+    ct = header + AESSIV(key).encrypt(h(v["plaintext"]), [ad])
+    expect(v["name"], "ciphertext", ct, h(v["ciphertext"]))
+    opened = open_deterministic({kv: tk}, tenant, context, aad, h(v["ciphertext"]))
+    expect(v["name"], "plaintext", opened, h(v["plaintext"]))
+
+
+def check_deterministic_invalid(v):
+    assert v["expected_error"] == "crypto_error"
+    keys = {k["version"]: h(k["key"]) for k in v["tenant_keys"]}
+    expect_refused(v["name"], lambda: open_deterministic(keys, v["tenant_id"], v["context"],
+                                                         h(v["aad"]), h(v["ciphertext"])))
+
+
 FILES = {
     "key_check.json": ("tenant-kms/v1/vectors/key-check", check_key_check, check_key_check_invalid),
     "tenant_key_wrap.json": ("tenant-kms/v1/vectors/tenant-key-wrap", check_tenant_wrap,
@@ -224,6 +335,10 @@ FILES = {
                             check_audit_wrap_invalid),
     "field_value.json": ("tenant-kms/v1/vectors/field-value", *value_checks(1)),
     "data_key.json": ("tenant-kms/v1/vectors/data-key", *value_checks(2)),
+    "blind_index.json": ("tenant-kms/v1/vectors/blind-index", check_blind_index,
+                         check_blind_index_invalid),
+    "deterministic_value.json": ("tenant-kms/v1/vectors/deterministic-value", check_deterministic,
+                                 check_deterministic_invalid),
 }
 
 
