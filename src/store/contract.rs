@@ -1062,6 +1062,9 @@ pub fn check_upgrade_macs_existing_rows_once<S: KeyStore + RowTamper>(store: &S)
     assert!(
         is_integrity(store.set_row_key(test_row_key(), false)),
         "installing the key again does not re-MAC a cleared row"
+    );
+}
+
 /// Blind index definitions: declared, found for the tenants they serve (a tenant's own before
 /// the all-tenants one), listed, idempotent when repeated, never changed, and persisted
 /// exactly (bits, normalization, scope, time).
