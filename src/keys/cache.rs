@@ -102,13 +102,16 @@ pub struct Counter {
     pub reserved: u64,
 }
 
+/// Derived search keys of one kind, by version and then by index name or context.
+type KeysByVersionAndName<K> = HashMap<u32, HashMap<String, Arc<K>>>;
+
 /// Prepared searchable-column keys of one tenant (docs/SEARCHABLE.md): blind index keys by
 /// (version, index name) and deterministic keys by (version, context), bounded like the value
 /// keys. Their own maps, because their key types are not AEAD keys.
 #[derive(Default)]
 struct SearchKeys {
-    index: HashMap<u32, HashMap<String, Arc<IndexKey>>>,
-    siv: HashMap<u32, HashMap<String, Arc<SivKey>>>,
+    index: KeysByVersionAndName<IndexKey>,
+    siv: KeysByVersionAndName<SivKey>,
     count: usize,
 }
 
@@ -257,39 +260,50 @@ impl TenantEntry {
 
     /// The prepared blind index key of (version, index name), derived on first use.
     pub fn index_key(&self, version: u32, index_name: &str) -> Result<Arc<IndexKey>> {
-        let tenant_key = self.enabled_key(version)?;
-        let mut keys = lock(&self.search_keys);
-        if let Some(key) = keys.index.get(&version).and_then(|m| m.get(index_name)) {
-            return Ok(Arc::clone(key));
-        }
-        let key = Arc::new(
-            IndexKey::derive(tenant_key, self.record.tenant_id.as_str(), index_name)
-                .map_err(|_| Error::internal("index key derivation failed"))?,
-        );
-        keys.make_room();
-        keys.index
-            .entry(version)
-            .or_default()
-            .insert(index_name.to_owned(), Arc::clone(&key));
-        Ok(key)
+        self.search_key(
+            version,
+            index_name,
+            |keys| &mut keys.index,
+            |tenant_key| {
+                IndexKey::derive(tenant_key, self.record.tenant_id.as_str(), index_name)
+                    .map_err(|_| Error::internal("index key derivation failed"))
+            },
+        )
     }
 
     /// The deterministic (AES-256-SIV) key of (version, context), derived on first use.
     pub fn deterministic_key(&self, version: u32, context: &str) -> Result<Arc<SivKey>> {
+        self.search_key(
+            version,
+            context,
+            |keys| &mut keys.siv,
+            |tenant_key| {
+                SivKey::derive(tenant_key, self.record.tenant_id.as_str(), context)
+                    .map_err(|_| Error::internal("deterministic key derivation failed"))
+            },
+        )
+    }
+
+    /// The search key of (version, name) in the map `select` picks, derived from the enabled
+    /// version's tenant key on first use and kept within the per-tenant bound.
+    fn search_key<K>(
+        &self,
+        version: u32,
+        name: &str,
+        select: fn(&mut SearchKeys) -> &mut KeysByVersionAndName<K>,
+        derive: impl FnOnce(&SecretKey) -> Result<K>,
+    ) -> Result<Arc<K>> {
         let tenant_key = self.enabled_key(version)?;
         let mut keys = lock(&self.search_keys);
-        if let Some(key) = keys.siv.get(&version).and_then(|m| m.get(context)) {
+        if let Some(key) = select(&mut keys).get(&version).and_then(|m| m.get(name)) {
             return Ok(Arc::clone(key));
         }
-        let key = Arc::new(
-            SivKey::derive(tenant_key, self.record.tenant_id.as_str(), context)
-                .map_err(|_| Error::internal("deterministic key derivation failed"))?,
-        );
+        let key = Arc::new(derive(tenant_key)?);
         keys.make_room();
-        keys.siv
+        select(&mut keys)
             .entry(version)
             .or_default()
-            .insert(context.to_owned(), Arc::clone(&key));
+            .insert(name.to_owned(), Arc::clone(&key));
         Ok(key)
     }
 

@@ -157,6 +157,28 @@ impl KeyServiceImpl {
         Ok(grant)
     }
 
+    /// Seals one field value under the tenant's primary version: deterministically (no nonce,
+    /// no budget) or under a fresh grant. Returns the ciphertext, the version that sealed it and
+    /// the key snapshot it was sealed with (a grant may have rotated to a new one).
+    async fn seal_field(
+        &self,
+        entry: Arc<TenantEntry>,
+        deterministic: bool,
+        tenant: &TenantId,
+        context: &Context,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<(Vec<u8>, u32, Arc<TenantEntry>)> {
+        if deterministic {
+            let version = entry.record.primary_version;
+            let ciphertext = seal_deterministic(&entry, version, tenant, context, aad, plaintext)?;
+            return Ok((ciphertext, version, entry));
+        }
+        let grant = self.grant(entry, 1).await?;
+        let ciphertext = seal(&grant, Purpose::Field, tenant, context, aad, plaintext)?;
+        Ok((ciphertext, grant.version(), Arc::clone(grant.entry())))
+    }
+
     /// Refuses an EncryptBatch whose answer could exceed the message limit, before any
     /// nonce budget is spent or any value sealed (issue 13: such a batch was sealed, audited
     /// `ok` and then failed to encode, so the caller got nothing for the nonces it spent).
@@ -525,29 +547,16 @@ impl KeyService for KeyServiceImpl {
             indexes_named(&definitions, &req.blind_indexes)?;
             check_normalizable(&definitions, plaintext.expose_secret())?;
             let entry = self.active_entry(&tenant).await?;
-            let (ciphertext, version, entry) = if req.deterministic {
-                let version = entry.record.primary_version;
-                let ciphertext = seal_deterministic(
-                    &entry,
-                    version,
+            let (ciphertext, version, entry) = self
+                .seal_field(
+                    entry,
+                    req.deterministic,
                     &tenant,
                     &context,
                     &req.aad,
                     plaintext.expose_secret(),
-                )?;
-                (ciphertext, version, entry)
-            } else {
-                let grant = self.grant(entry, 1).await?;
-                let ciphertext = seal(
-                    &grant,
-                    Purpose::Field,
-                    &tenant,
-                    &context,
-                    &req.aad,
-                    plaintext.expose_secret(),
-                )?;
-                (ciphertext, grant.version(), Arc::clone(grant.entry()))
-            };
+                )
+                .await?;
             call.note_version(version);
             let versions = answer_versions(&entry, version, req.all_enabled_versions);
             if req.deterministic || !definitions.is_empty() {
@@ -919,29 +928,16 @@ impl KeyService for KeyServiceImpl {
             )?;
             call.note_version(old_version);
             check_normalizable(&definitions, plaintext.expose_secret())?;
-            let (ciphertext, version, entry) = if is_deterministic(&req.ciphertext) {
-                let version = entry.record.primary_version;
-                let ciphertext = seal_deterministic(
-                    &entry,
-                    version,
+            let (ciphertext, version, entry) = self
+                .seal_field(
+                    entry,
+                    is_deterministic(&req.ciphertext),
                     &tenant,
                     &context,
                     &req.aad,
                     plaintext.expose_secret(),
-                )?;
-                (ciphertext, version, entry)
-            } else {
-                let grant = self.grant(entry, 1).await?;
-                let ciphertext = seal(
-                    &grant,
-                    Purpose::Field,
-                    &tenant,
-                    &context,
-                    &req.aad,
-                    plaintext.expose_secret(),
-                )?;
-                (ciphertext, grant.version(), Arc::clone(grant.entry()))
-            };
+                )
+                .await?;
             call.note_version(version);
             let blind_indexes =
                 blind_indexes(&entry, &[version], &definitions, plaintext.expose_secret())?;
