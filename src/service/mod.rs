@@ -15,6 +15,8 @@
 //! - [`refusals`]: refusals before authentication, audited in aggregate per peer and window;
 //! - [`connections`]: accepted connections: handshake bound and cap, send timeout.
 //! - [`traceparent`]: the W3C `traceparent` a caller may send, validated.
+//! - [`rest`]: the HTTP/JSON API and its OpenAPI document, on the gRPC port, dispatching into
+//!   the same services.
 
 pub mod admission;
 pub mod audit_service;
@@ -28,6 +30,7 @@ pub mod guard;
 pub mod key_service;
 pub mod reconcile;
 pub mod refusals;
+pub mod rest;
 pub mod server;
 pub mod state;
 pub mod status;

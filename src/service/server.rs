@@ -18,6 +18,7 @@ use super::connections::{Connections, WatchLayer};
 use super::guard::GuardLayer;
 use super::key_service::KeyServiceImpl;
 use super::refusals::Refusals;
+use super::rest::GatewayLayer;
 use super::state::{AppState, TlsFiles};
 use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
@@ -33,7 +34,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// How often the server looks for tenants whose deletion window has passed.
 const REAPER_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Serves the three services plus `grpc.health.v1` and reflection on `listener` until
+/// Serves the three services plus `grpc.health.v1` and reflection on `listener`, and the same
+/// services as an HTTP/JSON API with its OpenAPI document (`rest`) on the same port, until
 /// `shutdown` completes; then in-flight calls finish and the audit writer is flushed.
 pub async fn run(
     listener: TcpListener,
@@ -102,7 +104,11 @@ pub async fn run_with(
     );
     // The advertised stream limit bounds what one connection can hold open (issue 13: the
     // server advertised none, so one connection opened a thousand stalled streams).
-    let mut builder = Server::builder().max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+    // HTTP/1.1 too, for the HTTP/JSON API (`rest`): curl, browsers' fetch and REST connectors
+    // speak it; gRPC stays HTTP/2 (its framing needs trailers).
+    let mut builder = Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .accept_http1(true);
     if let Some(files) = &state.options.tls {
         builder = builder
             .tls_config(tls_config(files, limits.handshake_timeout)?)
@@ -118,6 +124,10 @@ pub async fn run_with(
     );
     let served = builder
         .layer(WatchLayer(Arc::clone(&connections)))
+        // HTTP/JSON calls become gRPC calls here and go down the same stack below (size
+        // refusals, the guard, the services), so they are authenticated, authorized, admitted
+        // and audited by the same code.
+        .layer(GatewayLayer::new(max, limits.body_timeout)?)
         .layer(tower::util::MapResponseLayer::new(
             message_too_large_is_exhaustion,
         ))
