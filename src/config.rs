@@ -32,6 +32,24 @@
 //! response_send_timeout = "30s"                       # a response must be taken by then
 //! handshake_timeout = "10s"                           # TLS handshake and first request
 //! max_unestablished_connections = 1024                # connections without a request yet
+//! anomaly_detectors_off = []                          # e.g. ["new_peer"] (docs/OPERATIONS.md)
+//! anomaly_repeat_window = "10m"                       # one Anomaly per detector/caller/tenant
+//! anomaly_max_tracked = 100000                        # keys per detector
+//! anomaly_spike_interval = "1m"                       # rate_spike: EWMA interval,
+//! anomaly_spike_factor = 10.0                         #   × baseline,
+//! anomaly_spike_floor = 1000                          #   least decrypts per interval,
+//! anomaly_spike_warmup = 10                           #   intervals before judging
+//! anomaly_learning = "1h"                             # enumeration, new_peer: learning time
+//! anomaly_enumeration_window = "10m"                  # enumeration: new tenants per window
+//! anomaly_enumeration_tenants = 50
+//! anomaly_probe_window = "1m"                         # probing: refused tenants per window
+//! anomaly_probe_tenants = 10
+//! anomaly_tamper_window = "1m"                        # tampering: failed opens per window
+//! anomaly_tamper_failures = 20
+//! anomaly_throttle = []                               # containment, opt-in per detector
+//! anomaly_quarantine = []                            # containment: token refused until released
+//! anomaly_throttle_rate = 1.0                         # throttled caller: calls per second
+//! anomaly_throttle_for = "15m"
 //!
 //! # A client certificate whose SAN (DNS or URI; the subject CN if it has no SAN) is exactly
 //! # `identity` acts as this caller, in place of a bearer token.
@@ -111,6 +129,42 @@ pub struct FileConfig {
     pub handshake_timeout: Option<String>,
     /// Connections that may be open at once without having sent a request.
     pub max_unestablished_connections: Option<usize>,
+    /// Detectors switched off, by name (`crate::detect::Detector::name`).
+    pub anomaly_detectors_off: Option<Vec<String>>,
+    /// At most one Anomaly record per detector, caller and tenant within this, e.g. `10m`.
+    pub anomaly_repeat_window: Option<String>,
+    /// Most keys (callers, tenants, pairs) each detector tracks.
+    pub anomaly_max_tracked: Option<usize>,
+    /// `rate_spike`: length of one counting interval, e.g. `1m`.
+    pub anomaly_spike_interval: Option<String>,
+    /// `rate_spike`: how many times the baseline trips.
+    pub anomaly_spike_factor: Option<f64>,
+    /// `rate_spike`: least decrypted items per interval that can trip.
+    pub anomaly_spike_floor: Option<u64>,
+    /// `rate_spike`: closed intervals before a caller is judged.
+    pub anomaly_spike_warmup: Option<u32>,
+    /// `enumeration` and `new_peer`: how long a newly seen caller only learns, e.g. `1h`.
+    pub anomaly_learning: Option<String>,
+    /// `enumeration`: window in which new tenants are counted, e.g. `10m`.
+    pub anomaly_enumeration_window: Option<String>,
+    /// `enumeration`: new tenants within one window that trip.
+    pub anomaly_enumeration_tenants: Option<u32>,
+    /// `probing`: window in which refused tenants are counted, e.g. `1m`.
+    pub anomaly_probe_window: Option<String>,
+    /// `probing`: distinct refused tenants within one window that trip.
+    pub anomaly_probe_tenants: Option<u32>,
+    /// `tampering`: window in which failed opens are counted, e.g. `1m`.
+    pub anomaly_tamper_window: Option<String>,
+    /// `tampering`: failed opens for one tenant within one window that trip.
+    pub anomaly_tamper_failures: Option<u32>,
+    /// Detectors whose findings throttle the caller (containment, opt-in).
+    pub anomaly_throttle: Option<Vec<String>>,
+    /// Detectors whose findings quarantine the caller's token (containment, opt-in).
+    pub anomaly_quarantine: Option<Vec<String>>,
+    /// A throttled caller's calls per second (its burst is five times that, at least 1).
+    pub anomaly_throttle_rate: Option<f64>,
+    /// How long a throttle lasts, e.g. `15m`.
+    pub anomaly_throttle_for: Option<String>,
     /// Client-certificate identities that act as callers.
     #[serde(default)]
     pub tls_callers: Vec<TlsCallerConfig>,

@@ -15,6 +15,8 @@
 //! - [`store`]: the `KeyStore` trait and its SQLite implementation (`keys.db`).
 //! - [`audit`]: audit records, the HMAC chain, the group-commit writer, `audit.db`.
 //! - [`auth`]: tokens, roles, tenant scopes and the one authorization check.
+//! - [`detect`]: anomaly detectors over finished calls (rate spikes, enumeration, probing,
+//!   tampering, new peers): bounded, clock-driven, pure of I/O; the service records findings.
 //! - [`backup`]: full backups, per-tenant export/import and the shred ledger that keeps a
 //!   restore from resurrecting destroyed keys.
 //! - [`service`]: gRPC handlers (thin) and `server::run`.
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod detect;
 pub mod domain;
 pub mod error;
 pub mod fsutil;

@@ -6,6 +6,7 @@
 //! - per RPC: calls by outcome and a latency histogram (from the start of a call to its
 //!   audited answer);
 //! - audit group commit: records per batch, commit latency, failed commits;
+//! - anomalies found by the detectors (`crate::detect`), by detector;
 //! - the tenant-key cache: hits and misses, and whole-cache drops after a change made by
 //!   another process;
 //! - anything a caller of [`serve`] adds at scrape time (the server adds the nonce budget of
@@ -135,6 +136,8 @@ pub struct Registry {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     cache_drops: AtomicU64,
+    /// Findings per detector, indexed like [`crate::detect::Detector::ALL`].
+    anomalies: [AtomicU64; 5],
 }
 
 /// The process's registry.
@@ -148,6 +151,7 @@ pub fn global() -> &'static Registry {
         cache_hits: AtomicU64::new(0),
         cache_misses: AtomicU64::new(0),
         cache_drops: AtomicU64::new(0),
+        anomalies: Default::default(),
     })
 }
 
@@ -206,6 +210,26 @@ impl Registry {
     /// Records that the whole cache was dropped (another process changed the key store).
     pub fn cache_dropped(&self) {
         self.cache_drops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one anomaly found by `detector`.
+    pub fn anomaly(&self, detector: crate::detect::Detector) {
+        if let Some(counter) = crate::detect::Detector::ALL
+            .iter()
+            .position(|d| *d == detector)
+            .and_then(|i| self.anomalies.get(i))
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Anomalies found by `detector` so far (tests read it).
+    pub fn anomalies(&self, detector: crate::detect::Detector) -> u64 {
+        crate::detect::Detector::ALL
+            .iter()
+            .position(|d| *d == detector)
+            .and_then(|i| self.anomalies.get(i))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Audit batches committed so far (tests and `bench` read it).
@@ -281,6 +305,19 @@ impl Registry {
                 &self.cache_drops,
             ),
         ];
+        // Every detector's series, zeros included, so alert rules see them from the start.
+        out.push_str(
+            "# HELP tenant_kms_anomalies_total Anomalies found by the in-process detectors.\n\
+             # TYPE tenant_kms_anomalies_total counter\n",
+        );
+        for (detector, counter) in crate::detect::Detector::ALL.iter().zip(&self.anomalies) {
+            let _ = writeln!(
+                out,
+                "tenant_kms_anomalies_total{{detector=\"{}\"}} {}",
+                detector.name(),
+                counter.load(Ordering::Relaxed)
+            );
+        }
         for (name, help, counter) in counters {
             let _ = writeln!(
                 out,

@@ -134,6 +134,11 @@ pub struct ChurnReport {
     pub destroyed_key_bytes_found: u64,
     /// Where they were found (file name, tenant).
     pub destroyed_key_bytes_where: Vec<String>,
+    /// `Anomaly` records the server's detectors wrote during the soak: false positives,
+    /// since the soak's traffic is steady and honest (must be 0 at the default settings).
+    pub anomalies: u64,
+    /// Their details (detector and figures), the first few.
+    pub anomaly_examples: Vec<String>,
     /// Every check held.
     pub passed: bool,
 }
@@ -145,7 +150,8 @@ impl ChurnReport {
         let mut text = format!(
             "churn soak ({} durability, {:.0}s): {}\n  operations: {}\n  tenants created {}; \
              violations {}; final decrypts {} of {} ok over {} live tenants; audit verify {}; \
-             destroyed tenants checked on disk {}, key bytes found {}",
+             destroyed tenants checked on disk {}, key bytes found {}; anomalies (false \
+             positives) {}",
             self.durability,
             self.seconds,
             if self.passed { "PASSED" } else { "FAILED" },
@@ -158,7 +164,11 @@ impl ChurnReport {
             if self.audit_verified { "ok" } else { "FAILED" },
             self.destroyed_tenants_checked,
             self.destroyed_key_bytes_found,
+            self.anomalies,
         );
+        for example in &self.anomaly_examples {
+            text.push_str(&format!("\n  anomaly: {example}"));
+        }
         for example in &self.violation_examples {
             text.push_str(&format!("\n  violation: {example}"));
         }
@@ -278,13 +288,33 @@ pub async fn run(options: ChurnOptions<'_>) -> Result<ChurnReport> {
     drop(store);
     options.server.stop().await;
     verify_audit(options.data_dir, &mut report).await?;
+    count_anomalies(options.data_dir, &mut report)?;
     check_shredded(&shared, options.data_dir, &mut report)?;
     report.ops = lock(&shared.ops).clone();
     report.passed = report.violations == 0
         && report.final_decrypt_failures == 0
         && report.audit_verified
-        && report.destroyed_key_bytes_found == 0;
+        && report.destroyed_key_bytes_found == 0
+        && report.anomalies == 0;
     Ok(report)
+}
+
+/// Counts the Anomaly records of the soak (read without the master key, like `audit export`).
+fn count_anomalies(data_dir: &Path, report: &mut ChurnReport) -> Result<()> {
+    let options = tenant_kms::service::ServiceOptions::new(data_dir);
+    let log = tenant_kms::service::state::open_audit_log_unkeyed(&options)?;
+    let found = log.list(&tenant_kms::audit::ListFilter {
+        operation: "Anomaly".into(),
+        limit: 1_000_000,
+        ..Default::default()
+    })?;
+    report.anomalies = found.len() as u64;
+    report.anomaly_examples = found
+        .iter()
+        .take(LISTED_VIOLATIONS)
+        .map(|(_, r)| format!("{} {} {}", r.caller, r.tenant_id, r.detail))
+        .collect();
+    Ok(())
 }
 
 /// Encrypts and decrypts for random tenants (any state) until `end`.

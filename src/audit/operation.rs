@@ -101,6 +101,12 @@ named_enum! {
         DeclareBlindIndex => "DeclareBlindIndex",
         /// `TenantService.ListBlindIndexes`.
         ListBlindIndexes => "ListBlindIndexes",
+        /// `TenantService.QuarantineToken` (issue 16).
+        QuarantineToken => "QuarantineToken",
+        /// `TenantService.ReleaseToken`.
+        ReleaseToken => "ReleaseToken",
+        /// `TenantService.ContainToken`.
+        ContainToken => "ContainToken",
     }
 }
 
@@ -127,6 +133,11 @@ named_enum! {
         TokenCreate => "TokenCreate",
         /// `token revoke`.
         TokenRevoke => "TokenRevoke",
+        /// `token quarantine`, `token contain`, or a detector configured to quarantine: the
+        /// token is refused until released (issue 16).
+        TokenQuarantine => "TokenQuarantine",
+        /// `token release`: a quarantined token is served again.
+        TokenRelease => "TokenRelease",
         /// `backup`.
         Backup => "Backup",
         /// `restore`.
@@ -178,6 +189,10 @@ named_enum! {
         /// before any handler or authentication ran; aggregated like
         /// [`Task::UnauthenticatedRefusals`].
         OversizeRequestRefusals => "OversizeRequestRefusals",
+        /// A detector found unusual key use (`crate::detect`): the record names the
+        /// detector (as the context `detector:NAME`), the caller, the tenant and the figures
+        /// that tripped it, and any containment applied (issue 16).
+        Anomaly => "Anomaly",
     }
 }
 
@@ -276,6 +291,7 @@ mod tests {
                 Operation::Task(Task::OversizeRequestRefusals),
                 "OversizeRequestRefusals",
             ),
+            (Operation::Task(Task::Anomaly), "Anomaly"),
         ] {
             assert_eq!(op.as_str(), name);
         }

@@ -276,6 +276,18 @@ impl Authenticator {
                         known_token: Some(format!("token:{} (revoked)", record.id)),
                     });
                 }
+                // Not cached: a release is a store change, seen at the next call (the
+                // cache is dropped on every change) without a restart.
+                if record.quarantined_at.is_some() {
+                    return Err(Refused {
+                        error: Error::PermissionDenied(format!(
+                            "this token is quarantined after suspected misuse; an admin must \
+                             release it (tenant-kms token release {})",
+                            record.id
+                        )),
+                        known_token: Some(format!("token:{} (quarantined)", record.id)),
+                    });
+                }
                 let role = Role::parse(&record.role)
                     .ok_or_else(|| Error::internal("token with an unknown role"))
                     .map_err(unknown)?;
@@ -323,7 +335,7 @@ impl Authenticator {
 pub struct Refused {
     /// The error the client gets (UNAUTHENTICATED, or INTERNAL if the store failed).
     pub error: Error,
-    /// `token:<id> (revoked|expired)` for a token the store knows.
+    /// `token:<id> (revoked|expired|quarantined)` for a token the store knows.
     pub known_token: Option<String>,
 }
 

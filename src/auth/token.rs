@@ -73,6 +73,7 @@ pub fn issue_token(
             .ttl_seconds
             .map(|ttl| now.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX))),
         revoked_at: None,
+        quarantined_at: None,
     };
     store.insert_token(&record)?;
     Ok(IssuedToken { secret, record })

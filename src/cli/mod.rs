@@ -5,6 +5,7 @@ pub mod audit;
 pub mod backup;
 pub mod client;
 pub mod common;
+pub mod drill;
 pub mod index;
 pub mod keyring;
 pub mod rotate;
@@ -60,6 +61,10 @@ enum Command {
     /// Declare, list and compute blind indexes (searchable columns) through a running server.
     #[command(subcommand)]
     Index(index::IndexCommand),
+    /// Run a breach drill (cross-tenant access, moved ciphertexts, dead tokens, enumeration,
+    /// a decrypt spike) against a child server or --addr; exit 0 only if every attack was
+    /// blocked and detected.
+    Drill(drill::DrillArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -78,6 +83,7 @@ pub fn main() -> ExitCode {
         Command::Selftest(args) => selftest::run(args),
         Command::Keyring(cmd) => keyring::run(cmd),
         Command::Index(cmd) => index::run(cmd),
+        Command::Drill(args) => drill::run(args),
     };
     match result {
         Ok(code) => code,

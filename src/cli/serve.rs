@@ -103,6 +103,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     let tls_callers = file.tls_callers()?;
     let mut limits = crate::service::Limits::default();
     apply_abuse_limits(&file, &mut limits)?;
+    let detect = crate::detect::Policy::from_file(&file)?;
     let data_dir = args
         .data_dir
         .clone()
@@ -110,6 +111,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
         .unwrap_or_else(|| PathBuf::from("./data"));
     let mut options = ServiceOptions::new(&data_dir);
     options.limits = limits;
+    options.detect = detect;
     options.clock = crate::clock::process_clock();
     options.master_keys = match (
         args.master_key_env.clone().or(file.master_key_env),

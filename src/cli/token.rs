@@ -1,4 +1,5 @@
-//! `tenant-kms token create|list|revoke`: caller tokens on a data directory. `create` prints
+//! `tenant-kms token create|list|revoke|quarantine|release|contain`: caller tokens on a data
+//! directory (a running server sees a change at its next call). `create` prints
 //! the token alone on stdout (so `TOKEN=$(tenant-kms token create …)` works); everything else
 //! goes to stderr. Only hashes are stored.
 
@@ -6,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::common::{DataDirArgs, cli_record};
+use super::common::{DataDirArgs, cli_caller, cli_record};
 use crate::audit::Outcome;
 use crate::audit::operation::Task;
 use crate::auth::{DATA_PERMISSIONS, Role, TokenSpec, issue_token};
@@ -24,6 +25,13 @@ pub enum TokenCommand {
     List(ListArgs),
     /// Revoke a token by id; takes effect on the next call, in every process.
     Revoke(RevokeArgs),
+    /// Quarantine a token by id: refused PERMISSION_DENIED until released (suspected misuse).
+    Quarantine(RevokeArgs),
+    /// Release a quarantined token.
+    Release(RevokeArgs),
+    /// Quarantine a token and suspend every ACTIVE tenant it may act for, in one step; prints
+    /// what it did (JSON on stdout). Undo with `token release` and `tenant resume`.
+    Contain(RevokeArgs),
 }
 
 /// Arguments of `token create`.
@@ -60,7 +68,7 @@ pub struct ListArgs {
     data: DataDirArgs,
 }
 
-/// Arguments of `token revoke`.
+/// Arguments of `token revoke`, `quarantine`, `release` and `contain`.
 #[derive(Debug, Args)]
 pub struct RevokeArgs {
     /// The token id (from `token list`).
@@ -151,6 +159,8 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             for t in dir.store.list_tokens()? {
                 let status = if t.revoked_at.is_some() {
                     "revoked"
+                } else if t.quarantined_at.is_some() {
+                    "quarantined"
                 } else if t.expires_at.is_some_and(|e| e <= now) {
                     "expired"
                 } else {
@@ -165,6 +175,42 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
                     })
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Quarantine(args) => quarantine(&args, true),
+        TokenCommand::Release(args) => quarantine(&args, false),
+        TokenCommand::Contain(args) => {
+            let options = args.data.options();
+            let dir = DataDir::open(&options, false)?;
+            let (done, records) =
+                crate::service::containment::contain(&dir.keys, &args.id, &cli_caller())?;
+            let audit = dir.audit_writer(&options)?;
+            for record in records {
+                audit.append_blocking(record)?;
+            }
+            audit.shutdown();
+            eprintln!(
+                "token {} {}; {} tenant(s) suspended, {} left as they were",
+                args.id,
+                if done.quarantined {
+                    "quarantined"
+                } else {
+                    "was already quarantined"
+                },
+                done.suspended.len(),
+                done.left.len()
+            );
+            println!(
+                "{}",
+                serde_json::json!({
+                    "token": args.id,
+                    "quarantined": done.quarantined,
+                    "suspended": done.suspended,
+                    "left": done.left.iter()
+                        .map(|(t, s)| serde_json::json!({"tenant": t, "state": s}))
+                        .collect::<Vec<_>>(),
+                })
+            );
             Ok(ExitCode::SUCCESS)
         }
         TokenCommand::Revoke(args) => {
@@ -193,4 +239,27 @@ pub fn run(command: TokenCommand) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// `token quarantine` (`on`) or `token release`.
+fn quarantine(args: &RevokeArgs, on: bool) -> Result<ExitCode> {
+    let options = args.data.options();
+    let dir = DataDir::open(&options, false)?;
+    let (changed, record) = crate::service::containment::set_quarantine(
+        &dir.keys,
+        &args.id,
+        on,
+        &cli_caller(),
+        "by an operator",
+    )?;
+    let audit = dir.audit_writer(&options)?;
+    audit.append_blocking(record)?;
+    audit.shutdown();
+    let verb = if on { "quarantined" } else { "released" };
+    if changed {
+        eprintln!("token {} {verb}", args.id);
+    } else {
+        eprintln!("token {} was already {verb}", args.id);
+    }
+    Ok(ExitCode::SUCCESS)
 }

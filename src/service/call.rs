@@ -67,6 +67,8 @@ pub struct Call {
     pub item_count: u32,
     /// Failed items of a batch.
     pub failed_items: u32,
+    /// Items of a batch whose ciphertext did not open (the tampering detector's input).
+    pub failed_opens: u32,
     aad_fingerprint: String,
     started: Instant,
     /// The tracing span every log line of this call is emitted in (carries the request id,
@@ -136,6 +138,7 @@ impl Call {
             key_versions: Vec::new(),
             item_count: 1,
             failed_items: 0,
+            failed_opens: 0,
             aad_fingerprint: String::new(),
             started: Instant::now(),
         }
@@ -165,7 +168,17 @@ impl Call {
         };
         self.audit = Some(state.audit.clone());
         self.caller = Some(Arc::clone(&caller));
-        self.charge(state, &caller.audit_name())?;
+        let name = caller.audit_name();
+        state
+            .detectors
+            .check_throttle(&name)
+            .map_err(|wait| crate::error::Error::RetryLater {
+                reason: "this caller is throttled after an anomaly was detected in its calls; \
+                         an operator can see why in the audit log (operation Anomaly)"
+                    .to_owned(),
+                retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+            })?;
+        self.charge(state, &name)?;
         Ok(caller)
     }
 
@@ -386,6 +399,9 @@ impl Call {
             drop(result);
             return Err(status::to_status(&e, &self.request_id));
         }
+        // Settled before awaiting: the result itself is not held across the await.
+        let seen = Seen::of(&result);
+        self.detect(state, seen).await;
         match result {
             Ok(value) => {
                 let mut response = Response::new(value);
@@ -400,6 +416,43 @@ impl Call {
 }
 
 impl Call {
+    /// Shows this finished call to the anomaly detectors and records what they found
+    /// (`service::anomaly`). Calls that proved no identity are not shown (the refusal audit
+    /// counts them).
+    async fn detect(&self, state: &AppState, seen: Seen) {
+        let Some(caller) = &self.caller else {
+            return;
+        };
+        let decrypting = matches!(
+            self.operation,
+            Operation::Decrypt | Operation::DecryptBatch | Operation::DecryptDataKey
+        );
+        let failed_opens = if seen.failed_open {
+            1
+        } else {
+            u64::from(self.failed_opens)
+        };
+        let decrypted = if seen.ok && decrypting {
+            u64::from(self.item_count.saturating_sub(self.failed_items))
+        } else {
+            0
+        };
+        let name = caller.audit_name();
+        let peer = peer_ip(&self.peer);
+        let findings = state.detectors.observe(&crate::detect::Observation {
+            caller: &name,
+            tenant: self.tenant.as_ref().map(TenantId::as_str),
+            peer,
+            decrypted,
+            failed_opens,
+            refused: seen.refused,
+            created_tenant: self.operation == Operation::CreateTenant && seen.ok,
+        });
+        if !findings.is_empty() {
+            super::anomaly::report(state, findings, peer, &self.request_id).await;
+        }
+    }
+
     /// The audit record of this call with the given outcome (moves the collected fields out).
     fn record(&mut self, outcome: Outcome, detail: String) -> AuditRecord {
         let caller = match (&self.caller, self.refused_as.take()) {
@@ -407,25 +460,41 @@ impl Call {
             (None, Some(refused)) => refused,
             (None, None) => "anonymous".to_owned(),
         };
-        AuditRecord::new(
-            self.operation,
-            caller,
-            std::mem::take(&mut self.peer),
-            outcome,
-        )
-        .request_id(self.request_id.clone())
-        .trace_parent(self.trace.as_ref().map(|t| t.header()).unwrap_or_default())
-        .tenant(
-            self.tenant
-                .as_ref()
-                .map(|t| t.as_str().to_owned())
-                .unwrap_or_default(),
-        )
-        .contexts(std::mem::take(&mut self.contexts))
-        .versions(std::mem::take(&mut self.key_versions))
-        .items(self.item_count)
-        .aad_fingerprint(std::mem::take(&mut self.aad_fingerprint))
-        .detail(detail)
+        AuditRecord::new(self.operation, caller, self.peer.clone(), outcome)
+            .request_id(self.request_id.clone())
+            .trace_parent(self.trace.as_ref().map(|t| t.header()).unwrap_or_default())
+            .tenant(
+                self.tenant
+                    .as_ref()
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default(),
+            )
+            .contexts(std::mem::take(&mut self.contexts))
+            .versions(std::mem::take(&mut self.key_versions))
+            .items(self.item_count)
+            .aad_fingerprint(std::mem::take(&mut self.aad_fingerprint))
+            .detail(detail)
+    }
+}
+
+/// What the detectors need to know of a call's result.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    ok: bool,
+    /// Answered with the generic decryption failure (a ciphertext that did not open).
+    failed_open: bool,
+    /// Answered PERMISSION_DENIED or NOT_FOUND.
+    refused: bool,
+}
+
+impl Seen {
+    fn of<R>(result: &Result<R>) -> Self {
+        use crate::error::Error;
+        Self {
+            ok: result.is_ok(),
+            failed_open: matches!(result, Err(Error::DecryptFailed)),
+            refused: matches!(result, Err(Error::PermissionDenied(_) | Error::NotFound(_))),
+        }
     }
 }
 

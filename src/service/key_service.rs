@@ -504,6 +504,9 @@ where
 
 fn item_error(call: &mut Call, error: &Error) -> pb::ItemError {
     call.failed_items += 1;
+    if matches!(error, Error::DecryptFailed) {
+        call.failed_opens += 1;
+    }
     pb::ItemError {
         code: status::code(error) as i32,
         message: status::client_message(error, &call.request_id),

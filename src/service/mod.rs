@@ -13,17 +13,21 @@
 //!   services beside ours (the separate bench crate's echo baseline);
 //! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint;
 //! - [`refusals`]: refusals before authentication, audited in aggregate per peer and window;
+//! - [`containment`]: quarantine and release a token, suspend every tenant it reaches;
 //! - [`connections`]: accepted connections: handshake bound and cap, send timeout.
+//! - [`anomaly`]: the detectors' findings as Anomaly audit records, metrics and log lines.
 //! - [`traceparent`]: the W3C `traceparent` a caller may send, validated.
 //! - [`rest`]: the HTTP/JSON API and its OpenAPI document, on the gRPC port, dispatching into
 //!   the same services.
 
 pub mod admission;
+pub mod anomaly;
 pub mod audit_service;
 pub mod budget_metrics;
 pub mod call;
 pub mod codec;
 pub mod connections;
+pub mod containment;
 pub mod convert;
 pub mod data_dir_guard;
 pub mod guard;

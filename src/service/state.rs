@@ -120,6 +120,8 @@ pub struct ServiceOptions {
     /// their reaper, rotation age): [`crate::clock::SystemClock`] unless a test injects
     /// another.
     pub clock: SharedClock,
+    /// The anomaly detectors' settings and opt-in containment (issue 16; `crate::detect`).
+    pub detect: crate::detect::Policy,
 }
 
 /// PEM files of the server's TLS identity and, for mTLS, the client CA.
@@ -155,6 +157,7 @@ impl ServiceOptions {
             clock: crate::clock::system(),
             new_audit_log: false,
             key_store_restored: false,
+            detect: crate::detect::Policy::default(),
         }
     }
 
@@ -188,6 +191,8 @@ pub struct AppState {
     pub audit_reader: Arc<dyn AuditLog>,
     /// Per-caller rate limits.
     pub limiter: RateLimiter,
+    /// The anomaly detectors every finished call is shown to (`service::anomaly`).
+    pub detectors: crate::detect::Detectors,
     /// The options it was opened with.
     pub options: ServiceOptions,
 }
@@ -756,6 +761,10 @@ impl AppState {
             audit,
             audit_reader,
             limiter: RateLimiter::new(options.limits.rate_limit),
+            detectors: crate::detect::Detectors::new(
+                options.detect.clone(),
+                Arc::clone(&options.clock),
+            ),
             options,
         })
     }

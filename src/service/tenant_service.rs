@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
-use super::{blocking, convert, status};
+use super::{blocking, containment, convert, status};
 use crate::auth::Operation;
 use crate::domain::TenantId;
 use crate::domain::index::{IndexDefinition, IndexName, IndexScope};
@@ -84,6 +84,44 @@ impl TenantServiceImpl {
 }
 
 impl TenantServiceImpl {
+    /// Containment RPCs: admits a call naming no tenant (an all-tenant token; the admin role
+    /// decides), runs `work` on the blocking pool with the caller's audit name, appends the
+    /// steps' own audit records (quarantine, release, each suspension) and finishes the call.
+    /// Shielded from the caller's deadline like [`Self::tenant_call`].
+    async fn containment_call<R: Send + 'static>(
+        &self,
+        mut call: Call,
+        work: impl FnOnce(&KeyManager, &str) -> Result<(R, Vec<crate::audit::AuditRecord>)>
+        + Send
+        + 'static,
+    ) -> Result<Response<R>, Status> {
+        let state = Arc::clone(&self.state);
+        let request_id = call.request_id.clone();
+        let task = tokio::spawn(async move {
+            let span = call.span();
+            let result = async {
+                let caller = call.admit_global(&state).await?.audit_name();
+                let keys = Arc::clone(&state.keys);
+                let (answer, records) = blocking(move || work(&keys, &caller)).await?;
+                // The store changed: the next call of the token must see it.
+                state.auth.clear();
+                for record in records {
+                    state.audit.append(record).await?;
+                }
+                Ok(answer)
+            }
+            .instrument(span)
+            .await;
+            call.finish(&state, result).await
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(status::to_status(
+                &Error::Internal(format!("containment call task failed: {e}")),
+                &request_id,
+            ))
+        })
+    }
+
     /// Searchable columns: runs a blind-index definition call like [`Self::tenant_call`]
     /// (shielded from the caller's deadline once admitted), for one tenant or, with an empty
     /// `tenant_id`, for every tenant (which needs an all-tenants token). The index name, when
@@ -433,6 +471,64 @@ impl TenantService for TenantServiceImpl {
         .await
     }
 
+    async fn quarantine_token(
+        &self,
+        request: Request<pb::QuarantineTokenRequest>,
+    ) -> Result<Response<pb::QuarantineTokenResponse>, Status> {
+        let call = Call::begin(&request, Operation::QuarantineToken);
+        let id = request.into_inner().token_id;
+        self.containment_call(call, move |keys, caller| {
+            let (changed, record) = containment::set_quarantine(
+                keys,
+                &valid_token_id(&id)?,
+                true,
+                caller,
+                "by an admin (QuarantineToken)",
+            )?;
+            Ok((pb::QuarantineTokenResponse { changed }, vec![record]))
+        })
+        .await
+    }
+
+    async fn release_token(
+        &self,
+        request: Request<pb::ReleaseTokenRequest>,
+    ) -> Result<Response<pb::ReleaseTokenResponse>, Status> {
+        let call = Call::begin(&request, Operation::ReleaseToken);
+        let id = request.into_inner().token_id;
+        self.containment_call(call, move |keys, caller| {
+            let (changed, record) = containment::set_quarantine(
+                keys,
+                &valid_token_id(&id)?,
+                false,
+                caller,
+                "by an admin (ReleaseToken)",
+            )?;
+            Ok((pb::ReleaseTokenResponse { changed }, vec![record]))
+        })
+        .await
+    }
+
+    async fn contain_token(
+        &self,
+        request: Request<pb::ContainTokenRequest>,
+    ) -> Result<Response<pb::ContainTokenResponse>, Status> {
+        let call = Call::begin(&request, Operation::ContainToken);
+        let id = request.into_inner().token_id;
+        self.containment_call(call, move |keys, caller| {
+            let (done, records) = containment::contain(keys, &valid_token_id(&id)?, caller)?;
+            Ok((
+                pb::ContainTokenResponse {
+                    quarantined: done.quarantined,
+                    suspended_tenant_ids: done.suspended,
+                    untouched_tenant_ids: done.left.into_iter().map(|(t, _)| t).collect(),
+                },
+                records,
+            ))
+        })
+        .await
+    }
+
     async fn list_blind_indexes(
         &self,
         request: Request<pb::ListBlindIndexesRequest>,
@@ -450,4 +546,17 @@ impl TenantService for TenantServiceImpl {
         })
         .await
     }
+}
+
+/// A token id as `token list` shows them (16 hex digits); INVALID_ARGUMENT otherwise, without
+/// echoing the input (it might be a secret pasted by mistake).
+fn valid_token_id(id: &str) -> Result<String> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::InvalidArgument(
+            "token_id must be a token's public id (hex, as `tenant-kms token list` shows it), \
+             never its secret"
+                .into(),
+        ));
+    }
+    Ok(id.to_ascii_lowercase())
 }

@@ -533,7 +533,7 @@ pub fn check_shred_ledger_reapplication<S: KeyStore>(store: &S) {
     assert_eq!(destroyed, expected);
 }
 
-/// Tokens: insert, find by hash, list oldest first, revoke once.
+/// Tokens: insert, find by hash, list oldest first, revoke once, quarantine and release.
 pub fn check_tokens<S: KeyStore>(store: &S) {
     let token = |id: &str, created_at: i64, byte: u8| TokenRecord {
         id: id.into(),
@@ -545,6 +545,7 @@ pub fn check_tokens<S: KeyStore>(store: &S) {
         created_at,
         expires_at: Some(1_000),
         revoked_at: None,
+        quarantined_at: None,
     };
     store.insert_token(&token("t2", 20, 2)).unwrap();
     store.insert_token(&token("t1", 10, 1)).unwrap();
@@ -568,6 +569,30 @@ pub fn check_tokens<S: KeyStore>(store: &S) {
     assert_eq!(revoked.revoked_at, Some(30), "the first revocation stays");
     assert_eq!(
         store.token_by_hash(&[1; 32]).unwrap().unwrap().revoked_at,
+        None
+    );
+    // Quarantine (issue 16): set once (the first time stays), read back through the row MAC,
+    // released once.
+    assert!(store.set_token_quarantine("t1", Some(50)).unwrap());
+    assert!(
+        !store.set_token_quarantine("t1", Some(60)).unwrap(),
+        "twice"
+    );
+    assert!(!store.set_token_quarantine("none", Some(60)).unwrap());
+    let quarantined = store.token_by_hash(&[1; 32]).unwrap().unwrap();
+    assert_eq!(quarantined.quarantined_at, Some(50));
+    assert_eq!(store.list_tokens().unwrap()[0].quarantined_at, Some(50));
+    assert!(store.set_token_quarantine("t1", None).unwrap());
+    assert!(
+        !store.set_token_quarantine("t1", None).unwrap(),
+        "released twice"
+    );
+    assert_eq!(
+        store
+            .token_by_hash(&[1; 32])
+            .unwrap()
+            .unwrap()
+            .quarantined_at,
         None
     );
 }
@@ -764,6 +789,7 @@ fn service_token(id: &str, byte: u8, tenants: &str, operations: &str) -> TokenRe
         created_at: 10,
         expires_at: None,
         revoked_at: None,
+        quarantined_at: None,
     }
 }
 

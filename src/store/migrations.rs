@@ -123,6 +123,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (scope, name)
      ) WITHOUT ROWID;
      CREATE INDEX blind_indexes_by_name ON blind_indexes(name);",
+    // 7: token quarantine (issue 16, anomaly containment): set while a token is refused
+    // pending an admin's release; covered by the row MAC when set.
+    "ALTER TABLE tokens ADD COLUMN quarantined_at INTEGER;",
 ];
 
 /// Brings the schema up to date. Refuses a database newer than this binary.

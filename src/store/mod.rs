@@ -143,6 +143,10 @@ pub struct TokenRecord {
     pub expires_at: Option<i64>,
     /// Unix seconds; set by `token revoke`.
     pub revoked_at: Option<i64>,
+    /// Unix seconds; set while the token is quarantined (anomaly containment: `token
+    /// quarantine`, `token contain`, or a detector configured to quarantine), cleared by
+    /// `token release`. A quarantined token is refused PERMISSION_DENIED.
+    pub quarantined_at: Option<i64>,
 }
 
 /// Storage of keys and callers, for a backend to implement: the five traits below, composed
@@ -258,6 +262,9 @@ pub trait TokenStore {
     /// Revokes a token by id; false if there is none or it is revoked already (the first
     /// revocation time stays).
     fn revoke_token(&self, id: &str, at: i64) -> Result<bool>;
+    /// Quarantines a token by id (`Some(at)`) or releases it (`None`); false if there is no
+    /// such token or it is already in that state (a quarantine keeps its first time).
+    fn set_token_quarantine(&self, id: &str, at: Option<i64>) -> Result<bool>;
 }
 
 /// Master-key versions (check values, never keys), what each wraps, and the wrapped audit

@@ -315,7 +315,8 @@ pub fn key_version_encoding(
 }
 
 /// The canonical bytes a token row's MAC covers: identity (table, token id), generation, then
-/// name, hash, role, tenant scope, operations, creation, expiry and revocation times.
+/// name, hash, role, tenant scope, operations, creation, expiry and revocation times, and the
+/// quarantine time when there is one.
 pub fn token_encoding(token: &TokenRecord, generation: u64) -> Vec<u8> {
     let mut out = start(TOKENS, &[token.id.as_bytes()]);
     push_u64(&mut out, generation);
@@ -327,6 +328,12 @@ pub fn token_encoding(token: &TokenRecord, generation: u64) -> Vec<u8> {
     push_i64(&mut out, token.created_at);
     push_opt_i64(&mut out, token.expires_at);
     push_opt_i64(&mut out, token.revoked_at);
+    // Added with quarantine (issue 16): only present when set, so rows MAC'd before it
+    // still verify unchanged.
+    if let Some(at) = token.quarantined_at {
+        push_length_prefixed(&mut out, b"quarantined_at");
+        push_i64(&mut out, at);
+    }
     out
 }
 
@@ -373,6 +380,7 @@ mod tests {
             created_at: 5,
             expires_at: None,
             revoked_at: None,
+            quarantined_at: None,
         }
     }
 
@@ -408,6 +416,20 @@ mod tests {
             token_encoding(&x, 1),
             token_encoding(&token("t1", "n", "*", "*"), 1)
         );
+    }
+
+    #[test]
+    fn quarantine_is_covered_and_old_rows_encode_as_before() {
+        let plain = token("t1", "n", "*", "*");
+        let mut quarantined = plain.clone();
+        quarantined.quarantined_at = Some(7);
+        // Lifting the mark in the database changes what the MAC covers: refused.
+        assert_ne!(token_encoding(&plain, 1), token_encoding(&quarantined, 1));
+        // A row never quarantined encodes exactly as before the column existed (ends with
+        // the revocation field), so its stored MAC still verifies.
+        let before = token_encoding(&plain, 1);
+        let with_mark = token_encoding(&quarantined, 1);
+        assert!(with_mark.starts_with(&before) && with_mark.len() > before.len());
     }
 
     #[test]

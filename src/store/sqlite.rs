@@ -220,7 +220,7 @@ fn version_from_row(row: &Row<'_>) -> rusqlite::Result<KeyVersionRecord> {
 }
 
 const TOKEN_COLUMNS: &str = "id, name, hash, role, tenants, operations, created_at, expires_at, \
-     revoked_at, generation, mac";
+     revoked_at, generation, mac, quarantined_at";
 
 /// A MAC'd row as stored: the record, the generation of its last write and its MAC (empty if
 /// the column is NULL, which no MAC matches).
@@ -283,6 +283,7 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
         created_at: row.get(6)?,
         expires_at: row.get(7)?,
         revoked_at: row.get(8)?,
+        quarantined_at: row.get(11)?,
     })
 }
 
@@ -606,11 +607,12 @@ impl<'t> Rows<'t> {
         let (generation, mac) = self.next(old_mac, |key, g| key.token_mac(token, g));
         let sql = if old_mac.is_some() {
             "UPDATE tokens SET name = ?2, hash = ?3, role = ?4, tenants = ?5, operations = ?6, \
-             created_at = ?7, expires_at = ?8, revoked_at = ?9, generation = ?10, mac = ?11 \
-             WHERE id = ?1"
+             created_at = ?7, expires_at = ?8, revoked_at = ?9, generation = ?10, mac = ?11, \
+             quarantined_at = ?12 WHERE id = ?1"
         } else {
             "INSERT INTO tokens (id, name, hash, role, tenants, operations, created_at, \
-             expires_at, revoked_at, generation, mac) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)"
+             expires_at, revoked_at, generation, mac, quarantined_at) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
         };
         let changed = self
             .tx
@@ -627,7 +629,8 @@ impl<'t> Rows<'t> {
                     token.expires_at,
                     token.revoked_at,
                     generation,
-                    mac.as_slice()
+                    mac.as_slice(),
+                    token.quarantined_at
                 ],
             )
             .map_err(sql_error)?;
@@ -1431,6 +1434,21 @@ impl TokenStore for SqliteKeyStore {
             }
             let mut token = stored.record;
             token.revoked_at = Some(at);
+            rows.put_token(&token, Some(&stored.mac))?;
+            Ok(true)
+        })
+    }
+
+    fn set_token_quarantine(&self, id: &str, at: Option<i64>) -> Result<bool> {
+        self.write_rows(|rows| {
+            let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
+                return Ok(false);
+            };
+            if stored.record.quarantined_at.is_some() == at.is_some() {
+                return Ok(false);
+            }
+            let mut token = stored.record;
+            token.quarantined_at = at;
             rows.put_token(&token, Some(&stored.mac))?;
             Ok(true)
         })

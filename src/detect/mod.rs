@@ -1,0 +1,525 @@
+//! Anomaly detectors: cheap in-process watchers of the service's own traffic (issue 16).
+//!
+//! Every authenticated call that finishes is shown to [`Detectors::observe`] as an
+//! [`Observation`] (who, which tenant, from where, what happened). Five detectors look at it:
+//!
+//! | detector | trips on | module |
+//! |---|---|---|
+//! | `rate_spike` | a caller's decrypts for one tenant far above its own EWMA baseline | [`spike`] |
+//! | `enumeration` | a caller naming many tenants it never named before | [`reach`] |
+//! | `probing` | PERMISSION_DENIED / NOT_FOUND across many tenant ids | [`reach`] |
+//! | `tampering` | a burst of ciphertexts that do not open for one tenant | [`tamper`] |
+//! | `new_peer` | a caller's credential used from a new address | [`peer`] |
+//!
+//! A detection is a [`Finding`]: the detector, the caller, the tenant and the figures that
+//! tripped it, never a secret (names and counts only). The service turns it into an `Anomaly`
+//! audit record, a metric and a log line (`service::anomaly`). Repeats are rate-limited: at
+//! most one finding per (detector, caller, tenant) per `repeat_window`.
+//!
+//! **Cost.** An observation hashes a few names with SipHash and takes two or three short
+//! mutex sections (one per detector that applies); no allocation unless something trips.
+//! `benches/detect.rs` measures it.
+//!
+//! **Memory.** Every table is bounded (`max_tracked` keys each; see [`table`]).
+//!
+//! **Time.** Every window is measured on the injected [`crate::clock::Clock`], so tests step
+//! over them instead of sleeping.
+
+pub mod peer;
+pub mod reach;
+pub mod settings;
+pub mod spike;
+pub mod table;
+pub mod tamper;
+
+use std::sync::Mutex;
+
+use crate::clock::SharedClock;
+
+pub use peer::PeerPolicy;
+pub use reach::{EnumerationPolicy, ProbingPolicy};
+pub use spike::SpikePolicy;
+pub use tamper::TamperPolicy;
+
+/// One detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Detector {
+    /// A decrypt rate far above the caller's baseline for a tenant.
+    RateSpike,
+    /// Many tenants a caller never named before.
+    Enumeration,
+    /// Refusals across many tenant ids.
+    Probing,
+    /// Ciphertexts that do not open, in a burst, for one tenant.
+    Tampering,
+    /// A credential used from a new address.
+    NewPeer,
+}
+
+impl Detector {
+    /// Every detector.
+    pub const ALL: [Detector; 5] = [
+        Detector::RateSpike,
+        Detector::Enumeration,
+        Detector::Probing,
+        Detector::Tampering,
+        Detector::NewPeer,
+    ];
+
+    /// The name used in configuration, metrics (`detector` label), logs and audit records.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Detector::RateSpike => "rate_spike",
+            Detector::Enumeration => "enumeration",
+            Detector::Probing => "probing",
+            Detector::Tampering => "tampering",
+            Detector::NewPeer => "new_peer",
+        }
+    }
+
+    /// The detector a configuration name names.
+    pub fn parse(name: &str) -> Option<Detector> {
+        Detector::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Parses a list of detector names (a configuration value); INVALID_ARGUMENT naming the first
+/// unknown one.
+pub fn parse_detectors(setting: &str, names: &[String]) -> crate::error::Result<Vec<Detector>> {
+    names
+        .iter()
+        .map(|name| {
+            Detector::parse(name.trim()).ok_or_else(|| {
+                crate::error::Error::InvalidArgument(format!(
+                    "{setting}: '{name}' is not a detector (one of: {})",
+                    Detector::ALL.map(Detector::name).join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Settings of every detector and of containment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Detectors switched off (`anomaly_detectors_off`).
+    pub off: Vec<Detector>,
+    /// At most one finding per (detector, caller, tenant) within this (µs).
+    pub repeat_window_micros: i64,
+    /// Most keys each detector tracks.
+    pub max_tracked: usize,
+    /// `rate_spike`.
+    pub spike: SpikePolicy,
+    /// `enumeration`.
+    pub enumeration: EnumerationPolicy,
+    /// `probing`.
+    pub probing: ProbingPolicy,
+    /// `tampering`.
+    pub tamper: TamperPolicy,
+    /// `new_peer`.
+    pub peer: PeerPolicy,
+    /// Detectors whose findings throttle the caller (opt-in; none by default).
+    pub throttle: Vec<Detector>,
+    /// Detectors whose findings quarantine the caller's token (opt-in; none by default): it
+    /// is refused until an admin releases it (`service::containment`).
+    pub quarantine: Vec<Detector>,
+    /// The throttled caller's rate: calls per second and burst.
+    pub throttle_rate: crate::auth::rate::RateLimit,
+    /// How long a throttle lasts (µs).
+    pub throttle_micros: i64,
+}
+
+impl Default for Policy {
+    /// Every detector on with its documented defaults; a 10-minute repeat window; 100,000
+    /// keys per detector; no containment; a throttle (when opted into) of 1 call per second
+    /// (burst 5) for 15 minutes.
+    fn default() -> Self {
+        Self {
+            off: Vec::new(),
+            repeat_window_micros: 600_000_000,
+            max_tracked: 100_000,
+            spike: SpikePolicy::default(),
+            enumeration: EnumerationPolicy::default(),
+            probing: ProbingPolicy::default(),
+            tamper: TamperPolicy::default(),
+            peer: PeerPolicy::default(),
+            throttle: Vec::new(),
+            quarantine: Vec::new(),
+            throttle_rate: crate::auth::rate::RateLimit {
+                per_second: 1.0,
+                burst: 5,
+            },
+            throttle_micros: 900_000_000,
+        }
+    }
+}
+
+/// What happened in one finished, authenticated call, as the detectors see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// The caller's audit name (`token:<id>`, `cert:<identity>`).
+    pub caller: &'a str,
+    /// The tenant the call named, if any.
+    pub tenant: Option<&'a str>,
+    /// The peer's address without port.
+    pub peer: &'a str,
+    /// Items decrypted (Decrypt, DecryptBatch items, DecryptDataKey); 0 for other calls.
+    pub decrypted: u64,
+    /// Ciphertexts that did not open.
+    pub failed_opens: u64,
+    /// The call was refused PERMISSION_DENIED or NOT_FOUND.
+    pub refused: bool,
+    /// The call created the tenant it names.
+    pub created_tenant: bool,
+}
+
+/// A detection: what tripped, for whom, with the figures (names and counts only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// The detector.
+    pub detector: Detector,
+    /// The caller's audit name.
+    pub caller: String,
+    /// The tenant (empty when none applies).
+    pub tenant: String,
+    /// The figures that tripped it, for people (`count=… baseline=… threshold=…`).
+    pub figures: String,
+    /// The caller is throttled from now on (containment configured for this detector).
+    pub throttled: bool,
+    /// The caller's token is to be quarantined (containment configured for this detector;
+    /// the service applies it).
+    pub quarantine: bool,
+}
+
+struct Tables {
+    spikes: spike::Spikes,
+    reaches: reach::Reaches,
+    tampering: tamper::Tampering,
+    peers: peer::NewPeers,
+    repeats: table::Table<i64>,
+    throttled: table::Table<i64>,
+}
+
+/// The detectors of one server.
+pub struct Detectors {
+    policy: Policy,
+    on: [bool; 5],
+    contain: [bool; 5],
+    quarantine: [bool; 5],
+    clock: SharedClock,
+    hasher: std::hash::RandomState,
+    // One mutex for all tables: an observation's sections are a few hash lookups, far
+    // shorter than anything else a call does (see `auth::rate` for the same reasoning); one
+    // lock per call is cheaper than three.
+    tables: Mutex<Tables>,
+    throttle: crate::auth::rate::RateLimiter,
+}
+
+impl Detectors {
+    /// Detectors with `policy`, measuring windows on `clock`.
+    pub fn new(policy: Policy, clock: SharedClock) -> Self {
+        let cap = policy.max_tracked;
+        let mut on = [true; 5];
+        for d in &policy.off {
+            on[d.index()] = false;
+        }
+        let mut contain = [false; 5];
+        for d in &policy.throttle {
+            contain[d.index()] = true;
+        }
+        let mut quarantine = [false; 5];
+        for d in &policy.quarantine {
+            quarantine[d.index()] = true;
+        }
+        let tables = Tables {
+            spikes: spike::Spikes::new(cap, &policy.spike),
+            reaches: reach::Reaches::new(cap, &policy.enumeration, &policy.probing),
+            tampering: tamper::Tampering::new(cap, &policy.tamper),
+            peers: peer::NewPeers::new(cap, &policy.peer),
+            repeats: table::Table::new(cap, policy.repeat_window_micros),
+            throttled: table::Table::new(cap, policy.throttle_micros),
+        };
+        Self {
+            throttle: crate::auth::rate::RateLimiter::new(policy.throttle_rate),
+            on,
+            contain,
+            quarantine,
+            policy,
+            clock,
+            hasher: std::hash::RandomState::new(),
+            tables: Mutex::new(tables),
+        }
+    }
+
+    /// The settings.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Whether `detector` is on.
+    pub fn is_on(&self, detector: Detector) -> bool {
+        self.on[detector.index()]
+    }
+
+    /// Shows one finished call to every detector; the findings that are due (repeats within
+    /// the repeat window are dropped). Empty, without allocating, when nothing tripped.
+    pub fn observe(&self, o: &Observation<'_>) -> Vec<Finding> {
+        let now = self.clock.now_micros();
+        let caller = table::key_of(&self.hasher, &[o.caller]);
+        let tenant = o.tenant.map(|t| table::key_of(&self.hasher, &[t]));
+        let mut tripped: Vec<(Detector, String)> = Vec::new();
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tenant) = tenant {
+            if self.is_on(Detector::RateSpike) && o.decrypted > 0 {
+                let pair = caller ^ tenant.rotate_left(1);
+                if let Some(f) = tables
+                    .spikes
+                    .observe(&self.policy.spike, pair, now, o.decrypted)
+                {
+                    tripped.push((
+                        Detector::RateSpike,
+                        format!(
+                            "decrypted={} in the current {}s interval; baseline={:.1} per \
+                             interval; threshold={:.1}",
+                            f.count,
+                            self.policy.spike.interval_micros / 1_000_000,
+                            f.baseline,
+                            f.threshold
+                        ),
+                    ));
+                }
+            }
+            if self.is_on(Detector::Enumeration)
+                && let Some(f) = tables.reaches.touch(
+                    &self.policy.enumeration,
+                    caller,
+                    tenant,
+                    o.created_tenant,
+                    now,
+                )
+            {
+                tripped.push((
+                    Detector::Enumeration,
+                    format!(
+                        "new_tenants={} within {}s (threshold {})",
+                        f.tenants,
+                        f.window_micros / 1_000_000,
+                        self.policy.enumeration.new_tenants
+                    ),
+                ));
+            }
+            if self.is_on(Detector::Probing)
+                && o.refused
+                && let Some(f) = tables
+                    .reaches
+                    .refused(&self.policy.probing, caller, tenant, now)
+            {
+                tripped.push((
+                    Detector::Probing,
+                    format!(
+                        "refused_tenants={} (PERMISSION_DENIED or NOT_FOUND) within {}s \
+                         (threshold {})",
+                        f.tenants,
+                        f.window_micros / 1_000_000,
+                        self.policy.probing.tenants
+                    ),
+                ));
+            }
+            if self.is_on(Detector::Tampering)
+                && o.failed_opens > 0
+                && let Some(count) =
+                    tables
+                        .tampering
+                        .observe(&self.policy.tamper, tenant, now, o.failed_opens)
+            {
+                tripped.push((
+                    Detector::Tampering,
+                    format!(
+                        "failed_opens={count} within {}s (threshold {})",
+                        self.policy.tamper.window_micros / 1_000_000,
+                        self.policy.tamper.failures
+                    ),
+                ));
+            }
+        }
+        if self.is_on(Detector::NewPeer) {
+            let peer = table::key_of(&self.hasher, &[o.peer]);
+            if let Some(f) = tables.peers.observe(&self.policy.peer, caller, peer, now) {
+                tripped.push((
+                    Detector::NewPeer,
+                    format!(
+                        "new peer address {} after {} known one(s)",
+                        o.peer, f.known_peers
+                    ),
+                ));
+            }
+        }
+        if tripped.is_empty() {
+            return Vec::new();
+        }
+        let mut findings = Vec::with_capacity(tripped.len());
+        for (detector, figures) in tripped {
+            let repeat = table::key_of(
+                &self.hasher,
+                &[detector.name(), o.caller, o.tenant.unwrap_or("")],
+            );
+            let window = self.policy.repeat_window_micros;
+            let Some(last) = tables.repeats.touch(repeat, now, || i64::MIN) else {
+                continue;
+            };
+            if *last != i64::MIN && now < last.saturating_add(window) {
+                continue;
+            }
+            *last = now;
+            let throttled = self.contain[detector.index()];
+            if throttled && let Some(until) = tables.throttled.touch(caller, now, || now) {
+                *until = now.saturating_add(self.policy.throttle_micros);
+            }
+            findings.push(Finding {
+                detector,
+                caller: o.caller.to_owned(),
+                tenant: o.tenant.unwrap_or_default().to_owned(),
+                figures,
+                throttled,
+                quarantine: self.quarantine[detector.index()],
+            });
+        }
+        findings
+    }
+
+    /// For a caller under a throttle: `Err(wait)` when its throttled rate is spent, with the
+    /// time until its next call may go. `Ok` for every caller not throttled (one hash and a
+    /// lookup).
+    pub fn check_throttle(&self, caller: &str) -> Result<(), std::time::Duration> {
+        let now = self.clock.now_micros();
+        let key = table::key_of(&self.hasher, &[caller]);
+        let until = {
+            let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            if tables.throttled.is_empty() {
+                return Ok(());
+            }
+            tables.throttled.get(key).copied()
+        };
+        match until {
+            Some(until) if now < until => self.throttle.check(caller),
+            _ => Ok(()),
+        }
+    }
+
+    /// Observations dropped because a table was full (for the metrics).
+    pub fn untracked(&self) -> u64 {
+        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        t.spikes.table.untracked()
+            + t.reaches.reach.untracked()
+            + t.reaches.probes.untracked()
+            + t.tampering.table.untracked()
+            + t.peers.table.untracked()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn refused<'a>(tenant: &'a str) -> Observation<'a> {
+        Observation {
+            caller: "token:x",
+            tenant: Some(tenant),
+            peer: "127.0.0.1",
+            decrypted: 0,
+            failed_opens: 0,
+            refused: true,
+            created_tenant: false,
+        }
+    }
+
+    fn probing_policy() -> Policy {
+        Policy {
+            probing: ProbingPolicy {
+                window_micros: 1_000_000,
+                tenants: 3,
+            },
+            repeat_window_micros: 10_000_000,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn findings_name_the_detector_caller_and_tenant_and_repeats_are_dropped() {
+        let clock = ManualClock::at_micros(1_000_000_000_000);
+        let detectors = Detectors::new(probing_policy(), clock.clone());
+        assert!(detectors.observe(&refused("a")).is_empty());
+        assert!(detectors.observe(&refused("b")).is_empty());
+        let findings = detectors.observe(&refused("c"));
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert_eq!(findings[0].detector, Detector::Probing);
+        assert_eq!(findings[0].caller, "token:x");
+        assert_eq!(findings[0].tenant, "c");
+        assert!(findings[0].figures.contains("refused_tenants=3"));
+        assert!(!findings[0].throttled);
+        // The next window trips again on the same tenant: within the repeat window, dropped.
+        clock.advance(std::time::Duration::from_secs(2));
+        for t in ["d", "e", "c"] {
+            assert!(detectors.observe(&refused(t)).is_empty(), "{t}");
+        }
+        // After the repeat window it is reported again.
+        clock.advance(std::time::Duration::from_secs(20));
+        for t in ["d", "e"] {
+            assert!(detectors.observe(&refused(t)).is_empty());
+        }
+        assert_eq!(detectors.observe(&refused("c")).len(), 1);
+    }
+
+    #[test]
+    fn a_detector_switched_off_stays_silent() {
+        let clock = ManualClock::at_micros(0);
+        let policy = Policy {
+            off: vec![Detector::Probing],
+            ..probing_policy()
+        };
+        let detectors = Detectors::new(policy, clock);
+        for t in ["a", "b", "c", "d"] {
+            assert!(detectors.observe(&refused(t)).is_empty());
+        }
+    }
+
+    #[test]
+    fn containment_throttles_the_caller_until_it_expires() {
+        let clock = ManualClock::at_micros(0);
+        let policy = Policy {
+            throttle: vec![Detector::Probing],
+            throttle_rate: crate::auth::rate::RateLimit {
+                per_second: 0.001,
+                burst: 1,
+            },
+            throttle_micros: 60_000_000,
+            ..probing_policy()
+        };
+        let detectors = Detectors::new(policy, clock.clone());
+        assert!(detectors.check_throttle("token:x").is_ok());
+        for t in ["a", "b"] {
+            detectors.observe(&refused(t));
+        }
+        let findings = detectors.observe(&refused("c"));
+        assert!(findings[0].throttled);
+        assert!(detectors.check_throttle("token:x").is_ok(), "the burst");
+        assert!(detectors.check_throttle("token:x").is_err());
+        assert!(detectors.check_throttle("token:other").is_ok());
+        clock.advance(std::time::Duration::from_secs(61));
+        assert!(detectors.check_throttle("token:x").is_ok());
+        assert!(detectors.check_throttle("token:x").is_ok());
+    }
+
+    #[test]
+    fn detector_names_parse_back() {
+        for d in Detector::ALL {
+            assert_eq!(Detector::parse(d.name()), Some(d));
+        }
+        assert!(parse_detectors("x", &["rate_spike".into(), "bogus".into()]).is_err());
+    }
+}
