@@ -101,6 +101,8 @@ named_enum! {
         DeclareBlindIndex => "DeclareBlindIndex",
         /// `TenantService.ListBlindIndexes`.
         ListBlindIndexes => "ListBlindIndexes",
+        /// `AuditService.GetUsage`.
+        GetUsage => "GetUsage",
     }
 }
 

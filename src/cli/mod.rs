@@ -11,6 +11,7 @@ pub mod rotate;
 pub mod selftest;
 pub mod serve;
 pub mod token;
+pub mod usage;
 
 use std::process::ExitCode;
 
@@ -60,6 +61,9 @@ enum Command {
     /// Declare, list and compute blind indexes (searchable columns) through a running server.
     #[command(subcommand)]
     Index(index::IndexCommand),
+    /// A tenant's usage over a time range, per caller, operation and outcome, through a
+    /// running server (`GetUsage`).
+    Usage(usage::UsageArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -78,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Selftest(args) => selftest::run(args),
         Command::Keyring(cmd) => keyring::run(cmd),
         Command::Index(cmd) => index::run(cmd),
+        Command::Usage(args) => usage::run(args),
     };
     match result {
         Ok(code) => code,
