@@ -128,7 +128,10 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 async fn the_metrics_endpoint_passes_promtool_check_metrics() {
     let server = busy_server().await;
     let body = scrape(&server).await;
-    assert!(body.contains("tenant_kms_usage_calls_total{tenant=\"acme\""), "{body}");
+    assert!(
+        body.contains("tenant_kms_usage_calls_total{tenant=\"acme\""),
+        "{body}"
+    );
     let (ok, report) = promtool(Path::new(ROOT), &["check", "metrics"], body.as_bytes());
     assert!(ok, "promtool check metrics: {report}\n{body}");
 }
@@ -146,8 +149,8 @@ fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
 async fn alerts_and_dashboard_use_only_exported_metrics() {
     let server = busy_server().await;
     let exported = exported(&scrape(&server).await);
-    let alerts = std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/alerts.yml"))
-        .unwrap();
+    let alerts =
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/alerts.yml")).unwrap();
     let used = metric_names(&alerts);
     assert!(used.len() >= 7, "{used:?}");
     let missing: Vec<_> = used.difference(&exported).collect();
@@ -164,7 +167,10 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
             let names = metric_names(expr);
             assert!(!names.is_empty(), "{expr}");
             let missing: Vec<_> = names.difference(&exported).collect();
-            assert!(missing.is_empty(), "dashboard query {expr} uses unexported {missing:?}");
+            assert!(
+                missing.is_empty(),
+                "dashboard query {expr} uses unexported {missing:?}"
+            );
             queries += 1;
         }
     }

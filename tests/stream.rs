@@ -28,7 +28,10 @@ fn frames(bytes: &[u8]) -> Vec<u64> {
     let mut seqs = Vec::new();
     let mut rest = bytes;
     while let Some(space) = rest.iter().position(|&b| b == b' ') {
-        let len: usize = std::str::from_utf8(&rest[..space]).unwrap().parse().unwrap();
+        let len: usize = std::str::from_utf8(&rest[..space])
+            .unwrap()
+            .parse()
+            .unwrap();
         let body = &rest[space + 1..];
         if body.len() < len {
             break;
@@ -153,7 +156,11 @@ fn audit_seqs(data_dir: &Path) -> Vec<u64> {
     assert_eq!(code, 0, "{stderr}");
     stdout
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -168,7 +175,11 @@ async fn until_delivered(
     loop {
         let want = expected();
         let got = delivered();
-        let missing: Vec<u64> = want.iter().copied().filter(|s| !got.contains_key(s)).collect();
+        let missing: Vec<u64> = want
+            .iter()
+            .copied()
+            .filter(|s| !got.contains_key(s))
+            .collect();
         if !want.is_empty() && missing.is_empty() {
             return got;
         }
@@ -186,11 +197,23 @@ async fn until_delivered(
 /// Repeats in `got`: at most one batch's worth, all in one contiguous run of sequence
 /// numbers (the unacknowledged tail of one delivery), per `runs_allowed` interruption.
 fn assert_repeats_only_a_tail(what: &str, got: &BTreeMap<u64, u32>, runs_allowed: usize) {
-    let repeated: Vec<u64> = got.iter().filter(|(_, n)| **n > 1).map(|(s, _)| *s).collect();
-    let runs = repeated.windows(2).filter(|w| w[1] != w[0] + 1).count() + usize::from(!repeated.is_empty());
+    let repeated: Vec<u64> = got
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(s, _)| *s)
+        .collect();
+    let runs = repeated.windows(2).filter(|w| w[1] != w[0] + 1).count()
+        + usize::from(!repeated.is_empty());
     assert!(runs <= runs_allowed, "{what}: repeats {repeated:?}");
-    assert!(repeated.len() <= BATCH * runs_allowed, "{what}: {} repeats", repeated.len());
-    assert!(got.values().all(|n| *n <= 2), "{what}: a record came three times or more");
+    assert!(
+        repeated.len() <= BATCH * runs_allowed,
+        "{what}: {} repeats",
+        repeated.len()
+    );
+    assert!(
+        got.values().all(|n| *n <= 2),
+        "{what}: a record came three times or more"
+    );
 }
 
 async fn traffic(url: &str, token: &str, tenant: &str, n: usize) {
@@ -241,7 +264,10 @@ async fn every_record_reaches_both_sinks_across_a_kill_9_of_the_server() {
     assert!(rotated > 2, "{rotated} files");
     use std::os::unix::fs::PermissionsExt;
     for sink in ["file", "syslog"] {
-        let mode = std::fs::metadata(cursor(sink)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(cursor(sink))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{sink}");
     }
     server.terminate().await;
@@ -261,9 +287,8 @@ async fn a_receiver_that_dies_mid_batch_and_comes_back_gets_every_record() {
     dying.wait_dead();
     traffic(&server.url(), &server.admin_token, "acme", 40).await;
     let lag = || {
-        let body = tenant_kms::metrics::scrape(&tenant_kms::service::server::metrics_extra(
-            &server.state,
-        ));
+        let body =
+            tenant_kms::metrics::scrape(&tenant_kms::service::server::metrics_extra(&server.state));
         body.lines()
             .find_map(|l| l.strip_prefix("tenant_kms_audit_stream_lag_records{sink=\"syslog\"} "))
             .map(|v| v.parse::<u64>().unwrap())
@@ -271,7 +296,10 @@ async fn a_receiver_that_dies_mid_batch_and_comes_back_gets_every_record() {
     // Nothing is acknowledged while the receiver is down: the stream lags.
     let deadline = Instant::now() + Duration::from_secs(30);
     while lag().unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "no lag reported while the receiver is down");
+        assert!(
+            Instant::now() < deadline,
+            "no lag reported while the receiver is down"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _back = Receiver::start(port, Arc::clone(&received), false);
@@ -298,7 +326,8 @@ async fn the_file_sink_rotates_and_keeps_what_it_is_told() {
         max_bytes: 4000,
         keep: 3,
     };
-    let server = TestServer::start_configured(|options| options.audit_stream.file = Some(sink)).await;
+    let server =
+        TestServer::start_configured(|options| options.audit_stream.file = Some(sink)).await;
     traffic(&server.url(), &server.admin_token, "acme", 60).await;
     let reader = Arc::clone(&server.state.audit_reader);
     let head = reader.head().unwrap().seq;
@@ -312,7 +341,10 @@ async fn the_file_sink_rotates_and_keeps_what_it_is_told() {
             assert!(kept.windows(2).all(|w| w[1] == w[0] + 1), "{kept:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "record {head} never reached the file");
+        assert!(
+            Instant::now() < deadline,
+            "record {head} never reached the file"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let names: Vec<String> = std::fs::read_dir(temp.path())

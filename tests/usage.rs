@@ -92,9 +92,30 @@ async fn usage_is_counted_per_caller_operation_and_outcome_and_survives_a_restar
     let (auditor, _) = issue(&server, Role::Auditor, "*");
     let (mut svc_keys, _, mut svc_audit) = server.clients_with(Some(&svc)).await;
 
-    let sealed = encrypt(&mut svc_keys, "acme", "users.email", b"alice@example.com", b"").await;
-    encrypt(&mut svc_keys, "acme", "users.email", b"bob@example.com", b"").await;
-    let opened = decrypt(&mut svc_keys, "acme", "users.email", &sealed.ciphertext, b"").await;
+    let sealed = encrypt(
+        &mut svc_keys,
+        "acme",
+        "users.email",
+        b"alice@example.com",
+        b"",
+    )
+    .await;
+    encrypt(
+        &mut svc_keys,
+        "acme",
+        "users.email",
+        b"bob@example.com",
+        b"",
+    )
+    .await;
+    let opened = decrypt(
+        &mut svc_keys,
+        "acme",
+        "users.email",
+        &sealed.ciphertext,
+        b"",
+    )
+    .await;
     assert_eq!(opened.unwrap().plaintext, b"alice@example.com");
     let mut tampered = sealed.ciphertext.clone();
     let last = tampered.len() - 1;
@@ -126,7 +147,14 @@ async fn usage_is_counted_per_caller_operation_and_outcome_and_survives_a_restar
 
     // A later minute, and a range that holds only it.
     clock.advance(Duration::from_secs(120));
-    encrypt(&mut svc_keys, "acme", "users.email", b"carol@example.com", b"").await;
+    encrypt(
+        &mut svc_keys,
+        "acme",
+        "users.email",
+        b"carol@example.com",
+        b"",
+    )
+    .await;
     let later_minute = START_MICROS / 1_000_000 + 120;
     let later = usage(&mut audit, "acme", at(later_minute + 30), None)
         .await
@@ -134,7 +162,9 @@ async fn usage_is_counted_per_caller_operation_and_outcome_and_survives_a_restar
     assert_eq!(later.calls, 1);
     assert_eq!(calls_of(&later, &svc_name), 1);
     assert_eq!(later.since, at(later_minute));
-    let earlier = usage(&mut audit, "acme", None, at(later_minute)).await.unwrap();
+    let earlier = usage(&mut audit, "acme", None, at(later_minute))
+        .await
+        .unwrap();
     assert_eq!(calls_of(&earlier, &svc_name), 4);
 
     // Bad input: a clear status.
@@ -181,12 +211,16 @@ async fn usage_is_counted_per_caller_operation_and_outcome_and_survives_a_restar
     assert!(events.iter().filter(|e| e.outcome == "ok").count() >= 4);
 
     // A clean stop flushes: a new server on the same directory answers the same figures.
-    let before = usage(&mut audit, "acme", None, at(later_minute)).await.unwrap();
+    let before = usage(&mut audit, "acme", None, at(later_minute))
+        .await
+        .unwrap();
     drop((keys, tenants, audit, svc_keys, svc_audit, auditor_audit));
     server.stop().await;
     let again = TestServer::start_with(options).await;
     let (_, _, mut audit) = again.clients().await;
-    let after = usage(&mut audit, "acme", None, at(later_minute)).await.unwrap();
+    let after = usage(&mut audit, "acme", None, at(later_minute))
+        .await
+        .unwrap();
     assert_eq!(after, before);
     assert!(temp.path().join("data/usage.db").exists());
 }
@@ -216,7 +250,10 @@ async fn usage_metrics_give_the_first_tenants_their_own_label_and_sum_the_rest()
         .find(|l| l.contains("tenant=\"other\"") && l.contains("operation=\"Encrypt\""))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(other.ends_with(" 2"), "{other}");
-    assert!(!out.contains("\"second\"") && !out.contains("\"third\""), "{out}");
+    assert!(
+        !out.contains("\"second\"") && !out.contains("\"third\""),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +295,10 @@ async fn the_usage_command_prints_json_and_a_table() {
     assert_eq!(encrypts["calls"], 1);
     let (code, stdout, stderr) = run(&[]).await.unwrap();
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("Encrypt") && stdout.contains("total: "), "{stdout}");
+    assert!(
+        stdout.contains("Encrypt") && stdout.contains("total: "),
+        "{stdout}"
+    );
     let (code, _, stderr) = run(&["--since", "yesterday"]).await.unwrap();
     assert_eq!(code, 1);
     assert!(stderr.contains("RFC 3339"), "{stderr}");

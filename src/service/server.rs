@@ -369,7 +369,9 @@ async fn reap_due_deletions(state: Arc<AppState>) {
             let store = keys.store();
             let due = store.tenants_due(now, crate::store::ROTATION_BUDGET_MARGIN)?;
             let horizon = now.saturating_add(crate::metrics::DELETION_CLOSING_HORIZON_SECONDS);
-            let closing = store.tenants_due(horizon, crate::store::ROTATION_BUDGET_MARGIN)?.destroy;
+            let closing = store
+                .tenants_due(horizon, crate::store::ROTATION_BUDGET_MARGIN)?
+                .destroy;
             let closing = closing.iter().filter(|t| !due.destroy.contains(t)).count();
             crate::metrics::global().lifecycle(due.rotate.len() as u64, closing as u64);
             Ok(due.destroy)

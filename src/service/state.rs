@@ -758,9 +758,8 @@ impl AppState {
             )?;
         }
         dir.record_key_store_anchor(&audit)?;
-        let usage_store = crate::usage::SqliteUsageStore::open(
-            &options.data_dir.join(crate::usage::USAGE_DB),
-        )?;
+        let usage_store =
+            crate::usage::SqliteUsageStore::open(&options.data_dir.join(crate::usage::USAGE_DB))?;
         let usage = Arc::new(crate::usage::UsageMeter::new(
             options.usage,
             Arc::clone(&options.clock),

@@ -15,7 +15,9 @@ fn request_micros(name: &str, ts: &prost_types::Timestamp) -> Result<i64> {
     let seconds_ok =
         (convert::MIN_TIMESTAMP_SECONDS..=convert::MAX_TIMESTAMP_SECONDS).contains(&ts.seconds);
     if !seconds_ok || !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(Error::InvalidArgument(format!("{name} is not a valid time")));
+        return Err(Error::InvalidArgument(format!(
+            "{name} is not a valid time"
+        )));
     }
     Ok(convert::micros_of(ts))
 }
@@ -111,7 +113,10 @@ mod tests {
         };
         assert_eq!(range(&req(ts(90, 0), ts(150, 0)), 0).unwrap(), (60, 180));
         assert_eq!(range(&req(ts(60, 0), ts(120, 0)), 0).unwrap(), (60, 120));
-        assert_eq!(range(&req(ts(120, 0), None), 130_000_000).unwrap(), (120, 180));
+        assert_eq!(
+            range(&req(ts(120, 0), None), 130_000_000).unwrap(),
+            (120, 180)
+        );
         assert!(range(&req(ts(120, 0), ts(120, 0)), 0).is_err());
         assert!(range(&req(ts(180, 0), ts(120, 0)), 0).is_err());
         assert!(range(&req(ts(0, -1), None), 0).is_err());

@@ -243,9 +243,13 @@ impl UsageMeter {
             }
             for (caller, cells) in tenants.get(tenant).into_iter().flatten() {
                 for ((operation, outcome), counts) in cells {
-                    sums.entry((caller.clone(), (*operation).to_owned(), (*outcome).to_owned()))
-                        .or_default()
-                        .add(counts);
+                    sums.entry((
+                        caller.clone(),
+                        (*operation).to_owned(),
+                        (*outcome).to_owned(),
+                    ))
+                    .or_default()
+                    .add(counts);
                 }
             }
         }
@@ -296,7 +300,9 @@ impl UsageMeter {
             ("failed_items", "Failed items of partial batches", |c| {
                 c.failed_items
             }),
-            ("request_bytes", "Encoded request bytes", |c| c.request_bytes),
+            ("request_bytes", "Encoded request bytes", |c| {
+                c.request_bytes
+            }),
             ("response_bytes", "Encoded response bytes", |c| {
                 c.response_bytes
             }),
@@ -405,7 +411,12 @@ mod tests {
         meter.flush().unwrap();
         let flushed = meter.query("t1", start + 60, start + 120).unwrap();
         assert_eq!(flushed[0].counts.calls, 5);
-        assert!(meter.query("t1", start + 120, start + 180).unwrap().is_empty());
+        assert!(
+            meter
+                .query("t1", start + 120, start + 180)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -164,7 +164,9 @@ mod tests {
                 ..Default::default()
             },
         };
-        store.add(&[row(60, "t", 1), row(120, "t", 2), row(60, "u", 9)]).unwrap();
+        store
+            .add(&[row(60, "t", 1), row(120, "t", 2), row(60, "u", 9)])
+            .unwrap();
         store.add(&[row(60, "t", 4)]).unwrap();
         let got = store.query("t", 0, 120).unwrap();
         assert_eq!(got, vec![row(60, "t", 5)]);

@@ -85,7 +85,10 @@ mod tests {
         cursor.store(41).unwrap();
         cursor.store(42).unwrap();
         assert_eq!(cursor.load().unwrap(), 42);
-        let mode = std::fs::metadata(cursor.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(cursor.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(cursor.path(), "garbage").unwrap();
         assert!(cursor.load().is_err());

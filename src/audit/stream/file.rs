@@ -183,7 +183,9 @@ mod tests {
             max_bytes: u64::MAX,
             keep: 1,
         };
-        FileSink::new(config.clone()).deliver(&records(1, 2)).unwrap();
+        FileSink::new(config.clone())
+            .deliver(&records(1, 2))
+            .unwrap();
         let whole = std::fs::read(&path).unwrap();
         let mut torn = whole.clone();
         torn.extend_from_slice(b"{\"seq\":3,\"ti");
@@ -192,7 +194,11 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let seqs: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(seqs, vec![1, 2, 3]);
     }

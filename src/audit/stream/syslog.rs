@@ -92,7 +92,10 @@ impl SyslogSink {
             5
         };
         let json = record.export_json(seq);
-        let time = json["time"].as_str().filter(|t| !t.is_empty()).unwrap_or("-");
+        let time = json["time"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .unwrap_or("-");
         // MSGID: at most 32 printable ASCII characters (RFC 5424 §6).
         let msgid: String = record
             .operation
@@ -180,7 +183,14 @@ mod tests {
             SyslogTarget::parse("unix:///run/siem.sock").unwrap(),
             SyslogTarget::Unix("/run/siem.sock".into())
         );
-        for bad in ["udp://x:1", "tcp://x", "tcp://:514", "tcp://x:0", "unix://rel", "x"] {
+        for bad in [
+            "udp://x:1",
+            "tcp://x",
+            "tcp://:514",
+            "tcp://x:0",
+            "unix://rel",
+            "x",
+        ] {
             assert!(SyslogTarget::parse(bad).is_err(), "{bad}");
         }
     }
@@ -200,7 +210,10 @@ mod tests {
         assert_eq!(len.parse::<usize>().unwrap(), message.len());
         assert!(message.starts_with("<110>1 "), "{message}");
         assert!(message.contains(" tenant-kms "), "{message}");
-        assert!(message.contains(" Backup [tenantkms@32473 seq=\"7\"] \u{feff}{"), "{message}");
+        assert!(
+            message.contains(" Backup [tenantkms@32473 seq=\"7\"] \u{feff}{"),
+            "{message}"
+        );
         let json: serde_json::Value =
             serde_json::from_str(message.split_once('\u{feff}').unwrap().1).unwrap();
         assert_eq!(json["seq"], 7);
