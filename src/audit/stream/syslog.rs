@@ -137,6 +137,26 @@ fn send_and_confirm<S: Read + Write>(
     }
 }
 
+/// [`send_and_confirm`] over a new TCP connection to `addr`.
+fn send_tcp(addr: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let addr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    send_and_confirm(stream, bytes, |s| s.shutdown(Shutdown::Write))
+}
+
+/// [`send_and_confirm`] over a new connection to the Unix stream socket at `path`.
+fn send_unix(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    send_and_confirm(stream, bytes, |s| s.shutdown(Shutdown::Write))
+}
+
 impl Sink for SyslogSink {
     fn name(&self) -> &'static str {
         "syslog"
@@ -148,22 +168,8 @@ impl Sink for SyslogSink {
             self.frame(*seq, record, &mut bytes)?;
         }
         let sent = match &self.target {
-            SyslogTarget::Tcp(addr) => (|| {
-                let addr = addr
-                    .to_socket_addrs()?
-                    .next()
-                    .ok_or_else(|| std::io::Error::other("no address"))?;
-                let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-                stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                stream.set_write_timeout(Some(IO_TIMEOUT))?;
-                send_and_confirm(stream, &bytes, |s| s.shutdown(Shutdown::Write))
-            })(),
-            SyslogTarget::Unix(path) => (|| {
-                let stream = UnixStream::connect(path)?;
-                stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                stream.set_write_timeout(Some(IO_TIMEOUT))?;
-                send_and_confirm(stream, &bytes, |s| s.shutdown(Shutdown::Write))
-            })(),
+            SyslogTarget::Tcp(addr) => send_tcp(addr, &bytes),
+            SyslogTarget::Unix(path) => send_unix(path, &bytes),
         };
         sent.map_err(|e| Error::Unavailable(format!("syslog receiver: {e}")))
     }
