@@ -165,6 +165,18 @@ pub struct FileConfig {
     pub anomaly_throttle_rate: Option<f64>,
     /// How long a throttle lasts, e.g. `15m`.
     pub anomaly_throttle_for: Option<String>,
+    /// Tenants, and callers, with their own label in the usage metrics (the rest: `other`).
+    pub usage_metrics_top: Option<usize>,
+    /// How often usage counts are written to `usage.db`, e.g. `10s`.
+    pub usage_flush_interval: Option<String>,
+    /// Stream committed audit records as JSON lines to this file (rotated by size).
+    pub audit_stream_file: Option<PathBuf>,
+    /// Size past which the stream file is rotated, in bytes.
+    pub audit_stream_file_max_bytes: Option<u64>,
+    /// Rotated stream files kept.
+    pub audit_stream_file_keep: Option<usize>,
+    /// Stream committed audit records as RFC 5424 syslog: `tcp://HOST:PORT` or `unix:///PATH`.
+    pub audit_stream_syslog: Option<String>,
     /// Client-certificate identities that act as callers.
     #[serde(default)]
     pub tls_callers: Vec<TlsCallerConfig>,
@@ -243,6 +255,11 @@ pub mod max {
     pub const BATCH_ITEMS: usize = 1_000_000;
     /// `max_requests_awaiting_body` and `max_unestablished_connections`.
     pub const CONNECTION_COUNTS: usize = 1_000_000;
+    /// `usage_metrics_top`: each labelled tenant × caller pair is a set of series per
+    /// operation, so this stays in the hundreds.
+    pub const USAGE_METRICS_TOP: usize = 1_000;
+    /// `audit_stream_file_keep`.
+    pub const STREAM_FILES_KEPT: usize = 1_000;
 }
 
 /// `value` if it is at most `max`; otherwise INVALID_ARGUMENT naming the setting.

@@ -24,6 +24,8 @@
 //! - [`selftest`]: power-on and full cryptographic self-tests (known answers, Wycheproof, our
 //!   vectors), used by `serve` at start and by `tenant-kms selftest`.
 //! - [`metrics`]: process-wide counters and histograms and the Prometheus `/metrics` endpoint.
+//! - [`usage`]: usage accounting per tenant and caller (in memory, flushed per minute to
+//!   `usage.db`), for `/metrics` and `GetUsage`.
 //! - [`domain`], [`error`], [`config`], [`fsutil`]: shared types, the error enum, the
 //!   configuration file, private-file helpers.
 //! - [`clock`]: the injected wall clock (system, manual for tests) that every time-based
@@ -49,6 +51,7 @@ pub mod metrics;
 pub mod selftest;
 pub mod service;
 pub mod store;
+pub mod usage;
 
 /// The generated protobuf messages and gRPC stubs of `tenantkms.v1`.
 #[allow(missing_docs, clippy::all)]

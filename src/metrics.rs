@@ -138,7 +138,23 @@ pub struct Registry {
     cache_drops: AtomicU64,
     /// Findings per detector, indexed like [`crate::detect::Detector::ALL`].
     anomalies: [AtomicU64; 5],
+    rotation_due: AtomicU64,
+    deletions_closing: AtomicU64,
+    /// Per audit stream sink: lag, delivered records, failed attempts (one update per batch).
+    streams: std::sync::Mutex<BTreeMap<&'static str, StreamCounts>>,
 }
+
+/// What one audit stream sink reported.
+#[derive(Default, Clone, Copy)]
+struct StreamCounts {
+    lag: u64,
+    delivered: u64,
+    failed: u64,
+}
+
+/// The horizon of `tenant_kms_tenant_deletions_closing`: deletions whose window closes within
+/// this many seconds (a day: time for an operator to cancel one made in error).
+pub const DELETION_CLOSING_HORIZON_SECONDS: i64 = 24 * 3600;
 
 /// The process's registry.
 pub fn global() -> &'static Registry {
@@ -152,6 +168,9 @@ pub fn global() -> &'static Registry {
         cache_misses: AtomicU64::new(0),
         cache_drops: AtomicU64::new(0),
         anomalies: Default::default(),
+        rotation_due: AtomicU64::new(0),
+        deletions_closing: AtomicU64::new(0),
+        streams: std::sync::Mutex::new(BTreeMap::new()),
     })
 }
 
@@ -230,6 +249,33 @@ impl Registry {
             .position(|d| *d == detector)
             .and_then(|i| self.anomalies.get(i))
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    /// Records what the server's periodic lifecycle check found: active tenants whose key
+    /// rotation is due (older than their rotation period, or near their nonce budget), and
+    /// pending deletions whose window closes within [`DELETION_CLOSING_HORIZON_SECONDS`].
+    pub fn lifecycle(&self, rotation_due: u64, deletions_closing: u64) {
+        self.rotation_due.store(rotation_due, Ordering::Relaxed);
+        self.deletions_closing
+            .store(deletions_closing, Ordering::Relaxed);
+    }
+
+    fn stream(&self, sink: &'static str, update: impl FnOnce(&mut StreamCounts)) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        update(streams.entry(sink).or_default());
+    }
+
+    /// Sets how many committed records `sink` has not acknowledged yet.
+    pub fn stream_lag(&self, sink: &'static str, records: u64) {
+        self.stream(sink, |s| s.lag = records);
+    }
+
+    /// Counts `records` delivered to and acknowledged by `sink`.
+    pub fn stream_delivered(&self, sink: &'static str, records: u64) {
+        self.stream(sink, |s| s.delivered = s.delivered.saturating_add(records));
+    }
+
+    /// Counts a failed delivery attempt to `sink` (the batch is sent again).
+    pub fn stream_failed(&self, sink: &'static str) {
+        self.stream(sink, |s| s.failed = s.failed.saturating_add(1));
     }
 
     /// Audit batches committed so far (tests and `bench` read it).
@@ -323,6 +369,61 @@ impl Registry {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 counter.load(Ordering::Relaxed)
+            );
+        }
+        let gauges = [
+            (
+                "tenant_kms_tenants_rotation_due",
+                "Active tenants whose key rotation is due (period passed or nonce budget near its \
+                 end), at the last lifecycle check (every minute).",
+                &self.rotation_due,
+            ),
+            (
+                "tenant_kms_tenant_deletions_closing",
+                "Pending tenant deletions whose window closes within a day (the tenant's keys are \
+                 then destroyed), at the last lifecycle check.",
+                &self.deletions_closing,
+            ),
+        ];
+        let streams: Vec<(&'static str, StreamCounts)> = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        type Field = fn(&StreamCounts) -> u64;
+        let stream_families: [(&str, &str, &str, Field); 3] = [
+            (
+                "tenant_kms_audit_stream_lag_records",
+                "gauge",
+                "Committed audit records a SIEM sink has not acknowledged yet.",
+                |s| s.lag,
+            ),
+            (
+                "tenant_kms_audit_stream_delivered_total",
+                "counter",
+                "Audit records a SIEM sink acknowledged (repeats after a failure included).",
+                |s| s.delivered,
+            ),
+            (
+                "tenant_kms_audit_stream_failures_total",
+                "counter",
+                "Failed deliveries to a SIEM sink (each batch is retried).",
+                |s| s.failed,
+            ),
+        ];
+        for (name, kind, help, field) in stream_families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (sink, counts) in &streams {
+                let _ = writeln!(out, "{name}{{sink=\"{sink}\"}} {}", field(counts));
+            }
+        }
+        for (name, help, gauge) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                gauge.load(Ordering::Relaxed)
             );
         }
     }

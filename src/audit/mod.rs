@@ -11,6 +11,7 @@
 //! - [`log`]: the [`AuditLog`] traits a backend implements;
 //! - [`sqlite`]: `audit.db`, the SQLite backend;
 //! - [`writer`]: the group-commit writer thread, over any [`AuditLog`];
+//! - [`stream`]: at-least-once streaming of committed records to SIEM sinks (file, syslog);
 //! - `contract` (tests and the `test-seams` feature): the suite every backend passes.
 //!
 //! docs/AUDIT.md describes the format and the guarantees.
@@ -23,6 +24,7 @@ pub mod log;
 pub mod operation;
 pub mod record;
 pub mod sqlite;
+pub mod stream;
 pub mod verify;
 pub mod writer;
 

@@ -107,6 +107,8 @@ named_enum! {
         ReleaseToken => "ReleaseToken",
         /// `TenantService.ContainToken`.
         ContainToken => "ContainToken",
+        /// `AuditService.GetUsage`.
+        GetUsage => "GetUsage",
     }
 }
 

@@ -99,6 +99,35 @@ const RECORD_LABEL: &[u8] = b"tenant-kms/v1/audit-record";
 const TRACE_PARENT_FIELD: &[u8] = b"trace_parent";
 
 impl AuditRecord {
+    /// The record as one JSON object, as `audit export` prints it and the SIEM stream sends
+    /// it: every field, plus its sequence number and its time in RFC 3339 (empty for a time
+    /// past year 9999, which only a forged row has: the formatter would panic).
+    pub fn export_json(&self, seq: u64) -> serde_json::Value {
+        let time = u64::try_from(self.time_micros)
+            .ok()
+            .filter(|&us| us < 253_402_300_800_000_000)
+            .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
+            .map(|t| humantime::format_rfc3339_micros(t).to_string())
+            .unwrap_or_default();
+        serde_json::json!({
+            "seq": seq,
+            "time": time,
+            "time_us": self.time_micros,
+            "request_id": self.request_id,
+            "caller": self.caller,
+            "peer": self.peer,
+            "tenant_id": self.tenant_id,
+            "operation": self.operation,
+            "contexts": self.contexts,
+            "key_versions": self.key_versions,
+            "item_count": self.item_count,
+            "outcome": self.outcome.as_str(),
+            "aad_fingerprint": self.aad_fingerprint,
+            "detail": self.detail,
+            "trace_parent": self.trace_parent,
+        })
+    }
+
     /// The one way records are made: `operation` by `caller` from `peer`, ending in
     /// `outcome`, timed now, about one item, and nothing else (no tenant, request id,
     /// contexts, versions, fingerprint or detail) until the builder methods below add it.

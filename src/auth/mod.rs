@@ -187,7 +187,7 @@ pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId
         }
         Role::Auditor => matches!(
             operation,
-            Operation::ListAuditEvents | Operation::VerifyAuditChain
+            Operation::ListAuditEvents | Operation::VerifyAuditChain | Operation::GetUsage
         ),
     };
     if !role_allows {

@@ -86,7 +86,7 @@ pub struct PruneArgs {
 }
 
 /// Parses an RFC 3339 time or a plain date into unix microseconds.
-fn parse_time(text: &str) -> Result<i64> {
+pub(super) fn parse_time(text: &str) -> Result<i64> {
     let full = if text.len() == 10 {
         format!("{text}T00:00:00Z")
     } else {
@@ -175,30 +175,7 @@ fn export(args: &ExportArgs) -> Result<()> {
         let Some((last, _)) = rows.last() else { break };
         filter.after_seq = *last;
         for (seq, r) in rows {
-            // A time past 9999 (only a forged row has one) stays empty: the formatter panics.
-            let time = u64::try_from(r.time_micros)
-                .ok()
-                .filter(|&us| us < 253_402_300_800_000_000)
-                .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
-                .map(|t| humantime::format_rfc3339_micros(t).to_string())
-                .unwrap_or_default();
-            let line = serde_json::json!({
-                "seq": seq,
-                "time": time,
-                "time_us": r.time_micros,
-                "request_id": r.request_id,
-                "caller": r.caller,
-                "peer": r.peer,
-                "tenant_id": r.tenant_id,
-                "operation": r.operation,
-                "contexts": r.contexts,
-                "key_versions": r.key_versions,
-                "item_count": r.item_count,
-                "outcome": r.outcome.as_str(),
-                "aad_fingerprint": r.aad_fingerprint,
-                "detail": r.detail,
-                "trace_parent": r.trace_parent,
-            });
+            let line = r.export_json(seq);
             writeln!(out, "{line}")
                 .map_err(|e| Error::Internal(format!("cannot write to stdout: {e}")))?;
         }

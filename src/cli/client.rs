@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::pb;
+use crate::pb::audit_service_client::AuditServiceClient;
 use crate::pb::key_service_client::KeyServiceClient;
 use crate::pb::tenant_service_client::TenantServiceClient;
 
@@ -168,6 +169,18 @@ impl ClientArgs {
         F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
     {
         answer(rpc(self.tenants().await?).await)
+    }
+
+    /// [`Self::key_call`] for the AuditService.
+    pub(super) async fn audit_call<R, F>(
+        &self,
+        rpc: impl FnOnce(AuditServiceClient<Authed>) -> F,
+    ) -> Result<R>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let client = AuditServiceClient::with_interceptor(self.channel().await?, self.bearer()?);
+        answer(rpc(client).await)
     }
 
     /// A TenantService call that answers with a tenant, printed as one JSON line.

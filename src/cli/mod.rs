@@ -12,6 +12,7 @@ pub mod rotate;
 pub mod selftest;
 pub mod serve;
 pub mod token;
+pub mod usage;
 
 use std::process::ExitCode;
 
@@ -65,6 +66,9 @@ enum Command {
     /// a decrypt spike) against a child server or --addr; exit 0 only if every attack was
     /// blocked and detected.
     Drill(drill::DrillArgs),
+    /// A tenant's usage over a time range, per caller, operation and outcome, through a
+    /// running server (`GetUsage`).
+    Usage(usage::UsageArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -84,6 +88,7 @@ pub fn main() -> ExitCode {
         Command::Keyring(cmd) => keyring::run(cmd),
         Command::Index(cmd) => index::run(cmd),
         Command::Drill(args) => drill::run(args),
+        Command::Usage(args) => usage::run(args),
     };
     match result {
         Ok(code) => code,

@@ -221,7 +221,7 @@ fn preview_rotation(keys: &KeyManager, id: &TenantId) -> Result<String> {
 }
 
 /// The share of a nonce budget at which `--due` rotates ahead of the automatic rotation.
-const BUDGET_MARGIN: f64 = 0.1;
+const BUDGET_MARGIN: f64 = crate::store::ROTATION_BUDGET_MARGIN;
 
 fn rotate_due(
     keys: &KeyManager,

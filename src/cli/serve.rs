@@ -104,6 +104,8 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     let mut limits = crate::service::Limits::default();
     apply_abuse_limits(&file, &mut limits)?;
     let detect = crate::detect::Policy::from_file(&file)?;
+    let usage = usage_policy(&file)?;
+    let streaming = audit_stream(&file)?;
     let data_dir = args
         .data_dir
         .clone()
@@ -112,6 +114,8 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     let mut options = ServiceOptions::new(&data_dir);
     options.limits = limits;
     options.detect = detect;
+    options.usage = usage;
+    options.audit_stream = streaming;
     options.clock = crate::clock::process_clock();
     options.master_keys = match (
         args.master_key_env.clone().or(file.master_key_env),
@@ -266,6 +270,61 @@ fn apply_abuse_limits(file: &FileConfig, limits: &mut crate::service::Limits) ->
         limits.handshake_timeout = at_least_1s("handshake_timeout", text)?;
     }
     Ok(())
+}
+
+/// The usage-accounting keys (`usage_metrics_top`, `usage_flush_interval`).
+fn usage_policy(file: &FileConfig) -> Result<crate::usage::UsagePolicy> {
+    let mut policy = crate::usage::UsagePolicy::default();
+    if let Some(n) = file.usage_metrics_top {
+        policy.metrics_top = bounded_count("usage_metrics_top", n, max::USAGE_METRICS_TOP)?;
+    }
+    if let Some(text) = &file.usage_flush_interval {
+        policy.flush_interval = match parse_duration_seconds(text)? {
+            0 => {
+                return Err(Error::InvalidArgument(
+                    "usage_flush_interval must be at least 1s".into(),
+                ));
+            }
+            seconds => std::time::Duration::from_secs(seconds),
+        };
+    }
+    Ok(policy)
+}
+
+/// The audit streaming keys (`audit_stream_file`, `audit_stream_file_max_bytes`,
+/// `audit_stream_file_keep`, `audit_stream_syslog`).
+fn audit_stream(file: &FileConfig) -> Result<crate::audit::stream::StreamConfig> {
+    use crate::audit::stream::file::FileSinkConfig;
+    let sized = file.audit_stream_file_max_bytes.is_some() || file.audit_stream_file_keep.is_some();
+    if sized && file.audit_stream_file.is_none() {
+        return Err(Error::InvalidArgument(
+            "audit_stream_file_max_bytes and audit_stream_file_keep need audit_stream_file".into(),
+        ));
+    }
+    let file_sink = match &file.audit_stream_file {
+        Some(path) => Some(FileSinkConfig {
+            path: path.clone(),
+            max_bytes: file
+                .audit_stream_file_max_bytes
+                .unwrap_or(FileSinkConfig::DEFAULT_MAX_BYTES)
+                .max(1),
+            keep: bounded_count(
+                "audit_stream_file_keep",
+                file.audit_stream_file_keep
+                    .unwrap_or(FileSinkConfig::DEFAULT_KEEP),
+                max::STREAM_FILES_KEPT,
+            )?,
+        }),
+        None => None,
+    };
+    Ok(crate::audit::stream::StreamConfig {
+        file: file_sink,
+        syslog: file
+            .audit_stream_syslog
+            .as_deref()
+            .map(crate::audit::stream::syslog::SyslogTarget::parse)
+            .transpose()?,
+    })
 }
 
 /// How `serve` writes its log lines (`--log-format`).
@@ -431,7 +490,7 @@ pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Res
             let stop_metrics = Arc::clone(&stop);
             tokio::spawn(crate::metrics::serve(
                 metrics,
-                crate::service::budget_metrics::nonce_budget(Arc::clone(&state.keys)),
+                server::metrics_extra(&state),
                 async move { stop_metrics.notified().await },
             ));
         }

@@ -139,6 +139,22 @@ impl AuditService for AuditServiceImpl {
         .await;
         call.finish(&self.state, result).await
     }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let mut call = Call::begin(&request, Operation::GetUsage);
+        let req = request.into_inner();
+        let span = call.span();
+        let result = async {
+            let tenant = call.admit(&self.state, &req.tenant_id).await?;
+            super::usage_query::get_usage(&self.state, &tenant, &req).await
+        }
+        .instrument(span)
+        .await;
+        call.finish(&self.state, result).await
+    }
 }
 
 /// Parses a tenant filter (used by the export command).

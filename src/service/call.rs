@@ -70,6 +70,8 @@ pub struct Call {
     /// Items of a batch whose ciphertext did not open (the tampering detector's input).
     pub failed_opens: u32,
     aad_fingerprint: String,
+    /// Encoded size of the request, for usage accounting.
+    request_bytes: u64,
     started: Instant,
     /// The tracing span every log line of this call is emitted in (carries the request id,
     /// the tenant once known, and the caller's trace).
@@ -87,7 +89,7 @@ pub(crate) fn new_request_id() -> String {
 
 impl Call {
     /// Starts a call: records the peer and takes the bearer token out of the metadata.
-    pub fn begin<T>(request: &Request<T>, operation: Operation) -> Self {
+    pub fn begin<T: prost::Message>(request: &Request<T>, operation: Operation) -> Self {
         let bearer = request
             .metadata()
             .get("authorization")
@@ -140,6 +142,7 @@ impl Call {
             failed_items: 0,
             failed_opens: 0,
             aad_fingerprint: String::new(),
+            request_bytes: request.get_ref().encoded_len() as u64,
             started: Instant::now(),
         }
     }
@@ -322,7 +325,7 @@ impl Call {
 
     /// Writes the audit record and waits until it is durable, then answers. If the record
     /// cannot be written the caller gets UNAVAILABLE and no result (fail closed).
-    pub async fn finish<R>(
+    pub async fn finish<R: prost::Message>(
         mut self,
         state: &AppState,
         result: Result<R>,
@@ -386,15 +389,17 @@ impl Call {
         tracing::debug!(parent: &self.span, outcome = outcome.as_str(), "call finished");
         let record = self.record(outcome, detail);
         let appended = state.audit.append(record).await;
+        let counted_outcome = if appended.is_ok() {
+            outcome.as_str()
+        } else {
+            "unavailable"
+        };
         crate::metrics::global().rpc(
             self.operation.name(),
-            if appended.is_ok() {
-                outcome.as_str()
-            } else {
-                "unavailable"
-            },
+            counted_outcome,
             self.started.elapsed(),
         );
+        self.count_usage(state, counted_outcome, &result, appended.is_ok());
         if let Err(e) = appended {
             drop(result);
             return Err(status::to_status(&e, &self.request_id));
@@ -451,6 +456,37 @@ impl Call {
         if !findings.is_empty() {
             super::anomaly::report(state, findings, peer, &self.request_id).await;
         }
+    }
+
+    /// Counts this call in the server's usage accounting (calls naming a tenant, by an
+    /// authenticated caller, only: usage is queried per tenant).
+    fn count_usage<R: prost::Message>(
+        &self,
+        state: &AppState,
+        outcome: &'static str,
+        result: &Result<R>,
+        answered: bool,
+    ) {
+        let (Some(tenant), Some(caller)) = (&self.tenant, &self.caller) else {
+            return;
+        };
+        let response_bytes = match result {
+            Ok(value) if answered => value.encoded_len() as u64,
+            _ => 0,
+        };
+        state.usage.record(
+            tenant.as_str(),
+            &caller.audit_name(),
+            self.operation.name(),
+            outcome,
+            &crate::usage::UsageCounts {
+                calls: 1,
+                items: u64::from(self.item_count),
+                failed_items: u64::from(self.failed_items),
+                request_bytes: self.request_bytes,
+                response_bytes,
+            },
+        );
     }
 
     /// The audit record of this call with the given outcome (moves the collected fields out).

@@ -240,7 +240,7 @@ impl KeyServiceImpl {
     /// Runs one data-plane call: admits the caller for `tenant_id`, runs `body` in the
     /// call's span with the parsed tenant, and finishes the call (audit first, answer
     /// second), so no handler can skip a step or reorder them.
-    async fn data_call<R>(
+    async fn data_call<R: prost::Message>(
         &self,
         mut call: Call,
         tenant_id: &str,

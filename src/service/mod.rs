@@ -12,6 +12,7 @@
 //! - [`server`]: `run(listener, state, shutdown)` and `run_with`, which serves extra
 //!   services beside ours (the separate bench crate's echo baseline);
 //! - [`budget_metrics`]: nonce-budget gauges for the `/metrics` endpoint;
+//! - [`usage_query`]: `GetUsage`, a tenant's usage over a time range;
 //! - [`refusals`]: refusals before authentication, audited in aggregate per peer and window;
 //! - [`containment`]: quarantine and release a token, suspend every tenant it reaches;
 //! - [`connections`]: accepted connections: handshake bound and cap, send timeout.
@@ -40,6 +41,7 @@ pub mod state;
 pub mod status;
 pub mod tenant_service;
 pub mod traceparent;
+pub mod usage_query;
 
 pub use state::{AppState, Limits, ServiceOptions, TlsFiles};
 

@@ -117,6 +117,12 @@ pub async fn run_with(
     let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
     let flusher = tokio::spawn(Arc::clone(&refusals).flush_periodically());
     let sweeper = tokio::spawn(Arc::clone(&connections).sweep_periodically());
+    let usage_flusher = tokio::spawn(Arc::clone(&state.usage).flush_periodically());
+    let streams = crate::audit::stream::Streams::start(
+        &state.options.audit_stream,
+        Arc::clone(&state.audit_reader),
+        state.options.data_dir.clone(),
+    );
     let watched = Arc::clone(&connections);
     let incoming = tokio_stream::StreamExt::map(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -158,11 +164,31 @@ pub async fn run_with(
     reaper.abort();
     flusher.abort();
     sweeper.abort();
+    usage_flusher.abort();
+    // What was counted since the last flush is written now, so a clean stop loses no usage.
+    let usage = Arc::clone(&state.usage);
+    if let Err(e) = super::blocking(move || usage.flush()).await {
+        tracing::error!(error = %e, "could not write the last usage counts");
+    }
     if let Err(e) = refusals.drain().await {
         tracing::error!(error = %e, "could not audit the last aggregated refusals");
     }
     follow_audit.abort();
+    // The streams' cursors are persisted after every acknowledged batch: stopping loses
+    // nothing; a delivery in progress is waited for (bounded by the sinks' timeouts).
+    let _ = tokio::task::spawn_blocking(move || streams.stop()).await;
     served.map_err(|e| Error::Internal(format!("server: {e}")))
+}
+
+/// What a scrape of `/metrics` adds to the process registry for this server: the nonce-budget
+/// gauges of its key cache, then its usage per tenant and caller.
+pub fn metrics_extra(state: &AppState) -> crate::metrics::Extra {
+    let budget = super::budget_metrics::nonce_budget(Arc::clone(&state.keys));
+    let usage = Arc::clone(&state.usage);
+    Arc::new(move |out: &mut String| {
+        budget(out);
+        usage.render(out);
+    })
 }
 
 /// The names the health service answers for: the whole server (`""`, as the gRPC health
@@ -349,7 +375,18 @@ async fn reap_due_deletions(state: Arc<AppState>) {
         tick.tick().await;
         let keys = Arc::clone(&state.keys);
         let now = state.options.clock.now_unix();
-        let due = super::blocking(move || Ok(keys.store().tenants_due(now, 0.0)?.destroy)).await;
+        let due = super::blocking(move || {
+            let store = keys.store();
+            let due = store.tenants_due(now, crate::store::ROTATION_BUDGET_MARGIN)?;
+            let horizon = now.saturating_add(crate::metrics::DELETION_CLOSING_HORIZON_SECONDS);
+            let closing = store
+                .tenants_due(horizon, crate::store::ROTATION_BUDGET_MARGIN)?
+                .destroy;
+            let closing = closing.iter().filter(|t| !due.destroy.contains(t)).count();
+            crate::metrics::global().lifecycle(due.rotate.len() as u64, closing as u64);
+            Ok(due.destroy)
+        })
+        .await;
         match due {
             Ok(tenants) => {
                 for tenant in tenants {

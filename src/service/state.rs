@@ -116,6 +116,10 @@ pub struct ServiceOptions {
     /// (a backup's audit copy is taken after its key-store copy and may record a later
     /// counter); the restore records the restored counter instead.
     pub key_store_restored: bool,
+    /// Usage accounting: labels in `/metrics` and how often usage is flushed to `usage.db`.
+    pub usage: crate::usage::UsagePolicy,
+    /// The SIEM sinks committed audit records are streamed to (none by default).
+    pub audit_stream: crate::audit::stream::StreamConfig,
     /// The wall clock every time-based decision reads (token expiry, deletion windows and
     /// their reaper, rotation age): [`crate::clock::SystemClock`] unless a test injects
     /// another.
@@ -158,6 +162,8 @@ impl ServiceOptions {
             new_audit_log: false,
             key_store_restored: false,
             detect: crate::detect::Policy::default(),
+            usage: crate::usage::UsagePolicy::default(),
+            audit_stream: crate::audit::stream::StreamConfig::default(),
         }
     }
 
@@ -193,6 +199,8 @@ pub struct AppState {
     pub limiter: RateLimiter,
     /// The anomaly detectors every finished call is shown to (`service::anomaly`).
     pub detectors: crate::detect::Detectors,
+    /// Usage accounting per tenant and caller (counted by `Call::finish`).
+    pub usage: Arc<crate::usage::UsageMeter>,
     /// The options it was opened with.
     pub options: ServiceOptions,
 }
@@ -755,7 +763,15 @@ impl AppState {
             )?;
         }
         dir.record_key_store_anchor(&audit)?;
+        let usage_store =
+            crate::usage::SqliteUsageStore::open(&options.data_dir.join(crate::usage::USAGE_DB))?;
+        let usage = Arc::new(crate::usage::UsageMeter::new(
+            options.usage,
+            Arc::clone(&options.clock),
+            Arc::new(usage_store),
+        ));
         Ok(Self {
+            usage,
             auth: Authenticator::new(Arc::clone(&dir.store), Arc::clone(&options.clock)),
             keys: dir.keys,
             audit,

@@ -41,7 +41,7 @@ impl TenantServiceImpl {
     /// change has been handed to the key store it completes, and its audit record says what
     /// really happened (e.g. `ok`), even if the caller was already told DEADLINE_EXCEEDED.
     /// Without the shield a cut-off change could land with a record saying it did not.
-    async fn tenant_call<R: Send + 'static>(
+    async fn tenant_call<R: prost::Message + 'static>(
         &self,
         mut call: Call,
         tenant_id: &str,
@@ -126,7 +126,7 @@ impl TenantServiceImpl {
     /// (shielded from the caller's deadline once admitted), for one tenant or, with an empty
     /// `tenant_id`, for every tenant (which needs an all-tenants token). The index name, when
     /// valid, is noted for the audit record.
-    async fn index_call<R: Send + 'static>(
+    async fn index_call<R: prost::Message + 'static>(
         &self,
         mut call: Call,
         tenant_id: &str,

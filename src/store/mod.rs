@@ -251,6 +251,10 @@ pub trait TenantStore {
     fn tenants_due(&self, now: i64, budget_margin: f64) -> Result<DueTenants>;
 }
 
+/// The share of a version's nonce budget left under which its tenant's rotation is due
+/// (`rotate --due`, and the server's `tenant_kms_tenants_rotation_due` gauge).
+pub const ROTATION_BUDGET_MARGIN: f64 = 0.1;
+
 /// Callers' tokens, stored only as hashes.
 pub trait TokenStore {
     /// Stores a new token.
