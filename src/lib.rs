@@ -31,6 +31,7 @@
 //! - [`clock`]: the injected wall clock (system, manual for tests) that every time-based
 //!   decision reads.
 //! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
+//! - [`telemetry`]: the optional OTLP trace exporter (cargo feature `otlp`).
 
 #![forbid(unsafe_code)]
 
@@ -52,6 +53,7 @@ pub mod selftest;
 pub mod service;
 pub mod store;
 pub mod usage;
+pub mod telemetry;
 
 /// The generated protobuf messages and gRPC stubs of `tenantkms.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -547,7 +547,7 @@ async fn binary_serves_and_client_commands_work() {
     let common = ["--addr", &url, "--token-file", token.to_str().unwrap()];
     let (code, out, err) = run_cli(&[&["tenant", "create", "acme"][..], &common].concat());
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("\"ACTIVE\""));
+    assert!(out.contains("\"TENANT_STATE_ACTIVE\""));
     let field = ["--tenant", "acme", "--context", "crm.email", "--aad", "r1"];
     let (code, ciphertext, err) = run_cli_with_stdin(
         &[&["encrypt"][..], &field, &common].concat(),

@@ -1431,7 +1431,10 @@ async fn lifecycle_client_commands() {
     let (code, _, err) = run(&["tenant", "create", "acme"]).await;
     assert_eq!(code, 0, "{err}");
     let (code, out, _) = run(&["tenant", "suspend", "acme"]).await;
-    assert_eq!((code, state_of(&out).as_str()), (0, "SUSPENDED"));
+    assert_eq!(
+        (code, state_of(&out).as_str()),
+        (0, "TENANT_STATE_SUSPENDED")
+    );
     let (code, _, err) = run(&["tenant", "suspend", "acme"]).await;
     assert_eq!(code, 1);
     assert!(
@@ -1439,11 +1442,14 @@ async fn lifecycle_client_commands() {
         "{err}"
     );
     let (code, out, _) = run(&["tenant", "resume", "acme"]).await;
-    assert_eq!((code, state_of(&out).as_str()), (0, "ACTIVE"));
+    assert_eq!((code, state_of(&out).as_str()), (0, "TENANT_STATE_ACTIVE"));
     let (code, out, _) = run(&["tenant", "delete", "acme", "--window", "7d"]).await;
-    assert_eq!((code, state_of(&out).as_str()), (0, "PENDING_DELETION"));
+    assert_eq!(
+        (code, state_of(&out).as_str()),
+        (0, "TENANT_STATE_PENDING_DELETION")
+    );
     let (code, out, _) = run(&["tenant", "cancel-delete", "acme"]).await;
-    assert_eq!((code, state_of(&out).as_str()), (0, "ACTIVE"));
+    assert_eq!((code, state_of(&out).as_str()), (0, "TENANT_STATE_ACTIVE"));
     let (code, _, _) = run(&["tenant", "rotate", "acme"]).await;
     assert_eq!(code, 0);
     let (code, out, _) = run(&["tenant", "versions", "acme"]).await;
@@ -1453,10 +1459,13 @@ async fn lifecycle_client_commands() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!(lines[0]["state"], "ENABLED");
+    assert_eq!(lines[0]["state"], "KEY_VERSION_STATE_ENABLED");
     assert_eq!(lines[1]["primary"], true);
     let (code, out, _) = run(&["tenant", "delete", "acme", "--window", "0s"]).await;
-    assert_eq!((code, state_of(&out).as_str()), (0, "DESTROYED"));
+    assert_eq!(
+        (code, state_of(&out).as_str()),
+        (0, "TENANT_STATE_DESTROYED")
+    );
     let (code, _, err) = run(&["tenant", "resume", "acme"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("tenant destroyed"), "{err}");

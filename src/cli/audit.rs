@@ -1,5 +1,6 @@
 //! `tenant-kms audit verify|export|prune|recover`: offline access to a data directory's audit
-//! log. They work while a server runs on the same directory (SQLite transactions keep them
+//! log (`audit list` and `audit verify-chain` go through a server: [`super::audit_client`]).
+//! They work while a server runs on the same directory (SQLite transactions keep them
 //! consistent). Exit codes: 0 success (for `verify`: the log is whole), 1 failure (for
 //! `verify`: a break, named on stdout), 2 usage.
 
@@ -28,6 +29,10 @@ pub enum AuditCommand {
     /// acknowledges its breaks and re-signs its head, so the service can extend it again.
     /// Deletes nothing.
     Recover(RecoverArgs),
+    /// List audit events through a running server (ListAuditEvents), one JSON line each.
+    List(super::audit_client::ListArgs),
+    /// Have a running server verify its audit chain (VerifyAuditChain); exit 1 if broken.
+    VerifyChain(super::client::ClientArgs),
 }
 
 /// Arguments of `audit recover`.
@@ -187,6 +192,8 @@ fn export(args: &ExportArgs) -> Result<()> {
 /// Runs an `audit` subcommand.
 pub fn run(command: AuditCommand) -> Result<ExitCode> {
     match command {
+        AuditCommand::List(args) => super::audit_client::run_list(args),
+        AuditCommand::VerifyChain(client) => super::audit_client::run_verify_chain(client),
         AuditCommand::Verify(args) => {
             let options = args.data.options();
             let dir = DataDir::open(&options, false)?;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::client::{ClientArgs, print_json, rfc3339, runtime};
+use super::client::{ClientArgs, runtime};
+use super::json;
 use crate::error::{Error, Result};
 use crate::pb;
 
@@ -19,8 +20,20 @@ pub enum IndexCommand {
     /// List the definitions in force for a tenant (--tenant), or every definition.
     List(ListArgs),
     /// Compute the blind indexes of values read from stdin, one per line (the line ending is
-    /// not part of the value); prints one JSON line per value, indexes in hex.
+    /// not part of the value); prints one JSON line per value: `{"output":{"indexes":[…]}}`
+    /// (indexes in base64) or `{"error":{…}}`.
     Compute(ComputeArgs),
+}
+
+impl IndexCommand {
+    /// The client flags.
+    pub fn client(&self) -> &ClientArgs {
+        match self {
+            Self::Declare(a) => &a.client,
+            Self::List(a) => &a.client,
+            Self::Compute(a) => &a.client,
+        }
+    }
 }
 
 /// Arguments of `index declare`.
@@ -68,18 +81,9 @@ pub struct ComputeArgs {
     client: ClientArgs,
 }
 
-fn definition_json(d: &pb::BlindIndexDefinition) -> serde_json::Value {
-    serde_json::json!({
-        "name": d.name,
-        "bits": d.bits,
-        "normalization": d.normalization,
-        "tenant_id": if d.tenant_id.is_empty() { "*" } else { d.tenant_id.as_str() },
-        "created_at": rfc3339(&d.created_at),
-    })
-}
-
 /// Runs an `index` subcommand.
 pub fn run(command: IndexCommand) -> Result<ExitCode> {
+    command.client().check()?;
     runtime()?.block_on(async move {
         match command {
             IndexCommand::Declare(a) => {
@@ -93,7 +97,7 @@ pub fn run(command: IndexCommand) -> Result<ExitCode> {
                     .client
                     .tenant_call(|mut c| async move { c.declare_blind_index(request).await })
                     .await?;
-                print_json(&definition_json(&d));
+                json::print(&json::definition(&d));
             }
             IndexCommand::List(a) => {
                 let request = pb::ListBlindIndexesRequest {
@@ -104,14 +108,14 @@ pub fn run(command: IndexCommand) -> Result<ExitCode> {
                     .tenant_call(|mut c| async move { c.list_blind_indexes(request).await })
                     .await?;
                 for d in &list.definitions {
-                    print_json(&definition_json(d));
+                    json::print(&json::definition(d));
                 }
             }
             IndexCommand::Compute(a) => {
                 let mut values = Vec::new();
                 for line in std::io::stdin().lock().lines() {
                     let line = line
-                        .map_err(|e| Error::InvalidArgument(format!("cannot read stdin: {e}")))?;
+                        .map_err(|e| Error::Internal(format!("cannot read stdin: {e}")))?;
                     values.push(line.into_bytes());
                 }
                 let request = pb::ComputeBlindIndexRequest {
@@ -125,27 +129,21 @@ pub fn run(command: IndexCommand) -> Result<ExitCode> {
                     .key_call(|mut c| async move { c.compute_blind_index(request).await })
                     .await?;
                 let mut failed = false;
-                for result in answer.results {
-                    match result.result {
-                        Some(pb::compute_blind_index_result::Result::Output(out)) => {
-                            let indexes: Vec<_> = out
-                                .indexes
-                                .iter()
-                                .map(|i| {
-                                    serde_json::json!({
-                                        "key_version": i.key_version,
-                                        "index": hex::encode(&i.index),
-                                    })
-                                })
-                                .collect();
-                            print_json(&serde_json::json!({ "indexes": indexes }));
-                        }
-                        Some(pb::compute_blind_index_result::Result::Error(e)) => {
-                            failed = true;
-                            print_json(&serde_json::json!({ "error": e.message }));
-                        }
-                        None => failed = true,
-                    }
+                for r in &answer.results {
+                    use pb::compute_blind_index_result::Result as R;
+                    let (line, ok) = json::result(
+                        r.result.as_ref().map(|r| match r {
+                            R::Output(o) => Ok(o),
+                            R::Error(e) => Err(e),
+                        }),
+                        |o: &pb::BlindIndexes| {
+                            serde_json::json!({
+                                "indexes": o.indexes.iter().map(json::blind_index).collect::<Vec<_>>(),
+                            })
+                        },
+                    );
+                    failed |= !ok;
+                    json::print(&line);
                 }
                 if failed {
                     return Ok(ExitCode::from(super::EXIT_FAILURE));

@@ -8,7 +8,8 @@
 //! - `--master`: a new master-key version, then every wrapped key re-wrapped under it in
 //!   batches (one transaction each); resumable; the old version is retired once no key uses it.
 //!
-//! Output: a summary table on stdout (`--json`: one JSON object), progress on stderr.
+//! Output: a summary table on stdout (`--json`: one JSON object, with the run's time and each
+//! action's time and reason), progress on stderr.
 //! Exit codes: 0 all done (or nothing to do), 1 something failed (each failure named in the
 //! summary), 2 usage error.
 
@@ -21,6 +22,7 @@ use serde::Serialize;
 use super::common::{DataDirArgs, cli_record};
 use crate::audit::operation::{Rpc, Task};
 use crate::audit::{AuditWriter, Operation, Outcome};
+use crate::clock::SharedClock;
 use crate::domain::TenantId;
 use crate::domain::lifecycle;
 use crate::error::{Error, Result};
@@ -67,21 +69,48 @@ struct Action {
     target: String,
     result: String,
     ok: bool,
+    /// When it was done (RFC 3339, the command's clock).
+    time: String,
+    /// Why it was done: what was due and by which rule, or the flag that asked for it.
+    reason: String,
 }
 
 /// The summary printed at the end.
 #[derive(Debug, Default, Serialize)]
 struct Summary {
+    /// When the run started (RFC 3339, the command's clock).
+    time: String,
     dry_run: bool,
     actions: Vec<Action>,
     failures: usize,
     /// What `--master` did, for scripts.
     #[serde(skip_serializing_if = "Option::is_none")]
     master: Option<RewrapSummary>,
+    /// The clock the times are read from (the process clock).
+    #[serde(skip)]
+    clock: Option<SharedClock>,
 }
 
 impl Summary {
-    fn push(&mut self, action: &'static str, target: &str, result: Result<String>) {
+    /// The clock's time in RFC 3339.
+    fn now(&self) -> String {
+        let micros = self
+            .clock
+            .as_ref()
+            .map_or_else(|| crate::clock::system().now_micros(), |c| c.now_micros());
+        let time = u64::try_from(micros)
+            .map(|m| std::time::UNIX_EPOCH + Duration::from_micros(m))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        humantime::format_rfc3339_seconds(time).to_string()
+    }
+
+    fn push(
+        &mut self,
+        action: &'static str,
+        target: &str,
+        reason: impl Into<String>,
+        result: Result<String>,
+    ) {
         let (ok, result) = match result {
             Ok(text) => (true, text),
             Err(e) => (false, e.to_string()),
@@ -89,11 +118,14 @@ impl Summary {
         if !ok {
             self.failures += 1;
         }
+        let time = self.now();
         self.actions.push(Action {
             action,
             target: target.to_owned(),
             result,
             ok,
+            time,
+            reason: reason.into(),
         });
     }
 
@@ -152,8 +184,10 @@ pub fn run(args: RotateArgs) -> Result<ExitCode> {
     let options = args.data.options();
     let mut summary = Summary {
         dry_run: args.dry_run,
+        clock: Some(options.clock.clone()),
         ..Summary::default()
     };
+    summary.time = summary.now();
     let result = if args.master {
         rotate_master(&args, &options, &mut summary)
     } else {
@@ -161,7 +195,12 @@ pub fn run(args: RotateArgs) -> Result<ExitCode> {
     };
     if let Err(e) = result {
         // Reported in the summary too, so `--json` output always parses.
-        summary.push("run", &options.data_dir.display().to_string(), Err(e));
+        summary.push(
+            "run",
+            &options.data_dir.display().to_string(),
+            "the run could not complete",
+            Err(e),
+        );
     }
     summary.print(args.json);
     for failure in summary.actions.iter().filter(|a| !a.ok) {
@@ -200,7 +239,7 @@ fn rotate_tenants(
                 .map(|t| format!("primary is now v{}", t.primary_version))
             }
         });
-        summary.push("rotate", tenant, result);
+        summary.push("rotate", tenant, "requested with --tenant", result);
     }
     if args.due {
         rotate_due(&dir.keys, &audit, args.dry_run, summary)?;
@@ -233,8 +272,14 @@ fn rotate_due(
         .store()
         .tenants_due(keys.clock().now_unix(), BUDGET_MARGIN)?;
     for id in &due.rotate {
+        let reason = due_reason(keys, id);
         if dry_run {
-            summary.push("rotate", id.as_str(), Ok("due: would rotate".into()));
+            summary.push(
+                "rotate",
+                id.as_str(),
+                reason,
+                Ok("due: would rotate".into()),
+            );
             continue;
         }
         let result = audited(
@@ -248,14 +293,17 @@ fn rotate_due(
         summary.push(
             "rotate",
             id.as_str(),
+            reason,
             result.map(|t| format!("primary is now v{}", t.primary_version)),
         );
     }
     for id in &due.destroy {
+        let reason = deletion_reason(keys, id);
         if dry_run {
             summary.push(
                 "destroy",
                 id.as_str(),
+                reason,
                 Ok("deletion window passed: would destroy".into()),
             );
             continue;
@@ -271,10 +319,62 @@ fn rotate_due(
         summary.push(
             "destroy",
             id.as_str(),
+            reason,
             result.map(|_| "destroyed: key material shredded".into()),
         );
     }
     Ok(())
+}
+
+/// Why `id` is due for rotation, by the rule that made it due: the primary's age against
+/// the rotation period, or its sealed values against the nonce budget.
+fn due_reason(keys: &KeyManager, id: &TenantId) -> String {
+    let Ok(Some(tenant)) = keys.store().tenant(id) else {
+        return "due under its rotation policy".into();
+    };
+    let primary = keys
+        .store()
+        .key_versions(id)
+        .ok()
+        .and_then(|vs| vs.into_iter().find(|v| v.version == tenant.primary_version));
+    let Some(primary) = primary else {
+        return "due under its rotation policy".into();
+    };
+    let age = u64::try_from(keys.clock().now_unix() - primary.created_at).unwrap_or(0);
+    let period = tenant.rotation_period_seconds;
+    if period > 0 && age >= period {
+        format!(
+            "rotation period: primary v{} is {} old; the policy rotates every {}",
+            primary.version,
+            humantime::format_duration(Duration::from_secs(age)),
+            humantime::format_duration(Duration::from_secs(period))
+        )
+    } else {
+        format!(
+            "nonce budget: primary v{} has sealed {} of its {} values; --due rotates at {}%",
+            primary.version,
+            primary.encryptions,
+            tenant.max_encryptions,
+            ((1.0 - BUDGET_MARGIN) * 100.0).round()
+        )
+    }
+}
+
+/// Why `id` is due for destruction: its deletion window has passed.
+fn deletion_reason(keys: &KeyManager, id: &TenantId) -> String {
+    let when = keys
+        .store()
+        .tenant(id)
+        .ok()
+        .flatten()
+        .and_then(|t| t.deletion_time)
+        .and_then(|t| u64::try_from(t).ok())
+        .map(|t| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t))
+                .to_string()
+        })
+        .unwrap_or_default();
+    format!("deletion window passed at {when}")
 }
 
 /// An audit record of a master-key step (no tenant; the versions are master versions).
@@ -309,7 +409,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
                 dir.store.count_wrapped_under(primary)?
             )
         };
-        summary.push("master", "keyring", Ok(text));
+        summary.push("master", "keyring", "requested with --master", Ok(text));
         return Ok(());
     }
     let audit = dir.audit_writer(options)?;
@@ -395,6 +495,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
     summary.push(
         "master",
         "keyring",
+        "requested with --master",
         Ok(format!(
             "all keys under master v{}; re-wrapped {} in {:.2}s ({:.0}/s); retired {:?}",
             done.primary_master_version,
@@ -408,6 +509,7 @@ fn rotate_master(args: &RotateArgs, options: &ServiceOptions, summary: &mut Summ
         summary.push(
             "retire",
             &format!("master v{version}"),
+            "an old master version is retired once it wraps no key",
             Err(Error::FailedPrecondition(format!(
                 "master v{version} still wraps keys written meanwhile by a process with an \
                  older keyring; run rotate --master again"

@@ -364,24 +364,45 @@ pub fn init_logging(filter: &str, format: LogFormat) {
     // `log_internal_errors(false)`: the formatter would otherwise report a failed write with
     // eprintln!, which panics when stderr is a closed pipe, and so would every logging call
     // (issue 18: `serve` under a supervisor whose log reader died).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .log_internal_errors(false)
         .with_target(false);
     let installed = match format {
-        LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
+        LogFormat::Text => install(filter, lines.with_ansi(colour_allowed())),
+        LogFormat::Json => install(
+            filter,
+            lines.json().with_current_span(true).with_span_list(false),
+        ),
     };
     if installed.is_ok()
         && let Some(e) = bad
     {
         tracing::warn!(error = %e, "invalid log filter; logging at info");
     }
+}
+
+type Filtered =
+    tracing_subscriber::layer::Layered<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Installs `filter`, the log `lines` and (feature `otlp`, endpoint set) the OTLP span
+/// exporter as the process's subscriber.
+fn install<L>(
+    filter: tracing_subscriber::EnvFilter,
+    lines: L,
+) -> std::result::Result<(), tracing_subscriber::util::TryInitError>
+where
+    L: tracing_subscriber::Layer<Filtered> + Send + Sync,
+{
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(crate::telemetry::layer::<
+            tracing_subscriber::layer::Layered<L, Filtered>,
+        >())
+        .try_init()
 }
 
 /// Warns at start when the master keys are not sealed under a root of trust, naming the
@@ -415,7 +436,27 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
 /// crate's server binary serves its echo baseline beside the real services this way, with
 /// exactly the flags, configuration, hardening and start checks of `serve`.
 pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Result<ExitCode> {
-    init_logging(&args.log, args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    {
+        // Inside the runtime: the OTLP exporter (feature `otlp`) keeps its connection there.
+        let _inside = runtime.enter();
+        init_logging(&args.log, args.log_format);
+    }
+    let served = serve_on(&runtime, args, extra);
+    // Spans of the last calls reach the collector before the process ends.
+    crate::telemetry::shutdown();
+    served
+}
+
+/// [`run_with`] on `runtime`, logging installed.
+fn serve_on(
+    runtime: &tokio::runtime::Runtime,
+    args: ServeArgs,
+    extra: impl FnOnce(&AppState) -> Routes,
+) -> Result<ExitCode> {
     let Resolved {
         options,
         listen,
@@ -438,10 +479,6 @@ pub fn run_with(args: ServeArgs, extra: impl FnOnce(&AppState) -> Routes) -> Res
         }
         tracing::warn!(%listen, "listening on a non-loopback address WITHOUT TLS: tokens and data travel in clear");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

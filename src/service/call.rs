@@ -115,6 +115,14 @@ impl Call {
             trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
             parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
         );
+        crate::telemetry::adopt_parent(
+            &span,
+            trace.as_ref().map(|t| crate::telemetry::RemoteParent {
+                trace_id: &t.trace_id,
+                span_id: &t.parent_id,
+                flags: t.flags,
+            }),
+        );
         Self {
             span,
             trace,
