@@ -249,6 +249,8 @@ impl Registry {
             .position(|d| *d == detector)
             .and_then(|i| self.anomalies.get(i))
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
     /// Records what the server's periodic lifecycle check found: active tenants whose key
     /// rotation is due (older than their rotation period, or near their nonce budget), and
     /// pending deletions whose window closes within [`DELETION_CLOSING_HORIZON_SECONDS`].

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::audit::parse_time;
-use super::client::{ClientArgs, print_json, rfc3339, runtime};
+use super::client::{ClientArgs, runtime};
+use super::json;
 use crate::error::Result;
 use crate::pb;
 
@@ -47,24 +48,24 @@ fn usage_json(tenant: &str, u: &pb::GetUsageResponse) -> serde_json::Value {
                 "caller": e.caller,
                 "operation": e.operation,
                 "outcome": e.outcome,
-                "calls": e.calls,
-                "items": e.items,
-                "failed_items": e.failed_items,
-                "request_bytes": e.request_bytes,
-                "response_bytes": e.response_bytes,
+                "calls": json::u64_(e.calls),
+                "items": json::u64_(e.items),
+                "failed_items": json::u64_(e.failed_items),
+                "request_bytes": json::u64_(e.request_bytes),
+                "response_bytes": json::u64_(e.response_bytes),
             })
         })
         .collect();
     serde_json::json!({
         "tenant_id": tenant,
-        "since": rfc3339(&u.since),
-        "until": rfc3339(&u.until),
-        "calls": u.calls,
-        "items": u.items,
-        "request_bytes": u.request_bytes,
-        "response_bytes": u.response_bytes,
-        "denials": u.denials,
-        "decrypt_failures": u.decrypt_failures,
+        "since": json::timestamp(&u.since),
+        "until": json::timestamp(&u.until),
+        "calls": json::u64_(u.calls),
+        "items": json::u64_(u.items),
+        "request_bytes": json::u64_(u.request_bytes),
+        "response_bytes": json::u64_(u.response_bytes),
+        "denials": json::u64_(u.denials),
+        "decrypt_failures": json::u64_(u.decrypt_failures),
         "entries": entries,
     })
 }
@@ -72,8 +73,8 @@ fn usage_json(tenant: &str, u: &pb::GetUsageResponse) -> serde_json::Value {
 fn print_table(tenant: &str, u: &pb::GetUsageResponse) {
     println!(
         "usage of tenant {tenant} from {} until {}",
-        rfc3339(&u.since),
-        rfc3339(&u.until)
+        text_time(&u.since),
+        text_time(&u.until)
     );
     println!(
         "{:<28} {:<32} {:<20} {:>10} {:>10} {:>8} {:>12} {:>12}",
@@ -105,16 +106,23 @@ pub fn run(args: UsageArgs) -> Result<ExitCode> {
         tenant_id: args.tenant.clone(),
         since: timestamp(&args.since)?,
         until: timestamp(&args.until)?,
-        ..Default::default()
     };
     let usage = runtime()?.block_on(
         args.client
             .audit_call(|mut c| async move { c.get_usage(request).await }),
     )?;
     if args.json {
-        print_json(&usage_json(&args.tenant, &usage));
+        json::print(&usage_json(&args.tenant, &usage));
     } else {
         print_table(&args.tenant, &usage);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A time as the table prints it: RFC 3339, or `-` when the server sent none.
+fn text_time(ts: &Option<prost_types::Timestamp>) -> String {
+    match json::timestamp(ts) {
+        serde_json::Value::String(text) => text,
+        _ => "-".to_owned(),
+    }
 }

@@ -88,7 +88,7 @@ impl TenantServiceImpl {
     /// decides), runs `work` on the blocking pool with the caller's audit name, appends the
     /// steps' own audit records (quarantine, release, each suspension) and finishes the call.
     /// Shielded from the caller's deadline like [`Self::tenant_call`].
-    async fn containment_call<R: Send + 'static>(
+    async fn containment_call<R: prost::Message + Send + 'static>(
         &self,
         mut call: Call,
         work: impl FnOnce(&KeyManager, &str) -> Result<(R, Vec<crate::audit::AuditRecord>)>
