@@ -31,6 +31,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for message in SECRET_MESSAGES {
         builder = builder.skip_debug([*message]);
     }
-    builder.compile_protos(&files, &[proto_dir])?;
+    builder.compile_protos(&files, &["../../proto"])?;
     Ok(())
 }

@@ -547,19 +547,22 @@ async fn the_cache_spares_server_calls_within_its_limits_only() {
         clock.clone(),
     );
     let envelope = Envelope::new(client.clone()).with_cache(cache);
-    let data_key_calls = || async {
-        client
-            .list_audit_events(pb::ListAuditEventsRequest {
-                tenant_id: "acme".into(),
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .events
-            .iter()
-            .filter(|e| e.operation == "GenerateDataKey" || e.operation == "DecryptDataKey")
-            .count()
+    let data_key_calls = || {
+        let client = client.clone();
+        async move {
+            client
+                .list_audit_events(pb::ListAuditEventsRequest {
+                    tenant_id: "acme".into(),
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .events
+                .iter()
+                .filter(|e| e.operation == "GenerateDataKey" || e.operation == "DecryptDataKey")
+                .count()
+        }
     };
     let mut sealed = Vec::new();
     for i in 0..4u8 {

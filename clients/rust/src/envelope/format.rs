@@ -190,7 +190,7 @@ impl SegmentKey {
     /// Derives the key of the message whose header bytes are `header`.
     pub fn derive(data_key: &DataKey, header: &[u8]) -> Result<Self> {
         let bytes = segment_key_bytes(data_key, header)?;
-        let key = UnboundKey::new(&aead::AES_256_GCM, bytes.as_ref())
+        let key = UnboundKey::new(&aead::AES_256_GCM, &bytes[..])
             .map_err(|_| Error::Format("key".into()))?;
         Ok(Self(LessSafeKey::new(key)))
     }
@@ -234,7 +234,7 @@ pub(crate) fn segment_key_bytes(
         .expand(&info, Len32)
         .map_err(|_| Error::Format("key derivation".into()))?;
     let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-    okm.fill(bytes.as_mut())
+    okm.fill(&mut bytes[..])
         .map_err(|_| Error::Format("key derivation".into()))?;
     Ok(bytes)
 }

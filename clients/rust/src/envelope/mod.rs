@@ -241,9 +241,16 @@ impl Envelope {
         let dst = dst.to_path_buf();
         blocking(move || {
             let mut writer = writer;
-            let copied = std::io::copy(&mut BufReader::new(input), &mut writer)?;
-            finish_file(writer.finish()?, &temporary, &dst)?;
-            Ok(copied)
+            let sealed = std::io::copy(&mut BufReader::new(input), &mut writer)
+                .map_err(Error::from)
+                .and_then(|copied| Ok((copied, writer.finish()?)));
+            match sealed {
+                Ok((copied, output)) => finish_file(output, &temporary, &dst).map(|()| copied),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&temporary);
+                    Err(e)
+                }
+            }
         })
         .await
     }

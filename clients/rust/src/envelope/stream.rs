@@ -268,10 +268,10 @@ mod tests {
 
     #[test]
     fn round_trips_at_and_around_segment_boundaries() {
-        for len in [0, 1, 15, 16, 17, 31, 32, 33, 100] {
+        for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 100] {
             let plaintext: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let sealed = seal(&plaintext, 16);
-            let segments = (len.max(1) + 15) / 16;
+            let segments = len.max(1).div_ceil(16);
             assert_eq!(
                 sealed.len(),
                 header(16).encode().unwrap().len() + len + segments * TAG_LEN,

@@ -222,16 +222,17 @@ fn generate() -> Value {
         "crypto_error",
     );
     let block = pattern(16, 4);
+    let empty: &[u8] = &[];
     push(
         "empty-last-after-full",
         "a second encoding of a 16-byte message: an empty last segment after a full one",
-        seal_segments(&h16, &[(&block, false), (b"", true)]),
+        seal_segments(&h16, &[(block.as_slice(), false), (empty, true)]),
         "crypto_error",
     );
     push(
         "first-of-two-marked-last",
         "segment 0 sealed as the last one, then another segment",
-        seal_segments(&h16, &[(&block, true), (&block[..4], true)]),
+        seal_segments(&h16, &[(block.as_slice(), true), (&block[..4], true)]),
         "crypto_error",
     );
     push(
