@@ -1,6 +1,9 @@
 //! The Rust client against a real server in process: every typed call, token and TLS
 //! set-up, retries on the server's `retry-after-ms`, and the envelope helper end to end.
 
+// Test code: a failed set-up step should panic with its cause (as in the server's tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 #[path = "../../../tests/common/tls.rs"]
 #[allow(dead_code)]
