@@ -3,20 +3,8 @@
 
 use std::path::PathBuf;
 
-/// Messages that carry plaintext or key bytes: they get no `Debug`, so they cannot be
-/// printed by accident (a `{:?}` of a request would leak the value).
-const SECRET_MESSAGES: &[&str] = &[
-    "tenantkms.v1.EncryptRequest",
-    "tenantkms.v1.DecryptResponse",
-    "tenantkms.v1.EncryptBatchItem",
-    "tenantkms.v1.EncryptBatchRequest",
-    "tenantkms.v1.DecryptBatchResult",
-    "tenantkms.v1.DecryptBatchResponse",
-    "tenantkms.v1.GenerateDataKeyResponse",
-    "tenantkms.v1.DecryptDataKeyResponse",
-    // Searchable columns: the values whose blind indexes are computed.
-    "tenantkms.v1.ComputeBlindIndexRequest",
-];
+/// Messages that carry plaintext or key bytes (the list is shared with the Rust client).
+const SECRET_MESSAGES: &[&str] = include!("proto/secret_messages.rs");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = PathBuf::from("proto");
@@ -28,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &files {
         println!("cargo:rerun-if-changed=proto/{file}");
     }
+    println!("cargo:rerun-if-changed=proto/secret_messages.rs");
     let descriptors = protox::compile(files, [&proto_dir])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("tenantkms_descriptor.bin");

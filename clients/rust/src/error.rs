@@ -1,0 +1,94 @@
+//! The client's one error type.
+
+use std::fmt;
+
+/// Result of every fallible client call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong. No variant carries key material or plaintext.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The client's own settings are unusable (an address, a file, a token); names what.
+    Config(String),
+    /// The server could not be reached (refused, timed out, TLS handshake failed).
+    Connect(String),
+    /// The server answered with a gRPC status (after any retries the call allowed).
+    Rpc(tonic::Status),
+    /// Envelope input that is not in the format of docs/ENVELOPE.md (wrong magic or version,
+    /// impossible lengths), or whose header names another tenant or context than the caller
+    /// expects.
+    Format(String),
+    /// An envelope that does not open: a segment failed authentication, or the stream was
+    /// truncated, reordered or extended. One error whatever the cause (no oracle).
+    Decrypt,
+    /// Reading the input or writing the output failed.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config(m) => write!(f, "client settings: {m}"),
+            Error::Connect(m) => write!(f, "cannot connect: {m}"),
+            Error::Rpc(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            Error::Format(m) => write!(f, "not a tenant-kms envelope: {m}"),
+            Error::Decrypt => f.write_str("the envelope does not open"),
+            Error::Io(e) => write!(f, "I/O: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Rpc(s) => Some(s),
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Rpc(status)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    /// An I/O error that wraps one of ours (raised inside a `Read`/`Write` adapter) is
+    /// unwrapped back to it, so an envelope that does not open stays [`Error::Decrypt`].
+    fn from(e: std::io::Error) -> Self {
+        if !e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            return Error::Io(e);
+        }
+        match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+            Some(Ok(ours)) => *ours,
+            // Checked just above: the inner error is one of ours.
+            _ => Error::Decrypt,
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    /// For the `Read`/`Write` adapters of the envelope; [`From<std::io::Error>`] undoes it.
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io(io) => io,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
+        }
+    }
+}
+
+/// The text of an error and its sources, outermost first (a transport error's own text is
+/// often just "transport error"; the cause is further down).
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
