@@ -81,12 +81,8 @@ async fn busy_server() -> TestServer {
     decrypt(&mut keys, "acme", "c", &sealed.ciphertext, b"")
         .await
         .unwrap();
-    assert!(
-        decrypt(&mut keys, "acme", "c", &sealed.ciphertext, b"other aad")
-            .await
-            .is_err(),
-        "a wrong AAD must not open"
-    );
+    let refused = decrypt(&mut keys, "acme", "c", &sealed.ciphertext, b"other aad").await;
+    assert!(refused.is_err());
     server
 }
 

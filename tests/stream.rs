@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tenant_kms::audit::AuditAppend;
 use tenant_kms::audit::stream::BATCH;
 use tenant_kms::audit::stream::file::FileSinkConfig;
 use tenant_kms::audit::stream::syslog::SyslogTarget;
@@ -51,7 +50,6 @@ fn frames(bytes: &[u8]) -> Vec<u64> {
 /// then reset, and the receiver stops listening (it died).
 struct Receiver {
     port: u16,
-    received: Received,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -63,7 +61,7 @@ impl Receiver {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
-        let counted = Arc::clone(&received);
+        let counted = received;
         let thread = std::thread::spawn(move || {
             while !stopping.load(Ordering::SeqCst) {
                 let stream = match listener.accept() {
@@ -91,7 +89,6 @@ impl Receiver {
         });
         Self {
             port,
-            received,
             stop,
             thread: Some(thread),
         }
