@@ -752,7 +752,6 @@ async fn usage_errors_exit_2_and_name_flags_while_refusals_exit_1() {
             b"",
             "--chunk",
         ),
-        (&["completions", "tcsh"], b"", "tcsh"),
         // Unusable input on stdin.
         (
             &["decrypt", "--tenant", "acme", "--context", "c"],
@@ -774,6 +773,9 @@ async fn usage_errors_exit_2_and_name_flags_while_refusals_exit_1() {
             ran.err
         );
     }
+    let shell = run(&["completions", "tcsh"], b"", &[]).await;
+    assert_eq!(shell.code, 2, "{}", shell.err);
+    assert!(shell.err.contains("tcsh"), "{}", shell.err);
     // Flags the client checks itself.
     let bad_addr: &[(&str, &str)] = &[
         ("ftp://127.0.0.1:1", "http:// or https://"),
