@@ -9,6 +9,7 @@
 //! - [`anchor`]: the signed head and retention checkpoint, encoded and checked (pure);
 //! - [`verify`]: the chain walk, the tail judgement and the recovery record (pure);
 //! - [`log`]: the [`AuditLog`] traits a backend implements;
+//! - [`registry`]: the registry of chains of a log with one chain per node (pure);
 //! - [`sqlite`]: `audit.db`, the SQLite backend;
 //! - [`writer`]: the group-commit writer thread, over any [`AuditLog`];
 //! - `contract` (tests and the `test-seams` feature): the suite every backend passes.
@@ -22,6 +23,7 @@ pub mod contract;
 pub mod log;
 pub mod operation;
 pub mod record;
+pub mod registry;
 pub mod sqlite;
 pub mod verify;
 pub mod writer;
@@ -29,7 +31,7 @@ pub mod writer;
 pub use chain::ChainKeys;
 pub use log::{
     AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability,
-    ListFilter,
+    ListFilter, MergeCursor, MergedRecord,
 };
 pub use operation::Operation;
 pub use record::{AuditRecord, Outcome};

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use super::common::{DataDirArgs, cli_caller, cli_record};
 use crate::audit::operation::Task;
 use crate::audit::verify::VerifyReport;
-use crate::audit::{AuditLog, ListFilter, Outcome};
+use crate::audit::{AuditLog, ListFilter, MergeCursor, MergedRecord, Outcome};
 use crate::error::{Error, Result};
 use crate::service::state::{AUDIT_DB, DataDir, open_audit_log_unkeyed};
 
@@ -158,23 +158,29 @@ fn export(args: &ExportArgs) -> Result<()> {
     use std::io::Write;
     let options = args.data.options();
     let log = open_audit_log_unkeyed(&options)?;
-    let mut filter = ListFilter {
+    let filter = ListFilter {
         tenant_id: crate::service::audit_service::parse_tenant_filter(
             args.tenant.as_deref().unwrap_or(""),
         )?,
         since_micros: args.since.as_deref().map(parse_time).transpose()?,
         until_micros: args.until.as_deref().map(parse_time).transpose()?,
-        operation: String::new(),
-        after_seq: 0,
         limit: 10_000,
+        ..ListFilter::default()
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    // Every node's chain, merged in time order (one chain on SQLite: sequence order).
+    let mut after: Option<MergeCursor> = None;
     loop {
-        let rows = log.list(&filter)?;
-        let Some((last, _)) = rows.last() else { break };
-        filter.after_seq = *last;
-        for (seq, r) in rows {
+        let rows = log.list_merged(&filter, after.as_ref())?;
+        let Some(last) = rows.last() else { break };
+        after = Some(last.cursor());
+        for MergedRecord {
+            chain,
+            seq,
+            record: r,
+        } in rows
+        {
             // A time past 9999 (only a forged row has one) stays empty: the formatter panics.
             let time = u64::try_from(r.time_micros)
                 .ok()
@@ -182,7 +188,7 @@ fn export(args: &ExportArgs) -> Result<()> {
                 .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
                 .map(|t| humantime::format_rfc3339_micros(t).to_string())
                 .unwrap_or_default();
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "seq": seq,
                 "time": time,
                 "time_us": r.time_micros,
@@ -199,6 +205,10 @@ fn export(args: &ExportArgs) -> Result<()> {
                 "detail": r.detail,
                 "trace_parent": r.trace_parent,
             });
+            if !chain.is_empty() {
+                // The node whose chain holds it (PostgreSQL); a single-node log has one chain.
+                line["node_id"] = serde_json::Value::String(chain);
+            }
             writeln!(out, "{line}")
                 .map_err(|e| Error::Internal(format!("cannot write to stdout: {e}")))?;
         }
