@@ -116,7 +116,6 @@ impl AuditService for AuditServiceImpl {
                         aad_fingerprint: r.aad_fingerprint,
                         detail: r.detail,
                         trace_parent: r.trace_parent,
-                        ..Default::default()
                     },
                 )
                 .collect();
