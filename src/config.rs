@@ -32,6 +32,13 @@
 //! response_send_timeout = "30s"                       # a response must be taken by then
 //! handshake_timeout = "10s"                           # TLS handshake and first request
 //! max_unestablished_connections = 1024                # connections without a request yet
+//! store = "postgres://kms@db1,db2/kms?target_session_attrs=read-write"  # default: SQLite
+//! store_password_file = "/etc/tenant-kms/pg.password" # or PGPASSWORD
+//! store_tls_ca = "/etc/tenant-kms/pg-ca.pem"          # TLS to PostgreSQL, verified
+//! store_pool_size = 16
+//! store_connect_timeout = "5s"
+//! staleness_bound = "1s"                              # fail closed past it (several nodes)
+//! node_id = "kms-a"                                   # default: kept in <data_dir>/node.id
 //!
 //! # A client certificate whose SAN (DNS or URI; the subject CN if it has no SAN) is exactly
 //! # `identity` acts as this caller, in place of a bearer token.
@@ -111,6 +118,21 @@ pub struct FileConfig {
     pub handshake_timeout: Option<String>,
     /// Connections that may be open at once without having sent a request.
     pub max_unestablished_connections: Option<usize>,
+    /// Key store: a PostgreSQL connection string (may carry a password here); default
+    /// SQLite in the data directory.
+    pub store: Option<String>,
+    /// File holding the PostgreSQL password (mode 0600).
+    pub store_password_file: Option<PathBuf>,
+    /// CA (PEM) the PostgreSQL server's certificate must chain to; makes TLS required.
+    pub store_tls_ca: Option<PathBuf>,
+    /// Most PostgreSQL connections of this node.
+    pub store_pool_size: Option<u32>,
+    /// Longest one PostgreSQL connection attempt may take, e.g. `5s`.
+    pub store_connect_timeout: Option<String>,
+    /// Longest a node serves without confirming it read other nodes' changes, e.g. `1s`.
+    pub staleness_bound: Option<String>,
+    /// This node's identity in the audit chains of a shared store.
+    pub node_id: Option<String>,
     /// Client-certificate identities that act as callers.
     #[serde(default)]
     pub tls_callers: Vec<TlsCallerConfig>,
@@ -189,6 +211,8 @@ pub mod max {
     pub const BATCH_ITEMS: usize = 1_000_000;
     /// `max_requests_awaiting_body` and `max_unestablished_connections`.
     pub const CONNECTION_COUNTS: usize = 1_000_000;
+    /// `store_pool_size` (PostgreSQL's own `max_connections` is far lower in practice).
+    pub const POOL_SIZE: u32 = 10_000;
 }
 
 /// `value` if it is at most `max`; otherwise INVALID_ARGUMENT naming the setting.

@@ -20,7 +20,8 @@ use crate::clock::{Clock, SharedClock};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
-use crate::store::{KeyStore, SqliteKeyStore};
+use crate::store::postgres::{PgPool, PostgresKeyStore};
+use crate::store::{KeyStore, SqliteKeyStore, StoreBackend};
 
 use super::data_dir_guard;
 
@@ -120,6 +121,15 @@ pub struct ServiceOptions {
     /// their reaper, rotation age): [`crate::clock::SystemClock`] unless a test injects
     /// another.
     pub clock: SharedClock,
+    /// The key store: SQLite in the data directory (default) or a shared PostgreSQL
+    /// (`--store`, issue 14).
+    pub store: crate::store::StoreBackend,
+    /// With a shared store: the longest a node may serve without having confirmed it read
+    /// every change other nodes made; past it, calls fail UNAVAILABLE (fail closed).
+    pub staleness_bound: Duration,
+    /// This node's identity (`--node-id`); `None`: the one kept in the data directory
+    /// (see [`crate::service::node_id::resolve`]).
+    pub node_id: Option<String>,
 }
 
 /// PEM files of the server's TLS identity and, for mTLS, the client CA.
@@ -155,7 +165,16 @@ impl ServiceOptions {
             clock: crate::clock::system(),
             new_audit_log: false,
             key_store_restored: false,
+            store: crate::store::StoreBackend::Sqlite,
+            staleness_bound: DEFAULT_STALENESS_BOUND,
+            node_id: None,
         }
+    }
+
+    /// This node's identity: [`ServiceOptions::node_id`] if set, else the one kept in the data
+    /// directory (created there on first use).
+    pub fn resolve_node_id(&self) -> Result<String> {
+        super::node_id::resolve(&self.data_dir, self.node_id.as_deref())
     }
 
     /// The shred ledger file these options name (see [`ServiceOptions::shred_ledger`]).
@@ -165,6 +184,10 @@ impl ServiceOptions {
         })
     }
 }
+
+/// Default of [`ServiceOptions::staleness_bound`]: a change made through one node is honoured
+/// by every other node within this time.
+pub const DEFAULT_STALENESS_BOUND: Duration = Duration::from_secs(1);
 
 /// File names inside a data directory.
 pub const KEYS_DB: &str = "keys.db";
@@ -209,6 +232,8 @@ pub struct DataDir {
     /// Whether the audit log existed before this open (a first start anchors nothing at
     /// start: no earlier copy of its key store can exist).
     audit_log_existed: bool,
+    /// The pool of a PostgreSQL key store (`None` on SQLite).
+    postgres: Option<PgPool>,
 }
 
 impl DataDir {
@@ -221,22 +246,7 @@ impl DataDir {
     /// [`crate::audit::sqlite::check_identity`]).
     pub fn open(options: &ServiceOptions, create: bool) -> Result<Self> {
         data_dir_guard::check_dir_mode(&options.data_dir)?;
-        if create {
-            if !options.data_dir.join(KEYS_DB).exists() {
-                data_dir_guard::refuse_lost_key_store(
-                    &options.data_dir,
-                    &earlier_life_signs(options),
-                )?;
-            }
-            fsutil::create_private_dir(&options.data_dir)?;
-        } else if !options.data_dir.join(KEYS_DB).exists() {
-            return Err(Error::FailedPrecondition(format!(
-                "{} holds no keys.db: not a tenant-kms data directory",
-                options.data_dir.display()
-            )));
-        }
-        let store: Arc<dyn KeyStore> =
-            Arc::new(SqliteKeyStore::open(&options.data_dir.join(KEYS_DB))?);
+        let (store, postgres) = open_key_store(options, create)?;
         let keys = Arc::new(KeyManager::open(
             Arc::clone(&store),
             options.master_keys.clone(),
@@ -245,7 +255,11 @@ impl DataDir {
             Arc::clone(&options.clock),
         )?);
         // Read before `audit_secret` creates it: an audit key means an audit log exists.
-        let audit_log_exists = store.audit_key()?.is_some();
+        // With a shared PostgreSQL key store the audit secret is shared, but until the audit
+        // log moves into PostgreSQL too each node keeps its own audit.db: a node's first start
+        // on a database other nodes already use begins its own log.
+        let audit_log_exists = store.audit_key()?.is_some()
+            && (postgres.is_none() || options.data_dir.join(AUDIT_DB).exists());
         let audit_secret = keys.audit_secret()?;
         let chain_keys = Arc::new(
             ChainKeys::derive(&audit_secret)
@@ -351,7 +365,14 @@ impl DataDir {
             shred,
             anchored,
             audit_log_existed: audit_log_exists,
+            postgres,
         })
+    }
+
+    /// The PostgreSQL connection pool when the key store is in PostgreSQL (`--store`), shared
+    /// by everything of this directory that lives in that database.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        self.postgres.as_ref()
     }
 
     /// The text `restore` ends its Restore record's detail with: the restored key store's
@@ -402,8 +423,51 @@ impl DataDir {
     }
 }
 
+/// Opens the key store `options` name: the one place the service chooses the key-store
+/// backend. SQLite: `keys.db` in the data directory (created with `create`, refused when the
+/// directory served before and lost it). PostgreSQL: the shared database, reached through a
+/// pool that waits for it at start; the pool is returned too, for the other parts that live in
+/// that database.
+fn open_key_store(
+    options: &ServiceOptions,
+    create: bool,
+) -> Result<(Arc<dyn KeyStore>, Option<PgPool>)> {
+    match &options.store {
+        StoreBackend::Sqlite => {
+            if create {
+                if !options.data_dir.join(KEYS_DB).exists() {
+                    data_dir_guard::refuse_lost_key_store(
+                        &options.data_dir,
+                        &earlier_life_signs(options),
+                    )?;
+                }
+                fsutil::create_private_dir(&options.data_dir)?;
+            } else if !options.data_dir.join(KEYS_DB).exists() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds no keys.db: not a tenant-kms data directory",
+                    options.data_dir.display()
+                )));
+            }
+            let store = SqliteKeyStore::open(&options.data_dir.join(KEYS_DB))?;
+            Ok((Arc::new(store), None))
+        }
+        StoreBackend::Postgres(pg) => {
+            // The data directory still holds this node's keyring (unless elsewhere), its node
+            // id and, until the PostgreSQL audit log is plugged in below, its audit log.
+            fsutil::create_private_dir(&options.data_dir)?;
+            let pool = PgPool::connect(pg)?;
+            let node_id = options.resolve_node_id()?;
+            let store = PostgresKeyStore::open(pool.clone(), &node_id, options.staleness_bound)?;
+            tracing::info!(target_db = %pool.target(), node_id, "key store: PostgreSQL");
+            Ok((Arc::new(store), Some(pool)))
+        }
+    }
+}
+
 /// Opens the audit log of `options`' data directory: the one place the service chooses the
-/// audit backend.
+/// audit backend. (PostgreSQL audit log: plugged in here, on [`DataDir::postgres_pool`]'s
+/// database, by the PostgreSQL audit work; until then every backend's audit log is the local
+/// SQLite `audit.db`.)
 fn open_audit_log(options: &ServiceOptions, keys: &Arc<ChainKeys>) -> Result<Box<dyn AuditLog>> {
     Ok(Box::new(SqliteAuditLog::open(
         &options.data_dir.join(AUDIT_DB),

@@ -11,9 +11,11 @@
 
 #[cfg(any(test, feature = "test-seams"))]
 pub mod contract;
+mod backend;
 mod migrations;
 mod recovery;
 pub mod row_auth;
+pub mod postgres;
 mod sqlite;
 pub(crate) mod sqlite_backup;
 
@@ -21,6 +23,7 @@ use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
 
+pub use backend::{STORE_ENV, StoreBackend};
 pub use recovery::{KeyChange, LedgerHead, ShredItem, StoreCounts};
 pub use sqlite::SqliteKeyStore;
 
