@@ -11,6 +11,7 @@
 //! - [`log`]: the [`AuditLog`] traits a backend implements;
 //! - [`registry`]: the registry of chains of a log with one chain per node (pure);
 //! - [`sqlite`]: `audit.db`, the SQLite backend;
+//! - [`postgres`]: the PostgreSQL backend, one chain per node;
 //! - [`writer`]: the group-commit writer thread, over any [`AuditLog`];
 //! - `contract` (tests and the `test-seams` feature): the suite every backend passes.
 //!
@@ -22,6 +23,7 @@ pub mod chain;
 pub mod contract;
 pub mod log;
 pub mod operation;
+pub mod postgres;
 pub mod record;
 pub mod registry;
 pub mod sqlite;
@@ -34,6 +36,7 @@ pub use log::{
     ListFilter, MergeCursor, MergedRecord,
 };
 pub use operation::Operation;
+pub use postgres::PostgresAuditLog;
 pub use record::{AuditRecord, Outcome};
 pub use sqlite::SqliteAuditLog;
 pub use verify::VerifyReport;

@@ -101,10 +101,11 @@ fn parse_time(text: &str) -> Result<i64> {
     Ok(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
-/// Opens the data directory's audit log for an offline command; it must exist already.
+/// Opens the data directory's audit log for an offline command; it must exist already (on
+/// PostgreSQL, `--store`, it is in the database: every chain, this node's for appends).
 fn open_log(dir: &DataDir, options: &crate::service::ServiceOptions) -> Result<Box<dyn AuditLog>> {
     let path = options.data_dir.join(AUDIT_DB);
-    if !path.exists() {
+    if dir.postgres_pool().is_none() && !path.exists() {
         return Err(Error::FailedPrecondition(format!(
             "{} does not exist",
             path.display()

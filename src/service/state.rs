@@ -10,7 +10,8 @@ use crate::audit::operation::Task;
 use crate::audit::verify::{Recovery, VerifyReport};
 use crate::audit::{
     AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditRecord, AuditSnapshot, AuditWriter,
-    ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome, SqliteAuditLog,
+    ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome, PostgresAuditLog,
+    SqliteAuditLog,
 };
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
@@ -254,12 +255,10 @@ impl DataDir {
             options.key_policy.clone(),
             Arc::clone(&options.clock),
         )?);
-        // Read before `audit_secret` creates it: an audit key means an audit log exists.
-        // With a shared PostgreSQL key store the audit secret is shared, but until the audit
-        // log moves into PostgreSQL too each node keeps its own audit.db: a node's first start
-        // on a database other nodes already use begins its own log.
-        let audit_log_exists = store.audit_key()?.is_some()
-            && (postgres.is_none() || options.data_dir.join(AUDIT_DB).exists());
+        // Read before `audit_secret` creates it: an audit key means an audit log exists. On
+        // PostgreSQL the audit secret and the audit log (one chain per node) are both in the
+        // shared database.
+        let audit_log_exists = store.audit_key()?.is_some();
         let audit_secret = keys.audit_secret()?;
         let chain_keys = Arc::new(
             ChainKeys::derive(&audit_secret)
@@ -270,12 +269,13 @@ impl DataDir {
         // rotation (which re-wraps that secret) leaves every row MAC valid. Installing it
         // finishes a pending upgrade (unless the audit chain, which a writer of keys.db cannot
         // forge, says it happened already) and checks every row against the anchor.
-        let upgraded_before = audit_log_exists && row_mac_upgrade_recorded(options, &chain_keys)?;
+        let upgraded_before =
+            audit_log_exists && row_mac_upgrade_recorded(options, postgres.as_ref(), &chain_keys)?;
         // Read before the key store's anchor is (set_row_key below): another process may
         // change the store and record its new counter meanwhile, and the store only moves
         // forward, so a recorded counter read first never exceeds a genuine store's.
         let recorded = if audit_log_exists && !options.new_audit_log {
-            recorded_key_store_anchor(options, &chain_keys)?
+            recorded_key_store_anchor(options, postgres.as_ref(), &chain_keys)?
         } else {
             None
         };
@@ -325,13 +325,17 @@ impl DataDir {
         ));
         let shred = ledger.enforce(&keys)?;
         keys.set_shred_recorder(ledger);
-        crate::audit::sqlite::check_identity(
-            &options.data_dir.join(AUDIT_DB),
-            &chain_keys,
-            !audit_log_exists || options.new_audit_log,
-            options.durability == Durability::Fsync,
-            options.audit_busy_timeout,
-        )?;
+        if postgres.is_none() {
+            // A PostgreSQL log is bound to its database's audit key by its signed registry
+            // and heads (docs/AUDIT.md §9); there is no file to swap.
+            crate::audit::sqlite::check_identity(
+                &options.data_dir.join(AUDIT_DB),
+                &chain_keys,
+                !audit_log_exists || options.new_audit_log,
+                options.durability == Durability::Fsync,
+                options.audit_busy_timeout,
+            )?;
+        }
         let anchoring = |log: Box<dyn AuditLog>| -> Box<dyn AuditLog> {
             Box::new(AnchoringLog {
                 log,
@@ -340,7 +344,7 @@ impl DataDir {
             })
         };
         audit_shred_report(
-            anchoring(open_audit_log(options, &chain_keys)?).as_ref(),
+            anchoring(open_audit_log(options, postgres.as_ref(), &chain_keys)?).as_ref(),
             &shred,
         )?;
         // Only an upgrade of existing rows is recorded: a new store's first key install is
@@ -351,7 +355,8 @@ impl DataDir {
                     "{rows} tenant, key-version and token rows MAC'd for the first time, as they \
                      stood"
                 ));
-            anchoring(open_audit_log(options, &chain_keys)?).append(&[&record])?;
+            anchoring(open_audit_log(options, postgres.as_ref(), &chain_keys)?)
+                .append(&[&record])?;
         }
         if options.key_store_restored {
             // The restore's own record names the restored store's counter
@@ -409,7 +414,7 @@ impl DataDir {
     /// ([`AnchoringLog`]).
     pub fn audit_log(&self, options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
         Ok(Box::new(AnchoringLog {
-            log: open_audit_log(options, &self.chain_keys)?,
+            log: open_audit_log(options, self.postgres.as_ref(), &self.chain_keys)?,
             store: Arc::clone(&self.store),
             anchored: Arc::clone(&self.anchored),
         }))
@@ -452,8 +457,8 @@ fn open_key_store(
             Ok((Arc::new(store), None))
         }
         StoreBackend::Postgres(pg) => {
-            // The data directory still holds this node's keyring (unless elsewhere), its node
-            // id and, until the PostgreSQL audit log is plugged in below, its audit log.
+            // The data directory still holds this node's keyring (unless elsewhere) and its
+            // node id; the audit log is in the database too (`open_audit_log`).
             fsutil::create_private_dir(&options.data_dir)?;
             let pool = PgPool::connect(pg)?;
             let node_id = options.resolve_node_id()?;
@@ -465,10 +470,21 @@ fn open_key_store(
 }
 
 /// Opens the audit log of `options`' data directory: the one place the service chooses the
-/// audit backend. (PostgreSQL audit log: plugged in here, on [`DataDir::postgres_pool`]'s
-/// database, by the PostgreSQL audit work; until then every backend's audit log is the local
-/// SQLite `audit.db`.)
-fn open_audit_log(options: &ServiceOptions, keys: &Arc<ChainKeys>) -> Result<Box<dyn AuditLog>> {
+/// audit backend. With the key store in PostgreSQL (`postgres`, its pool), this node's chain
+/// of the PostgreSQL audit log in the same database (docs/AUDIT.md §9); otherwise `audit.db`.
+fn open_audit_log(
+    options: &ServiceOptions,
+    postgres: Option<&PgPool>,
+    keys: &Arc<ChainKeys>,
+) -> Result<Box<dyn AuditLog>> {
+    if let Some(pool) = postgres {
+        let node = options.resolve_node_id()?;
+        return Ok(Box::new(PostgresAuditLog::open(
+            pool.clone(),
+            &node,
+            Arc::clone(keys),
+        )?));
+    }
     Ok(Box::new(SqliteAuditLog::open(
         &options.data_dir.join(AUDIT_DB),
         options.durability,
@@ -479,8 +495,14 @@ fn open_audit_log(options: &ServiceOptions, keys: &Arc<ChainKeys>) -> Result<Box
 
 /// Opens the audit log of `options`' data directory without its chain keys, for commands
 /// that only read records and need no master key (`audit export`): see
-/// [`SqliteAuditLog::open_unkeyed`]. Fails if there is no log.
+/// [`SqliteAuditLog::open_unkeyed`] (or, with `--store postgres://…`,
+/// [`PostgresAuditLog::open_unkeyed`] on that database). Fails if there is no log.
 pub fn open_audit_log_unkeyed(options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
+    if let StoreBackend::Postgres(pg) = &options.store {
+        let pool = PgPool::connect(pg)?;
+        let node = options.resolve_node_id()?;
+        return Ok(Box::new(PostgresAuditLog::open_unkeyed(pool, &node)?));
+    }
     let path = options.data_dir.join(AUDIT_DB);
     if !path.exists() {
         return Err(Error::FailedPrecondition(format!(
@@ -512,12 +534,16 @@ fn earlier_life_signs(options: &ServiceOptions) -> Vec<PathBuf> {
 /// Whether the audit log records the key store's upgrade to row MACs (a `RowMacUpgrade`
 /// record). Read before the upgrade may run: the chain is keyed, so a writer of keys.db who
 /// rewrote it into its pre-upgrade form cannot also erase this without breaking the chain.
-fn row_mac_upgrade_recorded(options: &ServiceOptions, chain_keys: &Arc<ChainKeys>) -> Result<bool> {
-    if !options.data_dir.join(AUDIT_DB).exists() {
+fn row_mac_upgrade_recorded(
+    options: &ServiceOptions,
+    postgres: Option<&PgPool>,
+    chain_keys: &Arc<ChainKeys>,
+) -> Result<bool> {
+    if postgres.is_none() && !options.data_dir.join(AUDIT_DB).exists() {
         // The identity check below refuses a missing log.
         return Ok(false);
     }
-    let found = open_audit_log(options, chain_keys)?.list(&crate::audit::ListFilter {
+    let found = open_audit_log(options, postgres, chain_keys)?.list(&crate::audit::ListFilter {
         operation: Task::RowMacUpgrade.stored_name().to_owned(),
         limit: 1,
         ..Default::default()
@@ -625,13 +651,14 @@ struct RecordedAnchor {
 /// holds no such record (a log from before key-store anchors, a new log, just restored).
 fn recorded_key_store_anchor(
     options: &ServiceOptions,
+    postgres: Option<&PgPool>,
     chain_keys: &Arc<ChainKeys>,
 ) -> Result<Option<RecordedAnchor>> {
-    if !options.data_dir.join(AUDIT_DB).exists() {
+    if postgres.is_none() && !options.data_dir.join(AUDIT_DB).exists() {
         // The identity check refuses a missing log later.
         return Ok(None);
     }
-    latest_anchor(open_audit_log(options, chain_keys)?.as_ref())
+    latest_anchor(open_audit_log(options, postgres, chain_keys)?.as_ref())
 }
 
 /// [`recorded_key_store_anchor`] over any audit log: reads backwards from the head, one

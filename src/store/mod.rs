@@ -9,13 +9,13 @@
 //! Every method is one transaction; state changes are conditional on the state they start
 //! from, so two processes (a server and the `rotate` command) can share one data directory.
 
+mod backend;
 #[cfg(any(test, feature = "test-seams"))]
 pub mod contract;
-mod backend;
 mod migrations;
+pub mod postgres;
 mod recovery;
 pub mod row_auth;
-pub mod postgres;
 mod sqlite;
 pub(crate) mod sqlite_backup;
 
