@@ -131,10 +131,15 @@ pub struct MergedRecord {
 }
 
 impl MergedRecord {
-    /// Its position, to list from after it.
+    /// Its position, to list from after it. A log of one chain lists by sequence number
+    /// alone, so its cursor's time is 0 (what its page token, the bare number, parses to).
     pub fn cursor(&self) -> MergeCursor {
         MergeCursor {
-            time_micros: self.record.time_micros,
+            time_micros: if self.chain.is_empty() {
+                0
+            } else {
+                self.record.time_micros
+            },
             chain: self.chain.clone(),
             seq: self.seq,
         }
