@@ -50,6 +50,13 @@
 //! anomaly_quarantine = []                            # containment: token refused until released
 //! anomaly_throttle_rate = 1.0                         # throttled caller: calls per second
 //! anomaly_throttle_for = "15m"
+//! store = "postgres://kms@db1,db2/kms?target_session_attrs=read-write"  # default: SQLite
+//! store_password_file = "/etc/tenant-kms/pg.password" # or PGPASSWORD
+//! store_tls_ca = "/etc/tenant-kms/pg-ca.pem"          # TLS to PostgreSQL, verified
+//! store_pool_size = 16
+//! store_connect_timeout = "5s"
+//! staleness_bound = "1s"                              # fail closed past it (several nodes)
+//! node_id = "kms-a"                                   # default: kept in <data_dir>/node.id
 //!
 //! # A client certificate whose SAN (DNS or URI; the subject CN if it has no SAN) is exactly
 //! # `identity` acts as this caller, in place of a bearer token.
@@ -177,6 +184,21 @@ pub struct FileConfig {
     pub audit_stream_file_keep: Option<usize>,
     /// Stream committed audit records as RFC 5424 syslog: `tcp://HOST:PORT` or `unix:///PATH`.
     pub audit_stream_syslog: Option<String>,
+    /// Key store: a PostgreSQL connection string (may carry a password here); default
+    /// SQLite in the data directory.
+    pub store: Option<String>,
+    /// File holding the PostgreSQL password (mode 0600).
+    pub store_password_file: Option<PathBuf>,
+    /// CA (PEM) the PostgreSQL server's certificate must chain to; makes TLS required.
+    pub store_tls_ca: Option<PathBuf>,
+    /// Most PostgreSQL connections of this node.
+    pub store_pool_size: Option<u32>,
+    /// Longest one PostgreSQL connection attempt may take, e.g. `5s`.
+    pub store_connect_timeout: Option<String>,
+    /// Longest a node serves without confirming it read other nodes' changes, e.g. `1s`.
+    pub staleness_bound: Option<String>,
+    /// This node's identity in the audit chains of a shared store.
+    pub node_id: Option<String>,
     /// Client-certificate identities that act as callers.
     #[serde(default)]
     pub tls_callers: Vec<TlsCallerConfig>,
@@ -260,6 +282,8 @@ pub mod max {
     pub const USAGE_METRICS_TOP: usize = 1_000;
     /// `audit_stream_file_keep`.
     pub const STREAM_FILES_KEPT: usize = 1_000;
+    /// `store_pool_size` (PostgreSQL's own `max_connections` is far lower in practice).
+    pub const POOL_SIZE: u32 = 10_000;
 }
 
 /// `value` if it is at most `max`; otherwise INVALID_ARGUMENT naming the setting.

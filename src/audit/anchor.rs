@@ -41,6 +41,9 @@ pub enum Kind {
     Checkpoint,
     /// The log's birth under this data directory's audit key (always [`Anchor::GENESIS`]).
     Identity,
+    /// The end of the registry of chains of a log with one chain per node (PostgreSQL):
+    /// `seq` is the number of chains registered, `mac` the last registration's MAC.
+    Registry,
 }
 
 impl Kind {
@@ -50,6 +53,7 @@ impl Kind {
             Kind::Head => "head",
             Kind::Checkpoint => "checkpoint",
             Kind::Identity => "identity",
+            Kind::Registry => "registry",
         }
     }
 
@@ -58,6 +62,7 @@ impl Kind {
             Kind::Head => b"tenant-kms/v1/audit-head",
             Kind::Checkpoint => b"tenant-kms/v1/audit-checkpoint",
             Kind::Identity => b"tenant-kms/v1/audit-identity",
+            Kind::Registry => b"tenant-kms/v1/audit-registry",
         }
     }
 }
@@ -83,9 +88,19 @@ impl Stored {
     }
 }
 
-fn signature(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> [u8; MAC_LEN] {
+/// Label that binds an anchor to one chain of a log with several (PostgreSQL).
+const CHAIN_LABEL: &[u8] = b"chain";
+
+fn signature(keys: &ChainKeys, kind: Kind, chain: Option<&str>, anchor: &Anchor) -> [u8; MAC_LEN] {
     let mut bytes = Vec::with_capacity(64 + MAC_LEN);
     push_length_prefixed(&mut bytes, kind.label());
+    // A chain's anchors also sign its name, so one chain's head or checkpoint cannot stand in
+    // for another's. The unbound form (one chain, SQLite) is unchanged: its fixed 40 bytes
+    // after the label cannot be confused with `lp("chain") ‖ lp(name) ‖ …`.
+    if let Some(chain) = chain {
+        push_length_prefixed(&mut bytes, CHAIN_LABEL);
+        push_length_prefixed(&mut bytes, chain.as_bytes());
+    }
     bytes.extend_from_slice(&anchor.seq.to_be_bytes());
     bytes.extend_from_slice(&anchor.mac);
     keys.sign(&bytes)
@@ -93,10 +108,20 @@ fn signature(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> [u8; MAC_LEN] {
 
 /// The stored value of an anchor: position and signature.
 pub fn encode(keys: &ChainKeys, kind: Kind, anchor: &Anchor) -> Vec<u8> {
+    encode_value(keys, kind, None, anchor)
+}
+
+/// The stored value of an anchor of the chain named `chain` in a log with one chain per node:
+/// as [`encode`], with the chain's name under the signature.
+pub fn encode_chain(keys: &ChainKeys, kind: Kind, chain: &str, anchor: &Anchor) -> Vec<u8> {
+    encode_value(keys, kind, Some(chain), anchor)
+}
+
+fn encode_value(keys: &ChainKeys, kind: Kind, chain: Option<&str>, anchor: &Anchor) -> Vec<u8> {
     let mut value = Vec::with_capacity(8 + 2 * MAC_LEN);
     value.extend_from_slice(&anchor.seq.to_be_bytes());
     value.extend_from_slice(&anchor.mac);
-    value.extend_from_slice(&signature(keys, kind, anchor));
+    value.extend_from_slice(&signature(keys, kind, chain, anchor));
     value
 }
 
@@ -114,13 +139,23 @@ pub fn position(value: &[u8]) -> Option<Anchor> {
 
 /// Checks a stored value (`None`: nothing stored) of the anchor `kind`.
 pub fn decode(keys: &ChainKeys, kind: Kind, value: Option<&[u8]>) -> Stored {
+    decode_value(keys, kind, None, value)
+}
+
+/// Checks a stored value of the anchor `kind` of the chain named `chain` ([`encode_chain`]):
+/// another chain's anchor is [`Stored::Invalid`] here.
+pub fn decode_chain(keys: &ChainKeys, kind: Kind, chain: &str, value: Option<&[u8]>) -> Stored {
+    decode_value(keys, kind, Some(chain), value)
+}
+
+fn decode_value(keys: &ChainKeys, kind: Kind, chain: Option<&str>, value: Option<&[u8]>) -> Stored {
     let Some(value) = value else {
         return Stored::Missing;
     };
     let (Some(anchor), Some(sig)) = (position(value), value.get(8 + MAC_LEN..)) else {
         return Stored::Invalid;
     };
-    if constant_time_eq(sig, &signature(keys, kind, &anchor)) {
+    if constant_time_eq(sig, &signature(keys, kind, chain, &anchor)) {
         Stored::Valid(anchor)
     } else {
         Stored::Invalid
@@ -162,5 +197,20 @@ mod tests {
             Stored::Invalid
         );
         assert_eq!(decode(&keys, Kind::Head, None), Stored::Missing);
+        // A chain's anchor checks only as that chain's, never unbound or as another chain's.
+        let bound = encode_chain(&keys, Kind::Head, "node-a", &anchor);
+        assert_eq!(
+            decode_chain(&keys, Kind::Head, "node-a", Some(&bound)),
+            Stored::Valid(anchor)
+        );
+        assert_eq!(
+            decode_chain(&keys, Kind::Head, "node-b", Some(&bound)),
+            Stored::Invalid
+        );
+        assert_eq!(decode(&keys, Kind::Head, Some(&bound)), Stored::Invalid);
+        assert_eq!(
+            decode_chain(&keys, Kind::Head, "node-a", Some(&value)),
+            Stored::Invalid
+        );
     }
 }

@@ -10,9 +10,11 @@
 //! not here: a backend reads and writes rows and anchors and calls the pure functions of
 //! [`super::verify`] and [`super::anchor`], so every backend judges a log the same way.
 //!
-//! Each log is one chain today. A backend with one chain per node (PostgreSQL) will name the
-//! chain in [`ChainHead`] (`#[non_exhaustive]` for that reason) and in [`ListFilter`] (built
-//! with `..Default::default()`), and walk each chain with the same verifier.
+//! A log may hold one chain (SQLite) or one chain per node (PostgreSQL,
+//! `super::postgres::PostgresAuditLog`). Appending, the head, [`AuditQuery::list`], the tail
+//! check, anchors and recovery are about the chain of the node that opened the log;
+//! [`AuditQuery::list_merged`], [`AuditQuery::count`], verification and pruning are about
+//! every chain.
 //!
 //! `super::contract` (test builds and the `test-seams` feature) holds the suite every backend
 //! must pass.
@@ -73,6 +75,77 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
+/// A position in the merged order of every chain of a log ([`AuditQuery::list_merged`]):
+/// time, then chain name, then sequence number, a total order that records appended later
+/// never reorder, so paging by it neither repeats nor skips a record already committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeCursor {
+    /// The record's time (µs).
+    pub time_micros: i64,
+    /// Its chain (empty for a log of one chain).
+    pub chain: String,
+    /// Its sequence number in that chain.
+    pub seq: u64,
+}
+
+impl MergeCursor {
+    /// The opaque page token of this position: the bare sequence number for a log of one
+    /// chain (the token such logs always had), `time.seq.chain` otherwise.
+    pub fn token(&self) -> String {
+        if self.chain.is_empty() {
+            self.seq.to_string()
+        } else {
+            format!("{}.{}.{}", self.time_micros, self.seq, self.chain)
+        }
+    }
+
+    /// Parses a [`MergeCursor::token`]; `None` for anything else.
+    pub fn parse(token: &str) -> Option<Self> {
+        let mut parts = token.splitn(3, '.');
+        let first = parts.next()?;
+        match (parts.next(), parts.next()) {
+            (None, _) => Some(Self {
+                time_micros: 0,
+                chain: String::new(),
+                seq: first.parse().ok()?,
+            }),
+            (Some(seq), Some(chain)) if !chain.is_empty() => Some(Self {
+                time_micros: first.parse().ok()?,
+                chain: chain.to_owned(),
+                seq: seq.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A record listed from every chain of a log, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedRecord {
+    /// Its chain (empty for a log of one chain).
+    pub chain: String,
+    /// Its sequence number in that chain.
+    pub seq: u64,
+    /// The record.
+    pub record: AuditRecord,
+}
+
+impl MergedRecord {
+    /// Its position, to list from after it. A log of one chain lists by sequence number
+    /// alone, so its cursor's time is 0 (what its page token, the bare number, parses to).
+    pub fn cursor(&self) -> MergeCursor {
+        MergeCursor {
+            time_micros: if self.chain.is_empty() {
+                0
+            } else {
+                self.record.time_micros
+            },
+            chain: self.chain.clone(),
+            seq: self.seq,
+        }
+    }
+}
+
 /// Appending records and reading where the chain ends.
 pub trait AuditAppend: Send + Sync {
     /// Appends `records` in one transaction (all or nothing, durable as the log's
@@ -99,8 +172,32 @@ pub trait AuditQuery: Send + Sync {
     /// committed state of the log (never half a batch).
     fn list(&self, filter: &ListFilter) -> Result<Vec<(u64, AuditRecord)>>;
 
-    /// How many records the log holds (pruned ones not counted).
+    /// How many records the log holds (pruned ones not counted; every chain's).
     fn count(&self) -> Result<u64>;
+
+    /// The records of every chain matching `filter` (its `after_seq` ignored) after `after`,
+    /// at most `filter.limit`, all of one committed state, merged in [`MergeCursor`] order.
+    /// A log of one chain lists in sequence order (its cursor's chain is empty and its time
+    /// unused), which is the same as time order up to clock steps.
+    fn list_merged(
+        &self,
+        filter: &ListFilter,
+        after: Option<&MergeCursor>,
+    ) -> Result<Vec<MergedRecord>> {
+        let filter = ListFilter {
+            after_seq: after.map_or(0, |c| c.seq),
+            ..filter.clone()
+        };
+        Ok(self
+            .list(&filter)?
+            .into_iter()
+            .map(|(seq, record)| MergedRecord {
+                chain: String::new(),
+                seq,
+                record,
+            })
+            .collect())
+    }
 }
 
 /// Checking and maintaining the chain. Every method judges one consistent state of the log,

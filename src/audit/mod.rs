@@ -9,7 +9,9 @@
 //! - [`anchor`]: the signed head and retention checkpoint, encoded and checked (pure);
 //! - [`verify`]: the chain walk, the tail judgement and the recovery record (pure);
 //! - [`log`]: the [`AuditLog`] traits a backend implements;
+//! - [`registry`]: the registry of chains of a log with one chain per node (pure);
 //! - [`sqlite`]: `audit.db`, the SQLite backend;
+//! - [`postgres`]: the PostgreSQL backend, one chain per node;
 //! - [`writer`]: the group-commit writer thread, over any [`AuditLog`];
 //! - [`stream`]: at-least-once streaming of committed records to SIEM sinks (file, syslog);
 //! - `contract` (tests and the `test-seams` feature): the suite every backend passes.
@@ -22,7 +24,9 @@ pub mod chain;
 pub mod contract;
 pub mod log;
 pub mod operation;
+pub mod postgres;
 pub mod record;
+pub mod registry;
 pub mod sqlite;
 pub mod stream;
 pub mod verify;
@@ -31,9 +35,10 @@ pub mod writer;
 pub use chain::ChainKeys;
 pub use log::{
     AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability,
-    ListFilter,
+    ListFilter, MergeCursor, MergedRecord,
 };
 pub use operation::Operation;
+pub use postgres::PostgresAuditLog;
 pub use record::{AuditRecord, Outcome};
 pub use sqlite::SqliteAuditLog;
 pub use verify::VerifyReport;

@@ -363,6 +363,58 @@ fn finish(mut walk: Walk, checked: u64, head_seq: u64) -> VerifyReport {
     }
 }
 
+/// The whole-log report of a log with one chain per node (PostgreSQL) from the registry's
+/// problems ([`super::registry::check`]) and each chain's own report, `own` naming the chain
+/// whose head the report gives (the anchor to keep for that node). Every break's reason
+/// names its chain (`chain NODE: …`) or the registry (`the chain registry: …`, reported at
+/// record 1: no record of any chain can be trusted to be complete); the first unacknowledged
+/// one, in registry then chain order, is the report's.
+pub fn combine(
+    registry: Vec<String>,
+    chains: Vec<(String, VerifyReport)>,
+    own: &str,
+) -> VerifyReport {
+    let mut combined = Walk::default();
+    let mut checked = 0u64;
+    for problem in registry {
+        combined.push(1, format!("the chain registry: {problem}"), false);
+    }
+    let mut first_bad: Option<(u64, String)> =
+        combined.breaks.first().map(|b| (b.seq, b.reason.clone()));
+    let (mut head_seq, mut head_mac) = (0, String::new());
+    for (chain, report) in chains {
+        checked += report.records_checked;
+        if chain == own {
+            head_seq = report.head_seq;
+            head_mac = report.head_mac.clone();
+        }
+        if first_bad.is_none() && !report.ok {
+            first_bad = Some((
+                report.first_bad_seq,
+                format!("chain {chain}: {}", report.reason),
+            ));
+        }
+        combined.total += report.breaks_total - report.breaks.len() as u64;
+        for mut b in report.breaks {
+            b.reason = format!("chain {chain}: {}", b.reason);
+            combined.total += 1;
+            if combined.breaks.len() < MAX_LISTED_BREAKS {
+                combined.breaks.push(b);
+            }
+        }
+    }
+    VerifyReport {
+        ok: first_bad.is_none(),
+        records_checked: checked,
+        first_bad_seq: first_bad.as_ref().map_or(0, |(seq, _)| *seq),
+        head_seq,
+        head_mac,
+        reason: first_bad.map(|(_, reason)| reason).unwrap_or_default(),
+        breaks_total: combined.total,
+        breaks: combined.breaks,
+    }
+}
+
 /// Checks an anchor kept from an earlier verify (`seq`, `mac`): the record there must still
 /// be the same one. This is what catches a rollback to an older copy of the log (or a cut
 /// back to an older signed head), which the chain and the head alone cannot, as both were
@@ -420,6 +472,9 @@ pub fn writable_tail(
     };
     match (head, tail) {
         (Stored::Missing, None) => Ok(Anchor::GENESIS),
+        // A head signed at genesis (an empty append to a new log, or a chain registered
+        // before its first record) names exactly an empty log.
+        (Stored::Valid(head), None) if head == Anchor::GENESIS => Ok(Anchor::GENESIS),
         (Stored::Valid(head), Some(tail)) if head == tail => Ok(tail),
         (Stored::Valid(head), Some(tail)) if head.seq == tail.seq => problem(format!(
             "record {} is not the one the signed head names",
@@ -827,6 +882,12 @@ pub(crate) mod tests {
         );
         assert_eq!(
             writable_tail(None, Stored::Missing, Stored::Missing),
+            Ok(Anchor::GENESIS)
+        );
+        let genesis = anchor::encode(&log.keys, Kind::Head, &Anchor::GENESIS);
+        let genesis = anchor::decode(&log.keys, Kind::Head, Some(&genesis));
+        assert_eq!(
+            writable_tail(None, Stored::Missing, genesis),
             Ok(Anchor::GENESIS)
         );
         for (last, checkpoint, head) in [

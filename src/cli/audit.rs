@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use super::common::{DataDirArgs, cli_caller, cli_record};
 use crate::audit::operation::Task;
 use crate::audit::verify::VerifyReport;
-use crate::audit::{AuditLog, ListFilter, Outcome};
+use crate::audit::{AuditLog, ListFilter, MergeCursor, MergedRecord, Outcome};
 use crate::error::{Error, Result};
 use crate::service::state::{AUDIT_DB, DataDir, open_audit_log_unkeyed};
 
@@ -106,10 +106,11 @@ pub(super) fn parse_time(text: &str) -> Result<i64> {
     Ok(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
-/// Opens the data directory's audit log for an offline command; it must exist already.
+/// Opens the data directory's audit log for an offline command; it must exist already (on
+/// PostgreSQL, `--store`, it is in the database: every chain, this node's for appends).
 fn open_log(dir: &DataDir, options: &crate::service::ServiceOptions) -> Result<Box<dyn AuditLog>> {
     let path = options.data_dir.join(AUDIT_DB);
-    if !path.exists() {
+    if dir.postgres_pool().is_none() && !path.exists() {
         return Err(Error::FailedPrecondition(format!(
             "{} does not exist",
             path.display()
@@ -163,24 +164,34 @@ fn export(args: &ExportArgs) -> Result<()> {
     use std::io::Write;
     let options = args.data.options();
     let log = open_audit_log_unkeyed(&options)?;
-    let mut filter = ListFilter {
+    let filter = ListFilter {
         tenant_id: crate::service::audit_service::parse_tenant_filter(
             args.tenant.as_deref().unwrap_or(""),
         )?,
         since_micros: args.since.as_deref().map(parse_time).transpose()?,
         until_micros: args.until.as_deref().map(parse_time).transpose()?,
-        operation: String::new(),
-        after_seq: 0,
         limit: 10_000,
+        ..ListFilter::default()
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    // Every node's chain, merged in time order (one chain on SQLite: sequence order).
+    let mut after: Option<MergeCursor> = None;
     loop {
-        let rows = log.list(&filter)?;
-        let Some((last, _)) = rows.last() else { break };
-        filter.after_seq = *last;
-        for (seq, r) in rows {
-            let line = r.export_json(seq);
+        let rows = log.list_merged(&filter, after.as_ref())?;
+        let Some(last) = rows.last() else { break };
+        after = Some(last.cursor());
+        for MergedRecord {
+            chain,
+            seq,
+            record: r,
+        } in rows
+        {
+            let mut line = r.export_json(seq);
+            if !chain.is_empty() {
+                // The node whose chain holds it (PostgreSQL); a single-node log has one chain.
+                line["node_id"] = serde_json::Value::String(chain);
+            }
             writeln!(out, "{line}")
                 .map_err(|e| Error::Internal(format!("cannot write to stdout: {e}")))?;
         }

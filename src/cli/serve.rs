@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::Args;
 use tonic::service::Routes;
 
+use super::common::StoreArgs;
 use super::keyring::SealArgs;
 use crate::audit::Durability;
 use crate::config::{FileConfig, bounded_count, max, parse_duration_seconds};
@@ -82,6 +83,9 @@ pub struct ServeArgs {
     /// How the keyring file is sealed (`--seal pkcs11|passphrase` and its flags).
     #[command(flatten)]
     seal: SealArgs,
+    /// Which key store (`--store` and its settings).
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 /// What `serve` prints on stdout, followed by the bound address, once it is ready to serve.
@@ -109,7 +113,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     let data_dir = args
         .data_dir
         .clone()
-        .or(file.data_dir)
+        .or(file.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("./data"));
     let mut options = ServiceOptions::new(&data_dir);
     options.limits = limits;
@@ -118,14 +122,15 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     options.audit_stream = streaming;
     options.clock = crate::clock::process_clock();
     options.master_keys = match (
-        args.master_key_env.clone().or(file.master_key_env),
-        args.keyring.clone().or(file.keyring_file),
+        args.master_key_env.clone().or(file.master_key_env.clone()),
+        args.keyring.clone().or(file.keyring_file.clone()),
     ) {
         (Some(var), _) => MasterKeySource::Env(var),
         (None, Some(path)) => args.seal.source(path),
         (None, None) => args.seal.source(data_dir.join(KEYRING_FILE)),
     };
     options.shred_ledger = args.shred_ledger.clone();
+    args.store.apply(&file, &mut options)?;
     if let Some(d) = args.audit_durability.or(file.audit_durability) {
         options.durability = d;
     }

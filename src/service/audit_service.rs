@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::call::Call;
 use super::state::AppState;
 use super::{blocking, convert};
-use crate::audit::ListFilter;
+use crate::audit::{ListFilter, MergeCursor, MergedRecord};
 use crate::auth::{Operation, TenantScope};
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -65,49 +65,60 @@ impl AuditService for AuditServiceImpl {
                 }
                 n => (n as usize).min(MAX_PAGE),
             };
-            let after_seq = if req.page_token.is_empty() {
-                0
+            let after = if req.page_token.is_empty() {
+                None
             } else {
-                req.page_token
-                    .parse()
-                    .map_err(|_| Error::InvalidArgument("page_token is invalid".into()))?
+                Some(
+                    MergeCursor::parse(&req.page_token)
+                        .ok_or_else(|| Error::InvalidArgument("page_token is invalid".into()))?,
+                )
             };
             let filter = ListFilter {
                 tenant_id: tenant,
                 since_micros: req.since.as_ref().map(convert::micros_of),
                 until_micros: req.until.as_ref().map(convert::micros_of),
                 operation: req.operation,
-                after_seq,
                 limit: limit + 1,
+                ..ListFilter::default()
             };
             let reader = Arc::clone(&self.state.audit_reader);
-            let rows = blocking(move || reader.list(&filter)).await?;
+            // Every node's chain, merged in time order (one chain on SQLite).
+            let rows = blocking(move || reader.list_merged(&filter, after.as_ref())).await?;
             let more = rows.len() > limit;
-            let events: Vec<pb::AuditEvent> = rows
-                .into_iter()
-                .take(limit)
-                .map(|(seq, r)| pb::AuditEvent {
-                    seq,
-                    time: Some(convert::timestamp_micros(r.time_micros)),
-                    request_id: r.request_id,
-                    caller: r.caller,
-                    peer: r.peer,
-                    tenant_id: r.tenant_id,
-                    operation: r.operation,
-                    contexts: r.contexts,
-                    key_versions: r.key_versions,
-                    item_count: r.item_count,
-                    outcome: r.outcome.as_str().to_owned(),
-                    aad_fingerprint: r.aad_fingerprint,
-                    detail: r.detail,
-                    trace_parent: r.trace_parent,
-                })
-                .collect();
             let next_page_token = if more {
-                events.last().map(|e| e.seq.to_string()).unwrap_or_default()
+                rows.get(limit - 1)
+                    .map(|m| m.cursor().token())
+                    .unwrap_or_default()
             } else {
                 String::new()
             };
+            let events: Vec<pb::AuditEvent> = rows
+                .into_iter()
+                .take(limit)
+                .map(
+                    |MergedRecord {
+                         chain,
+                         seq,
+                         record: r,
+                     }| pb::AuditEvent {
+                        seq,
+                        node_id: chain,
+                        time: Some(convert::timestamp_micros(r.time_micros)),
+                        request_id: r.request_id,
+                        caller: r.caller,
+                        peer: r.peer,
+                        tenant_id: r.tenant_id,
+                        operation: r.operation,
+                        contexts: r.contexts,
+                        key_versions: r.key_versions,
+                        item_count: r.item_count,
+                        outcome: r.outcome.as_str().to_owned(),
+                        aad_fingerprint: r.aad_fingerprint,
+                        detail: r.detail,
+                        trace_parent: r.trace_parent,
+                    },
+                )
+                .collect();
             call.item_count = events.len() as u32;
             Ok(pb::ListAuditEventsResponse {
                 events,

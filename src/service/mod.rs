@@ -33,6 +33,7 @@ pub mod convert;
 pub mod data_dir_guard;
 pub mod guard;
 pub mod key_service;
+pub mod node_id;
 pub mod reconcile;
 pub mod refusals;
 pub mod rest;

@@ -10,7 +10,8 @@ use crate::audit::operation::Task;
 use crate::audit::verify::{Recovery, VerifyReport};
 use crate::audit::{
     AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditRecord, AuditSnapshot, AuditWriter,
-    ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome, SqliteAuditLog,
+    ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome, PostgresAuditLog,
+    SqliteAuditLog,
 };
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
@@ -20,7 +21,8 @@ use crate::clock::{Clock, SharedClock};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
-use crate::store::{KeyStore, SqliteKeyStore};
+use crate::store::postgres::{PgPool, PostgresKeyStore};
+use crate::store::{KeyStore, SqliteKeyStore, StoreBackend};
 
 use super::data_dir_guard;
 
@@ -126,6 +128,15 @@ pub struct ServiceOptions {
     pub clock: SharedClock,
     /// The anomaly detectors' settings and opt-in containment (issue 16; `crate::detect`).
     pub detect: crate::detect::Policy,
+    /// The key store: SQLite in the data directory (default) or a shared PostgreSQL
+    /// (`--store`, issue 14).
+    pub store: crate::store::StoreBackend,
+    /// With a shared store: the longest a node may serve without having confirmed it read
+    /// every change other nodes made; past it, calls fail UNAVAILABLE (fail closed).
+    pub staleness_bound: Duration,
+    /// This node's identity (`--node-id`); `None`: the one kept in the data directory
+    /// (see [`crate::service::node_id::resolve`]).
+    pub node_id: Option<String>,
 }
 
 /// PEM files of the server's TLS identity and, for mTLS, the client CA.
@@ -164,7 +175,16 @@ impl ServiceOptions {
             detect: crate::detect::Policy::default(),
             usage: crate::usage::UsagePolicy::default(),
             audit_stream: crate::audit::stream::StreamConfig::default(),
+            store: crate::store::StoreBackend::Sqlite,
+            staleness_bound: DEFAULT_STALENESS_BOUND,
+            node_id: None,
         }
+    }
+
+    /// This node's identity: [`ServiceOptions::node_id`] if set, else the one kept in the data
+    /// directory (created there on first use).
+    pub fn resolve_node_id(&self) -> Result<String> {
+        super::node_id::resolve(&self.data_dir, self.node_id.as_deref())
     }
 
     /// The shred ledger file these options name (see [`ServiceOptions::shred_ledger`]).
@@ -174,6 +194,10 @@ impl ServiceOptions {
         })
     }
 }
+
+/// Default of [`ServiceOptions::staleness_bound`]: a change made through one node is honoured
+/// by every other node within this time.
+pub const DEFAULT_STALENESS_BOUND: Duration = Duration::from_secs(1);
 
 /// File names inside a data directory.
 pub const KEYS_DB: &str = "keys.db";
@@ -222,6 +246,8 @@ pub struct DataDir {
     /// Whether the audit log existed before this open (a first start anchors nothing at
     /// start: no earlier copy of its key store can exist).
     audit_log_existed: bool,
+    /// The pool of a PostgreSQL key store (`None` on SQLite).
+    postgres: Option<PgPool>,
 }
 
 impl DataDir {
@@ -234,22 +260,7 @@ impl DataDir {
     /// [`crate::audit::sqlite::check_identity`]).
     pub fn open(options: &ServiceOptions, create: bool) -> Result<Self> {
         data_dir_guard::check_dir_mode(&options.data_dir)?;
-        if create {
-            if !options.data_dir.join(KEYS_DB).exists() {
-                data_dir_guard::refuse_lost_key_store(
-                    &options.data_dir,
-                    &earlier_life_signs(options),
-                )?;
-            }
-            fsutil::create_private_dir(&options.data_dir)?;
-        } else if !options.data_dir.join(KEYS_DB).exists() {
-            return Err(Error::FailedPrecondition(format!(
-                "{} holds no keys.db: not a tenant-kms data directory",
-                options.data_dir.display()
-            )));
-        }
-        let store: Arc<dyn KeyStore> =
-            Arc::new(SqliteKeyStore::open(&options.data_dir.join(KEYS_DB))?);
+        let (store, postgres) = open_key_store(options, create)?;
         let keys = Arc::new(KeyManager::open(
             Arc::clone(&store),
             options.master_keys.clone(),
@@ -257,7 +268,9 @@ impl DataDir {
             options.key_policy.clone(),
             Arc::clone(&options.clock),
         )?);
-        // Read before `audit_secret` creates it: an audit key means an audit log exists.
+        // Read before `audit_secret` creates it: an audit key means an audit log exists. On
+        // PostgreSQL the audit secret and the audit log (one chain per node) are both in the
+        // shared database.
         let audit_log_exists = store.audit_key()?.is_some();
         let audit_secret = keys.audit_secret()?;
         let chain_keys = Arc::new(
@@ -269,12 +282,13 @@ impl DataDir {
         // rotation (which re-wraps that secret) leaves every row MAC valid. Installing it
         // finishes a pending upgrade (unless the audit chain, which a writer of keys.db cannot
         // forge, says it happened already) and checks every row against the anchor.
-        let upgraded_before = audit_log_exists && row_mac_upgrade_recorded(options, &chain_keys)?;
+        let upgraded_before =
+            audit_log_exists && row_mac_upgrade_recorded(options, postgres.as_ref(), &chain_keys)?;
         // Read before the key store's anchor is (set_row_key below): another process may
         // change the store and record its new counter meanwhile, and the store only moves
         // forward, so a recorded counter read first never exceeds a genuine store's.
         let recorded = if audit_log_exists && !options.new_audit_log {
-            recorded_key_store_anchor(options, &chain_keys)?
+            recorded_key_store_anchor(options, postgres.as_ref(), &chain_keys)?
         } else {
             None
         };
@@ -324,13 +338,17 @@ impl DataDir {
         ));
         let shred = ledger.enforce(&keys)?;
         keys.set_shred_recorder(ledger);
-        crate::audit::sqlite::check_identity(
-            &options.data_dir.join(AUDIT_DB),
-            &chain_keys,
-            !audit_log_exists || options.new_audit_log,
-            options.durability == Durability::Fsync,
-            options.audit_busy_timeout,
-        )?;
+        if postgres.is_none() {
+            // A PostgreSQL log is bound to its database's audit key by its signed registry
+            // and heads (docs/AUDIT.md §9); there is no file to swap.
+            crate::audit::sqlite::check_identity(
+                &options.data_dir.join(AUDIT_DB),
+                &chain_keys,
+                !audit_log_exists || options.new_audit_log,
+                options.durability == Durability::Fsync,
+                options.audit_busy_timeout,
+            )?;
+        }
         let anchoring = |log: Box<dyn AuditLog>| -> Box<dyn AuditLog> {
             Box::new(AnchoringLog {
                 log,
@@ -339,7 +357,7 @@ impl DataDir {
             })
         };
         audit_shred_report(
-            anchoring(open_audit_log(options, &chain_keys)?).as_ref(),
+            anchoring(open_audit_log(options, postgres.as_ref(), &chain_keys)?).as_ref(),
             &shred,
         )?;
         // Only an upgrade of existing rows is recorded: a new store's first key install is
@@ -350,7 +368,8 @@ impl DataDir {
                     "{rows} tenant, key-version and token rows MAC'd for the first time, as they \
                      stood"
                 ));
-            anchoring(open_audit_log(options, &chain_keys)?).append(&[&record])?;
+            anchoring(open_audit_log(options, postgres.as_ref(), &chain_keys)?)
+                .append(&[&record])?;
         }
         if options.key_store_restored {
             // The restore's own record names the restored store's counter
@@ -364,7 +383,14 @@ impl DataDir {
             shred,
             anchored,
             audit_log_existed: audit_log_exists,
+            postgres,
         })
+    }
+
+    /// The PostgreSQL connection pool when the key store is in PostgreSQL (`--store`), shared
+    /// by everything of this directory that lives in that database.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        self.postgres.as_ref()
     }
 
     /// The text `restore` ends its Restore record's detail with: the restored key store's
@@ -401,7 +427,7 @@ impl DataDir {
     /// ([`AnchoringLog`]).
     pub fn audit_log(&self, options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
         Ok(Box::new(AnchoringLog {
-            log: open_audit_log(options, &self.chain_keys)?,
+            log: open_audit_log(options, self.postgres.as_ref(), &self.chain_keys)?,
             store: Arc::clone(&self.store),
             anchored: Arc::clone(&self.anchored),
         }))
@@ -415,9 +441,63 @@ impl DataDir {
     }
 }
 
+/// Opens the key store `options` name: the one place the service chooses the key-store
+/// backend. SQLite: `keys.db` in the data directory (created with `create`, refused when the
+/// directory served before and lost it). PostgreSQL: the shared database, reached through a
+/// pool that waits for it at start; the pool is returned too, for the other parts that live in
+/// that database.
+fn open_key_store(
+    options: &ServiceOptions,
+    create: bool,
+) -> Result<(Arc<dyn KeyStore>, Option<PgPool>)> {
+    match &options.store {
+        StoreBackend::Sqlite => {
+            if create {
+                if !options.data_dir.join(KEYS_DB).exists() {
+                    data_dir_guard::refuse_lost_key_store(
+                        &options.data_dir,
+                        &earlier_life_signs(options),
+                    )?;
+                }
+                fsutil::create_private_dir(&options.data_dir)?;
+            } else if !options.data_dir.join(KEYS_DB).exists() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds no keys.db: not a tenant-kms data directory",
+                    options.data_dir.display()
+                )));
+            }
+            let store = SqliteKeyStore::open(&options.data_dir.join(KEYS_DB))?;
+            Ok((Arc::new(store), None))
+        }
+        StoreBackend::Postgres(pg) => {
+            // The data directory still holds this node's keyring (unless elsewhere) and its
+            // node id; the audit log is in the database too (`open_audit_log`).
+            fsutil::create_private_dir(&options.data_dir)?;
+            let pool = PgPool::connect(pg)?;
+            let node_id = options.resolve_node_id()?;
+            let store = PostgresKeyStore::open(pool.clone(), &node_id, options.staleness_bound)?;
+            tracing::info!(target_db = %pool.target(), node_id, "key store: PostgreSQL");
+            Ok((Arc::new(store), Some(pool)))
+        }
+    }
+}
+
 /// Opens the audit log of `options`' data directory: the one place the service chooses the
-/// audit backend.
-fn open_audit_log(options: &ServiceOptions, keys: &Arc<ChainKeys>) -> Result<Box<dyn AuditLog>> {
+/// audit backend. With the key store in PostgreSQL (`postgres`, its pool), this node's chain
+/// of the PostgreSQL audit log in the same database (docs/AUDIT.md §9); otherwise `audit.db`.
+fn open_audit_log(
+    options: &ServiceOptions,
+    postgres: Option<&PgPool>,
+    keys: &Arc<ChainKeys>,
+) -> Result<Box<dyn AuditLog>> {
+    if let Some(pool) = postgres {
+        let node = options.resolve_node_id()?;
+        return Ok(Box::new(PostgresAuditLog::open(
+            pool.clone(),
+            &node,
+            Arc::clone(keys),
+        )?));
+    }
     Ok(Box::new(SqliteAuditLog::open(
         &options.data_dir.join(AUDIT_DB),
         options.durability,
@@ -428,8 +508,14 @@ fn open_audit_log(options: &ServiceOptions, keys: &Arc<ChainKeys>) -> Result<Box
 
 /// Opens the audit log of `options`' data directory without its chain keys, for commands
 /// that only read records and need no master key (`audit export`): see
-/// [`SqliteAuditLog::open_unkeyed`]. Fails if there is no log.
+/// [`SqliteAuditLog::open_unkeyed`] (or, with `--store postgres://…`,
+/// [`PostgresAuditLog::open_unkeyed`] on that database). Fails if there is no log.
 pub fn open_audit_log_unkeyed(options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
+    if let StoreBackend::Postgres(pg) = &options.store {
+        let pool = PgPool::connect(pg)?;
+        let node = options.resolve_node_id()?;
+        return Ok(Box::new(PostgresAuditLog::open_unkeyed(pool, &node)?));
+    }
     let path = options.data_dir.join(AUDIT_DB);
     if !path.exists() {
         return Err(Error::FailedPrecondition(format!(
@@ -461,12 +547,16 @@ fn earlier_life_signs(options: &ServiceOptions) -> Vec<PathBuf> {
 /// Whether the audit log records the key store's upgrade to row MACs (a `RowMacUpgrade`
 /// record). Read before the upgrade may run: the chain is keyed, so a writer of keys.db who
 /// rewrote it into its pre-upgrade form cannot also erase this without breaking the chain.
-fn row_mac_upgrade_recorded(options: &ServiceOptions, chain_keys: &Arc<ChainKeys>) -> Result<bool> {
-    if !options.data_dir.join(AUDIT_DB).exists() {
+fn row_mac_upgrade_recorded(
+    options: &ServiceOptions,
+    postgres: Option<&PgPool>,
+    chain_keys: &Arc<ChainKeys>,
+) -> Result<bool> {
+    if postgres.is_none() && !options.data_dir.join(AUDIT_DB).exists() {
         // The identity check below refuses a missing log.
         return Ok(false);
     }
-    let found = open_audit_log(options, chain_keys)?.list(&crate::audit::ListFilter {
+    let found = open_audit_log(options, postgres, chain_keys)?.list(&crate::audit::ListFilter {
         operation: Task::RowMacUpgrade.stored_name().to_owned(),
         limit: 1,
         ..Default::default()
@@ -574,13 +664,14 @@ struct RecordedAnchor {
 /// holds no such record (a log from before key-store anchors, a new log, just restored).
 fn recorded_key_store_anchor(
     options: &ServiceOptions,
+    postgres: Option<&PgPool>,
     chain_keys: &Arc<ChainKeys>,
 ) -> Result<Option<RecordedAnchor>> {
-    if !options.data_dir.join(AUDIT_DB).exists() {
+    if postgres.is_none() && !options.data_dir.join(AUDIT_DB).exists() {
         // The identity check refuses a missing log later.
         return Ok(None);
     }
-    latest_anchor(open_audit_log(options, chain_keys)?.as_ref())
+    latest_anchor(open_audit_log(options, postgres, chain_keys)?.as_ref())
 }
 
 /// [`recorded_key_store_anchor`] over any audit log: reads backwards from the head, one

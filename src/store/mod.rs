@@ -9,9 +9,11 @@
 //! Every method is one transaction; state changes are conditional on the state they start
 //! from, so two processes (a server and the `rotate` command) can share one data directory.
 
+mod backend;
 #[cfg(any(test, feature = "test-seams"))]
 pub mod contract;
 mod migrations;
+pub mod postgres;
 mod recovery;
 pub mod row_auth;
 mod sqlite;
@@ -21,6 +23,7 @@ use crate::domain::lifecycle::{TenantTransition, VersionTransition};
 use crate::domain::{KeyVersionState, TenantId, TenantState};
 use crate::error::Result;
 
+pub use backend::{STORE_ENV, StoreBackend};
 pub use recovery::{KeyChange, LedgerHead, ShredItem, StoreCounts};
 pub use sqlite::SqliteKeyStore;
 

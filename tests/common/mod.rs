@@ -25,6 +25,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod postgres;
 pub mod tls;
 
 /// Path of the binary under test.

@@ -1,0 +1,438 @@
+//! Connecting to PostgreSQL: [`PgOptions`] (what `--store` and its settings name), [`PgPool`]
+//! (a bounded pool of blocking connections, opened with start-up retry and back-off) and
+//! [`map_error`] (the one place a database error becomes ours).
+//!
+//! Why blocking: the store traits are synchronous, like SQLite's, and the service already runs
+//! them on `spawn_blocking`; the `postgres` crate (rust-postgres) gives a blocking client over
+//! tokio-postgres, and r2d2 pools it. Connection loss is [`Error::Unavailable`]: the call fails
+//! closed and the next one takes a fresh connection, so a node rides out a database restart or
+//! failover without restarting itself.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postgres::config::{Host, SslMode};
+use r2d2_postgres::PostgresConnectionManager;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// The environment variable a password may come from (libpq's name), when no password file is
+/// given and the store URL carries none.
+pub const PASSWORD_ENV: &str = "PGPASSWORD";
+
+/// Default size of the connection pool.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+/// Default time one connection attempt may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`PgPool::connect`] keeps retrying at start while the database is not reachable.
+pub const DEFAULT_STARTUP_WAIT: Duration = Duration::from_secs(600);
+/// Longest pause between two start-up attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// First pause between two start-up attempts (doubled up to [`MAX_BACKOFF`]).
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Where the PostgreSQL store is and how to reach it. `Debug` never shows a password.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// A libpq connection string, URL (`postgres://user@host1:5432,host2:5432/db?…`) or
+    /// key=value form; several hosts with `target_session_attrs=read-write` pick the primary.
+    /// A password in it is accepted only from the config file or `TENANT_KMS_STORE` (the
+    /// command line refuses it: `ps` would show it).
+    pub url: Zeroizing<String>,
+    /// A file (mode 0600 or stricter) whose first line is the password; else `PGPASSWORD`;
+    /// else the URL's.
+    pub password_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) the server's certificate must chain to; given, TLS is
+    /// required and verified. Without it the connection is plaintext (and a URL asking for
+    /// `sslmode=require` is refused).
+    pub tls_ca: Option<PathBuf>,
+    /// Most connections open at once.
+    pub pool_size: u32,
+    /// Longest one connection attempt (and one wait for a free pooled connection) may take.
+    pub connect_timeout: Duration,
+    /// How long the first connection keeps being retried at start (the database may come up
+    /// after the node).
+    pub startup_wait: Duration,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &redacted_url(&self.url))
+            .field("password_file", &self.password_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgOptions {
+    /// Options for `url` with the defaults.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: Zeroizing::new(url.into()),
+            password_file: None,
+            tls_ca: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            startup_wait: DEFAULT_STARTUP_WAIT,
+        }
+    }
+
+    /// The parsed connection settings with the password and TLS mode resolved.
+    fn config(&self) -> Result<postgres::Config> {
+        let mut config = postgres::Config::from_str(&self.url).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "the store URL {} is not a PostgreSQL connection string: {e}",
+                redacted_url(&self.url)
+            ))
+        })?;
+        if let Some(password) = self.password()? {
+            config.password(password.as_bytes());
+        }
+        config.connect_timeout(self.connect_timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("tenant-kms");
+        }
+        match (&self.tls_ca, config.get_ssl_mode()) {
+            (Some(_), SslMode::Disable) => {
+                return Err(Error::InvalidArgument(
+                    "--store-tls-ca is set but the store URL says sslmode=disable".into(),
+                ));
+            }
+            (Some(_), _) => {
+                config.ssl_mode(SslMode::Require);
+            }
+            (None, SslMode::Require) => {
+                return Err(Error::InvalidArgument(
+                    "the store URL requires TLS: name the CA that signs the server's \
+                     certificate with --store-tls-ca (or store_tls_ca)"
+                        .into(),
+                ));
+            }
+            (None, _) => {
+                config.ssl_mode(SslMode::Disable);
+            }
+        }
+        Ok(config)
+    }
+
+    /// The password from the file, else `PGPASSWORD`, else none (the URL's stays).
+    fn password(&self) -> Result<Option<Zeroizing<String>>> {
+        if let Some(path) = &self.password_file {
+            crate::fsutil::check_private(path)?;
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "cannot read the store password file {}: {e}",
+                    path.display()
+                ))
+            })?);
+            let line = text.lines().next().unwrap_or("");
+            if line.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "the store password file {} is empty",
+                    path.display()
+                )));
+            }
+            return Ok(Some(Zeroizing::new(line.to_owned())));
+        }
+        Ok(std::env::var(PASSWORD_ENV)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Zeroizing::new))
+    }
+
+    /// Where the store is, for logs: hosts, ports and database, never a password.
+    pub fn describe(&self) -> String {
+        match postgres::Config::from_str(&self.url) {
+            Ok(config) => describe(&config),
+            Err(_) => redacted_url(&self.url),
+        }
+    }
+}
+
+/// Whether a connection string given on the command line carries a password (refused there:
+/// every user of the machine can read a process's arguments).
+pub fn has_password(url: &str) -> bool {
+    postgres::Config::from_str(url).is_ok_and(|c| c.get_password().is_some())
+}
+
+/// `host:port,host:port/db` of a parsed configuration.
+fn describe(config: &postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    format!(
+        "{}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+/// A connection string with any `user:password@` password and `password=` value hidden.
+fn redacted_url(url: &str) -> String {
+    match postgres::Config::from_str(url) {
+        Ok(config) => format!("postgres://{}", describe(&config)),
+        Err(_) => "(unparsable connection string)".into(),
+    }
+}
+
+/// The connection manager of the pool: every connection goes through rustls (with the ring
+/// provider), or plaintext when the options name no CA.
+type Manager = PostgresConnectionManager<MakeRustlsConnect>;
+
+/// A connection taken from a [`PgPool`]; back in the pool when dropped (or closed, if broken).
+pub type PgConnection = r2d2::PooledConnection<Manager>;
+
+/// A bounded pool of blocking PostgreSQL connections. Cheap to clone (one shared pool).
+#[derive(Clone)]
+pub struct PgPool {
+    pool: r2d2::Pool<Manager>,
+    target: Arc<str>,
+    /// What the pool's connections are made from, for [`PgPool::dedicated`].
+    config: Arc<postgres::Config>,
+    tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for PgPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgPool")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgPool {
+    /// Opens the pool. The first connection is retried with back-off (100 ms doubling to 5 s)
+    /// for up to `startup_wait` while the database cannot be reached or is still starting,
+    /// each wait logged with its reason; an authentication failure or an unknown database is
+    /// refused at once. Blocking: call it off the async threads.
+    pub fn connect(options: &PgOptions) -> Result<Self> {
+        let config = options.config()?;
+        let target: Arc<str> = describe(&config).into();
+        let tls = tls_connector(options)?;
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1u32;
+        loop {
+            match config.connect(tls.clone()) {
+                Ok(client) => {
+                    drop(client);
+                    break;
+                }
+                Err(e) if retryable(&e) && started.elapsed() < options.startup_wait => {
+                    tracing::warn!(
+                        target_db = %target,
+                        attempt,
+                        retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                        error = %e,
+                        "waiting for PostgreSQL: not reachable yet, retrying"
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "cannot connect to PostgreSQL at {target}: {e}"
+                    )));
+                }
+            }
+        }
+        if attempt > 1 {
+            tracing::info!(target_db = %target, attempt, "connected to PostgreSQL");
+        }
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            // No idle connections demanded: a database that goes away later must not make the
+            // pool's own maintenance fail anything; connections are opened on demand.
+            .min_idle(Some(0))
+            // A broken connection shows as an error on the call that uses it (UNAVAILABLE) and
+            // is dropped on return (`has_broken`), so no round trip is spent per checkout.
+            .test_on_check_out(false)
+            .connection_timeout(options.connect_timeout)
+            .error_handler(Box::new(LogErrors))
+            .build_unchecked(PostgresConnectionManager::new(config.clone(), tls.clone()));
+        Ok(Self {
+            pool,
+            target,
+            config: Arc::new(config),
+            tls,
+        })
+    }
+
+    /// A connection, waiting at most the connect timeout for a free one;
+    /// [`Error::Unavailable`] when none can be had (the database is gone or the pool is
+    /// exhausted).
+    pub fn get(&self) -> Result<PgConnection> {
+        self.pool.get().map_err(|e| {
+            tracing::warn!(target_db = %self.target, error = %e, "no PostgreSQL connection");
+            unreachable_error()
+        })
+    }
+
+    /// A connection of its own, outside the pool (a LISTEN connection that waits for
+    /// notifications for a long time).
+    pub fn dedicated(&self) -> Result<postgres::Client> {
+        self.config.connect(self.tls.clone()).map_err(map_error)
+    }
+
+    /// Where the pool connects, for logs (never a password).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Runs `f` in one transaction on a pooled connection and commits; rolled back when `f`
+    /// fails (or the connection breaks).
+    pub fn transaction<T>(
+        &self,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.get()?;
+        let mut tx = conn.transaction().map_err(map_error)?;
+        let value = f(&mut tx)?;
+        tx.commit().map_err(map_error)?;
+        Ok(value)
+    }
+}
+
+/// Logs what the pool's background connection attempts report (r2d2 would use the `log`
+/// crate, which this service does not route).
+#[derive(Debug)]
+struct LogErrors;
+
+impl r2d2::HandleError<postgres::Error> for LogErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        tracing::warn!(error = %error, "PostgreSQL connection attempt failed");
+    }
+}
+
+/// The rustls connector: the named CA only (no OS roots), ring as the provider.
+fn tls_connector(options: &PgOptions) -> Result<MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &options.tls_ca {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::FailedPrecondition(format!("cannot read the store CA {}: {e}", path.display()))
+        };
+        let mut added = 0usize;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad(&"no certificate in it"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(Error::internal)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Whether a failed first connection may succeed later: the server is unreachable, closed the
+/// connection, or is starting up / shutting down / in recovery (SQLSTATE class 08, 57P01–57P03).
+fn retryable(e: &postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => connection_lost_code(db.code()),
+    }
+}
+
+/// SQLSTATEs that mean "the server, not the request": a connection exception (class 08), an
+/// operator or crash shutdown, a server that cannot accept connections now, or a standby that
+/// cannot take writes (a failover in progress: `read_only_sql_transaction`).
+fn connection_lost_code(code: &postgres::error::SqlState) -> bool {
+    use postgres::error::SqlState;
+    code.code().starts_with("08")
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+}
+
+/// What every caller reads when the database cannot be reached: no host, no SQL.
+fn unreachable_error() -> Error {
+    Error::Unavailable("the key store database is unreachable; retry later".into())
+}
+
+/// The one mapping of a database error to ours: a lost connection, a server shutting down or
+/// starting, or a primary that became a standby is [`Error::Unavailable`] (the call fails
+/// closed; the pool replaces the connection); a serialization failure or deadlock is
+/// [`Error::ConcurrentChange`]; anything else is [`Error::Internal`] (logged, never sent).
+pub fn map_error(e: postgres::Error) -> Error {
+    use postgres::error::SqlState;
+    let lost = e.is_closed()
+        || match e.as_db_error() {
+            None => true,
+            Some(db) => connection_lost_code(db.code()),
+        };
+    if lost {
+        tracing::warn!(error = %e, "PostgreSQL connection lost or server unavailable");
+        return unreachable_error();
+    }
+    if let Some(code) = e.code()
+        && (*code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED)
+    {
+        return Error::ConcurrentChange;
+    }
+    Error::internal(format!("PostgreSQL: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        let options = PgOptions::new("postgres://kms:s3cret@db1:5433,db2/kms");
+        let shown = format!("{options:?} {}", options.describe());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("db1:5433,db2:5432/kms"), "{shown}");
+        assert!(has_password("postgres://kms:s3cret@db1/kms"));
+        assert!(has_password("host=db1 password=x dbname=kms"));
+        assert!(!has_password("postgres://kms@db1/kms"));
+    }
+
+    #[test]
+    fn tls_mode_follows_the_ca() {
+        let mut options = PgOptions::new("postgres://kms@db1/kms?sslmode=require");
+        assert!(options.config().is_err());
+        options.tls_ca = Some("/nonexistent.pem".into());
+        assert_eq!(options.config().unwrap().get_ssl_mode(), SslMode::Require);
+        let plain = PgOptions::new("postgres://kms@db1/kms");
+        assert_eq!(plain.config().unwrap().get_ssl_mode(), SslMode::Disable);
+    }
+
+    #[test]
+    fn multi_host_read_write_parses() {
+        let options =
+            PgOptions::new("postgres://kms@db1:5432,db2:5432/kms?target_session_attrs=read-write");
+        let config = options.config().unwrap();
+        assert_eq!(config.get_hosts().len(), 2);
+        assert_eq!(
+            config.get_target_session_attrs(),
+            postgres::config::TargetSessionAttrs::ReadWrite
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! A real PostgreSQL for the tests (issue 14, item 7): a private cluster per test binary in a
+//! temporary directory on a free loopback port, made with `initdb` and `pg_ctl` of Debian's
+//! `postgresql-15` (run as the `postgres` OS user when the tests run as root), or the server
+//! named by `TENANT_KMS_TEST_POSTGRES_URL`. A missing server fails the test with a clear
+//! message; nothing is skipped.
+//!
+//! - [`fresh_database`]: a new, empty database per call (so tests never share state) on the
+//!   binary's shared cluster, started on first use and stopped when the test process exits
+//!   (statics have no destructors, so a small reaper process waits for this one to die).
+//! - [`PgCluster`]: a cluster of a test's own, which it may [`PgCluster::stop`] and
+//!   [`PgCluster::start`] again (the database-restart tests).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Where Debian's `postgresql-15` puts `initdb` and `pg_ctl`.
+pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+/// An external server to use instead of a private cluster: a `postgres://` URL of a role that
+/// may create databases.
+pub const URL_ENV: &str = "TENANT_KMS_TEST_POSTGRES_URL";
+/// The superuser of a private cluster.
+const SUPERUSER: &str = "postgres";
+
+/// A private PostgreSQL cluster in a temporary directory, on a free loopback port, with
+/// password (SCRAM) authentication over TCP. Stopped (immediately) when dropped, or by its
+/// reaper when the test process dies.
+pub struct PgCluster {
+    root: PathBuf,
+    data: PathBuf,
+    port: u16,
+    password: String,
+    running: bool,
+    _temp: tempfile::TempDir,
+}
+
+impl PgCluster {
+    /// Makes and starts a new cluster. Panics, saying what to install, when the server
+    /// package is missing.
+    pub fn new() -> Self {
+        let initdb = Path::new(BIN_DIR).join("initdb");
+        assert!(
+            initdb.exists(),
+            "PostgreSQL server binaries not found at {BIN_DIR}: install postgresql-15 \
+             (apt-get install postgresql-15) or set {URL_ENV} to a server's URL"
+        );
+        let temp = tempfile::Builder::new()
+            .prefix("kms-pg")
+            .tempdir()
+            .expect("temp dir");
+        let root = temp.path().to_path_buf();
+        let data = root.join("data");
+        let password = random_hex();
+        let pwfile = root.join("pw");
+        std::fs::write(&pwfile, &password).expect("password file");
+        if is_root() {
+            run_status(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&root),
+                "chown the cluster directory to postgres",
+            );
+        }
+        run_status(
+            as_postgres(&initdb)
+                .args([
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-U",
+                    SUPERUSER,
+                ])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .args(["-E", "UTF8", "--no-sync", "-D"])
+                .arg(&data),
+            "initdb",
+        );
+        let mut cluster = Self {
+            root,
+            data,
+            port: 0,
+            password,
+            running: false,
+            _temp: temp,
+        };
+        cluster.port = free_port();
+        spawn_reaper(&cluster.data, &cluster.root);
+        cluster.start();
+        cluster
+    }
+
+    /// Starts the (stopped) cluster again on its port and waits until it accepts connections.
+    pub fn start(&mut self) {
+        if self.running {
+            return;
+        }
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} \
+             -c fsync=off -c full_page_writes=off -c shared_buffers=32MB \
+             -c max_connections=300",
+            self.port,
+            self.root.display()
+        );
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.root.join("server.log"))
+                .args(["-w", "-t", "120", "-o", &options, "start"]),
+            "pg_ctl start",
+        );
+        self.running = true;
+    }
+
+    /// Stops the cluster (fast shutdown: open connections are closed, committed work kept).
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-w", "-t", "120", "-m", "fast", "stop"]),
+            "pg_ctl stop",
+        );
+        self.running = false;
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// A URL of database `db` as the superuser, password included.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{db}",
+            self.password, self.port
+        )
+    }
+
+    /// A URL of database `db` without the password (give it with a password file).
+    pub fn url_without_password(&self, db: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a new empty database and returns its name.
+    pub fn create_database(&self) -> String {
+        create_database(&self.url("postgres"))
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = as_postgres(&Path::new(BIN_DIR).join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-w", "-m", "immediate", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The server the binary's tests share.
+enum Shared {
+    External(String),
+    Local(PgCluster),
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| match std::env::var(URL_ENV) {
+        Ok(url) if !url.trim().is_empty() => Shared::External(url),
+        _ => Shared::Local(PgCluster::new()),
+    })
+}
+
+/// The URL of a new, empty database on the binary's shared server (password included).
+pub fn fresh_database() -> String {
+    match shared() {
+        Shared::External(url) => with_database(url, &create_database(url)),
+        Shared::Local(cluster) => cluster.url(&cluster.create_database()),
+    }
+}
+
+/// `url` with its database replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let (scheme, rest) = base.split_once("://").expect("a postgres:// URL");
+    let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+    format!("{scheme}://{authority}/{db}{query}")
+}
+
+/// Creates a database named uniquely for this process through `admin_url`; returns the name.
+fn create_database(admin_url: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let name = format!(
+        "kms_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut client = ::postgres::Client::connect(admin_url, ::postgres::NoTls)
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    name
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A command run as the `postgres` OS user when the tests run as root (the server refuses to
+/// run as root), else as the current user.
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs `command`, panicking with its output when it fails.
+fn run_status(command: &mut Command, what: &str) {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A port nothing listens on now (the kernel's pick for port 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn random_hex() -> String {
+    rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A process that outlives nothing: it waits for this test process to exit, then stops the
+/// cluster at `data` at once and removes `root` (a static's cluster has no destructor).
+fn spawn_reaper(data: &Path, root: &Path) {
+    let pg_ctl = Path::new(BIN_DIR).join("pg_ctl");
+    let stop = if is_root() {
+        format!(
+            "runuser -u postgres -- {} -D {} -m immediate stop",
+            pg_ctl.display(),
+            data.display()
+        )
+    } else {
+        format!(
+            "{} -D {} -m immediate stop",
+            pg_ctl.display(),
+            data.display()
+        )
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {root}",
+        pid = std::process::id(),
+        root = root.display()
+    );
+    let _ = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
