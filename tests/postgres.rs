@@ -19,7 +19,7 @@ use common::*;
 use tenant_kms::auth::{Role, TokenSpec, issue_token};
 use tenant_kms::service::ServiceOptions;
 use tenant_kms::store::postgres::{PgOptions, PgPool, PostgresKeyStore};
-use tenant_kms::store::{StoreBackend, TenantStore, TokenStore};
+use tenant_kms::store::{StoreBackend, TenantStore};
 use tonic::Code;
 
 /// The staleness bound the multi-node tests run with.
@@ -143,7 +143,7 @@ async fn a_node_with_another_master_key_is_refused() {
 async fn changes_through_one_node_are_honoured_by_the_other_within_the_bound() {
     let nodes = two_nodes().await;
     let (_, mut tenants_a, _) = nodes.a.clients().await;
-    let (mut keys_b, _, _) = nodes.b.clients().await;
+    let (keys_b, _, _) = nodes.b.clients().await;
     for id in ["revoke", "suspend", "destroy", "disable"] {
         create_tenant(&mut tenants_a, id).await;
     }

@@ -12,7 +12,7 @@
 //! another node destroyed past the bound.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use postgres::GenericClient;
@@ -27,6 +27,10 @@ pub(super) const CHANNEL: &str = "kms_changes";
 /// Change kinds that other nodes need not drop their caches for: a nonce-budget reservation
 /// only raises a count each node reserves atomically in SQL.
 const QUIET_KINDS: &[&str] = &["budget"];
+
+/// How often the follow thread re-checks the row anchor against every row MAC even when no
+/// other node wrote (a database writer's direct edit leaves no change-log entry).
+pub(super) const ROW_RECHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Every this many changes, the log drops all but the last [`KEEP`].
 const PRUNE_EVERY: i64 = 1000;
@@ -216,6 +220,7 @@ pub(super) fn spawn<T: OnForeignChange + 'static>(
 fn follow<T: OnForeignChange>(pool: &PgPool, follower: &Weak<Follower>, target: &Weak<T>) {
     let mut listen: Option<postgres::Client> = None;
     let mut failing = false;
+    let mut last_recheck = Instant::now();
     loop {
         let Some(me) = follower.upgrade() else {
             return;
@@ -239,9 +244,10 @@ fn follow<T: OnForeignChange>(pool: &PgPool, follower: &Weak<Follower>, target: 
                     tracing::info!("change log: following again");
                     failing = false;
                 }
-                if polled.foreign
+                if (polled.foreign || last_recheck.elapsed() >= ROW_RECHECK_EVERY)
                     && let Some(target) = target.upgrade()
                 {
+                    last_recheck = Instant::now();
                     target.foreign_change();
                 }
             }
@@ -271,6 +277,3 @@ fn follow<T: OnForeignChange>(pool: &PgPool, follower: &Weak<Follower>, target: 
         }
     }
 }
-
-/// Shared handles of the follow thread (kept alive by the store).
-pub(super) type SharedFollower = Arc<Follower>;

@@ -31,10 +31,6 @@ use crate::store::{
     TenantStore, TokenRecord, TokenStore, WrappedTenantKey,
 };
 
-/// How often the follow thread re-checks the row anchor against every row MAC even when no
-/// other node wrote (a database writer's direct edit leaves no change-log entry).
-pub(super) const ROW_RECHECK_EVERY: Duration = Duration::from_secs(30);
-
 /// The PostgreSQL key store of one node.
 pub struct PostgresKeyStore {
     pool: PgPool,
