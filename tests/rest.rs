@@ -5,6 +5,8 @@
 //! `TENANT_KMS_WRITE_OPENAPI=1 cargo test --release --test rest openapi` rewrites
 //! docs/openapi.json from the server after a change to the protos or the routes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use base64::Engine as _;
