@@ -165,7 +165,6 @@ pub fn frame(message: &[u8]) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::service::rest::routes;
-    use prost::Message as _;
 
     fn pool() -> DescriptorPool {
         DescriptorPool::decode(crate::service::server::FILE_DESCRIPTOR_SET).unwrap()
