@@ -52,8 +52,8 @@ pub mod metrics;
 pub mod selftest;
 pub mod service;
 pub mod store;
-pub mod usage;
 pub mod telemetry;
+pub mod usage;
 
 /// The generated protobuf messages and gRPC stubs of `tenantkms.v1`.
 #[allow(missing_docs, clippy::all)]

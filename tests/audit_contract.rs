@@ -1,6 +1,7 @@
 //! The `AuditLog` contract suite (`tenant_kms::audit::contract`) run against both backends:
 //! the SQLite log, and the PostgreSQL log (one node's chain in a fresh database of the test
 //! cluster, `tests/common/postgres.rs`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! PostgreSQL that the harness starts (`tests/common/postgres.rs`): each test has a database
 //! of its own, and an "intruder" connection that edits the tables with plain SQL as someone
 //! with database access but without the master key would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The PostgreSQL audit log under faults, through real servers (docs/AUDIT.md §9): a node
 //! killed with SIGKILL under load, and the database stopped under load. In both, no call may
 //! have been answered without its audit record committed, and the chains verify afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -30,7 +31,7 @@ fn request_id<T>(response: &tonic::Response<T>) -> String {
 fn recorded_encrypts(url: &str) -> HashSet<String> {
     let url = url.to_owned();
     std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
         client
             .query(
                 "SELECT request_id FROM audit_records WHERE operation = 'Encrypt' AND \

@@ -5,6 +5,7 @@
 //!
 //! promtool comes from Debian's `prometheus` package (`.ci/run` installs it when missing);
 //! without it these tests fail and say so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! record reaches the file sink and a syslog receiver, across a `kill -9` of the server (the
 //! binary as a child) and of the receiver (which dies mid-batch and comes back), repeating
 //! only the unacknowledged tail; the file sink rotates; the lag is exported.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Usage accounting (issue 16, item 1) through the real server: `GetUsage` per tenant over a
 //! time range, its authorization and audit, persistence across a restart, bounded labels in
 //! `/metrics`, and the `usage` command.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -50,7 +51,6 @@ async fn usage(
             tenant_id: tenant.into(),
             since,
             until,
-            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -85,7 +85,7 @@ async fn usage_is_counted_per_caller_operation_and_outcome_and_survives_a_restar
     let mut options = test_options(&temp.path().join("data"));
     options.clock = Arc::clone(&shared);
     let server = TestServer::start_with(options.clone()).await;
-    let (mut keys, mut tenants, mut audit) = server.clients().await;
+    let (keys, mut tenants, mut audit) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     create_tenant(&mut tenants, "globex").await;
     let (svc, svc_name) = issue(&server, Role::Service, "acme");

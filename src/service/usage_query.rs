@@ -109,7 +109,6 @@ mod tests {
             tenant_id: "t".into(),
             since,
             until,
-            ..Default::default()
         };
         assert_eq!(range(&req(ts(90, 0), ts(150, 0)), 0).unwrap(), (60, 180));
         assert_eq!(range(&req(ts(60, 0), ts(120, 0)), 0).unwrap(), (60, 120));

@@ -370,7 +370,7 @@ fn rows_of(pending: &HashMap<i64, Nested>) -> Vec<UsageRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock, ManualClock};
     use crate::usage::SqliteUsageStore;
 
     fn one(calls: u64) -> UsageCounts {

@@ -54,7 +54,7 @@ pub(super) const VERSION_FROM: &str = "key_versions v LEFT JOIN wrapped_keys w \
 
 /// Token columns, then `generation, mac`.
 pub(super) const TOKEN_COLUMNS: &str = "id, name, hash, role, tenants, operations, created_at, \
-     expires_at, revoked_at, generation, mac";
+     expires_at, revoked_at, generation, mac, quarantined_at";
 
 /// A MAC'd row as stored: the record, the generation of its last write and its MAC (empty if
 /// NULL, which no MAC matches).
@@ -128,6 +128,7 @@ pub(super) fn stored_token(row: &postgres::Row) -> Result<Stored<TokenRecord>> {
         created_at: row.try_get(6).map_err(map_error)?,
         expires_at: row.try_get(7).map_err(map_error)?,
         revoked_at: row.try_get(8).map_err(map_error)?,
+        quarantined_at: row.try_get(11).map_err(map_error)?,
     };
     stored(row, record, 9)
 }
@@ -545,11 +546,12 @@ impl<'a, 't> Rows<'a, 't> {
         let (generation, mac) = self.next(old_mac, |key, g| key.token_mac(token, g));
         let sql = if old_mac.is_some() {
             "UPDATE tokens SET name = $2, hash = $3, role = $4, tenants = $5, operations = $6, \
-             created_at = $7, expires_at = $8, revoked_at = $9, generation = $10, mac = $11 \
-             WHERE id = $1"
+             created_at = $7, expires_at = $8, revoked_at = $9, generation = $10, mac = $11, \
+             quarantined_at = $12 WHERE id = $1"
         } else {
             "INSERT INTO tokens (id, name, hash, role, tenants, operations, created_at, \
-             expires_at, revoked_at, generation, mac) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
+             expires_at, revoked_at, generation, mac, quarantined_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
         };
         self.one_row(
             sql,
@@ -565,6 +567,7 @@ impl<'a, 't> Rows<'a, 't> {
                 &token.revoked_at,
                 &generation,
                 &mac.as_slice(),
+                &token.quarantined_at,
             ],
         )
     }

@@ -69,7 +69,8 @@ const MIGRATIONS: &[&str] = &[
         expires_at  BIGINT,
         revoked_at  BIGINT,
         generation  BIGINT NOT NULL DEFAULT 0,
-        mac         BYTEA
+        mac         BYTEA,
+        quarantined_at BIGINT
      );
      CREATE TABLE shred_ledger_head (
         id       INTEGER PRIMARY KEY CHECK (id = 1),

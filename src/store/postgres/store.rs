@@ -734,6 +734,21 @@ impl TokenStore for PostgresKeyStore {
             Ok(true)
         })
     }
+
+    fn set_token_quarantine(&self, id: &str, at: Option<i64>) -> Result<bool> {
+        self.write_rows("token", None, |rows| {
+            let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
+                return Ok(false);
+            };
+            if stored.record.quarantined_at.is_some() == at.is_some() {
+                return Ok(false);
+            }
+            let mut token = stored.record;
+            token.quarantined_at = at;
+            rows.put_token(&token, Some(&stored.mac))?;
+            Ok(true)
+        })
+    }
 }
 
 impl ChangeDetection for PostgresKeyStore {
