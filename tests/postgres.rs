@@ -99,14 +99,16 @@ fn a_password_on_the_command_line_is_refused_without_echoing_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_schema_newer_than_the_binary_is_refused() {
     let url = fresh_database();
-    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-    admin
-        .batch_execute(&format!(
-            "CREATE TABLE kms_schema_version (version BIGINT NOT NULL); \
-             INSERT INTO kms_schema_version VALUES ({})",
-            tenant_kms::store::postgres::schema_version() + 1
-        ))
-        .unwrap();
+    tenant_kms::store::postgres::off_runtime(|| {
+        let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE kms_schema_version (version BIGINT NOT NULL); \
+                 INSERT INTO kms_schema_version VALUES ({})",
+                tenant_kms::store::postgres::schema_version() + 1
+            ))
+            .unwrap();
+    });
     let dir = tempfile::tempdir().unwrap();
     let options = node_options(&dir.path().join("d"), dir.path(), &url);
     let err = tokio::task::spawn_blocking(move || tenant_kms::service::AppState::open(options))

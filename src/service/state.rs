@@ -21,7 +21,7 @@ use crate::clock::{Clock, SharedClock};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::keys::{KeyManager, KeyPolicy, MasterKeySource};
-use crate::store::postgres::{PgPool, PostgresKeyStore};
+use crate::store::postgres::{PgPool, PostgresKeyStore, off_runtime};
 use crate::store::{KeyStore, SqliteKeyStore, StoreBackend};
 
 use super::data_dir_guard;
@@ -473,9 +473,11 @@ fn open_key_store(
             // The data directory still holds this node's keyring (unless elsewhere) and its
             // node id; the audit log is in the database too (`open_audit_log`).
             fsutil::create_private_dir(&options.data_dir)?;
-            let pool = PgPool::connect(pg)?;
+            let pool = off_runtime(|| PgPool::connect(pg))?;
             let node_id = options.resolve_node_id()?;
-            let store = PostgresKeyStore::open(pool.clone(), &node_id, options.staleness_bound)?;
+            let store = off_runtime(|| {
+                PostgresKeyStore::open(pool.clone(), &node_id, options.staleness_bound)
+            })?;
             tracing::info!(target_db = %pool.target(), node_id, "key store: PostgreSQL");
             Ok((Arc::new(store), Some(pool)))
         }
@@ -492,11 +494,8 @@ fn open_audit_log(
 ) -> Result<Box<dyn AuditLog>> {
     if let Some(pool) = postgres {
         let node = options.resolve_node_id()?;
-        return Ok(Box::new(PostgresAuditLog::open(
-            pool.clone(),
-            &node,
-            Arc::clone(keys),
-        )?));
+        let log = off_runtime(|| PostgresAuditLog::open(pool.clone(), &node, Arc::clone(keys)))?;
+        return Ok(Box::new(log));
     }
     Ok(Box::new(SqliteAuditLog::open(
         &options.data_dir.join(AUDIT_DB),
@@ -512,9 +511,11 @@ fn open_audit_log(
 /// [`PostgresAuditLog::open_unkeyed`] on that database). Fails if there is no log.
 pub fn open_audit_log_unkeyed(options: &ServiceOptions) -> Result<Box<dyn AuditLog>> {
     if let StoreBackend::Postgres(pg) = &options.store {
-        let pool = PgPool::connect(pg)?;
         let node = options.resolve_node_id()?;
-        return Ok(Box::new(PostgresAuditLog::open_unkeyed(pool, &node)?));
+        let log = off_runtime(|| {
+            PgPool::connect(pg).and_then(|pool| PostgresAuditLog::open_unkeyed(pool, &node))
+        })?;
+        return Ok(Box::new(log));
     }
     let path = options.data_dir.join(AUDIT_DB);
     if !path.exists() {

@@ -214,11 +214,14 @@ fn create_database(admin_url: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let mut client = ::postgres::Client::connect(admin_url, ::postgres::NoTls)
-        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    // Async tests call this too: the blocking client must run off their runtime.
+    tenant_kms::store::postgres::off_runtime(|| {
+        let mut client = ::postgres::Client::connect(admin_url, ::postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    });
     name
 }
 

@@ -13,6 +13,7 @@
 //! group-commit writer drives it, as on SQLite), reports that chain's head and tail, and
 //! recovers that chain; it lists, counts, verifies and prunes every chain. See docs/AUDIT.md,
 //! "Many writers".
+use crate::store::postgres::off_runtime;
 
 mod sql;
 
@@ -122,24 +123,28 @@ impl PostgresAuditLog {
 
 impl AuditAppend for PostgresAuditLog {
     fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
-        let keys = self.keys()?;
-        sql::append(&mut *self.client()?, keys, &self.node, records)
+        off_runtime(|| {
+            let keys = self.keys()?;
+            sql::append(&mut *self.client()?, keys, &self.node, records)
+        })
     }
 
     fn head(&self) -> Result<ChainHead> {
-        let head = sql::head(&mut *self.client()?, &self.node)?;
-        Ok(ChainHead::new(head.seq, head.mac))
+        off_runtime(|| {
+            let head = sql::head(&mut *self.client()?, &self.node)?;
+            Ok(ChainHead::new(head.seq, head.mac))
+        })
     }
 }
 
 impl AuditQuery for PostgresAuditLog {
     /// This node's chain, in sequence order.
     fn list(&self, filter: &ListFilter) -> Result<Vec<(u64, AuditRecord)>> {
-        sql::list(&mut *self.client()?, &self.node, filter)
+        off_runtime(|| sql::list(&mut *self.client()?, &self.node, filter))
     }
 
     fn count(&self) -> Result<u64> {
-        sql::count(&mut *self.client()?)
+        off_runtime(|| sql::count(&mut *self.client()?))
     }
 
     fn list_merged(
@@ -147,53 +152,63 @@ impl AuditQuery for PostgresAuditLog {
         filter: &ListFilter,
         after: Option<&MergeCursor>,
     ) -> Result<Vec<MergedRecord>> {
-        sql::list_merged(&mut *self.client()?, filter, after)
+        off_runtime(|| sql::list_merged(&mut *self.client()?, filter, after))
     }
 }
 
 impl AuditMaintenance for PostgresAuditLog {
     /// Every chain and the registry, in one snapshot; the report's head is this node's.
     fn verify(&self) -> Result<VerifyReport> {
-        let keys = self.keys()?;
-        self.snapshot(|tx| sql::verify_all(tx, keys, &self.node))
+        off_runtime(|| {
+            let keys = self.keys()?;
+            self.snapshot(|tx| sql::verify_all(tx, keys, &self.node))
+        })
     }
 
     /// This node's chain.
     fn check_tail(&self) -> Result<VerifyReport> {
-        let keys = self.keys()?;
-        self.snapshot(|tx| sql::check_tail(tx, keys, &self.node))
+        off_runtime(|| {
+            let keys = self.keys()?;
+            self.snapshot(|tx| sql::check_tail(tx, keys, &self.node))
+        })
     }
 
     /// An anchor of this node's chain.
     fn check_anchor(&self, seq: u64, mac: &[u8]) -> Result<Option<String>> {
-        let keys = self.keys()?;
-        self.snapshot(|tx| sql::check_anchor(tx, keys, &self.node, seq, mac))
+        off_runtime(|| {
+            let keys = self.keys()?;
+            self.snapshot(|tx| sql::check_anchor(tx, keys, &self.node, seq, mac))
+        })
     }
 
     /// Verifies every chain (refusing a log that does not verify), then prunes each
     /// registered chain in a transaction of its own under its lock, leaving a checkpoint per
     /// chain: no node's appends wait for another chain's prune.
     fn prune(&self, before_micros: i64) -> Result<u64> {
-        let keys = self.keys()?;
-        let report = self.verify()?;
-        if !report.ok {
-            return Err(Error::FailedPrecondition(format!(
-                "the audit chains do not verify (record {}: {}); not pruning",
-                report.first_bad_seq, report.reason
-            )));
-        }
-        let mut removed = 0;
-        for chain in self.chains()? {
-            removed += sql::prune_chain(&mut *self.client()?, keys, &chain, before_micros)?;
-        }
-        Ok(removed)
+        off_runtime(|| {
+            let keys = self.keys()?;
+            let report = self.verify()?;
+            if !report.ok {
+                return Err(Error::FailedPrecondition(format!(
+                    "the audit chains do not verify (record {}: {}); not pruning",
+                    report.first_bad_seq, report.reason
+                )));
+            }
+            let mut removed = 0;
+            for chain in self.chains()? {
+                removed += sql::prune_chain(&mut *self.client()?, keys, &chain, before_micros)?;
+            }
+            Ok(removed)
+        })
     }
 
     /// This node's chain (a break of the registry or of another node's chain is recovered
     /// by that node, or not at all: see docs/AUDIT.md).
     fn recover(&self, caller: &str) -> Result<Recovery> {
-        let keys = self.keys()?;
-        sql::recover_chain(&mut *self.client()?, keys, &self.node, caller)
+        off_runtime(|| {
+            let keys = self.keys()?;
+            sql::recover_chain(&mut *self.client()?, keys, &self.node, caller)
+        })
     }
 }
 
@@ -202,10 +217,12 @@ impl AuditSnapshot for PostgresAuditLog {
     /// (`pg_dump`, `pg_basebackup`; docs/OPERATIONS.md), which copies every chain, the
     /// registry and the key store in one consistent state.
     fn snapshot_to(&self, _dest: &Path) -> Result<ChainHead> {
-        Err(Error::FailedPrecondition(
-            "the audit log is in PostgreSQL: back it up with the database (pg_dump or \
-             pg_basebackup, see docs/OPERATIONS.md), not to a file"
-                .into(),
-        ))
+        off_runtime(|| {
+            Err(Error::FailedPrecondition(
+                "the audit log is in PostgreSQL: back it up with the database (pg_dump or \
+                 pg_basebackup, see docs/OPERATIONS.md), not to a file"
+                    .into(),
+            ))
+        })
     }
 }

@@ -202,6 +202,31 @@ pub const ROUTES: &[Route] = &[
         Method::Post,
         "/v1/auditChain:verify",
     ),
+    route(
+        AUDIT,
+        "GetUsage",
+        Method::Get,
+        "/v1/tenants/{tenant_id}/usage",
+    ),
+    // Containment (issue 16): tokens as resources, the steps as custom methods.
+    route(
+        TENANTS,
+        "QuarantineToken",
+        Method::Post,
+        "/v1/tokens/{token_id}:quarantine",
+    ),
+    route(
+        TENANTS,
+        "ReleaseToken",
+        Method::Post,
+        "/v1/tokens/{token_id}:release",
+    ),
+    route(
+        TENANTS,
+        "ContainToken",
+        Method::Post,
+        "/v1/tokens/{token_id}:contain",
+    ),
 ];
 
 /// A request path matched to a route.

@@ -399,6 +399,23 @@ pub fn map_error(e: postgres::Error) -> Error {
     Error::internal(format!("PostgreSQL: {e}"))
 }
 
+/// Runs `f` where the blocking PostgreSQL client may block. That client drives its connection
+/// with a runtime of its own, which tokio refuses to start on a thread that is running async
+/// tasks (the server's handlers, `#[tokio::test]` bodies, start-up inside `main`'s runtime);
+/// such callers get `f` run on a scoped thread of its own, every other caller runs it in place.
+/// A panic in `f` is carried back to the caller unchanged.
+pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(f)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

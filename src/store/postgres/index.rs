@@ -1,6 +1,7 @@
 //! [`IndexDefinitionStore`] for [`PostgresKeyStore`]: the `blind_indexes` table. Racing
 //! declarations of one name (from any node) are serialized by a transaction-scoped advisory
 //! lock on the name, so the declaration rule sees every committed definition of it.
+use super::connect::off_runtime;
 
 use postgres::GenericClient;
 
@@ -54,31 +55,33 @@ fn same_name(
 
 impl IndexDefinitionStore for PostgresKeyStore {
     fn declare_index(&self, definition: &IndexDefinition) -> Result<IndexDefinition> {
-        self.write_plain("index", |tx| {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('tenant-kms/blind-index/' || $1))",
-                &[&definition.name.as_str()],
-            )
-            .map_err(map_error)?;
-            let existing = same_name(tx, &definition.name, &definition.scope)?;
-            match index::check_declaration(&existing, definition)? {
-                Declaration::InForce(current) => Ok(current),
-                Declaration::Insert => {
-                    tx.execute(
-                        "INSERT INTO blind_indexes (scope, name, bits, normalization, created_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                        &[
-                            &definition.scope.stored(),
-                            &definition.name.as_str(),
-                            &i64::from(definition.bits),
-                            &definition.normalization.name(),
-                            &definition.created_at,
-                        ],
-                    )
-                    .map_err(map_error)?;
-                    Ok(definition.clone())
+        off_runtime(|| {
+            self.write_plain("index", |tx| {
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('tenant-kms/blind-index/' || $1))",
+                    &[&definition.name.as_str()],
+                )
+                .map_err(map_error)?;
+                let existing = same_name(tx, &definition.name, &definition.scope)?;
+                match index::check_declaration(&existing, definition)? {
+                    Declaration::InForce(current) => Ok(current),
+                    Declaration::Insert => {
+                        tx.execute(
+                            "INSERT INTO blind_indexes (scope, name, bits, normalization, created_at) \
+                             VALUES ($1, $2, $3, $4, $5)",
+                            &[
+                                &definition.scope.stored(),
+                                &definition.name.as_str(),
+                                &i64::from(definition.bits),
+                                &definition.normalization.name(),
+                                &definition.created_at,
+                            ],
+                        )
+                        .map_err(map_error)?;
+                        Ok(definition.clone())
+                    }
                 }
-            }
+            })
         })
     }
 
@@ -87,39 +90,43 @@ impl IndexDefinitionStore for PostgresKeyStore {
         tenant: &TenantId,
         name: &IndexName,
     ) -> Result<Option<IndexDefinition>> {
-        let scope = IndexScope::Tenant(tenant.clone());
-        let mut conn = self.pool().get()?;
-        same_name(&mut *conn, name, &scope).map(index::in_force)
+        off_runtime(|| {
+            let scope = IndexScope::Tenant(tenant.clone());
+            let mut conn = self.pool().get()?;
+            same_name(&mut *conn, name, &scope).map(index::in_force)
+        })
     }
 
     fn list_index_definitions(&self, tenant: Option<&TenantId>) -> Result<Vec<IndexDefinition>> {
-        let mut conn = self.pool().get()?;
-        let all: Vec<IndexDefinition> = conn
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM blind_indexes WHERE $1::text IS NULL \
-                     OR scope IN ('*', $1) ORDER BY name, (scope = '*') DESC, scope"
-                ),
-                &[&tenant.map(TenantId::as_str)],
-            )
-            .map_err(map_error)?
-            .iter()
-            .map(definition_from_row)
-            .collect::<Result<_>>()?;
-        drop(conn);
-        if tenant.is_none() {
-            return Ok(all);
-        }
-        // One per name: the definition in force for the tenant.
-        let mut out: Vec<IndexDefinition> = Vec::with_capacity(all.len());
-        let mut group: Vec<IndexDefinition> = Vec::new();
-        for d in all {
-            if group.first().is_some_and(|g| g.name != d.name) {
-                out.extend(index::in_force(std::mem::take(&mut group)));
+        off_runtime(|| {
+            let mut conn = self.pool().get()?;
+            let all: Vec<IndexDefinition> = conn
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM blind_indexes WHERE $1::text IS NULL \
+                         OR scope IN ('*', $1) ORDER BY name, (scope = '*') DESC, scope"
+                    ),
+                    &[&tenant.map(TenantId::as_str)],
+                )
+                .map_err(map_error)?
+                .iter()
+                .map(definition_from_row)
+                .collect::<Result<_>>()?;
+            drop(conn);
+            if tenant.is_none() {
+                return Ok(all);
             }
-            group.push(d);
-        }
-        out.extend(index::in_force(group));
-        Ok(out)
+            // One per name: the definition in force for the tenant.
+            let mut out: Vec<IndexDefinition> = Vec::with_capacity(all.len());
+            let mut group: Vec<IndexDefinition> = Vec::new();
+            for d in all {
+                if group.first().is_some_and(|g| g.name != d.name) {
+                    out.extend(index::in_force(std::mem::take(&mut group)));
+                }
+                group.push(d);
+            }
+            out.extend(index::in_force(group));
+            Ok(out)
+        })
     }
 }

@@ -7,6 +7,7 @@
 //! tenant from the same primary exactly one wins, two creations of one id give one tenant,
 //! and nonce-budget reservations add up exactly. The same transaction appends to the change
 //! log ([`super::changes`]) that the other nodes follow.
+use super::connect::off_runtime;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -233,77 +234,85 @@ impl PostgresKeyStore {
 
 impl MasterKeyStore for PostgresKeyStore {
     fn master_versions(&self) -> Result<Vec<MasterVersionRecord>> {
-        self.read(|conn| {
-            conn.query(
-                "SELECT version, check_value, created_at, retired_at FROM master_keys \
-                 ORDER BY version",
-                &[],
-            )
-            .map_err(map_error)?
-            .iter()
-            .map(|row| {
-                Ok(MasterVersionRecord {
-                    version: u32_of(row.try_get(0).map_err(map_error)?, "master version")?,
-                    check_value: row.try_get(1).map_err(map_error)?,
-                    created_at: row.try_get(2).map_err(map_error)?,
-                    retired_at: row.try_get(3).map_err(map_error)?,
+        off_runtime(|| {
+            self.read(|conn| {
+                conn.query(
+                    "SELECT version, check_value, created_at, retired_at FROM master_keys \
+                     ORDER BY version",
+                    &[],
+                )
+                .map_err(map_error)?
+                .iter()
+                .map(|row| {
+                    Ok(MasterVersionRecord {
+                        version: u32_of(row.try_get(0).map_err(map_error)?, "master version")?,
+                        check_value: row.try_get(1).map_err(map_error)?,
+                        created_at: row.try_get(2).map_err(map_error)?,
+                        retired_at: row.try_get(3).map_err(map_error)?,
+                    })
                 })
+                .collect()
             })
-            .collect()
         })
     }
 
     fn insert_master_version(&self, record: &MasterVersionRecord) -> Result<()> {
-        self.write_plain("master", |tx| {
-            tx.execute(
-                "INSERT INTO master_keys (version, check_value, created_at, retired_at) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (version) DO NOTHING",
-                &[
-                    &i64::from(record.version),
-                    &record.check_value,
-                    &record.created_at,
-                    &record.retired_at,
-                ],
-            )
-            .map_err(map_error)?;
-            Ok(())
+        off_runtime(|| {
+            self.write_plain("master", |tx| {
+                tx.execute(
+                    "INSERT INTO master_keys (version, check_value, created_at, retired_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (version) DO NOTHING",
+                    &[
+                        &i64::from(record.version),
+                        &record.check_value,
+                        &record.created_at,
+                        &record.retired_at,
+                    ],
+                )
+                .map_err(map_error)?;
+                Ok(())
+            })
         })
     }
 
     fn retire_master_version(&self, version: u32, at: i64) -> Result<bool> {
-        let version = i64::from(version);
-        self.write_plain("master", |tx| {
-            // Nothing may be wrapped under it meanwhile: the wrapping writers lock the anchor,
-            // the retirement locks the master row; the NOT EXISTS sees every committed wrap.
-            tx.execute(
-                "UPDATE master_keys SET retired_at = $2 WHERE version = $1 AND retired_at IS NULL \
-                 AND NOT EXISTS (SELECT 1 FROM wrapped_keys WHERE master_version = $1) \
-                 AND NOT EXISTS (SELECT 1 FROM audit_key WHERE master_version = $1)",
-                &[&version, &at],
-            )
-            .map_err(map_error)?;
-            let retired: Option<Option<i64>> = tx
-                .query_opt(
-                    "SELECT retired_at FROM master_keys WHERE version = $1",
-                    &[&version],
+        off_runtime(|| {
+            let version = i64::from(version);
+            self.write_plain("master", |tx| {
+                // Nothing may be wrapped under it meanwhile: the wrapping writers lock the anchor,
+                // the retirement locks the master row; the NOT EXISTS sees every committed wrap.
+                tx.execute(
+                    "UPDATE master_keys SET retired_at = $2 WHERE version = $1 AND retired_at IS NULL \
+                     AND NOT EXISTS (SELECT 1 FROM wrapped_keys WHERE master_version = $1) \
+                     AND NOT EXISTS (SELECT 1 FROM audit_key WHERE master_version = $1)",
+                    &[&version, &at],
                 )
-                .map_err(map_error)?
-                .map(|row| row.get(0));
-            Ok(matches!(retired, Some(Some(_))))
+                .map_err(map_error)?;
+                let retired: Option<Option<i64>> = tx
+                    .query_opt(
+                        "SELECT retired_at FROM master_keys WHERE version = $1",
+                        &[&version],
+                    )
+                    .map_err(map_error)?
+                    .map(|row| row.get(0));
+                Ok(matches!(retired, Some(Some(_))))
+            })
         })
     }
 
     fn count_wrapped_under(&self, master_version: u32) -> Result<u64> {
-        let version = i64::from(master_version);
-        self.read(|conn| {
-            let row = conn
-                .query_one(
-                    "SELECT (SELECT COUNT(*) FROM wrapped_keys WHERE master_version = $1) + \
-                     (SELECT COUNT(*) FROM audit_key WHERE master_version = $1)",
-                    &[&version],
-                )
-                .map_err(map_error)?;
-            Ok(u64_of(row.try_get(0).map_err(map_error)?))
+        off_runtime(|| {
+            let version = i64::from(master_version);
+            self.read(|conn| {
+                let row = conn
+                    .query_one(
+                        "SELECT (SELECT COUNT(*) FROM wrapped_keys WHERE master_version = $1) + \
+                         (SELECT COUNT(*) FROM audit_key WHERE master_version = $1)",
+                        &[&version],
+                    )
+                    .map_err(map_error)?;
+                Ok(u64_of(row.try_get(0).map_err(map_error)?))
+            })
         })
     }
 
@@ -312,74 +321,83 @@ impl MasterKeyStore for PostgresKeyStore {
         master_version: u32,
         limit: usize,
     ) -> Result<Vec<(TenantId, u32, WrappedTenantKey)>> {
-        self.read(|conn| {
-            conn.query(
-                "SELECT tenant_id, version, wrapped_key FROM wrapped_keys \
-                 WHERE master_version = $1 ORDER BY tenant_id, version LIMIT $2",
-                &[
-                    &i64::from(master_version),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
-            )
-            .map_err(map_error)?
-            .iter()
-            .map(|row| {
-                let id: String = row.try_get(0).map_err(map_error)?;
-                Ok((
-                    tenant_id_of(&id)?,
-                    u32_of(row.try_get(1).map_err(map_error)?, "key version")?,
-                    WrappedTenantKey {
-                        master_version,
-                        bytes: row.try_get(2).map_err(map_error)?,
-                    },
-                ))
+        off_runtime(|| {
+            self.read(|conn| {
+                conn.query(
+                    "SELECT tenant_id, version, wrapped_key FROM wrapped_keys \
+                     WHERE master_version = $1 ORDER BY tenant_id, version LIMIT $2",
+                    &[
+                        &i64::from(master_version),
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
+                )
+                .map_err(map_error)?
+                .iter()
+                .map(|row| {
+                    let id: String = row.try_get(0).map_err(map_error)?;
+                    Ok((
+                        tenant_id_of(&id)?,
+                        u32_of(row.try_get(1).map_err(map_error)?, "key version")?,
+                        WrappedTenantKey {
+                            master_version,
+                            bytes: row.try_get(2).map_err(map_error)?,
+                        },
+                    ))
+                })
+                .collect()
             })
-            .collect()
         })
     }
 
     fn rewrap(&self, batch: &[Rewrapping]) -> Result<usize> {
-        self.write_plain("rewrap", |tx| {
-            let statement = tx
-                .prepare(
-                    "UPDATE wrapped_keys SET master_version = $4, wrapped_key = $5 \
-                     WHERE tenant_id = $1 AND version = $2 AND master_version = $3",
-                )
-                .map_err(map_error)?;
-            let mut done = 0usize;
-            for item in batch {
-                let changed = tx
-                    .execute(
-                        &statement,
-                        &[
-                            &item.tenant_id.as_str(),
-                            &i64::from(item.version),
-                            &i64::from(item.from_master),
-                            &i64::from(item.wrapped.master_version),
-                            &item.wrapped.bytes,
-                        ],
+        off_runtime(|| {
+            self.write_plain("rewrap", |tx| {
+                let statement = tx
+                    .prepare(
+                        "UPDATE wrapped_keys SET master_version = $4, wrapped_key = $5 \
+                         WHERE tenant_id = $1 AND version = $2 AND master_version = $3",
                     )
                     .map_err(map_error)?;
-                done += usize::try_from(changed).unwrap_or(0);
-            }
-            Ok(done)
+                let mut done = 0usize;
+                for item in batch {
+                    let changed = tx
+                        .execute(
+                            &statement,
+                            &[
+                                &item.tenant_id.as_str(),
+                                &i64::from(item.version),
+                                &i64::from(item.from_master),
+                                &i64::from(item.wrapped.master_version),
+                                &item.wrapped.bytes,
+                            ],
+                        )
+                        .map_err(map_error)?;
+                    done += usize::try_from(changed).unwrap_or(0);
+                }
+                Ok(done)
+            })
         })
     }
 
     fn audit_key(&self) -> Result<Option<WrappedTenantKey>> {
-        self.read(|conn| {
-            conn.query_opt(
-                "SELECT master_version, wrapped_key FROM audit_key WHERE id = 1",
-                &[],
-            )
-            .map_err(map_error)?
-            .map(|row| {
-                Ok(WrappedTenantKey {
-                    master_version: u32_of(row.try_get(0).map_err(map_error)?, "master version")?,
-                    bytes: row.try_get(1).map_err(map_error)?,
+        off_runtime(|| {
+            self.read(|conn| {
+                conn.query_opt(
+                    "SELECT master_version, wrapped_key FROM audit_key WHERE id = 1",
+                    &[],
+                )
+                .map_err(map_error)?
+                .map(|row| {
+                    Ok(WrappedTenantKey {
+                        master_version: u32_of(
+                            row.try_get(0).map_err(map_error)?,
+                            "master version",
+                        )?,
+                        bytes: row.try_get(1).map_err(map_error)?,
+                    })
                 })
+                .transpose()
             })
-            .transpose()
         })
     }
 
@@ -388,151 +406,163 @@ impl MasterKeyStore for PostgresKeyStore {
         wrapped: &WrappedTenantKey,
         replace_master: Option<u32>,
     ) -> Result<bool> {
-        let master = i64::from(wrapped.master_version);
-        self.write_plain("audit-key", |tx| {
-            let changed = match replace_master {
-                None => tx.execute(
-                    "INSERT INTO audit_key (id, master_version, wrapped_key) VALUES (1, $1, $2) \
-                     ON CONFLICT (id) DO NOTHING",
-                    &[&master, &wrapped.bytes],
-                ),
-                Some(old) => tx.execute(
-                    "UPDATE audit_key SET master_version = $1, wrapped_key = $2 \
-                     WHERE id = 1 AND master_version = $3",
-                    &[&master, &wrapped.bytes, &i64::from(old)],
-                ),
-            }
-            .map_err(map_error)?;
-            Ok(changed == 1)
+        off_runtime(|| {
+            let master = i64::from(wrapped.master_version);
+            self.write_plain("audit-key", |tx| {
+                let changed = match replace_master {
+                    None => tx.execute(
+                        "INSERT INTO audit_key (id, master_version, wrapped_key) VALUES (1, $1, $2) \
+                         ON CONFLICT (id) DO NOTHING",
+                        &[&master, &wrapped.bytes],
+                    ),
+                    Some(old) => tx.execute(
+                        "UPDATE audit_key SET master_version = $1, wrapped_key = $2 \
+                         WHERE id = 1 AND master_version = $3",
+                        &[&master, &wrapped.bytes, &i64::from(old)],
+                    ),
+                }
+                .map_err(map_error)?;
+                Ok(changed == 1)
+            })
         })
     }
 
     fn set_row_key(&self, key: RowKey, allow_upgrade: bool) -> Result<Option<u64>> {
-        let mut conn = self.pool.get()?;
-        let upgraded = {
-            let mut tx = conn.transaction().map_err(map_error)?;
-            // Two nodes starting together on a new database: one upgrades, the other waits
-            // and finds it done (writers' FOR UPDATE on the anchor conflicts with this too).
-            tx.batch_execute("LOCK TABLE row_anchor IN EXCLUSIVE MODE")
-                .map_err(map_error)?;
-            let marks = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM row_mac_upgrade), \
-                     EXISTS (SELECT 1 FROM row_anchor)",
-                    &[],
-                )
-                .map_err(map_error)?;
-            let pending: bool = marks.get(0);
-            let has_anchor: bool = marks.get(1);
-            if pending && (has_anchor || !allow_upgrade) {
-                let e = integrity(
-                    "the PostgreSQL key store asks for the upgrade to row MACs, but it was \
-                     upgraded before: it was rewritten by someone without the master key; \
-                     restore it from a backup",
-                );
-                self.inner.state().integrity = Some(e.to_string());
-                return Err(e);
-            }
-            if pending {
-                let rows = mac_existing_rows(&mut tx, &key)?;
-                tx.execute("DELETE FROM row_mac_upgrade", &[])
+        off_runtime(|| {
+            let mut conn = self.pool.get()?;
+            let upgraded = {
+                let mut tx = conn.transaction().map_err(map_error)?;
+                // Two nodes starting together on a new database: one upgrades, the other waits
+                // and finds it done (writers' FOR UPDATE on the anchor conflicts with this too).
+                tx.batch_execute("LOCK TABLE row_anchor IN EXCLUSIVE MODE")
                     .map_err(map_error)?;
-                tx.commit().map_err(map_error)?;
-                Some(rows)
-            } else {
-                tx.commit().map_err(map_error)?;
-                None
-            }
-        };
-        match full_check(&mut conn, &key, 0, true) {
-            Ok(counter) => {
-                {
-                    let mut state = self.inner.state();
-                    state.integrity = None;
-                    state.key = Some(Arc::new(key));
+                let marks = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM row_mac_upgrade), \
+                         EXISTS (SELECT 1 FROM row_anchor)",
+                        &[],
+                    )
+                    .map_err(map_error)?;
+                let pending: bool = marks.get(0);
+                let has_anchor: bool = marks.get(1);
+                if pending && (has_anchor || !allow_upgrade) {
+                    let e = integrity(
+                        "the PostgreSQL key store asks for the upgrade to row MACs, but it was \
+                         upgraded before: it was rewritten by someone without the master key; \
+                         restore it from a backup",
+                    );
+                    self.inner.state().integrity = Some(e.to_string());
+                    return Err(e);
                 }
-                self.inner.saw_counter(counter);
-                Ok(upgraded)
+                if pending {
+                    let rows = mac_existing_rows(&mut tx, &key)?;
+                    tx.execute("DELETE FROM row_mac_upgrade", &[])
+                        .map_err(map_error)?;
+                    tx.commit().map_err(map_error)?;
+                    Some(rows)
+                } else {
+                    tx.commit().map_err(map_error)?;
+                    None
+                }
+            };
+            match full_check(&mut conn, &key, 0, true) {
+                Ok(counter) => {
+                    {
+                        let mut state = self.inner.state();
+                        state.integrity = None;
+                        state.key = Some(Arc::new(key));
+                    }
+                    self.inner.saw_counter(counter);
+                    Ok(upgraded)
+                }
+                Err(e) => {
+                    self.inner.state().integrity = Some(e.to_string());
+                    Err(e)
+                }
             }
-            Err(e) => {
-                self.inner.state().integrity = Some(e.to_string());
-                Err(e)
-            }
-        }
+        })
     }
 }
 
 impl TenantStore for PostgresKeyStore {
     fn create_tenant(&self, tenant: &TenantRecord, first: &KeyVersionRecord) -> Result<()> {
-        let wrapped = first
-            .wrapped
-            .as_ref()
-            .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-        self.write_rows("tenant", Some(&tenant.tenant_id), |rows| {
-            insert_tenant(rows, tenant, first, wrapped)
-        })?;
-        crate::store::failpoint(crate::store::FAILPOINT_AFTER_KEY_COMMIT);
-        Ok(())
-    }
-
-    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
-        self.write_rows("tenant", None, |rows| {
-            for (tenant, first) in tenants {
-                let wrapped = first
-                    .wrapped
-                    .as_ref()
-                    .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
-                insert_tenant(rows, tenant, first, wrapped)?;
-            }
+        off_runtime(|| {
+            let wrapped = first
+                .wrapped
+                .as_ref()
+                .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+            self.write_rows("tenant", Some(&tenant.tenant_id), |rows| {
+                insert_tenant(rows, tenant, first, wrapped)
+            })?;
+            crate::store::failpoint(crate::store::FAILPOINT_AFTER_KEY_COMMIT);
             Ok(())
         })
     }
 
+    fn create_tenants(&self, tenants: &[(TenantRecord, KeyVersionRecord)]) -> Result<()> {
+        off_runtime(|| {
+            self.write_rows("tenant", None, |rows| {
+                for (tenant, first) in tenants {
+                    let wrapped = first
+                        .wrapped
+                        .as_ref()
+                        .ok_or_else(|| Error::internal("a new tenant needs a wrapped key"))?;
+                    insert_tenant(rows, tenant, first, wrapped)?;
+                }
+                Ok(())
+            })
+        })
+    }
+
     fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>> {
-        self.read_rows(|conn, key| load_tenant(conn, key, id))
+        off_runtime(|| self.read_rows(|conn, key| load_tenant(conn, key, id)))
     }
 
     fn tenant_snapshot(
         &self,
         id: &TenantId,
     ) -> Result<Option<(TenantRecord, Vec<KeyVersionRecord>)>> {
-        self.read_rows(|conn, key| {
-            let mut tx = conn
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(map_error)?;
-            let Some(tenant) = load_tenant(&mut tx, key, id)? else {
-                return Ok(None);
-            };
-            let versions = load_versions(&mut tx, key, id)?;
-            tx.commit().map_err(map_error)?;
-            Ok(Some((tenant, versions)))
+        off_runtime(|| {
+            self.read_rows(|conn, key| {
+                let mut tx = conn
+                    .build_transaction()
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .map_err(map_error)?;
+                let Some(tenant) = load_tenant(&mut tx, key, id)? else {
+                    return Ok(None);
+                };
+                let versions = load_versions(&mut tx, key, id)?;
+                tx.commit().map_err(map_error)?;
+                Ok(Some((tenant, versions)))
+            })
         })
     }
 
     fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>> {
-        self.read_rows(|conn, key| {
-            conn.query(
-                &format!(
-                    "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id > $1 \
-                     ORDER BY tenant_id LIMIT $2"
-                ),
-                &[
-                    &after.map(TenantId::as_str).unwrap_or(""),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
-            )
-            .map_err(map_error)?
-            .iter()
-            .map(|row| verified_tenant(key, stored_tenant(row)?).map(|row| row.record))
-            .collect()
+        off_runtime(|| {
+            self.read_rows(|conn, key| {
+                conn.query(
+                    &format!(
+                        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id > $1 \
+                         ORDER BY tenant_id LIMIT $2"
+                    ),
+                    &[
+                        &after.map(TenantId::as_str).unwrap_or(""),
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
+                )
+                .map_err(map_error)?
+                .iter()
+                .map(|row| verified_tenant(key, stored_tenant(row)?).map(|row| row.record))
+                .collect()
+            })
         })
     }
 
     fn key_versions(&self, id: &TenantId) -> Result<Vec<KeyVersionRecord>> {
-        self.read_rows(|conn, key| load_versions(conn, key, id))
+        off_runtime(|| self.read_rows(|conn, key| load_versions(conn, key, id)))
     }
 
     fn add_key_version(
@@ -541,18 +571,20 @@ impl TenantStore for PostgresKeyStore {
         expected_primary: u32,
         version: &KeyVersionRecord,
     ) -> Result<TenantRecord> {
-        let wrapped = version
-            .wrapped
-            .as_ref()
-            .ok_or_else(|| Error::internal("a new version needs a wrapped key"))?;
-        self.write_rows("rotation", Some(id), |rows| {
-            let stored = require_tenant_stored(rows.tx, rows.key, id)?;
-            let mut tenant = stored.record;
-            lifecycle::check_rotation(tenant.state, tenant.primary_version, expected_primary)?;
-            insert_version(rows, id, version, wrapped)?;
-            tenant.primary_version = version.version;
-            rows.put_tenant(&tenant, Some(&stored.mac))?;
-            Ok(tenant)
+        off_runtime(|| {
+            let wrapped = version
+                .wrapped
+                .as_ref()
+                .ok_or_else(|| Error::internal("a new version needs a wrapped key"))?;
+            self.write_rows("rotation", Some(id), |rows| {
+                let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+                let mut tenant = stored.record;
+                lifecycle::check_rotation(tenant.state, tenant.primary_version, expected_primary)?;
+                insert_version(rows, id, version, wrapped)?;
+                tenant.primary_version = version.version;
+                rows.put_tenant(&tenant, Some(&stored.mac))?;
+                Ok(tenant)
+            })
         })
     }
 
@@ -562,28 +594,34 @@ impl TenantStore for PostgresKeyStore {
         transition: TenantTransition,
         now: i64,
     ) -> Result<TenantRecord> {
-        let (record, shredded) = self.write_rows("tenant-state", Some(id), |rows| {
-            let stored = require_tenant_stored(rows.tx, rows.key, id)?;
-            let mut tenant = stored.record;
-            let change =
-                lifecycle::tenant_transition(tenant.state, tenant.deletion_time, transition, now)?;
-            if change.shred {
-                shred_rows(rows, id, None, change.destroyed_at.unwrap_or(now))?;
-            } else {
-                tenant.state = change.state;
-                tenant.deletion_time = change.deletion_time;
-                rows.put_tenant(&tenant, Some(&stored.mac))?;
+        off_runtime(|| {
+            let (record, shredded) = self.write_rows("tenant-state", Some(id), |rows| {
+                let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+                let mut tenant = stored.record;
+                let change = lifecycle::tenant_transition(
+                    tenant.state,
+                    tenant.deletion_time,
+                    transition,
+                    now,
+                )?;
+                if change.shred {
+                    shred_rows(rows, id, None, change.destroyed_at.unwrap_or(now))?;
+                } else {
+                    tenant.state = change.state;
+                    tenant.deletion_time = change.deletion_time;
+                    rows.put_tenant(&tenant, Some(&stored.mac))?;
+                }
+                Ok((
+                    require_tenant_stored(rows.tx, rows.key, id)?.record,
+                    change.shred,
+                ))
+            })?;
+            if shredded {
+                crate::store::failpoint(crate::store::FAILPOINT_BEFORE_SHRED_SEQUENCE);
+                self.vacuum_keys();
             }
-            Ok((
-                require_tenant_stored(rows.tx, rows.key, id)?.record,
-                change.shred,
-            ))
-        })?;
-        if shredded {
-            crate::store::failpoint(crate::store::FAILPOINT_BEFORE_SHRED_SEQUENCE);
-            self.vacuum_keys();
-        }
-        Ok(record)
+            Ok(record)
+        })
     }
 
     fn set_rotation_policy(
@@ -592,15 +630,17 @@ impl TenantStore for PostgresKeyStore {
         rotation_period_seconds: u64,
         max_encryptions: u64,
     ) -> Result<TenantRecord> {
-        self.write_rows("policy", Some(id), |rows| {
-            let stored = require_tenant_stored(rows.tx, rows.key, id)?;
-            let mut tenant = stored.record;
-            lifecycle::require_not_destroyed(tenant.state)?;
-            // Stored as BIGINT: the same saturation the row is read back with.
-            tenant.rotation_period_seconds = u64_of(i64_of(rotation_period_seconds));
-            tenant.max_encryptions = u64_of(i64_of(max_encryptions));
-            rows.put_tenant(&tenant, Some(&stored.mac))?;
-            Ok(tenant)
+        off_runtime(|| {
+            self.write_rows("policy", Some(id), |rows| {
+                let stored = require_tenant_stored(rows.tx, rows.key, id)?;
+                let mut tenant = stored.record;
+                lifecycle::require_not_destroyed(tenant.state)?;
+                // Stored as BIGINT: the same saturation the row is read back with.
+                tenant.rotation_period_seconds = u64_of(i64_of(rotation_period_seconds));
+                tenant.max_encryptions = u64_of(i64_of(max_encryptions));
+                rows.put_tenant(&tenant, Some(&stored.mac))?;
+                Ok(tenant)
+            })
         })
     }
 
@@ -610,143 +650,157 @@ impl TenantStore for PostgresKeyStore {
         version: u32,
         transition: VersionTransition,
     ) -> Result<KeyVersionRecord> {
-        let record = self.write_rows("version-state", Some(id), |rows| {
-            let tenant = require_tenant_stored(rows.tx, rows.key, id)?.record;
-            let current = load_version_stored(rows.tx, rows.key, id, version)?;
-            let to = lifecycle::version_transition(
-                tenant.state,
-                tenant.primary_version,
-                version,
-                current.as_ref().map(|v| v.record.state),
-                transition,
-            )?;
-            if to == KeyVersionState::Destroyed {
-                shred_rows(rows, id, Some(version), 0)?;
-            } else if let Some(current) = current {
-                let mut record = current.record;
-                record.state = to;
-                rows.put_version(id, &record, Some(&current.mac))?;
+        off_runtime(|| {
+            let record = self.write_rows("version-state", Some(id), |rows| {
+                let tenant = require_tenant_stored(rows.tx, rows.key, id)?.record;
+                let current = load_version_stored(rows.tx, rows.key, id, version)?;
+                let to = lifecycle::version_transition(
+                    tenant.state,
+                    tenant.primary_version,
+                    version,
+                    current.as_ref().map(|v| v.record.state),
+                    transition,
+                )?;
+                if to == KeyVersionState::Destroyed {
+                    shred_rows(rows, id, Some(version), 0)?;
+                } else if let Some(current) = current {
+                    let mut record = current.record;
+                    record.state = to;
+                    rows.put_version(id, &record, Some(&current.mac))?;
+                }
+                load_version(rows.tx, rows.key, id, version)?.ok_or(Error::NotFound("key version"))
+            })?;
+            if record.state == KeyVersionState::Destroyed {
+                self.vacuum_keys();
             }
-            load_version(rows.tx, rows.key, id, version)?.ok_or(Error::NotFound("key version"))
-        })?;
-        if record.state == KeyVersionState::Destroyed {
-            self.vacuum_keys();
-        }
-        Ok(record)
+            Ok(record)
+        })
     }
 
     fn reserve_encryptions(&self, id: &TenantId, version: u32, count: u64) -> Result<u64> {
-        // Atomic in SQL: the anchor's row lock orders every reservation of every node, and the
-        // count is read and rewritten (with its MAC) inside that transaction.
-        self.write_rows("budget", Some(id), |rows| {
-            let stored = load_version_stored(rows.tx, rows.key, id, version)?
-                .ok_or(Error::NotFound("key version"))?;
-            let mut record = stored.record;
-            record.encryptions = u64_of(i64_of(record.encryptions.saturating_add(count)));
-            rows.put_version(id, &record, Some(&stored.mac))?;
-            Ok(record.encryptions)
+        off_runtime(|| {
+            // Atomic in SQL: the anchor's row lock orders every reservation of every node, and the
+            // count is read and rewritten (with its MAC) inside that transaction.
+            self.write_rows("budget", Some(id), |rows| {
+                let stored = load_version_stored(rows.tx, rows.key, id, version)?
+                    .ok_or(Error::NotFound("key version"))?;
+                let mut record = stored.record;
+                record.encryptions = u64_of(i64_of(record.encryptions.saturating_add(count)));
+                rows.put_version(id, &record, Some(&stored.mac))?;
+                Ok(record.encryptions)
+            })
         })
     }
 
     fn tenants_due(&self, now: i64, budget_margin: f64) -> Result<DueTenants> {
-        self.read(|conn| {
-            let mut due = DueTenants::default();
-            for row in conn
-                .query(
-                    "SELECT t.tenant_id FROM tenants t JOIN key_versions v \
-                     ON v.tenant_id = t.tenant_id AND v.version = t.primary_version \
-                     WHERE t.state IN ($1, $2) AND ( \
-                       (t.rotation_period_seconds > 0 \
-                        AND v.created_at + t.rotation_period_seconds <= $3) \
-                       OR v.encryptions >= CAST(t.max_encryptions * $4::float8 AS BIGINT)) \
-                     ORDER BY t.tenant_id",
-                    &[
-                        &lifecycle::ROTATABLE[0].code(),
-                        &lifecycle::ROTATABLE[1].code(),
-                        &now,
-                        &(1.0 - budget_margin),
-                    ],
-                )
-                .map_err(map_error)?
-            {
-                let id: String = row.try_get(0).map_err(map_error)?;
-                due.rotate.push(tenant_id_of(&id)?);
-            }
-            for row in conn
-                .query(
-                    "SELECT tenant_id FROM tenants WHERE state = $1 AND deletion_time <= $2 \
-                     ORDER BY tenant_id",
-                    &[&TenantState::PendingDeletion.code(), &now],
-                )
-                .map_err(map_error)?
-            {
-                let id: String = row.try_get(0).map_err(map_error)?;
-                due.destroy.push(tenant_id_of(&id)?);
-            }
-            Ok(due)
+        off_runtime(|| {
+            self.read(|conn| {
+                let mut due = DueTenants::default();
+                for row in conn
+                    .query(
+                        "SELECT t.tenant_id FROM tenants t JOIN key_versions v \
+                         ON v.tenant_id = t.tenant_id AND v.version = t.primary_version \
+                         WHERE t.state IN ($1, $2) AND ( \
+                           (t.rotation_period_seconds > 0 \
+                            AND v.created_at + t.rotation_period_seconds <= $3) \
+                           OR v.encryptions >= CAST(t.max_encryptions * $4::float8 AS BIGINT)) \
+                         ORDER BY t.tenant_id",
+                        &[
+                            &lifecycle::ROTATABLE[0].code(),
+                            &lifecycle::ROTATABLE[1].code(),
+                            &now,
+                            &(1.0 - budget_margin),
+                        ],
+                    )
+                    .map_err(map_error)?
+                {
+                    let id: String = row.try_get(0).map_err(map_error)?;
+                    due.rotate.push(tenant_id_of(&id)?);
+                }
+                for row in conn
+                    .query(
+                        "SELECT tenant_id FROM tenants WHERE state = $1 AND deletion_time <= $2 \
+                         ORDER BY tenant_id",
+                        &[&TenantState::PendingDeletion.code(), &now],
+                    )
+                    .map_err(map_error)?
+                {
+                    let id: String = row.try_get(0).map_err(map_error)?;
+                    due.destroy.push(tenant_id_of(&id)?);
+                }
+                Ok(due)
+            })
         })
     }
 }
 
 impl TokenStore for PostgresKeyStore {
     fn insert_token(&self, token: &TokenRecord) -> Result<()> {
-        self.write_rows("token", None, |rows| rows.put_token(token, None))
+        off_runtime(|| self.write_rows("token", None, |rows| rows.put_token(token, None)))
     }
 
     fn token_by_hash(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>> {
-        // The row's MAC covers its hash, role, scope, operations, expiry and revocation: a
-        // row the database administrator forged, widened or un-revoked is refused here.
-        self.read_rows(|conn, key| {
-            conn.query_opt(
-                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"),
-                &[&hash.as_slice()],
-            )
-            .map_err(map_error)?
-            .map(|row| verified_token(key, stored_token(&row)?))
-            .transpose()
+        off_runtime(|| {
+            // The row's MAC covers its hash, role, scope, operations, expiry and revocation: a
+            // row the database administrator forged, widened or un-revoked is refused here.
+            self.read_rows(|conn, key| {
+                conn.query_opt(
+                    &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"),
+                    &[&hash.as_slice()],
+                )
+                .map_err(map_error)?
+                .map(|row| verified_token(key, stored_token(&row)?))
+                .transpose()
+            })
         })
     }
 
     fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        self.read_rows(|conn, key| {
-            conn.query(
-                &format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"),
-                &[],
-            )
-            .map_err(map_error)?
-            .iter()
-            .map(|row| verified_token(key, stored_token(row)?))
-            .collect()
+        off_runtime(|| {
+            self.read_rows(|conn, key| {
+                conn.query(
+                    &format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"),
+                    &[],
+                )
+                .map_err(map_error)?
+                .iter()
+                .map(|row| verified_token(key, stored_token(row)?))
+                .collect()
+            })
         })
     }
 
     fn revoke_token(&self, id: &str, at: i64) -> Result<bool> {
-        self.write_rows("token", None, |rows| {
-            let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
-                return Ok(false);
-            };
-            if stored.record.revoked_at.is_some() {
-                return Ok(false);
-            }
-            let mut token = stored.record;
-            token.revoked_at = Some(at);
-            rows.put_token(&token, Some(&stored.mac))?;
-            Ok(true)
+        off_runtime(|| {
+            self.write_rows("token", None, |rows| {
+                let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
+                    return Ok(false);
+                };
+                if stored.record.revoked_at.is_some() {
+                    return Ok(false);
+                }
+                let mut token = stored.record;
+                token.revoked_at = Some(at);
+                rows.put_token(&token, Some(&stored.mac))?;
+                Ok(true)
+            })
         })
     }
 
     fn set_token_quarantine(&self, id: &str, at: Option<i64>) -> Result<bool> {
-        self.write_rows("token", None, |rows| {
-            let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
-                return Ok(false);
-            };
-            if stored.record.quarantined_at.is_some() == at.is_some() {
-                return Ok(false);
-            }
-            let mut token = stored.record;
-            token.quarantined_at = at;
-            rows.put_token(&token, Some(&stored.mac))?;
-            Ok(true)
+        off_runtime(|| {
+            self.write_rows("token", None, |rows| {
+                let Some(stored) = load_token_stored(rows.tx, rows.key, id)? else {
+                    return Ok(false);
+                };
+                if stored.record.quarantined_at.is_some() == at.is_some() {
+                    return Ok(false);
+                }
+                let mut token = stored.record;
+                token.quarantined_at = at;
+                rows.put_token(&token, Some(&stored.mac))?;
+                Ok(true)
+            })
         })
     }
 }
@@ -757,14 +811,16 @@ impl ChangeDetection for PostgresKeyStore {
     }
 
     fn change_generation(&self) -> Result<u64> {
-        // A poll of our own, begun after the call: every change committed before it is seen.
-        let mut conn = self.pool.get()?;
-        let polled = self.follower.poll(&mut *conn)?;
-        drop(conn);
-        if polled.foreign {
-            self.inner.recheck_rows();
-        }
-        Ok(polled.generation)
+        off_runtime(|| {
+            // A poll of our own, begun after the call: every change committed before it is seen.
+            let mut conn = self.pool.get()?;
+            let polled = self.follower.poll(&mut *conn)?;
+            drop(conn);
+            if polled.foreign {
+                self.inner.recheck_rows();
+            }
+            Ok(polled.generation)
+        })
     }
 
     fn try_change_generation(&self) -> Option<Result<u64>> {
@@ -776,25 +832,29 @@ impl ChangeDetection for PostgresKeyStore {
 
 impl BackupStore for PostgresKeyStore {
     fn snapshot_to(&self, _dest: &std::path::Path) -> Result<()> {
-        Err(Error::FailedPrecondition(
-            "the key store is in PostgreSQL: back it up with PostgreSQL's own tools \
-             (pg_basebackup or pg_dump) together with the keyring and the shred ledger \
-             (docs/OPERATIONS.md, \"PostgreSQL\")"
-                .into(),
-        ))
+        off_runtime(|| {
+            Err(Error::FailedPrecondition(
+                "the key store is in PostgreSQL: back it up with PostgreSQL's own tools \
+                 (pg_basebackup or pg_dump) together with the keyring and the shred ledger \
+                 (docs/OPERATIONS.md, \"PostgreSQL\")"
+                    .into(),
+            ))
+        })
     }
 
     fn counts(&self) -> Result<StoreCounts> {
-        self.read(|conn| {
-            let row = conn
-                .query_one(
-                    "SELECT (SELECT COUNT(*) FROM tenants), (SELECT COUNT(*) FROM wrapped_keys)",
-                    &[],
-                )
-                .map_err(map_error)?;
-            Ok(StoreCounts {
-                tenants: u64_of(row.try_get(0).map_err(map_error)?),
-                wrapped_keys: u64_of(row.try_get(1).map_err(map_error)?),
+        off_runtime(|| {
+            self.read(|conn| {
+                let row = conn
+                    .query_one(
+                        "SELECT (SELECT COUNT(*) FROM tenants), (SELECT COUNT(*) FROM wrapped_keys)",
+                        &[],
+                    )
+                    .map_err(map_error)?;
+                Ok(StoreCounts {
+                    tenants: u64_of(row.try_get(0).map_err(map_error)?),
+                    wrapped_keys: u64_of(row.try_get(1).map_err(map_error)?),
+                })
             })
         })
     }
@@ -803,245 +863,267 @@ impl BackupStore for PostgresKeyStore {
         &self,
         f: &mut dyn FnMut(&TenantId, u32, &WrappedTenantKey) -> Result<()>,
     ) -> Result<u64> {
-        self.read(|conn| {
-            let mut count = 0;
-            for row in conn
-                .query(
-                    "SELECT tenant_id, version, master_version, wrapped_key FROM wrapped_keys \
-                     ORDER BY tenant_id, version",
-                    &[],
-                )
-                .map_err(map_error)?
-            {
-                let id: String = row.try_get(0).map_err(map_error)?;
-                let wrapped = WrappedTenantKey {
-                    master_version: u32_of(row.try_get(2).map_err(map_error)?, "master version")?,
-                    bytes: row.try_get(3).map_err(map_error)?,
-                };
-                f(
-                    &tenant_id_of(&id)?,
-                    u32_of(row.try_get(1).map_err(map_error)?, "key version")?,
-                    &wrapped,
-                )?;
-                count += 1;
-            }
-            Ok(count)
-        })
+        // Read first, then call `f` on the caller's thread (`f` need not be Send).
+        let rows = off_runtime(|| {
+            self.read(|conn| {
+                let mut rows = Vec::new();
+                for row in conn
+                    .query(
+                        "SELECT tenant_id, version, master_version, wrapped_key FROM wrapped_keys \
+                         ORDER BY tenant_id, version",
+                        &[],
+                    )
+                    .map_err(map_error)?
+                {
+                    let id: String = row.try_get(0).map_err(map_error)?;
+                    let wrapped = WrappedTenantKey {
+                        master_version: u32_of(
+                            row.try_get(2).map_err(map_error)?,
+                            "master version",
+                        )?,
+                        bytes: row.try_get(3).map_err(map_error)?,
+                    };
+                    rows.push((
+                        tenant_id_of(&id)?,
+                        u32_of(row.try_get(1).map_err(map_error)?, "key version")?,
+                        wrapped,
+                    ));
+                }
+                Ok(rows)
+            })
+        })?;
+        for (id, version, wrapped) in &rows {
+            f(id, *version, wrapped)?;
+        }
+        Ok(rows.len() as u64)
     }
 
     fn destroyed_items(&self) -> Result<Vec<ShredItem>> {
-        self.read_rows(|conn, key| {
-            let mut items = Vec::new();
-            for row in conn
-                .query(
-                    &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE state = $1"),
-                    &[&TenantState::Destroyed.code()],
-                )
-                .map_err(map_error)?
-            {
-                items.push(ShredItem {
-                    tenant_id: verified_tenant(key, stored_tenant(&row)?)?.record.tenant_id,
-                    version: None,
-                });
-            }
-            for row in conn
-                .query(
-                    &format!(
-                        "SELECT {VERSION_COLUMNS}, v.tenant_id FROM {VERSION_FROM} \
-                         JOIN tenants t ON t.tenant_id = v.tenant_id \
-                         WHERE v.state = $1 AND t.state != $2"
-                    ),
-                    &[
-                        &KeyVersionState::Destroyed.code(),
-                        &TenantState::Destroyed.code(),
-                    ],
-                )
-                .map_err(map_error)?
-            {
-                let id: String = row.try_get(8).map_err(map_error)?;
-                let id = tenant_id_of(&id)?;
-                let version = verified_version(key, &id, stored_version(&row)?)?
-                    .record
-                    .version;
-                items.push(ShredItem {
-                    tenant_id: id,
-                    version: Some(version),
-                });
-            }
-            Ok(items)
+        off_runtime(|| {
+            self.read_rows(|conn, key| {
+                let mut items = Vec::new();
+                for row in conn
+                    .query(
+                        &format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE state = $1"),
+                        &[&TenantState::Destroyed.code()],
+                    )
+                    .map_err(map_error)?
+                {
+                    items.push(ShredItem {
+                        tenant_id: verified_tenant(key, stored_tenant(&row)?)?.record.tenant_id,
+                        version: None,
+                    });
+                }
+                for row in conn
+                    .query(
+                        &format!(
+                            "SELECT {VERSION_COLUMNS}, v.tenant_id FROM {VERSION_FROM} \
+                             JOIN tenants t ON t.tenant_id = v.tenant_id \
+                             WHERE v.state = $1 AND t.state != $2"
+                        ),
+                        &[
+                            &KeyVersionState::Destroyed.code(),
+                            &TenantState::Destroyed.code(),
+                        ],
+                    )
+                    .map_err(map_error)?
+                {
+                    let id: String = row.try_get(8).map_err(map_error)?;
+                    let id = tenant_id_of(&id)?;
+                    let version = verified_version(key, &id, stored_version(&row)?)?
+                        .record
+                        .version;
+                    items.push(ShredItem {
+                        tenant_id: id,
+                        version: Some(version),
+                    });
+                }
+                Ok(items)
+            })
         })
     }
 
     fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>> {
-        let done = self.write_rows("shred", None, |rows| {
-            let mut done = Vec::new();
-            for item in items {
-                let Some(tenant) = load_tenant(rows.tx, rows.key, &item.tenant_id)? else {
-                    // A tenant destroyed after this database's copy was taken: its id becomes a
-                    // tombstone here too, so it cannot be created again.
-                    if item.version.is_none() {
-                        rows.put_tenant(
-                            &TenantRecord {
-                                tenant_id: item.tenant_id.clone(),
-                                state: TenantState::Destroyed,
-                                primary_version: 0,
-                                created_at: now,
-                                rotation_period_seconds: 0,
-                                max_encryptions: 0,
-                                deletion_time: None,
-                                destroyed_at: Some(now),
-                            },
-                            None,
-                        )?;
-                        done.push(item.clone());
-                    }
-                    continue;
-                };
-                if tenant.state == TenantState::Destroyed {
-                    continue;
-                }
-                if let Some(version) = item.version {
-                    let Some(record) = load_version(rows.tx, rows.key, &item.tenant_id, version)?
-                    else {
+        off_runtime(|| {
+            let done = self.write_rows("shred", None, |rows| {
+                let mut done = Vec::new();
+                for item in items {
+                    let Some(tenant) = load_tenant(rows.tx, rows.key, &item.tenant_id)? else {
+                        // A tenant destroyed after this database's copy was taken: its id becomes a
+                        // tombstone here too, so it cannot be created again.
+                        if item.version.is_none() {
+                            rows.put_tenant(
+                                &TenantRecord {
+                                    tenant_id: item.tenant_id.clone(),
+                                    state: TenantState::Destroyed,
+                                    primary_version: 0,
+                                    created_at: now,
+                                    rotation_period_seconds: 0,
+                                    max_encryptions: 0,
+                                    deletion_time: None,
+                                    destroyed_at: Some(now),
+                                },
+                                None,
+                            )?;
+                            done.push(item.clone());
+                        }
                         continue;
                     };
-                    if record.state == KeyVersionState::Destroyed && record.wrapped.is_none() {
+                    if tenant.state == TenantState::Destroyed {
                         continue;
                     }
+                    if let Some(version) = item.version {
+                        let Some(record) =
+                            load_version(rows.tx, rows.key, &item.tenant_id, version)?
+                        else {
+                            continue;
+                        };
+                        if record.state == KeyVersionState::Destroyed && record.wrapped.is_none() {
+                            continue;
+                        }
+                    }
+                    shred_rows(rows, &item.tenant_id, item.version, now)?;
+                    done.push(item.clone());
                 }
-                shred_rows(rows, &item.tenant_id, item.version, now)?;
-                done.push(item.clone());
+                Ok(done)
+            })?;
+            if !done.is_empty() {
+                self.vacuum_keys();
             }
             Ok(done)
-        })?;
-        if !done.is_empty() {
-            self.vacuum_keys();
-        }
-        Ok(done)
+        })
     }
 
     fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()> {
-        let id = tenant.tenant_id.as_str();
-        self.write_rows("import", Some(&tenant.tenant_id), |rows| {
-            let live = load_tenant_stored(rows.tx, rows.key, &tenant.tenant_id)?;
-            if let Some(live) = &live {
-                lifecycle::require_not_destroyed(live.record.state)?;
-            }
-            let current = load_versions_stored(rows.tx, rows.key, &tenant.tenant_id)?;
-            if let Some(v) = versions.iter().find(|v| {
-                v.wrapped.is_some()
-                    && current.iter().any(|c| {
-                        c.record.version == v.version
-                            && c.record.state == KeyVersionState::Destroyed
-                    })
-            }) {
-                return Err(Error::FailedPrecondition(format!(
-                    "key version {} of tenant {id} was destroyed; it cannot come back",
-                    v.version
-                )));
-            }
-            for old in &current {
-                rows.forget(&old.mac);
-            }
-            rows.tx
-                .execute("DELETE FROM wrapped_keys WHERE tenant_id = $1", &[&id])
-                .map_err(map_error)?;
-            rows.tx
-                .execute("DELETE FROM key_versions WHERE tenant_id = $1", &[&id])
-                .map_err(map_error)?;
-            rows.put_tenant(tenant, live.as_ref().map(|l| l.mac.as_slice()))?;
-            for version in versions {
-                rows.put_version(&tenant.tenant_id, version, None)?;
-                if let Some(wrapped) = &version.wrapped {
-                    rows.tx
-                        .execute(
-                            "INSERT INTO wrapped_keys (tenant_id, version, master_version, \
-                             wrapped_key) VALUES ($1, $2, $3, $4)",
-                            &[
-                                &id,
-                                &i64::from(version.version),
-                                &i64::from(wrapped.master_version),
-                                &wrapped.bytes,
-                            ],
-                        )
-                        .map_err(map_error)?;
+        off_runtime(|| {
+            let id = tenant.tenant_id.as_str();
+            self.write_rows("import", Some(&tenant.tenant_id), |rows| {
+                let live = load_tenant_stored(rows.tx, rows.key, &tenant.tenant_id)?;
+                if let Some(live) = &live {
+                    lifecycle::require_not_destroyed(live.record.state)?;
                 }
-            }
+                let current = load_versions_stored(rows.tx, rows.key, &tenant.tenant_id)?;
+                if let Some(v) = versions.iter().find(|v| {
+                    v.wrapped.is_some()
+                        && current.iter().any(|c| {
+                            c.record.version == v.version
+                                && c.record.state == KeyVersionState::Destroyed
+                        })
+                }) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "key version {} of tenant {id} was destroyed; it cannot come back",
+                        v.version
+                    )));
+                }
+                for old in &current {
+                    rows.forget(&old.mac);
+                }
+                rows.tx
+                    .execute("DELETE FROM wrapped_keys WHERE tenant_id = $1", &[&id])
+                    .map_err(map_error)?;
+                rows.tx
+                    .execute("DELETE FROM key_versions WHERE tenant_id = $1", &[&id])
+                    .map_err(map_error)?;
+                rows.put_tenant(tenant, live.as_ref().map(|l| l.mac.as_slice()))?;
+                for version in versions {
+                    rows.put_version(&tenant.tenant_id, version, None)?;
+                    if let Some(wrapped) = &version.wrapped {
+                        rows.tx
+                            .execute(
+                                "INSERT INTO wrapped_keys (tenant_id, version, master_version, \
+                                 wrapped_key) VALUES ($1, $2, $3, $4)",
+                                &[
+                                    &id,
+                                    &i64::from(version.version),
+                                    &i64::from(wrapped.master_version),
+                                    &wrapped.bytes,
+                                ],
+                            )
+                            .map_err(map_error)?;
+                    }
+                }
+                Ok(())
+            })?;
+            self.vacuum_keys();
             Ok(())
-        })?;
-        self.vacuum_keys();
-        Ok(())
+        })
     }
 
     fn shred_ledger_head(&self) -> Result<Option<LedgerHead>> {
-        self.read(|conn| {
-            conn.query_opt(
-                "SELECT entries, head_mac FROM shred_ledger_head WHERE id = 1",
-                &[],
-            )
-            .map_err(map_error)?
-            .map(|row| {
-                Ok(LedgerHead {
-                    entries: u64_of(row.try_get(0).map_err(map_error)?),
-                    head_mac: row.try_get(1).map_err(map_error)?,
+        off_runtime(|| {
+            self.read(|conn| {
+                conn.query_opt(
+                    "SELECT entries, head_mac FROM shred_ledger_head WHERE id = 1",
+                    &[],
+                )
+                .map_err(map_error)?
+                .map(|row| {
+                    Ok(LedgerHead {
+                        entries: u64_of(row.try_get(0).map_err(map_error)?),
+                        head_mac: row.try_get(1).map_err(map_error)?,
+                    })
                 })
+                .transpose()
             })
-            .transpose()
         })
     }
 
     fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()> {
-        self.pool.transaction(|tx| {
-            tx.execute(
-                "INSERT INTO shred_ledger_head (id, entries, head_mac) VALUES (1, $1, $2) \
-                 ON CONFLICT (id) DO UPDATE SET entries = excluded.entries, \
-                 head_mac = excluded.head_mac \
-                 WHERE excluded.entries > shred_ledger_head.entries",
-                &[&i64_of(head.entries), &head.head_mac],
-            )
-            .map_err(map_error)?;
-            Ok(())
+        off_runtime(|| {
+            self.pool.transaction(|tx| {
+                tx.execute(
+                    "INSERT INTO shred_ledger_head (id, entries, head_mac) VALUES (1, $1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET entries = excluded.entries, \
+                     head_mac = excluded.head_mac \
+                     WHERE excluded.entries > shred_ledger_head.entries",
+                    &[&i64_of(head.entries), &head.head_mac],
+                )
+                .map_err(map_error)?;
+                Ok(())
+            })
         })
     }
 
     fn unreconciled_key_changes(&self) -> Result<((i64, u64), Vec<KeyChange>)> {
-        self.read(|conn| {
-            let mut tx = conn
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(map_error)?;
-            let row = tx
-                .query_one(
-                    "SELECT through_secs, audit_seq FROM audit_reconciled WHERE id = 1",
-                    &[],
-                )
-                .map_err(map_error)?;
-            let secs: i64 = row.try_get(0).map_err(map_error)?;
-            let seq: i64 = row.try_get(1).map_err(map_error)?;
-            let changes = tx
-                .query(
-                    "SELECT v.tenant_id, v.version, v.created_at FROM key_versions v \
-                     WHERE v.created_at >= $1 AND NOT EXISTS (SELECT 1 FROM \
-                     audit_reconciled_boundary b WHERE b.tenant_id = v.tenant_id \
-                     AND b.version = v.version) \
-                     ORDER BY v.created_at, v.tenant_id, v.version",
-                    &[&secs],
-                )
-                .map_err(map_error)?
-                .iter()
-                .map(|row| {
-                    let id: String = row.try_get(0).map_err(map_error)?;
-                    Ok(KeyChange {
-                        tenant_id: tenant_id_of(&id)?,
-                        version: u32_of(row.try_get(1).map_err(map_error)?, "key version")?,
-                        at_secs: row.try_get(2).map_err(map_error)?,
+        off_runtime(|| {
+            self.read(|conn| {
+                let mut tx = conn
+                    .build_transaction()
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .map_err(map_error)?;
+                let row = tx
+                    .query_one(
+                        "SELECT through_secs, audit_seq FROM audit_reconciled WHERE id = 1",
+                        &[],
+                    )
+                    .map_err(map_error)?;
+                let secs: i64 = row.try_get(0).map_err(map_error)?;
+                let seq: i64 = row.try_get(1).map_err(map_error)?;
+                let changes = tx
+                    .query(
+                        "SELECT v.tenant_id, v.version, v.created_at FROM key_versions v \
+                         WHERE v.created_at >= $1 AND NOT EXISTS (SELECT 1 FROM \
+                         audit_reconciled_boundary b WHERE b.tenant_id = v.tenant_id \
+                         AND b.version = v.version) \
+                         ORDER BY v.created_at, v.tenant_id, v.version",
+                        &[&secs],
+                    )
+                    .map_err(map_error)?
+                    .iter()
+                    .map(|row| {
+                        let id: String = row.try_get(0).map_err(map_error)?;
+                        Ok(KeyChange {
+                            tenant_id: tenant_id_of(&id)?,
+                            version: u32_of(row.try_get(1).map_err(map_error)?, "key version")?,
+                            at_secs: row.try_get(2).map_err(map_error)?,
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            tx.commit().map_err(map_error)?;
-            Ok(((secs, u64_of(seq)), changes))
+                    .collect::<Result<Vec<_>>>()?;
+                tx.commit().map_err(map_error)?;
+                Ok(((secs, u64_of(seq)), changes))
+            })
         })
     }
 
@@ -1051,34 +1133,36 @@ impl BackupStore for PostgresKeyStore {
         audit_seq: u64,
         checked: &[KeyChange],
     ) -> Result<()> {
-        self.pool.transaction(|tx| {
-            let current: i64 = tx
-                .query_one(
-                    "SELECT through_secs FROM audit_reconciled WHERE id = 1 FOR UPDATE",
-                    &[],
-                )
-                .map_err(map_error)?
-                .try_get(0)
-                .map_err(map_error)?;
-            let secs = secs.max(current);
-            if secs > current {
-                tx.execute("DELETE FROM audit_reconciled_boundary", &[])
+        off_runtime(|| {
+            self.pool.transaction(|tx| {
+                let current: i64 = tx
+                    .query_one(
+                        "SELECT through_secs FROM audit_reconciled WHERE id = 1 FOR UPDATE",
+                        &[],
+                    )
+                    .map_err(map_error)?
+                    .try_get(0)
                     .map_err(map_error)?;
-            }
-            tx.execute(
-                "UPDATE audit_reconciled SET through_secs = $1, audit_seq = $2 WHERE id = 1",
-                &[&secs, &i64_of(audit_seq)],
-            )
-            .map_err(map_error)?;
-            for change in checked.iter().filter(|c| c.at_secs >= secs) {
+                let secs = secs.max(current);
+                if secs > current {
+                    tx.execute("DELETE FROM audit_reconciled_boundary", &[])
+                        .map_err(map_error)?;
+                }
                 tx.execute(
-                    "INSERT INTO audit_reconciled_boundary (tenant_id, version) VALUES ($1, $2) \
-                     ON CONFLICT DO NOTHING",
-                    &[&change.tenant_id.as_str(), &i64::from(change.version)],
+                    "UPDATE audit_reconciled SET through_secs = $1, audit_seq = $2 WHERE id = 1",
+                    &[&secs, &i64_of(audit_seq)],
                 )
                 .map_err(map_error)?;
-            }
-            Ok(())
+                for change in checked.iter().filter(|c| c.at_secs >= secs) {
+                    tx.execute(
+                        "INSERT INTO audit_reconciled_boundary (tenant_id, version) VALUES ($1, $2) \
+                         ON CONFLICT DO NOTHING",
+                        &[&change.tenant_id.as_str(), &i64::from(change.version)],
+                    )
+                    .map_err(map_error)?;
+                }
+                Ok(())
+            })
         })
     }
 }

@@ -2,6 +2,7 @@
 //! `test-seams`): raw reads and writes of tenant, key-version and token rows, bypassing the
 //! row MACs, the anchor and the change log, so the contract suite's tamper checks run against
 //! PostgreSQL too.
+use super::connect::off_runtime;
 
 use postgres::types::{ToSql, Type};
 
@@ -65,78 +66,84 @@ fn refs(params: &[Box<dyn ToSql + Sync>]) -> Vec<&(dyn ToSql + Sync)> {
 
 impl RowTamper for PostgresKeyStore {
     fn raw_row(&self, row: &RowRef) -> Result<Option<Vec<(String, RawValue)>>> {
-        let (table, condition, key) = target(row);
-        let mut conn = self.pool().get()?;
-        let Some(found) = conn
-            .query_opt(
-                &format!("SELECT * FROM {table} WHERE {condition}"),
-                &refs(&key),
-            )
-            .map_err(map_error)?
-        else {
-            return Ok(None);
-        };
-        found
-            .columns()
-            .iter()
-            .enumerate()
-            .map(|(i, column)| {
-                let value = match *column.type_() {
-                    Type::INT8 => found
-                        .try_get::<_, Option<i64>>(i)
-                        .map(|v| v.map_or(RawValue::Null, RawValue::Integer)),
-                    Type::INT4 => found
-                        .try_get::<_, Option<i32>>(i)
-                        .map(|v| v.map_or(RawValue::Null, |v| RawValue::Integer(v.into()))),
-                    Type::BYTEA => found
-                        .try_get::<_, Option<Vec<u8>>>(i)
-                        .map(|v| v.map_or(RawValue::Null, RawValue::Blob)),
-                    _ => found
-                        .try_get::<_, Option<String>>(i)
-                        .map(|v| v.map_or(RawValue::Null, RawValue::Text)),
-                }
-                .map_err(map_error)?;
-                Ok((column.name().to_owned(), value))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        off_runtime(|| {
+            let (table, condition, key) = target(row);
+            let mut conn = self.pool().get()?;
+            let Some(found) = conn
+                .query_opt(
+                    &format!("SELECT * FROM {table} WHERE {condition}"),
+                    &refs(&key),
+                )
+                .map_err(map_error)?
+            else {
+                return Ok(None);
+            };
+            found
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, column)| {
+                    let value = match *column.type_() {
+                        Type::INT8 => found
+                            .try_get::<_, Option<i64>>(i)
+                            .map(|v| v.map_or(RawValue::Null, RawValue::Integer)),
+                        Type::INT4 => found
+                            .try_get::<_, Option<i32>>(i)
+                            .map(|v| v.map_or(RawValue::Null, |v| RawValue::Integer(v.into()))),
+                        Type::BYTEA => found
+                            .try_get::<_, Option<Vec<u8>>>(i)
+                            .map(|v| v.map_or(RawValue::Null, RawValue::Blob)),
+                        _ => found
+                            .try_get::<_, Option<String>>(i)
+                            .map(|v| v.map_or(RawValue::Null, RawValue::Text)),
+                    }
+                    .map_err(map_error)?;
+                    Ok((column.name().to_owned(), value))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        })
     }
 
     fn raw_update(&self, row: &RowRef, columns: &[(String, RawValue)]) -> Result<()> {
-        let (table, condition, mut params) = target(row);
-        let mut sets = Vec::with_capacity(columns.len());
-        for (name, value) in columns {
-            let name = checked_name(name)?;
-            sets.push(format!("{name} = {}", placeholder(value, &mut params)));
-        }
-        let mut conn = self.pool().get()?;
-        conn.execute(
-            &format!("UPDATE {table} SET {} WHERE {condition}", sets.join(", ")),
-            &refs(&params),
-        )
-        .map_err(map_error)?;
-        Ok(())
+        off_runtime(|| {
+            let (table, condition, mut params) = target(row);
+            let mut sets = Vec::with_capacity(columns.len());
+            for (name, value) in columns {
+                let name = checked_name(name)?;
+                sets.push(format!("{name} = {}", placeholder(value, &mut params)));
+            }
+            let mut conn = self.pool().get()?;
+            conn.execute(
+                &format!("UPDATE {table} SET {} WHERE {condition}", sets.join(", ")),
+                &refs(&params),
+            )
+            .map_err(map_error)?;
+            Ok(())
+        })
     }
 
     fn raw_insert(&self, row: &RowRef, columns: &[(String, RawValue)]) -> Result<()> {
-        let (table, _, _) = target(row);
-        let mut params = Vec::new();
-        let mut names = Vec::with_capacity(columns.len());
-        let mut marks = Vec::with_capacity(columns.len());
-        for (name, value) in columns {
-            names.push(checked_name(name)?);
-            marks.push(placeholder(value, &mut params));
-        }
-        let mut conn = self.pool().get()?;
-        conn.execute(
-            &format!(
-                "INSERT INTO {table} ({}) VALUES ({})",
-                names.join(", "),
-                marks.join(", ")
-            ),
-            &refs(&params),
-        )
-        .map_err(map_error)?;
-        Ok(())
+        off_runtime(|| {
+            let (table, _, _) = target(row);
+            let mut params = Vec::new();
+            let mut names = Vec::with_capacity(columns.len());
+            let mut marks = Vec::with_capacity(columns.len());
+            for (name, value) in columns {
+                names.push(checked_name(name)?);
+                marks.push(placeholder(value, &mut params));
+            }
+            let mut conn = self.pool().get()?;
+            conn.execute(
+                &format!(
+                    "INSERT INTO {table} ({}) VALUES ({})",
+                    names.join(", "),
+                    marks.join(", ")
+                ),
+                &refs(&params),
+            )
+            .map_err(map_error)?;
+            Ok(())
+        })
     }
 }
