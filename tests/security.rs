@@ -960,8 +960,10 @@ async fn mtls_mapped_certificate_acts_as_its_caller() {
         .arg(&files.1)
         .arg("--client-key")
         .arg(&files.2)
-        .arg("--token-file")
-        .arg(pki.dir.path().join("no-such-token"))
+        // No token at all: run where no ./data/admin.token can be picked up by default.
+        .current_dir(pki.dir.path())
+        .env_remove("TENANT_KMS_TOKEN")
+        .env_remove("TENANT_KMS_TOKEN_FILE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
