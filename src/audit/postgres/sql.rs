@@ -668,6 +668,15 @@ pub(super) fn prune_chain(
 ) -> Result<u64> {
     let mut tx = client.transaction().map_err(db_error)?;
     lock_chain(&mut tx, chain)?;
+    // Verified again under the chain's lock: a record edited after the caller's check must
+    // not be deleted under a freshly signed checkpoint (that would erase the evidence).
+    let report = verify_chain(&mut tx, keys, chain)?;
+    if !report.ok {
+        return Err(Error::FailedPrecondition(format!(
+            "chain {chain} does not verify (record {}: {}); not pruning",
+            report.first_bad_seq, report.reason
+        )));
+    }
     let keep_from: Option<i64> = tx
         .query_one(
             "SELECT MIN(seq) FROM audit_records WHERE node_id = $1 AND time_us >= $2",
