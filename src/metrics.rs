@@ -233,21 +233,15 @@ impl Registry {
 
     /// Records one anomaly found by `detector`.
     pub fn anomaly(&self, detector: crate::detect::Detector) {
-        if let Some(counter) = crate::detect::Detector::ALL
-            .iter()
-            .position(|d| *d == detector)
-            .and_then(|i| self.anomalies.get(i))
-        {
+        if let Some(counter) = self.anomalies.get(detector.index()) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Anomalies found by `detector` so far (tests read it).
     pub fn anomalies(&self, detector: crate::detect::Detector) -> u64 {
-        crate::detect::Detector::ALL
-            .iter()
-            .position(|d| *d == detector)
-            .and_then(|i| self.anomalies.get(i))
+        self.anomalies
+            .get(detector.index())
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
