@@ -1,5 +1,5 @@
 //! The `AuditLog` contract: one suite, generic over the traits, that every backend must pass
-//! (SQLite and PostgreSQL, from `tests/audit_contract.rs`). It checks what the writer, the
+//! (SQLite and PostgreSQL, from `tests/integration/audit_contract.rs`). It checks what the writer, the
 //! service, the commands and backup rely on: append order and the head, query filters and
 //! paging (per chain and merged), pruning that leaves a checkpoint the rest verifies from,
 //! snapshots that are one consistent state (backends with file snapshots), and readers that

@@ -126,7 +126,7 @@ impl Command {
 }
 
 /// Each RPC of the protos and the command that calls it (words, then flags that select it).
-/// `tests/cli.rs` checks this against the protos and the clap definitions both ways, so a
+/// `tests/integration/cli.rs` checks this against the protos and the clap definitions both ways, so a
 /// new RPC without a command fails the build's tests.
 pub const RPC_COMMANDS: &[(&str, &str)] = &[
     ("KeyService/Encrypt", "encrypt"),

@@ -1,6 +1,6 @@
 //! The key-store conformance suite: the contract of the [`KeyStore`] traits written once, as
 //! generic checks that every backend runs against itself (as tikv's `engine_traits_tests`
-//! verify every engine). `tests/store_contract.rs` runs it for [`super::SqliteKeyStore`]; a
+//! verify every engine). `tests/integration/store_contract.rs` runs it for [`super::SqliteKeyStore`]; a
 //! PostgreSQL backend's tests call the same functions.
 //!
 //! Each `check_*` function takes a fresh, empty store (no master version, no tenant) with the

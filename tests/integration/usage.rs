@@ -3,7 +3,7 @@
 //! `/metrics`, and the `usage` command.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -409,7 +409,7 @@ async fn absurd_durations_are_refused_and_stored_ones_never_panic() {
 
     // Values an older version stored read back without a panic: the timestamps saturate at
     // the end of year 9999. (A writer of keys.db can no longer put them there: its edit
-    // fails the row's MAC, tests/tamper.rs. An older version's keys.db has no row MACs and
+    // fails the row's MAC, tests/integration/tamper.rs. An older version's keys.db has no row MACs and
     // is MAC'd as it stands when upgraded, which is emulated here across a restart.)
     drop(tenants);
     server.terminate().await;

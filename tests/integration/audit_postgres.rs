@@ -4,7 +4,7 @@
 //! with database access but without the master key would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

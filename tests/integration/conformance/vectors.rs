@@ -5,7 +5,7 @@
 //! `TENANT_KMS_WRITE_VECTORS=1` it writes the files instead:
 //!
 //! ```text
-//! TENANT_KMS_WRITE_VECTORS=1 cargo test --test conformance generated_vector_files_are_current
+//! TENANT_KMS_WRITE_VECTORS=1 cargo test --test integration conformance::generated_vector_files_are_current
 //! ```
 //!
 //! `vector_files_hold` checks every committed vector through the functions the service uses:
@@ -35,7 +35,7 @@ use tenant_kms::service::status;
 
 use super::report;
 
-const REGENERATE: &str = "TENANT_KMS_WRITE_VECTORS=1 cargo test --test conformance \
+const REGENERATE: &str = "TENANT_KMS_WRITE_VECTORS=1 cargo test --test integration conformance:: \
                           generated_vector_files_are_current";
 
 fn vectors_dir() -> PathBuf {

@@ -2,12 +2,12 @@
 //! its error model, its refusals, its audit records (equal to gRPC's), and the OpenAPI
 //! document (served, equal to docs/openapi.json, covering every RPC).
 //!
-//! `TENANT_KMS_WRITE_OPENAPI=1 cargo test --release --test rest openapi` rewrites
+//! `TENANT_KMS_WRITE_OPENAPI=1 cargo test --release --test integration rest::openapi` rewrites
 //! docs/openapi.json from the server after a change to the protos or the routes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::*;

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -56,7 +56,7 @@ async fn v1alpha_reflection_lists_and_describes_the_services() {
         Some(MessageResponse::ListServicesResponse(list)) => list,
         other => panic!("not a service list: {other:?}"),
     };
-    // The exact list (and that v1 gives the same) is checked in tests/perf.rs.
+    // The exact list (and that v1 gives the same) is checked in tests/integration/perf.rs.
     let names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
     assert!(
         names.iter().any(|n| n == "tenantkms.v1.KeyService"),
@@ -140,7 +140,7 @@ async fn health_is_not_serving_while_the_audit_cannot_write_and_serving_after() 
         .into_inner();
     assert_eq!(next_status(&mut watch).await, Some(serving));
 
-    // The fault (as in tests/audit.rs): another connection holds audit.db's write lock past
+    // The fault (as in tests/integration/audit.rs): another connection holds audit.db's write lock past
     // the writer's busy timeout, so commits fail.
     let blocker = rusqlite::Connection::open(dir.join("audit.db")).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -778,7 +778,7 @@ fn ledger_records_a_destruction_the_store_made_before_a_crash() {
 /// up, destroys some, wipes the data directory, restores (verifying every key and shredding
 /// the destroyed ones again). Ignored by default:
 /// `TENANT_KMS_RESTORE_TENANTS=1000000 [TENANT_KMS_RESTORE_AUDIT_RECORDS=1000000] cargo test
-/// --release --test backup -- --ignored --nocapture restore_time`.
+/// --release --test integration backup:: -- --ignored --nocapture restore_time`.
 #[test]
 #[ignore]
 fn restore_time_for_many_tenants() {

@@ -3,7 +3,7 @@
 //! have been answered without its audit record committed, and the chains verify afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -4,7 +4,7 @@
 //! only the unacknowledged tail; the file sink rotates; the lag is exported.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
