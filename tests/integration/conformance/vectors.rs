@@ -5,7 +5,7 @@
 //! `TENANT_KMS_WRITE_VECTORS=1` it writes the files instead:
 //!
 //! ```text
-//! TENANT_KMS_WRITE_VECTORS=1 cargo test --test integration conformance::generated_vector_files_are_current
+//! TENANT_KMS_WRITE_VECTORS=1 cargo test --release --test integration conformance::vectors::generated_vector_files_are_current
 //! ```
 //!
 //! `vector_files_hold` checks every committed vector through the functions the service uses:
@@ -35,8 +35,8 @@ use tenant_kms::service::status;
 
 use super::report;
 
-const REGENERATE: &str = "TENANT_KMS_WRITE_VECTORS=1 cargo test --test integration conformance:: \
-                          generated_vector_files_are_current";
+const REGENERATE: &str = "TENANT_KMS_WRITE_VECTORS=1 cargo test --release --test integration \
+                          conformance::vectors::generated_vector_files_are_current";
 
 fn vectors_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors")
