@@ -386,7 +386,7 @@ async fn a_migration_killed_before_it_publishes_leaves_the_target_empty_and_runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_migration_refuses_while_a_server_serves_the_source() {
+async fn a_migration_refuses_a_served_source_and_a_broken_audit_chain() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("data");
     populated(&dir).await;
@@ -398,6 +398,21 @@ async fn a_migration_refuses_while_a_server_serves_the_source() {
     assert!(stderr.contains("in use by"), "{stderr}");
     assert_eq!(target.tables(), 0);
     drop(server);
+
+    // A source whose audit chain does not verify is refused too: never laundered into a
+    // fresh chain.
+    rusqlite::Connection::open(dir.join("audit.db"))
+        .unwrap()
+        .execute(
+            "UPDATE audit_events SET tenant_id = 'other' WHERE seq = 3",
+            [],
+        )
+        .unwrap();
+    let (code, _, stderr) =
+        target.cli(&["migrate-store", "--from", path(&dir), "--to", &target.url]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("record 3"), "{stderr}");
+    assert_eq!(target.tables(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -535,13 +550,12 @@ async fn data_directory_commands_work_on_store_and_tenants_move_between_backends
     assert_eq!(listed.lines().count(), 2, "{listed}");
 
     let node = TestServer::start_with(options.clone()).await;
-    let (mut service, mut tenants, _) = node.clients_with(Some(token.trim())).await;
+    let (mut service, _, _) = node.clients_with(Some(token.trim())).await;
     let plain = decrypt(&mut service, "moving", "crm.email", &v1.ciphertext, b"")
         .await
         .unwrap();
     assert_eq!(plain.plaintext, b"on sqlite");
     let v2 = encrypt(&mut service, "moving", "crm.email", b"on postgres", b"").await;
-    drop(tenants);
     let (_, mut tenants, _) = node.clients().await;
     assert_eq!(key_versions(&mut tenants, "moving").await.len(), 2);
     node.stop().await;
