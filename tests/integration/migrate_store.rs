@@ -153,7 +153,7 @@ async fn populated(dir: &Path) -> (Vec<(String, Vec<u8>, Vec<u8>)>, String, Stri
             tenant_id: "acme".into(),
             name: "email".into(),
             bits: 32,
-            normalization: "lowercase".into(),
+            normalization: "casefold_trim".into(),
         })
         .await
         .unwrap();
@@ -295,14 +295,14 @@ async fn a_data_directory_migrates_whole_and_a_node_serves_it_from_postgres() {
     let versions = key_versions(&mut tenants, "globex").await;
     assert_eq!(versions[0].state, pb::KeyVersionState::Destroyed as i32);
     assert_eq!(key_versions(&mut tenants, "acme").await.len(), 2);
-    let (mut service, _, _) = node.clients_with(Some(&token)).await;
+    let (mut service, _, _) = node.clients_with(Some(token.as_str())).await;
     let (_, _, ciphertext) = &sealed[0];
     assert!(
         decrypt(&mut service, "acme", "crm.email", ciphertext, b"")
             .await
             .is_ok()
     );
-    let (mut refused, _, _) = node.clients_with(Some(&revoked)).await;
+    let (mut refused, _, _) = node.clients_with(Some(revoked.as_str())).await;
     assert!(
         decrypt(&mut refused, "acme", "crm.email", ciphertext, b"")
             .await
