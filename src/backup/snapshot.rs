@@ -154,16 +154,11 @@ pub fn verify_manifest_and_files(dir: &Path, ring: &MasterKeyring) -> Result<Man
     Ok(manifest)
 }
 
-/// Checks the backup's contents, found in `files_dir` (the backup itself, or a restore's
-/// staged copy already checked against the manifest): every wrapped tenant key unwraps with
-/// the keyring at hand, the audit secret unwraps, the audit chain verifies and ends at the
-/// manifest's head.
-pub fn verify_contents(
-    files_dir: &Path,
-    manifest: &Manifest,
-    ring: &MasterKeyring,
-) -> Result<VerifyReport> {
-    let store = SqliteKeyStore::open_read_only(&files_dir.join(KEYS_DB))?;
+/// Checks that every wrapped tenant key of `store` unwraps with `ring` (the key-store half of
+/// `backup verify`, for a backup's keys.db or a restored PostgreSQL database); returns how many
+/// did. A key under a master version the keyring lacks, or one that does not open (a changed
+/// row, another keyring), fails naming the tenant, the version and the master version.
+pub fn check_wrapped_keys<S: BackupStore + ?Sized>(store: &S, ring: &MasterKeyring) -> Result<u64> {
     let wrapping = TenantKeyWrapping::new(ring)?;
     let mut failed: Option<String> = None;
     let unwrapped = store.for_each_wrapped_key(&mut |id, version, wrapped| {
@@ -189,6 +184,20 @@ pub fn verify_contents(
             "a wrapped key does not unwrap with the keyring at hand: {what}; refused"
         )));
     }
+    Ok(unwrapped)
+}
+
+/// Checks the backup's contents, found in `files_dir` (the backup itself, or a restore's
+/// staged copy already checked against the manifest): every wrapped tenant key unwraps with
+/// the keyring at hand, the audit secret unwraps, the audit chain verifies and ends at the
+/// manifest's head.
+pub fn verify_contents(
+    files_dir: &Path,
+    manifest: &Manifest,
+    ring: &MasterKeyring,
+) -> Result<VerifyReport> {
+    let store = SqliteKeyStore::open_read_only(&files_dir.join(KEYS_DB))?;
+    let unwrapped = check_wrapped_keys(&store, ring)?;
     if unwrapped != manifest.counts.wrapped_keys {
         return Err(Error::FailedPrecondition(format!(
             "keys.db holds {unwrapped} wrapped keys, the manifest says {}; refused",

@@ -70,7 +70,7 @@ pub struct StoreArgs {
 /// line, where every user of the machine can read it. A parser of its own so that clap's
 /// error does not repeat the value (and the password) on stderr.
 #[derive(Debug, Clone, Copy)]
-struct StoreFlagParser;
+pub(super) struct StoreFlagParser;
 
 impl clap::builder::TypedValueParser for StoreFlagParser {
     type Value = String;
@@ -99,7 +99,7 @@ impl clap::builder::TypedValueParser for StoreFlagParser {
 }
 
 /// clap's check of `--node-id`.
-fn parse_node_id(text: &str) -> std::result::Result<String, String> {
+pub(super) fn parse_node_id(text: &str) -> std::result::Result<String, String> {
     crate::service::node_id::parse(text).map_err(|e| e.to_string())
 }
 

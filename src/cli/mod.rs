@@ -13,6 +13,7 @@ pub mod drill;
 pub mod index;
 pub mod json;
 pub mod keyring;
+pub mod migrate_store;
 pub mod rotate;
 pub mod selftest;
 pub mod serve;
@@ -83,6 +84,9 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a full backup into a data directory (the server stopped).
     Restore(backup::RestoreArgs),
+    /// Copy a data directory's store and audit log into an empty PostgreSQL database, all or
+    /// nothing (`migrate-store --from ./data --to postgres://…`; the server stopped).
+    MigrateStore(migrate_store::MigrateStoreArgs),
     /// Seal the master keyring under a root of trust (PKCS#11 HSM or passphrase), re-seal,
     /// unseal for migration, or show its state.
     #[command(subcommand)]
@@ -189,6 +193,7 @@ pub fn main() -> ExitCode {
         Command::Token(cmd) => token::run(cmd),
         Command::Backup(args) => backup::run_backup(args),
         Command::Restore(args) => backup::run_restore(args),
+        Command::MigrateStore(args) => migrate_store::run(args),
         Command::Selftest(args) => selftest::run(args),
         Command::Keyring(cmd) => keyring::run(cmd),
         Command::Index(cmd) => index::run(cmd),

@@ -397,10 +397,7 @@ impl DataDir {
     /// anchor counter, the baseline of the rollback check from that record on (docs/AUDIT.md,
     /// "Key-store anchors").
     pub fn restored_key_store_note(&self) -> String {
-        format!(
-            "{RESTORE_ANCHOR_SEPARATOR}{ANCHOR_DETAIL}{}",
-            self.store.anchor_counter()
-        )
+        restored_anchor_note(self.store.anchor_counter())
     }
 
     /// Records the key store's anchor counter as it stands now in the audit chain (a
@@ -617,6 +614,13 @@ const RESTORE_ANCHOR_SEPARATOR: &str = "; ";
 /// key-store anchors; also how far before the newest anchor older ones still count (anchors
 /// of two processes may land out of order, by as little as their appends race).
 const ANCHOR_WINDOW: u64 = 1000;
+
+/// The text an `ok` Restore record's detail ends with to name `counter` as the anchor counter
+/// of the key store it installs (`restore`, and `migrate-store`, whose copy is a restore into
+/// a new backend): the rollback check's baseline from that record on.
+pub fn restored_anchor_note(counter: u64) -> String {
+    format!("{RESTORE_ANCHOR_SEPARATOR}{ANCHOR_DETAIL}{counter}")
+}
 
 /// The `KeyStoreAnchor` record of `counter`.
 fn key_store_anchor_record(counter: u64) -> AuditRecord {

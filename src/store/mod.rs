@@ -40,6 +40,9 @@ pub const TEST_FAILPOINT_ENV: &str = "TENANT_KMS_TEST_FAILPOINT";
 /// record is not written yet.
 pub const FAILPOINT_AFTER_KEY_COMMIT: &str = "after-key-commit";
 
+/// Failpoint: `migrate-store` has built the whole copy in its staging schema and not published
+/// it yet (a migration killed at its last moment must leave the target empty).
+pub const FAILPOINT_MIGRATE_BEFORE_PUBLISH: &str = "migrate-before-publish";
 /// Failpoint: a destruction is committed in keys.db, its shred sequence (rebuild, WAL
 /// checkpoint and truncate) has not run.
 pub const FAILPOINT_BEFORE_SHRED_SEQUENCE: &str = "before-shred-sequence";

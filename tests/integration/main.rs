@@ -48,6 +48,10 @@ mod hardening;
 /// Rotation tied to the tenant lifecycle.
 mod lifecycle;
 
+/// Moving to PostgreSQL (`migrate-store`), checking a restored database, and the
+/// data-directory commands on `--store`.
+mod migrate_store;
+
 /// The monitoring kit.
 mod monitoring;
 

@@ -57,6 +57,10 @@ pub struct PgOptions {
     /// How long the first connection keeps being retried at start (the database may come up
     /// after the node).
     pub startup_wait: Duration,
+    /// The schema every connection works in (`search_path`) instead of the role's default:
+    /// `migrate-store` builds its copy in a staging schema of its own and publishes it at the
+    /// end ([`super::staging`]). `None` for everything else.
+    pub search_path: Option<String>,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -81,6 +85,7 @@ impl PgOptions {
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             startup_wait: DEFAULT_STARTUP_WAIT,
+            search_path: None,
         }
     }
 
@@ -98,6 +103,14 @@ impl PgOptions {
         config.connect_timeout(self.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name("tenant-kms");
+        }
+        if let Some(schema) = &self.search_path {
+            // Kept after any options of the connection string; the name is ours, never input.
+            let options = match config.get_options() {
+                Some(given) => format!("{given} -c search_path={schema}"),
+                None => format!("-c search_path={schema}"),
+            };
+            config.options(&options);
         }
         match (&self.tls_ca, config.get_ssl_mode()) {
             (Some(_), SslMode::Disable) => {

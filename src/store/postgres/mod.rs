@@ -8,12 +8,14 @@
 //! - `rows`: the MAC'd rows (the same encodings and anchor as keys.db).
 //! - `changes`: the change log every node follows, and the fail-closed staleness bound.
 //! - [`PostgresKeyStore`]: the key-store traits.
+//! - [`staging`]: the staging schema `migrate-store` fills and publishes in one transaction.
 
 mod changes;
 mod connect;
 mod index;
 mod rows;
 mod schema;
+pub mod staging;
 mod store;
 #[cfg(any(test, feature = "test-seams"))]
 mod tamper;
