@@ -134,6 +134,13 @@ pub struct BenchArgs {
     /// tenant-kms-bench build serves the echo baseline too, a tenant-kms binary does not.
     #[arg(long)]
     server_exe: Option<PathBuf>,
+    /// Compare deployments instead: the same node on SQLite, one node on PostgreSQL and two
+    /// nodes on one PostgreSQL database (a private cluster this bench starts with
+    /// /usr/lib/postgresql/15/bin, durable settings), each scenario and concurrency on each,
+    /// with CPU per call per tier (nodes, database) and audit records per commit. Audit
+    /// durability is fsync; --durability, --addr, --data-dir and churn do not apply.
+    #[arg(long)]
+    postgres: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -192,6 +199,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
+    if args.postgres {
+        let report = runtime.block_on(crate::tiers::run(config, command))?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).map_err(Error::internal)?
+            );
+        } else {
+            print!("{}", report.to_text());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let report = runtime.block_on(crate::run(config, command))?;
     if args.json {
         println!(

@@ -21,7 +21,8 @@
 //! - [`load`]: the closed-loop driver (N calls in flight, warm-up, measured window);
 //! - [`child`]: the child server; [`procfs`]: its CPU time and memory from /proc;
 //! - [`baseline`]: in-process baselines; [`stats`]: percentiles and medians;
-//! - [`churn`]: the lifecycle churn soak and its checks; [`report`]: tables and JSON.
+//! - [`churn`]: the lifecycle churn soak and its checks; [`report`]: tables and JSON;
+//! - [`tiers`]: `--postgres`, SQLite against one and two nodes on PostgreSQL, CPU per tier.
 //!
 //! The load generator shares the machine with the server, so client CPU is reported too.
 
@@ -37,6 +38,7 @@ pub mod procfs;
 pub mod report;
 pub mod scenario;
 pub mod stats;
+pub mod tiers;
 
 /// The generated messages and gRPC stubs of `tenantkms.bench.v1` (the echo RPC only; the
 /// real services' stubs are `tenant_kms::pb`).

@@ -18,6 +18,38 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / TICKS_PER_SECOND)
 }
 
+/// The parent process id of `pid`, from /proc (`None` if it cannot tell).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After ')' come field 3 (state) at index 0, then field 4 (ppid).
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU seconds of `pid` and of every living child of it (a PostgreSQL
+/// postmaster and its backends and background workers). `None` if `pid` is gone.
+pub fn family_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut total = cpu_seconds(pid)?;
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if child != pid && parent_pid(child) == Some(pid) {
+            // A child that exits between the two reads is simply not counted.
+            total += cpu_seconds(child).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}
+
 /// CPU seconds of this process.
 pub fn own_cpu_seconds() -> Option<f64> {
     cpu_seconds(std::process::id())
@@ -91,6 +123,11 @@ mod tests {
         }
         assert!(x > 0);
         assert!(own_cpu_seconds().is_some());
+        let me = std::process::id();
+        assert!(parent_pid(me).is_some_and(|p| p != me));
+        // This process's own CPU is part of its family's (children add to it).
+        let family = family_cpu_seconds(me).unwrap();
+        assert!(family >= cpu_seconds(me).unwrap() - 0.05, "{family}");
         let (rss, peak) = rss_mib(std::process::id()).unwrap();
         assert!(rss > 0.0 && peak >= rss * 0.5);
         assert!(!machine(Path::new("/")).is_empty());

@@ -217,6 +217,68 @@ fn bench_runs_the_searchable_scenarios() {
 }
 
 #[test]
+fn bench_compares_sqlite_with_one_and_two_postgres_nodes() {
+    // Starts its own PostgreSQL (postgresql-15); fails, saying what to install, without it.
+    let report = bench_json(&[
+        "--postgres",
+        "--duration",
+        "500ms",
+        "--warmup",
+        "200ms",
+        "--concurrency",
+        "4",
+        "--scenario",
+        "encrypt-64,decrypt-64",
+        "--tenants",
+        "3",
+        "--json",
+    ]);
+    let results = report["results"].as_array().unwrap();
+    let rows: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["deployment"].as_str().unwrap(),
+                r["scenario"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("sqlite, 1 node", "encrypt-64"),
+            ("sqlite, 1 node", "decrypt-64"),
+            ("postgres, 1 node", "encrypt-64"),
+            ("postgres, 1 node", "decrypt-64"),
+            ("postgres, 2 nodes", "encrypt-64"),
+            ("postgres, 2 nodes", "decrypt-64"),
+        ]
+    );
+    for r in results {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["rps"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["node_cpu_us_per_req"].as_f64().unwrap() > 0.0, "{r}");
+        let postgres = r["deployment"].as_str().unwrap().starts_with("postgres");
+        // The database tier is measured for PostgreSQL only, and every audited call left
+        // a record that some audit commit wrote.
+        assert_eq!(r["db_cpu_us_per_req"].is_f64(), postgres, "{r}");
+        if postgres {
+            assert!(r["db_cpu_us_per_req"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(
+                r["audit_records_per_audit_commit"].as_f64().unwrap() >= 1.0,
+                "{r}"
+            );
+            assert!(r["db_commits_per_req"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    // Both targets are checked for Encrypt against SQLite; the two-node run is projected.
+    assert_eq!(report["targets"].as_array().unwrap().len(), 4);
+    let projections = report["projections"].as_array().unwrap();
+    assert_eq!(projections.len(), 2);
+    assert!(projections[0]["nodes_per_database"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
 fn bench_refuses_bad_input() {
     let (code, _, stderr) = run_bench(&["--scenario", "encrypt-sideways"]);
     assert_eq!(code, 1);
@@ -227,6 +289,10 @@ fn bench_refuses_bad_input() {
     // The bench's flags and its subcommands do not mix.
     let (code, _, stderr) = run_bench(&["--json", "serve"]);
     assert_eq!(code, 2, "{stderr}");
+    // --postgres starts its own servers: a data directory of the caller's is refused.
+    let (code, _, stderr) = run_bench(&["--postgres", "--data-dir", "/nonexistent/kms"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("drop --addr and --data-dir"), "{stderr}");
 }
 
 #[test]

@@ -48,14 +48,18 @@ pub use state::{AppState, Limits, ServiceOptions, TlsFiles};
 
 use crate::error::{Error, Result};
 
-/// Runs blocking work (SQLite, large batches) on tokio's blocking pool so it never stalls the
-/// async worker threads.
+/// Runs blocking work (SQLite, PostgreSQL, large batches) on tokio's blocking pool so it never
+/// stalls the async worker threads.
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    // The work runs in the caller's span, so its log lines carry the request id.
+    // The work runs in the caller's span, so its log lines carry the request id. The thread
+    // runs no async task, so the PostgreSQL store may block on it in place (no thread per
+    // store call).
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(work))
-        .await
-        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        crate::store::postgres::on_blocking_pool(|| span.in_scope(work))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }

@@ -9,6 +9,10 @@
 //!   (statics have no destructors, so a small reaper process waits for this one to die).
 //! - [`PgCluster`]: a cluster of a test's own, which it may [`PgCluster::stop`] and
 //!   [`PgCluster::start`] again (the database-restart tests).
+//!
+//! The load generator (`bench/`, `--postgres`) includes this same file (`#[path]`) to start its
+//! cluster, with durable settings ([`PgCluster::with_settings`]) instead of the tests' fast
+//! ones, so there is one copy of the start-up code.
 
 #![allow(dead_code)]
 
@@ -24,6 +28,9 @@ pub const BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 pub const URL_ENV: &str = "TENANT_KMS_TEST_POSTGRES_URL";
 /// The superuser of a private cluster.
 const SUPERUSER: &str = "postgres";
+/// The settings the tests' clusters run with: no fsync and no full-page writes (a test's data
+/// need not survive a power loss, and the tests run faster).
+pub const TEST_SETTINGS: &str = "-c fsync=off -c full_page_writes=off";
 
 /// A private PostgreSQL cluster in a temporary directory, on a free loopback port, with
 /// password (SCRAM) authentication over TCP. Stopped (immediately) when dropped, or by its
@@ -33,14 +40,23 @@ pub struct PgCluster {
     data: PathBuf,
     port: u16,
     password: String,
+    /// `-c name=value` settings beyond the address, port and socket directory.
+    settings: String,
     running: bool,
     _temp: tempfile::TempDir,
 }
 
 impl PgCluster {
-    /// Makes and starts a new cluster. Panics, saying what to install, when the server
-    /// package is missing.
+    /// Makes and starts a new cluster with [`TEST_SETTINGS`]. Panics, saying what to install,
+    /// when the server package is missing.
     pub fn new() -> Self {
+        Self::with_settings(TEST_SETTINGS)
+    }
+
+    /// Makes and starts a new cluster with `settings` (`-c name=value …`, e.g. none for
+    /// PostgreSQL's durable defaults). Panics, saying what to install, when the server package
+    /// is missing.
+    pub fn with_settings(settings: &str) -> Self {
         let initdb = Path::new(BIN_DIR).join("initdb");
         assert!(
             initdb.exists(),
@@ -82,6 +98,7 @@ impl PgCluster {
             data,
             port: 0,
             password,
+            settings: settings.to_owned(),
             running: false,
             _temp: temp,
         };
@@ -98,10 +115,10 @@ impl PgCluster {
         }
         let options = format!(
             "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} \
-             -c fsync=off -c full_page_writes=off -c shared_buffers=32MB \
-             -c max_connections=300",
+             -c shared_buffers=32MB -c max_connections=300 {}",
             self.port,
-            self.root.display()
+            self.root.display(),
+            self.settings
         );
         run_status(
             as_postgres(&Path::new(BIN_DIR).join("pg_ctl"))
@@ -133,6 +150,13 @@ impl PgCluster {
     /// The loopback port it listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id of the running server's postmaster (its backends are its children),
+    /// from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
     }
 
     /// The superuser's password.

@@ -7,9 +7,14 @@
 //! and a command of the same node (`rotate`) append one after the other, while other nodes'
 //! chains are not touched: no lock is shared by all nodes except the registry's, which only a
 //! node's first open takes.
+//!
+//! The statements of the append path (one transaction per group commit) are sent with their
+//! parameter types (`query_typed`): parse, bind and execute in one round trip instead of a
+//! prepare round trip before each, with no per-connection statement cache to keep valid
+//! across reconnects, failovers and PgBouncer.
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 use postgres::{GenericClient, Row, Transaction};
 
 use crate::audit::anchor::{self, Anchor, Kind, Stored};
@@ -163,9 +168,9 @@ pub(super) fn register(
 
 /// Takes `chain`'s write lock for the rest of the transaction.
 fn lock_chain(tx: &mut Transaction<'_>, chain: &str) -> Result<()> {
-    tx.execute(
+    tx.query_typed(
         "SELECT pg_advisory_xact_lock(hashtextextended('tenant-kms/audit-chain/' || $1, 0))",
-        &[&chain],
+        &[(&chain, Type::TEXT)],
     )
     .map_err(db_error)?;
     Ok(())
@@ -183,9 +188,9 @@ fn read_anchor(
     kind: Kind,
 ) -> Result<Stored> {
     let value: Option<Vec<u8>> = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT value FROM audit_anchors WHERE node_id = $1 AND name = $2",
-            &[&owner, &kind.name()],
+            &[(&owner, Type::TEXT), (&kind.name(), Type::TEXT)],
         )
         .map_err(db_error)?
         .map(|row| row.get(0));
@@ -210,10 +215,14 @@ fn write_anchor(
         anchor::encode_chain(keys, kind, owner, anchor)
     };
     client
-        .execute(
+        .query_typed(
             "INSERT INTO audit_anchors (node_id, name, value) VALUES ($1, $2, $3) \
              ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value",
-            &[&owner, &kind.name(), &value],
+            &[
+                (&owner, Type::TEXT),
+                (&kind.name(), Type::TEXT),
+                (&value, Type::BYTEA),
+            ],
         )
         .map_err(db_error)?;
     Ok(())
@@ -222,9 +231,9 @@ fn write_anchor(
 /// The last record of `chain`: its sequence number and stored MAC.
 fn last_row(client: &mut impl GenericClient, chain: &str) -> Result<Option<(u64, Vec<u8>)>> {
     Ok(client
-        .query_opt(
+        .query_typed_opt(
             "SELECT seq, mac FROM audit_records WHERE node_id = $1 ORDER BY seq DESC LIMIT 1",
-            &[&chain],
+            &[(&chain, Type::TEXT)],
         )
         .map_err(db_error)?
         .map(|row| (u64::try_from(row.get::<_, i64>(0)).unwrap_or(0), row.get(1))))
@@ -284,25 +293,25 @@ fn insert(
     let fingerprints = text(|r| r.aad_fingerprint.clone());
     let details = text(|r| r.detail.clone());
     let traces = text(|r| r.trace_parent.clone());
-    let params: [&(dyn ToSql + Sync); 16] = [
-        &chain,
-        &seqs,
-        &times,
-        &request_ids,
-        &callers,
-        &peers,
-        &tenants,
-        &operations,
-        &contexts,
-        &versions,
-        &items,
-        &outcomes,
-        &fingerprints,
-        &details,
-        &traces,
-        &macs,
+    let params: [(&(dyn ToSql + Sync), Type); 16] = [
+        (&chain, Type::TEXT),
+        (&seqs, Type::INT8_ARRAY),
+        (&times, Type::INT8_ARRAY),
+        (&request_ids, Type::TEXT_ARRAY),
+        (&callers, Type::TEXT_ARRAY),
+        (&peers, Type::TEXT_ARRAY),
+        (&tenants, Type::TEXT_ARRAY),
+        (&operations, Type::TEXT_ARRAY),
+        (&contexts, Type::TEXT_ARRAY),
+        (&versions, Type::TEXT_ARRAY),
+        (&items, Type::INT8_ARRAY),
+        (&outcomes, Type::TEXT_ARRAY),
+        (&fingerprints, Type::TEXT_ARRAY),
+        (&details, Type::TEXT_ARRAY),
+        (&traces, Type::TEXT_ARRAY),
+        (&macs, Type::BYTEA_ARRAY),
     ];
-    tx.execute(
+    tx.query_typed(
         "INSERT INTO audit_records (node_id, seq, time_us, request_id, caller, peer, tenant_id, \
          operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, \
          trace_parent, mac) \

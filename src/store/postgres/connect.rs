@@ -412,13 +412,39 @@ pub fn map_error(e: postgres::Error) -> Error {
     Error::internal(format!("PostgreSQL: {e}"))
 }
 
+thread_local! {
+    /// Whether this thread is one of tokio's blocking-pool threads running
+    /// [`on_blocking_pool`] work: it runs no async tasks, so the blocking client may run here.
+    static ON_BLOCKING_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread marked as free to block, so that [`off_runtime`] runs its work
+/// in place instead of on a thread of its own. Call it only where no async task runs on this
+/// thread: inside `tokio::task::spawn_blocking` (the service's `blocking` helper does), never
+/// on an async worker thread. The mark is removed when `f` returns or panics.
+pub fn on_blocking_pool<T>(f: impl FnOnce() -> T) -> T {
+    /// Puts the previous mark back, also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON_BLOCKING_POOL.with(|mark| mark.set(self.0));
+        }
+    }
+    let _restore = Restore(ON_BLOCKING_POOL.with(|mark| mark.replace(true)));
+    f()
+}
+
 /// Runs `f` where the blocking PostgreSQL client may block. That client drives its connection
 /// with a runtime of its own, which tokio refuses to start on a thread that is running async
 /// tasks (the server's handlers, `#[tokio::test]` bodies, start-up inside `main`'s runtime);
-/// such callers get `f` run on a scoped thread of its own, every other caller runs it in place.
-/// A panic in `f` is carried back to the caller unchanged.
+/// such callers get `f` run on a scoped thread of its own. Every other caller runs it in
+/// place: a thread outside any runtime (the audit writer, the change-log follower, commands),
+/// and a blocking-pool thread marked by [`on_blocking_pool`] (every store call the service
+/// makes), so the hot path spawns no thread per call. A panic in `f` is carried back to the
+/// caller unchanged.
 pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
+    if ON_BLOCKING_POOL.with(std::cell::Cell::get) || tokio::runtime::Handle::try_current().is_err()
+    {
         return f();
     }
     std::thread::scope(|scope| {
@@ -452,6 +478,34 @@ mod tests {
         assert_eq!(options.config().unwrap().get_ssl_mode(), SslMode::Require);
         let plain = PgOptions::new("postgres://kms@db1/kms");
         assert_eq!(plain.config().unwrap().get_ssl_mode(), SslMode::Disable);
+    }
+
+    #[test]
+    fn off_runtime_hops_only_from_async_threads() {
+        let here = std::thread::current().id();
+        // Outside any runtime: in place.
+        assert_eq!(off_runtime(|| std::thread::current().id()), here);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // On an async thread: a thread of its own.
+            let on_worker = std::thread::current().id();
+            assert_ne!(off_runtime(|| std::thread::current().id()), on_worker);
+            // On the blocking pool through `on_blocking_pool`: in place, and the mark goes
+            // away afterwards.
+            let (pool_thread, ran_on, after) = tokio::task::spawn_blocking(|| {
+                let me = std::thread::current().id();
+                let ran_on = on_blocking_pool(|| off_runtime(|| std::thread::current().id()));
+                let after = off_runtime(|| std::thread::current().id());
+                (me, ran_on, after)
+            })
+            .await
+            .unwrap();
+            assert_eq!(ran_on, pool_thread);
+            assert_ne!(after, pool_thread);
+        });
     }
 
     #[test]

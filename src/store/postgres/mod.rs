@@ -22,7 +22,7 @@ mod tamper;
 
 pub use connect::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, PASSWORD_ENV, PgConnection, PgOptions, PgPool,
-    has_password, map_error, off_runtime,
+    has_password, map_error, off_runtime, on_blocking_pool,
 };
 pub use schema::current_version as schema_version;
 pub use store::PostgresKeyStore;
