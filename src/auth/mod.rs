@@ -379,6 +379,20 @@ mod tests {
     }
 
     #[test]
+    fn audit_names_say_how_the_caller_authenticated() {
+        assert_eq!(caller(Role::Service, "*", None).audit_name(), "token:t");
+        let cert = Caller::new(
+            "svc.example".into(),
+            Credential::Certificate,
+            Role::Service,
+            TenantScope::parse("*"),
+            None,
+            None,
+        );
+        assert_eq!(cert.audit_name(), "cert:svc.example");
+    }
+
+    #[test]
     fn roles_scopes_and_operations() {
         let a = TenantId::parse("a").unwrap();
         let b = TenantId::parse("b").unwrap();
