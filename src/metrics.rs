@@ -1,7 +1,8 @@
 //! Process-wide service metrics and the Prometheus text endpoint that exposes them.
 //!
-//! Recording is lock-free on the hot path (relaxed atomics; one read lock to find an RPC's
-//! slot), so it costs tens of nanoseconds per call. What is recorded:
+//! The metrics are instruments of the `prometheus` crate (TiKV's Rust client) in one registry
+//! per process, and the crate's `TextEncoder` writes the exposition (text format 0.0.4): no
+//! metric line is formatted by hand here. What is recorded:
 //!
 //! - per RPC: calls by outcome and a latency histogram (from the start of a call to its
 //!   audited answer);
@@ -9,8 +10,15 @@
 //! - anomalies found by the detectors (`crate::detect`), by detector;
 //! - the tenant-key cache: hits and misses, and whole-cache drops after a change made by
 //!   another process;
-//! - anything a caller of [`serve`] adds at scrape time (the server adds the nonce budget of
-//!   its cached tenant keys).
+//! - audit streaming to a SIEM, per sink: lag, delivered records, failed attempts;
+//! - anything a caller of [`serve`] adds at scrape time ([`Extra`]: the server adds the nonce
+//!   budget of its cached tenant keys and its usage per tenant and caller).
+//!
+//! **Hot path.** Recording an RPC, a cache lookup or an anomaly is a relaxed atomic increment
+//! on a handle resolved beforehand: the label sets are looked up once (the first call of an
+//! RPC with an outcome, through a `OnceLock` per RPC and outcome; the detectors at start), never
+//! by formatting or hashing a name per call. A histogram observation is a few atomic
+//! operations in the crate (no lock, no allocation).
 //!
 //! The registry is global to the process ([`global`]), so the lower layers (`audit`, `keys`)
 //! record without any handle being passed down; several servers in one process (tests) share
@@ -19,24 +27,31 @@
 //! The endpoint ([`serve`]) speaks plain HTTP/1.1 (hyper) on its own listener, separate from
 //! the gRPC port, and answers `GET /metrics` only. It is off unless `serve --metrics-listen`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Latency bucket upper bounds, in microseconds (rendered in seconds).
-const LATENCY_BOUNDS_US: &[u64] = &[
-    50, 100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 51_200, 102_400, 204_800, 409_600,
-    819_200, 1_638_400, 5_000_000,
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+
+use crate::audit::operation::Rpc;
+use crate::detect::Detector;
+
+/// Latency bucket upper bounds, in seconds (50 µs doubling to 1.6384 s, then 5 s).
+const LATENCY_BOUNDS_SECONDS: &[f64] = &[
+    0.00005, 0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512,
+    0.1024, 0.2048, 0.4096, 0.8192, 1.6384, 5.0,
 ];
 
 /// Audit batch size bucket upper bounds, in records.
-const BATCH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
 
 /// The outcome names RPC counters know (the audit outcomes); anything else counts as `other`.
-const OUTCOMES: &[&str] = &[
+const OUTCOMES: [&str; 12] = [
     "ok",
     "partial",
     "unauthenticated",
@@ -51,391 +66,366 @@ const OUTCOMES: &[&str] = &[
     "other",
 ];
 
-/// A cumulative histogram with fixed bucket bounds (Prometheus semantics).
-pub struct Histogram {
-    bounds: &'static [u64],
-    /// One counter per bound, plus the overflow (`+Inf`) bucket; not cumulative in memory.
-    buckets: Vec<AtomicU64>,
-    sum: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram over `bounds` (ascending).
-    pub fn new(bounds: &'static [u64]) -> Self {
-        Self {
-            bounds,
-            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation (in the histogram's unit).
-    pub fn observe(&self, value: u64) {
-        let index = self.bounds.partition_point(|&bound| bound < value);
-        if let Some(bucket) = self.buckets.get(index) {
-            bucket.fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum.fetch_add(value, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// How many observations so far.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Writes the `_bucket`, `_sum` and `_count` lines; values are divided by `per_unit`
-    /// (1e6 turns microseconds into seconds), `labels` are extra labels (`k="v",` form, may be
-    /// empty).
-    fn render(&self, out: &mut String, name: &str, labels: &str, per_unit: f64) {
-        let mut cumulative = 0;
-        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let le = *bound as f64 / per_unit;
-            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
-        }
-        if let Some(overflow) = self.buckets.last() {
-            cumulative += overflow.load(Ordering::Relaxed);
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
-        let trimmed = labels.trim_end_matches(',');
-        let braced = if trimmed.is_empty() {
-            String::new()
-        } else {
-            format!("{{{trimmed}}}")
-        };
-        let sum = self.sum.load(Ordering::Relaxed) as f64 / per_unit;
-        let _ = writeln!(out, "{name}_sum{braced} {sum}");
-        let _ = writeln!(out, "{name}_count{braced} {cumulative}");
-    }
-}
-
-/// Counters of one RPC.
-struct RpcMetrics {
-    outcomes: Vec<AtomicU64>,
-    latency: Histogram,
-}
-
-impl RpcMetrics {
-    fn new() -> Self {
-        Self {
-            outcomes: OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
-            latency: Histogram::new(LATENCY_BOUNDS_US),
-        }
-    }
-}
-
-/// Every metric of the process.
-pub struct Registry {
-    rpcs: RwLock<BTreeMap<&'static str, Arc<RpcMetrics>>>,
-    audit_batch_records: Histogram,
-    audit_commit_latency: Histogram,
-    audit_commit_failures: AtomicU64,
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
-    cache_drops: AtomicU64,
-    /// Findings per detector, indexed like [`crate::detect::Detector::ALL`].
-    anomalies: [AtomicU64; 5],
-    rotation_due: AtomicU64,
-    deletions_closing: AtomicU64,
-    /// Per audit stream sink: lag, delivered records, failed attempts (one update per batch).
-    streams: std::sync::Mutex<BTreeMap<&'static str, StreamCounts>>,
-}
-
-/// What one audit stream sink reported.
-#[derive(Default, Clone, Copy)]
-struct StreamCounts {
-    lag: u64,
-    delivered: u64,
-    failed: u64,
-}
-
 /// The horizon of `tenant_kms_tenant_deletions_closing`: deletions whose window closes within
 /// this many seconds (a day: time for an operator to cancel one made in error).
 pub const DELETION_CLOSING_HORIZON_SECONDS: i64 = 24 * 3600;
 
-/// The process's registry.
-pub fn global() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry {
-        rpcs: RwLock::new(BTreeMap::new()),
-        audit_batch_records: Histogram::new(BATCH_BOUNDS),
-        audit_commit_latency: Histogram::new(LATENCY_BOUNDS_US),
-        audit_commit_failures: AtomicU64::new(0),
-        cache_hits: AtomicU64::new(0),
-        cache_misses: AtomicU64::new(0),
-        cache_drops: AtomicU64::new(0),
-        anomalies: Default::default(),
-        rotation_due: AtomicU64::new(0),
-        deletions_closing: AtomicU64::new(0),
-        streams: std::sync::Mutex::new(BTreeMap::new()),
-    })
+/// The series of one RPC, resolved on first use: one counter per outcome (so a series appears
+/// once it counts something) and the latency histogram.
+struct RpcSeries {
+    outcomes: [OnceLock<IntCounter>; OUTCOMES.len()],
+    latency: OnceLock<Histogram>,
 }
 
-fn micros(elapsed: Duration) -> u64 {
-    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+/// Every metric of the process.
+pub struct Registry {
+    registry: prometheus::Registry,
+    rpc_calls: IntCounterVec,
+    rpc_latency: HistogramVec,
+    /// Indexed like [`Rpc::ALL`].
+    rpcs: Vec<RpcSeries>,
+    audit_batch_records: Histogram,
+    audit_commit_latency: Histogram,
+    audit_commit_failures: IntCounter,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    cache_drops: IntCounter,
+    /// Findings per detector, indexed like [`Detector::ALL`] (every series exists from the
+    /// start, zeros included, so alert rules see them).
+    anomalies: [IntCounter; Detector::ALL.len()],
+    rotation_due: IntGauge,
+    deletions_closing: IntGauge,
+    stream_lag: IntGaugeVec,
+    stream_delivered: IntCounterVec,
+    stream_failed: IntCounterVec,
+}
+
+/// Registers `metric` in `registry` and returns it.
+///
+/// Every name, help text, label and bucket list given to this module is a constant, valid and
+/// unique (the unit test `every_family_is_exported` builds the whole registry), so neither the
+/// construction nor the registration can fail at run time.
+#[allow(clippy::expect_used)]
+fn registered<M>(registry: &prometheus::Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("constant metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
 }
 
 impl Registry {
-    /// Records one finished RPC: its name, its audit outcome and how long it took.
-    pub fn rpc(&self, operation: &'static str, outcome: &str, elapsed: Duration) {
-        let existing = self
-            .rpcs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(operation)
-            .cloned();
-        let slot = match existing {
-            Some(slot) => slot,
-            None => Arc::clone(
-                self.rpcs
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(operation)
-                    .or_insert_with(|| Arc::new(RpcMetrics::new())),
+    /// A registry holding every family, with no observation yet.
+    fn new() -> Self {
+        let r = prometheus::Registry::new();
+        let counter = |name: &str, help: &str| registered(&r, IntCounter::new(name, help));
+        let gauge = |name: &str, help: &str| registered(&r, IntGauge::new(name, help));
+        let histogram = |name: &str, help: &str, bounds: &[f64]| {
+            registered(
+                &r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(bounds.to_vec())),
+            )
+        };
+        let rpc_calls = registered(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tenant_kms_rpc_total",
+                    "RPCs finished, by method and audit outcome.",
+                ),
+                &["method", "outcome"],
             ),
+        );
+        let rpc_latency = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "tenant_kms_rpc_duration_seconds",
+                    "Time from a call's arrival to its audited answer.",
+                )
+                .buckets(LATENCY_BOUNDS_SECONDS.to_vec()),
+                &["method"],
+            ),
+        );
+        let anomalies = registered(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tenant_kms_anomalies_total",
+                    "Anomalies found by the in-process detectors.",
+                ),
+                &["detector"],
+            ),
+        );
+        let stream_lag = registered(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tenant_kms_audit_stream_lag_records",
+                    "Committed audit records a SIEM sink has not acknowledged yet.",
+                ),
+                &["sink"],
+            ),
+        );
+        let stream_delivered = registered(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tenant_kms_audit_stream_delivered_total",
+                    "Audit records a SIEM sink acknowledged (repeats after a failure included).",
+                ),
+                &["sink"],
+            ),
+        );
+        let stream_failed = registered(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tenant_kms_audit_stream_failures_total",
+                    "Failed deliveries to a SIEM sink (each batch is retried).",
+                ),
+                &["sink"],
+            ),
+        );
+        Self {
+            rpcs: Rpc::ALL
+                .iter()
+                .map(|_| RpcSeries {
+                    outcomes: std::array::from_fn(|_| OnceLock::new()),
+                    latency: OnceLock::new(),
+                })
+                .collect(),
+            audit_batch_records: histogram(
+                "tenant_kms_audit_batch_records",
+                "Records committed per audit group commit.",
+                BATCH_BOUNDS,
+            ),
+            audit_commit_latency: histogram(
+                "tenant_kms_audit_commit_seconds",
+                "Time of one audit group commit (with its fsync under fsync durability).",
+                LATENCY_BOUNDS_SECONDS,
+            ),
+            audit_commit_failures: counter(
+                "tenant_kms_audit_commit_failures_total",
+                "Audit group commits that failed (their calls failed closed).",
+            ),
+            cache_hits: counter(
+                "tenant_kms_key_cache_hits_total",
+                "Tenant-key cache lookups that found the tenant.",
+            ),
+            cache_misses: counter(
+                "tenant_kms_key_cache_misses_total",
+                "Tenant-key cache lookups that had to load and unwrap from the key store.",
+            ),
+            cache_drops: counter(
+                "tenant_kms_key_cache_drops_total",
+                "Whole-cache drops after another process changed the key store.",
+            ),
+            anomalies: Detector::ALL.map(|d| anomalies.with_label_values(&[d.name()])),
+            rotation_due: gauge(
+                "tenant_kms_tenants_rotation_due",
+                "Active tenants whose key rotation is due (period passed or nonce budget near its \
+                 end), at the last lifecycle check (every minute).",
+            ),
+            deletions_closing: gauge(
+                "tenant_kms_tenant_deletions_closing",
+                "Pending tenant deletions whose window closes within a day (the tenant's keys are \
+                 then destroyed), at the last lifecycle check.",
+            ),
+            registry: r,
+            rpc_calls,
+            rpc_latency,
+            stream_lag,
+            stream_delivered,
+            stream_failed,
+        }
+    }
+}
+
+/// The process's registry.
+pub fn global() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::new)
+}
+
+/// A count as a gauge value (saturating: the gauges are signed).
+fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl Registry {
+    /// Records one finished RPC: which one, its audit outcome and how long it took.
+    pub fn rpc(&self, operation: Rpc, outcome: &str, elapsed: Duration) {
+        let Some(series) = self.rpcs.get(operation as usize) else {
+            return;
         };
         let index = OUTCOMES
             .iter()
             .position(|o| *o == outcome)
             .unwrap_or(OUTCOMES.len() - 1);
-        if let Some(counter) = slot.outcomes.get(index) {
-            counter.fetch_add(1, Ordering::Relaxed);
+        if let (Some(cell), Some(name)) = (series.outcomes.get(index), OUTCOMES.get(index)) {
+            cell.get_or_init(|| {
+                self.rpc_calls
+                    .with_label_values(&[operation.stored_name(), name])
+            })
+            .inc();
         }
-        slot.latency.observe(micros(elapsed));
+        series
+            .latency
+            .get_or_init(|| {
+                self.rpc_latency
+                    .with_label_values(&[operation.stored_name()])
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Records one audit group commit of `records` records.
     pub fn audit_commit(&self, records: usize, elapsed: Duration, ok: bool) {
-        self.audit_batch_records.observe(records as u64);
-        self.audit_commit_latency.observe(micros(elapsed));
+        self.audit_batch_records.observe(records as f64);
+        self.audit_commit_latency.observe(elapsed.as_secs_f64());
         if !ok {
-            self.audit_commit_failures.fetch_add(1, Ordering::Relaxed);
+            self.audit_commit_failures.inc();
         }
     }
 
     /// Records a tenant-key cache lookup.
     pub fn cache_lookup(&self, hit: bool) {
-        let counter = if hit {
-            &self.cache_hits
+        if hit {
+            self.cache_hits.inc();
         } else {
-            &self.cache_misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+            self.cache_misses.inc();
+        }
     }
 
     /// Records that the whole cache was dropped (another process changed the key store).
     pub fn cache_dropped(&self) {
-        self.cache_drops.fetch_add(1, Ordering::Relaxed);
+        self.cache_drops.inc();
     }
 
     /// Records one anomaly found by `detector`.
-    pub fn anomaly(&self, detector: crate::detect::Detector) {
+    pub fn anomaly(&self, detector: Detector) {
         if let Some(counter) = self.anomalies.get(detector.index()) {
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.inc();
         }
     }
 
     /// Anomalies found by `detector` so far (tests read it).
-    pub fn anomalies(&self, detector: crate::detect::Detector) -> u64 {
-        self.anomalies
-            .get(detector.index())
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+    pub fn anomalies(&self, detector: Detector) -> u64 {
+        self.anomalies.get(detector.index()).map_or(0, |c| c.get())
     }
 
     /// Records what the server's periodic lifecycle check found: active tenants whose key
     /// rotation is due (older than their rotation period, or near their nonce budget), and
     /// pending deletions whose window closes within [`DELETION_CLOSING_HORIZON_SECONDS`].
     pub fn lifecycle(&self, rotation_due: u64, deletions_closing: u64) {
-        self.rotation_due.store(rotation_due, Ordering::Relaxed);
-        self.deletions_closing
-            .store(deletions_closing, Ordering::Relaxed);
+        self.rotation_due.set(signed(rotation_due));
+        self.deletions_closing.set(signed(deletions_closing));
     }
 
-    fn stream(&self, sink: &'static str, update: impl FnOnce(&mut StreamCounts)) {
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        update(streams.entry(sink).or_default());
+    /// Makes `sink`'s stream series exist (at zero) as soon as the sink is configured, so that
+    /// the lag alert sees the sink before its first batch.
+    pub fn stream_configured(&self, sink: &'static str) {
+        self.stream_lag.with_label_values(&[sink]);
+        self.stream_delivered.with_label_values(&[sink]);
+        self.stream_failed.with_label_values(&[sink]);
     }
 
     /// Sets how many committed records `sink` has not acknowledged yet.
     pub fn stream_lag(&self, sink: &'static str, records: u64) {
-        self.stream(sink, |s| s.lag = records);
+        self.stream_lag
+            .with_label_values(&[sink])
+            .set(signed(records));
     }
 
     /// Counts `records` delivered to and acknowledged by `sink`.
     pub fn stream_delivered(&self, sink: &'static str, records: u64) {
-        self.stream(sink, |s| s.delivered = s.delivered.saturating_add(records));
+        self.stream_delivered
+            .with_label_values(&[sink])
+            .inc_by(records);
     }
 
     /// Counts a failed delivery attempt to `sink` (the batch is sent again).
     pub fn stream_failed(&self, sink: &'static str) {
-        self.stream(sink, |s| s.failed = s.failed.saturating_add(1));
+        self.stream_failed.with_label_values(&[sink]).inc();
     }
 
     /// Audit batches committed so far (tests and `bench` read it).
     pub fn audit_commits(&self) -> u64 {
-        self.audit_batch_records.count()
+        self.audit_batch_records.get_sample_count()
     }
 
-    /// The whole registry in the Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP tenant_kms_rpc_total RPCs finished, by method and audit outcome.\n");
-        out.push_str("# TYPE tenant_kms_rpc_total counter\n");
-        let rpcs: Vec<(&'static str, Arc<RpcMetrics>)> = self
-            .rpcs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, Arc::clone(v)))
-            .collect();
-        for (method, slot) in &rpcs {
-            for (outcome, counter) in OUTCOMES.iter().zip(&slot.outcomes) {
-                let n = counter.load(Ordering::Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "tenant_kms_rpc_total{{method=\"{method}\",outcome=\"{outcome}\"}} {n}"
-                    );
-                }
-            }
-        }
-        out.push_str(
-            "# HELP tenant_kms_rpc_duration_seconds Time from a call's arrival to its audited \
-             answer.\n# TYPE tenant_kms_rpc_duration_seconds histogram\n",
-        );
-        for (method, slot) in &rpcs {
-            slot.latency.render(
-                out,
-                "tenant_kms_rpc_duration_seconds",
-                &format!("method=\"{method}\","),
-                1e6,
-            );
-        }
-        out.push_str(
-            "# HELP tenant_kms_audit_batch_records Records committed per audit group commit.\n\
-             # TYPE tenant_kms_audit_batch_records histogram\n",
-        );
-        self.audit_batch_records
-            .render(out, "tenant_kms_audit_batch_records", "", 1.0);
-        out.push_str(
-            "# HELP tenant_kms_audit_commit_seconds Time of one audit group commit (with its \
-             fsync under fsync durability).\n# TYPE tenant_kms_audit_commit_seconds histogram\n",
-        );
-        self.audit_commit_latency
-            .render(out, "tenant_kms_audit_commit_seconds", "", 1e6);
-        let counters = [
-            (
-                "tenant_kms_audit_commit_failures_total",
-                "Audit group commits that failed (their calls failed closed).",
-                &self.audit_commit_failures,
-            ),
-            (
-                "tenant_kms_key_cache_hits_total",
-                "Tenant-key cache lookups that found the tenant.",
-                &self.cache_hits,
-            ),
-            (
-                "tenant_kms_key_cache_misses_total",
-                "Tenant-key cache lookups that had to load and unwrap from the key store.",
-                &self.cache_misses,
-            ),
-            (
-                "tenant_kms_key_cache_drops_total",
-                "Whole-cache drops after another process changed the key store.",
-                &self.cache_drops,
-            ),
-        ];
-        // Every detector's series, zeros included, so alert rules see them from the start.
-        out.push_str(
-            "# HELP tenant_kms_anomalies_total Anomalies found by the in-process detectors.\n\
-             # TYPE tenant_kms_anomalies_total counter\n",
-        );
-        for (detector, counter) in crate::detect::Detector::ALL.iter().zip(&self.anomalies) {
-            let _ = writeln!(
-                out,
-                "tenant_kms_anomalies_total{{detector=\"{}\"}} {}",
-                detector.name(),
-                counter.load(Ordering::Relaxed)
-            );
-        }
-        for (name, help, counter) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
-        let gauges = [
-            (
-                "tenant_kms_tenants_rotation_due",
-                "Active tenants whose key rotation is due (period passed or nonce budget near its \
-                 end), at the last lifecycle check (every minute).",
-                &self.rotation_due,
-            ),
-            (
-                "tenant_kms_tenant_deletions_closing",
-                "Pending tenant deletions whose window closes within a day (the tenant's keys are \
-                 then destroyed), at the last lifecycle check.",
-                &self.deletions_closing,
-            ),
-        ];
-        let streams: Vec<(&'static str, StreamCounts)> = self
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        type Field = fn(&StreamCounts) -> u64;
-        let stream_families: [(&str, &str, &str, Field); 3] = [
-            (
-                "tenant_kms_audit_stream_lag_records",
-                "gauge",
-                "Committed audit records a SIEM sink has not acknowledged yet.",
-                |s| s.lag,
-            ),
-            (
-                "tenant_kms_audit_stream_delivered_total",
-                "counter",
-                "Audit records a SIEM sink acknowledged (repeats after a failure included).",
-                |s| s.delivered,
-            ),
-            (
-                "tenant_kms_audit_stream_failures_total",
-                "counter",
-                "Failed deliveries to a SIEM sink (each batch is retried).",
-                |s| s.failed,
-            ),
-        ];
-        for (name, kind, help, field) in stream_families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (sink, counts) in &streams {
-                let _ = writeln!(out, "{name}{{sink=\"{sink}\"}} {}", field(counts));
-            }
-        }
-        for (name, help, gauge) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                gauge.load(Ordering::Relaxed)
-            );
-        }
+    /// Every family of the registry with at least one series, sorted by name.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        self.registry.gather()
     }
 }
 
-/// Scrape-time additions to the registry's text (e.g. gauges read from the key cache).
-pub type Extra = Arc<dyn Fn(&mut String) + Send + Sync>;
+/// Scrape-time additions to the registry's families (e.g. gauges read from the key cache),
+/// built with [`family`] and [`sample`].
+pub type Extra = Arc<dyn Fn() -> Vec<MetricFamily> + Send + Sync>;
 
-/// The body of one scrape: the registry, then `extra`'s lines.
-pub fn scrape(extra: &Extra) -> String {
+/// A scrape-time metric family of `kind` (counter or gauge) named `name`, with `samples`.
+pub fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: Vec<proto::Metric>,
+) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_owned());
+    family.set_help(help.to_owned());
+    family.set_field_type(kind);
+    family.set_metric(samples);
+    family
+}
+
+/// One sample of a scrape-time counter or gauge family (as `kind`) with `labels` (in the order
+/// given; the encoder escapes their values).
+pub fn sample(kind: MetricType, labels: &[(&str, &str)], value: f64) -> proto::Metric {
+    let mut metric = proto::Metric::default();
+    metric.set_label(
+        labels
+            .iter()
+            .map(|(name, value)| {
+                let mut pair = proto::LabelPair::default();
+                pair.set_name((*name).to_owned());
+                pair.set_value((*value).to_owned());
+                pair
+            })
+            .collect(),
+    );
+    if kind == MetricType::COUNTER {
+        let mut counter = proto::Counter::default();
+        counter.set_value(value);
+        metric.set_counter(counter);
+    } else {
+        let mut gauge = proto::Gauge::default();
+        gauge.set_value(value);
+        metric.set_gauge(gauge);
+    }
+    metric
+}
+
+/// `families` in the Prometheus text exposition format (version 0.0.4). A family without
+/// series is left out (the format has no use for it and the encoder refuses it).
+pub fn encode(mut families: Vec<MetricFamily>) -> String {
+    families.retain(|f| !f.get_metric().is_empty());
     let mut out = String::with_capacity(16 * 1024);
-    global().render(&mut out);
-    extra(&mut out);
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+        tracing::error!(error = %e, "metrics: a family could not be encoded");
+    }
     out
 }
 
+/// The body of one scrape: the registry, then `extra`'s families.
+pub fn scrape(extra: &Extra) -> String {
+    let mut families = global().gather();
+    families.extend(extra());
+    encode(families)
+}
 /// Serves `GET /metrics` (Prometheus text format) on `listener` until `shutdown` completes.
 /// Every other path is 404. Each connection is served on its own task; a broken connection
 /// only ends itself.
@@ -494,30 +484,110 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[10, 100]);
-        h.observe(5);
-        h.observe(10);
-        h.observe(50);
-        h.observe(1000);
-        let mut out = String::new();
-        h.render(&mut out, "x", "", 1.0);
-        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"100\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
-        assert!(out.contains("x_sum 1065\n"), "{out}");
-        assert!(out.contains("x_count 4\n"), "{out}");
+    fn every_family_is_exported() {
+        let registry = Registry::new();
+        registry.rpc(Rpc::Encrypt, "ok", Duration::from_micros(70));
+        registry.stream_configured("file");
+        let text = encode(registry.gather());
+        for family in [
+            "tenant_kms_rpc_total counter",
+            "tenant_kms_rpc_duration_seconds histogram",
+            "tenant_kms_audit_batch_records histogram",
+            "tenant_kms_audit_commit_seconds histogram",
+            "tenant_kms_audit_commit_failures_total counter",
+            "tenant_kms_key_cache_hits_total counter",
+            "tenant_kms_key_cache_misses_total counter",
+            "tenant_kms_key_cache_drops_total counter",
+            "tenant_kms_anomalies_total counter",
+            "tenant_kms_tenants_rotation_due gauge",
+            "tenant_kms_tenant_deletions_closing gauge",
+            "tenant_kms_audit_stream_lag_records gauge",
+            "tenant_kms_audit_stream_delivered_total counter",
+            "tenant_kms_audit_stream_failures_total counter",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family}\n")),
+                "{family}:\n{text}"
+            );
+        }
+        // Every detector's series from the start, zeros included.
+        for detector in Detector::ALL {
+            let line = format!(
+                "tenant_kms_anomalies_total{{detector=\"{}\"}} 0\n",
+                detector.name()
+            );
+            assert!(text.contains(&line), "{line}:\n{text}");
+        }
+        assert!(text.contains("tenant_kms_audit_stream_lag_records{sink=\"file\"} 0\n"));
     }
 
     #[test]
-    fn rpc_outcomes_render() {
-        let registry = global();
-        registry.rpc("UnitTestRpc", "ok", Duration::from_micros(70));
-        registry.rpc("UnitTestRpc", "bogus", Duration::from_micros(70));
-        let mut out = String::new();
-        registry.render(&mut out);
-        assert!(out.contains("tenant_kms_rpc_total{method=\"UnitTestRpc\",outcome=\"ok\"}"));
-        assert!(out.contains("tenant_kms_rpc_total{method=\"UnitTestRpc\",outcome=\"other\"}"));
-        assert!(out.contains("tenant_kms_rpc_duration_seconds_bucket{method=\"UnitTestRpc\","));
+    fn rpc_outcomes_and_latency_render_in_seconds() {
+        let registry = Registry::new();
+        registry.rpc(Rpc::Decrypt, "ok", Duration::from_micros(70));
+        registry.rpc(Rpc::Decrypt, "ok", Duration::from_micros(150));
+        registry.rpc(Rpc::Decrypt, "bogus", Duration::from_secs(9));
+        let text = encode(registry.gather());
+        for line in [
+            "tenant_kms_rpc_total{method=\"Decrypt\",outcome=\"ok\"} 2\n",
+            "tenant_kms_rpc_total{method=\"Decrypt\",outcome=\"other\"} 1\n",
+            "tenant_kms_rpc_duration_seconds_bucket{method=\"Decrypt\",le=\"0.00005\"} 0\n",
+            "tenant_kms_rpc_duration_seconds_bucket{method=\"Decrypt\",le=\"0.0001\"} 1\n",
+            "tenant_kms_rpc_duration_seconds_bucket{method=\"Decrypt\",le=\"0.0002\"} 2\n",
+            "tenant_kms_rpc_duration_seconds_bucket{method=\"Decrypt\",le=\"5\"} 2\n",
+            "tenant_kms_rpc_duration_seconds_bucket{method=\"Decrypt\",le=\"+Inf\"} 3\n",
+            "tenant_kms_rpc_duration_seconds_count{method=\"Decrypt\"} 3\n",
+        ] {
+            assert!(text.contains(line), "{line}:\n{text}");
+        }
+        // Outcomes never seen have no series; neither have RPCs never called.
+        assert!(!text.contains("outcome=\"denied\""), "{text}");
+        assert!(!text.contains("method=\"Encrypt\""), "{text}");
+    }
+
+    #[test]
+    fn audit_commits_count_batches_and_failures() {
+        let registry = Registry::new();
+        registry.audit_commit(3, Duration::from_micros(300), true);
+        registry.audit_commit(1, Duration::from_micros(300), false);
+        assert_eq!(registry.audit_commits(), 2);
+        let text = encode(registry.gather());
+        assert!(
+            text.contains("tenant_kms_audit_batch_records_bucket{le=\"1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tenant_kms_audit_batch_records_bucket{le=\"4\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tenant_kms_audit_batch_records_sum 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tenant_kms_audit_commit_failures_total 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn scrape_time_families_keep_label_order_and_escape_values() {
+        let text = encode(vec![
+            family(
+                "x_total",
+                "X.",
+                MetricType::COUNTER,
+                vec![sample(
+                    MetricType::COUNTER,
+                    &[("tenant", "a\"b"), ("caller", "c")],
+                    2.0,
+                )],
+            ),
+            family("empty", "Left out.", MetricType::GAUGE, Vec::new()),
+        ]);
+        assert_eq!(
+            text,
+            "# HELP x_total X.\n# TYPE x_total counter\nx_total{tenant=\"a\\\"b\",caller=\"c\"} 2\n"
+        );
     }
 }

@@ -127,14 +127,14 @@ impl TlsCallers {
             tracing::warn!("a client certificate matches two tls_callers entries: refused");
             return Err(Error::Unauthenticated);
         }
-        Ok(Some(Caller {
-            token_id: rule.identity.clone(),
-            credential: Credential::Certificate,
-            role: rule.role,
-            tenants: rule.tenants.clone(),
-            operations: rule.operations.clone(),
-            expires_at: None,
-        }))
+        Ok(Some(Caller::new(
+            rule.identity.clone(),
+            Credential::Certificate,
+            rule.role,
+            rule.tenants.clone(),
+            rule.operations.clone(),
+            None,
+        )))
     }
 }
 

@@ -147,15 +147,39 @@ pub struct Caller {
     pub operations: Option<BTreeSet<String>>,
     /// Unix seconds after which the token is refused.
     pub expires_at: Option<i64>,
+    /// [`Caller::audit_name`], formatted once when the caller is made (the authenticator
+    /// caches callers, so a call does not format its caller's name again).
+    audit_name: String,
 }
 
 impl Caller {
-    /// How the audit names this caller.
-    pub fn audit_name(&self) -> String {
-        match self.credential {
-            Credential::Token => format!("token:{}", self.token_id),
-            Credential::Certificate => format!("cert:{}", self.token_id),
+    /// A caller proved by `credential` for `token_id` (see the fields).
+    pub fn new(
+        token_id: String,
+        credential: Credential,
+        role: Role,
+        tenants: TenantScope,
+        operations: Option<BTreeSet<String>>,
+        expires_at: Option<i64>,
+    ) -> Self {
+        let audit_name = match credential {
+            Credential::Token => format!("token:{token_id}"),
+            Credential::Certificate => format!("cert:{token_id}"),
+        };
+        Self {
+            token_id,
+            credential,
+            role,
+            tenants,
+            operations,
+            expires_at,
+            audit_name,
         }
+    }
+
+    /// How the audit names this caller: `token:<id>` or `cert:<identity>`.
+    pub fn audit_name(&self) -> &str {
+        &self.audit_name
     }
 }
 
@@ -300,14 +324,14 @@ impl Authenticator {
                         .map(str::to_owned)
                         .collect()
                 });
-                let caller = Arc::new(Caller {
-                    token_id: record.id,
-                    credential: Credential::Token,
+                let caller = Arc::new(Caller::new(
+                    record.id,
+                    Credential::Token,
                     role,
-                    tenants: TenantScope::parse(&record.tenants),
+                    TenantScope::parse(&record.tenants),
                     operations,
-                    expires_at: record.expires_at,
-                });
+                    record.expires_at,
+                ));
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= MAX_CACHED_TOKENS {
                     cache.clear();
@@ -344,14 +368,28 @@ mod tests {
     use super::*;
 
     fn caller(role: Role, tenants: &str, ops: Option<&str>) -> Caller {
-        Caller {
-            token_id: "t".into(),
-            credential: Credential::Token,
+        Caller::new(
+            "t".into(),
+            Credential::Token,
             role,
-            tenants: TenantScope::parse(tenants),
-            operations: ops.map(|o| o.split(',').map(str::to_owned).collect()),
-            expires_at: None,
-        }
+            TenantScope::parse(tenants),
+            ops.map(|o| o.split(',').map(str::to_owned).collect()),
+            None,
+        )
+    }
+
+    #[test]
+    fn audit_names_say_how_the_caller_authenticated() {
+        assert_eq!(caller(Role::Service, "*", None).audit_name(), "token:t");
+        let cert = Caller::new(
+            "svc.example".into(),
+            Credential::Certificate,
+            Role::Service,
+            TenantScope::parse("*"),
+            None,
+            None,
+        );
+        assert_eq!(cert.audit_name(), "cert:svc.example");
     }
 
     #[test]

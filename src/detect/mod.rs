@@ -16,11 +16,16 @@
 //! audit record, a metric and a log line (`service::anomaly`). Repeats are rate-limited: at
 //! most one finding per (detector, caller, tenant) per `repeat_window`.
 //!
-//! **Cost.** An observation hashes a few names with SipHash and takes two or three short
-//! mutex sections (one per detector that applies); no allocation unless something trips.
-//! `benches/detect.rs` measures it.
+//! **Cost.** An observation hashes its caller, tenant and peer names once each with a fast
+//! keyed hash ([`table::KeyHasher`]), then takes one short mutex section: the caller's shard
+//! of the caller-keyed tables (rate spike, reach, new peer, repeats, throttles), one of
+//! [`SHARDS`], so calls of different callers rarely wait on each other. The tenant-keyed
+//! tampering table has a mutex of its own, taken only by calls with ciphertexts that did not
+//! open. No allocation and no formatting unless something trips. `benches/detect.rs` measures
+//! it (docs/PERFORMANCE.md).
 //!
-//! **Memory.** Every table is bounded (`max_tracked` keys each; see [`table`]).
+//! **Memory.** Every table is bounded (`max_tracked` keys each, split evenly over the shards;
+//! see [`table`]).
 //!
 //! **Time.** Every window is measured on the injected [`crate::clock::Clock`], so tests step
 //! over them instead of sleeping.
@@ -195,10 +200,15 @@ pub struct Finding {
     pub quarantine: bool,
 }
 
-struct Tables {
+/// Shards of the caller-keyed tables. A power of two, several times the cores a server
+/// usually has, so that two calls of different callers seldom share a lock.
+pub const SHARDS: usize = 16;
+
+/// The caller-keyed tables of one shard (a caller's every entry is in the shard its hash
+/// picks).
+struct Shard {
     spikes: spike::Spikes,
     reaches: reach::Reaches,
-    tampering: tamper::Tampering,
     peers: peer::NewPeers,
     repeats: table::Table<i64>,
     throttled: table::Table<i64>,
@@ -211,18 +221,24 @@ pub struct Detectors {
     contain: [bool; 5],
     quarantine: [bool; 5],
     clock: SharedClock,
-    hasher: std::hash::RandomState,
-    // One mutex for all tables: an observation's sections are a few hash lookups, far
-    // shorter than anything else a call does (see `auth::rate` for the same reasoning); one
-    // lock per call is cheaper than three.
-    tables: Mutex<Tables>,
+    hasher: table::KeyHasher,
+    // A std mutex per shard: each section is a few hash lookups, far shorter than anything
+    // else a call does, and never held across an await (see `auth::rate` for the same
+    // reasoning). Sharding by caller keeps the calls of different callers apart.
+    shards: Box<[Mutex<Shard>]>,
+    // Per tenant, so not in the caller shards; only calls with failed opens take it.
+    tampering: Mutex<tamper::Tampering>,
     throttle: crate::auth::rate::RateLimiter,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Detectors {
     /// Detectors with `policy`, measuring windows on `clock`.
     pub fn new(policy: Policy, clock: SharedClock) -> Self {
-        let cap = policy.max_tracked;
+        let cap = policy.max_tracked.max(1).div_ceil(SHARDS);
         let mut on = [true; 5];
         for d in &policy.off {
             on[d.index()] = false;
@@ -235,23 +251,27 @@ impl Detectors {
         for d in &policy.quarantine {
             quarantine[d.index()] = true;
         }
-        let tables = Tables {
-            spikes: spike::Spikes::new(cap, &policy.spike),
-            reaches: reach::Reaches::new(cap, &policy.enumeration, &policy.probing),
-            tampering: tamper::Tampering::new(cap, &policy.tamper),
-            peers: peer::NewPeers::new(cap, &policy.peer),
-            repeats: table::Table::new(cap, policy.repeat_window_micros),
-            throttled: table::Table::new(cap, policy.throttle_micros),
-        };
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    spikes: spike::Spikes::new(cap, &policy.spike),
+                    reaches: reach::Reaches::new(cap, &policy.enumeration, &policy.probing),
+                    peers: peer::NewPeers::new(cap, &policy.peer),
+                    repeats: table::Table::new(cap, policy.repeat_window_micros),
+                    throttled: table::Table::new(cap, policy.throttle_micros),
+                })
+            })
+            .collect();
         Self {
             throttle: crate::auth::rate::RateLimiter::new(policy.throttle_rate),
+            tampering: Mutex::new(tamper::Tampering::new(policy.max_tracked, &policy.tamper)),
             on,
             contain,
             quarantine,
             policy,
             clock,
-            hasher: std::hash::RandomState::new(),
-            tables: Mutex::new(tables),
+            hasher: table::key_hasher(),
+            shards,
         }
     }
 
@@ -265,18 +285,32 @@ impl Detectors {
         self.on[detector.index()]
     }
 
+    /// The shard of the caller whose key is `caller` (picked by the key's high bits, which
+    /// are as uniform as the rest of a keyed hash).
+    fn shard(&self, caller: u64) -> &Mutex<Shard> {
+        // In bounds: the remainder of a division by the slice's length (SHARDS, never 0).
+        &self.shards[(caller >> 32) as usize % self.shards.len()]
+    }
+
     /// Shows one finished call to every detector; the findings that are due (repeats within
     /// the repeat window are dropped). Empty, without allocating, when nothing tripped.
     pub fn observe(&self, o: &Observation<'_>) -> Vec<Finding> {
         let now = self.clock.now_micros();
         let caller = table::key_of(&self.hasher, &[o.caller]);
         let tenant = o.tenant.map(|t| table::key_of(&self.hasher, &[t]));
+        // Tenant-keyed, under its own lock (rare: only calls with failed opens).
+        let tampered = match tenant {
+            Some(tenant) if self.is_on(Detector::Tampering) && o.failed_opens > 0 => {
+                lock(&self.tampering).observe(&self.policy.tamper, tenant, now, o.failed_opens)
+            }
+            _ => None,
+        };
         let mut tripped: Vec<(Detector, String)> = Vec::new();
-        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = lock(self.shard(caller));
         if let Some(tenant) = tenant {
             if self.is_on(Detector::RateSpike) && o.decrypted > 0 {
                 let pair = caller ^ tenant.rotate_left(1);
-                if let Some(f) = tables
+                if let Some(f) = shard
                     .spikes
                     .observe(&self.policy.spike, pair, now, o.decrypted)
                 {
@@ -294,7 +328,7 @@ impl Detectors {
                 }
             }
             if self.is_on(Detector::Enumeration)
-                && let Some(f) = tables.reaches.touch(
+                && let Some(f) = shard.reaches.touch(
                     &self.policy.enumeration,
                     caller,
                     tenant,
@@ -314,7 +348,7 @@ impl Detectors {
             }
             if self.is_on(Detector::Probing)
                 && o.refused
-                && let Some(f) = tables
+                && let Some(f) = shard
                     .reaches
                     .refused(&self.policy.probing, caller, tenant, now)
             {
@@ -329,13 +363,7 @@ impl Detectors {
                     ),
                 ));
             }
-            if self.is_on(Detector::Tampering)
-                && o.failed_opens > 0
-                && let Some(count) =
-                    tables
-                        .tampering
-                        .observe(&self.policy.tamper, tenant, now, o.failed_opens)
-            {
+            if let Some(count) = tampered {
                 tripped.push((
                     Detector::Tampering,
                     format!(
@@ -348,7 +376,7 @@ impl Detectors {
         }
         if self.is_on(Detector::NewPeer) {
             let peer = table::key_of(&self.hasher, &[o.peer]);
-            if let Some(f) = tables.peers.observe(&self.policy.peer, caller, peer, now) {
+            if let Some(f) = shard.peers.observe(&self.policy.peer, caller, peer, now) {
                 tripped.push((
                     Detector::NewPeer,
                     format!(
@@ -363,12 +391,13 @@ impl Detectors {
         }
         let mut findings = Vec::with_capacity(tripped.len());
         for (detector, figures) in tripped {
+            // Keyed by the caller too, so it lives in the caller's shard.
             let repeat = table::key_of(
                 &self.hasher,
                 &[detector.name(), o.caller, o.tenant.unwrap_or("")],
             );
             let window = self.policy.repeat_window_micros;
-            let Some(last) = tables.repeats.touch(repeat, now, || i64::MIN) else {
+            let Some(last) = shard.repeats.touch(repeat, now, || i64::MIN) else {
                 continue;
             };
             if *last != i64::MIN && now < last.saturating_add(window) {
@@ -376,7 +405,7 @@ impl Detectors {
             }
             *last = now;
             let throttled = self.contain[detector.index()];
-            if throttled && let Some(until) = tables.throttled.touch(caller, now, || now) {
+            if throttled && let Some(until) = shard.throttled.touch(caller, now, || now) {
                 *until = now.saturating_add(self.policy.throttle_micros);
             }
             findings.push(Finding {
@@ -393,21 +422,21 @@ impl Detectors {
 
     /// For a caller under a throttle: `Err(wait)` when its throttled rate is spent, with the
     /// time until its next call may go. `Ok` for every caller not throttled (one hash and a
-    /// lookup).
+    /// lookup in its shard).
     pub fn check_throttle(&self, caller: &str) -> Result<(), std::time::Duration> {
         // Only detectors with throttling switched on ever throttle: with none (the default)
-        // every call skips the hash and the shared lock.
+        // every call skips the hash and the lock.
         if !self.contain.iter().any(|&on| on) {
             return Ok(());
         }
         let now = self.clock.now_micros();
         let key = table::key_of(&self.hasher, &[caller]);
         let until = {
-            let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-            if tables.throttled.is_empty() {
+            let shard = lock(self.shard(key));
+            if shard.throttled.is_empty() {
                 return Ok(());
             }
-            tables.throttled.get(key).copied()
+            shard.throttled.get(key).copied()
         };
         match until {
             Some(until) if now < until => self.throttle.check(caller),
@@ -417,12 +446,14 @@ impl Detectors {
 
     /// Observations dropped because a table was full (for the metrics).
     pub fn untracked(&self) -> u64 {
-        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        t.spikes.table.untracked()
-            + t.reaches.reach.untracked()
-            + t.reaches.probes.untracked()
-            + t.tampering.table.untracked()
-            + t.peers.table.untracked()
+        let tampering = lock(&self.tampering).table.untracked();
+        self.shards.iter().fold(tampering, |sum, shard| {
+            let s = lock(shard);
+            sum + s.spikes.table.untracked()
+                + s.reaches.reach.untracked()
+                + s.reaches.probes.untracked()
+                + s.peers.table.untracked()
+        })
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 
-use super::table::Table;
+use super::table::{MapHasher, Table};
 
 /// Most tenants remembered per caller; past it the caller's memory starts over.
 pub const MAX_KNOWN_TENANTS: usize = 4096;
@@ -62,7 +62,7 @@ impl Default for ProbingPolicy {
 /// A caller's reach.
 pub struct Reach {
     first_seen: i64,
-    known: HashSet<u64>,
+    known: HashSet<u64, MapHasher>,
     window_start: i64,
     new_in_window: u32,
     fired: bool,
@@ -117,7 +117,7 @@ impl Reaches {
     ) -> Option<ReachFigures> {
         let reach = self.reach.touch(caller, now, || Reach {
             first_seen: now,
-            known: HashSet::new(),
+            known: HashSet::default(),
             window_start: now,
             new_in_window: 0,
             fired: false,

@@ -6,21 +6,22 @@
 //! use; `rotate --due` covers the rest from the store. To keep a scrape small with a large
 //! cache, per-tenant series are emitted only for the most used versions.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
+use prometheus::proto::{Metric, MetricFamily, MetricType};
+
 use crate::keys::KeyManager;
-use crate::metrics::Extra;
+use crate::metrics::{Extra, family, sample};
 
 /// Per-tenant series are emitted for at most this many versions (the most used).
 const TOP_VERSIONS: usize = 10;
 
-/// The `Extra` renderer for [`crate::metrics::serve`] over a key manager.
+/// The `Extra` families for [`crate::metrics::serve`] over a key manager.
 pub fn nonce_budget(keys: Arc<KeyManager>) -> Extra {
-    Arc::new(move |out: &mut String| render(&keys, out))
+    Arc::new(move || families(&keys))
 }
 
-fn render(keys: &KeyManager, out: &mut String) {
+fn families(keys: &KeyManager) -> Vec<MetricFamily> {
     let mut cached = 0u64;
     let mut over_half = 0u64;
     let mut over_90 = 0u64;
@@ -50,36 +51,52 @@ fn render(keys: &KeyManager, out: &mut String) {
             top.truncate(TOP_VERSIONS);
         }
     });
-    let _ = write!(
-        out,
-        "# HELP tenant_kms_key_cache_tenants Tenants whose unwrapped keys are cached.\n\
-         # TYPE tenant_kms_key_cache_tenants gauge\ntenant_kms_key_cache_tenants {cached}\n\
-         # HELP tenant_kms_nonce_budget_max_ratio Highest share of its nonce budget a cached \
-         primary key version has used.\n\
-         # TYPE tenant_kms_nonce_budget_max_ratio gauge\n\
-         tenant_kms_nonce_budget_max_ratio {max_ratio}\n\
-         # HELP tenant_kms_nonce_budget_versions Cached primary key versions past a share of \
-         their nonce budget.\n# TYPE tenant_kms_nonce_budget_versions gauge\n\
-         tenant_kms_nonce_budget_versions{{over=\"0.5\"}} {over_half}\n\
-         tenant_kms_nonce_budget_versions{{over=\"0.9\"}} {over_90}\n\
-         # HELP tenant_kms_key_version_encryptions Seals counted under a cached primary key \
-         version (conservative: includes reserved, unused budget), for the most used versions.\n\
-         # TYPE tenant_kms_key_version_encryptions gauge\n"
-    );
-    for (_, tenant, version, used, _) in &top {
-        let _ = writeln!(
-            out,
-            "tenant_kms_key_version_encryptions{{tenant=\"{tenant}\",version=\"{version}\"}} {used}"
-        );
-    }
-    out.push_str(
-        "# HELP tenant_kms_key_version_max_encryptions The nonce budget of those versions.\n\
-         # TYPE tenant_kms_key_version_max_encryptions gauge\n",
-    );
-    for (_, tenant, version, _, max) in &top {
-        let _ = writeln!(
-            out,
-            "tenant_kms_key_version_max_encryptions{{tenant=\"{tenant}\",version=\"{version}\"}} {max}"
-        );
-    }
+    let gauge = |labels: &[(&str, &str)], value: f64| sample(MetricType::GAUGE, labels, value);
+    let per_version = |value: fn(&(f64, String, u32, u64, u64)) -> u64| -> Vec<Metric> {
+        top.iter()
+            .map(|t| {
+                let version = t.2.to_string();
+                gauge(
+                    &[("tenant", t.1.as_str()), ("version", version.as_str())],
+                    value(t) as f64,
+                )
+            })
+            .collect()
+    };
+    vec![
+        family(
+            "tenant_kms_key_cache_tenants",
+            "Tenants whose unwrapped keys are cached.",
+            MetricType::GAUGE,
+            vec![gauge(&[], cached as f64)],
+        ),
+        family(
+            "tenant_kms_nonce_budget_max_ratio",
+            "Highest share of its nonce budget a cached primary key version has used.",
+            MetricType::GAUGE,
+            vec![gauge(&[], max_ratio)],
+        ),
+        family(
+            "tenant_kms_nonce_budget_versions",
+            "Cached primary key versions past a share of their nonce budget.",
+            MetricType::GAUGE,
+            vec![
+                gauge(&[("over", "0.5")], over_half as f64),
+                gauge(&[("over", "0.9")], over_90 as f64),
+            ],
+        ),
+        family(
+            "tenant_kms_key_version_encryptions",
+            "Seals counted under a cached primary key version (conservative: includes \
+             reserved, unused budget), for the most used versions.",
+            MetricType::GAUGE,
+            per_version(|t| t.3),
+        ),
+        family(
+            "tenant_kms_key_version_max_encryptions",
+            "The nonce budget of those versions.",
+            MetricType::GAUGE,
+            per_version(|t| t.4),
+        ),
+    ]
 }

@@ -161,7 +161,7 @@ impl Call {
     pub fn authenticate(&mut self, state: &AppState) -> Result<Arc<Caller>> {
         let identified = self.identify(state);
         if let (Ok(caller), Some(admission)) = (&identified, &self.admission) {
-            match admission.0.admit(&caller.audit_name()) {
+            match admission.0.admit(caller.audit_name()) {
                 Ok(ticket) => self._ticket = Some(ticket),
                 Err(refused) => {
                     tracing::debug!(parent: &self.span, "request refused: {}", refused.0);
@@ -182,14 +182,14 @@ impl Call {
         let name = caller.audit_name();
         state
             .detectors
-            .check_throttle(&name)
+            .check_throttle(name)
             .map_err(|wait| crate::error::Error::RetryLater {
                 reason: "this caller is throttled after an anomaly was detected in its calls; \
                          an operator can see why in the audit log (operation Anomaly)"
                     .to_owned(),
                 retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
             })?;
-        self.charge(state, &name)?;
+        self.charge(state, name)?;
         Ok(caller)
     }
 
@@ -360,7 +360,7 @@ impl Call {
                     )
                     .await;
                 crate::metrics::global().rpc(
-                    self.operation.name(),
+                    self.operation,
                     outcome.as_str(),
                     self.started.elapsed(),
                 );
@@ -375,7 +375,7 @@ impl Call {
             && let Err(e) = &result
         {
             crate::metrics::global().rpc(
-                self.operation.name(),
+                self.operation,
                 Outcome::Exhausted.as_str(),
                 self.started.elapsed(),
             );
@@ -402,11 +402,7 @@ impl Call {
         } else {
             "unavailable"
         };
-        crate::metrics::global().rpc(
-            self.operation.name(),
-            counted_outcome,
-            self.started.elapsed(),
-        );
+        crate::metrics::global().rpc(self.operation, counted_outcome, self.started.elapsed());
         self.count_usage(state, counted_outcome, &result, appended.is_ok());
         if let Err(e) = appended {
             drop(result);
@@ -453,7 +449,7 @@ impl Call {
         let name = caller.audit_name();
         let peer = peer_ip(&self.peer);
         let findings = state.detectors.observe(&crate::detect::Observation {
-            caller: &name,
+            caller: name,
             tenant: self.tenant.as_ref().map(TenantId::as_str),
             peer,
             decrypted,
@@ -484,7 +480,7 @@ impl Call {
         };
         state.usage.record(
             tenant.as_str(),
-            &caller.audit_name(),
+            caller.audit_name(),
             self.operation.name(),
             outcome,
             &crate::usage::UsageCounts {
@@ -500,7 +496,7 @@ impl Call {
     /// The audit record of this call with the given outcome (moves the collected fields out).
     fn record(&mut self, outcome: Outcome, detail: String) -> AuditRecord {
         let caller = match (&self.caller, self.refused_as.take()) {
-            (Some(caller), _) => caller.audit_name(),
+            (Some(caller), _) => caller.audit_name().to_owned(),
             (None, Some(refused)) => refused,
             (None, None) => "anonymous".to_owned(),
         };

@@ -185,9 +185,10 @@ pub async fn run_with(
 pub fn metrics_extra(state: &AppState) -> crate::metrics::Extra {
     let budget = super::budget_metrics::nonce_budget(Arc::clone(&state.keys));
     let usage = Arc::clone(&state.usage);
-    Arc::new(move |out: &mut String| {
-        budget(out);
-        usage.render(out);
+    Arc::new(move || {
+        let mut families = budget();
+        families.extend(usage.families());
+        families
     })
 }
 

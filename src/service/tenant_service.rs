@@ -100,7 +100,7 @@ impl TenantServiceImpl {
         let task = tokio::spawn(async move {
             let span = call.span();
             let result = async {
-                let caller = call.admit_global(&state).await?.audit_name();
+                let caller = call.admit_global(&state).await?.audit_name().to_owned();
                 let keys = Arc::clone(&state.keys);
                 let (answer, records) = blocking(move || work(&keys, &caller)).await?;
                 // The store changed: the next call of the token must see it.

@@ -2,13 +2,15 @@
 //! cumulative counters with bounded labels for `/metrics`.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{UsageCounts, UsageRow, UsageStore, UsageSum, minute_of};
 use crate::clock::SharedClock;
 use crate::error::Result;
+use crate::metrics::{family, sample};
 
 /// Label value of the series that sums every tenant (or caller) past the first
 /// [`UsagePolicy::metrics_top`].
@@ -264,36 +266,49 @@ impl UsageMeter {
             .collect())
     }
 
-    /// Appends the usage series in the Prometheus text format:
-    /// `tenant_kms_usage_calls_total`, `…_items_total`, `…_failed_items_total`,
-    /// `…_request_bytes_total`, `…_response_bytes_total` (labels `tenant`, `caller`,
-    /// `operation`, and `outcome` on calls), and `tenant_kms_usage_dropped_total`.
-    pub fn render(&self, out: &mut String) {
-        let inner = self.inner();
-        let mut series: Vec<(&str, &str, &str, &str, &UsageCounts)> = Vec::new();
-        for (tenant, callers) in &inner.totals {
-            for (caller, cells) in callers {
-                for ((operation, outcome), counts) in cells {
-                    series.push((tenant, caller, operation, outcome, counts));
+    /// The usage families for `/metrics`: `tenant_kms_usage_calls_total`, `…_items_total`,
+    /// `…_failed_items_total`, `…_request_bytes_total`, `…_response_bytes_total` (labels
+    /// `tenant`, `caller`, `operation`, and `outcome` on calls), and
+    /// `tenant_kms_usage_dropped_total`. The counts are copied under the meter's lock (which
+    /// the hot path holds only briefly); the crate's encoder renders and escapes them.
+    pub fn families(&self) -> Vec<MetricFamily> {
+        let (series, dropped) = {
+            let inner = self.inner();
+            let mut series: Vec<(String, String, &'static str, &'static str, UsageCounts)> =
+                Vec::new();
+            for (tenant, callers) in &inner.totals {
+                for (caller, cells) in callers {
+                    for ((operation, outcome), counts) in cells {
+                        series.push((tenant.clone(), caller.clone(), operation, outcome, *counts));
+                    }
                 }
             }
-        }
-        series.sort_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
-        let _ = writeln!(
-            out,
-            "# HELP tenant_kms_usage_calls_total Calls per tenant, caller, operation and \
-             outcome (tenants and callers past the first usage_metrics_top are summed as \
-             \"other\").\n# TYPE tenant_kms_usage_calls_total counter"
-        );
-        for (tenant, caller, operation, outcome, counts) in &series {
-            let _ = writeln!(
-                out,
-                "tenant_kms_usage_calls_total{{tenant=\"{}\",caller=\"{}\",operation=\"{operation}\",outcome=\"{outcome}\"}} {}",
-                escape(tenant),
-                escape(caller),
-                counts.calls
-            );
-        }
+            (series, inner.dropped)
+        };
+        let mut series = series;
+        series.sort_by(|a, b| (&a.0, &a.1, a.2, a.3).cmp(&(&b.0, &b.1, b.2, b.3)));
+        let counter =
+            |labels: &[(&str, &str)], value: u64| sample(MetricType::COUNTER, labels, value as f64);
+        let mut families = vec![family(
+            "tenant_kms_usage_calls_total",
+            "Calls per tenant, caller, operation and outcome (tenants and callers past the \
+             first usage_metrics_top are summed as \"other\").",
+            MetricType::COUNTER,
+            series
+                .iter()
+                .map(|(tenant, caller, operation, outcome, counts)| {
+                    counter(
+                        &[
+                            ("tenant", tenant),
+                            ("caller", caller),
+                            ("operation", operation),
+                            ("outcome", outcome),
+                        ],
+                        counts.calls,
+                    )
+                })
+                .collect(),
+        )];
         type Field = fn(&UsageCounts) -> u64;
         let fields: [(&str, &str, Field); 4] = [
             ("items", "Items carried by calls", |c| c.items),
@@ -308,42 +323,39 @@ impl UsageMeter {
             }),
         ];
         for (name, help, field) in fields {
-            let _ = writeln!(
-                out,
-                "# HELP tenant_kms_usage_{name}_total {help}, per tenant, caller and \
-                 operation.\n# TYPE tenant_kms_usage_{name}_total counter"
-            );
             let mut summed: std::collections::BTreeMap<(&str, &str, &str), u64> =
                 std::collections::BTreeMap::new();
             for (tenant, caller, operation, _, counts) in &series {
                 let slot = summed.entry((tenant, caller, operation)).or_default();
                 *slot = slot.saturating_add(field(counts));
             }
-            for ((tenant, caller, operation), value) in summed {
-                let _ = writeln!(
-                    out,
-                    "tenant_kms_usage_{name}_total{{tenant=\"{}\",caller=\"{}\",operation=\"{operation}\"}} {value}",
-                    escape(tenant),
-                    escape(caller),
-                );
-            }
+            families.push(family(
+                &format!("tenant_kms_usage_{name}_total"),
+                &format!("{help}, per tenant, caller and operation."),
+                MetricType::COUNTER,
+                summed
+                    .into_iter()
+                    .map(|((tenant, caller, operation), value)| {
+                        counter(
+                            &[
+                                ("tenant", tenant),
+                                ("caller", caller),
+                                ("operation", operation),
+                            ],
+                            value,
+                        )
+                    })
+                    .collect(),
+            ));
         }
-        let _ = writeln!(
-            out,
-            "# HELP tenant_kms_usage_dropped_total Calls not counted per minute because too \
-             many distinct cells waited for a flush.\n# TYPE tenant_kms_usage_dropped_total \
-             counter\ntenant_kms_usage_dropped_total {}",
-            inner.dropped
-        );
+        families.push(family(
+            "tenant_kms_usage_dropped_total",
+            "Calls not counted per minute because too many distinct cells waited for a flush.",
+            MetricType::COUNTER,
+            vec![counter(&[], dropped)],
+        ));
+        families
     }
-}
-
-/// Escapes a Prometheus label value (backslash, double quote, newline).
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 fn rows_of(pending: &HashMap<i64, Nested>) -> Vec<UsageRow> {
@@ -424,8 +436,7 @@ mod tests {
         let (meter, _clock, _dir) = meter(1);
         meter.record("t1", "token:a", "Encrypt", "ok", &one(1));
         meter.record("t2", "token:b", "Encrypt", "denied", &one(1));
-        let mut out = String::new();
-        meter.render(&mut out);
+        let out = crate::metrics::encode(meter.families());
         assert!(out.contains(
             "tenant_kms_usage_calls_total{tenant=\"t1\",caller=\"token:a\",operation=\"Encrypt\",outcome=\"ok\"} 1"
         ), "{out}");

@@ -8,7 +8,7 @@
 //!   (`AuditService.GetUsage`, `tenant-kms usage`) reads. A flush task writes them to a
 //!   [`UsageStore`] every `usage_flush_interval` (and when the server stops), adding to what
 //!   is stored, so nothing is on the audit writer's path;
-//! - cumulative since start, with bounded labels, for `/metrics` (see [`UsageMeter::render`]).
+//! - cumulative since start, with bounded labels, for `/metrics` (see [`UsageMeter::families`]).
 //!
 //! What a crash can lose: the counts of the last flush interval (a `kill -9` or a power cut
 //! loses what was not flushed yet). The audit log is not involved: every call's record is

@@ -73,9 +73,17 @@ async fn scrape(server: &TestServer) -> String {
     body.to_owned()
 }
 
-/// A server with traffic of every kind the usage metrics label (ok, denied, invalid).
+/// A server with traffic of every kind the usage metrics label (ok, denied, invalid), and an
+/// audit stream to a file (so the stream families have a series).
 async fn busy_server() -> TestServer {
-    let server = TestServer::start().await;
+    let server = TestServer::start_configured(|options| {
+        options.audit_stream.file = Some(tenant_kms::audit::stream::file::FileSinkConfig {
+            path: options.data_dir.join("audit-stream.jsonl"),
+            max_bytes: tenant_kms::audit::stream::file::FileSinkConfig::DEFAULT_MAX_BYTES,
+            keep: tenant_kms::audit::stream::file::FileSinkConfig::DEFAULT_KEEP,
+        });
+    })
+    .await;
     let (mut keys, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     let sealed = encrypt(&mut keys, "acme", "c", b"v", b"").await;
@@ -87,8 +95,8 @@ async fn busy_server() -> TestServer {
     server
 }
 
-/// Metric family names in a scrape (from its `# TYPE` lines), with the series names a
-/// histogram family adds.
+/// Metric family names in a scrape (from its `# TYPE` lines; a family is in a scrape once it
+/// has a series), with the series names a histogram family adds.
 fn exported(body: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for line in body.lines() {

@@ -236,8 +236,8 @@ async fn usage_metrics_give_the_first_tenants_their_own_label_and_sum_the_rest()
         create_tenant(&mut tenants, tenant).await;
         encrypt(&mut keys, tenant, "c", b"v", b"").await;
     }
-    let mut out = String::new();
-    tenant_kms::service::server::metrics_extra(&server.state)(&mut out);
+    let out =
+        tenant_kms::metrics::encode(tenant_kms::service::server::metrics_extra(&server.state)());
     let calls: Vec<&str> = out
         .lines()
         .filter(|l| l.starts_with("tenant_kms_usage_calls_total{"))

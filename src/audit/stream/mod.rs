@@ -90,6 +90,7 @@ impl Streams {
             let (stop, stopped) = mpsc::channel();
             let reader = Arc::clone(&reader);
             let cursor = cursor::Cursor::new(&data_dir, sink.name());
+            crate::metrics::global().stream_configured(sink.name());
             let spawned = std::thread::Builder::new()
                 .name(format!("audit-stream-{}", sink.name()))
                 .spawn(move || run(sink, reader.as_ref(), cursor, &stopped));
