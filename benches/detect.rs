@@ -42,6 +42,7 @@ fn observation<'a>(
         caller,
         tenant: Some(tenant),
         peer: "10.1.2.3",
+        peer_certificate: None,
         decrypted,
         failed_opens: 0,
         refused,

@@ -6,7 +6,8 @@
 //! - per RPC: calls by outcome and a latency histogram (from the start of a call to its
 //!   audited answer);
 //! - audit group commit: records per batch, commit latency, failed commits;
-//! - anomalies found by the detectors (`crate::detect`), by detector;
+//! - anomalies found by the detectors (`crate::detect`), by detector, and what became of
+//!   their webhook alerts (`crate::webhook`);
 //! - the tenant-key cache: hits and misses, and whole-cache drops after a change made by
 //!   another process;
 //! - anything a caller of [`serve`] adds at scrape time (the server adds the nonce budget of
@@ -138,10 +139,59 @@ pub struct Registry {
     cache_drops: AtomicU64,
     /// Findings per detector, indexed like [`crate::detect::Detector::ALL`].
     anomalies: [AtomicU64; 5],
+    /// Anomaly webhook alerts, indexed like [`WebhookEvent::ALL`].
+    webhook: [AtomicU64; 4],
     rotation_due: AtomicU64,
     deletions_closing: AtomicU64,
     /// Per audit stream sink: lag, delivered records, failed attempts (one update per batch).
     streams: std::sync::Mutex<BTreeMap<&'static str, StreamCounts>>,
+}
+
+/// What became of an anomaly webhook alert, or of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookEvent {
+    /// An alert the endpoint acknowledged (2xx).
+    Delivered,
+    /// A failed attempt that will be retried.
+    Retried,
+    /// An alert given up on (out of retries, or refused with a 4xx).
+    Failed,
+    /// An alert dropped before any attempt: the queue was full.
+    Dropped,
+}
+
+impl WebhookEvent {
+    /// Every event, in the registry's order.
+    pub const ALL: [WebhookEvent; 4] = [
+        WebhookEvent::Delivered,
+        WebhookEvent::Retried,
+        WebhookEvent::Failed,
+        WebhookEvent::Dropped,
+    ];
+
+    /// The metric family counting it.
+    pub const fn metric(self) -> &'static str {
+        match self {
+            WebhookEvent::Delivered => "tenant_kms_anomaly_webhook_delivered_total",
+            WebhookEvent::Retried => "tenant_kms_anomaly_webhook_retries_total",
+            WebhookEvent::Failed => "tenant_kms_anomaly_webhook_failures_total",
+            WebhookEvent::Dropped => "tenant_kms_anomaly_webhook_dropped_total",
+        }
+    }
+
+    const fn help(self) -> &'static str {
+        match self {
+            WebhookEvent::Delivered => "Anomaly alerts the webhook endpoint acknowledged (2xx).",
+            WebhookEvent::Retried => "Failed anomaly webhook attempts that were retried.",
+            WebhookEvent::Failed => {
+                "Anomaly alerts given up on (out of retries, or refused with a 4xx)."
+            }
+            WebhookEvent::Dropped => {
+                "Anomaly alerts dropped because the webhook queue was full (the Anomaly audit \
+                 record is kept)."
+            }
+        }
+    }
 }
 
 /// What one audit stream sink reported.
@@ -168,6 +218,7 @@ pub fn global() -> &'static Registry {
         cache_misses: AtomicU64::new(0),
         cache_drops: AtomicU64::new(0),
         anomalies: Default::default(),
+        webhook: Default::default(),
         rotation_due: AtomicU64::new(0),
         deletions_closing: AtomicU64::new(0),
         streams: std::sync::Mutex::new(BTreeMap::new()),
@@ -242,6 +293,20 @@ impl Registry {
     pub fn anomalies(&self, detector: crate::detect::Detector) -> u64 {
         self.anomalies
             .get(detector.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Counts one anomaly webhook `event`.
+    pub fn webhook(&self, event: WebhookEvent) {
+        if let Some(counter) = self.webhook.get(event as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many of `event` so far (tests read it).
+    pub fn webhook_count(&self, event: WebhookEvent) -> u64 {
+        self.webhook
+            .get(event as usize)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
@@ -358,6 +423,15 @@ impl Registry {
                 "tenant_kms_anomalies_total{{detector=\"{}\"}} {}",
                 detector.name(),
                 counter.load(Ordering::Relaxed)
+            );
+        }
+        for event in WebhookEvent::ALL {
+            let name = event.metric();
+            let _ = writeln!(
+                out,
+                "# HELP {name} {}\n# TYPE {name} counter\n{name} {}",
+                event.help(),
+                self.webhook_count(event)
             );
         }
         for (name, help, counter) in counters {

@@ -48,6 +48,9 @@ mod hardening;
 /// Rotation tied to the tenant lifecycle.
 mod lifecycle;
 
+/// Nothing secret in what detection hands on.
+mod leaks;
+
 /// The monitoring kit.
 mod monitoring;
 
@@ -89,3 +92,6 @@ mod tools;
 
 /// Usage accounting.
 mod usage;
+
+/// The anomaly webhook.
+mod webhook;
