@@ -1,7 +1,8 @@
 //! Criterion benchmark of the anomaly detectors' cost per call (issue 16: target ≤ 1 µs of
 //! server CPU per call): [`Detectors::observe`] for the calls a server sees most (a decrypt,
 //! an encrypt, a refusal, a batch) with 10,000 callers × tenants already tracked, on the
-//! system clock as in production, plus the throttle check every authenticated call makes.
+//! system clock as in production, plus the throttle check every authenticated call makes, and
+//! the naming of a client certificate that `new_peer` adds to each call over mTLS.
 //!
 //! `cargo bench --bench detect` (add `-- --quick` for a fast pass). Figures are for one core
 //! of this machine; docs/PERFORMANCE.md lists them with the command.
@@ -42,6 +43,7 @@ fn observation<'a>(
         caller,
         tenant: Some(tenant),
         peer: "10.1.2.3",
+        peer_certificate: None,
         decrypted,
         failed_opens: 0,
         refused,
@@ -80,6 +82,15 @@ fn bench(c: &mut Criterion) {
             let (caller, _) = next();
             black_box(detectors.check_throttle(black_box(caller))).ok()
         })
+    });
+    // Over mTLS, the `new_peer` detector's extra work per call: naming the client certificate.
+    let der = rcgen::generate_simple_self_signed(vec!["ingest.svc.internal".to_owned()])
+        .unwrap()
+        .cert
+        .der()
+        .to_vec();
+    group.bench_function("peer_identity_of_a_client_certificate", |b| {
+        b.iter(|| black_box(tenant_kms::auth::cert::peer_identity(black_box(&der))))
     });
     group.finish();
 }

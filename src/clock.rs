@@ -40,6 +40,18 @@ pub trait Clock: Send + Sync + Debug {
     }
 }
 
+/// `micros` (since the Unix epoch) in RFC 3339 with microseconds, UTC; empty for a time
+/// before 1970 or past year 9999 (which only a forged or corrupt value holds: the formatter
+/// would panic on it).
+pub fn rfc3339_micros(micros: i64) -> String {
+    u64::try_from(micros)
+        .ok()
+        .filter(|&us| us < 253_402_300_800_000_000)
+        .map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
+        .map(|t| humantime::format_rfc3339_micros(t).to_string())
+        .unwrap_or_default()
+}
+
 /// A clock shared by everything one service or command opens.
 pub type SharedClock = Arc<dyn Clock>;
 

@@ -50,6 +50,13 @@
 //! anomaly_quarantine = []                            # containment: token refused until released
 //! anomaly_throttle_rate = 1.0                         # throttled caller: calls per second
 //! anomaly_throttle_for = "15m"
+//! anomaly_webhook_url = "https://alerts.internal/kms" # POST each anomaly (JSON, signed)
+//! anomaly_webhook_secret_file = "/etc/tenant-kms/webhook.secret" # HMAC secret, 0600
+//! anomaly_webhook_tls_ca = "/etc/tenant-kms/alerts-ca.pem" # needed for https://
+//! anomaly_webhook_timeout = "5s"                      # per attempt
+//! anomaly_webhook_retries = 5                         # attempts after the first
+//! anomaly_webhook_backoff = "1s"                      # first wait, doubled up to 1m
+//! anomaly_webhook_queue = 1000                        # alerts waiting; more are dropped
 //! store = "postgres://kms@db1,db2/kms?target_session_attrs=read-write"  # default: SQLite
 //! store_password_file = "/etc/tenant-kms/pg.password" # or PGPASSWORD
 //! store_tls_ca = "/etc/tenant-kms/pg-ca.pem"          # TLS to PostgreSQL, verified
@@ -172,6 +179,20 @@ pub struct FileConfig {
     pub anomaly_throttle_rate: Option<f64>,
     /// How long a throttle lasts, e.g. `15m`.
     pub anomaly_throttle_for: Option<String>,
+    /// The alerting endpoint each anomaly is POSTed to (`http://…` or `https://…`).
+    pub anomaly_webhook_url: Option<String>,
+    /// File (mode 0600) whose first line is the webhook's HMAC secret.
+    pub anomaly_webhook_secret_file: Option<PathBuf>,
+    /// CA (PEM) an `https://` webhook endpoint's certificate must chain to.
+    pub anomaly_webhook_tls_ca: Option<PathBuf>,
+    /// Longest one webhook attempt may take, e.g. `5s`.
+    pub anomaly_webhook_timeout: Option<String>,
+    /// Webhook attempts after the first.
+    pub anomaly_webhook_retries: Option<u32>,
+    /// Wait before the first webhook retry (doubled for each next one), e.g. `1s`.
+    pub anomaly_webhook_backoff: Option<String>,
+    /// Webhook alerts waiting for delivery at most (more are dropped, counted).
+    pub anomaly_webhook_queue: Option<usize>,
     /// Tenants, and callers, with their own label in the usage metrics (the rest: `other`).
     pub usage_metrics_top: Option<usize>,
     /// How often usage counts are written to `usage.db`, e.g. `10s`.
@@ -282,6 +303,10 @@ pub mod max {
     pub const USAGE_METRICS_TOP: usize = 1_000;
     /// `audit_stream_file_keep`.
     pub const STREAM_FILES_KEPT: usize = 1_000;
+    /// `anomaly_webhook_retries` (with the 1-minute back-off cap, 20 retries span 15 minutes).
+    pub const WEBHOOK_RETRIES: u32 = 20;
+    /// `anomaly_webhook_queue`.
+    pub const WEBHOOK_QUEUE: usize = 100_000;
     /// `store_pool_size` (PostgreSQL's own `max_connections` is far lower in practice).
     pub const POOL_SIZE: u32 = 10_000;
 }

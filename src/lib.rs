@@ -32,6 +32,10 @@
 //!   decision reads.
 //! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
 //! - [`telemetry`]: the optional OTLP trace exporter (cargo feature `otlp`).
+//! - [`webhook`]: the signed anomaly webhook to the operator's alerting endpoint, delivered
+//!   by a background task off the data plane.
+//! - [`tls_client`]: rustls client configurations (named CA only, ring) for the connections
+//!   the service opens itself.
 
 #![forbid(unsafe_code)]
 
@@ -53,7 +57,9 @@ pub mod selftest;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls_client;
 pub mod usage;
+pub mod webhook;
 
 /// The generated protobuf messages and gRPC stubs of `tenantkms.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -7,7 +7,8 @@
 //! - per RPC: calls by outcome and a latency histogram (from the start of a call to its
 //!   audited answer);
 //! - audit group commit: records per batch, commit latency, failed commits;
-//! - anomalies found by the detectors (`crate::detect`), by detector;
+//! - anomalies found by the detectors (`crate::detect`), by detector, and what became of
+//!   their webhook alerts (`crate::webhook`);
 //! - the tenant-key cache: hits and misses, and whole-cache drops after a change made by
 //!   another process;
 //! - audit streaming to a SIEM, per sink: lag, delivered records, failed attempts;
@@ -93,11 +94,68 @@ pub struct Registry {
     /// Findings per detector, indexed like [`Detector::ALL`] (every series exists from the
     /// start, zeros included, so alert rules see them).
     anomalies: [IntCounter; Detector::ALL.len()],
+    /// Anomaly webhook alerts, indexed like [`WebhookEvent::ALL`].
+    webhook: [IntCounter; WebhookEvent::ALL.len()],
     rotation_due: IntGauge,
     deletions_closing: IntGauge,
     stream_lag: IntGaugeVec,
     stream_delivered: IntCounterVec,
     stream_failed: IntCounterVec,
+}
+
+/// What became of an anomaly webhook alert, or of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookEvent {
+    /// An alert the endpoint acknowledged (2xx).
+    Delivered,
+    /// A failed attempt that will be retried.
+    Retried,
+    /// An alert given up on (out of retries, or refused with a 4xx).
+    Failed,
+    /// An alert dropped before any attempt: the queue was full.
+    Dropped,
+}
+
+impl WebhookEvent {
+    /// Every event, in the registry's order.
+    pub const ALL: [WebhookEvent; 4] = [
+        WebhookEvent::Delivered,
+        WebhookEvent::Retried,
+        WebhookEvent::Failed,
+        WebhookEvent::Dropped,
+    ];
+
+    /// The metric family counting it.
+    pub const fn metric(self) -> &'static str {
+        match self {
+            WebhookEvent::Delivered => "tenant_kms_anomaly_webhook_delivered_total",
+            WebhookEvent::Retried => "tenant_kms_anomaly_webhook_retries_total",
+            WebhookEvent::Failed => "tenant_kms_anomaly_webhook_failures_total",
+            WebhookEvent::Dropped => "tenant_kms_anomaly_webhook_dropped_total",
+        }
+    }
+
+    const fn help(self) -> &'static str {
+        match self {
+            WebhookEvent::Delivered => "Anomaly alerts the webhook endpoint acknowledged (2xx).",
+            WebhookEvent::Retried => "Failed anomaly webhook attempts that were retried.",
+            WebhookEvent::Failed => {
+                "Anomaly alerts given up on (out of retries, or refused with a 4xx)."
+            }
+            WebhookEvent::Dropped => {
+                "Anomaly alerts dropped because the webhook queue was full (the Anomaly audit \
+                 record is kept)."
+            }
+        }
+    }
+}
+
+/// What one audit stream sink reported.
+#[derive(Default, Clone, Copy)]
+struct StreamCounts {
+    lag: u64,
+    delivered: u64,
+    failed: u64,
 }
 
 /// Registers `metric` in `registry` and returns it.
@@ -225,6 +283,7 @@ impl Registry {
                 "Whole-cache drops after another process changed the key store.",
             ),
             anomalies: Detector::ALL.map(|d| anomalies.with_label_values(&[d.name()])),
+            webhook: WebhookEvent::ALL.map(|e| counter(e.metric(), e.help())),
             rotation_due: gauge(
                 "tenant_kms_tenants_rotation_due",
                 "Active tenants whose key rotation is due (period passed or nonce budget near its \
@@ -303,6 +362,18 @@ impl Registry {
     /// Records that the whole cache was dropped (another process changed the key store).
     pub fn cache_dropped(&self) {
         self.cache_drops.inc();
+    }
+
+    /// Counts one anomaly webhook `event`.
+    pub fn webhook(&self, event: WebhookEvent) {
+        if let Some(counter) = self.webhook.get(event as usize) {
+            counter.inc();
+        }
+    }
+
+    /// How many of `event` so far (tests read it).
+    pub fn webhook_count(&self, event: WebhookEvent) -> u64 {
+        self.webhook.get(event as usize).map_or(0, |c| c.get())
     }
 
     /// Records one anomaly found by `detector`.

@@ -103,12 +103,7 @@ impl AuditRecord {
     /// it: every field, plus its sequence number and its time in RFC 3339 (empty for a time
     /// past year 9999, which only a forged row has: the formatter would panic).
     pub fn export_json(&self, seq: u64) -> serde_json::Value {
-        let time = u64::try_from(self.time_micros)
-            .ok()
-            .filter(|&us| us < 253_402_300_800_000_000)
-            .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
-            .map(|t| humantime::format_rfc3339_micros(t).to_string())
-            .unwrap_or_default();
+        let time = crate::clock::rfc3339_micros(self.time_micros);
         serde_json::json!({
             "seq": seq,
             "time": time,

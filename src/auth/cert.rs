@@ -156,6 +156,23 @@ pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// The identity the `new_peer` detector keys a client certificate by (with the peer address):
+/// its identities ([`certificate_identities`]: SAN DNS names and URIs, else the subject CN)
+/// joined by commas, or, for a certificate with none of them, `sha256:` and its fingerprint.
+///
+/// Names rather than the fingerprint, so that renewing a certificate under the same names
+/// (short-lived certificates are renewed often) is not a new peer, while a credential used
+/// with another service's certificate is. The names are public (they are in the certificate).
+pub fn peer_identity(der: &[u8]) -> String {
+    match certificate_identities(der) {
+        Ok(ids) if !ids.is_empty() => ids.join(","),
+        _ => format!(
+            "sha256:{}",
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+        ),
+    }
+}
+
 /// DER tag and content of the next element of `input`, and the rest (X.690 §8.1: one-byte tags,
 /// short or long definite lengths).
 fn next_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {

@@ -110,6 +110,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     let detect = crate::detect::Policy::from_file(&file)?;
     let usage = usage_policy(&file)?;
     let streaming = audit_stream(&file)?;
+    let webhook = crate::webhook::WebhookConfig::from_file(&file)?;
     let data_dir = args
         .data_dir
         .clone()
@@ -120,6 +121,7 @@ fn resolve(args: &ServeArgs) -> Result<Resolved> {
     options.detect = detect;
     options.usage = usage;
     options.audit_stream = streaming;
+    options.webhook = webhook;
     options.clock = crate::clock::process_clock();
     options.master_keys = match (
         args.master_key_env.clone().or(file.master_key_env.clone()),

@@ -9,7 +9,7 @@
 //! | `enumeration` | a caller naming many tenants it never named before | [`reach`] |
 //! | `probing` | PERMISSION_DENIED / NOT_FOUND across many tenant ids | [`reach`] |
 //! | `tampering` | a burst of ciphertexts that do not open for one tenant | [`tamper`] |
-//! | `new_peer` | a caller's credential used from a new address | [`peer`] |
+//! | `new_peer` | a caller's credential used from a new address, or over mTLS with a new client certificate identity | [`peer`] |
 //!
 //! A detection is a [`Finding`]: the detector, the caller, the tenant and the figures that
 //! tripped it, never a secret (names and counts only). The service turns it into an `Anomaly`
@@ -57,7 +57,8 @@ pub enum Detector {
     Probing,
     /// Ciphertexts that do not open, in a burst, for one tenant.
     Tampering,
-    /// A credential used from a new address.
+    /// A credential used from a new address (or, over mTLS, with a new client certificate
+    /// identity).
     NewPeer,
 }
 
@@ -172,6 +173,9 @@ pub struct Observation<'a> {
     pub tenant: Option<&'a str>,
     /// The peer's address without port.
     pub peer: &'a str,
+    /// Over mTLS: the identity of the client certificate the connection presented (its SAN
+    /// names, see `crate::auth::cert::peer_identity`); `None` without a client certificate.
+    pub peer_certificate: Option<&'a str>,
     /// Items decrypted (Decrypt, DecryptBatch items, DecryptDataKey); 0 for other calls.
     pub decrypted: u64,
     /// Ciphertexts that did not open.
@@ -375,15 +379,22 @@ impl Detectors {
             }
         }
         if self.is_on(Detector::NewPeer) {
-            let peer = table::key_of(&self.hasher, &[o.peer]);
+            // A peer is the address and, over mTLS, the certificate identity together: either
+            // one new makes a new peer.
+            let peer = table::key_of(&self.hasher, &[o.peer, o.peer_certificate.unwrap_or("")]);
             if let Some(f) = shard.peers.observe(&self.policy.peer, caller, peer, now) {
-                tripped.push((
-                    Detector::NewPeer,
-                    format!(
+                let figures = match o.peer_certificate {
+                    None => format!(
                         "new peer address {} after {} known one(s)",
                         o.peer, f.known_peers
                     ),
-                ));
+                    Some(identity) => format!(
+                        "new peer address {} with client certificate {identity} after {} known \
+                         one(s)",
+                        o.peer, f.known_peers
+                    ),
+                };
+                tripped.push((Detector::NewPeer, figures));
             }
         }
         if tripped.is_empty() {
@@ -467,6 +478,7 @@ mod tests {
             caller: "token:x",
             tenant: Some(tenant),
             peer: "127.0.0.1",
+            peer_certificate: None,
             decrypted: 0,
             failed_opens: 0,
             refused: true,
@@ -549,6 +561,53 @@ mod tests {
         clock.advance(std::time::Duration::from_secs(61));
         assert!(detectors.check_throttle("token:x").is_ok());
         assert!(detectors.check_throttle("token:x").is_ok());
+    }
+
+    #[test]
+    fn over_mtls_a_new_certificate_identity_from_a_known_address_is_a_new_peer() {
+        let clock = ManualClock::at_micros(0);
+        let policy = Policy {
+            peer: PeerPolicy {
+                learning_micros: 1_000_000,
+                max_peers: 8,
+            },
+            ..Policy::default()
+        };
+        let detectors = Detectors::new(policy, clock.clone());
+        let call = |peer: &'static str, cert: Option<&'static str>| Observation {
+            caller: "token:x",
+            tenant: None,
+            peer,
+            peer_certificate: cert,
+            decrypted: 0,
+            failed_opens: 0,
+            refused: false,
+            created_tenant: false,
+        };
+        assert!(
+            detectors
+                .observe(&call("10.0.0.1", Some("a.svc")))
+                .is_empty()
+        );
+        clock.advance(std::time::Duration::from_secs(2));
+        assert!(
+            detectors
+                .observe(&call("10.0.0.1", Some("a.svc")))
+                .is_empty()
+        );
+        let found = detectors.observe(&call("10.0.0.1", Some("b.svc")));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].detector, Detector::NewPeer);
+        assert!(
+            found[0].figures.contains("client certificate b.svc"),
+            "{found:?}"
+        );
+        // Learned now: the same certificate from the same address again is nothing new.
+        assert!(
+            detectors
+                .observe(&call("10.0.0.1", Some("b.svc")))
+                .is_empty()
+        );
     }
 
     #[test]

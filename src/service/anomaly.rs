@@ -2,6 +2,9 @@
 //! record in the audit chain, the `tenant_kms_anomalies_total{detector}` counter, and one
 //! structured log line at WARN (target `tenant_kms::anomaly`).
 //!
+//! When an anomaly webhook is configured (`crate::webhook`), the alert is queued for it last,
+//! with the record's sequence number; queuing never waits.
+//!
 //! The record names the caller and the tenant (so a per-tenant `ListAuditEvents` or
 //! `audit export` finds it), the detector as the context `detector:NAME`, the request that
 //! tripped it, and in its detail the figures and any containment applied. Nothing secret is
@@ -98,14 +101,26 @@ pub async fn report(state: &AppState, findings: Vec<Finding>, peer: &str, reques
             "anomaly detected"
         );
         let anomaly = record(state, &finding, peer, request_id);
-        for record in std::iter::once(anomaly).chain(quarantined) {
-            if let Err(e) = state.audit.append(record).await {
-                tracing::error!(
+        let mut audit_seq = None;
+        for (i, record) in std::iter::once(anomaly).chain(quarantined).enumerate() {
+            match state.audit.append(record).await {
+                Ok(seq) if i == 0 => audit_seq = Some(seq),
+                Ok(_) => {}
+                Err(e) => tracing::error!(
                     error = %e,
                     detector = finding.detector.name(),
                     "could not write an Anomaly or quarantine audit record"
-                );
+                ),
             }
+        }
+        if let Some(webhook) = &state.webhook {
+            webhook.send(&crate::webhook::AnomalyEvent {
+                finding: &finding,
+                peer,
+                request_id,
+                audit_seq,
+                time_micros: state.options.clock.now_micros(),
+            });
         }
     }
 }

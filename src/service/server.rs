@@ -118,6 +118,11 @@ pub async fn run_with(
     let flusher = tokio::spawn(Arc::clone(&refusals).flush_periodically());
     let sweeper = tokio::spawn(Arc::clone(&connections).sweep_periodically());
     let usage_flusher = tokio::spawn(Arc::clone(&state.usage).flush_periodically());
+    // Anomaly alerts are delivered by their own task: a slow endpoint never holds a call.
+    let webhook = state
+        .webhook
+        .as_ref()
+        .and_then(crate::webhook::Webhook::start);
     let streams = crate::audit::stream::Streams::start(
         &state.options.audit_stream,
         Arc::clone(&state.audit_reader),
@@ -165,6 +170,9 @@ pub async fn run_with(
     flusher.abort();
     sweeper.abort();
     usage_flusher.abort();
+    if let Some(webhook) = webhook {
+        webhook.abort();
+    }
     // What was counted since the last flush is written now, so a clean stop loses no usage.
     let usage = Arc::clone(&state.usage);
     if let Err(e) = super::blocking(move || usage.flush()).await {

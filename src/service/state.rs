@@ -128,6 +128,8 @@ pub struct ServiceOptions {
     pub clock: SharedClock,
     /// The anomaly detectors' settings and opt-in containment (issue 16; `crate::detect`).
     pub detect: crate::detect::Policy,
+    /// Where anomalies are also POSTed (`crate::webhook`); none by default.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
     /// The key store: SQLite in the data directory (default) or a shared PostgreSQL
     /// (`--store`, issue 14).
     pub store: crate::store::StoreBackend,
@@ -173,6 +175,7 @@ impl ServiceOptions {
             new_audit_log: false,
             key_store_restored: false,
             detect: crate::detect::Policy::default(),
+            webhook: None,
             usage: crate::usage::UsagePolicy::default(),
             audit_stream: crate::audit::stream::StreamConfig::default(),
             store: crate::store::StoreBackend::Sqlite,
@@ -225,6 +228,9 @@ pub struct AppState {
     pub detectors: crate::detect::Detectors,
     /// Usage accounting per tenant and caller (counted by `Call::finish`).
     pub usage: Arc<crate::usage::UsageMeter>,
+    /// The anomaly webhook, when configured (its delivery task is started by
+    /// `server::run`).
+    pub webhook: Option<crate::webhook::Webhook>,
     /// The options it was opened with.
     pub options: ServiceOptions,
 }
@@ -859,6 +865,11 @@ impl AppState {
             )?;
         }
         dir.record_key_store_anchor(&audit)?;
+        let webhook = options
+            .webhook
+            .as_ref()
+            .map(|config| crate::webhook::Webhook::open(config, Arc::clone(&options.clock)))
+            .transpose()?;
         let usage_store =
             crate::usage::SqliteUsageStore::open(&options.data_dir.join(crate::usage::USAGE_DB))?;
         let usage = Arc::new(crate::usage::UsageMeter::new(
@@ -868,6 +879,7 @@ impl AppState {
         ));
         Ok(Self {
             usage,
+            webhook,
             auth: Authenticator::new(Arc::clone(&dir.store), Arc::clone(&options.clock)),
             keys: dir.keys,
             audit,

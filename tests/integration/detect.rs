@@ -1,7 +1,9 @@
 //! Issue 16's anomaly detectors through the real server (in process, on a manual clock): each
 //! detector fires on its pattern and leaves an Anomaly record found through ListAuditEvents;
 //! a detector switched off stays silent; opt-in containment throttles the caller and says so
-//! in the record; a steady mixed load over simulated hours at the defaults finds nothing.
+//! in the record; a steady mixed load over simulated hours at the defaults finds nothing, and
+//! the same load at the defaults does find a spike; over mTLS a new client certificate is a
+//! new peer. The webhook's tests (`webhook.rs`) reuse this module's helpers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,7 +23,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 /// The status of a call that must fail (responses carrying plaintext have no `Debug`).
-trait Refused {
+pub(crate) trait Refused {
     fn refused(self) -> tonic::Status;
 }
 
@@ -34,12 +36,12 @@ impl<T> Refused for Result<T, tonic::Status> {
     }
 }
 
-const START_MICROS: i64 = 1_900_000_000_000_000;
+pub(crate) const START_MICROS: i64 = 1_900_000_000_000_000;
 const MINUTE: Duration = Duration::from_secs(60);
-const CONTEXT: &str = "crm.contacts.email";
+pub(crate) const CONTEXT: &str = "crm.contacts.email";
 
 /// A token of `role` for `tenants`; returns (secret, audit caller name).
-fn issue(server: &TestServer, role: Role, tenants: &str) -> (String, String) {
+pub(crate) fn issue(server: &TestServer, role: Role, tenants: &str) -> (String, String) {
     let issued = issue_token(
         server.state.keys.store().as_ref(),
         &TokenSpec {
@@ -60,18 +62,28 @@ fn issue(server: &TestServer, role: Role, tenants: &str) -> (String, String) {
 
 /// A server on a manual clock with detector settings `policy`.
 async fn server_with(policy: Policy) -> (TestServer, Arc<ManualClock>) {
+    server_configured(policy, |_| {}).await
+}
+
+/// A server on a manual clock with detector settings `policy`, and `configure` applied to
+/// its options.
+pub(crate) async fn server_configured(
+    policy: Policy,
+    configure: impl FnOnce(&mut tenant_kms::service::ServiceOptions),
+) -> (TestServer, Arc<ManualClock>) {
     let clock = ManualClock::at_micros(START_MICROS);
     let shared: SharedClock = clock.clone();
     let server = TestServer::start_configured(|options| {
         options.clock = shared;
         options.detect = policy;
+        configure(options);
     })
     .await;
     (server, clock)
 }
 
 /// The Anomaly events of `tenant` through the API (as an operator investigating would).
-async fn anomalies(audit: &mut Audit, tenant: &str) -> Vec<pb::AuditEvent> {
+pub(crate) async fn anomalies(audit: &mut Audit, tenant: &str) -> Vec<pb::AuditEvent> {
     audit
         .list_audit_events(pb::ListAuditEventsRequest {
             tenant_id: tenant.into(),
@@ -85,7 +97,7 @@ async fn anomalies(audit: &mut Audit, tenant: &str) -> Vec<pb::AuditEvent> {
         .events
 }
 
-fn detector_of(event: &pb::AuditEvent) -> &str {
+pub(crate) fn detector_of(event: &pb::AuditEvent) -> &str {
     event
         .contexts
         .iter()
@@ -94,7 +106,7 @@ fn detector_of(event: &pb::AuditEvent) -> &str {
 }
 
 /// Policies with every detector at a test-friendly setting and warm-ups short.
-fn quick() -> Policy {
+pub(crate) fn quick() -> Policy {
     let mut p = Policy::default();
     p.spike.floor = 20;
     p.spike.warmup = 3;
@@ -281,7 +293,7 @@ async fn ciphertexts_that_do_not_open_in_a_burst_are_tampering() {
 }
 
 /// A channel to `addr` whose connections come from `source` (another loopback address).
-async fn channel_from(source: IpAddr, addr: SocketAddr) -> Channel {
+pub(crate) async fn channel_from(source: IpAddr, addr: SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_with_connector(tower::service_fn(
@@ -321,6 +333,75 @@ async fn a_token_used_from_a_new_address_after_learning_is_an_anomaly() {
     assert_eq!(found[0].caller, caller);
     assert_eq!(found[0].peer, "127.0.0.2");
     assert!(found[0].detail.contains("127.0.0.2"), "{}", found[0].detail);
+    server.stop().await;
+}
+
+/// Over mTLS the peer is the address and the client certificate's identity (its SAN names):
+/// a token used from the same address but with another service's certificate is a new peer;
+/// the certificate it learned with is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_used_with_another_client_certificate_is_a_new_peer() {
+    let pki = tls::Pki::new("detect test CA");
+    let server_pem = pki.issue(&["localhost"], true, false);
+    let files = tenant_kms::service::TlsFiles {
+        cert: pki.write("server.pem", &server_pem.cert),
+        key: pki.write("server.key", &server_pem.key),
+        client_ca: Some(pki.write("ca.pem", &pki.ca_pem)),
+    };
+    let (server, clock) = server_configured(quick(), |o| o.tls = Some(files)).await;
+    let own = pki.issue(&["ingest.svc.internal"], false, false);
+    let other = pki.issue(&["billing.svc.internal"], false, false);
+    let mut tenants = pb::tenant_service_client::TenantServiceClient::with_interceptor(
+        tls::tls_channel(server.addr, &pki.ca_pem, Some(&own))
+            .await
+            .unwrap(),
+        Auth(Some(server.admin_token.clone())),
+    );
+    create_tenant(&mut tenants, "acme").await;
+    let mut audit = pb::audit_service_client::AuditServiceClient::with_interceptor(
+        tls::tls_channel(server.addr, &pki.ca_pem, Some(&own))
+            .await
+            .unwrap(),
+        Auth(Some(server.admin_token.clone())),
+    );
+    let (token, caller) = issue(&server, Role::Service, "acme");
+    let mut keys = KeyServiceClient::with_interceptor(
+        tls::tls_channel(server.addr, &pki.ca_pem, Some(&own))
+            .await
+            .unwrap(),
+        Auth(Some(token.clone())),
+    );
+    encrypt(&mut keys, "acme", CONTEXT, b"v", b"").await;
+    // Past the learning minute: its own certificate again, from a new connection, is fine.
+    clock.advance(2 * MINUTE);
+    let mut again = KeyServiceClient::with_interceptor(
+        tls::tls_channel(server.addr, &pki.ca_pem, Some(&own))
+            .await
+            .unwrap(),
+        Auth(Some(token.clone())),
+    );
+    encrypt(&mut again, "acme", CONTEXT, b"v", b"").await;
+    assert!(anomalies(&mut audit, "acme").await.is_empty());
+    // The same token, the same address, another service's certificate.
+    let mut stolen = KeyServiceClient::with_interceptor(
+        tls::tls_channel(server.addr, &pki.ca_pem, Some(&other))
+            .await
+            .unwrap(),
+        Auth(Some(token.clone())),
+    );
+    encrypt(&mut stolen, "acme", CONTEXT, b"v", b"").await;
+    let found = anomalies(&mut audit, "acme").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(detector_of(&found[0]), "new_peer");
+    assert_eq!(found[0].caller, caller);
+    assert_eq!(found[0].peer, "127.0.0.1");
+    assert!(
+        found[0]
+            .detail
+            .contains("client certificate billing.svc.internal"),
+        "{}",
+        found[0].detail
+    );
     server.stop().await;
 }
 
@@ -380,33 +461,37 @@ async fn containment_throttles_the_caller_and_is_audited() {
     server.stop().await;
 }
 
-/// The normal suite's short version of the false-positive soak: at the default settings,
-/// 75 simulated minutes (past every warm-up and learning period) of steady, mixed traffic by
-/// two services and an admin (batches of decrypts whose size wanders ±25%, encrypts, tenants
-/// created and rotated, lifecycle refusals) leave no Anomaly record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn steady_mixed_load_at_the_defaults_finds_nothing() {
-    let (server, clock) = server_with(Policy::default()).await;
-    let (_, mut tenants, mut audit) = server.clients().await;
+/// The steady, mixed traffic of the false-positive tests (the churn soak's shape): two
+/// all-tenant services decrypt batches whose size wanders ±25% (1,200 to 1,799 items per
+/// caller, tenant and minute) and encrypt, for `minutes` simulated minutes; every ten minutes
+/// the admin rotates a tenant and creates a new one that it suspends, and a service is refused
+/// on it (FAILED_PRECONDITION). Returns the services with their audit names and the
+/// ciphertexts they decrypt, per tenant, for what a test does next.
+async fn steady_mixed_load(
+    server: &TestServer,
+    clock: &ManualClock,
+    minutes: u32,
+) -> (Vec<(Keys, String)>, Vec<(&'static str, Vec<u8>)>) {
+    let (_, mut tenants, _) = server.clients().await;
     let names = ["acme", "globex", "initech"];
     for t in names {
         create_tenant(&mut tenants, t).await;
     }
     let mut services = Vec::new();
     for _ in 0..2 {
-        let (token, _) = issue(&server, Role::Service, "*");
-        services.push(server.clients_with(Some(&token)).await.0);
+        let (token, caller) = issue(server, Role::Service, "*");
+        services.push((server.clients_with(Some(&token)).await.0, caller));
     }
     let mut kept = Vec::new();
     for t in names {
-        let ct = encrypt(&mut services[0], t, CONTEXT, b"value", b"")
+        let ct = encrypt(&mut services[0].0, t, CONTEXT, b"value", b"")
             .await
             .ciphertext;
         kept.push((t, ct));
     }
     let mut seed = 0x9e37_79b9_u64;
-    for minute in 0..75u32 {
-        for keys in services.iter_mut() {
+    for minute in 0..minutes {
+        for (keys, _) in services.iter_mut() {
             for (tenant, ct) in &kept {
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                 let items = 1200 + (seed >> 33) % 600; // 1,200 to 1,799 a minute
@@ -433,6 +518,7 @@ async fn steady_mixed_load_at_the_defaults_finds_nothing() {
             // A suspended tenant refuses (FAILED_PRECONDITION), as in the churn soak.
             suspend_tenant(&mut tenants, &new).await.unwrap();
             let err = services[1]
+                .0
                 .encrypt(encrypt_request(&new, CONTEXT, b"v", b""))
                 .await
                 .refused();
@@ -440,17 +526,63 @@ async fn steady_mixed_load_at_the_defaults_finds_nothing() {
         }
         clock.advance(MINUTE);
     }
-    let all = audit
-        .list_audit_events(pb::ListAuditEventsRequest {
-            operation: "Anomaly".into(),
-            page_size: 1000,
-            ..Default::default()
+    (services, kept)
+}
+
+/// The normal suite's short version of the false-positive soak: at the default settings,
+/// 75 simulated minutes (past every warm-up and learning period) of [`steady_mixed_load`]
+/// leave no Anomaly record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_mixed_load_at_the_defaults_finds_nothing() {
+    let (server, clock) = server_with(Policy::default()).await;
+    let (_, _, mut audit) = server.clients().await;
+    steady_mixed_load(&server, &clock, 75).await;
+    let all = events_of(&mut audit, "Anomaly").await;
+    assert!(all.is_empty(), "false positives: {all:?}");
+    server.stop().await;
+}
+
+/// The counterpart of the test above: the same harness at the same defaults does trip. After
+/// 12 minutes of steady load (past the 10-interval warm-up), one service decrypts 24,000 items
+/// of one tenant within a minute, more than 10 × its baseline (at most 1,799 a minute) and
+/// than the floor of 1,000: exactly one `rate_spike` Anomaly, naming that service and tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_steady_load_at_the_defaults_trips_on_a_spike() {
+    let (server, clock) = server_with(Policy::default()).await;
+    let (_, _, mut audit) = server.clients().await;
+    let (mut services, kept) = steady_mixed_load(&server, &clock, 12).await;
+    let quiet = events_of(&mut audit, "Anomaly").await;
+    assert!(
+        quiet.is_empty(),
+        "false positives before the spike: {quiet:?}"
+    );
+    let (tenant, ct) = &kept[0];
+    let (keys, caller) = &mut services[0];
+    for _ in 0..3 {
+        let items = (0..8_000)
+            .map(|_| pb::DecryptBatchItem {
+                context: CONTEXT.into(),
+                ciphertext: ct.clone(),
+                aad: Vec::new(),
+            })
+            .collect();
+        keys.decrypt_batch(pb::DecryptBatchRequest {
+            tenant_id: (*tenant).into(),
+            items,
         })
         .await
-        .unwrap()
-        .into_inner()
-        .events;
-    assert!(all.is_empty(), "false positives: {all:?}");
+        .unwrap();
+    }
+    let found = events_of(&mut audit, "Anomaly").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(detector_of(&found[0]), "rate_spike");
+    assert_eq!(found[0].caller, *caller);
+    assert_eq!(found[0].tenant_id, *tenant);
+    assert!(
+        found[0].detail.contains("threshold="),
+        "{}",
+        found[0].detail
+    );
     server.stop().await;
 }
 

@@ -45,6 +45,9 @@ mod faults;
 /// Operator mistakes and absurd input.
 mod hardening;
 
+/// Nothing secret in what detection hands on.
+mod leaks;
+
 /// Rotation tied to the tenant lifecycle.
 mod lifecycle;
 
@@ -93,3 +96,6 @@ mod tools;
 
 /// Usage accounting.
 mod usage;
+
+/// The anomaly webhook.
+mod webhook;

@@ -314,3 +314,143 @@ async fn the_usage_command_prints_json_and_a_table() {
     assert_eq!(code, 1);
     assert!(stderr.contains("RFC 3339"), "{stderr}");
 }
+
+/// The value of the usage series `family` for (`tenant`, `caller`, `operation`) in a scrape.
+fn usage_series(out: &str, family: &str, tenant: &str, caller: &str, operation: &str) -> u64 {
+    let prefix = format!(
+        "tenant_kms_usage_{family}_total{{tenant=\"{tenant}\",caller=\"{caller}\",operation=\"{operation}\"}} "
+    );
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {prefix} in {out}"))
+        .parse()
+        .unwrap()
+}
+
+/// Exact items, failed items and bytes for known calls, in `/metrics` and in `GetUsage`: the
+/// request bytes are the encoded requests the client sent, the response bytes the encoded
+/// answers it received (refused calls answer nothing), the items a batch's size.
+#[tokio::test]
+async fn usage_counts_exact_items_and_bytes_for_known_calls() {
+    use prost::Message;
+    let server = TestServer::start().await;
+    let (_, mut tenants, mut audit) = server.clients().await;
+    create_tenant(&mut tenants, "acme").await;
+    let (svc, caller) = issue(&server, Role::Service, "acme");
+    let (mut keys, _, _) = server.clients_with(Some(&svc)).await;
+
+    let one = encrypt_request("acme", "users.email", b"alice@example.com", b"row-1");
+    let sealed = keys.encrypt(one.clone()).await.unwrap().into_inner();
+    let batch = pb::EncryptBatchRequest {
+        tenant_id: "acme".into(),
+        items: ["a", "bb", "ccc"]
+            .iter()
+            .map(|v| pb::EncryptBatchItem {
+                context: "users.name".into(),
+                plaintext: v.as_bytes().to_vec(),
+                aad: Vec::new(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let sealed_batch = keys
+        .encrypt_batch(batch.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::encrypt_batch_result::Result::Output(first)) =
+        sealed_batch.results[0].result.clone()
+    else {
+        panic!("the first batch item was not sealed");
+    };
+    // Three items, one of which does not open (wrong row): a partial batch.
+    let open_batch = pb::DecryptBatchRequest {
+        tenant_id: "acme".into(),
+        items: vec![
+            pb::DecryptBatchItem {
+                context: "users.email".into(),
+                ciphertext: sealed.ciphertext.clone(),
+                aad: b"row-1".to_vec(),
+            },
+            pb::DecryptBatchItem {
+                context: "users.email".into(),
+                ciphertext: sealed.ciphertext.clone(),
+                aad: b"row-2".to_vec(),
+            },
+            pb::DecryptBatchItem {
+                context: "users.name".into(),
+                ciphertext: first.ciphertext.clone(),
+                aad: Vec::new(),
+            },
+        ],
+    };
+    let opened_batch = keys
+        .decrypt_batch(open_batch.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let open = |aad: &[u8]| pb::DecryptRequest {
+        tenant_id: "acme".into(),
+        context: "users.email".into(),
+        ciphertext: sealed.ciphertext.clone(),
+        aad: aad.to_vec(),
+    };
+    let opened = keys.decrypt(open(b"row-1")).await.unwrap().into_inner();
+    assert!(keys.decrypt(open(b"row-9")).await.is_err());
+
+    let mut out = String::new();
+    tenant_kms::service::server::metrics_extra(&server.state)(&mut out);
+    let series = |family, operation| usage_series(&out, family, "acme", &caller, operation);
+    let expected: [(&str, u64, u64, u64, u64); 4] = [
+        // operation, items, failed items, request bytes, response bytes
+        (
+            "Encrypt",
+            1,
+            0,
+            one.encoded_len() as u64,
+            sealed.encoded_len() as u64,
+        ),
+        (
+            "EncryptBatch",
+            3,
+            0,
+            batch.encoded_len() as u64,
+            sealed_batch.encoded_len() as u64,
+        ),
+        (
+            "DecryptBatch",
+            3,
+            1,
+            open_batch.encoded_len() as u64,
+            opened_batch.encoded_len() as u64,
+        ),
+        (
+            "Decrypt",
+            2,
+            0,
+            (open(b"row-1").encoded_len() + open(b"row-9").encoded_len()) as u64,
+            opened.encoded_len() as u64,
+        ),
+    ];
+    let u = usage(&mut audit, "acme", None, None).await.unwrap();
+    for (operation, items, failed, request, response) in expected {
+        assert_eq!(series("items", operation), items, "{operation}");
+        assert_eq!(series("failed_items", operation), failed, "{operation}");
+        assert_eq!(series("request_bytes", operation), request, "{operation}");
+        assert_eq!(series("response_bytes", operation), response, "{operation}");
+        // GetUsage per outcome sums to the same figures.
+        let cells: Vec<&pb::UsageEntry> = u
+            .entries
+            .iter()
+            .filter(|e| e.caller == caller && e.operation == operation)
+            .collect();
+        let sum = |f: fn(&pb::UsageEntry) -> u64| cells.iter().map(|e| f(e)).sum::<u64>();
+        assert_eq!(sum(|e| e.items), items, "{operation}");
+        assert_eq!(sum(|e| e.failed_items), failed, "{operation}");
+        assert_eq!(sum(|e| e.request_bytes), request, "{operation}");
+        assert_eq!(sum(|e| e.response_bytes), response, "{operation}");
+    }
+    assert_eq!(entry(&u, &caller, "DecryptBatch", "partial").calls, 1);
+    assert_eq!(entry(&u, &caller, "Decrypt", "invalid").response_bytes, 0);
+}

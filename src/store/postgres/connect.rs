@@ -335,31 +335,16 @@ impl r2d2::HandleError<postgres::Error> for LogErrors {
     }
 }
 
-/// The rustls connector: the named CA only (no OS roots), ring as the provider.
+/// The rustls connector: the named CA only (no OS roots), ring as the provider
+/// (`crate::tls_client`, shared with the anomaly webhook).
 fn tls_connector(options: &PgOptions) -> Result<MakeRustlsConnect> {
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(path) = &options.tls_ca {
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::pem::PemObject;
-        let bad = |e: &dyn std::fmt::Display| {
-            Error::FailedPrecondition(format!("cannot read the store CA {}: {e}", path.display()))
-        };
-        let mut added = 0usize;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
-            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(bad(&"no certificate in it"));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(Error::internal)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
+    let roots = match &options.tls_ca {
+        Some(path) => crate::tls_client::roots_from_pem_file("the store CA", path)?,
+        None => rustls::RootCertStore::empty(),
+    };
+    Ok(MakeRustlsConnect::new(crate::tls_client::client_config(
+        roots,
+    )?))
 }
 
 /// Whether a failed first connection may succeed later: the server is unreachable, closed the
