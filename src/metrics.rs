@@ -150,14 +150,6 @@ impl WebhookEvent {
     }
 }
 
-/// What one audit stream sink reported.
-#[derive(Default, Clone, Copy)]
-struct StreamCounts {
-    lag: u64,
-    delivered: u64,
-    failed: u64,
-}
-
 /// Registers `metric` in `registry` and returns it.
 ///
 /// Every name, help text, label and bucket list given to this module is a constant, valid and
