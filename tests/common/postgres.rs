@@ -157,6 +157,63 @@ impl PgCluster {
     pub fn create_database(&self) -> String {
         create_database(&self.url("postgres"))
     }
+
+    /// The cluster's data directory (its relation files are under `base/`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Runs `sql` as the superuser on database `db`.
+    pub fn execute(&self, db: &str, sql: &str) {
+        let url = self.url(db);
+        let sql = sql.to_owned();
+        tenant_kms::store::postgres::off_runtime(move || {
+            let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls)
+                .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+            client
+                .batch_execute(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        });
+    }
+
+    /// A plain-SQL dump of database `db` (`pg_dump`), as a file in the cluster's directory.
+    pub fn dump(&self, db: &str) -> PathBuf {
+        let file = self.root.join(format!("{db}-{}.sql", random_hex()));
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("pg_dump"))
+                .args(self.socket_args())
+                .args(["-U", SUPERUSER, "--no-owner", "-f"])
+                .arg(&file)
+                .arg(db),
+            "pg_dump",
+        );
+        file
+    }
+
+    /// Drops database `db` and creates it again from `dump` (`psql -f`), as an operator
+    /// restoring a backup does.
+    pub fn restore(&self, db: &str, dump: &Path) {
+        self.execute("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+        self.execute("postgres", &format!("CREATE DATABASE {db}"));
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("psql"))
+                .args(self.socket_args())
+                .args(["-U", SUPERUSER, "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+                .arg(dump)
+                .arg(db),
+            "psql (restore)",
+        );
+    }
+
+    /// Connection arguments of the client tools: the Unix socket (trusted locally).
+    fn socket_args(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.root.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+        ]
+    }
 }
 
 impl Drop for PgCluster {
