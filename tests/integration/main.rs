@@ -56,6 +56,7 @@ mod perf;
 
 /// The PostgreSQL key store and several nodes.
 mod postgres;
+mod postgres_failover;
 mod postgres_shred;
 
 /// The HTTP/JSON API.
