@@ -588,8 +588,8 @@ fn database_errors_map_by_cause_and_keep_row_values_out() {
         .err()
         .expect("a duplicate key");
     assert!(
-        duplicate.to_string().contains("row-value-7f3a"),
-        "the server's own text quotes the row (the reason for the rule)"
+        format!("{duplicate:?}").contains("row-value-7f3a"),
+        "the server's error quotes the row in its DETAIL (the reason for the rule)"
     );
     let mapped = map_error(duplicate);
     let text = mapped.to_string();

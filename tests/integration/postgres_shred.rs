@@ -177,8 +177,12 @@ async fn a_restored_dump_is_shredded_again_when_a_node_starts() {
     let (mut keys, mut tenants, _) = node.clients().await;
     assert!(wrapped_key(&cluster, &db, "doomed", 1).is_none());
     assert!(wrapped_key(&cluster, &db, "half", 1).is_none());
-    let tenant = get_tenant(&mut tenants, "doomed").await.unwrap();
-    assert_eq!(tenant.state, tenant_kms::pb::TenantState::Destroyed as i32);
+    let refused = get_tenant(&mut tenants, "doomed")
+        .await
+        .err()
+        .expect("a re-shredded tenant is a tombstone");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refused.message(), "tenant destroyed");
     let refused = decrypt(&mut keys, "doomed", "c", &doomed_ct, b"")
         .await
         .err()
@@ -261,8 +265,11 @@ async fn a_destruction_through_node_a_lands_in_node_bs_ledger() {
     a.stop().await;
     let b = TestServer::start_with(b_options).await;
     let (_, mut tenants_b, _) = b.clients().await;
-    let tenant = get_tenant(&mut tenants_b, "t").await.unwrap();
-    assert_eq!(tenant.state, tenant_kms::pb::TenantState::Destroyed as i32);
+    let refused = get_tenant(&mut tenants_b, "t")
+        .await
+        .err()
+        .expect("a destroyed tenant is a tombstone");
+    assert_eq!(refused.message(), "tenant destroyed");
     b.stop().await;
     drop(cluster);
 }
