@@ -570,11 +570,11 @@ fn database_errors_map_by_cause_and_keep_row_values_out() {
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
     // A NULL where a value is expected: a client-side conversion error, not a lost server.
     let row = client.query_one("SELECT NULL::bigint", &[]).unwrap();
-    let null = row.try_get::<_, i64>(0).err().expect("NULL is no i64");
+    let null = row.try_get::<_, i64>(0).expect_err("NULL is no i64");
     assert!(matches!(map_error(null), Error::Internal(_)));
     // A wrongly typed column: the same.
     let row = client.query_one("SELECT 'text'::text", &[]).unwrap();
-    let typed = row.try_get::<_, i64>(0).err().expect("text is no i64");
+    let typed = row.try_get::<_, i64>(0).expect_err("text is no i64");
     assert!(matches!(map_error(typed), Error::Internal(_)));
     // A server error whose DETAIL quotes the row: only SQLSTATE and the primary message stay.
     client
@@ -585,8 +585,7 @@ fn database_errors_map_by_cause_and_keep_row_values_out() {
         .unwrap();
     let duplicate = client
         .execute("INSERT INTO secrets VALUES ('row-value-7f3a')", &[])
-        .err()
-        .expect("a duplicate key");
+        .expect_err("a duplicate key");
     assert!(
         format!("{duplicate:?}").contains("row-value-7f3a"),
         "the server's error quotes the row in its DETAIL (the reason for the rule)"
@@ -608,6 +607,6 @@ fn database_errors_map_by_cause_and_keep_row_values_out() {
         )
         .unwrap();
     let mut victim = victim;
-    let lost = victim.batch_execute("SELECT 1").err().expect("terminated");
+    let lost = victim.batch_execute("SELECT 1").expect_err("terminated");
     assert!(matches!(map_error(lost), Error::Unavailable(_)));
 }

@@ -74,7 +74,7 @@ fn load(
             while !stop.load(Ordering::SeqCst) {
                 i += 1;
                 let tenant = match &current {
-                    Some(t) if i % 4 != 0 => t.clone(),
+                    Some(t) if !i.is_multiple_of(4) => t.clone(),
                     _ => {
                         let id = format!("{node}-{c}-{i}");
                         match try_create_tenant(&mut tenants, &id).await {

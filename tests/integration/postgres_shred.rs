@@ -179,8 +179,7 @@ async fn a_restored_dump_is_shredded_again_when_a_node_starts() {
     assert!(wrapped_key(&cluster, &db, "half", 1).is_none());
     let refused = get_tenant(&mut tenants, "doomed")
         .await
-        .err()
-        .expect("a re-shredded tenant is a tombstone");
+        .expect_err("a re-shredded tenant is a tombstone");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(refused.message(), "tenant destroyed");
     let refused = decrypt(&mut keys, "doomed", "c", &doomed_ct, b"")
@@ -267,8 +266,7 @@ async fn a_destruction_through_node_a_lands_in_node_bs_ledger() {
     let (_, mut tenants_b, _) = b.clients().await;
     let refused = get_tenant(&mut tenants_b, "t")
         .await
-        .err()
-        .expect("a destroyed tenant is a tombstone");
+        .expect_err("a destroyed tenant is a tombstone");
     assert_eq!(refused.message(), "tenant destroyed");
     b.stop().await;
     drop(cluster);

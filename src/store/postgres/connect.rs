@@ -528,7 +528,7 @@ mod tests {
             "postgres://kms:pw@127.0.0.1:5432,db2:5432/kms",
             "host=localhost hostaddr=10.0.0.7 user=kms password=pw dbname=kms",
         ] {
-            let err = PgOptions::new(refused).config().err().expect(refused);
+            let err = PgOptions::new(refused).config().expect_err(refused);
             let text = err.to_string();
             assert!(
                 matches!(err, Error::InvalidArgument(_)),
@@ -569,9 +569,8 @@ mod tests {
         // A client-side fault that no retry fixes (here: a malformed setting; a NULL or
         // wrongly typed column is the same kind, tested against the server in
         // tests/integration/postgres.rs): INTERNAL, not UNAVAILABLE.
-        let malformed = postgres::Config::from_str("no_such_setting=1")
-            .err()
-            .expect("an unknown setting");
+        let malformed =
+            postgres::Config::from_str("no_such_setting=1").expect_err("an unknown setting");
         let mapped = map_error(malformed);
         assert!(matches!(mapped, Error::Internal(_)), "{mapped:?}");
     }
