@@ -413,6 +413,31 @@ impl ShredLedger {
         self.write_entries(&mut file, &ring, &mut contents, items)
     }
 
+    /// Records the items this ledger does not cover yet (durably, before returning) and
+    /// returns them: how a node of a shared store records destructions made through other
+    /// nodes ([`follow_shared_store`]). Reads the whole ledger (it must know what it covers).
+    pub fn record_missing(&self, items: &[ShredItem]) -> Result<Vec<ShredItem>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ring = MasterKeyring::load(&self.source, false)?;
+        let mut file = self
+            .open_locked(true)?
+            .ok_or_else(|| Error::internal("ledger not created"))?;
+        let mut contents = self.read_verified(&mut file, &ring, true)?;
+        let mut missing: Vec<ShredItem> = items
+            .iter()
+            .filter(|item| !contents.covers(item))
+            .cloned()
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if !missing.is_empty() {
+            self.write_entries(&mut file, &ring, &mut contents, &missing)?;
+        }
+        Ok(missing)
+    }
+
     /// Run whenever a data directory opens (server start, every command, restore, import):
     /// verifies the ledger against itself and against the head `keys.db` last saw, records
     /// destructions the store has and the ledger lacks, and crypto-shreds again everything
@@ -513,6 +538,67 @@ impl ShredRecorder for ShredLedger {
             )
         })
     }
+}
+
+/// How often a node of a shared store asks it for destructions made through other nodes.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Keeps `ledger` complete on a key store that several nodes share (PostgreSQL): each node's
+/// ledger is a file of its own, yet must name every destruction made through any node, so
+/// that a restored database is shredded again by whichever node starts on it. Records what
+/// the store holds destroyed now, then starts a thread that every [`FOLLOW_EVERY`] records
+/// the destructions committed since ([`crate::store::BackupStore::destructions_since`]),
+/// until the ledger is dropped. A store without other writers (SQLite: each process records
+/// its own destructions) gets no thread. A failed step is logged and retried; a destruction
+/// never missed for long is also recorded at the next start (`enforce`).
+pub fn follow_shared_store(ledger: &Arc<ShredLedger>) -> Result<()> {
+    let Some((mut cursor, items)) = ledger.store.destructions_since(None)? else {
+        return Ok(());
+    };
+    ledger.record_missing(&items)?;
+    let weak = Arc::downgrade(ledger);
+    std::thread::Builder::new()
+        .name("kms-shred-ledger".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(FOLLOW_EVERY);
+                let Some(ledger) = weak.upgrade() else {
+                    return;
+                };
+                let step = ledger
+                    .store
+                    .destructions_since(Some(cursor))
+                    .and_then(|found| match found {
+                        Some((next, items)) => Ok((next, ledger.record_missing(&items)?)),
+                        None => Ok((cursor, Vec::new())),
+                    });
+                match step {
+                    Ok((next, recorded)) => {
+                        cursor = next;
+                        for item in recorded {
+                            tracing::info!(
+                                tenant = %item.tenant_id,
+                                version = ?item.version,
+                                "shred ledger: recorded a destruction made through another node"
+                            );
+                        }
+                        if failing {
+                            tracing::info!("shred ledger: following the store's destructions again");
+                            failing = false;
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "shred ledger: cannot record other nodes' destructions now; retrying");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::internal(format!("cannot start the shred-ledger thread: {e}")))
 }
 
 /// The MAC key of a master version, derived once per read; `None` if the keyring no longer

@@ -343,6 +343,7 @@ impl DataDir {
             Arc::clone(&store),
         ));
         let shred = ledger.enforce(&keys)?;
+        crate::backup::ledger::follow_shared_store(&ledger)?;
         keys.set_shred_recorder(ledger);
         if postgres.is_none() {
             // A PostgreSQL log is bound to its database's audit key by its signed registry

@@ -372,10 +372,21 @@ pub trait BackupStore {
     /// refused if the tenant is destroyed in the store, or if a version the store has
     /// destroyed would come back with a key; on refusal nothing changes.
     fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()>;
-    /// The shred ledger head this store last saw.
+    /// The shred ledger head this store last saw (on a store several nodes share: the head
+    /// of this node's ledger, each node keeping a ledger of its own).
     fn shred_ledger_head(&self) -> Result<Option<LedgerHead>>;
     /// Records the shred ledger head, unless the store already saw a longer ledger.
     fn set_shred_ledger_head(&self, head: &LedgerHead) -> Result<()>;
+    /// Destructions committed through any process sharing this store, for the shred ledger
+    /// to record as they happen. `cursor` is what the previous call returned (`None` the first
+    /// time). Returns the new cursor and the destroyed items of every tenant destroyed (or
+    /// with a version destroyed) since `cursor` — all destroyed items at the first call, or
+    /// when the store no longer holds the changes since `cursor` — or `None` when the store
+    /// has no other writers to follow (the default: each writer records its own).
+    fn destructions_since(&self, cursor: Option<u64>) -> Result<Option<(u64, Vec<ShredItem>)>> {
+        let _ = cursor;
+        Ok(None)
+    }
     /// The audit reconciliation watermark `(seconds, audit sequence number)`, and every
     /// tenant creation and key-version creation recorded at or after its time that was not
     /// checked at its own second already, in time order: what the reconciliation at start

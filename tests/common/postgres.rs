@@ -181,6 +181,171 @@ impl PgCluster {
     pub fn create_database(&self) -> String {
         create_database(&self.url("postgres"))
     }
+
+    /// The cluster's data directory (its relation files are under `base/`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Runs `sql` as the superuser on database `db`.
+    pub fn execute(&self, db: &str, sql: &str) {
+        let url = self.url(db);
+        let sql = sql.to_owned();
+        tenant_kms::store::postgres::off_runtime(move || {
+            let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls)
+                .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+            client
+                .batch_execute(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        });
+    }
+
+    /// A plain-SQL dump of database `db` (`pg_dump`), as a file in the cluster's directory.
+    pub fn dump(&self, db: &str) -> PathBuf {
+        let file = self.root.join(format!("{db}-{}.sql", random_hex()));
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("pg_dump"))
+                .args(self.socket_args())
+                .args(["-U", SUPERUSER, "--no-owner", "-f"])
+                .arg(&file)
+                .arg(db),
+            "pg_dump",
+        );
+        file
+    }
+
+    /// Drops database `db` and creates it again from `dump` (`psql -f`), as an operator
+    /// restoring a backup does.
+    pub fn restore(&self, db: &str, dump: &Path) {
+        self.execute("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+        self.execute("postgres", &format!("CREATE DATABASE {db}"));
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("psql"))
+                .args(self.socket_args())
+                .args(["-U", SUPERUSER, "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+                .arg(dump)
+                .arg(db),
+            "psql (restore)",
+        );
+    }
+
+    /// The first column of the first row `sql` returns on database `db`, as text (`None`
+    /// for no row or NULL).
+    pub fn query_text(&self, db: &str, sql: &str) -> Option<String> {
+        let url = self.url(db);
+        let sql = sql.to_owned();
+        tenant_kms::store::postgres::off_runtime(move || {
+            let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls)
+                .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+            client
+                .query_opt(&sql, &[])
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .and_then(|row| row.get::<_, Option<String>>(0))
+        })
+    }
+
+    /// A streaming standby of this (running) cluster: a base backup with `pg_basebackup -R`
+    /// (which writes `standby.signal` and the `primary_conninfo` that follows this cluster
+    /// over its Unix socket) in a directory of its own, started on a free port. The same
+    /// superuser password (the backup copies the roles).
+    pub fn standby(&self) -> PgCluster {
+        let temp = tempfile::Builder::new()
+            .prefix("kms-pg-standby")
+            .tempdir()
+            .expect("temp dir");
+        let root = temp.path().to_path_buf();
+        let data = root.join("data");
+        if is_root() {
+            run_status(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&root),
+                "chown the standby directory to postgres",
+            );
+        }
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("pg_basebackup"))
+                .args(self.socket_args())
+                .args(["-U", SUPERUSER, "-R", "-X", "stream", "-c", "fast", "-D"])
+                .arg(&data),
+            "pg_basebackup",
+        );
+        let mut standby = PgCluster {
+            root,
+            data,
+            port: free_port(),
+            password: self.password.clone(),
+            running: false,
+            _temp: temp,
+        };
+        spawn_reaper(&standby.data, &standby.root);
+        standby.start();
+        standby
+    }
+
+    /// Makes every commit wait until a standby has it (`synchronous_standby_names = '*'`,
+    /// `synchronous_commit = on`, the default), once a standby streams; waits until one is
+    /// synchronous.
+    pub fn require_synchronous_standby(&self) {
+        self.execute(
+            "postgres",
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        );
+        self.execute("postgres", "ALTER SYSTEM SET synchronous_commit = 'on'");
+        self.execute("postgres", "SELECT pg_reload_conf()");
+        let started = std::time::Instant::now();
+        while self
+            .query_text(
+                "postgres",
+                "SELECT sync_state FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )
+            .is_none()
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "no standby became synchronous"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the postmaster with SIGKILL (a lost machine): its PID from `postmaster.pid`.
+    /// The backends die with it (they notice the postmaster is gone).
+    pub fn kill9(&mut self) {
+        let pid_file = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .expect("postmaster.pid of a running cluster");
+        let pid = pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .expect("a PID on the first line of postmaster.pid");
+        run_status(
+            Command::new("kill").args(["-9", &pid.to_string()]),
+            "kill -9 the postmaster",
+        );
+        self.running = false;
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`), waiting until it takes writes.
+    pub fn promote(&self) {
+        run_status(
+            as_postgres(&Path::new(BIN_DIR).join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-w", "-t", "120", "promote"]),
+            "pg_ctl promote",
+        );
+    }
+
+    /// Connection arguments of the client tools: the Unix socket (trusted locally).
+    fn socket_args(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.root.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+        ]
+    }
 }
 
 impl Drop for PgCluster {

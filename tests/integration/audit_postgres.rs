@@ -311,6 +311,40 @@ fn verify_detects_each_kind_of_tampering_in_any_chain() {
 }
 
 #[test]
+fn a_damaged_registry_is_refused_not_signed_over() {
+    let cases = [
+        // A whole chain deleted, its registration included.
+        "DELETE FROM audit_records WHERE node_id = 'node-b'; \
+         DELETE FROM audit_anchors WHERE node_id = 'node-b'; \
+         DELETE FROM audit_chains WHERE node_id = 'node-b'",
+        // The registry's signed anchor removed.
+        "DELETE FROM audit_anchors WHERE node_id = '' AND name = 'registry'",
+        // Every registration removed (the anchor still names two).
+        "DELETE FROM audit_chains",
+    ];
+    for sql in cases {
+        let db = Db::new();
+        let (a, _b) = two_chains(&db);
+        db.intruder().batch_execute(sql).unwrap();
+        let before = a.verify().unwrap();
+        assert!(!before.ok, "{sql}: not detected");
+        // A new node registering its chain must not re-sign the registry over the damage.
+        let err = PostgresAuditLog::open(pool(&db.url), "node-c", Arc::clone(&db.keys))
+            .err()
+            .unwrap_or_else(|| panic!("{sql}: a damaged registry was signed over"));
+        assert!(
+            matches!(err, tenant_kms::error::Error::StoreIntegrity(_)),
+            "{sql}: {err}"
+        );
+        assert!(err.to_string().contains("audit verify"), "{sql}: {err}");
+        // The evidence is unchanged.
+        let after = a.verify().unwrap();
+        assert!(!after.ok, "{sql}: the break was hidden");
+        assert_eq!(after.reason, before.reason, "{sql}");
+    }
+}
+
+#[test]
 fn prune_leaves_a_checkpoint_per_chain_and_the_rest_verifies() {
     let db = Db::new();
     let (a, b) = two_chains(&db);

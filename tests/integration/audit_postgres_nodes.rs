@@ -17,7 +17,8 @@ use tenant_kms::store::StoreBackend;
 use tenant_kms::store::postgres::PgOptions;
 use tonic::Code;
 
-fn request_id<T>(response: &tonic::Response<T>) -> String {
+/// The request id a reply names (shared with the failover drill).
+pub(crate) fn request_id<T>(response: &tonic::Response<T>) -> String {
     response
         .metadata()
         .get("x-request-id")
@@ -28,7 +29,7 @@ fn request_id<T>(response: &tonic::Response<T>) -> String {
 }
 
 /// The request ids of the `ok` Encrypt records every chain holds.
-fn recorded_encrypts(url: &str) -> HashSet<String> {
+pub(crate) fn recorded_encrypts(url: &str) -> HashSet<String> {
     let url = url.to_owned();
     std::thread::spawn(move || {
         let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();

@@ -63,6 +63,8 @@ mod perf;
 
 /// The PostgreSQL key store and several nodes.
 mod postgres;
+mod postgres_failover;
+mod postgres_shred;
 
 /// The HTTP/JSON API.
 mod rest;

@@ -499,3 +499,114 @@ async fn a_node_started_before_its_database_waits_and_says_so() {
     let _ = child.wait();
     drop(cluster);
 }
+
+#[test]
+fn a_row_recheck_that_cannot_run_refuses_rows_until_one_passes() {
+    // Node B's re-check after node A's change fails for a reason other than integrity (here a
+    // table it reads is gone); B must refuse rows (UNAVAILABLE) until a re-check passes,
+    // never serve them unchecked.
+    let url = fresh_database();
+    let open = || {
+        let pool = PgPool::connect(&PgOptions::new(&url)).unwrap();
+        let store = PostgresKeyStore::open(pool, "n", BOUND).unwrap();
+        tenant_kms::store::contract::install_test_row_key(&store);
+        store
+    };
+    let a = open();
+    tenant_kms::store::contract::check_reserve_encryptions(&a);
+    let b = open();
+    let id = tenant_kms::domain::TenantId::parse("a").unwrap();
+    assert!(b.tenant(&id).unwrap().is_some());
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    admin
+        .batch_execute("ALTER TABLE tokens RENAME TO tokens_away")
+        .unwrap();
+    a.set_rotation_policy(&id, 3600, 1000).unwrap();
+    let started = Instant::now();
+    let refused = loop {
+        use tenant_kms::store::ChangeDetection;
+        // Either B's follow thread or this poll re-checks after A's change.
+        let _ = b.change_generation();
+        match b.tenant(&id) {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "node B kept serving rows it could not re-check"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert!(
+        matches!(refused, tenant_kms::error::Error::Unavailable(_)),
+        "{refused}"
+    );
+    // Still refused on the next calls: the flag stays until a re-check passes.
+    assert!(b.tenant(&id).is_err());
+    admin
+        .batch_execute("ALTER TABLE tokens_away RENAME TO tokens")
+        .unwrap();
+    // The follow thread retries at its next poll, with no new change to prompt it.
+    let started = Instant::now();
+    while b.tenant(&id).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node B never re-checked its rows again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        b.tenant(&id).unwrap().unwrap().rotation_period_seconds,
+        3600
+    );
+}
+
+#[test]
+fn database_errors_map_by_cause_and_keep_row_values_out() {
+    use tenant_kms::error::Error;
+    use tenant_kms::store::postgres::map_error;
+    let url = fresh_database();
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    // A NULL where a value is expected: a client-side conversion error, not a lost server.
+    let row = client.query_one("SELECT NULL::bigint", &[]).unwrap();
+    let null = row.try_get::<_, i64>(0).expect_err("NULL is no i64");
+    assert!(matches!(map_error(null), Error::Internal(_)));
+    // A wrongly typed column: the same.
+    let row = client.query_one("SELECT 'text'::text", &[]).unwrap();
+    let typed = row.try_get::<_, i64>(0).expect_err("text is no i64");
+    assert!(matches!(map_error(typed), Error::Internal(_)));
+    // A server error whose DETAIL quotes the row: only SQLSTATE and the primary message stay.
+    client
+        .batch_execute(
+            "CREATE TABLE secrets (v TEXT PRIMARY KEY); \
+             INSERT INTO secrets VALUES ('row-value-7f3a')",
+        )
+        .unwrap();
+    let duplicate = client
+        .execute("INSERT INTO secrets VALUES ('row-value-7f3a')", &[])
+        .expect_err("a duplicate key");
+    assert!(
+        format!("{duplicate:?}").contains("row-value-7f3a"),
+        "the server's error quotes the row in its DETAIL (the reason for the rule)"
+    );
+    let mapped = map_error(duplicate);
+    let text = mapped.to_string();
+    assert!(matches!(mapped, Error::Internal(_)), "{text}");
+    assert!(text.contains("23505"), "{text}");
+    assert!(text.contains("duplicate key"), "{text}");
+    assert!(!text.contains("row-value-7f3a"), "{text}");
+    // A lost connection stays UNAVAILABLE.
+    drop(client);
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let victim = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    let mut victim = victim;
+    let lost = victim.batch_execute("SELECT 1").expect_err("terminated");
+    assert!(matches!(map_error(lost), Error::Unavailable(_)));
+}

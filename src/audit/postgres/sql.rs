@@ -131,23 +131,31 @@ pub(super) fn register(
         .map_err(db_error)?
         .map(|row| (row.get::<_, i64>(0), row.get::<_, Vec<u8>>(1)));
     let head = read_anchor(&mut tx, keys, REGISTRY_OWNER, Kind::Registry)?;
-    // Registrations chain after what is there; a registry whose end does not match its
-    // anchor stays a break for the verifier (registering must not hide it, nor stop a node).
+    // Registrations chain after what is there, and only onto a registry that ends where its
+    // signed anchor says: signing a new anchor over a damaged registry (registrations deleted,
+    // edited or inserted, the anchor removed) would erase the evidence `audit verify` reports.
     let tail = match (&last, head) {
-        (None, _) => Anchor::GENESIS,
+        (None, Stored::Missing) => Some(Anchor::GENESIS),
+        (None, _) => None,
         (Some((position, mac)), head) => {
             let tail = Anchor {
                 seq: u64::try_from(*position).unwrap_or(0),
                 mac: <[u8; MAC_LEN]>::try_from(mac.as_slice()).unwrap_or([0; MAC_LEN]),
             };
-            if head != Stored::Valid(tail) {
-                tracing::error!(
-                    "the audit chain registry does not end where its signed anchor says; \
-                     run `tenant-kms audit verify`"
-                );
-            }
-            tail
+            (head == Stored::Valid(tail)).then_some(tail)
         }
+    };
+    let Some(tail) = tail else {
+        tracing::error!(
+            chain,
+            "the audit chain registry does not end where its signed anchor says; refusing to \
+             register a chain on it: run `tenant-kms audit verify`"
+        );
+        return Err(Error::StoreIntegrity(format!(
+            "the audit chain registry does not end where its signed anchor says, so chain \
+             {chain} cannot be registered: run `tenant-kms audit verify` and restore the audit \
+             tables from a backup"
+        )));
     };
     let next = registry::next_registration(keys, tail, chain);
     tx.execute(

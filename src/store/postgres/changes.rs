@@ -199,6 +199,9 @@ impl Follower {
 pub(super) trait OnForeignChange: Send + Sync {
     /// Called on the follow thread after such a poll.
     fn foreign_change(&self);
+    /// Whether the last re-check could not run to its end: the follow thread then calls
+    /// [`OnForeignChange::foreign_change`] again after its next successful poll.
+    fn recheck_owed(&self) -> bool;
 }
 
 /// Starts the thread that follows the log for `target` until it is dropped: polls every
@@ -244,8 +247,10 @@ fn follow<T: OnForeignChange>(pool: &PgPool, follower: &Weak<Follower>, target: 
                     tracing::info!("change log: following again");
                     failing = false;
                 }
-                if (polled.foreign || last_recheck.elapsed() >= ROW_RECHECK_EVERY)
-                    && let Some(target) = target.upgrade()
+                if let Some(target) = target.upgrade()
+                    && (polled.foreign
+                        || last_recheck.elapsed() >= ROW_RECHECK_EVERY
+                        || target.recheck_owed())
                 {
                     last_recheck = Instant::now();
                     target.foreign_change();

@@ -130,6 +130,7 @@ impl PgOptions {
             }
             (None, _) => {
                 config.ssl_mode(SslMode::Disable);
+                check_plaintext_password(&config)?;
             }
         }
         Ok(config)
@@ -167,6 +168,50 @@ impl PgOptions {
             Err(_) => redacted_url(&self.url),
         }
     }
+}
+
+/// The rule for a password without TLS (no `--store-tls-ca`): refused when any host is
+/// reached over TCP at an address that is not loopback (the password, or a SCRAM exchange an
+/// eavesdropper can attack offline, would cross the network in the clear); allowed with a
+/// warning over loopback TCP (only this machine sees it); allowed silently over Unix sockets.
+fn check_plaintext_password(config: &postgres::Config) -> Result<()> {
+    if config.get_password().is_none() {
+        return Ok(());
+    }
+    let addrs = config.get_hostaddrs();
+    let mut tcp = false;
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        // `hostaddr`, when given, is where the connection really goes.
+        let loopback = match (addrs.get(i), host) {
+            (Some(addr), _) => addr.is_loopback(),
+            (None, Host::Tcp(name)) => is_loopback_name(name),
+            (None, Host::Unix(_)) => continue,
+        };
+        if !loopback {
+            return Err(Error::InvalidArgument(format!(
+                "the store URL sends a password to {} over TCP without TLS: name the CA                  that signs the server's certificate with --store-tls-ca (or store_tls_ca),                  or connect over loopback or a Unix socket",
+                describe(config)
+            )));
+        }
+        tcp = true;
+    }
+    if tcp {
+        tracing::warn!(
+            target_db = %describe(config),
+            "the PostgreSQL password goes over loopback TCP without TLS; set --store-tls-ca              to encrypt it"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a host name is this machine's loopback (`localhost` or a loopback address).
+fn is_loopback_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether a connection string given on the command line carries a password (refused there:
@@ -253,7 +298,7 @@ impl PgPool {
                         target_db = %target,
                         attempt,
                         retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
-                        error = %e,
+                        error = %error_text(&e),
                         "waiting for PostgreSQL: not reachable yet, retrying"
                     );
                     std::thread::sleep(backoff);
@@ -262,7 +307,8 @@ impl PgPool {
                 }
                 Err(e) => {
                     return Err(Error::FailedPrecondition(format!(
-                        "cannot connect to PostgreSQL at {target}: {e}"
+                        "cannot connect to PostgreSQL at {target}: {}",
+                        error_text(&e)
                     )));
                 }
             }
@@ -331,7 +377,7 @@ struct LogErrors;
 
 impl r2d2::HandleError<postgres::Error> for LogErrors {
     fn handle_error(&self, error: postgres::Error) {
-        tracing::warn!(error = %error, "PostgreSQL connection attempt failed");
+        tracing::warn!(error = %error_text(&error), "PostgreSQL connection attempt failed");
     }
 }
 
@@ -373,19 +419,25 @@ fn unreachable_error() -> Error {
     Error::Unavailable("the key store database is unreachable; retry later".into())
 }
 
-/// The one mapping of a database error to ours: a lost connection, a server shutting down or
-/// starting, or a primary that became a standby is [`Error::Unavailable`] (the call fails
-/// closed; the pool replaces the connection); a serialization failure or deadlock is
-/// [`Error::ConcurrentChange`]; anything else is [`Error::Internal`] (logged, never sent).
+/// The one mapping of a database error to ours:
+/// - the connection is gone, cannot be made or timed out (an I/O error, a TLS failure, a
+///   closed connection), or the server is shutting down, starting, or became a standby:
+///   [`Error::Unavailable`] (the call fails closed; the pool replaces the connection);
+/// - a serialization failure or deadlock: [`Error::ConcurrentChange`];
+/// - anything else, from the server (a constraint, a missing table) or from the client (a
+///   NULL or wrongly typed column, a value that does not convert, an unexpected row count):
+///   [`Error::Internal`], as the SQLite backend maps its own (logged, never sent). Treating
+///   those as UNAVAILABLE would invite retries of a fault no retry fixes.
+///
+/// The text kept is [`error_text`]'s: never a server DETAIL line, which can carry row values.
 pub fn map_error(e: postgres::Error) -> Error {
     use postgres::error::SqlState;
-    let lost = e.is_closed()
-        || match e.as_db_error() {
-            None => true,
-            Some(db) => connection_lost_code(db.code()),
-        };
+    let lost = match e.as_db_error() {
+        Some(db) => connection_lost_code(db.code()),
+        None => connection_fault(&e),
+    };
     if lost {
-        tracing::warn!(error = %e, "PostgreSQL connection lost or server unavailable");
+        tracing::warn!(error = %error_text(&e), "PostgreSQL connection lost or server unavailable");
         return unreachable_error();
     }
     if let Some(code) = e.code()
@@ -394,7 +446,35 @@ pub fn map_error(e: postgres::Error) -> Error {
     {
         return Error::ConcurrentChange;
     }
-    Error::internal(format!("PostgreSQL: {e}"))
+    Error::internal(format!("PostgreSQL: {}", error_text(&e)))
+}
+
+/// Whether a client-side error (no server error in it) is a fault of the connection: closed,
+/// an I/O error reading, writing or connecting (the crate's `Io`, `Connect`, `Parse` and
+/// `Encode` kinds carry a `std::io::Error`), a TLS handshake or a timeout. The crate keeps
+/// its error kinds private; the last two are told by the crate's fixed texts for them.
+fn connection_fault(e: &postgres::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>()) {
+        return true;
+    }
+    let text = e.to_string();
+    text.starts_with("error performing TLS handshake") || text == "timeout waiting for server"
+}
+
+/// What of a database error may be written to a log or an internal error: for a server
+/// error only its SQLSTATE and primary message (its DETAIL, HINT and WHERE lines can quote
+/// row values, e.g. the key of a duplicate row); for a client error the crate's text.
+pub fn error_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => e.to_string(),
+    }
 }
 
 thread_local! {
@@ -491,6 +571,60 @@ mod tests {
             assert_eq!(ran_on, pool_thread);
             assert_ne!(after, pool_thread);
         });
+    }
+
+    #[test]
+    fn a_password_without_tls_goes_only_over_loopback_or_a_socket() {
+        for refused in [
+            "postgres://kms:pw@db1/kms",
+            "postgres://kms:pw@127.0.0.1:5432,db2:5432/kms",
+            "host=localhost hostaddr=10.0.0.7 user=kms password=pw dbname=kms",
+        ] {
+            let err = PgOptions::new(refused).config().expect_err(refused);
+            let text = err.to_string();
+            assert!(
+                matches!(err, Error::InvalidArgument(_)),
+                "{refused}: {text}"
+            );
+            assert!(text.contains("--store-tls-ca"), "{refused}: {text}");
+            assert!(!text.contains("pw@"), "{refused}: {text}");
+        }
+        for allowed in [
+            "postgres://kms:pw@127.0.0.1/kms",
+            "postgres://kms:pw@localhost:5433,[::1]:5434/kms",
+            "host=/var/run/postgresql user=kms password=pw dbname=kms",
+            // No password: nothing secret crosses the network.
+            "postgres://kms@db1/kms",
+        ] {
+            assert!(PgOptions::new(allowed).config().is_ok(), "{allowed}");
+        }
+        // With TLS (a CA named) a remote host may take the password.
+        let mut options = PgOptions::new("postgres://kms:pw@db1/kms");
+        options.tls_ca = Some("/nonexistent.pem".into());
+        assert!(options.config().is_ok());
+    }
+
+    #[test]
+    fn only_connection_faults_are_unavailable() {
+        // A connection that cannot be made (nothing listens on port 1): I/O, UNAVAILABLE.
+        let refused =
+            postgres::Config::from_str("host=127.0.0.1 port=1 user=kms connect_timeout=5")
+                .unwrap()
+                .connect(postgres::NoTls)
+                .err()
+                .expect("nothing listens on port 1");
+        assert!(matches!(map_error(refused), Error::Unavailable(_)));
+        assert!(matches!(
+            map_error(postgres::Error::__private_api_timeout()),
+            Error::Unavailable(_)
+        ));
+        // A client-side fault that no retry fixes (here: a malformed setting; a NULL or
+        // wrongly typed column is the same kind, tested against the server in
+        // tests/integration/postgres.rs): INTERNAL, not UNAVAILABLE.
+        let malformed =
+            postgres::Config::from_str("no_such_setting=1").expect_err("an unknown setting");
+        let mapped = map_error(malformed);
+        assert!(matches!(mapped, Error::Internal(_)), "{mapped:?}");
     }
 
     #[test]

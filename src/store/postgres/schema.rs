@@ -123,6 +123,19 @@ const MIGRATIONS: &[&str] = &[
         tenant_id TEXT,
         at        TIMESTAMPTZ NOT NULL DEFAULT now()
      );"#,
+    // 2: one shred-ledger head per node (issue 14): each node keeps a ledger file of its own
+    // (docs/OPERATIONS.md §15), so one shared head would refuse every node but the one that
+    // wrote it last. (The backend was unreleased when this replaced the single head.) And no
+    // planner statistics of wrapped keys: ANALYZE would copy sample values (histogram
+    // bounds) into pg_statistic, where a destroyed key would outlive its row.
+    r#"ALTER TABLE wrapped_keys ALTER COLUMN wrapped_key SET STATISTICS 0;
+     ALTER TABLE audit_key ALTER COLUMN wrapped_key SET STATISTICS 0;
+     CREATE TABLE shred_ledger_heads (
+        node_id  TEXT COLLATE "C" PRIMARY KEY,
+        entries  BIGINT NOT NULL,
+        head_mac BYTEA NOT NULL
+     );
+     DROP TABLE shred_ledger_head;"#,
 ];
 
 /// The schema version this binary writes.

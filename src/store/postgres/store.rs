@@ -57,6 +57,11 @@ struct RowState {
     key: Option<Arc<RowKey>>,
     /// Why the store refuses to serve rows (the last anchor check failed).
     integrity: Option<String>,
+    /// A re-check of the rows is owed: the last one could not run to its end (the database
+    /// went away, a query failed). Rows are refused (UNAVAILABLE) until one passes, as the
+    /// SQLite store refuses on any failed check: another node's change may have been a
+    /// tampering this node has not ruled out.
+    recheck_pending: bool,
     /// The highest anchor counter this handle has seen.
     anchor_seen: u64,
 }
@@ -79,6 +84,11 @@ impl Inner {
         if let Some(why) = &state.integrity {
             return Err(Error::StoreIntegrity(why.clone()));
         }
+        if state.recheck_pending {
+            return Err(Error::Unavailable(
+                "the key store could not yet confirm its rows are intact; retry later".into(),
+            ));
+        }
         let key = state
             .key
             .clone()
@@ -86,9 +96,16 @@ impl Inner {
         Ok((key, state.anchor_seen))
     }
 
-    /// Checks the anchor against every row MAC; a failure stops the store serving rows until
-    /// a later check passes. A database that cannot be reached changes nothing (the calls
-    /// fail on their own).
+    /// Whether a re-check is owed (the last one failed for a reason other than integrity);
+    /// the follow thread retries it at its next poll.
+    pub(super) fn recheck_pending(&self) -> bool {
+        self.state().recheck_pending
+    }
+
+    /// Checks the anchor against every row MAC; an integrity failure stops the store serving
+    /// rows until a later check passes. Any other failure (the database unreachable, a query
+    /// refused) fails closed too: rows are refused as UNAVAILABLE and the check is retried at
+    /// the next poll, until one runs to its end.
     pub(super) fn recheck_rows(&self) {
         let (key, seen) = {
             let state = self.state();
@@ -104,13 +121,26 @@ impl Inner {
         match checked {
             Ok(counter) => {
                 self.saw_counter(counter);
-                self.state().integrity = None;
+                let mut state = self.state();
+                if state.recheck_pending {
+                    tracing::info!("key store: rows re-checked; serving again");
+                }
+                state.integrity = None;
+                state.recheck_pending = false;
             }
             Err(Error::StoreIntegrity(why)) => {
                 tracing::error!(problem = %why, "key store: refusing to serve rows until the database is restored");
-                self.state().integrity = Some(why);
+                let mut state = self.state();
+                state.integrity = Some(why);
+                state.recheck_pending = false;
             }
-            Err(_) => {}
+            Err(e) => {
+                let mut state = self.state();
+                if !state.recheck_pending {
+                    tracing::warn!(error = %e, "key store: cannot re-check the rows; refusing them until a re-check passes");
+                }
+                state.recheck_pending = true;
+            }
         }
     }
 }
@@ -118,6 +148,10 @@ impl Inner {
 impl changes::OnForeignChange for Inner {
     fn foreign_change(&self) {
         self.recheck_rows();
+    }
+
+    fn recheck_owed(&self) -> bool {
+        self.recheck_pending()
     }
 }
 
@@ -142,6 +176,7 @@ impl PostgresKeyStore {
             rows: Mutex::new(RowState {
                 key: None,
                 integrity: None,
+                recheck_pending: false,
                 anchor_seen: 0,
             }),
             anchor_published: AtomicU64::new(0),
@@ -218,10 +253,38 @@ impl PostgresKeyStore {
         Ok(value)
     }
 
-    /// Best effort after keys were deleted: VACUUM the key tables so the dead rows' space is
-    /// reclaimed now rather than at the next autovacuum (docs/OPERATIONS.md says what
-    /// PostgreSQL keeps anyway: WAL, replicas, backups).
+    /// After keys were deleted (committed): rewrites `wrapped_keys` so the deleted rows'
+    /// bytes are in no live file of the cluster. A plain VACUUM is not enough: it frees a dead
+    /// row's space but leaves its bytes in the page until something overwrites them (the
+    /// shredding test found a destroyed key that way). `VACUUM FULL` copies the live rows to
+    /// a new file and truncates the old one at once; it locks the table exclusively while it
+    /// copies, so it waits at most [`VACUUM_LOCK_WAIT`] for that lock (a waiting exclusive
+    /// lock would hold up every other node's key loads) and else falls back to a plain
+    /// VACUUM and says so: the next destruction, or the next start (the shred ledger's
+    /// re-application), rewrites the table again. VACUUM cannot run inside a transaction,
+    /// hence a separate statement after the commit. docs/OPERATIONS.md §15 gives what
+    /// PostgreSQL keeps anyway (WAL, replicas, base backups, PITR archives).
     fn vacuum_keys(&self) {
+        let rewritten = self.pool.get().and_then(|mut conn| {
+            // Separate statements: a multi-statement string is one transaction, which VACUUM
+            // refuses.
+            conn.batch_execute(&format!(
+                "SET lock_timeout = {}",
+                VACUUM_LOCK_WAIT.as_millis()
+            ))
+            .map_err(map_error)?;
+            let vacuumed = conn
+                .batch_execute("VACUUM FULL wrapped_keys")
+                .map_err(map_error);
+            // The pool reuses the connection: no later call may inherit the timeout (a
+            // connection that cannot reset it is broken and dropped by the pool).
+            let reset = conn.batch_execute("RESET lock_timeout").map_err(map_error);
+            vacuumed.and(reset)
+        });
+        let Err(e) = rewritten else {
+            return;
+        };
+        tracing::warn!(error = %e, "key store: cannot rewrite the key table after a destruction now (VACUUM FULL); the destroyed rows' bytes may stay in its file until the next destruction or start");
         let vacuumed = self
             .pool
             .get()
@@ -230,7 +293,60 @@ impl PostgresKeyStore {
             tracing::warn!(error = %e, "key store: VACUUM after a destruction failed; autovacuum will reclaim the rows");
         }
     }
+
+    /// Records in the change log, inside the caller's transaction, that `tenant` lost keys,
+    /// so every node's shred ledger records it ([`BackupStore::destructions_since`]).
+    fn record_destruction(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        tenant: &TenantId,
+    ) -> Result<()> {
+        changes::record(
+            tx,
+            self.inner.writer,
+            &self.inner.node_id,
+            DESTROY_KIND,
+            Some(tenant.as_str()),
+        )
+    }
+
+    /// The destroyed items of `tenants`, from verified rows: the tenant if it is destroyed,
+    /// else each destroyed version.
+    fn destroyed_items_of(&self, tenants: &[String]) -> Result<Vec<ShredItem>> {
+        self.read_rows(|conn, key| {
+            let mut items = Vec::new();
+            for id in tenants {
+                let id = tenant_id_of(id)?;
+                let Some(tenant) = load_tenant(conn, key, &id)? else {
+                    continue;
+                };
+                if tenant.state == TenantState::Destroyed {
+                    items.push(ShredItem {
+                        tenant_id: id,
+                        version: None,
+                    });
+                    continue;
+                }
+                for version in load_versions(conn, key, &id)? {
+                    if version.state == KeyVersionState::Destroyed {
+                        items.push(ShredItem {
+                            tenant_id: id.clone(),
+                            version: Some(version.version),
+                        });
+                    }
+                }
+            }
+            Ok(items)
+        })
+    }
 }
+
+/// The change-log kind of a destruction (a tenant shredded, a version destroyed), recorded
+/// beside the change that did it.
+const DESTROY_KIND: &str = "destroy";
+
+/// Longest wait for the exclusive lock `VACUUM FULL` needs after a destruction.
+const VACUUM_LOCK_WAIT: Duration = Duration::from_millis(500);
 
 impl MasterKeyStore for PostgresKeyStore {
     fn master_versions(&self) -> Result<Vec<MasterVersionRecord>> {
@@ -606,6 +722,7 @@ impl TenantStore for PostgresKeyStore {
                 )?;
                 if change.shred {
                     shred_rows(rows, id, None, change.destroyed_at.unwrap_or(now))?;
+                    self.record_destruction(rows.tx, id)?;
                 } else {
                     tenant.state = change.state;
                     tenant.deletion_time = change.deletion_time;
@@ -663,6 +780,7 @@ impl TenantStore for PostgresKeyStore {
                 )?;
                 if to == KeyVersionState::Destroyed {
                     shred_rows(rows, id, Some(version), 0)?;
+                    self.record_destruction(rows.tx, id)?;
                 } else if let Some(current) = current {
                     let mut record = current.record;
                     record.state = to;
@@ -816,7 +934,7 @@ impl ChangeDetection for PostgresKeyStore {
             let mut conn = self.pool.get()?;
             let polled = self.follower.poll(&mut *conn)?;
             drop(conn);
-            if polled.foreign {
+            if polled.foreign || self.inner.recheck_pending() {
                 self.inner.recheck_rows();
             }
             Ok(polled.generation)
@@ -965,6 +1083,7 @@ impl BackupStore for PostgresKeyStore {
                                 },
                                 None,
                             )?;
+                            self.record_destruction(rows.tx, &item.tenant_id)?;
                             done.push(item.clone());
                         }
                         continue;
@@ -983,6 +1102,7 @@ impl BackupStore for PostgresKeyStore {
                         }
                     }
                     shred_rows(rows, &item.tenant_id, item.version, now)?;
+                    self.record_destruction(rows.tx, &item.tenant_id)?;
                     done.push(item.clone());
                 }
                 Ok(done)
@@ -1053,8 +1173,8 @@ impl BackupStore for PostgresKeyStore {
         off_runtime(|| {
             self.read(|conn| {
                 conn.query_opt(
-                    "SELECT entries, head_mac FROM shred_ledger_head WHERE id = 1",
-                    &[],
+                    "SELECT entries, head_mac FROM shred_ledger_heads WHERE node_id = $1",
+                    &[&self.inner.node_id],
                 )
                 .map_err(map_error)?
                 .map(|row| {
@@ -1072,15 +1192,60 @@ impl BackupStore for PostgresKeyStore {
         off_runtime(|| {
             self.pool.transaction(|tx| {
                 tx.execute(
-                    "INSERT INTO shred_ledger_head (id, entries, head_mac) VALUES (1, $1, $2) \
-                     ON CONFLICT (id) DO UPDATE SET entries = excluded.entries, \
+                    "INSERT INTO shred_ledger_heads (node_id, entries, head_mac) \
+                     VALUES ($1, $2, $3) \
+                     ON CONFLICT (node_id) DO UPDATE SET entries = excluded.entries, \
                      head_mac = excluded.head_mac \
-                     WHERE excluded.entries > shred_ledger_head.entries",
-                    &[&i64_of(head.entries), &head.head_mac],
+                     WHERE excluded.entries > shred_ledger_heads.entries",
+                    &[&self.inner.node_id, &i64_of(head.entries), &head.head_mac],
                 )
                 .map_err(map_error)?;
                 Ok(())
             })
+        })
+    }
+
+    fn destructions_since(&self, cursor: Option<u64>) -> Result<Option<(u64, Vec<ShredItem>)>> {
+        off_runtime(|| {
+            // The head first: every destruction numbered up to it is read below (or by the
+            // full scan), and the next call starts after it.
+            let (head, tenants) = self.read(|conn| {
+                let head: i64 = conn
+                    .query_one("SELECT seq FROM kms_change_head WHERE id = 1", &[])
+                    .map_err(map_error)?
+                    .try_get(0)
+                    .map_err(map_error)?;
+                let Some(after) = cursor else {
+                    return Ok((head, None));
+                };
+                let after = i64_of(after);
+                // Sequence numbers are dense (each is taken and inserted in one
+                // transaction): a log that starts past `after + 1` was pruned meanwhile.
+                let oldest: Option<i64> = conn
+                    .query_one("SELECT MIN(seq) FROM kms_changes", &[])
+                    .map_err(map_error)?
+                    .try_get(0)
+                    .map_err(map_error)?;
+                if oldest.is_some_and(|oldest| oldest > after.saturating_add(1)) {
+                    return Ok((head, None));
+                }
+                let tenants = conn
+                    .query(
+                        "SELECT DISTINCT tenant_id FROM kms_changes WHERE kind = $1 \
+                         AND seq > $2 AND seq <= $3 AND tenant_id IS NOT NULL",
+                        &[&DESTROY_KIND, &after, &head],
+                    )
+                    .map_err(map_error)?
+                    .iter()
+                    .map(|row| row.try_get(0).map_err(map_error))
+                    .collect::<Result<Vec<String>>>()?;
+                Ok((head, Some(tenants)))
+            })?;
+            let items = match tenants {
+                None => self.destroyed_items()?,
+                Some(tenants) => self.destroyed_items_of(&tenants)?,
+            };
+            Ok(Some((u64_of(head), items)))
         })
     }
 
