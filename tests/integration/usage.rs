@@ -399,8 +399,8 @@ async fn usage_counts_exact_items_and_bytes_for_known_calls() {
     let opened = keys.decrypt(open(b"row-1")).await.unwrap().into_inner();
     assert!(keys.decrypt(open(b"row-9")).await.is_err());
 
-    let mut out = String::new();
-    tenant_kms::service::server::metrics_extra(&server.state)(&mut out);
+    let out =
+        tenant_kms::metrics::encode(tenant_kms::service::server::metrics_extra(&server.state)());
     let series = |family, operation| usage_series(&out, family, "acme", &caller, operation);
     let expected: [(&str, u64, u64, u64, u64); 4] = [
         // operation, items, failed items, request bytes, response bytes
