@@ -778,6 +778,8 @@ async fn http1_clients_over_tls_reach_the_http_api_and_grpc_over_http1_is_refuse
             .header("authorization", &token)
             .body(Full::new(body))
             .unwrap();
+        // The connection is reused: wait until it has finished with the previous exchange.
+        sender.ready().await.unwrap();
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.version(), hyper::Version::HTTP_11);
         let status = response.status().as_u16();
