@@ -77,3 +77,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::Internal(format!("cannot sync {}: {e}", dir.display())))
 }
+
+/// [`sync_dir`] of the directory holding `path` (the current directory for a bare file
+/// name), so that a file created or renamed there survives a crash.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => sync_dir(dir),
+        None => sync_dir(Path::new(".")),
+    }
+}

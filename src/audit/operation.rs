@@ -117,6 +117,13 @@ impl Rpc {
     pub const fn name(self) -> &'static str {
         self.stored_name()
     }
+
+    /// Whether the RPC opens ciphertext or a wrapped data key (Decrypt, DecryptBatch,
+    /// DecryptDataKey): the calls the usage counters and the anomaly detectors count as
+    /// decryptions. The one list of them.
+    pub const fn opens_ciphertext(self) -> bool {
+        matches!(self, Rpc::Decrypt | Rpc::DecryptBatch | Rpc::DecryptDataKey)
+    }
 }
 
 named_enum! {

@@ -90,19 +90,26 @@ pub struct PruneArgs {
     data: DataDirArgs,
 }
 
-/// Parses an RFC 3339 time or a plain date into unix microseconds.
-pub(super) fn parse_time(text: &str) -> Result<i64> {
-    let full = if text.len() == 10 {
+/// The one parser of the CLI's time flags (`--since`, `--until`, `--before`, online or
+/// offline): an RFC 3339 time in UTC (`2026-11-01T00:00:00Z`, fractions allowed) or a plain
+/// date (`2026-11-01`, midnight UTC), as the time since the Unix epoch.
+pub(super) fn time_arg(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let is_date = text.len() == 10 && !text.contains('T');
+    let full = if is_date {
         format!("{text}T00:00:00Z")
     } else {
         text.to_owned()
     };
-    let time = humantime::parse_rfc3339_weak(&full)
-        .map_err(|_| Error::InvalidArgument(format!("'{text}' is not an RFC 3339 time")))?;
-    let micros = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| Error::InvalidArgument(format!("'{text}' is before 1970")))?
-        .as_micros();
+    let time = humantime::parse_rfc3339_weak(&full).map_err(|_| {
+        format!("'{text}' is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z) or a date")
+    })?;
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("'{text}' is before 1970"))
+}
+
+/// [`time_arg`] in unix microseconds; a bad time is a usage error.
+pub(super) fn parse_time(text: &str) -> Result<i64> {
+    let micros = time_arg(text).map_err(Error::InvalidArgument)?.as_micros();
     Ok(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 

@@ -9,7 +9,7 @@ use clap::Args;
 use super::client::{ClientArgs, answer, runtime};
 use super::json;
 use crate::error::Result;
-use crate::pb;
+use tenant_kms_client::pb;
 
 /// Arguments of `audit list`.
 #[derive(Debug, Args)]
@@ -17,10 +17,10 @@ pub struct ListArgs {
     /// Only this tenant.
     #[arg(long)]
     tenant: Option<String>,
-    /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z), inclusive.
+    /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z, or a date), inclusive.
     #[arg(long, value_parser = rfc3339)]
     since: Option<prost_types::Timestamp>,
-    /// Until this time (RFC 3339), exclusive.
+    /// Until this time (RFC 3339 or a date), exclusive.
     #[arg(long, value_parser = rfc3339)]
     until: Option<prost_types::Timestamp>,
     /// Only this operation, e.g. Encrypt.
@@ -30,14 +30,10 @@ pub struct ListArgs {
     pub(super) client: ClientArgs,
 }
 
-/// An RFC 3339 flag as a protobuf timestamp, checked while parsing (a bad one is a usage
-/// error).
+/// A time flag ([`super::audit::time_arg`]: RFC 3339 or a date) as a protobuf timestamp,
+/// checked while parsing (a bad one is a usage error).
 fn rfc3339(text: &str) -> std::result::Result<prost_types::Timestamp, String> {
-    let time = humantime::parse_rfc3339_weak(text)
-        .map_err(|_| format!("'{text}' is not an RFC 3339 time (e.g. 2026-11-01T00:00:00Z)"))?;
-    let since_epoch = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("'{text}' is before 1970"))?;
+    let since_epoch = super::audit::time_arg(text)?;
     Ok(prost_types::Timestamp {
         seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(since_epoch.subsec_nanos()).unwrap_or(0),
@@ -48,7 +44,7 @@ fn rfc3339(text: &str) -> std::result::Result<prost_types::Timestamp, String> {
 pub fn run_list(args: ListArgs) -> Result<ExitCode> {
     args.client.check()?;
     runtime()?.block_on(async move {
-        let mut audit = args.client.audit().await?;
+        let audit = args.client.connect().await?;
         let mut page_token = String::new();
         loop {
             let page = answer(
@@ -79,7 +75,7 @@ pub fn run_list(args: ListArgs) -> Result<ExitCode> {
 pub fn run_verify_chain(client: ClientArgs) -> Result<ExitCode> {
     client.check()?;
     runtime()?.block_on(async move {
-        let mut audit = client.audit().await?;
+        let audit = client.connect().await?;
         let r = answer(
             audit
                 .verify_audit_chain(pb::VerifyAuditChainRequest::default())

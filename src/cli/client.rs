@@ -1,21 +1,19 @@
 //! How the client commands reach a running server: the address, TLS, the bearer token, and
-//! what a failed connection or a refused call tells the operator. The one module holding the
-//! CLI's connection set-up, so moving it onto the client library touches only this file.
+//! what a failed connection or a refused call tells the operator. The flags and their
+//! messages are the CLI's; connecting, TLS, the token header and retries are the client
+//! library's (`tenant-kms-client`, clients/rust), so the CLI is one more user of it: a call
+//! refused at admission with a `retry-after-ms` hint, or an idempotent call that met
+//! UNAVAILABLE, is tried again as the library's [`RetryPolicy`] says.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tenant_kms_client::{Client, ClientConfig, ConnectFailure, RetryPolicy};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
-use crate::pb::audit_service_client::AuditServiceClient;
-use crate::pb::key_service_client::KeyServiceClient;
-use crate::pb::tenant_service_client::TenantServiceClient;
 
 /// The environment variable that may hold the bearer token itself (as `VAULT_TOKEN` does for
 /// Vault): used when no `--token-file` is named, never printed.
@@ -51,28 +49,6 @@ pub struct ClientArgs {
     pub connect_timeout: Duration,
 }
 
-/// A channel that adds the bearer token to every call.
-pub type Authed = InterceptedService<Channel, Bearer>;
-
-/// Adds `authorization: Bearer <token>` to every request (nothing when the caller is named by
-/// its client certificate alone).
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// A usage error: exit code 2 ([`super::EXIT_USAGE`]) for a client command.
 fn usage(message: String) -> Error {
     Error::InvalidArgument(message)
@@ -81,14 +57,14 @@ fn usage(message: String) -> Error {
 impl ClientArgs {
     /// The bearer token: `--token-file`, else `TENANT_KMS_TOKEN`, else ./data/admin.token
     /// (none at all when a client certificate names the caller and no token is given).
-    fn bearer(&self) -> Result<Bearer> {
+    fn token(&self) -> Result<Option<Zeroizing<String>>> {
         let token = match (&self.token_file, std::env::var(TOKEN_ENV)) {
             (Some(path), _) => read_token_file(path)?,
             (None, Ok(token)) if !token.trim().is_empty() => Zeroizing::new(token),
             (None, _) => {
                 let path = PathBuf::from(DEFAULT_TOKEN_FILE);
                 if self.client_cert.is_some() && !path.exists() {
-                    return Ok(Bearer(None));
+                    return Ok(None);
                 }
                 read_token_file(&path).map_err(|e| {
                     usage(format!(
@@ -98,11 +74,7 @@ impl ClientArgs {
                 })?
             }
         };
-        let mut value: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| usage("the token holds characters no token has".into()))?;
-        value.set_sensitive(true);
-        Ok(Bearer(Some(value)))
+        Ok(Some(token))
     }
 
     /// The URL `--addr` names: a URL as given, or `host:port` with `https` when `--ca-cert`
@@ -135,9 +107,10 @@ impl ClientArgs {
         Ok(url)
     }
 
-    /// TLS settings for an https address: the named CA (no OS roots: a KMS is reached through
-    /// a private CA) and, for mTLS, the client identity.
-    fn tls(&self, url: &str) -> Result<Option<ClientTlsConfig>> {
+    /// TLS settings for an https address onto `config`: the named CA (no OS roots: a KMS is
+    /// reached through a private CA) and, for mTLS, the client identity. Files are read here
+    /// so that an unreadable one is named by its flag.
+    fn tls(&self, url: &str, mut config: ClientConfig) -> Result<ClientConfig> {
         if !url.starts_with("https://") {
             if self.ca_cert.is_some() || self.client_cert.is_some() {
                 return Err(usage(
@@ -145,7 +118,7 @@ impl ClientArgs {
                         .into(),
                 ));
             }
-            return Ok(None);
+            return Ok(config);
         }
         let read = |flag: &str, path: &PathBuf| {
             std::fs::read(path)
@@ -156,110 +129,57 @@ impl ClientArgs {
             .ca_cert
             .as_ref()
             .ok_or_else(|| usage("an https:// --addr needs --ca-cert".into()))?;
-        let mut config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?.as_slice()));
+        config = config.ca_cert_pem(read("--ca-cert", ca)?.to_vec());
         if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
-            config = config.identity(Identity::from_pem(
-                read("--client-cert", cert)?.as_slice(),
-                read("--client-key", key)?.as_slice(),
-            ));
+            config = config.client_cert_pem(
+                read("--client-cert", cert)?.to_vec(),
+                read("--client-key", key)?,
+            );
         }
-        Ok(Some(config))
+        Ok(config)
     }
 
-    /// The endpoint `--addr` and the TLS flags describe; a bad flag is a usage error.
-    fn endpoint(&self) -> Result<Endpoint> {
+    /// The client library's settings these flags describe; a bad flag is a usage error.
+    fn config(&self) -> Result<ClientConfig> {
         let url = self.url()?;
-        let mut endpoint = Channel::from_shared(url.clone())
-            .map_err(|_| usage(format!("--addr {}: not a valid address", self.addr)))?
-            .connect_timeout(self.connect_timeout);
-        if let Some(tls) = self.tls(&url)? {
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| usage(format!("TLS settings (--ca-cert, --client-cert): {e}")))?;
+        let mut config = ClientConfig::new(url.clone())
+            .connect_timeout(self.connect_timeout)
+            .retry(RetryPolicy::default());
+        config = self.tls(&url, config)?;
+        if let Some(token) = self.token()? {
+            config = config
+                .token(token)
+                .map_err(|_| usage("the token holds characters no token has".into()))?;
         }
-        Ok(endpoint)
-    }
-
-    /// Connects (TCP, then TLS for https), or says why it could not and what to check.
-    async fn channel(&self) -> Result<Channel> {
-        let endpoint = self.endpoint()?;
-        let connecting = endpoint.connect();
-        // Bounded here too: a TLS handshake that a peer never answers is not covered by
-        // every connector's own timeout.
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(e)) => Err(connect_error(&self.addr, self.connect_timeout, &e)),
-            Err(_) => Err(Error::Unavailable(timed_out(
-                &self.addr,
-                self.connect_timeout,
-            ))),
-        }
+        config
+            .check()
+            .map_err(|e| usage(format!("--addr {} and the TLS flags: {e}", self.addr)))?;
+        Ok(config)
     }
 
     /// Checks every flag (and the token) without connecting: bad ones are usage errors,
     /// reported before any input is read.
     pub fn check(&self) -> Result<()> {
-        self.endpoint()?;
-        self.bearer().map(|_| ())
+        self.config().map(|_| ())
     }
 
-    /// A KeyService client.
-    pub async fn keys(&self) -> Result<KeyServiceClient<Authed>> {
-        let bearer = self.bearer()?;
-        Ok(KeyServiceClient::with_interceptor(
-            self.channel().await?,
-            bearer,
-        ))
+    /// Connects (TCP, then TLS for https), or says why it could not and what to check.
+    pub async fn connect(&self) -> Result<Client> {
+        self.config()?.connect().await.map_err(|e| match e {
+            tenant_kms_client::Error::Connect { failure, detail } => {
+                connect_error(&self.addr, self.connect_timeout, failure, &detail)
+            }
+            other => client_error(other),
+        })
     }
 
-    /// A TenantService client.
-    pub async fn tenants(&self) -> Result<TenantServiceClient<Authed>> {
-        let bearer = self.bearer()?;
-        Ok(TenantServiceClient::with_interceptor(
-            self.channel().await?,
-            bearer,
-        ))
-    }
-
-    /// An AuditService client.
-    pub async fn audit(&self) -> Result<AuditServiceClient<Authed>> {
-        let bearer = self.bearer()?;
-        Ok(AuditServiceClient::with_interceptor(
-            self.channel().await?,
-            bearer,
-        ))
-    }
-
-    /// Connects, makes one KeyService call and returns its answer; a refusal becomes the
-    /// command's error.
-    pub async fn key_call<R, F>(&self, rpc: impl FnOnce(KeyServiceClient<Authed>) -> F) -> Result<R>
+    /// Connects, makes one call through the client library (with its retries) and returns
+    /// its answer; a refusal becomes the command's error.
+    pub async fn call<R, F>(&self, rpc: impl FnOnce(Client) -> F) -> Result<R>
     where
-        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+        F: Future<Output = tenant_kms_client::Result<R>>,
     {
-        answer(rpc(self.keys().await?).await)
-    }
-
-    /// [`Self::key_call`] for the TenantService.
-    pub async fn tenant_call<R, F>(
-        &self,
-        rpc: impl FnOnce(TenantServiceClient<Authed>) -> F,
-    ) -> Result<R>
-    where
-        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
-    {
-        answer(rpc(self.tenants().await?).await)
-    }
-
-    /// [`Self::key_call`] for the AuditService.
-    pub async fn audit_call<R, F>(
-        &self,
-        rpc: impl FnOnce(AuditServiceClient<Authed>) -> F,
-    ) -> Result<R>
-    where
-        F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
-    {
-        answer(rpc(self.audit().await?).await)
+        answer(rpc(self.connect().await?).await)
     }
 }
 
@@ -279,60 +199,55 @@ fn timed_out(addr: &str, timeout: Duration) -> String {
 }
 
 /// Why a connection failed, in words, with what to check: refused, timed out, or which TLS
-/// check failed.
-fn connect_error(addr: &str, timeout: Duration, error: &tonic::transport::Error) -> Error {
-    let mut chain = Vec::new();
-    let mut refused = false;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        chain.push(format!("{e:?} {e}"));
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            refused |= io.kind() == std::io::ErrorKind::ConnectionRefused;
-        }
-        source = e.source();
-    }
-    let text = chain.join(" | ");
-    let message = if text.contains("UnknownIssuer") || text.contains("UnknownCA") {
-        format!(
+/// check failed (as the client library classified it).
+fn connect_error(addr: &str, timeout: Duration, failure: ConnectFailure, detail: &str) -> Error {
+    let message = match failure {
+        ConnectFailure::UnknownCa => format!(
             "cannot connect to {addr}: TLS error: unknown CA: the server's certificate is not \
              issued by the CA in --ca-cert; check that --ca-cert names the CA that signed it"
-        )
-    } else if text.contains("NotValidForName") {
-        format!(
+        ),
+        ConnectFailure::NameMismatch => format!(
             "cannot connect to {addr}: TLS error: name mismatch: the server's certificate is not \
              valid for the host in --addr; use a name or address its certificate lists"
-        )
-    } else if text.contains("Expired") {
-        format!(
+        ),
+        ConnectFailure::Expired => format!(
             "cannot connect to {addr}: TLS error: the server's certificate has expired (or is \
              not yet valid); check the server's certificate and this machine's clock"
-        )
-    } else if text.contains("InvalidContentType") || text.contains("CorruptMessage") {
-        format!(
+        ),
+        ConnectFailure::NotTls => format!(
             "cannot connect to {addr}: TLS error: the server did not answer TLS; use http:// (or \
              no --ca-cert) in --addr if it runs without TLS"
-        )
-    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
-        format!(
+        ),
+        ConnectFailure::CertificateRequired => format!(
             "cannot connect to {addr}: TLS error: the server requires a client certificate; pass \
              --client-cert and --client-key"
-        )
-    } else if refused {
-        format!(
+        ),
+        ConnectFailure::Refused => format!(
             "cannot connect to {addr}: connection refused: nothing listens there; check that the \
              server runs and --addr (host and port)"
-        )
-    } else if text.contains("timed out") || text.contains("TimedOut") || text.contains("Elapsed") {
-        timed_out(addr, timeout)
-    } else {
-        format!("cannot connect to {addr}: {error}; check --addr and the TLS flags")
+        ),
+        ConnectFailure::TimedOut => timed_out(addr, timeout),
+        _ => format!("cannot connect to {addr}: {detail}; check --addr and the TLS flags"),
     };
     Error::Unavailable(message)
 }
 
+/// A client-library error as the command's error: a refusal through [`status_error`], a bad
+/// setting as a usage error.
+fn client_error(error: tenant_kms_client::Error) -> Error {
+    match error {
+        tenant_kms_client::Error::Rpc(status) => status_error(status),
+        tenant_kms_client::Error::Config(message) => usage(message),
+        connect @ tenant_kms_client::Error::Connect { .. } => {
+            Error::Unavailable(connect.to_string())
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}
+
 /// A call's answer, or its refusal as the command's error.
-pub fn answer<R>(reply: std::result::Result<tonic::Response<R>, tonic::Status>) -> Result<R> {
-    reply.map(tonic::Response::into_inner).map_err(status_error)
+pub fn answer<R>(reply: tenant_kms_client::Result<R>) -> Result<R> {
+    reply.map_err(client_error)
 }
 
 /// A refusal from the server as the command's error (exit 1): its code and message, the

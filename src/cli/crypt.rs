@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::client::{ClientArgs, runtime};
 use super::json;
 use crate::error::{Error, Result};
-use crate::pb;
+use tenant_kms_client::pb;
 
 /// The flags naming what a value is bound to.
 #[derive(Debug, Args)]
@@ -227,7 +227,7 @@ pub fn run_encrypt(args: EncryptArgs) -> Result<ExitCode> {
         };
         let response = args
             .client
-            .key_call(|mut c| async move { c.encrypt(request).await })
+            .call(|c| async move { c.encrypt(request).await })
             .await?;
         if args.json {
             json::print(&json::encrypt_response(&response));
@@ -252,7 +252,7 @@ pub fn run_decrypt(args: DecryptArgs) -> Result<ExitCode> {
         };
         let response = args
             .client
-            .key_call(|mut c| async move { c.decrypt(request).await })
+            .call(|c| async move { c.decrypt(request).await })
             .await?;
         let plaintext = Zeroizing::new(response.plaintext);
         if args.json {
@@ -285,7 +285,7 @@ pub fn run_rewrap(args: RewrapArgs) -> Result<ExitCode> {
         };
         let response = args
             .client
-            .key_call(|mut c| async move { c.rewrap(request).await })
+            .call(|c| async move { c.rewrap(request).await })
             .await?;
         if args.json {
             json::print(&json::rewrap_response(&response));
@@ -313,9 +313,7 @@ pub fn run_datakey(command: DataKeyCommand) -> Result<ExitCode> {
                 };
                 let r = a
                     .client
-                    .key_call(|mut c| async move {
-                        c.generate_data_key_without_plaintext(request).await
-                    })
+                    .call(|c| async move { c.generate_data_key_without_plaintext(request).await })
                     .await?;
                 json::print(&json!({
                     "wrapped_key": json::bytes(&r.wrapped_key),
@@ -329,7 +327,7 @@ pub fn run_datakey(command: DataKeyCommand) -> Result<ExitCode> {
                 };
                 let r = a
                     .client
-                    .key_call(|mut c| async move { c.generate_data_key(request).await })
+                    .call(|c| async move { c.generate_data_key(request).await })
                     .await?;
                 let key = Zeroizing::new(r.plaintext_key);
                 json::print(&json!({
@@ -347,7 +345,7 @@ pub fn run_datakey(command: DataKeyCommand) -> Result<ExitCode> {
                 };
                 let r = a
                     .client
-                    .key_call(|mut c| async move { c.decrypt_data_key(request).await })
+                    .call(|c| async move { c.decrypt_data_key(request).await })
                     .await?;
                 let key = Zeroizing::new(r.plaintext_key);
                 json::print(&json!({
@@ -480,7 +478,7 @@ fn exit(all_ok: bool) -> ExitCode {
 pub fn run_encrypt_batch(args: EncryptBatchArgs) -> Result<ExitCode> {
     args.client().check()?;
     runtime()?.block_on(async move {
-        let mut keys = args.batch.client.keys().await?;
+        let keys = args.batch.client.connect().await?;
         let tenant = args.batch.tenant.clone();
         let ok = run_batch(args.batch.chunk, async |lines: Vec<EncryptLine>| {
             let request = pb::EncryptBatchRequest {
@@ -522,7 +520,7 @@ pub fn run_encrypt_batch(args: EncryptBatchArgs) -> Result<ExitCode> {
 pub fn run_decrypt_batch(args: BatchArgs) -> Result<ExitCode> {
     args.client().check()?;
     runtime()?.block_on(async move {
-        let mut keys = args.client.keys().await?;
+        let keys = args.client.connect().await?;
         let tenant = args.tenant.clone();
         let ok = run_batch(args.chunk, async |lines: Vec<CiphertextLine>| {
             let request = pb::DecryptBatchRequest {
@@ -573,7 +571,7 @@ pub fn run_decrypt_batch(args: BatchArgs) -> Result<ExitCode> {
 pub fn run_rewrap_batch(args: BatchArgs) -> Result<ExitCode> {
     args.client().check()?;
     runtime()?.block_on(async move {
-        let mut keys = args.client.keys().await?;
+        let keys = args.client.connect().await?;
         let tenant = args.tenant.clone();
         let ok = run_batch(args.chunk, async |lines: Vec<CiphertextLine>| {
             let request = pb::RewrapBatchRequest {

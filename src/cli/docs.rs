@@ -49,10 +49,14 @@ pub fn run_man(args: ManArgs) -> Result<ExitCode> {
     write_stdout(&out)
 }
 
+/// Writes the page or script to stdout. A reader that stops early (`tenant-kms man | head`)
+/// closes the pipe: that ends the output quietly with success, as other CLIs do (Rust
+/// ignores SIGPIPE, so the write reports the broken pipe instead of killing us).
 fn write_stdout(bytes: &[u8]) -> Result<ExitCode> {
-    std::io::stdout()
-        .write_all(bytes)
-        .and_then(|()| std::io::stdout().flush())
-        .map_err(|e| Error::Internal(format!("cannot write stdout: {e}")))?;
-    Ok(ExitCode::SUCCESS)
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(Error::Internal(format!("cannot write stdout: {e}"))),
+    }
 }

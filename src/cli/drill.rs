@@ -27,8 +27,9 @@ use std::process::{Child, Command, ExitCode, Stdio};
 
 use clap::Args;
 use serde::Serialize;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
+// The drill's stubs authenticate as the CLI's do: through the client library's `Bearer`,
+// whose header value is marked sensitive (never logged by tonic).
+use tenant_kms_client::client::{AuthedChannel as Authed, Bearer};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
@@ -273,24 +274,6 @@ impl Drop for ChildServer {
     }
 }
 
-/// Adds a bearer token to every request.
-#[derive(Clone)]
-struct Token(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Token {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Authed = InterceptedService<Channel, Token>;
-
 struct Clients {
     keys: KeyServiceClient<Authed>,
     tenants: TenantServiceClient<Authed>,
@@ -298,10 +281,8 @@ struct Clients {
 }
 
 fn clients(channel: &Channel, token: &str) -> Result<Clients> {
-    let value: MetadataValue<_> = format!("Bearer {token}")
-        .parse()
+    let auth = Bearer::new(token)
         .map_err(|_| Error::InvalidArgument("the token is not valid header text".into()))?;
-    let auth = Token(value);
     Ok(Clients {
         keys: KeyServiceClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(64 << 20),

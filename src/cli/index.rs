@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use super::client::{ClientArgs, runtime};
 use super::json;
 use crate::error::{Error, Result};
-use crate::pb;
+use tenant_kms_client::pb;
 
 /// `index` subcommands.
 #[derive(Debug, Subcommand)]
@@ -95,7 +95,7 @@ pub fn run(command: IndexCommand) -> Result<ExitCode> {
                 };
                 let d = a
                     .client
-                    .tenant_call(|mut c| async move { c.declare_blind_index(request).await })
+                    .call(|c| async move { c.declare_blind_index(request).await })
                     .await?;
                 json::print(&json::definition(&d));
             }
@@ -105,7 +105,7 @@ pub fn run(command: IndexCommand) -> Result<ExitCode> {
                 };
                 let list = a
                     .client
-                    .tenant_call(|mut c| async move { c.list_blind_indexes(request).await })
+                    .call(|c| async move { c.list_blind_indexes(request).await })
                     .await?;
                 for d in &list.definitions {
                     json::print(&json::definition(d));
@@ -126,7 +126,7 @@ pub fn run(command: IndexCommand) -> Result<ExitCode> {
                 };
                 let answer = a
                     .client
-                    .key_call(|mut c| async move { c.compute_blind_index(request).await })
+                    .call(|c| async move { c.compute_blind_index(request).await })
                     .await?;
                 let mut failed = false;
                 for r in &answer.results {

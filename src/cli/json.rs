@@ -9,7 +9,7 @@ use std::io::Write;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::pb;
+use tenant_kms_client::pb;
 
 /// Prints `value` as one line on stdout. A closed stdout (a reader that stopped early) ends
 /// the output silently instead of panicking.

@@ -6,11 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::client::{Authed, ClientArgs, answer, runtime};
+use super::client::{ClientArgs, answer, runtime};
 use super::json;
 use crate::error::{Error, Result};
-use crate::pb;
-use crate::pb::tenant_service_client::TenantServiceClient;
+use tenant_kms_client::pb;
 
 /// `tenant …` subcommands.
 #[derive(Debug, Subcommand)]
@@ -134,13 +133,13 @@ pub fn duration_seconds(text: &str) -> std::result::Result<u64, String> {
 /// A TenantService call that answers with a message printed as one JSON line by `render`.
 async fn print_call<R, F>(
     client: &ClientArgs,
-    rpc: impl FnOnce(TenantServiceClient<Authed>) -> F,
+    rpc: impl FnOnce(tenant_kms_client::Client) -> F,
     render: impl Fn(&R) -> serde_json::Value,
 ) -> Result<()>
 where
-    F: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+    F: Future<Output = tenant_kms_client::Result<R>>,
 {
-    json::print(&render(&client.tenant_call(rpc).await?));
+    json::print(&render(&client.call(rpc).await?));
     Ok(())
 }
 
@@ -165,7 +164,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.create_tenant(r).await },
+                |c| async move { c.create_tenant(r).await },
                 json::tenant,
             )
             .await
@@ -176,7 +175,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.get_tenant(r).await },
+                |c| async move { c.get_tenant(r).await },
                 json::tenant,
             )
             .await
@@ -191,12 +190,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
                     "rotation_policy": t.rotation_policy.as_ref().map(json::rotation_policy),
                 })
             };
-            print_call(
-                &a.client,
-                |mut c| async move { c.get_tenant(r).await },
-                policy,
-            )
-            .await
+            print_call(&a.client, |c| async move { c.get_tenant(r).await }, policy).await
         }
         T::SetPolicy(a) => {
             // An unnamed half of the policy keeps its current value.
@@ -205,7 +199,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             let current = a
                 .client
-                .tenant_call(|mut c| async move { c.get_tenant(get).await })
+                .call(|c| async move { c.get_tenant(get).await })
                 .await?
                 .rotation_policy
                 .unwrap_or_default();
@@ -218,13 +212,13 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.set_rotation_policy(r).await },
+                |c| async move { c.set_rotation_policy(r).await },
                 json::tenant,
             )
             .await
         }
         T::List(client) => {
-            let mut tenants = client.tenants().await?;
+            let tenants = client.connect().await?;
             let mut page_token = String::new();
             loop {
                 let page = answer(
@@ -250,7 +244,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.suspend_tenant(r).await },
+                |c| async move { c.suspend_tenant(r).await },
                 json::tenant,
             )
             .await
@@ -261,7 +255,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.resume_tenant(r).await },
+                |c| async move { c.resume_tenant(r).await },
                 json::tenant,
             )
             .await
@@ -273,7 +267,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.schedule_tenant_deletion(r).await },
+                |c| async move { c.schedule_tenant_deletion(r).await },
                 json::tenant,
             )
             .await
@@ -284,7 +278,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.cancel_tenant_deletion(r).await },
+                |c| async move { c.cancel_tenant_deletion(r).await },
                 json::tenant,
             )
             .await
@@ -295,7 +289,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.rotate_tenant_key(r).await },
+                |c| async move { c.rotate_tenant_key(r).await },
                 json::tenant,
             )
             .await
@@ -306,7 +300,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             let versions = a
                 .client
-                .tenant_call(|mut c| async move { c.list_key_versions(r).await })
+                .call(|c| async move { c.list_key_versions(r).await })
                 .await?;
             for v in &versions.versions {
                 json::print(&json::key_version(v));
@@ -320,7 +314,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.disable_key_version(r).await },
+                |c| async move { c.disable_key_version(r).await },
                 json::key_version,
             )
             .await
@@ -332,7 +326,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.enable_key_version(r).await },
+                |c| async move { c.enable_key_version(r).await },
                 json::key_version,
             )
             .await
@@ -344,7 +338,7 @@ async fn run_online(command: TenantCommand) -> Result<()> {
             };
             print_call(
                 &a.client,
-                |mut c| async move { c.destroy_key_version(r).await },
+                |c| async move { c.destroy_key_version(r).await },
                 json::key_version,
             )
             .await

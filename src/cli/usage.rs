@@ -10,7 +10,7 @@ use super::audit::parse_time;
 use super::client::{ClientArgs, runtime};
 use super::json;
 use crate::error::Result;
-use crate::pb;
+use tenant_kms_client::pb;
 
 /// Arguments of `usage`.
 #[derive(Debug, Args)]
@@ -109,7 +109,7 @@ pub fn run(args: UsageArgs) -> Result<ExitCode> {
     };
     let usage = runtime()?.block_on(
         args.client
-            .audit_call(|mut c| async move { c.get_usage(request).await }),
+            .call(|c| async move { c.get_usage(request).await }),
     )?;
     if args.json {
         json::print(&usage_json(&args.tenant, &usage));

@@ -432,10 +432,7 @@ impl Call {
         let Some(caller) = &self.caller else {
             return;
         };
-        let decrypting = matches!(
-            self.operation,
-            Operation::Decrypt | Operation::DecryptBatch | Operation::DecryptDataKey
-        );
+        let decrypting = self.operation.opens_ciphertext();
         let failed_opens = if seen.failed_open {
             1
         } else {

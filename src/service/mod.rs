@@ -16,6 +16,7 @@
 //! - [`refusals`]: refusals before authentication, audited in aggregate per peer and window;
 //! - [`containment`]: quarantine and release a token, suspend every tenant it reaches;
 //! - [`connections`]: accepted connections: handshake bound and cap, send timeout.
+//! - [`tls`]: the TLS handshake, with ALPN offering `h2` and `http/1.1`.
 //! - [`anomaly`]: the detectors' findings as Anomaly audit records, metrics and log lines.
 //! - [`traceparent`]: the W3C `traceparent` a caller may send, validated.
 //! - [`rest`]: the HTTP/JSON API and its OpenAPI document, on the gRPC port, dispatching into
@@ -41,6 +42,7 @@ pub mod server;
 pub mod state;
 pub mod status;
 pub mod tenant_service;
+pub mod tls;
 pub mod traceparent;
 pub mod usage_query;
 

@@ -8,10 +8,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::service::Routes;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use zeroize::Zeroizing;
 
 use super::audit_service::AuditServiceImpl;
 use super::connections::{Connections, WatchLayer};
@@ -19,7 +18,7 @@ use super::guard::GuardLayer;
 use super::key_service::KeyServiceImpl;
 use super::refusals::Refusals;
 use super::rest::GatewayLayer;
-use super::state::{AppState, TlsFiles};
+use super::state::AppState;
 use super::tenant_service::TenantServiceImpl;
 use crate::domain::TenantId;
 use crate::error::{Error, Result};
@@ -105,15 +104,15 @@ pub async fn run_with(
     // The advertised stream limit bounds what one connection can hold open (issue 13: the
     // server advertised none, so one connection opened a thousand stalled streams).
     // HTTP/1.1 too, for the HTTP/JSON API (`rest`): curl, browsers' fetch and REST connectors
-    // speak it; gRPC stays HTTP/2 (its framing needs trailers).
-    let mut builder = Server::builder()
+    // speak it; gRPC stays HTTP/2 (its framing needs trailers). With TLS, the handshake is
+    // ours (`tls`), so that ALPN offers http/1.1 as well as h2.
+    let builder = Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .accept_http1(true);
-    if let Some(files) = &state.options.tls {
-        builder = builder
-            .tls_config(tls_config(files, limits.handshake_timeout)?)
-            .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?;
-    }
+    let tls = match &state.options.tls {
+        Some(files) => Some(super::tls::server_config(files)?),
+        None => None,
+    };
     let reaper = tokio::spawn(reap_due_deletions(Arc::clone(&state)));
     let flusher = tokio::spawn(Arc::clone(&refusals).flush_periodically());
     let sweeper = tokio::spawn(Arc::clone(&connections).sweep_periodically());
@@ -133,7 +132,7 @@ pub async fn run_with(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
         move |accepted| accepted.map(|stream| watched.watch(stream)),
     );
-    let served = builder
+    let router = builder
         .layer(WatchLayer(Arc::clone(&connections)))
         // HTTP/JSON calls become gRPC calls here and go down the same stack below (size
         // refusals, the guard, the services), so they are authenticated, authorized, admitted
@@ -163,9 +162,20 @@ pub async fn run_with(
             AuditServiceServer::new(AuditServiceImpl::new(Arc::clone(&state)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        );
+    let served = match tls {
+        Some(config) => {
+            let incoming = super::tls::TlsIncoming::new(incoming, config, limits.handshake_timeout);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     reaper.abort();
     flusher.abort();
     sweeper.abort();
@@ -303,31 +313,6 @@ impl Readiness {
 /// more connections; gRPC clients do both by themselves.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
-/// The rustls server configuration (ring provider, TLS 1.2 and 1.3) from PEM files. With a
-/// client CA, client certificates are required and verified against it (chain, validity
-/// period, key usage); a connection without one fails the handshake. A handshake not done
-/// within `handshake_timeout` is dropped (and `connections` closes a connection that sends no
-/// request within it either).
-fn tls_config(files: &TlsFiles, handshake_timeout: Duration) -> Result<ServerTlsConfig> {
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path).map(Zeroizing::new).map_err(|e| {
-            Error::FailedPrecondition(format!("cannot read {what} {}: {e}", path.display()))
-        })
-    };
-    let cert = read(&files.cert, "TLS certificate")?;
-    let key = read(&files.key, "TLS key")?;
-    let mut config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert.as_slice(), key.as_slice()))
-        .timeout(handshake_timeout);
-    if let Some(ca) = &files.client_ca {
-        let ca = read(ca, "client CA")?;
-        config = config
-            .client_ca_root(Certificate::from_pem(ca.as_slice()))
-            .client_auth_optional(false);
-    }
-    Ok(config)
-}
-
 /// tonic reports a request over the message size limit as OUT_OF_RANGE; the gRPC status
 /// code guide (and our API contract) say RESOURCE_EXHAUSTED. The handlers never return
 /// OUT_OF_RANGE themselves, so every such status is a size refusal and is renamed here.
@@ -428,5 +413,45 @@ async fn destroy_audited(state: &Arc<AppState>, tenant: TenantId) {
     match result {
         Ok(_) => tracing::info!(tenant = %tenant, "tenant destroyed: deletion window passed"),
         Err(e) => tracing::warn!(tenant = %tenant, error = %e, "could not destroy tenant"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use prost::Message;
+
+    /// Other languages' generators read these options; each file of our API carries them, with
+    /// the import path README documents, so stubs generate without edits.
+    #[test]
+    fn every_proto_names_its_package_for_other_languages() {
+        let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let ours: Vec<_> = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "tenantkms.v1")
+            .collect();
+        assert_eq!(ours.len(), 3, "keys, tenants, audit");
+        for file in ours {
+            let options = file.options.as_ref().unwrap();
+            assert_eq!(
+                options.go_package(),
+                "github.com/tenant-kms/tenant-kms/gen/go/tenantkms/v1;tenantkmsv1",
+                "{}",
+                file.name()
+            );
+            assert_eq!(options.java_package(), "io.tenantkms.v1", "{}", file.name());
+            assert!(options.java_multiple_files(), "{}", file.name());
+            assert_eq!(
+                options.csharp_namespace(),
+                "TenantKms.V1",
+                "{}",
+                file.name()
+            );
+            assert_eq!(options.php_namespace(), "TenantKms\\V1", "{}", file.name());
+            assert_eq!(options.ruby_package(), "TenantKms::V1", "{}", file.name());
+        }
     }
 }

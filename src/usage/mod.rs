@@ -85,9 +85,13 @@ pub fn is_decrypt_failure(operation: &str, outcome: &str) -> bool {
     is_decrypt_operation(operation) && outcome == "invalid"
 }
 
-/// Whether `operation` opens ciphertext or a wrapped data key.
+/// Whether the stored operation name `operation` is an RPC that opens ciphertext or a
+/// wrapped data key ([`crate::audit::operation::Rpc::opens_ciphertext`]).
 pub fn is_decrypt_operation(operation: &str) -> bool {
-    matches!(operation, "Decrypt" | "DecryptBatch" | "DecryptDataKey")
+    matches!(
+        crate::audit::Operation::parse(operation),
+        Some(crate::audit::Operation::Rpc(rpc)) if rpc.opens_ciphertext()
+    )
 }
 
 /// The minute a time (Unix microseconds) falls in, as the Unix second it starts at.

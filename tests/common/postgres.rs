@@ -276,6 +276,7 @@ impl PgCluster {
             port: free_port(),
             password: self.password.clone(),
             running: false,
+            settings: self.settings.clone(),
             _temp: temp,
         };
         spawn_reaper(&standby.data, &standby.root);

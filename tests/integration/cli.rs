@@ -1099,3 +1099,22 @@ async fn completions_and_man_pages_come_from_the_clap_definitions() {
         assert!(text.contains(".TH"), "{page}");
     }
 }
+
+#[test]
+fn man_and_completions_into_a_closed_pipe_exit_quietly() {
+    for args in [&["man"][..], &["completions", "bash"]] {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the page is written (`tenant-kms man | head -0`).
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: quiet, but said {err}");
+    }
+}

@@ -713,3 +713,124 @@ async fn rate_limits_are_shared_with_grpc_and_refusals_keep_their_retry_hints() 
     );
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.1 over TLS: ALPN offers h2 and http/1.1.
+
+/// A TLS connection to `addr` verifying the server as `localhost` against `ca_pem`, offering
+/// the ALPN protocols `alpn`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_over_tls_reach_the_http_api_and_grpc_over_http1_is_refused() {
+    let pki = common::tls::Pki::new("test CA");
+    let server_pem = pki.issue(&["localhost"], true, false);
+    let files = tenant_kms::service::TlsFiles {
+        cert: pki.write("server.pem", &server_pem.cert),
+        key: pki.write("server.key", &server_pem.key),
+        client_ca: None,
+    };
+    let server = TestServer::start_configured(move |o| o.tls = Some(files)).await;
+
+    // The server prefers h2 when a client offers both, whatever the client's order; a client
+    // offering http/1.1 only gets it (tonic's own acceptor offered h2 only: no protocol).
+    let both = tls_connect(server.addr, &pki.ca_pem, &[b"http/1.1", b"h2"]).await;
+    assert_eq!(both.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(both);
+    let h1 = tls_connect(server.addr, &pki.ca_pem, &[b"http/1.1"]).await;
+    assert_eq!(h1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(h1))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let token = format!("Bearer {}", server.admin_token);
+    let mut send = async |path: &str, content_type: &str, body: Bytes| {
+        let request = hyper::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", content_type)
+            .header("authorization", &token)
+            .body(Full::new(body))
+            .unwrap();
+        // The connection is reused: wait until it has finished with the previous exchange.
+        sender.ready().await.unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), hyper::Version::HTTP_11);
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        (status, headers, json)
+    };
+
+    // REST calls over HTTP/1.1 on TLS succeed and are audited like any call.
+    let (status, _, tenant) = send(
+        "/v1/tenants",
+        "application/json",
+        Bytes::from(json!({"tenantId": "acme"}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{tenant}");
+    let body = json!({"context": "crm.email", "plaintext": B64.encode("over http/1.1")});
+    let (status, headers, sealed) = send(
+        "/v1/tenants/acme:encrypt",
+        "application/json",
+        Bytes::from(body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{sealed}");
+    assert!(!b64(&sealed["ciphertext"]).is_empty());
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    let audited = records(&server);
+    let record = audited
+        .iter()
+        .find(|r| r.request_id == request_id)
+        .expect("the HTTP/1.1 call is audited");
+    assert_eq!(record.operation, "Encrypt");
+    assert_eq!(record.tenant_id, "acme");
+    assert!(matches!(record.outcome, tenant_kms::audit::Outcome::Ok));
+
+    // gRPC over HTTP/1.1 is refused with a clear status, and nothing is called or audited.
+    let before = records(&server).len();
+    let (status, headers, error) = send(
+        "/tenantkms.v1.KeyService/Encrypt",
+        "application/grpc",
+        Bytes::from_static(&[0, 0, 0, 0, 0]),
+    )
+    .await;
+    assert_eq!(status, 505, "{error}");
+    assert_eq!(headers["grpc-status"], "12");
+    assert_eq!(error["code"], json!(tonic::Code::Unimplemented as i32));
+    assert!(
+        error["message"].as_str().unwrap().contains("HTTP/2"),
+        "{error}"
+    );
+    assert_eq!(records(&server).len(), before);
+    server.stop().await;
+}

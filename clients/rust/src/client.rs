@@ -4,7 +4,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pb;
 use crate::pb::audit_service_client::AuditServiceClient;
 use crate::pb::key_service_client::KeyServiceClient;
@@ -13,8 +13,32 @@ use crate::retry::{Idempotency, RetryPolicy};
 
 /// Adds `authorization: Bearer <token>` to every request (nothing when the caller is named
 /// by its client certificate alone). The value is marked sensitive, so tonic never logs it.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
+/// The one place a token becomes a header: the CLI and its drill use it for their own stubs.
+#[derive(Clone, Default)]
+pub struct Bearer(pub(crate) Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// The header for `token`, surrounding white space ignored (token files end with a
+    /// newline), marked sensitive. A token that cannot be header text is refused (the error
+    /// does not repeat it).
+    pub fn new(token: &str) -> Result<Self> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| Error::Config("the token is not printable ASCII".into()))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+
+    /// No header: the caller is named by its client certificate.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Whether a token is set.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
 
 impl tonic::service::Interceptor for Bearer {
     fn call(
@@ -71,12 +95,7 @@ macro_rules! rpcs {
 }
 
 impl Client {
-    pub(crate) fn new(
-        channel: Channel,
-        token: Option<MetadataValue<Ascii>>,
-        retry: RetryPolicy,
-    ) -> Self {
-        let bearer = Bearer(token);
+    pub(crate) fn new(channel: Channel, bearer: Bearer, retry: RetryPolicy) -> Self {
         Self {
             keys: KeyServiceClient::with_interceptor(channel.clone(), bearer.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -140,5 +159,6 @@ impl Client {
 
         audit.list_audit_events(pb::ListAuditEventsRequest) -> pb::ListAuditEventsResponse, Idempotent;
         audit.verify_audit_chain(pb::VerifyAuditChainRequest) -> pb::VerifyAuditChainResponse, Idempotent;
+        audit.get_usage(pb::GetUsageRequest) -> pb::GetUsageResponse, Idempotent;
     }
 }

@@ -7,12 +7,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
 
-use crate::client::Client;
-use crate::error::{Error, Result};
+use crate::client::{Bearer, Client};
+use crate::error::{ConnectFailure, Error, Result};
 use crate::retry::RetryPolicy;
 
 /// The address used when none is given: the server's default listen address.
@@ -26,7 +25,7 @@ pub struct ClientConfig {
     addr: String,
     ca_pem: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Zeroizing<Vec<u8>>)>,
-    token: Option<MetadataValue<Ascii>>,
+    bearer: Bearer,
     retry: RetryPolicy,
     connect_timeout: Duration,
 }
@@ -39,7 +38,7 @@ impl ClientConfig {
             addr: addr.into(),
             ca_pem: None,
             identity: None,
-            token: None,
+            bearer: Bearer::none(),
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(10),
         }
@@ -82,11 +81,7 @@ impl ClientConfig {
     /// Sends `authorization: Bearer <token>` with every call. Surrounding white space is
     /// ignored (token files end with a newline).
     pub fn token(mut self, token: Zeroizing<String>) -> Result<Self> {
-        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| Error::Config("the token is not printable ASCII".into()))?;
-        value.set_sensitive(true);
-        self.token = Some(value);
+        self.bearer = Bearer::new(&token)?;
         Ok(self)
     }
 
@@ -129,7 +124,8 @@ impl ClientConfig {
         self
     }
 
-    /// How long connecting may take before it fails with [`Error::Connect`] (default 10 s).
+    /// How long connecting (TCP and the TLS handshake) may take before it fails with
+    /// [`Error::Connect`] and [`ConnectFailure::TimedOut`] (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -173,15 +169,38 @@ impl ClientConfig {
         Ok(endpoint)
     }
 
-    /// Connects now (so a wrong address or certificate fails here, with the reason), and
-    /// returns the client.
+    /// Checks the settings without connecting: an address that is not a URL, TLS settings
+    /// on a plaintext address, an `https://` address without a CA ([`Error::Config`]).
+    pub fn check(&self) -> Result<()> {
+        self.endpoint().map(|_| ())
+    }
+
+    /// Connects now (so a wrong address or certificate fails here, with the reason
+    /// classified in [`Error::Connect`]), and returns the client.
     pub async fn connect(self) -> Result<Client> {
         let endpoint = self.endpoint()?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Error::Connect(format!("{}: {}", self.url(), crate::error::chain(&e))))?;
-        Ok(Client::new(channel, self.token, self.retry))
+        // Bounded here too: a TLS handshake that a peer never answers is not covered by
+        // every connector's own timeout.
+        let channel = match tokio::time::timeout(self.connect_timeout, endpoint.connect()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                return Err(Error::Connect {
+                    failure: ConnectFailure::of(&e),
+                    detail: format!("{}: {}", self.url(), crate::error::chain(&e)),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Connect {
+                    failure: ConnectFailure::TimedOut,
+                    detail: format!(
+                        "{}: no connection within {:?}",
+                        self.url(),
+                        self.connect_timeout
+                    ),
+                });
+            }
+        };
+        Ok(Client::new(channel, self.bearer, self.retry))
     }
 
     /// A client that connects on its first call (and reconnects after a failure): for
@@ -189,7 +208,7 @@ impl ClientConfig {
     /// UNAVAILABLE, which idempotent calls retry.
     pub fn connect_lazy(self) -> Result<Client> {
         let channel = self.endpoint()?.connect_lazy();
-        Ok(Client::new(channel, self.token, self.retry))
+        Ok(Client::new(channel, self.bearer, self.retry))
     }
 }
 
@@ -233,7 +252,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(config.url(), "http://127.0.0.1:9");
-        let token = config.token.unwrap();
+        let token = config.bearer.0.unwrap();
         assert!(token.is_sensitive());
         assert_eq!(token.to_str().unwrap(), "Bearer tok-123");
     }

@@ -15,13 +15,14 @@
 //! - [`pb`]: the messages and tonic stubs generated from the service's protos (`proto/`).
 //! - [`config`]: address, TLS (CA file, optional client certificate) and bearer token
 //!   (also from `TENANT_KMS_TOKEN`); [`ClientConfig::connect`] makes a [`Client`].
-//! - [`client`]: [`Client`], one typed method per RPC, each run under the retry policy.
+//! - [`client`]: [`Client`], one typed method per RPC, each run under the retry policy, and
+//!   [`client::Bearer`], the token header (marked sensitive) for stubs of one's own.
 //! - [`retry`]: which failures are retried, and how long to wait (the server's
 //!   `retry-after-ms` hint, else capped exponential back-off with full jitter).
 //! - [`envelope`]: local encryption of large values and files under data keys from
 //!   `GenerateDataKey`, in the streaming format of docs/ENVELOPE.md, with a bounded data-key
 //!   cache.
-//! - [`error`]: the one error type.
+//! - [`error`]: the one error type, with [`ConnectFailure`]: why a connection failed.
 
 #![forbid(unsafe_code)]
 
@@ -40,5 +41,5 @@ pub mod pb {
 
 pub use client::Client;
 pub use config::ClientConfig;
-pub use error::{Error, Result};
+pub use error::{ConnectFailure, Error, Result};
 pub use retry::RetryPolicy;

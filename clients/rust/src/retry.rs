@@ -17,8 +17,8 @@
 //! The idempotent RPCs are the data plane (Encrypt, Decrypt, the batches, GenerateDataKey,
 //! GenerateDataKeyWithoutPlaintext, DecryptDataKey, Rewrap, ComputeBlindIndex: repeating one
 //! gives another equally valid answer), the reads (GetTenant, ListTenants, ListKeyVersions,
-//! ListBlindIndexes, ListAuditEvents, VerifyAuditChain) and the two declarative writes whose
-//! repetition is a no-op by contract (SetRotationPolicy sets the same values again;
+//! ListBlindIndexes, ListAuditEvents, VerifyAuditChain, GetUsage) and the two declarative
+//! writes whose repetition is a no-op by contract (SetRotationPolicy sets the same values again;
 //! DeclareBlindIndex returns an identical definition unchanged). The others — CreateTenant,
 //! RotateTenantKey, Suspend/Resume, Schedule/CancelTenantDeletion and Enable/Disable/
 //! DestroyKeyVersion — are not retried on UNAVAILABLE (a second RotateTenantKey would rotate

@@ -16,7 +16,7 @@ use std::time::Duration;
 use support::Server;
 use tenant_kms_client::envelope::Envelope;
 use tenant_kms_client::envelope::cache::{CachePolicy, DataKeyCache, ManualClock};
-use tenant_kms_client::{Client, ClientConfig, Error, RetryPolicy, pb};
+use tenant_kms_client::{Client, ClientConfig, ConnectFailure, Error, RetryPolicy, pb};
 use tonic::Code;
 use zeroize::Zeroizing;
 
@@ -365,7 +365,13 @@ async fn tls_with_a_named_ca_and_a_client_certificate() {
         .connect()
         .await;
     assert!(
-        matches!(failed, Err(Error::Connect(_))),
+        matches!(
+            failed,
+            Err(Error::Connect {
+                failure: ConnectFailure::UnknownCa,
+                ..
+            })
+        ),
         "untrusted server certificate"
     );
     server.stop().await;
@@ -444,7 +450,10 @@ async fn a_lazy_client_reports_an_unreachable_server_as_unavailable_after_its_re
     let eager = ClientConfig::new(format!("127.0.0.1:{port}"))
         .connect()
         .await;
-    assert!(matches!(eager, Err(Error::Connect(m)) if m.contains(&port.to_string())));
+    assert!(matches!(
+        eager,
+        Err(Error::Connect { failure: ConnectFailure::Refused, detail }) if detail.contains(&port.to_string())
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

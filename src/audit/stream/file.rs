@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::Sink;
 use crate::audit::record::AuditRecord;
@@ -109,13 +109,6 @@ impl FileSink {
     }
 }
 
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
 impl Sink for FileSink {
     fn name(&self) -> &'static str {
         "file"
@@ -152,7 +145,9 @@ impl Sink for FileSink {
             .map_err(fail)?;
         file.write_all(&lines).map_err(fail)?;
         file.sync_data().map_err(fail)?;
-        sync_parent(path).map_err(fail)
+        // A failed sync is as transient as a failed write: delivery is retried.
+        crate::fsutil::sync_parent(path)
+            .map_err(|e| Error::Unavailable(format!("audit stream file: {e}")))
     }
 }
 
@@ -160,6 +155,7 @@ impl Sink for FileSink {
 mod tests {
     use super::*;
     use crate::audit::Outcome;
+    use std::path::Path;
 
     fn records(from: u64, n: u64) -> Vec<(u64, AuditRecord)> {
         (from..from + n)

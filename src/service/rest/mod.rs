@@ -7,7 +7,9 @@
 //!
 //! **Routing by content type.** A request whose `content-type` is `application/grpc…` goes to
 //! gRPC untouched; every other request is HTTP/JSON: [`OPENAPI_PATH`], a route of
-//! [`routes::ROUTES`], or 404. The server accepts HTTP/1.1 as well as HTTP/2 for this.
+//! [`routes::ROUTES`], or 404. The server accepts HTTP/1.1 as well as HTTP/2 for this, over
+//! TLS too (ALPN offers both, `service::tls`). gRPC needs HTTP/2 (its status travels in
+//! trailers): a gRPC request over HTTP/1.1 is refused with [`GRPC_OVER_HTTP1`].
 //!
 //! - [`routes`]: the one table of HTTP bindings (router and OpenAPI both read it);
 //! - [`transcode`]: canonical JSON ↔ protobuf through the descriptor set;
@@ -129,6 +131,9 @@ where
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc && request.version() < http::Version::HTTP_2 {
+            return Box::pin(std::future::ready(Ok(grpc_over_http1())));
+        }
         if grpc {
             return Box::pin(self.inner.call(request));
         }
@@ -271,6 +276,27 @@ async fn render(
             errors::error_response(&tonic::Status::internal("the answer could not be rendered"))
         }
     }
+}
+
+/// Why a gRPC request over HTTP/1.1 is refused (UNIMPLEMENTED, HTTP 505).
+pub const GRPC_OVER_HTTP1: &str = "gRPC needs HTTP/2 and this request came over HTTP/1.1: use \
+     HTTP/2 (a gRPC client negotiates it), or the HTTP/JSON API (see /openapi.json)";
+
+/// The refusal of a gRPC request over HTTP/1.1: HTTP 505 with the JSON error body, and the
+/// status in `grpc-status`/`grpc-message` headers too, so a gRPC client that reads headers
+/// (a trailers-only answer) sees UNIMPLEMENTED and why. Nothing is called.
+fn grpc_over_http1() -> http::Response<Body> {
+    let mut response = errors::error_response_as(
+        StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        &tonic::Status::unimplemented(GRPC_OVER_HTTP1),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(tonic::Code::Unimplemented as i32),
+    );
+    headers.insert("grpc-message", HeaderValue::from_static(GRPC_OVER_HTTP1));
+    response
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> http::Response<Body> {
