@@ -58,6 +58,9 @@ pub struct Call {
     audit: Option<AuditWriter>,
     finished: bool,
     caller: Option<Arc<Caller>>,
+    /// How the audit names the authenticated caller ([`Caller::audit_name`]), formatted once
+    /// per call: admission, throttle, rate limit, record, usage and detectors all key by it.
+    caller_name: String,
     /// A known token that was refused (revoked, expired), as the audit names it.
     refused_as: Option<String>,
     tenant: Option<TenantId>,
@@ -142,6 +145,7 @@ impl Call {
             audit: None,
             finished: false,
             caller: None,
+            caller_name: String::new(),
             refused_as: None,
             tenant: None,
             contexts: Vec::new(),
@@ -160,8 +164,11 @@ impl Call {
     /// `admission`) and charges its rate limit.
     pub fn authenticate(&mut self, state: &AppState) -> Result<Arc<Caller>> {
         let identified = self.identify(state);
-        if let (Ok(caller), Some(admission)) = (&identified, &self.admission) {
-            match admission.0.admit(&caller.audit_name()) {
+        if let Ok(caller) = &identified {
+            self.caller_name = caller.audit_name();
+        }
+        if let (Ok(_), Some(admission)) = (&identified, &self.admission) {
+            match admission.0.admit(&self.caller_name) {
                 Ok(ticket) => self._ticket = Some(ticket),
                 Err(refused) => {
                     tracing::debug!(parent: &self.span, "request refused: {}", refused.0);
@@ -179,17 +186,16 @@ impl Call {
         };
         self.audit = Some(state.audit.clone());
         self.caller = Some(Arc::clone(&caller));
-        let name = caller.audit_name();
         state
             .detectors
-            .check_throttle(&name)
+            .check_throttle(&self.caller_name)
             .map_err(|wait| crate::error::Error::RetryLater {
                 reason: "this caller is throttled after an anomaly was detected in its calls; \
                          an operator can see why in the audit log (operation Anomaly)"
                     .to_owned(),
                 retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
             })?;
-        self.charge(state, &name)?;
+        self.charge(state, &self.caller_name)?;
         Ok(caller)
     }
 
@@ -433,9 +439,9 @@ impl Call {
     /// (`service::anomaly`). Calls that proved no identity are not shown (the refusal audit
     /// counts them).
     async fn detect(&self, state: &AppState, seen: Seen) {
-        let Some(caller) = &self.caller else {
+        if self.caller.is_none() {
             return;
-        };
+        }
         let decrypting = matches!(
             self.operation,
             Operation::Decrypt | Operation::DecryptBatch | Operation::DecryptDataKey
@@ -450,10 +456,9 @@ impl Call {
         } else {
             0
         };
-        let name = caller.audit_name();
         let peer = peer_ip(&self.peer);
         let findings = state.detectors.observe(&crate::detect::Observation {
-            caller: &name,
+            caller: &self.caller_name,
             tenant: self.tenant.as_ref().map(TenantId::as_str),
             peer,
             decrypted,
@@ -475,7 +480,7 @@ impl Call {
         result: &Result<R>,
         answered: bool,
     ) {
-        let (Some(tenant), Some(caller)) = (&self.tenant, &self.caller) else {
+        let (Some(tenant), Some(_)) = (&self.tenant, &self.caller) else {
             return;
         };
         let response_bytes = match result {
@@ -484,7 +489,7 @@ impl Call {
         };
         state.usage.record(
             tenant.as_str(),
-            &caller.audit_name(),
+            &self.caller_name,
             self.operation.name(),
             outcome,
             &crate::usage::UsageCounts {
@@ -500,7 +505,7 @@ impl Call {
     /// The audit record of this call with the given outcome (moves the collected fields out).
     fn record(&mut self, outcome: Outcome, detail: String) -> AuditRecord {
         let caller = match (&self.caller, self.refused_as.take()) {
-            (Some(caller), _) => caller.audit_name(),
+            (Some(_), _) => self.caller_name.clone(),
             (None, Some(refused)) => refused,
             (None, None) => "anonymous".to_owned(),
         };
