@@ -164,6 +164,15 @@ pub trait AuditAppend: Send + Sync {
 
     /// Where the chain ends now (see [`ChainHead`]); its signature is the verifier's job.
     fn head(&self) -> Result<ChainHead>;
+
+    /// Whether [`AuditAppend::append`] may run on whichever thread calls it at no extra cost
+    /// (an embedded store: SQLite). The group-commit writer then lets a lone caller commit its
+    /// own record on its own thread when nothing else is being written, instead of handing it
+    /// to the writer thread and back. False (the default) for a backend whose blocking calls
+    /// need a thread of their own.
+    fn commits_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// Reading records.

@@ -1,11 +1,22 @@
 //! The group-commit audit writer.
 //!
-//! A dedicated thread owns an [`AuditLog`] (its own connection, for SQLite) and is the only
-//! one appending through it. Requests hand it their record and wait on a
-//! oneshot channel; the thread takes every record that is waiting, commits them as one
-//! transaction (one fsync), then answers each. An idle service therefore commits a record at
-//! once, and a busy one commits whatever arrived during the previous fsync together: the cost
-//! of durability is one fsync per batch, not per request.
+//! One [`AuditLog`] (its own connection, for SQLite) takes every append of the service, one
+//! transaction at a time: whoever commits holds the commit lock. Requests hand a dedicated
+//! thread their record and wait on a channel; the thread takes every record that is waiting,
+//! commits them as one transaction (one fsync), then answers each. A busy service therefore
+//! commits whatever arrived during the previous fsync together: the cost of durability is one
+//! fsync per batch, not per request.
+//!
+//! A lone call needs no batching: when nothing is queued for the thread and nobody holds the
+//! commit lock, and the log commits cheaply on any thread
+//! ([`AuditAppend::commits_in_place`](super::log::AuditAppend::commits_in_place): SQLite),
+//! the caller commits its own record on its own thread (on a tokio worker inside
+//! `block_in_place`, so the worker's other tasks move to another thread while it blocks)
+//! and saves the two thread hand-offs. The promise is the same either way: the call returns
+//! after its record's transaction committed (with its fsync in `fsync` durability), records
+//! are chained in commit order, and a failed commit fails its calls closed in the same way.
+//! Under load the lock is busy or records are queued, so calls fall back to the thread and
+//! batches form as before.
 //!
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
@@ -22,9 +33,8 @@
 //! operator acknowledges it with `audit recover`; nothing is ever deleted.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -41,6 +51,18 @@ const MAX_BATCH: usize = 4096;
 struct Job {
     record: AuditRecord,
     done: Reply,
+}
+
+/// What the writer thread receives.
+// Not boxed: every record passes through here, a wake-up is rare, and a box would be one more
+// allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum Message {
+    /// A record to commit and whom to answer.
+    Job(Job),
+    /// A commit in place failed: records of failed calls now wait, so the thread retries
+    /// them on its timer even if no other record arrives.
+    Wake,
 }
 
 enum Reply {
@@ -62,22 +84,41 @@ impl Reply {
     }
 }
 
-/// Handle to the writer thread. Cloning shares the thread; it stops when every handle is
-/// dropped, after committing what it was given.
+/// What the writer thread and the callers that commit in place share.
+struct Shared {
+    log: Box<dyn AuditLog>,
+    /// Held by whoever commits (the thread for a batch, a caller for its own record), so one
+    /// transaction runs at a time and each chains after the one before. It holds the records
+    /// of calls failed closed, which the next commit that succeeds writes first.
+    committing: Mutex<Deferred>,
+    /// Records handed to the thread and not yet taken into a batch: while any wait, a caller
+    /// queues behind them instead of committing in place (they came first, and a batch
+    /// forming is a sign of load).
+    queued: AtomicUsize,
+    /// Whether callers may commit in place at all (see the module docs).
+    in_place: bool,
+    commits: AtomicU64,
+    in_place_commits: AtomicU64,
+    busy_nanos: AtomicU64,
+    /// Sends only on a change, so watchers wake once per transition, not per commit.
+    writable: tokio::sync::watch::Sender<bool>,
+}
+
+/// Handle to the writer. Cloning shares it; the thread stops when every handle is dropped,
+/// after committing what it was given.
 #[derive(Clone)]
 pub struct AuditWriter {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
     keys: Arc<ChainKeys>,
-    commits: Arc<AtomicU64>,
-    busy_nanos: Arc<AtomicU64>,
-    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     writable: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AuditWriter {
     /// Checks the end of `log` (logging what is wrong and recording the evidence of a cut
-    /// tail) and starts the writer thread, which owns `log` from then on. `keys` must be the
-    /// chain keys `log` was opened with (they are handed out for fingerprints).
+    /// tail) and starts the writer thread; `log` takes every append from then on. `keys` must
+    /// be the chain keys `log` was opened with (they are handed out for fingerprints).
     pub fn start(log: Box<dyn AuditLog>, keys: Arc<ChainKeys>) -> Result<Self> {
         let report = log.check_tail()?;
         if !report.ok {
@@ -92,26 +133,29 @@ impl AuditWriter {
                 log.append(&[])?;
             }
         }
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let commits = Arc::new(AtomicU64::new(0));
-        let busy_nanos = Arc::new(AtomicU64::new(0));
+        let (jobs, queue) = mpsc::channel::<Message>();
         // Starts true: the tail check above has just read and, if needed, written the log.
         let (writable_tx, writable) = tokio::sync::watch::channel(true);
-        let counters = Counters {
-            commits: Arc::clone(&commits),
-            busy_nanos: Arc::clone(&busy_nanos),
+        let shared = Arc::new(Shared {
+            in_place: log.commits_in_place(),
+            log,
+            committing: Mutex::new(Deferred::default()),
+            queued: AtomicUsize::new(0),
+            commits: AtomicU64::new(0),
+            in_place_commits: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
             writable: writable_tx,
-        };
+        });
+        let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(log.as_ref(), &counters, &queue))
+            .spawn(move || run(&thread_shared, &queue))
             .map_err(|e| Error::Internal(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             jobs,
+            shared,
             keys,
-            commits,
-            busy_nanos,
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            thread: Arc::new(Mutex::new(Some(thread))),
             writable,
         })
     }
@@ -127,13 +171,19 @@ impl AuditWriter {
     /// How many transactions (batches) this writer has committed: with the records appended,
     /// the mean group-commit batch size.
     pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
+        self.shared.commits.load(Ordering::Relaxed)
     }
 
-    /// Total time the writer has spent in transactions (appending, committing, fsync), in
-    /// nanoseconds: against wall time, how busy the one writer is.
+    /// How many of [`AuditWriter::commits`] a caller made in place, for its own record,
+    /// instead of the writer thread.
+    pub fn in_place_commits(&self) -> u64 {
+        self.shared.in_place_commits.load(Ordering::Relaxed)
+    }
+
+    /// Total time spent in transactions (appending, committing, fsync), in nanoseconds:
+    /// against wall time, how busy the one log is.
     pub fn busy_nanos(&self) -> u64 {
-        self.busy_nanos.load(Ordering::Relaxed)
+        self.shared.busy_nanos.load(Ordering::Relaxed)
     }
 
     /// The chain keys (for fingerprints and verification).
@@ -143,28 +193,86 @@ impl AuditWriter {
 
     /// Appends a record and waits until it is committed; returns its sequence number.
     pub async fn append(&self, record: AuditRecord) -> Result<u64> {
+        let record = match self.commit_in_place(record) {
+            InPlace::Done(committed) => return committed,
+            InPlace::Busy(record) => record,
+        };
         let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job {
-                record,
-                done: Reply::Async(tx),
-            })
-            .map_err(|_| Error::Unavailable("audit writer stopped".into()))?;
+        self.queue(Job {
+            record,
+            done: Reply::Async(tx),
+        })?;
         rx.await
             .map_err(|_| Error::Unavailable("audit writer stopped".into()))?
     }
 
     /// Appends a record from a non-async context and waits until it is committed.
     pub fn append_blocking(&self, record: AuditRecord) -> Result<u64> {
+        let record = match self.commit_in_place(record) {
+            InPlace::Done(committed) => return committed,
+            InPlace::Busy(record) => record,
+        };
         let (tx, rx) = mpsc::sync_channel(1);
-        self.jobs
-            .send(Job {
-                record,
-                done: Reply::Blocking(tx),
-            })
-            .map_err(|_| Error::Unavailable("audit writer stopped".into()))?;
+        self.queue(Job {
+            record,
+            done: Reply::Blocking(tx),
+        })?;
         rx.recv()
             .map_err(|_| Error::Unavailable("audit writer stopped".into()))?
+    }
+
+    /// Hands a job to the writer thread.
+    fn queue(&self, job: Job) -> Result<()> {
+        // Counted before it is sent, so a caller that looks after this one sees it waiting.
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.jobs.send(Message::Job(job)).map_err(|_| {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            Error::Unavailable("audit writer stopped".into())
+        })
+    }
+
+    /// Commits `record` on this thread when the writer is idle (see the module docs): the
+    /// outcome, as the writer thread would have answered it; or the record back when the
+    /// writer is busy (or this thread must not block), for the caller to queue.
+    fn commit_in_place(&self, record: AuditRecord) -> InPlace {
+        let shared = &*self.shared;
+        if !shared.in_place || shared.queued.load(Ordering::Acquire) > 0 {
+            return InPlace::Busy(record);
+        }
+        // Blocking is fine outside a runtime and, through `block_in_place`, on the
+        // multi-threaded runtime; a current-thread runtime has no other thread for its tasks.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if runtime
+            .as_ref()
+            .is_some_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            return InPlace::Busy(record);
+        }
+        let mut deferred = match shared.committing.try_lock() {
+            Ok(guard) => guard,
+            // A panic elsewhere while committing leaves the queue of late records whole.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return InPlace::Busy(record),
+        };
+        let mut commit = || shared.commit_batch(&mut deferred, &[&record]);
+        let committed = if runtime.is_some() {
+            tokio::task::block_in_place(commit)
+        } else {
+            commit()
+        };
+        match committed {
+            Ok(seq) => {
+                shared.in_place_commits.fetch_add(1, Ordering::Relaxed);
+                InPlace::Done(Ok(seq))
+            }
+            Err(e) => {
+                deferred.keep(late(record));
+                drop(deferred);
+                // The thread retries the late records on its timer from now on.
+                let _ = self.jobs.send(Message::Wake);
+                InPlace::Done(Err(e))
+            }
+        }
     }
 
     /// Stops accepting records, commits what is queued and waits for the thread to end.
@@ -178,12 +286,14 @@ impl AuditWriter {
     }
 }
 
-/// The writer's counters, shared with its handles.
-struct Counters {
-    commits: Arc<AtomicU64>,
-    busy_nanos: Arc<AtomicU64>,
-    /// Sends only on a change, so watchers wake once per transition, not per commit.
-    writable: tokio::sync::watch::Sender<bool>,
+/// What [`AuditWriter::commit_in_place`] did with a record.
+// Not boxed: it lives on the stack for one call, and a box would be an allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum InPlace {
+    /// Committed it, or failed it closed: the caller's answer.
+    Done(Result<u64>),
+    /// Left it: the writer is busy (or this thread must not block); queue it.
+    Busy(AuditRecord),
 }
 
 /// Most records kept in memory for a late write while the store cannot write. Past it the
@@ -191,6 +301,33 @@ struct Counters {
 const MAX_DEFERRED: usize = 65_536;
 /// How often deferred records are retried when no new record arrives.
 const RETRY_DEFERRED: Duration = Duration::from_secs(1);
+
+/// Records of calls that were failed closed, written first by the next commit that succeeds.
+#[derive(Default)]
+struct Deferred {
+    records: VecDeque<AuditRecord>,
+    dropped: u64,
+}
+
+impl Deferred {
+    /// Keeps a late record, dropping the oldest past [`MAX_DEFERRED`].
+    fn keep(&mut self, record: AuditRecord) {
+        if self.records.len() >= MAX_DEFERRED {
+            self.records.pop_front();
+            self.dropped += 1;
+            tracing::error!(
+                dropped = self.dropped,
+                "audit store unwritable for long: dropped the oldest late record"
+            );
+        }
+        self.records.push_back(record);
+    }
+}
+
+/// The error each call of a failed commit gets: UNAVAILABLE, and no result.
+fn unrecorded() -> Error {
+    Error::Unavailable("the audit store cannot record this call; no result was returned".into())
+}
 
 /// The record of a call whose own record could not be written in time: the caller got
 /// UNAVAILABLE and no result, and that is what is recorded, with what the call itself did.
@@ -214,103 +351,424 @@ fn late(mut record: AuditRecord) -> AuditRecord {
     record
 }
 
-fn run(log: &dyn AuditLog, counters: &Counters, queue: &mpsc::Receiver<Job>) {
-    // Records of calls that were failed closed, written with the next commit that succeeds.
-    let mut deferred: VecDeque<AuditRecord> = VecDeque::new();
-    let mut dropped: u64 = 0;
-    // Group commit: block for the first job, then take whatever else is already waiting. An
-    // idle service thus commits a lone record at once; under load, the jobs that queued while
-    // the previous fsync ran form the next batch, so the batch size follows the load.
-    let mut batch: Vec<Job> = Vec::new();
-    loop {
-        let first = if deferred.is_empty() {
-            match queue.recv() {
-                Ok(job) => Some(job),
-                Err(_) => break,
-            }
-        } else {
-            match queue.recv_timeout(RETRY_DEFERRED) {
-                Ok(job) => Some(job),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        };
-        batch.extend(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let records = deferred.iter().chain(batch.iter().map(|j| &j.record));
+impl Shared {
+    /// The commit lock, waiting for a commit in progress to end.
+    fn lock(&self) -> MutexGuard<'_, Deferred> {
+        self.committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One transaction: the late records of `deferred` (the commit lock's content), then
+    /// `records`. Returns the sequence number of the first of `records`; the late ones are
+    /// then written and forgotten. On failure nothing is written and the error is the one each
+    /// caller of `records` gets; keeping their records as late is the caller's part.
+    fn commit_batch(&self, deferred: &mut Deferred, records: &[&AuditRecord]) -> Result<u64> {
+        let late_count = deferred.records.len();
+        let all: Vec<&AuditRecord> = deferred
+            .records
+            .iter()
+            .chain(records.iter().copied())
+            .collect();
         let started = std::time::Instant::now();
-        let committed = commit(log, counters, records);
-        crate::metrics::global().audit_commit(
-            deferred.len() + batch.len(),
-            started.elapsed(),
-            committed.is_ok(),
+        let result = self.log.append(&all);
+        let elapsed = started.elapsed();
+        crate::metrics::global().audit_commit(all.len(), elapsed, result.is_ok());
+        self.busy_nanos.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
         );
-        match committed {
-            Ok(first_seq) => {
-                let late = deferred.len() as u64;
-                if late > 0 {
+        let ok = result.is_ok();
+        self.writable.send_if_modified(|writable| {
+            let changed = *writable != ok;
+            *writable = ok;
+            changed
+        });
+        match result {
+            Ok(first) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                if late_count > 0 {
                     tracing::warn!(
-                        records = late,
+                        records = late_count,
                         "audit store writable again: recorded the calls failed closed meanwhile"
                     );
-                    deferred.clear();
+                    deferred.records.clear();
                 }
-                for (job, seq) in batch.drain(..).zip(first_seq + late..) {
-                    job.done.send(Ok(seq));
-                }
+                Ok(first + late_count as u64)
             }
             Err(e) => {
-                tracing::error!(error = %e, records = batch.len(), "audit commit failed; failing the calls closed");
-                for job in batch.drain(..) {
-                    if deferred.len() >= MAX_DEFERRED {
-                        deferred.pop_front();
-                        dropped += 1;
-                        tracing::error!(
-                            dropped,
-                            "audit store unwritable for long: dropped the oldest late record"
-                        );
-                    }
-                    deferred.push_back(late(job.record));
-                    job.done.send(Err(Error::Unavailable(
-                        "the audit store cannot record this call; no result was returned".into(),
-                    )));
-                }
+                // The log reconnects on the next append.
+                tracing::error!(error = %e, records = records.len(), "audit commit failed; failing the calls closed");
+                Err(unrecorded())
             }
-        }
-    }
-    if !deferred.is_empty() {
-        // Shutting down: one last try, so a fault cleared just before the end loses nothing.
-        if let Err(e) = commit(log, counters, deferred.iter()) {
-            tracing::error!(error = %e, records = deferred.len(), "records of calls failed closed could not be written before shutdown");
         }
     }
 }
 
-/// One append transaction, timed and counted. A failed one leaves the log to reconnect on
-/// the next.
-fn commit<'a>(
-    log: &dyn AuditLog,
-    counters: &Counters,
-    records: impl IntoIterator<Item = &'a AuditRecord>,
-) -> Result<u64> {
-    let started = std::time::Instant::now();
-    let records: Vec<&AuditRecord> = records.into_iter().collect();
-    let result = log.append(&records);
-    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    counters.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
-    if result.is_ok() {
-        counters.commits.fetch_add(1, Ordering::Relaxed);
+fn run(shared: &Shared, queue: &mpsc::Receiver<Message>) {
+    // Group commit: block for the first job, then take whatever else is already waiting. An
+    // idle service thus commits a lone record at once (when its caller did not commit it in
+    // place); under load, the jobs that queued while the previous transaction ran form the
+    // next batch, so the batch size follows the load.
+    let mut batch: Vec<Job> = Vec::new();
+    // Records of failed calls wait: retry them on a timer even if nothing arrives.
+    let mut retrying = false;
+    loop {
+        let first = if retrying {
+            match queue.recv_timeout(RETRY_DEFERRED) {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match queue.recv() {
+                Ok(message) => Some(message),
+                Err(_) => break,
+            }
+        };
+        if let Some(Message::Wake) = first {
+            retrying = true;
+            continue;
+        }
+        // Waits for a commit in place to end: its record chains before this batch.
+        let mut deferred = shared.lock();
+        let take = |message: Message, batch: &mut Vec<Job>| {
+            if let Message::Job(job) = message {
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+                batch.push(job);
+            }
+        };
+        if let Some(message) = first {
+            take(message, &mut batch);
+        }
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(message) => take(message, &mut batch),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() && deferred.records.is_empty() {
+            // A wake-up whose late records a commit in place has written since.
+            retrying = false;
+            continue;
+        }
+        let records: Vec<&AuditRecord> = batch.iter().map(|j| &j.record).collect();
+        let committed = shared.commit_batch(&mut deferred, &records);
+        drop(records);
+        let replies: Vec<(Reply, Result<u64>)> = match committed {
+            Ok(first_seq) => batch
+                .drain(..)
+                .zip(first_seq..)
+                .map(|(job, seq)| (job.done, Ok(seq)))
+                .collect(),
+            Err(_) => batch
+                .drain(..)
+                .map(|job| {
+                    deferred.keep(late(job.record));
+                    (job.done, Err(unrecorded()))
+                })
+                .collect(),
+        };
+        retrying = !deferred.records.is_empty();
+        // Answered after the lock is let go: a caller may commit in place meanwhile.
+        drop(deferred);
+        for (reply, result) in replies {
+            reply.send(result);
+        }
     }
-    let ok = result.is_ok();
-    counters.writable.send_if_modified(|writable| {
-        let changed = *writable != ok;
-        *writable = ok;
-        changed
-    });
-    result
+    let mut deferred = shared.lock();
+    if !deferred.records.is_empty() {
+        // Shutting down: one last try, so a fault cleared just before the end loses nothing.
+        let records = deferred.records.len();
+        if shared.commit_batch(&mut deferred, &[]).is_err() {
+            tracing::error!(
+                records,
+                "records of calls failed closed could not be written before shutdown"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::audit::Outcome;
+    use crate::audit::log::{AuditMaintenance, AuditQuery, Durability, ListFilter};
+    use crate::audit::sqlite::{DEFAULT_BUSY_TIMEOUT, SqliteAuditLog};
+    use crate::audit::verify::tests::record;
+    use crate::crypto::secret::SecretKey;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        keys: Arc<ChainKeys>,
+        writer: AuditWriter,
+    }
+
+    /// A writer over a fresh SQLite log whose appends wait at most `busy_timeout` for
+    /// another connection's lock.
+    fn fixture(busy_timeout: Duration) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        let log = SqliteAuditLog::open(&path, Durability::Process, busy_timeout, Arc::clone(&keys))
+            .unwrap();
+        let writer = AuditWriter::start(Box::new(log), Arc::clone(&keys)).unwrap();
+        Fixture {
+            _dir: dir,
+            path,
+            keys,
+            writer,
+        }
+    }
+
+    /// Another connection to the log, as a reader of committed records.
+    fn reader(path: &Path, keys: &Arc<ChainKeys>) -> SqliteAuditLog {
+        SqliteAuditLog::open(
+            path,
+            Durability::Process,
+            DEFAULT_BUSY_TIMEOUT,
+            Arc::clone(keys),
+        )
+        .unwrap()
+    }
+
+    /// The record committed at `seq`, as another connection sees it.
+    fn committed_at(reader: &SqliteAuditLog, seq: u64) -> Option<AuditRecord> {
+        reader
+            .list(&ListFilter {
+                after_seq: seq - 1,
+                limit: 1,
+                ..ListFilter::default()
+            })
+            .unwrap()
+            .into_iter()
+            .find(|(s, _)| *s == seq)
+            .map(|(_, r)| r)
+    }
+
+    /// Appends `record` from a thread and checks, as soon as the answer comes, that the
+    /// record is committed at the sequence number answered.
+    fn append_and_check(
+        writer: &AuditWriter,
+        reader: &SqliteAuditLog,
+        record: AuditRecord,
+    ) -> Result<u64> {
+        let id = record.request_id.clone();
+        let seq = writer.append_blocking(record)?;
+        let found = committed_at(reader, seq).expect("answered before its commit");
+        assert_eq!(found.request_id, id, "answered with another record's seq");
+        Ok(seq)
+    }
+
+    /// Waits until `n` records are queued for the thread (they found the commit lock held).
+    fn wait_queued(writer: &AuditWriter, n: usize) {
+        while writer.shared.queued.load(Ordering::Acquire) < n {
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_lone_record_commits_in_place_and_records_behind_a_commit_go_to_the_thread() {
+        let f = fixture(DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        assert_eq!(append_and_check(&f.writer, &reader, record(1)).unwrap(), 1);
+        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (1, 1));
+
+        // A commit in progress (the lock held): callers queue for the thread instead.
+        let held = f.writer.shared.lock();
+        let seqs = std::thread::scope(|scope| {
+            let callers: Vec<_> = (2..=6)
+                .map(|i| {
+                    let (writer, reader) = (&f.writer, &reader);
+                    scope.spawn(move || append_and_check(writer, reader, record(i)).unwrap())
+                })
+                .collect();
+            wait_queued(&f.writer, 5);
+            assert_eq!(
+                f.writer.commits(),
+                1,
+                "nothing commits while the lock is held"
+            );
+            drop(held);
+            let mut seqs: Vec<u64> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+            seqs.sort_unstable();
+            seqs
+        });
+        assert_eq!(seqs, [2, 3, 4, 5, 6]);
+        assert_eq!(
+            f.writer.in_place_commits(),
+            1,
+            "the queued records went to the thread"
+        );
+        assert!(f.writer.commits() <= 6);
+        assert_eq!(f.writer.shared.queued.load(Ordering::Acquire), 0);
+
+        // Idle again: the next lone record commits in place, after the batch.
+        assert_eq!(append_and_check(&f.writer, &reader, record(7)).unwrap(), 7);
+        assert_eq!(f.writer.in_place_commits(), 2);
+        let report = reader.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.records_checked, 7);
+    }
+
+    #[test]
+    fn commits_in_place_and_batches_interleave_on_a_runtime_and_the_chain_stays_whole() {
+        const TASKS: u32 = 12;
+        const EACH: u32 = 20;
+        const THREADS: u32 = 2;
+        let f = fixture(DEFAULT_BUSY_TIMEOUT);
+        let reader = Arc::new(reader(&f.path, &f.keys));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let mut seqs: Vec<u64> = std::thread::scope(|scope| {
+            // Callers outside the runtime too, as the commands are.
+            let blocking: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (writer, reader) = (&f.writer, &reader);
+                    scope.spawn(move || {
+                        (0..EACH)
+                            .map(|i| {
+                                let n = 10_000 * (TASKS + t + 1) + i;
+                                append_and_check(writer, reader, record(n)).unwrap()
+                            })
+                            .collect::<Vec<u64>>()
+                    })
+                })
+                .collect();
+            let mut seqs = runtime.block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for t in 0..TASKS {
+                    let writer = f.writer.clone();
+                    let reader = Arc::clone(&reader);
+                    tasks.spawn(async move {
+                        let mut seqs = Vec::new();
+                        for i in 0..EACH {
+                            let record = record(10_000 * (t + 1) + i);
+                            let id = record.request_id.clone();
+                            let seq = writer.append(record).await.unwrap();
+                            let found = committed_at(&reader, seq).expect("answered early");
+                            assert_eq!(found.request_id, id);
+                            seqs.push(seq);
+                            tokio::task::yield_now().await;
+                        }
+                        seqs
+                    });
+                }
+                let mut seqs = Vec::new();
+                while let Some(done) = tasks.join_next().await {
+                    seqs.extend(done.unwrap());
+                }
+                seqs
+            });
+            for caller in blocking {
+                seqs.extend(caller.join().unwrap());
+            }
+            seqs
+        });
+        seqs.sort_unstable();
+        let total = u64::from((TASKS + THREADS) * EACH);
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<u64>>(),
+            "each seq answered once"
+        );
+        assert!(
+            f.writer.in_place_commits() >= 1,
+            "the first caller found the writer idle"
+        );
+        assert!(f.writer.commits() <= total);
+        let report = reader.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.records_checked, total);
+    }
+
+    #[test]
+    fn a_current_thread_runtime_hands_its_record_to_the_thread() {
+        let f = fixture(DEFAULT_BUSY_TIMEOUT);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let seq = runtime.block_on(f.writer.append(record(1))).unwrap();
+        assert_eq!(seq, 1);
+        // Its only thread runs every task: it must not block in a commit.
+        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (1, 0));
+    }
+
+    #[test]
+    fn a_failed_commit_in_place_fails_closed_like_a_failed_batch() {
+        let f = fixture(Duration::from_millis(50));
+        let reader = reader(&f.path, &f.keys);
+        // Another connection holds the write lock past the writer's busy timeout: no commit
+        // can happen (as with a full disk or an I/O error).
+        let blocker = rusqlite::Connection::open(&f.path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        let in_place = f.writer.append_blocking(record(1)).err().unwrap();
+        assert!(matches!(in_place, Error::Unavailable(_)), "{in_place}");
+        assert!(
+            !*f.writer.writable().borrow(),
+            "the writer says it cannot write"
+        );
+        assert_eq!(f.writer.in_place_commits(), 0);
+
+        let held = f.writer.shared.lock();
+        let grouped = std::thread::scope(|scope| {
+            let caller = scope.spawn(|| f.writer.append_blocking(record(2)));
+            wait_queued(&f.writer, 1);
+            drop(held);
+            caller.join().unwrap().err().unwrap()
+        });
+        assert_eq!(
+            grouped.to_string(),
+            in_place.to_string(),
+            "both paths fail a call the same way"
+        );
+        assert!(in_place.to_string().contains("no result was returned"));
+        assert_eq!(reader.count().unwrap(), 0, "nothing was written");
+
+        // The fault clears: the thread writes both calls' records, as late, by itself.
+        blocker.execute_batch("ROLLBACK").unwrap();
+        let mut writable = f.writer.writable();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), writable.wait_for(|w| *w))
+                    .await
+                    .expect("the late records are retried on the writer's timer")
+                    .unwrap();
+            });
+        let rows = reader
+            .list(&ListFilter {
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .unwrap();
+        let late: Vec<(u64, &str, Outcome)> = rows
+            .iter()
+            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
+            .collect();
+        assert_eq!(
+            late,
+            [
+                (1, "r1", Outcome::Unavailable),
+                (2, "r2", Outcome::Unavailable)
+            ],
+            "in the order the calls failed"
+        );
+        assert!(
+            rows.iter()
+                .all(|(_, r)| r.detail.starts_with("recorded late"))
+        );
+        assert_eq!(append_and_check(&f.writer, &reader, record(3)).unwrap(), 3);
+        assert!(reader.verify().unwrap().ok);
+    }
 }

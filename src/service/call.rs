@@ -179,7 +179,6 @@ impl Call {
         };
         self.audit = Some(state.audit.clone());
         self.caller = Some(Arc::clone(&caller));
-        let name = caller.audit_name();
         state
             .detectors
             .check_throttle(name)
@@ -432,6 +431,7 @@ impl Call {
         let Some(caller) = &self.caller else {
             return;
         };
+        let name = caller.audit_name();
         let decrypting = self.operation.opens_ciphertext();
         let failed_opens = if seen.failed_open {
             1
@@ -443,7 +443,6 @@ impl Call {
         } else {
             0
         };
-        let name = caller.audit_name();
         let peer = peer_ip(&self.peer);
         // Over mTLS the client certificate is part of the peer (only parsed when `new_peer`
         // is on: one certificate parse per call on mTLS connections).

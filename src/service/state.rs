@@ -797,6 +797,10 @@ impl AuditAppend for AnchoringLog {
     fn head(&self) -> Result<ChainHead> {
         self.log.head()
     }
+
+    fn commits_in_place(&self) -> bool {
+        self.log.commits_in_place()
+    }
 }
 
 impl AuditQuery for AnchoringLog {

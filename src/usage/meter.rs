@@ -55,23 +55,18 @@ fn cell<'a>(
     key: (&'static str, &'static str),
     create: bool,
 ) -> Option<&'a mut UsageCounts> {
+    if !create {
+        // The common case, a cell that exists: one lookup per level.
+        return map.get_mut(tenant)?.get_mut(caller)?.get_mut(&key);
+    }
     if !map.contains_key(tenant) {
-        if !create {
-            return None;
-        }
         map.insert(tenant.to_owned(), HashMap::new());
     }
     let callers = map.get_mut(tenant)?;
     if !callers.contains_key(caller) {
-        if !create {
-            return None;
-        }
         callers.insert(caller.to_owned(), HashMap::new());
     }
     let cells = callers.get_mut(caller)?;
-    if !cells.contains_key(&key) && !create {
-        return None;
-    }
     Some(cells.entry(key).or_default())
 }
 
@@ -179,7 +174,9 @@ impl UsageMeter {
         let top = self.policy.metrics_top;
         let tenant_label = Inner::label(&mut inner.labelled_tenants, top, tenant);
         let caller_label = Inner::label(&mut inner.labelled_callers, top, caller);
-        if let Some(c) = cell(&mut inner.totals, tenant_label, caller_label, key, true) {
+        if let Some(c) = cell(&mut inner.totals, tenant_label, caller_label, key, false) {
+            c.add(counts);
+        } else if let Some(c) = cell(&mut inner.totals, tenant_label, caller_label, key, true) {
             c.add(counts);
         }
     }
