@@ -179,6 +179,7 @@ impl Call {
         };
         self.audit = Some(state.audit.clone());
         self.caller = Some(Arc::clone(&caller));
+        let name = caller.audit_name();
         state
             .detectors
             .check_throttle(name)
