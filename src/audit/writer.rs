@@ -7,12 +7,15 @@
 //! commits whatever arrived during the previous fsync together: the cost of durability is one
 //! fsync per batch, not per request.
 //!
-//! A lone call needs no batching: when nothing is queued for the thread and nobody holds the
-//! commit lock, and the log commits cheaply on any thread
+//! A blocking caller needs no batching when it is alone: when nothing is queued for the thread
+//! and nobody holds the commit lock, and the log commits cheaply on any thread
 //! ([`AuditAppend::commits_in_place`](super::log::AuditAppend::commits_in_place): SQLite),
-//! the caller commits its own record on its own thread (on a tokio worker inside
-//! `block_in_place`, so the worker's other tasks move to another thread while it blocks)
-//! and saves the two thread hand-offs. The promise is the same either way: the call returns
+//! [`AuditWriter::append_blocking`] commits its record on the caller's own thread and saves
+//! the two thread hand-offs. Async callers (the service's RPCs) always queue for the thread:
+//! blocking a tokio worker needs `block_in_place`, which hands the worker's tasks to another
+//! thread on every call, a hand-off as dear as the one saved, and spreads freed memory over
+//! ever more threads' heaps (`abuse::responses_nobody_reads_are_dropped_after_the_send_timeout`
+//! failed about one run in two with it). The promise is the same either way: the call returns
 //! after its record's transaction committed (with its fsync in `fsync` durability), records
 //! are chained in commit order, and a failed commit fails its calls closed in the same way.
 //! Under load the lock is busy or records are queued, so calls fall back to the thread and
@@ -192,11 +195,12 @@ impl AuditWriter {
     }
 
     /// Appends a record and waits until it is committed; returns its sequence number.
+    ///
+    /// From async code the record always goes to the writer thread: committing in place there
+    /// would need `block_in_place`, which hands the worker's tasks to another thread on every
+    /// call (a hand-off as dear as the one it saves) and spreads freed memory over ever more
+    /// threads' heaps.
     pub async fn append(&self, record: AuditRecord) -> Result<u64> {
-        let record = match self.commit_in_place(record) {
-            InPlace::Done(committed) => return committed,
-            InPlace::Busy(record) => record,
-        };
         let (tx, rx) = oneshot::channel();
         self.queue(Job {
             record,
