@@ -92,6 +92,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("peer_identity_of_a_client_certificate", |b| {
         b.iter(|| black_box(tenant_kms::auth::cert::peer_identity(black_box(&der))))
     });
+    // What a call pays: the certificate of its connection, named on an earlier call.
+    group.bench_function("peer_certificate_seen_before", |b| {
+        b.iter(|| black_box(detectors.peer_certificate(black_box(&der))))
+    });
     group.finish();
 }
 

@@ -37,7 +37,7 @@ pub mod spike;
 pub mod table;
 pub mod tamper;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::clock::SharedClock;
 
@@ -233,7 +233,14 @@ pub struct Detectors {
     // Per tenant, so not in the caller shards; only calls with failed opens take it.
     tampering: Mutex<tamper::Tampering>,
     throttle: crate::auth::rate::RateLimiter,
+    /// Client certificates already named for `new_peer`, so a connection's calls (all with
+    /// the same certificate) parse it once, not per call.
+    certificate_names: Mutex<lru::LruCache<Box<[u8]>, Arc<str>>>,
 }
+
+/// Client certificates whose names [`Detectors::peer_certificate`] keeps: far more than the
+/// live mTLS clients of one server; an evicted one is only parsed again.
+const CERTIFICATE_NAMES: usize = 4096;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
@@ -276,7 +283,23 @@ impl Detectors {
             clock,
             hasher: table::key_hasher(),
             shards,
+            certificate_names: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(CERTIFICATE_NAMES)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
+    }
+
+    /// How `new_peer` names the client certificate `der` ([`crate::auth::cert::peer_identity`]),
+    /// parsed once per certificate and then looked up (by its exact bytes).
+    pub fn peer_certificate(&self, der: &[u8]) -> Arc<str> {
+        if let Some(name) = lock(&self.certificate_names).get(der) {
+            return Arc::clone(name);
+        }
+        // Parsed outside the lock: a certificate is named the same way by whoever parses it.
+        let name: Arc<str> = crate::auth::cert::peer_identity(der).into();
+        lock(&self.certificate_names).put(der.into(), Arc::clone(&name));
+        name
     }
 
     /// The settings.
@@ -616,5 +639,27 @@ mod tests {
             assert_eq!(Detector::parse(d.name()), Some(d));
         }
         assert!(parse_detectors("x", &["rate_spike".into(), "bogus".into()]).is_err());
+    }
+
+    #[test]
+    fn a_certificate_is_named_once_and_the_same_way_from_the_cache() {
+        let detectors = Detectors::new(Policy::default(), ManualClock::at_micros(1));
+        let der = |name: &str| {
+            rcgen::generate_simple_self_signed(vec![name.to_owned()])
+                .unwrap()
+                .cert
+                .der()
+                .to_vec()
+        };
+        let (a, b) = (der("a.svc.internal"), der("b.svc.internal"));
+        let first = detectors.peer_certificate(&a);
+        assert_eq!(&*first, crate::auth::cert::peer_identity(&a));
+        // The second lookup is the cached name itself, not a new parse.
+        assert!(Arc::ptr_eq(&first, &detectors.peer_certificate(&a)));
+        assert_eq!(
+            &*detectors.peer_certificate(&b),
+            crate::auth::cert::peer_identity(&b)
+        );
+        assert_ne!(first, detectors.peer_certificate(&b));
     }
 }

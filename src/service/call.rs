@@ -445,14 +445,14 @@ impl Call {
             0
         };
         let peer = peer_ip(&self.peer);
-        // Over mTLS the client certificate is part of the peer (only parsed when `new_peer`
-        // is on: one certificate parse per call on mTLS connections).
+        // Over mTLS the client certificate is part of the peer (only named when `new_peer` is
+        // on; each certificate is parsed once, then found by its bytes).
         let certificate = self
             .peer_certs
             .as_ref()
             .and_then(|certs| certs.first())
             .filter(|_| state.detectors.is_on(crate::detect::Detector::NewPeer))
-            .map(|der| crate::auth::cert::peer_identity(der.as_ref()));
+            .map(|der| state.detectors.peer_certificate(der.as_ref()));
         let findings = state.detectors.observe(&crate::detect::Observation {
             caller: name,
             tenant: self.tenant.as_ref().map(TenantId::as_str),
