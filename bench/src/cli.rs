@@ -201,28 +201,31 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .map_err(|e| Error::Internal(format!("tokio runtime: {e}")))?;
     if args.postgres {
         let report = runtime.block_on(crate::tiers::run(config, command))?;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).map_err(Error::internal)?
-            );
-        } else {
-            print!("{}", report.to_text());
-        }
+        print_report(&report, args.json, || report.to_text())?;
         return Ok(ExitCode::SUCCESS);
     }
     let report = runtime.block_on(crate::run(config, command))?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(Error::internal)?
-        );
-    } else {
-        print!("{}", report.to_text());
-    }
+    print_report(&report, args.json, || report.to_text())?;
     Ok(if report.churn.iter().all(|c| c.passed) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILURE)
     })
+}
+
+/// Prints `report` on stdout: pretty JSON with `--json`, else its `text`.
+fn print_report<R: serde::Serialize>(
+    report: &R,
+    json: bool,
+    text: impl FnOnce() -> String,
+) -> Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).map_err(Error::internal)?
+        );
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
 }
