@@ -182,6 +182,12 @@ impl PgCluster {
         create_database(&self.url("postgres"))
     }
 
+    /// The server's log file (`pg_ctl -l`): with `-c log_statement=all`, one line per
+    /// statement executed, i.e. per round trip of a client that sends one statement each.
+    pub fn server_log(&self) -> PathBuf {
+        self.root.join("server.log")
+    }
+
     /// The cluster's data directory (its relation files are under `base/`).
     pub fn data_dir(&self) -> &Path {
         &self.data

@@ -17,13 +17,13 @@ use tenant_kms::crypto::secret::SecretKey;
 use tenant_kms::store::postgres::{PgOptions, PgPool};
 
 /// A fresh database and the chain keys its logs share.
-struct Db {
-    url: String,
-    keys: Arc<ChainKeys>,
+pub(crate) struct Db {
+    pub(crate) url: String,
+    pub(crate) keys: Arc<ChainKeys>,
 }
 
 impl Db {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             url: common::postgres::fresh_database(),
             keys: Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap()),
@@ -31,18 +31,18 @@ impl Db {
     }
 
     /// The log of `node`, on a pool of its own (as a node process has).
-    fn log(&self, node: &str) -> PostgresAuditLog {
+    pub(crate) fn log(&self, node: &str) -> PostgresAuditLog {
         PostgresAuditLog::open(pool(&self.url), node, Arc::clone(&self.keys)).unwrap()
     }
 
     /// A plain connection, as an intruder with database access has.
-    fn intruder(&self) -> postgres::Client {
+    pub(crate) fn intruder(&self) -> postgres::Client {
         postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
     }
 }
 
 /// Record `i` at time `time` (µs), of tenant `acme`.
-fn record(i: u32, time: i64) -> AuditRecord {
+pub(crate) fn record(i: u32, time: i64) -> AuditRecord {
     AuditRecord::new(Rpc::Encrypt, "token:t", "127.0.0.1:1", Outcome::Ok)
         .at(time)
         .request_id(format!("r{i}"))
@@ -51,7 +51,7 @@ fn record(i: u32, time: i64) -> AuditRecord {
         .versions(vec![1])
 }
 
-fn append(log: &PostgresAuditLog, records: &[AuditRecord]) -> u64 {
+pub(crate) fn append(log: &PostgresAuditLog, records: &[AuditRecord]) -> u64 {
     let refs: Vec<&AuditRecord> = records.iter().collect();
     log.append(&refs).unwrap()
 }
@@ -421,6 +421,6 @@ fn a_reopened_node_continues_its_chain_and_a_cut_gets_evidence_then_recovery() {
 }
 
 /// A pool on the database at `url`, as a node opens one.
-fn pool(url: &str) -> PgPool {
+pub(crate) fn pool(url: &str) -> PgPool {
     PgPool::connect(&PgOptions::new(url)).unwrap()
 }

@@ -24,6 +24,9 @@ mod audit_contract;
 /// The PostgreSQL audit log, one chain per node.
 mod audit_postgres;
 
+/// The PostgreSQL audit log's one-statement append and its fallback to the full path.
+mod audit_postgres_append;
+
 /// The PostgreSQL audit log under faults.
 mod audit_postgres_nodes;
 

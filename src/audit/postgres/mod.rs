@@ -18,7 +18,8 @@ use crate::store::postgres::off_runtime;
 mod sql;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::chain::ChainKeys;
 use super::log::{
@@ -38,6 +39,15 @@ pub struct PostgresAuditLog {
     pool: PgPool,
     node: String,
     keys: Option<Arc<ChainKeys>>,
+    /// Where this value's last append left the chain, for the one-statement append
+    /// ([`sql::append_fast`]); taken at the start of every append and put back only after a
+    /// commit whose answer arrived, so any error (a COMMIT whose answer was lost may or may
+    /// not have happened) sends the next append down the full path.
+    written: Mutex<Option<sql::Written>>,
+    /// Appends committed by the one-statement path.
+    fast_appends: AtomicU64,
+    /// Appends committed by the full path (tail read and judged in a transaction).
+    full_appends: AtomicU64,
 }
 
 impl PostgresAuditLog {
@@ -76,9 +86,23 @@ impl PostgresAuditLog {
             pool,
             node: node.to_owned(),
             keys: None,
+            written: Mutex::new(None),
+            fast_appends: AtomicU64::new(0),
+            full_appends: AtomicU64::new(0),
         };
         sql::create_schema(&mut *log.client()?)?;
         Ok(log)
+    }
+
+    /// How many appends of this value committed in one statement (the chain ended where
+    /// its previous append left it), and how many read and judged the tail in a transaction
+    /// of several round trips (the first after opening or after an error, and any after the
+    /// chain changed under it). See docs/SCALING.md, "The audit append".
+    pub fn append_paths(&self) -> (u64, u64) {
+        (
+            self.fast_appends.load(Ordering::Relaxed),
+            self.full_appends.load(Ordering::Relaxed),
+        )
     }
 
     /// The node whose chain this log appends to.
@@ -122,10 +146,28 @@ impl PostgresAuditLog {
 }
 
 impl AuditAppend for PostgresAuditLog {
+    /// One statement in the steady state ([`sql::append_fast`]), else the full path
+    /// ([`sql::append`]), whose tail check and evidence record are the same either way.
     fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
         off_runtime(|| {
             let keys = self.keys()?;
-            sql::append(&mut *self.client()?, keys, &self.node, records)
+            // Held for the whole append: two appends through this value never race on it.
+            let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+            // Taken, not read: every `?` below leaves it empty (fail closed).
+            let last = written.take();
+            let mut client = self.client()?;
+            if let Some(last) = last
+                && let Some((first, now)) =
+                    sql::append_fast(&mut *client, keys, &self.node, &last, records)?
+            {
+                *written = Some(now);
+                self.fast_appends.fetch_add(1, Ordering::Relaxed);
+                return Ok(first);
+            }
+            let (first, now) = sql::append(&mut *client, keys, &self.node, records)?;
+            *written = Some(now);
+            self.full_appends.fetch_add(1, Ordering::Relaxed);
+            Ok(first)
         })
     }
 

@@ -64,6 +64,46 @@ CREATE INDEX IF NOT EXISTS audit_records_by_time ON audit_records (time_us, node
 CREATE INDEX IF NOT EXISTS audit_records_by_tenant ON audit_records (tenant_id, time_us);
 ";
 
+/// The one-statement append of the steady state ([`append_fast`]): under the chain's lock,
+/// and only if the chain still ends at the record and signed head value this writer committed
+/// last, inserts the rows (one `UNNEST`) and moves the head; otherwise changes nothing and
+/// returns false. Run in autocommit, so the call is its own transaction: one round trip,
+/// COMMIT included. Versioned by name: a changed body gets a new name, so nodes of two
+/// releases never call each other's. PL/pgSQL runs each statement with a fresh snapshot
+/// (READ COMMITTED), so the checks after the lock see every append committed before it.
+const APPEND_FUNCTION: &str = "tenant_kms_audit_append_v1";
+const APPEND_FUNCTION_SQL: &str = "
+CREATE OR REPLACE FUNCTION tenant_kms_audit_append_v1(
+    p_chain TEXT, p_last_seq BIGINT, p_last_mac BYTEA, p_last_head BYTEA, p_new_head BYTEA,
+    p_seqs BIGINT[], p_times BIGINT[], p_request_ids TEXT[], p_callers TEXT[], p_peers TEXT[],
+    p_tenants TEXT[], p_operations TEXT[], p_contexts TEXT[], p_versions TEXT[],
+    p_items BIGINT[], p_outcomes TEXT[], p_fingerprints TEXT[], p_details TEXT[],
+    p_traces TEXT[], p_macs BYTEA[]) RETURNS BOOLEAN LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('tenant-kms/audit-chain/' || p_chain, 0));
+    IF NOT EXISTS (
+        SELECT 1 FROM (SELECT r.seq, r.mac FROM audit_records r WHERE r.node_id = p_chain
+                       ORDER BY r.seq DESC LIMIT 1) AS last
+        WHERE last.seq = p_last_seq AND last.mac = p_last_mac) THEN
+        RETURN FALSE;
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM audit_anchors a
+        WHERE a.node_id = p_chain AND a.name = 'head' AND a.value = p_last_head) THEN
+        RETURN FALSE;
+    END IF;
+    INSERT INTO audit_records (node_id, seq, time_us, request_id, caller, peer, tenant_id,
+        operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail,
+        trace_parent, mac)
+    SELECT p_chain, * FROM UNNEST(p_seqs, p_times, p_request_ids, p_callers, p_peers,
+        p_tenants, p_operations, p_contexts, p_versions, p_items, p_outcomes, p_fingerprints,
+        p_details, p_traces, p_macs);
+    UPDATE audit_anchors SET value = p_new_head WHERE node_id = p_chain AND name = 'head';
+    RETURN TRUE;
+END
+$fn$;
+";
+
 /// Advisory-lock key under which the schema is created (one node at a time: concurrent
 /// `CREATE TABLE IF NOT EXISTS` can collide in PostgreSQL's catalog).
 const SCHEMA_LOCK: i64 = 0x7465_6e61_6e74_0001;
@@ -90,8 +130,9 @@ pub(super) fn create_schema(client: &mut impl GenericClient) -> Result<()> {
     // the table, waiting for (and holding up) every node's appends at each open.
     let present: bool = client
         .query_one(
-            "SELECT to_regclass('audit_records_by_tenant') IS NOT NULL",
-            &[],
+            "SELECT to_regclass('audit_records_by_tenant') IS NOT NULL \
+             AND to_regproc($1) IS NOT NULL",
+            &[&APPEND_FUNCTION],
         )
         .map_err(db_error)?
         .get(0);
@@ -102,6 +143,9 @@ pub(super) fn create_schema(client: &mut impl GenericClient) -> Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .map_err(db_error)?;
     tx.batch_execute(SCHEMA).map_err(db_error)?;
+    // Under the lock too: concurrent `CREATE OR REPLACE FUNCTION`s fail with "tuple
+    // concurrently updated".
+    tx.batch_execute(APPEND_FUNCTION_SQL).map_err(db_error)?;
     tx.commit().map_err(db_error)
 }
 
@@ -210,13 +254,14 @@ fn read_anchor(
 }
 
 /// Writes (or replaces) an anchor of `owner`; call it in the transaction that makes it true.
+/// Returns the value written.
 fn write_anchor(
     client: &mut impl GenericClient,
     keys: &ChainKeys,
     owner: &str,
     kind: Kind,
     anchor: &Anchor,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let value = if owner == REGISTRY_OWNER {
         anchor::encode(keys, kind, anchor)
     } else {
@@ -233,7 +278,7 @@ fn write_anchor(
             ],
         )
         .map_err(db_error)?;
-    Ok(())
+    Ok(value)
 }
 
 /// The last record of `chain`: its sequence number and stored MAC.
@@ -272,6 +317,90 @@ fn writable_tail(
     ))
 }
 
+/// A batch of rows (sequence number, record, MAC) as the column arrays `UNNEST` takes: text
+/// columns borrow the records' strings, and each record's JSON columns are encoded once.
+struct Columns<'a> {
+    seqs: Vec<i64>,
+    times: Vec<i64>,
+    request_ids: Vec<&'a str>,
+    callers: Vec<&'a str>,
+    peers: Vec<&'a str>,
+    tenants: Vec<&'a str>,
+    operations: Vec<&'a str>,
+    contexts: Vec<String>,
+    versions: Vec<String>,
+    items: Vec<i64>,
+    outcomes: Vec<&'static str>,
+    fingerprints: Vec<&'a str>,
+    details: Vec<&'a str>,
+    traces: Vec<&'a str>,
+    macs: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    fn new(rows: &'a [(u64, &'a AuditRecord, [u8; MAC_LEN])]) -> Self {
+        let n = rows.len();
+        let mut c = Columns {
+            seqs: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            request_ids: Vec::with_capacity(n),
+            callers: Vec::with_capacity(n),
+            peers: Vec::with_capacity(n),
+            tenants: Vec::with_capacity(n),
+            operations: Vec::with_capacity(n),
+            contexts: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            items: Vec::with_capacity(n),
+            outcomes: Vec::with_capacity(n),
+            fingerprints: Vec::with_capacity(n),
+            details: Vec::with_capacity(n),
+            traces: Vec::with_capacity(n),
+            macs: Vec::with_capacity(n),
+        };
+        for (seq, r, mac) in rows {
+            c.seqs.push(seq_param(*seq));
+            c.times.push(r.time_micros);
+            c.request_ids.push(&r.request_id);
+            c.callers.push(&r.caller);
+            c.peers.push(&r.peer);
+            c.tenants.push(&r.tenant_id);
+            c.operations.push(&r.operation);
+            c.contexts
+                .push(serde_json::to_string(&r.contexts).unwrap_or_default());
+            c.versions
+                .push(serde_json::to_string(&r.key_versions).unwrap_or_default());
+            c.items.push(i64::from(r.item_count));
+            c.outcomes.push(r.outcome.as_str());
+            c.fingerprints.push(&r.aad_fingerprint);
+            c.details.push(&r.detail);
+            c.traces.push(&r.trace_parent);
+            c.macs.push(mac.as_slice());
+        }
+        c
+    }
+
+    /// The arrays with their types, in the record columns' order after `node_id`.
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 15] {
+        [
+            (&self.seqs, Type::INT8_ARRAY),
+            (&self.times, Type::INT8_ARRAY),
+            (&self.request_ids, Type::TEXT_ARRAY),
+            (&self.callers, Type::TEXT_ARRAY),
+            (&self.peers, Type::TEXT_ARRAY),
+            (&self.tenants, Type::TEXT_ARRAY),
+            (&self.operations, Type::TEXT_ARRAY),
+            (&self.contexts, Type::TEXT_ARRAY),
+            (&self.versions, Type::TEXT_ARRAY),
+            (&self.items, Type::INT8_ARRAY),
+            (&self.outcomes, Type::TEXT_ARRAY),
+            (&self.fingerprints, Type::TEXT_ARRAY),
+            (&self.details, Type::TEXT_ARRAY),
+            (&self.traces, Type::TEXT_ARRAY),
+            (&self.macs, Type::BYTEA_ARRAY),
+        ]
+    }
+}
+
 /// Inserts `rows` (sequence number, record, MAC) of `chain` in one statement.
 fn insert(
     tx: &mut Transaction<'_>,
@@ -281,44 +410,10 @@ fn insert(
     if rows.is_empty() {
         return Ok(());
     }
-    let text =
-        |f: fn(&AuditRecord) -> String| rows.iter().map(|(_, r, _)| f(r)).collect::<Vec<String>>();
-    let seqs: Vec<i64> = rows.iter().map(|(seq, _, _)| seq_param(*seq)).collect();
-    let times: Vec<i64> = rows.iter().map(|(_, r, _)| r.time_micros).collect();
-    let items: Vec<i64> = rows
-        .iter()
-        .map(|(_, r, _)| i64::from(r.item_count))
-        .collect();
-    let macs: Vec<Vec<u8>> = rows.iter().map(|(_, _, mac)| mac.to_vec()).collect();
-    let request_ids = text(|r| r.request_id.clone());
-    let callers = text(|r| r.caller.clone());
-    let peers = text(|r| r.peer.clone());
-    let tenants = text(|r| r.tenant_id.clone());
-    let operations = text(|r| r.operation.clone());
-    let contexts = text(|r| serde_json::to_string(&r.contexts).unwrap_or_default());
-    let versions = text(|r| serde_json::to_string(&r.key_versions).unwrap_or_default());
-    let outcomes = text(|r| r.outcome.as_str().to_owned());
-    let fingerprints = text(|r| r.aad_fingerprint.clone());
-    let details = text(|r| r.detail.clone());
-    let traces = text(|r| r.trace_parent.clone());
-    let params: [(&(dyn ToSql + Sync), Type); 16] = [
-        (&chain, Type::TEXT),
-        (&seqs, Type::INT8_ARRAY),
-        (&times, Type::INT8_ARRAY),
-        (&request_ids, Type::TEXT_ARRAY),
-        (&callers, Type::TEXT_ARRAY),
-        (&peers, Type::TEXT_ARRAY),
-        (&tenants, Type::TEXT_ARRAY),
-        (&operations, Type::TEXT_ARRAY),
-        (&contexts, Type::TEXT_ARRAY),
-        (&versions, Type::TEXT_ARRAY),
-        (&items, Type::INT8_ARRAY),
-        (&outcomes, Type::TEXT_ARRAY),
-        (&fingerprints, Type::TEXT_ARRAY),
-        (&details, Type::TEXT_ARRAY),
-        (&traces, Type::TEXT_ARRAY),
-        (&macs, Type::BYTEA_ARRAY),
-    ];
+    let columns = Columns::new(rows);
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::with_capacity(16);
+    params.push((&chain, Type::TEXT));
+    params.extend(columns.params());
     tx.query_typed(
         "INSERT INTO audit_records (node_id, seq, time_us, request_id, caller, peer, tenant_id, \
          operation, contexts, key_versions, item_count, outcome, aad_fingerprint, detail, \
@@ -332,20 +427,92 @@ fn insert(
     Ok(())
 }
 
+/// Where an append of this process left `chain`: the last record's position and the exact
+/// bytes of the signed head value it wrote. What [`append_fast`] checks the chain against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Written {
+    head: Anchor,
+    value: Vec<u8>,
+}
+
+/// The records of a batch after `head`: (sequence number, record, MAC) each, and the new head.
+fn chain_rows<'a>(
+    keys: &ChainKeys,
+    mut head: Anchor,
+    records: &[&'a AuditRecord],
+    rows: &mut Vec<(u64, &'a AuditRecord, [u8; MAC_LEN])>,
+) -> Anchor {
+    for record in records {
+        let seq = head.seq + 1;
+        let mac = keys.record_mac(record, seq, &head.mac);
+        rows.push((seq, record, mac));
+        head = Anchor { seq, mac };
+    }
+    head
+}
+
+/// The steady-state append: `records` after `last`, in one autocommit statement (one round
+/// trip, COMMIT included) through [`APPEND_FUNCTION`], which inserts them only if the chain
+/// still ends at `last` — its last record is `last.head` (sequence number and MAC) and its
+/// stored head value is byte for byte `last.value`. Those are the only facts the full
+/// path's tail check ([`verify::writable_tail`]) reads, and a head value this writer signed
+/// decodes to exactly `last.head`, so "unchanged" here is "writable, no evidence due" there.
+/// `Ok(None)`: the chain changed (another writer of the node, a prune that took every
+/// record, tampering), nothing was written: run [`append`]. An error may or may not have
+/// committed: the caller must forget `last`.
+pub(super) fn append_fast(
+    client: &mut impl GenericClient,
+    keys: &ChainKeys,
+    chain: &str,
+    last: &Written,
+    records: &[&AuditRecord],
+) -> Result<Option<(u64, Written)>> {
+    if last.head.seq == 0 {
+        // Nothing to compare a last record with (a new or fully pruned chain): the full
+        // path reads the checkpoint too.
+        return Ok(None);
+    }
+    let mut rows = Vec::with_capacity(records.len());
+    let head = chain_rows(keys, last.head, records, &mut rows);
+    let value = anchor::encode_chain(keys, Kind::Head, chain, &head);
+    let columns = Columns::new(&rows);
+    let last_seq = seq_param(last.head.seq);
+    let last_mac = last.head.mac.as_slice();
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::with_capacity(20);
+    params.push((&chain, Type::TEXT));
+    params.push((&last_seq, Type::INT8));
+    params.push((&last_mac, Type::BYTEA));
+    params.push((&last.value, Type::BYTEA));
+    params.push((&value, Type::BYTEA));
+    params.extend(columns.params());
+    // An answer that does not decode is an error, never "changed": the full path after a
+    // fast append that did commit would append the batch a second time.
+    let done: bool = client
+        .query_typed_one(
+            "SELECT tenant_kms_audit_append_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+             $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+            &params,
+        )
+        .and_then(|row| row.try_get(0))
+        .map_err(db_error)?;
+    Ok(done.then(|| (last.head.seq + 1, Written { head, value })))
+}
+
 /// Appends `records` to `chain` as [`crate::audit::AuditAppend::append`] says: after an
 /// `AuditTailMismatch` evidence record when the chain does not end at its signed head, the
-/// head moved in the same transaction. Returns the first record's sequence number.
+/// head moved in the same transaction. Returns the first record's sequence number and where
+/// the chain now ends (for [`append_fast`]).
 pub(super) fn append(
     client: &mut impl GenericClient,
     keys: &ChainKeys,
     chain: &str,
     records: &[&AuditRecord],
-) -> Result<u64> {
+) -> Result<(u64, Written)> {
     let mut tx = client.transaction().map_err(db_error)?;
     lock_chain(&mut tx, chain)?;
     let evidence;
     let mut rows: Vec<(u64, &AuditRecord, [u8; MAC_LEN])> = Vec::with_capacity(records.len() + 1);
-    let mut head = match writable_tail(&mut tx, keys, chain)? {
+    let head = match writable_tail(&mut tx, keys, chain)? {
         Ok(tail) => tail,
         Err(problem) => {
             tracing::error!(
@@ -363,16 +530,11 @@ pub(super) fn append(
         }
     };
     let first = head.seq + 1;
-    for record in records {
-        let seq = head.seq + 1;
-        let mac = keys.record_mac(record, seq, &head.mac);
-        rows.push((seq, record, mac));
-        head = Anchor { seq, mac };
-    }
+    let head = chain_rows(keys, head, records, &mut rows);
     insert(&mut tx, chain, &rows)?;
-    write_anchor(&mut tx, keys, chain, Kind::Head, &head)?;
+    let value = write_anchor(&mut tx, keys, chain, Kind::Head, &head)?;
     tx.commit().map_err(db_error)?;
-    Ok(first)
+    Ok((first, Written { head, value }))
 }
 
 /// The end of `chain` (see [`crate::audit::ChainHead`]): the last record, else the
