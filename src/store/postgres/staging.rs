@@ -85,9 +85,9 @@ pub fn staging_options(options: &PgOptions) -> PgOptions {
     staged
 }
 
-/// Moves every table of the staging schema into `target` and drops the staging schema, in
-/// one transaction, after checking again that `target` holds no store. Returns how many
-/// tables moved.
+/// Moves every table of the staging schema into `target` and drops the staging schema (and
+/// the functions in it, which nodes create themselves), in one transaction, after checking
+/// again that `target` holds no store. Returns how many tables moved.
 pub fn publish(pool: &PgPool, target: &str) -> Result<usize> {
     let mut conn = pool.get()?;
     let mut tx = conn.transaction().map_err(map_error)?;
@@ -113,6 +113,24 @@ pub fn publish(pool: &PgPool, target: &str) -> Result<usize> {
             quote_ident(target)
         ))
         .map_err(map_error)?;
+    }
+    // Functions hold no data and every node creates them (`CREATE OR REPLACE`) when it opens
+    // the store in the target schema: dropped rather than moved, so a leftover of the same
+    // name in the target cannot block the publication.
+    let functions: Vec<String> = tx
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1",
+            &[&STAGING_SCHEMA],
+        )
+        .map_err(map_error)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for function in &functions {
+        // `regprocedure` text is schema-qualified and quoted as SQL needs it.
+        tx.batch_execute(&format!("DROP FUNCTION {function}"))
+            .map_err(map_error)?;
     }
     tx.batch_execute(&format!("DROP SCHEMA {STAGING_SCHEMA}"))
         .map_err(map_error)?;
