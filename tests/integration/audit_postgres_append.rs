@@ -20,9 +20,14 @@ use common::postgres::PgCluster;
 
 use crate::audit_postgres::{Db, append, pool, record};
 
+/// A chain's records as [`rows`] lists them.
+type Rows = Vec<(u64, String, String, String)>;
+/// What `audit verify` concludes, as [`verdict`] gives it.
+type Verdict = (bool, u64, String, u64);
+
 /// What a chain holds, apart from the evidence record's time: (seq, operation, request id,
 /// detail) of every record.
-fn rows(log: &PostgresAuditLog) -> Vec<(u64, String, String, String)> {
+fn rows(log: &PostgresAuditLog) -> Rows {
     log.list(&ListFilter {
         limit: 10_000,
         ..ListFilter::default()
@@ -34,7 +39,7 @@ fn rows(log: &PostgresAuditLog) -> Vec<(u64, String, String, String)> {
 }
 
 /// What `audit verify` concludes: (ok, first bad record, reason, breaks).
-fn verdict(log: &PostgresAuditLog) -> (bool, u64, String, u64) {
+fn verdict(log: &PostgresAuditLog) -> Verdict {
     let report = log.verify().unwrap();
     (
         report.ok,
@@ -49,14 +54,7 @@ fn verdict(log: &PostgresAuditLog) -> (bool, u64, String, u64) {
 /// chain) or through a newly opened one (whose first append takes the full path, as every
 /// append did before the one-statement path). Returns the chain, the verdict and the paths
 /// the appending log took.
-fn tamper_then_append(
-    sql: &str,
-    reuse: bool,
-) -> (
-    Vec<(u64, String, String, String)>,
-    (bool, u64, String, u64),
-    (u64, u64),
-) {
+fn tamper_then_append(sql: &str, reuse: bool) -> (Rows, Verdict, (u64, u64)) {
     let db = Db::new();
     let writer = db.log("node-a");
     let records: Vec<AuditRecord> = (1..=10).map(|i| record(i, 1_000 + i64::from(i))).collect();
