@@ -97,7 +97,7 @@ impl PostgresAuditLog {
     /// How many appends of this value committed in one statement (the chain ended where
     /// its previous append left it), and how many read and judged the tail in a transaction
     /// of several round trips (the first after opening or after an error, and any after the
-    /// chain changed under it). See docs/SCALING.md, "The audit append".
+    /// chain changed under it). See docs/SCALING.md, "The audit append in one round trip (measured)".
     pub fn append_paths(&self) -> (u64, u64) {
         (
             self.fast_appends.load(Ordering::Relaxed),
