@@ -312,3 +312,24 @@ fn a_database_restart_between_appends_loses_nothing_and_the_next_append_reads_th
     assert!(report.ok, "{report:?}");
     assert_eq!(log.count().unwrap(), 4, "nothing lost, nothing twice");
 }
+
+#[test]
+fn a_dropped_append_function_is_created_again_and_the_batch_takes_the_full_path() {
+    let db = Db::new();
+    let log = db.log("node-a");
+    assert_eq!(append(&log, &[record(1, 1_001)]), 1);
+    assert_eq!(append(&log, &[record(2, 1_002)]), 2);
+    assert_eq!(log.append_paths(), (1, 1));
+    db.intruder()
+        .batch_execute("DROP FUNCTION tenant_kms_audit_append_v1")
+        .unwrap();
+    // The failed call ran nothing: this batch is written by the full path, not failed.
+    assert_eq!(append(&log, &[record(3, 1_003)]), 3);
+    assert_eq!(log.append_paths(), (1, 2));
+    // The function is back: the next batch is one statement again.
+    assert_eq!(append(&log, &[record(4, 1_004)]), 4);
+    assert_eq!(log.append_paths(), (2, 2));
+    let report = log.verify().unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records_checked, 4);
+}

@@ -493,8 +493,21 @@ pub(super) fn append_fast(
              $12, $13, $14, $15, $16, $17, $18, $19, $20)",
             &params,
         )
-        .and_then(|row| row.try_get(0))
-        .map_err(db_error)?;
+        .and_then(|row| row.try_get(0));
+    let done = match done {
+        Ok(done) => done,
+        // Nothing ran: the function is gone (dropped by hand, or a restore of a dump taken
+        // without it). Create it again for the next batch; this one takes the full path.
+        Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_FUNCTION) => {
+            tracing::warn!(
+                function = APPEND_FUNCTION,
+                "the audit append function is missing from the database; creating it again"
+            );
+            create_schema(client)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(db_error(e)),
+    };
     Ok(done.then(|| (last.head.seq + 1, Written { head, value })))
 }
 
