@@ -255,7 +255,7 @@ impl Registry {
             ),
             audit_commit_latency: histogram(
                 "tenant_kms_audit_commit_seconds",
-                "Time of one audit group commit (with its fsync under fsync durability).",
+                "Time of one audit group commit (with its fsync under fsync durability, except for the writer thread's batches, whose fsync runs apart, pipelined).",
                 LATENCY_BOUNDS_SECONDS,
             ),
             audit_commit_failures: counter(

@@ -739,6 +739,8 @@ fn aggregate(
                         .as_ref()
                         .map(|e| ratio(s.real.latency.p99_us, e.latency.p99_us))
                 }),
+                server_cores: mo(&|s| s.real.server_cores()),
+                writer_cores: mo(&|s| s.real.writer_cores()),
                 server_rss_mib: mo(&|s| s.rss.map(|r| r.0)),
                 server_peak_rss_mib: mo(&|s| s.rss.map(|r| r.1)),
             }

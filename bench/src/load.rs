@@ -37,6 +37,9 @@ pub struct Window {
     pub server_cpu_seconds: Option<f64>,
     /// This process's CPU seconds during the window (the load generator's own cost).
     pub client_cpu_seconds: Option<f64>,
+    /// CPU seconds of the server's audit writer thread (`audit-writer`) during the window:
+    /// against the window, how much of one core the one writer used (issue 19).
+    pub writer_cpu_seconds: Option<f64>,
 }
 
 impl Window {
@@ -48,6 +51,18 @@ impl Window {
     /// Items per second.
     pub fn items_per_second(&self) -> f64 {
         super::stats::ratio(self.items as f64, self.seconds)
+    }
+
+    /// Cores the server used on average during the window.
+    pub fn server_cores(&self) -> Option<f64> {
+        self.server_cpu_seconds
+            .map(|s| super::stats::ratio(s, self.seconds))
+    }
+
+    /// Share of one core the server's audit writer thread used during the window.
+    pub fn writer_cores(&self) -> Option<f64> {
+        self.writer_cpu_seconds
+            .map(|s| super::stats::ratio(s, self.seconds))
     }
 
     /// Server CPU microseconds per successful call.
@@ -115,15 +130,19 @@ pub async fn run<D: Driver>(
         }));
     }
     tokio::time::sleep_until(start.into()).await;
+    let writer = |pid| procfs::thread_cpu_seconds(pid, "audit-writer");
     let server_before = server_pid.and_then(procfs::cpu_seconds);
+    let writer_before = server_pid.and_then(writer);
     let client_before = procfs::own_cpu_seconds();
     tokio::time::sleep_until(end.into()).await;
     let server_after = server_pid.and_then(procfs::cpu_seconds);
+    let writer_after = server_pid.and_then(writer);
     let client_after = procfs::own_cpu_seconds();
     let mut out = Window {
         seconds: window.as_secs_f64(),
         server_cpu_seconds: server_before.zip(server_after).map(|(a, b)| b - a),
         client_cpu_seconds: client_before.zip(client_after).map(|(a, b)| b - a),
+        writer_cpu_seconds: writer_before.zip(writer_after).map(|(a, b)| b - a),
         ..Window::default()
     };
     let mut latencies = Vec::new();

@@ -18,6 +18,37 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / TICKS_PER_SECOND)
 }
 
+/// User + system CPU seconds of the threads of `pid` named `name` (living ones; Linux's
+/// 15-character thread name), e.g. the server's `audit-writer`. `None` if /proc cannot tell
+/// or no thread has that name.
+pub fn thread_cpu_seconds(pid: u32, name: &str) -> Option<f64> {
+    let mut total = None;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if stat.get(open + 1..close) != Some(name) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // The same fields as in `cpu_seconds`, for one thread.
+        let ticks = fields
+            .get(11)
+            .and_then(|u| u.parse::<f64>().ok())
+            .zip(fields.get(12).and_then(|s| s.parse::<f64>().ok()));
+        if let Some((utime, stime)) = ticks {
+            *total.get_or_insert(0.0) += (utime + stime) / TICKS_PER_SECOND;
+        }
+    }
+    total
+}
+
 /// The parent process id of `pid`, from /proc (`None` if it cannot tell).
 pub fn parent_pid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -131,5 +162,23 @@ mod tests {
         let (rss, peak) = rss_mib(std::process::id()).unwrap();
         assert!(rss > 0.0 && peak >= rss * 0.5);
         assert!(!machine(Path::new("/")).is_empty());
+    }
+
+    #[test]
+    fn reads_a_thread_by_its_name() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-named".into())
+            .spawn(move || stopped.recv())
+            .unwrap();
+        let me = std::process::id();
+        // The thread has had a name since it started; its CPU may round to 0 ticks.
+        while thread_cpu_seconds(me, "bench-named").is_none() {
+            std::thread::yield_now();
+        }
+        assert!(thread_cpu_seconds(me, "bench-named").unwrap() >= 0.0);
+        assert_eq!(thread_cpu_seconds(me, "no-such-thread"), None);
+        stop.send(()).unwrap();
+        thread.join().unwrap().unwrap();
     }
 }

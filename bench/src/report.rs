@@ -80,6 +80,10 @@ pub struct ScenarioResult {
     pub p50_vs_echo: Option<f64>,
     /// p99 / echo p99.
     pub p99_vs_echo: Option<f64>,
+    /// Cores the server used on average (child servers only): 2.0 is both of this machine's.
+    pub server_cores: Option<f64>,
+    /// Share of one core the server's audit writer thread used (child servers only).
+    pub writer_cores: Option<f64>,
     /// Server resident memory after the scenario, MiB.
     pub server_rss_mib: Option<f64>,
     /// Server peak resident memory so far, MiB.
@@ -312,7 +316,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:<18} {:<8} {:>4} {:>3} {:>9} {:>10} {:>7} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>7} {:>7} {:>6} | {:>6} {:>6} {:>6} {:>6}",
+            "{:<18} {:<8} {:>4} {:>3} {:>9} {:>10} {:>7} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>7} {:>7} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>5} {:>5}",
             "scenario",
             "durab.",
             "conc",
@@ -331,12 +335,14 @@ impl Report {
             "rps/e",
             "p50/e",
             "p99/e",
-            "rssMiB"
+            "rssMiB",
+            "cores",
+            "wr.c"
         );
         for r in &self.results {
             let _ = writeln!(
                 out,
-                "{:<18} {:<8} {:>4} {:>3} {:>9.0} {:>10.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>6} | {:>8} {:>7} {:>7} {:>6} | {:>6} {:>6} {:>6} {:>6}",
+                "{:<18} {:<8} {:>4} {:>3} {:>9.0} {:>10.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>6} | {:>8} {:>7} {:>7} {:>6} | {:>6} {:>6} {:>6} {:>6} {:>5} {:>5}",
                 r.scenario,
                 r.durability,
                 r.concurrency,
@@ -356,6 +362,8 @@ impl Report {
                 opt(r.p50_vs_echo, 2),
                 opt(r.p99_vs_echo, 2),
                 opt(r.server_rss_mib, 0),
+                opt(r.server_cores, 2),
+                opt(r.writer_cores, 2),
             );
             if r.errors > 0 {
                 let _ = writeln!(

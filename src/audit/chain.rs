@@ -35,10 +35,20 @@ impl ChainKeys {
 
     /// HMAC-SHA256 (RFC 2104) of the record's canonical encoding at `seq` after `prev_mac`.
     pub fn record_mac(&self, record: &AuditRecord, seq: u64, prev_mac: &[u8]) -> [u8; MAC_LEN] {
-        let tag = hmac::sign(&self.chain, &record.canonical_bytes(seq, prev_mac));
-        let mut mac = [0u8; MAC_LEN];
-        mac.copy_from_slice(tag.as_ref());
-        mac
+        self.record_mac_in(record, seq, prev_mac, &mut Vec::new())
+    }
+
+    /// [`ChainKeys::record_mac`], encoding the record in `buffer` (its content is replaced):
+    /// a batch reuses one buffer for all its records.
+    pub fn record_mac_in(
+        &self,
+        record: &AuditRecord,
+        seq: u64,
+        prev_mac: &[u8],
+        buffer: &mut Vec<u8>,
+    ) -> [u8; MAC_LEN] {
+        record.canonical_bytes_into(seq, prev_mac, buffer);
+        self.sign(buffer)
     }
 
     /// MAC over arbitrary labelled bytes with the chain key (prune checkpoints).

@@ -173,6 +173,28 @@ pub trait AuditAppend: Send + Sync {
     fn commits_in_place(&self) -> bool {
         false
     }
+
+    /// Whether a commit's durability can be waited for apart from the commit
+    /// ([`AuditAppend::append_unsynced`], then [`AuditAppend::sync_committed`]): SQLite in
+    /// `fsync` durability. The group-commit writer then commits the next batch while the
+    /// previous one syncs. False (the default): `append` alone makes a commit durable.
+    fn syncs_apart(&self) -> bool {
+        false
+    }
+
+    /// [`AuditAppend::append`], except that when [`AuditAppend::syncs_apart`] the records are
+    /// durable (across a power loss) only once a [`AuditAppend::sync_committed`] that began
+    /// after this returned has succeeded. The same as `append` by default.
+    fn append_unsynced(&self, records: &[&AuditRecord]) -> Result<u64> {
+        self.append(records)
+    }
+
+    /// Makes every append that returned before this call durable as the log's
+    /// [`Durability`] says. It may run on another thread while an append runs. Nothing to do
+    /// by default.
+    fn sync_committed(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Reading records.

@@ -223,7 +223,15 @@ impl AuditRecord {
     /// cannot be confused with `lp(prev_mac)`, whose length is fixed.
     pub fn canonical_bytes(&self, seq: u64, prev_mac: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        push_length_prefixed(&mut out, RECORD_LABEL);
+        self.canonical_bytes_into(seq, prev_mac, &mut out);
+        out
+    }
+
+    /// [`AuditRecord::canonical_bytes`] written into `out` (cleared first), so that a batch
+    /// encodes all its records in one buffer instead of allocating one per record.
+    pub fn canonical_bytes_into(&self, seq: u64, prev_mac: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        push_length_prefixed(out, RECORD_LABEL);
         out.extend_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&self.time_micros.to_be_bytes());
         for part in [
@@ -233,26 +241,25 @@ impl AuditRecord {
             &self.tenant_id,
             &self.operation,
         ] {
-            push_length_prefixed(&mut out, part.as_bytes());
+            push_length_prefixed(out, part.as_bytes());
         }
         out.extend_from_slice(&(self.contexts.len() as u32).to_be_bytes());
         for context in &self.contexts {
-            push_length_prefixed(&mut out, context.as_bytes());
+            push_length_prefixed(out, context.as_bytes());
         }
         out.extend_from_slice(&(self.key_versions.len() as u32).to_be_bytes());
         for version in &self.key_versions {
             out.extend_from_slice(&version.to_be_bytes());
         }
         out.extend_from_slice(&self.item_count.to_be_bytes());
-        push_length_prefixed(&mut out, self.outcome.as_str().as_bytes());
-        push_length_prefixed(&mut out, self.aad_fingerprint.as_bytes());
-        push_length_prefixed(&mut out, self.detail.as_bytes());
+        push_length_prefixed(out, self.outcome.as_str().as_bytes());
+        push_length_prefixed(out, self.aad_fingerprint.as_bytes());
+        push_length_prefixed(out, self.detail.as_bytes());
         if !self.trace_parent.is_empty() {
-            push_length_prefixed(&mut out, TRACE_PARENT_FIELD);
-            push_length_prefixed(&mut out, self.trace_parent.as_bytes());
+            push_length_prefixed(out, TRACE_PARENT_FIELD);
+            push_length_prefixed(out, self.trace_parent.as_bytes());
         }
-        push_length_prefixed(&mut out, prev_mac);
-        out
+        push_length_prefixed(out, prev_mac);
     }
 }
 

@@ -126,17 +126,41 @@ const INSERT_RECORD: &str = "INSERT INTO audit_events (seq, time_us, request_id,
 /// Inserts one record row (the caller computed its MAC).
 fn insert(conn: &Connection, seq: u64, record: &AuditRecord, mac: &[u8]) -> Result<()> {
     let mut stmt = conn.prepare_cached(INSERT_RECORD).map_err(sql_error)?;
-    insert_with(&mut stmt, seq, record, mac)
+    insert_with(&mut stmt, &mut RowBuffers::default(), seq, record, mac)
+}
+
+/// Buffers a batch reuses for all its records (the canonical encoding for the MAC, the JSON
+/// of the two list columns), so a record costs no allocation of its own once they have grown.
+#[derive(Default)]
+struct RowBuffers {
+    canonical: Vec<u8>,
+    contexts: Vec<u8>,
+    versions: Vec<u8>,
+}
+
+/// `value` as JSON in `buffer` (its content replaced), as text: what
+/// `serde_json::to_string` gives, without a new String.
+fn json_in<'b>(buffer: &'b mut Vec<u8>, value: &impl serde::Serialize) -> &'b str {
+    buffer.clear();
+    // A list of strings or numbers always encodes, and serde_json writes UTF-8: an empty
+    // column (as `to_string(..).unwrap_or_default()` gave) only in theory.
+    if serde_json::to_writer(&mut *buffer, value).is_err() {
+        buffer.clear();
+    }
+    std::str::from_utf8(buffer).unwrap_or_default()
 }
 
 /// Inserts one record row with the [`INSERT_RECORD`] statement: a batch prepares (looks up)
-/// it once, not once per record.
+/// it once, not once per record, and encodes in `buffers`.
 fn insert_with(
     stmt: &mut rusqlite::Statement<'_>,
+    buffers: &mut RowBuffers,
     seq: u64,
     record: &AuditRecord,
     mac: &[u8],
 ) -> Result<()> {
+    let contexts = json_in(&mut buffers.contexts, &record.contexts);
+    let versions = json_in(&mut buffers.versions, &record.key_versions);
     stmt.execute(params![
         seq as i64,
         record.time_micros,
@@ -145,8 +169,8 @@ fn insert_with(
         record.peer,
         record.tenant_id,
         record.operation,
-        serde_json::to_string(&record.contexts).unwrap_or_default(),
-        serde_json::to_string(&record.key_versions).unwrap_or_default(),
+        contexts,
+        versions,
         record.item_count,
         record.outcome.as_str(),
         record.aad_fingerprint,
@@ -219,10 +243,11 @@ fn append_after<'a>(
     let first = head.seq + 1;
     {
         let mut stmt = tx.prepare_cached(INSERT_RECORD).map_err(sql_error)?;
+        let mut buffers = RowBuffers::default();
         for record in records {
             let seq = head.seq + 1;
-            let mac = keys.record_mac(record, seq, &head.mac);
-            insert_with(&mut stmt, seq, record, &mac)?;
+            let mac = keys.record_mac_in(record, seq, &head.mac, &mut buffers.canonical);
+            insert_with(&mut stmt, &mut buffers, seq, record, &mac)?;
             head = Anchor { seq, mac };
         }
     }
@@ -663,6 +688,12 @@ enum Access {
 /// SQLite's WAL lets readers and the one writer go on together. After a failed append the
 /// connection is dropped and the next call reopens it: the fault may have been a replaced or
 /// re-permissioned file.
+///
+/// In `fsync` durability the connection commits with `synchronous=NORMAL` and the log makes
+/// commits durable itself, with an `fdatasync` of the `-wal` file ([`WalSync`]): after every
+/// write in [`AuditAppend::append`] (the same promise as `FULL`), or, for the group-commit
+/// writer, apart from the commit ([`AuditAppend::append_unsynced`] then
+/// [`AuditAppend::sync_committed`]), so the next batch commits while the disk syncs.
 pub struct SqliteAuditLog {
     path: PathBuf,
     access: Access,
@@ -671,6 +702,87 @@ pub struct SqliteAuditLog {
     /// What this value's connection left at its last append (see [`KnownTail`]); read and
     /// written only while `conn` is locked, and cleared with the connection.
     known_tail: Mutex<Option<KnownTail>>,
+    /// The `-wal` file to sync, in `fsync` durability only.
+    wal: Option<Mutex<WalSync>>,
+    #[cfg(test)]
+    sync_fault: Arc<SyncFault>,
+}
+
+/// Makes the commits of an audit.db in WAL mode with `synchronous=NORMAL` durable: an
+/// `fdatasync` of its `-wal` file, where such a COMMIT leaves its frames (written, not
+/// synced). SQLite itself syncs the WAL before each checkpoint copies it into the database,
+/// and the database after (sqlite.org/pragma.html#pragma_synchronous), so frames a checkpoint
+/// took are durable in audit.db even when the WAL restarts over them (same file) or is
+/// deleted when the last connection closes (after that checkpoint). The fd is re-opened when
+/// the path names another file than the one it holds (the connection was reopened after a
+/// failure and the WAL re-created), so it always names the live WAL: an fsync on any fd of
+/// that inode flushes it.
+struct WalSync {
+    path: PathBuf,
+    /// The open WAL and its (device, inode).
+    file: Option<(std::fs::File, (u64, u64))>,
+}
+
+impl WalSync {
+    fn new(db: &Path) -> Self {
+        let mut path = db.as_os_str().to_owned();
+        path.push("-wal");
+        Self {
+            path: PathBuf::from(path),
+            file: None,
+        }
+    }
+
+    /// Flushes every frame written to the live WAL before this call to stable storage.
+    fn sync(&mut self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let failed = |e: std::io::Error| {
+            Error::Unavailable(format!(
+                "audit store: cannot sync {}: {e}",
+                self.path.display()
+            ))
+        };
+        let live = match std::fs::metadata(&self.path) {
+            Ok(meta) => (meta.dev(), meta.ino()),
+            // No WAL: the last connection closed, and closing checkpointed every frame into
+            // audit.db and synced it before deleting the WAL.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.file = None;
+                return Ok(());
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        let file = match &self.file {
+            Some((file, id)) if *id == live => file,
+            _ => {
+                self.file = None;
+                let file = std::fs::File::open(&self.path).map_err(failed)?;
+                let meta = file.metadata().map_err(failed)?;
+                // A new WAL's directory entry must survive a power loss too (SQLite syncs
+                // the directory on a new WAL's first sync in FULL mode for the same reason).
+                crate::fsutil::sync_parent(&self.path)?;
+                &self.file.insert((file, (meta.dev(), meta.ino()))).0
+            }
+        };
+        let synced = file.sync_data().map_err(failed);
+        if synced.is_err() {
+            // Open afresh next time (Linux may have dropped the failed pages' error state).
+            self.file = None;
+        }
+        synced
+    }
+}
+
+/// Test builds: makes the next syncs fail, or wait, as a failing or slow disk would.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct SyncFault {
+    /// How many of the next syncs fail.
+    pub(crate) fail: std::sync::atomic::AtomicU32,
+    /// Held by a test: syncs wait for it.
+    pub(crate) gate: Mutex<()>,
+    /// Syncs that succeeded.
+    pub(crate) synced: std::sync::atomic::AtomicU64,
 }
 
 impl SqliteAuditLog {
@@ -718,13 +830,63 @@ impl SqliteAuditLog {
 
     fn with_access(path: &Path, access: Access, keys: Option<Arc<ChainKeys>>) -> Result<Self> {
         let conn = connect(path, access)?;
+        let wal = matches!(
+            access,
+            Access::Write {
+                full_sync: true,
+                ..
+            }
+        )
+        .then(|| Mutex::new(WalSync::new(path)));
         Ok(Self {
             path: path.to_owned(),
             access,
             keys,
             conn: Mutex::new(Some(conn)),
             known_tail: Mutex::new(None),
+            wal,
+            #[cfg(test)]
+            sync_fault: Arc::default(),
         })
+    }
+
+    /// Test builds: the fault injector of this log's syncs.
+    #[cfg(test)]
+    pub(crate) fn sync_fault(&self) -> Arc<SyncFault> {
+        Arc::clone(&self.sync_fault)
+    }
+
+    /// In `fsync` durability, makes every commit that returned before this call durable (see
+    /// [`WalSync`]); nothing to do otherwise.
+    fn sync_wal(&self) -> Result<()> {
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering;
+            let _gate = self.sync_fault.gate.lock();
+            let fault = &self.sync_fault.fail;
+            if fault
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(Error::Unavailable(
+                    "audit store: cannot sync (injected fault)".into(),
+                ));
+            }
+        }
+        let synced = wal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sync();
+        #[cfg(test)]
+        if synced.is_ok() {
+            self.sync_fault
+                .synced
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        synced
     }
 
     /// The chain keys, if the log was opened with them.
@@ -777,10 +939,9 @@ impl SqliteAuditLog {
 
 fn connect(path: &Path, access: Access) -> Result<Connection> {
     match access {
-        Access::Write {
-            full_sync,
-            busy_timeout,
-        } => open(path, full_sync, busy_timeout),
+        // `fsync` durability syncs the WAL itself ([`WalSync`]), so the connection commits
+        // with `synchronous=NORMAL` either way.
+        Access::Write { busy_timeout, .. } => open(path, false, busy_timeout),
         Access::ReadOnly => {
             let conn = Connection::open_with_flags(
                 path,
@@ -820,6 +981,20 @@ fn read_old_rows_without_trace(conn: &Connection) -> Result<()> {
 
 impl AuditAppend for SqliteAuditLog {
     fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
+        let first = self.append_unsynced(records)?;
+        self.sync_wal()?;
+        Ok(first)
+    }
+
+    fn syncs_apart(&self) -> bool {
+        self.wal.is_some()
+    }
+
+    fn sync_committed(&self) -> Result<()> {
+        self.sync_wal()
+    }
+
+    fn append_unsynced(&self, records: &[&AuditRecord]) -> Result<u64> {
         let keys = self.keys()?;
         self.with_conn(true, |conn| {
             let mut known = self
@@ -888,6 +1063,7 @@ impl AuditMaintenance for SqliteAuditLog {
             self.forget_tail();
             prune(conn, keys, before_micros)
         })
+        .and_then(|removed| self.sync_wal().map(|()| removed))
     }
 
     fn recover(&self, caller: &str) -> Result<Recovery> {
@@ -897,6 +1073,7 @@ impl AuditMaintenance for SqliteAuditLog {
             self.forget_tail();
             recover(conn, keys, caller)
         })
+        .and_then(|recovery| self.sync_wal().map(|()| recovery))
     }
 }
 

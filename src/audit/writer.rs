@@ -103,6 +103,9 @@ struct Shared {
     commits: AtomicU64,
     in_place_commits: AtomicU64,
     busy_nanos: AtomicU64,
+    /// Syncs made by the sync thread (pipelined `fsync` durability), and their time.
+    syncs: AtomicU64,
+    sync_nanos: AtomicU64,
     /// Sends only on a change, so watchers wake once per transition, not per commit.
     writable: tokio::sync::watch::Sender<bool>,
 }
@@ -147,6 +150,8 @@ impl AuditWriter {
             commits: AtomicU64::new(0),
             in_place_commits: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            sync_nanos: AtomicU64::new(0),
             writable: writable_tx,
         });
         let thread_shared = Arc::clone(&shared);
@@ -183,10 +188,22 @@ impl AuditWriter {
         self.shared.in_place_commits.load(Ordering::Relaxed)
     }
 
-    /// Total time spent in transactions (appending, committing, fsync), in nanoseconds:
-    /// against wall time, how busy the one log is.
+    /// Total time spent in transactions (appending, committing, and the fsync unless it is
+    /// pipelined), in nanoseconds: against wall time, how busy the one log is.
     pub fn busy_nanos(&self) -> u64 {
         self.shared.busy_nanos.load(Ordering::Relaxed)
+    }
+
+    /// How many syncs the sync thread made (pipelined `fsync` durability; 0 otherwise): with
+    /// [`AuditWriter::commits`], how many batches each sync covered.
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Total time the sync thread spent in syncs, in nanoseconds (see
+    /// [`AuditWriter::syncs`]).
+    pub fn sync_nanos(&self) -> u64 {
+        self.shared.sync_nanos.load(Ordering::Relaxed)
     }
 
     /// The chain keys (for fingerprints and verification).
@@ -368,6 +385,18 @@ impl Shared {
     /// then written and forgotten. On failure nothing is written and the error is the one each
     /// caller of `records` gets; keeping their records as late is the caller's part.
     fn commit_batch(&self, deferred: &mut Deferred, records: &[&AuditRecord]) -> Result<u64> {
+        self.commit_with(deferred, records, false)
+    }
+
+    /// [`Shared::commit_batch`]; with `unsynced`, through
+    /// [`AuditAppend::append_unsynced`](super::log::AuditAppend::append_unsynced): the
+    /// records are durable only after the next sync (the sync thread's).
+    fn commit_with(
+        &self,
+        deferred: &mut Deferred,
+        records: &[&AuditRecord],
+        unsynced: bool,
+    ) -> Result<u64> {
         let late_count = deferred.records.len();
         let all: Vec<&AuditRecord> = deferred
             .records
@@ -375,7 +404,11 @@ impl Shared {
             .chain(records.iter().copied())
             .collect();
         let started = std::time::Instant::now();
-        let result = self.log.append(&all);
+        let result = if unsynced {
+            self.log.append_unsynced(&all)
+        } else {
+            self.log.append(&all)
+        };
         let elapsed = started.elapsed();
         crate::metrics::global().audit_commit(all.len(), elapsed, result.is_ok());
         self.busy_nanos.fetch_add(
@@ -409,16 +442,68 @@ impl Shared {
     }
 }
 
+/// A batch committed but not yet known durable, with the sequence number of its first record:
+/// its callers are answered by the sync thread.
+struct Unsynced {
+    jobs: Vec<Job>,
+    first_seq: u64,
+}
+
 fn run(shared: &Shared, queue: &mpsc::Receiver<Message>) {
+    if shared.log.syncs_apart() {
+        // Pipelined fsync: this thread commits batch N+1 while the sync thread makes batch N
+        // durable, and the callers of a batch are answered only after a sync that began after
+        // their commit returned.
+        std::thread::scope(|scope| {
+            let (to_sync, unsynced) = mpsc::channel::<Unsynced>();
+            let syncer = std::thread::Builder::new()
+                .name("audit-sync".into())
+                .spawn_scoped(scope, move || sync_loop(shared, &unsynced));
+            match syncer {
+                Ok(_) => run_batches(shared, queue, Some(&to_sync)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the audit sync thread; syncing each commit in turn");
+                    run_batches(shared, queue, None);
+                }
+            }
+            // `to_sync` is dropped here: the sync thread answers what is left and ends, and
+            // the scope waits for it.
+        });
+    } else {
+        run_batches(shared, queue, None);
+    }
+    let mut deferred = shared.lock();
+    if !deferred.records.is_empty() {
+        // Shutting down: one last try, so a fault cleared just before the end loses nothing.
+        let records = deferred.records.len();
+        if shared.commit_batch(&mut deferred, &[]).is_err() {
+            tracing::error!(
+                records,
+                "records of calls failed closed could not be written before shutdown"
+            );
+        }
+    }
+}
+
+/// The batching loop, until every handle is dropped. With `to_sync`, batches commit unsynced
+/// and go to the sync thread to be made durable and answered; otherwise each commit is
+/// durable when it returns and this thread answers.
+fn run_batches(
+    shared: &Shared,
+    queue: &mpsc::Receiver<Message>,
+    to_sync: Option<&mpsc::Sender<Unsynced>>,
+) {
     // Group commit: block for the first job, then take whatever else is already waiting. An
     // idle service thus commits a lone record at once (when its caller did not commit it in
     // place); under load, the jobs that queued while the previous transaction ran form the
     // next batch, so the batch size follows the load.
     let mut batch: Vec<Job> = Vec::new();
-    // Records of failed calls wait: retry them on a timer even if nothing arrives.
+    // Records of failed calls wait: retry them on a timer even if nothing arrives. A failed
+    // sync leaves them from the sync thread, which cannot wake this one: with a sync thread,
+    // the timer always runs.
     let mut retrying = false;
     loop {
-        let first = if retrying {
+        let first = if retrying || to_sync.is_some() {
             match queue.recv_timeout(RETRY_DEFERRED) {
                 Ok(message) => Some(message),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -457,15 +542,33 @@ fn run(shared: &Shared, queue: &mpsc::Receiver<Message>) {
             continue;
         }
         let records: Vec<&AuditRecord> = batch.iter().map(|j| &j.record).collect();
-        let committed = shared.commit_batch(&mut deferred, &records);
+        let committed = shared.commit_with(&mut deferred, &records, to_sync.is_some());
         drop(records);
-        let replies: Vec<(Reply, Result<u64>)> = match committed {
-            Ok(first_seq) => batch
+        let replies: Vec<(Reply, Result<u64>)> = match (committed, to_sync) {
+            (Ok(first_seq), Some(to_sync)) => {
+                let unsynced = Unsynced {
+                    jobs: std::mem::take(&mut batch),
+                    first_seq,
+                };
+                match to_sync.send(unsynced) {
+                    Ok(()) => Vec::new(),
+                    // The sync thread is gone (it panicked): nobody can say these are durable.
+                    Err(mpsc::SendError(lost)) => lost
+                        .jobs
+                        .into_iter()
+                        .map(|job| {
+                            deferred.keep(late(job.record));
+                            (job.done, Err(unrecorded()))
+                        })
+                        .collect(),
+                }
+            }
+            (Ok(first_seq), None) => batch
                 .drain(..)
                 .zip(first_seq..)
                 .map(|(job, seq)| (job.done, Ok(seq)))
                 .collect(),
-            Err(_) => batch
+            (Err(_), _) => batch
                 .drain(..)
                 .map(|job| {
                     deferred.keep(late(job.record));
@@ -480,15 +583,58 @@ fn run(shared: &Shared, queue: &mpsc::Receiver<Message>) {
             reply.send(result);
         }
     }
-    let mut deferred = shared.lock();
-    if !deferred.records.is_empty() {
-        // Shutting down: one last try, so a fault cleared just before the end loses nothing.
-        let records = deferred.records.len();
-        if shared.commit_batch(&mut deferred, &[]).is_err() {
-            tracing::error!(
-                records,
-                "records of calls failed closed could not be written before shutdown"
-            );
+}
+
+/// The sync thread of pipelined `fsync` durability: takes every batch committed since its last
+/// sync, syncs once (a sync begun after their commits returned covers them all), then answers
+/// their callers. A failed sync fails every call of the batches it covered closed, as a failed
+/// commit does (UNAVAILABLE, no result), and their records are written again as late by the
+/// next commit that succeeds: the first copy is in the file but not known durable
+/// (docs/AUDIT.md, "Pipelined fsync").
+fn sync_loop(shared: &Shared, unsynced: &mpsc::Receiver<Unsynced>) {
+    let mut pending: Vec<Unsynced> = Vec::new();
+    while let Ok(first) = unsynced.recv() {
+        pending.push(first);
+        while let Ok(more) = unsynced.try_recv() {
+            pending.push(more);
+        }
+        let started = std::time::Instant::now();
+        let synced = shared.log.sync_committed();
+        shared.sync_nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        match synced {
+            Ok(()) => {
+                shared.syncs.fetch_add(1, Ordering::Relaxed);
+                for batch in pending.drain(..) {
+                    for (job, seq) in batch.jobs.into_iter().zip(batch.first_seq..) {
+                        job.done.send(Ok(seq));
+                    }
+                }
+            }
+            Err(e) => {
+                let calls: usize = pending.iter().map(|b| b.jobs.len()).sum();
+                tracing::error!(error = %e, calls, "audit sync failed; failing the calls it covered closed");
+                shared.writable.send_if_modified(|writable| {
+                    let changed = *writable;
+                    *writable = false;
+                    changed
+                });
+                let mut deferred = shared.lock();
+                let replies: Vec<Reply> = pending
+                    .drain(..)
+                    .flat_map(|batch| batch.jobs)
+                    .map(|job| {
+                        deferred.keep(late(job.record));
+                        job.done
+                    })
+                    .collect();
+                drop(deferred);
+                for reply in replies {
+                    reply.send(Err(unrecorded()));
+                }
+            }
         }
     }
 }
@@ -502,7 +648,7 @@ mod tests {
     use super::*;
     use crate::audit::Outcome;
     use crate::audit::log::{AuditMaintenance, AuditQuery, Durability, ListFilter};
-    use crate::audit::sqlite::{DEFAULT_BUSY_TIMEOUT, SqliteAuditLog};
+    use crate::audit::sqlite::{DEFAULT_BUSY_TIMEOUT, SqliteAuditLog, SyncFault};
     use crate::audit::verify::tests::record;
     use crate::crypto::secret::SecretKey;
 
@@ -511,22 +657,29 @@ mod tests {
         path: PathBuf,
         keys: Arc<ChainKeys>,
         writer: AuditWriter,
+        sync_fault: Arc<SyncFault>,
     }
 
     /// A writer over a fresh SQLite log whose appends wait at most `busy_timeout` for
     /// another connection's lock.
     fn fixture(busy_timeout: Duration) -> Fixture {
+        fixture_with(Durability::Process, busy_timeout)
+    }
+
+    /// [`fixture`] with the given durability.
+    fn fixture_with(durability: Durability, busy_timeout: Duration) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
-        let log = SqliteAuditLog::open(&path, Durability::Process, busy_timeout, Arc::clone(&keys))
-            .unwrap();
+        let log = SqliteAuditLog::open(&path, durability, busy_timeout, Arc::clone(&keys)).unwrap();
+        let sync_fault = log.sync_fault();
         let writer = AuditWriter::start(Box::new(log), Arc::clone(&keys)).unwrap();
         Fixture {
             _dir: dir,
             path,
             keys,
             writer,
+            sync_fault,
         }
     }
 
@@ -773,6 +926,123 @@ mod tests {
                 .all(|(_, r)| r.detail.starts_with("recorded late"))
         );
         assert_eq!(append_and_check(&f.writer, &reader, record(3)).unwrap(), 3);
+        assert!(reader.verify().unwrap().ok);
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn pipelined_fsync_answers_a_batch_only_after_a_sync_that_began_after_its_commit() {
+        const CALLS: u32 = 24;
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        let runtime = runtime();
+        // The disk does not finish syncing until the gate opens.
+        let gate = f.sync_fault.gate.lock().unwrap();
+        let calls: Vec<_> = (1..=CALLS)
+            .map(|i| {
+                let writer = f.writer.clone();
+                runtime.spawn(async move { writer.append(record(i)).await })
+            })
+            .collect();
+        // Every record commits (the next batches do not wait for the sync)...
+        while reader.count().unwrap() < u64::from(CALLS) {
+            std::thread::yield_now();
+        }
+        // ...and no caller is answered before a sync covering its commit returned.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            calls.iter().all(|c| !c.is_finished()),
+            "a call was answered before its record was synced"
+        );
+        assert_eq!(f.sync_fault.synced.load(Ordering::Acquire), 0);
+        drop(gate);
+        let mut seqs: Vec<u64> = runtime.block_on(async {
+            let mut seqs = Vec::new();
+            for call in calls {
+                seqs.push(call.await.unwrap().unwrap());
+            }
+            seqs
+        });
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=u64::from(CALLS)).collect::<Vec<u64>>());
+        let syncs = f.writer.syncs();
+        assert!(
+            (1..=f.writer.commits()).contains(&syncs),
+            "{syncs} syncs for {} commits",
+            f.writer.commits()
+        );
+        assert_eq!(f.sync_fault.synced.load(Ordering::Acquire), syncs);
+        let report = reader.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+    }
+
+    #[test]
+    fn a_failed_sync_fails_its_calls_closed_and_records_them_again_as_late() {
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        let runtime = runtime();
+        f.sync_fault.fail.store(1, Ordering::Release);
+        let failed = runtime.block_on(f.writer.append(record(1))).err().unwrap();
+        assert!(matches!(failed, Error::Unavailable(_)), "{failed}");
+        assert!(failed.to_string().contains("no result was returned"));
+        // Committed, but not known durable: the call got no result.
+        assert_eq!(reader.count().unwrap(), 1);
+        let mut writable = f.writer.writable();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), writable.wait_for(|w| *w))
+                .await
+                .expect("the late record is written on the writer's timer")
+                .unwrap();
+        });
+        // The late record is synced before the next call's reply, which follows it.
+        assert_eq!(runtime.block_on(f.writer.append(record(2))).unwrap(), 3);
+        let rows = reader
+            .list(&ListFilter {
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .unwrap();
+        let seen: Vec<(u64, &str, Outcome)> = rows
+            .iter()
+            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, "r1", record(1).outcome),
+                (2, "r1", Outcome::Unavailable),
+                (3, "r2", record(2).outcome)
+            ]
+        );
+        assert!(rows[1].1.detail.starts_with("recorded late"));
+        let report = reader.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+    }
+
+    #[test]
+    fn fsync_durability_syncs_a_commit_in_place_before_it_returns() {
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        assert_eq!(append_and_check(&f.writer, &reader, record(1)).unwrap(), 1);
+        assert_eq!(f.writer.in_place_commits(), 1);
+        assert_eq!(f.sync_fault.synced.load(Ordering::Acquire), 1);
+        // A failed sync fails the call in place too, and its record comes again as late.
+        f.sync_fault.fail.store(1, Ordering::Release);
+        assert!(f.writer.append_blocking(record(2)).is_err());
+        assert!(!*f.writer.writable().borrow());
+        assert_eq!(append_and_check(&f.writer, &reader, record(3)).unwrap(), 4);
+        let late = committed_at(&reader, 3).unwrap();
+        assert_eq!(
+            (late.request_id.as_str(), late.outcome),
+            ("r2", Outcome::Unavailable)
+        );
         assert!(reader.verify().unwrap().ok);
     }
 }
