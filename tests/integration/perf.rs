@@ -13,7 +13,6 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use common::*;
-use tenant_kms::audit::AuditQuery;
 use tenant_kms::store::{ChangeDetection, MasterKeyStore, SqliteKeyStore, TokenStore};
 
 /// GET `path` over plain HTTP/1.1; returns (status line, body).
