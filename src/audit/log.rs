@@ -165,12 +165,28 @@ pub trait AuditAppend: Send + Sync {
     /// Where the chain ends now (see [`ChainHead`]); its signature is the verifier's job.
     fn head(&self) -> Result<ChainHead>;
 
-    /// Whether [`AuditAppend::append`] may run on whichever thread calls it at no extra cost
-    /// (an embedded store: SQLite). The group-commit writer then lets a lone caller commit its
-    /// own record on its own thread when nothing else is being written, instead of handing it
-    /// to the writer thread and back. False (the default) for a backend whose blocking calls
-    /// need a thread of their own.
-    fn commits_in_place(&self) -> bool {
+    /// What an append costs the thread that runs it: the group-commit writer lets a lone
+    /// caller commit its own record on its own thread (instead of handing it to the writer
+    /// thread and back) only where that cost allows (see [`AppendCost`]). The default,
+    /// [`AppendCost::RoundTrips`], never does.
+    fn append_cost(&self) -> AppendCost {
+        AppendCost::RoundTrips
+    }
+
+    /// [`AuditAppend::append`] for a caller that must not wait (an async worker thread):
+    /// `Ok(None)`, at once and having written nothing, when the append would have to wait
+    /// for another connection's write lock or for the disk; the caller then hands the records
+    /// to a thread that may wait. Otherwise exactly [`AuditAppend::append`]. The default
+    /// cannot tell and appends as [`AuditAppend::append`] does; only a log whose
+    /// [`AuditAppend::append_cost`] is [`AppendCost::PageCache`] is called this way.
+    fn append_without_waiting(&self, records: &[&AuditRecord]) -> Result<Option<u64>> {
+        self.append(records).map(Some)
+    }
+
+    /// Whether the log has grown enough that [`AuditAppend::wal_checkpoint`] should run: an
+    /// embedded store's write-ahead log past its bound. Reads memory only. False by default
+    /// (a server database checkpoints by itself).
+    fn wal_checkpoint_due(&self) -> bool {
         false
     }
 
@@ -195,6 +211,32 @@ pub trait AuditAppend: Send + Sync {
     fn sync_committed(&self) -> Result<()> {
         Ok(())
     }
+    /// Copies the write-ahead log back into the database without waiting for readers or
+    /// writers (SQLite's PASSIVE checkpoint), so the log stays bounded. The log does not do
+    /// this inside its commits, where it would stall the committing caller: the writer thread
+    /// calls it when [`AuditAppend::wal_checkpoint_due`] says so, with no commit running. A
+    /// no-op by default.
+    fn wal_checkpoint(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What one [`AuditAppend::append`] costs the thread that runs it, from the dearest: where
+/// the group-commit writer may run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendCost {
+    /// Network round trips (a server database): only the writer thread appends, whose
+    /// blocking calls need a thread of their own.
+    RoundTrips,
+    /// A local file and an fsync per commit (SQLite in `fsync` durability): any blocking
+    /// thread may append for itself, never an async worker (its other tasks would wait for
+    /// the disk).
+    Fsync,
+    /// A local file and a few writes into the page cache, no fsync, no checkpoint (SQLite in
+    /// `process` durability, checkpoints left to [`AuditAppend::wal_checkpoint`]): tens of
+    /// microseconds, less than a hand-off to another thread and back, so an async worker may
+    /// append for itself too, through [`AuditAppend::append_without_waiting`].
+    PageCache,
 }
 
 /// Reading records.

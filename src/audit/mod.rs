@@ -34,8 +34,8 @@ pub mod writer;
 
 pub use chain::ChainKeys;
 pub use log::{
-    AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability,
-    ListFilter, MergeCursor, MergedRecord,
+    AppendCost, AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead,
+    Durability, ListFilter, MergeCursor, MergedRecord,
 };
 pub use operation::Operation;
 pub use postgres::PostgresAuditLog;

@@ -10,7 +10,9 @@
 //! chain means is decided by the pure [`super::verify`] and [`super::anchor`]: this module
 //! only reads and writes rows.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,7 +20,9 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::anchor::{self, Anchor, Kind, Stored};
 use super::chain::{ChainKeys, MAC_LEN};
-use super::log::{AuditAppend, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability};
+use super::log::{
+    AppendCost, AuditAppend, AuditMaintenance, AuditQuery, AuditSnapshot, ChainHead, Durability,
+};
 use super::record::{AuditRecord, outcome_from_str};
 use super::verify::{self, Recovery, StoredRow, TAIL_CHECK_RECORDS, VerifyReport, WalkStart};
 use crate::error::{Error, Result};
@@ -55,8 +59,15 @@ CREATE TABLE IF NOT EXISTS audit_meta (
 /// The page size of a new audit.db.
 const AUDIT_PAGE_SIZE: i64 = 1024;
 
-/// WAL pages between automatic checkpoints of audit.db (4 MiB at 1 KiB pages).
-const AUDIT_CHECKPOINT_PAGES: i64 = 4096;
+/// WAL pages between checkpoints of audit.db (4 MiB at 1 KiB pages): SQLite's automatic
+/// checkpoint for a connection opened with [`open`]; [`SqliteAuditLog`]'s writing connection
+/// checkpoints off its commit path instead (see [`WalBound`]).
+const AUDIT_CHECKPOINT_PAGES: u32 = 4096;
+
+/// WAL pages past which an append of [`SqliteAuditLog`] checkpoints by itself, inside its
+/// commit, because nobody called [`AuditAppend::wal_checkpoint`] in time: the bound of the
+/// WAL whatever the writer thread does.
+const AUDIT_WAL_HARD_PAGES: u32 = 4 * AUDIT_CHECKPOINT_PAGES;
 
 /// How long a write waits for another process's write lock (e.g. `rotate` appending) before
 /// it fails, when the caller names no other bound.
@@ -91,9 +102,14 @@ pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Conn
     // Checkpoint every 4 MiB of WAL instead of SQLite's 1,000 pages (1 MiB at 1 KiB
     // pages): the hot pages (the table's last leaf, the active tenants' index leaves) are
     // rewritten by most commits, so a longer interval copies each of them once for many more
-    // commits.
-    conn.pragma_update(None, "wal_autocheckpoint", AUDIT_CHECKPOINT_PAGES)
-        .map_err(sql_error)?;
+    // commits. A [`SqliteAuditLog`] that writes replaces this automatic checkpoint, which runs
+    // inside COMMIT, with its own off the commit path ([`WalBound`]).
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        i64::from(AUDIT_CHECKPOINT_PAGES),
+    )
+    .map_err(sql_error)?;
     conn.execute_batch(SCHEMA).map_err(sql_error)?;
     add_trace_parent_column(&conn)?;
     Ok(conn)
@@ -204,7 +220,21 @@ pub fn append<'a>(
     keys: &ChainKeys,
     records: impl IntoIterator<Item = &'a AuditRecord>,
 ) -> Result<u64> {
-    append_after(conn, keys, records, &mut None)
+    append_after(conn, keys, records, &mut None, LockWait::Wait)?
+        .ok_or_else(|| Error::internal("an append that waits gave up"))
+}
+
+/// How an append waits for another connection's write lock.
+#[derive(Debug, Clone, Copy)]
+enum LockWait {
+    /// Up to the connection's busy timeout.
+    Wait,
+    /// Not at all: the append gives up at once, having written nothing, and the connection's
+    /// busy timeout is set back to `restore` after the attempt.
+    GiveUp {
+        /// The connection's busy timeout.
+        restore: Duration,
+    },
 }
 
 /// The tail a connection left with its last append, and the connection's `PRAGMA
@@ -222,15 +252,20 @@ struct KnownTail {
 
 /// [`append`], skipping the reading and judging of the tail when `known` says this
 /// connection wrote it and nobody has written since; `known` is updated after a commit that
-/// succeeds and cleared by any failure.
+/// succeeds and cleared by any failure. `None` when `wait` is [`LockWait::GiveUp`] and another
+/// connection holds the write lock: nothing was written, `known` is kept.
 fn append_after<'a>(
     conn: &mut Connection,
     keys: &ChainKeys,
     records: impl IntoIterator<Item = &'a AuditRecord>,
     known: &mut Option<KnownTail>,
-) -> Result<u64> {
+    wait: LockWait,
+) -> Result<Option<u64>> {
     let remembered = known.take();
-    let tx = WriteTx::begin(conn)?;
+    let Some(tx) = WriteTx::begin(conn, wait)? else {
+        *known = remembered;
+        return Ok(None);
+    };
     // Read inside the write transaction: it is the state this append extends.
     let data_version: i64 = tx
         .prepare_cached("PRAGMA data_version")
@@ -254,7 +289,7 @@ fn append_after<'a>(
     write_anchor(&tx, keys, Kind::Head, &head)?;
     tx.commit()?;
     *known = Some(KnownTail { data_version, head });
-    Ok(first)
+    Ok(Some(first))
 }
 
 /// A write transaction (`BEGIN IMMEDIATE`) begun and committed with cached statements:
@@ -267,11 +302,33 @@ struct WriteTx<'c> {
 }
 
 impl<'c> WriteTx<'c> {
-    fn begin(conn: &'c Connection) -> Result<Self> {
-        conn.prepare_cached("BEGIN IMMEDIATE")
-            .and_then(|mut stmt| stmt.execute([]))
-            .map_err(sql_error)?;
-        Ok(Self { conn, open: true })
+    /// Begins, or `None` when `wait` gives up and another connection holds the write lock.
+    /// `BEGIN IMMEDIATE` takes the write lock, so it is the one step of an append that waits
+    /// for another writer (WAL readers never block it).
+    fn begin(conn: &'c Connection, wait: LockWait) -> Result<Option<Self>> {
+        if let LockWait::GiveUp { .. } = wait {
+            conn.busy_timeout(Duration::ZERO).map_err(sql_error)?;
+        }
+        let begun = conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut stmt| stmt.execute([]));
+        match wait {
+            LockWait::Wait => {
+                begun.map_err(sql_error)?;
+            }
+            LockWait::GiveUp { restore } => {
+                conn.busy_timeout(restore).map_err(sql_error)?;
+                match begun {
+                    Ok(_) => {}
+                    // A failed BEGIN IMMEDIATE leaves no transaction open.
+                    Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(sql_error(e)),
+                }
+            }
+        }
+        Ok(Some(Self { conn, open: true }))
     }
 
     fn commit(mut self) -> Result<()> {
@@ -670,6 +727,87 @@ fn chain_head(conn: &Connection) -> Result<ChainHead> {
     Ok(ChainHead::new(checkpoint.seq, checkpoint.mac))
 }
 
+thread_local! {
+    /// WAL frames after the last commit on this thread, as the WAL hook ([`note_wal_frames`])
+    /// reported them; taken right after each COMMIT by [`WalBound::committed`].
+    static WAL_FRAMES: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// The WAL hook of a [`SqliteAuditLog`]'s writing connection. SQLite calls it inside COMMIT,
+/// on the committing thread, with the frames now in the WAL; the thread reads them as soon as
+/// its COMMIT returns. A plain function (rusqlite takes no closure here), hence the
+/// thread-local. Installing it replaces SQLite's automatic checkpoint (both are the one WAL
+/// hook of a connection), which would otherwise run inside COMMIT every
+/// [`AUDIT_CHECKPOINT_PAGES`] and take milliseconds there.
+fn note_wal_frames(_wal: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(u32::try_from(frames).ok());
+    Ok(())
+}
+
+/// Keeps audit.db's WAL bounded with no checkpoint on the commit path: a connection's commits
+/// note the WAL's size (through [`note_wal_frames`]), the writer thread checkpoints when
+/// [`AUDIT_CHECKPOINT_PAGES`] frames have been added since the last checkpoint
+/// ([`AuditAppend::wal_checkpoint_due`], [`AuditAppend::wal_checkpoint`]), and an append
+/// checkpoints by itself only past [`AUDIT_WAL_HARD_PAGES`] (nobody did in time).
+///
+/// A PASSIVE checkpoint copies what no reader still needs; when it copied everything, the next
+/// commit starts the WAL from its beginning and SQLite syncs the WAL header then, even with
+/// `synchronous=NORMAL` (sqlite.org/pragma.html#pragma_synchronous), so that commit is left
+/// to a thread that may wait ([`WalBound::restart_pending`]). When a reader kept part of the
+/// WAL, the next checkpoint waits for another [`AUDIT_CHECKPOINT_PAGES`] frames instead of
+/// running after every commit.
+#[derive(Debug, Default)]
+struct WalBound {
+    /// Frames in the WAL after this connection's last commit.
+    frames: AtomicU32,
+    /// Frames in the WAL at the last checkpoint; 0 once the WAL started afresh.
+    checkpointed_at: AtomicU32,
+    /// The last checkpoint copied the whole WAL and no commit has run since: the next one
+    /// restarts the WAL and syncs its header.
+    restart_pending: AtomicBool,
+}
+
+impl WalBound {
+    /// After a commit on this thread: notes the WAL's size.
+    fn committed(&self) {
+        let Some(frames) = WAL_FRAMES.take() else {
+            return;
+        };
+        self.frames.store(frames, Ordering::Relaxed);
+        if frames < self.checkpointed_at.load(Ordering::Relaxed) {
+            // The WAL started afresh after the last checkpoint.
+            self.checkpointed_at.store(0, Ordering::Relaxed);
+        }
+        self.restart_pending.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether `pages` frames were added since the last checkpoint.
+    fn grown_by(&self, pages: u32) -> bool {
+        let since = self.checkpointed_at.load(Ordering::Relaxed);
+        self.frames.load(Ordering::Relaxed) >= since.saturating_add(pages)
+    }
+
+    /// Whether the next commit restarts the WAL (and syncs its header).
+    fn restart_pending(&self) -> bool {
+        self.restart_pending.load(Ordering::Relaxed)
+    }
+
+    /// Runs a PASSIVE checkpoint on `conn`, which must not be in a transaction: copies what no
+    /// reader needs any more, waiting for nobody.
+    fn checkpoint(&self, conn: &Connection) -> Result<()> {
+        let (wal, copied): (i64, i64) = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((row.get(1)?, row.get(2)?))
+            })
+            .map_err(sql_error)?;
+        let wal = u32::try_from(wal).unwrap_or(0);
+        self.checkpointed_at.store(wal, Ordering::Relaxed);
+        self.restart_pending
+            .store(wal > 0 && i64::from(wal) == copied, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// How a [`SqliteAuditLog`] opens its connection.
 #[derive(Debug, Clone, Copy)]
 enum Access {
@@ -706,6 +844,8 @@ pub struct SqliteAuditLog {
     wal: Option<Mutex<WalSync>>,
     #[cfg(test)]
     sync_fault: Arc<SyncFault>,
+    /// The WAL's size as this value's commits left it, and its checkpoints (see [`WalBound`]).
+    wal_bound: WalBound,
 }
 
 /// Makes the commits of an audit.db in WAL mode with `synchronous=NORMAL` durable: an
@@ -847,6 +987,7 @@ impl SqliteAuditLog {
             wal,
             #[cfg(test)]
             sync_fault: Arc::default(),
+            wal_bound: WalBound::default(),
         })
     }
 
@@ -941,7 +1082,12 @@ fn connect(path: &Path, access: Access) -> Result<Connection> {
     match access {
         // `fsync` durability syncs the WAL itself ([`WalSync`]), so the connection commits
         // with `synchronous=NORMAL` either way.
-        Access::Write { busy_timeout, .. } => open(path, false, busy_timeout),
+        Access::Write { busy_timeout, .. } => {
+            let conn = open(path, false, busy_timeout)?;
+            // Checkpoints off the commit path (see `WalBound`).
+            conn.wal_hook(Some(note_wal_frames));
+            Ok(conn)
+        }
         Access::ReadOnly => {
             let conn = Connection::open_with_flags(
                 path,
@@ -979,6 +1125,31 @@ fn read_old_rows_without_trace(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+impl SqliteAuditLog {
+    /// [`AuditAppend::append`] waiting for another writer's lock as `wait` says; then, past
+    /// [`AUDIT_WAL_HARD_PAGES`], the checkpoint nobody ran in time.
+    fn append_waiting(&self, records: &[&AuditRecord], wait: LockWait) -> Result<Option<u64>> {
+        let keys = self.keys()?;
+        self.with_conn(true, |conn| {
+            let mut known = self
+                .known_tail
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let first = append_after(conn, keys, records.iter().copied(), &mut known, wait)?;
+            if first.is_some() {
+                self.wal_bound.committed();
+                if self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
+                    // Committed already: a failed checkpoint fails nobody's record.
+                    if let Err(e) = self.wal_bound.checkpoint(conn) {
+                        tracing::warn!(error = %e, "audit.db WAL checkpoint failed");
+                    }
+                }
+            }
+            Ok(first)
+        })
+    }
+}
+
 impl AuditAppend for SqliteAuditLog {
     fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
         let first = self.append_unsynced(records)?;
@@ -995,22 +1166,53 @@ impl AuditAppend for SqliteAuditLog {
     }
 
     fn append_unsynced(&self, records: &[&AuditRecord]) -> Result<u64> {
-        let keys = self.keys()?;
-        self.with_conn(true, |conn| {
-            let mut known = self
-                .known_tail
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            append_after(conn, keys, records.iter().copied(), &mut known)
-        })
+        self.append_waiting(records, LockWait::Wait)?
+            .ok_or_else(|| Error::internal("an append that waits gave up"))
     }
 
     fn head(&self) -> Result<ChainHead> {
         self.read(chain_head)
     }
 
-    fn commits_in_place(&self) -> bool {
-        true
+    fn append_cost(&self) -> AppendCost {
+        match self.access {
+            Access::Write {
+                full_sync: false, ..
+            } => AppendCost::PageCache,
+            Access::Write {
+                full_sync: true, ..
+            }
+            | Access::ReadOnly => AppendCost::Fsync,
+        }
+    }
+
+    fn append_without_waiting(&self, records: &[&AuditRecord]) -> Result<Option<u64>> {
+        let Access::Write { busy_timeout, .. } = self.access else {
+            return self.append(records).map(Some);
+        };
+        // Either would make this commit wait for the disk: a WAL header sync, a checkpoint.
+        if self.wal_bound.restart_pending() || self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
+            return Ok(None);
+        }
+        let first = self.append_waiting(
+            records,
+            LockWait::GiveUp {
+                restore: busy_timeout,
+            },
+        )?;
+        if first.is_some() {
+            // Nothing to do in `process` durability, the only one that appends this way.
+            self.sync_wal()?;
+        }
+        Ok(first)
+    }
+
+    fn wal_checkpoint_due(&self) -> bool {
+        self.wal_bound.grown_by(AUDIT_CHECKPOINT_PAGES)
+    }
+
+    fn wal_checkpoint(&self) -> Result<()> {
+        self.with_conn(false, |conn| self.wal_bound.checkpoint(conn))
     }
 }
 
@@ -1227,6 +1429,86 @@ mod tests {
         assert_eq!(log.prune(i64::MAX).unwrap(), 11, "every record was older");
         assert_eq!(log.append(&[&record(12)]).unwrap(), 12);
         assert_eq!(first_bad(&log), 0);
+    }
+
+    /// The bytes of the WAL of the log in `dir`.
+    fn wal_bytes(dir: &tempfile::TempDir) -> u64 {
+        std::fs::metadata(dir.path().join("audit.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// One WAL frame of audit.db: a 1 KiB page and its 24-byte header.
+    const FRAME: u64 = AUDIT_PAGE_SIZE as u64 + 24;
+
+    #[test]
+    fn checkpoints_wait_for_the_writer_and_a_commit_that_would_sync_is_not_done_without_waiting() {
+        let (dir, log, _intruder) = log(0);
+        let records: Vec<AuditRecord> = (1..=20).map(record).collect();
+        let batch: Vec<&AuditRecord> = records.iter().collect();
+        // No commit checkpoints: the WAL holds every frame until a checkpoint is due.
+        let mut commits = 0;
+        while !log.wal_checkpoint_due() {
+            log.append(&batch).unwrap();
+            commits += 1;
+            assert!(commits < 10_000, "a checkpoint never came due");
+        }
+        assert!(wal_bytes(&dir) >= u64::from(AUDIT_CHECKPOINT_PAGES) * FRAME);
+        log.wal_checkpoint().unwrap();
+        assert!(!log.wal_checkpoint_due());
+        // It copied the whole WAL: the next commit starts it afresh and syncs its header, so a
+        // caller that must not wait is turned away, having written nothing.
+        let count = log.count().unwrap();
+        assert_eq!(log.append_without_waiting(&batch).unwrap(), None);
+        assert_eq!(log.count().unwrap(), count);
+        log.append(&batch).unwrap();
+        assert!(log.append_without_waiting(&batch).unwrap().is_some());
+        assert!(!log.wal_checkpoint_due());
+
+        // A reader on an old snapshot keeps part of the WAL from being copied: the next
+        // checkpoint waits for another bound's worth of frames, not for the next commit.
+        let reader = Connection::open(dir.path().join("audit.db")).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT COUNT(*) FROM audit_events;")
+            .unwrap();
+        while !log.wal_checkpoint_due() {
+            log.append(&batch).unwrap();
+        }
+        log.wal_checkpoint().unwrap();
+        log.append(&batch).unwrap();
+        assert!(!log.wal_checkpoint_due(), "due again after one commit");
+        assert!(log.append_without_waiting(&batch).unwrap().is_some());
+        reader.execute_batch("COMMIT").unwrap();
+        let report = log.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+    }
+
+    #[test]
+    fn the_wal_stays_bounded_when_nobody_checkpoints() {
+        let (dir, log, _intruder) = log(0);
+        let records: Vec<AuditRecord> = (1..=20).map(record).collect();
+        let batch: Vec<&AuditRecord> = records.iter().collect();
+        let bound = u64::from(AUDIT_WAL_HARD_PAGES + 256) * FRAME;
+        let mut largest = 0;
+        let mut written = 0;
+        // Three hard bounds' worth of frames, never calling `wal_checkpoint`.
+        while written < 3 * u64::from(AUDIT_WAL_HARD_PAGES) {
+            let before = log.wal.frames.load(Ordering::Relaxed);
+            log.append(&batch).unwrap();
+            let after = log.wal.frames.load(Ordering::Relaxed);
+            // After a checkpoint the WAL starts afresh: then all of it is this commit's.
+            written += u64::from(if after > before {
+                after - before
+            } else {
+                after
+            });
+            largest = largest.max(wal_bytes(&dir));
+        }
+        assert!(
+            largest <= bound,
+            "WAL grew to {largest} bytes (bound {bound})"
+        );
+        assert!(log.verify().unwrap().ok);
     }
 
     #[test]

@@ -7,19 +7,31 @@
 //! commits whatever arrived during the previous fsync together: the cost of durability is one
 //! fsync per batch, not per request.
 //!
-//! A blocking caller needs no batching when it is alone: when nothing is queued for the thread
-//! and nobody holds the commit lock, and the log commits cheaply on any thread
-//! ([`AuditAppend::commits_in_place`](super::log::AuditAppend::commits_in_place): SQLite),
-//! [`AuditWriter::append_blocking`] commits its record on the caller's own thread and saves
-//! the two thread hand-offs. Async callers (the service's RPCs) always queue for the thread:
-//! blocking a tokio worker needs `block_in_place`, which hands the worker's tasks to another
-//! thread on every call, a hand-off as dear as the one saved, and spreads freed memory over
-//! ever more threads' heaps (`abuse::responses_nobody_reads_are_dropped_after_the_send_timeout`
-//! failed about one run in two with it). The promise is the same either way: the call returns
-//! after its record's transaction committed (with its fsync in `fsync` durability), records
-//! are chained in commit order, and a failed commit fails its calls closed in the same way.
-//! Under load the lock is busy or records are queued, so calls fall back to the thread and
-//! batches form as before.
+//! A lone call needs no batching: when nothing is queued for the thread and nobody holds the
+//! commit lock, a caller commits its own record on its own thread and saves the two thread
+//! hand-offs (each a futex wake of a parked thread), where the log's
+//! [`AppendCost`] allows it:
+//!
+//! - [`AppendCost::PageCache`] (SQLite in `process` durability): any caller, an RPC on its
+//!   tokio worker too ([`AuditWriter::append`]). A batch of one is then a few writes into the
+//!   page cache, tens of microseconds, less than the hand-off. It runs directly on the worker,
+//!   not in `block_in_place` (which hands the worker's tasks to another thread on every call,
+//!   a hand-off as dear as the one saved, and spread freed memory over ever more threads'
+//!   heaps: `abuse::responses_nobody_reads_are_dropped_after_the_send_timeout` failed about
+//!   one run in two with it). Nothing on that path waits: the log's
+//!   [`AuditAppend::append_without_waiting`] gives the record back, having written nothing,
+//!   when another process holds the write lock or the commit would sync (the first after a
+//!   checkpoint), and the WAL checkpoints run on the writer thread, not inside a commit
+//!   ([`AuditAppend::wal_checkpoint`]); the record then goes to the thread.
+//! - [`AppendCost::Fsync`] (SQLite in `fsync` durability): only blocking callers
+//!   ([`AuditWriter::append_blocking`]: commands); an RPC queues for the thread, since no
+//!   tokio worker may wait for an fsync.
+//! - [`AppendCost::RoundTrips`] (PostgreSQL): nobody; every record goes to the thread.
+//!
+//! The promise is the same either way: the call returns after its record's transaction
+//! committed (with its fsync in `fsync` durability), records are chained in commit order, and
+//! a failed commit fails its calls closed in the same way. Under load the lock is busy or
+//! records are queued, so calls fall back to the thread and batches form as before.
 //!
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
@@ -36,7 +48,7 @@
 //! operator acknowledges it with `audit recover`; nothing is ever deleted.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -44,7 +56,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::chain::ChainKeys;
-use super::log::AuditLog;
+use super::log::{AppendCost, AuditLog};
 use super::record::AuditRecord;
 use crate::error::{Error, Result};
 
@@ -66,6 +78,9 @@ enum Message {
     /// A commit in place failed: records of failed calls now wait, so the thread retries
     /// them on its timer even if no other record arrives.
     Wake,
+    /// Commits in place grew the log's WAL past its bound: the thread checkpoints it (off
+    /// the callers' commit path).
+    Checkpoint,
 }
 
 enum Reply {
@@ -98,10 +113,13 @@ struct Shared {
     /// queues behind them instead of committing in place (they came first, and a batch
     /// forming is a sign of load).
     queued: AtomicUsize,
-    /// Whether callers may commit in place at all (see the module docs).
-    in_place: bool,
+    /// What an append costs: who may commit in place (see the module docs).
+    cost: AppendCost,
+    /// A [`Message::Checkpoint`] is on its way: commits in place do not send another.
+    checkpoint_asked: AtomicBool,
     commits: AtomicU64,
     in_place_commits: AtomicU64,
+    wal_checkpoints: AtomicU64,
     busy_nanos: AtomicU64,
     /// Syncs made by the sync thread (pipelined `fsync` durability), and their time.
     syncs: AtomicU64,
@@ -143,12 +161,14 @@ impl AuditWriter {
         // Starts true: the tail check above has just read and, if needed, written the log.
         let (writable_tx, writable) = tokio::sync::watch::channel(true);
         let shared = Arc::new(Shared {
-            in_place: log.commits_in_place(),
+            cost: log.append_cost(),
+            checkpoint_asked: AtomicBool::new(false),
             log,
             committing: Mutex::new(Deferred::default()),
             queued: AtomicUsize::new(0),
             commits: AtomicU64::new(0),
             in_place_commits: AtomicU64::new(0),
+            wal_checkpoints: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_nanos: AtomicU64::new(0),
@@ -188,6 +208,12 @@ impl AuditWriter {
         self.shared.in_place_commits.load(Ordering::Relaxed)
     }
 
+    /// How many WAL checkpoints the writer thread ran (off the commit path; see
+    /// [`AuditAppend::wal_checkpoint`](super::log::AuditAppend::wal_checkpoint)).
+    pub fn wal_checkpoints(&self) -> u64 {
+        self.shared.wal_checkpoints.load(Ordering::Relaxed)
+    }
+
     /// Total time spent in transactions (appending, committing, and the fsync unless it is
     /// pipelined), in nanoseconds: against wall time, how busy the one log is.
     pub fn busy_nanos(&self) -> u64 {
@@ -213,11 +239,14 @@ impl AuditWriter {
 
     /// Appends a record and waits until it is committed; returns its sequence number.
     ///
-    /// From async code the record always goes to the writer thread: committing in place there
-    /// would need `block_in_place`, which hands the worker's tasks to another thread on every
-    /// call (a hand-off as dear as the one it saves) and spreads freed memory over ever more
-    /// threads' heaps.
+    /// Commits it on this task's thread when the writer is idle and the log's
+    /// [`AppendCost::PageCache`] allows it (without waiting for anything; see the module
+    /// docs), else hands it to the writer thread.
     pub async fn append(&self, record: AuditRecord) -> Result<u64> {
+        let record = match self.commit_in_place(record, Caller::Async) {
+            InPlace::Done(committed) => return committed,
+            InPlace::Busy(record) => record,
+        };
         let (tx, rx) = oneshot::channel();
         self.queue(Job {
             record,
@@ -229,7 +258,7 @@ impl AuditWriter {
 
     /// Appends a record from a non-async context and waits until it is committed.
     pub fn append_blocking(&self, record: AuditRecord) -> Result<u64> {
-        let record = match self.commit_in_place(record) {
+        let record = match self.commit_in_place(record, Caller::Blocking) {
             InPlace::Done(committed) => return committed,
             InPlace::Busy(record) => record,
         };
@@ -254,15 +283,27 @@ impl AuditWriter {
 
     /// Commits `record` on this thread when the writer is idle (see the module docs): the
     /// outcome, as the writer thread would have answered it; or the record back when the
-    /// writer is busy (or this thread must not block), for the caller to queue.
-    fn commit_in_place(&self, record: AuditRecord) -> InPlace {
+    /// writer is busy (or this thread must not block, or the log would make it wait), for the
+    /// caller to queue.
+    fn commit_in_place(&self, record: AuditRecord, caller: Caller) -> InPlace {
         let shared = &*self.shared;
-        if !shared.in_place || shared.queued.load(Ordering::Acquire) > 0 {
+        let waits = match (caller, shared.cost) {
+            (_, AppendCost::RoundTrips) | (Caller::Async, AppendCost::Fsync) => {
+                return InPlace::Busy(record);
+            }
+            (Caller::Async, AppendCost::PageCache) => false,
+            (Caller::Blocking, AppendCost::Fsync | AppendCost::PageCache) => true,
+        };
+        if shared.queued.load(Ordering::Acquire) > 0 {
             return InPlace::Busy(record);
         }
-        // Blocking is fine outside a runtime and, through `block_in_place`, on the
+        // A blocking caller may wait: outside a runtime, and through `block_in_place` on the
         // multi-threaded runtime; a current-thread runtime has no other thread for its tasks.
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        let runtime = if waits {
+            tokio::runtime::Handle::try_current().ok()
+        } else {
+            None
+        };
         if runtime
             .as_ref()
             .is_some_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread)
@@ -275,17 +316,33 @@ impl AuditWriter {
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return InPlace::Busy(record),
         };
-        let mut commit = || shared.commit_batch(&mut deferred, &[&record]);
-        let committed = if runtime.is_some() {
-            tokio::task::block_in_place(commit)
+        let committed = if waits {
+            let mut commit = || shared.commit_batch(&mut deferred, &[&record]).map(Some);
+            if runtime.is_some() {
+                tokio::task::block_in_place(commit)
+            } else {
+                commit()
+            }
         } else {
-            commit()
+            // On an async worker: nothing here waits (the log gives up instead).
+            shared.commit_with(&mut deferred, &[&record], |all| {
+                shared.log.append_without_waiting(all)
+            })
         };
         match committed {
-            Ok(seq) => {
+            Ok(Some(seq)) => {
+                drop(deferred);
                 shared.in_place_commits.fetch_add(1, Ordering::Relaxed);
+                if shared.log.wal_checkpoint_due()
+                    && !shared.checkpoint_asked.swap(true, Ordering::AcqRel)
+                {
+                    // Not answered: the caller does not wait for the checkpoint.
+                    let _ = self.jobs.send(Message::Checkpoint);
+                }
                 InPlace::Done(Ok(seq))
             }
+            // The log would have waited: nothing was written, the thread commits it.
+            Ok(None) => InPlace::Busy(record),
             Err(e) => {
                 deferred.keep(late(record));
                 drop(deferred);
@@ -307,13 +364,23 @@ impl AuditWriter {
     }
 }
 
+/// Who asks to commit in place.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    /// A task on an async worker thread: must not wait.
+    Async,
+    /// A blocking thread (or a task that blocks through `block_in_place`): may wait.
+    Blocking,
+}
+
 /// What [`AuditWriter::commit_in_place`] did with a record.
 // Not boxed: it lives on the stack for one call, and a box would be an allocation per record.
 #[allow(clippy::large_enum_variant)]
 enum InPlace {
     /// Committed it, or failed it closed: the caller's answer.
     Done(Result<u64>),
-    /// Left it: the writer is busy (or this thread must not block); queue it.
+    /// Left it: the writer is busy (or this thread must not block, or the log would have
+    /// made it wait); queue it.
     Busy(AuditRecord),
 }
 
@@ -373,6 +440,25 @@ fn late(mut record: AuditRecord) -> AuditRecord {
 }
 
 impl Shared {
+    /// Checkpoints the log's WAL if it has grown past its bound, holding the commit lock
+    /// meanwhile, so that a caller looking to commit in place finds it busy and queues instead
+    /// of waiting for the checkpoint on the log's connection.
+    fn checkpoint_if_due(&self) {
+        // Cleared first: a commit in place from now on may ask again.
+        self.checkpoint_asked.store(false, Ordering::Release);
+        if !self.log.wal_checkpoint_due() {
+            return;
+        }
+        let _committing = self.lock();
+        match self.log.wal_checkpoint() {
+            Ok(()) => {
+                self.wal_checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            // Nothing is lost: the WAL stays as it is and the next batch tries again.
+            Err(e) => tracing::warn!(error = %e, "audit log checkpoint failed"),
+        }
+    }
+
     /// The commit lock, waiting for a commit in progress to end.
     fn lock(&self) -> MutexGuard<'_, Deferred> {
         self.committing
@@ -385,18 +471,18 @@ impl Shared {
     /// then written and forgotten. On failure nothing is written and the error is the one each
     /// caller of `records` gets; keeping their records as late is the caller's part.
     fn commit_batch(&self, deferred: &mut Deferred, records: &[&AuditRecord]) -> Result<u64> {
-        self.commit_with(deferred, records, false)
+        self.commit_with(deferred, records, |all| self.log.append(all).map(Some))?
+            .ok_or_else(|| Error::internal("an audit append that waits gave up"))
     }
 
-    /// [`Shared::commit_batch`]; with `unsynced`, through
-    /// [`AuditAppend::append_unsynced`](super::log::AuditAppend::append_unsynced): the
-    /// records are durable only after the next sync (the sync thread's).
+    /// [`Shared::commit_batch`] through `append`, which may give up (`Ok(None)`) having
+    /// written nothing: then nothing is counted or changed, and `None` is returned.
     fn commit_with(
         &self,
         deferred: &mut Deferred,
         records: &[&AuditRecord],
-        unsynced: bool,
-    ) -> Result<u64> {
+        append: impl FnOnce(&[&AuditRecord]) -> Result<Option<u64>>,
+    ) -> Result<Option<u64>> {
         let late_count = deferred.records.len();
         let all: Vec<&AuditRecord> = deferred
             .records
@@ -404,10 +490,10 @@ impl Shared {
             .chain(records.iter().copied())
             .collect();
         let started = std::time::Instant::now();
-        let result = if unsynced {
-            self.log.append_unsynced(&all)
-        } else {
-            self.log.append(&all)
+        let result = match append(&all) {
+            Ok(None) => return Ok(None),
+            Ok(Some(first)) => Ok(first),
+            Err(e) => Err(e),
         };
         let elapsed = started.elapsed();
         crate::metrics::global().audit_commit(all.len(), elapsed, result.is_ok());
@@ -431,7 +517,7 @@ impl Shared {
                     );
                     deferred.records.clear();
                 }
-                Ok(first + late_count as u64)
+                Ok(Some(first + late_count as u64))
             }
             Err(e) => {
                 // The log reconnects on the next append.
@@ -515,9 +601,16 @@ fn run_batches(
                 Err(_) => break,
             }
         };
-        if let Some(Message::Wake) = first {
-            retrying = true;
-            continue;
+        match first {
+            Some(Message::Wake) => {
+                retrying = true;
+                continue;
+            }
+            Some(Message::Checkpoint) => {
+                shared.checkpoint_if_due();
+                continue;
+            }
+            _ => {}
         }
         // Waits for a commit in place to end: its record chains before this batch.
         let mut deferred = shared.lock();
@@ -542,7 +635,16 @@ fn run_batches(
             continue;
         }
         let records: Vec<&AuditRecord> = batch.iter().map(|j| &j.record).collect();
-        let committed = shared.commit_with(&mut deferred, &records, to_sync.is_some());
+        let committed = if to_sync.is_some() {
+            shared.commit_with(&mut deferred, &records, |all| {
+                shared.log.append_unsynced(all).map(Some)
+            })
+        } else {
+            shared.commit_with(&mut deferred, &records, |all| shared.log.append(all).map(Some))
+        }
+        .and_then(|first| {
+            first.ok_or_else(|| Error::internal("an audit append that waits gave up"))
+        });
         drop(records);
         let replies: Vec<(Reply, Result<u64>)> = match (committed, to_sync) {
             (Ok(first_seq), Some(to_sync)) => {
@@ -582,6 +684,8 @@ fn run_batches(
         for (reply, result) in replies {
             reply.send(result);
         }
+        // After the answers: no caller waits for it.
+        shared.checkpoint_if_due();
     }
 }
 
@@ -660,8 +764,8 @@ mod tests {
         sync_fault: Arc<SyncFault>,
     }
 
-    /// A writer over a fresh SQLite log whose appends wait at most `busy_timeout` for
-    /// another connection's lock.
+    /// A writer over a fresh SQLite log in `process` durability whose appends wait at most
+    /// `busy_timeout` for another connection's lock.
     fn fixture(busy_timeout: Duration) -> Fixture {
         fixture_with(Durability::Process, busy_timeout)
     }
@@ -847,15 +951,161 @@ mod tests {
     }
 
     #[test]
-    fn a_current_thread_runtime_hands_its_record_to_the_thread() {
+    fn an_async_caller_commits_in_place_only_when_the_log_commits_into_the_page_cache() {
+        // A current-thread runtime: its one thread runs every task, so a commit in place there
+        // ran on the async thread itself (`block_in_place` would panic on this runtime).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let f = fixture(DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        for n in 1..=3 {
+            let seq = runtime.block_on(f.writer.append(record(n))).unwrap();
+            assert_eq!(seq, u64::from(n));
+            assert!(
+                committed_at(&reader, seq).is_some(),
+                "answered before its commit"
+            );
+        }
+        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (3, 3));
+
+        // `fsync`: a worker must not wait for the disk; the record goes to the thread. A
+        // blocking caller still commits its own.
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        assert_eq!(runtime.block_on(f.writer.append(record(1))).unwrap(), 1);
+        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (1, 0));
+        assert_eq!(f.writer.append_blocking(record(2)).unwrap(), 2);
+        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (2, 1));
+    }
+
+    #[test]
+    fn an_async_caller_does_not_wait_for_another_writers_lock_but_queues() {
+        let f = fixture(DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        // Another process's write transaction (as `rotate` appending): an async caller gives
+        // up at once, writing nothing, and hands its record back to be queued (waiting, it
+        // would fail after the busy timeout instead).
+        let other = rusqlite::Connection::open(&f.path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        match f.writer.commit_in_place(record(1), Caller::Async) {
+            InPlace::Busy(record) => assert_eq!(record.request_id, "r1"),
+            InPlace::Done(done) => panic!("committed or failed in place: {:?}", done.err()),
+        }
+        assert!(*f.writer.writable().borrow(), "nothing failed");
+        // The thread waits for the lock (its busy timeout) and commits the queued record.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        std::thread::scope(|scope| {
+            let caller = scope.spawn(|| f.writer.append_blocking(record(2)));
+            other.execute_batch("COMMIT").unwrap();
+            assert_eq!(caller.join().unwrap().unwrap(), 1);
+        });
+        // Free again: the next one commits in place.
+        assert_eq!(runtime.block_on(f.writer.append(record(3))).unwrap(), 2);
+        assert_eq!(f.writer.in_place_commits(), 2);
+        assert!(committed_at(&reader, 2).is_some());
+        assert!(reader.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn a_failed_async_commit_in_place_fails_closed_and_is_recorded_late() {
+        let f = fixture(DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert_eq!(runtime.block_on(f.writer.append(record(1))).unwrap(), 1);
+        // An insert that fails (as on a full disk or an I/O error), not a lock held: the
+        // commit in place itself fails.
+        let intruder = rusqlite::Connection::open(&f.path).unwrap();
+        intruder
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON audit_events \
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            )
+            .unwrap();
+        let in_place = runtime.block_on(f.writer.append(record(2))).err().unwrap();
+        assert!(matches!(in_place, Error::Unavailable(_)), "{in_place}");
+        assert!(in_place.to_string().contains("no result was returned"));
+        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (1, 1));
+        assert!(!*f.writer.writable().borrow());
+
+        // A failed batch on the thread fails its call the same way.
+        let held = f.writer.shared.lock();
+        let grouped = std::thread::scope(|scope| {
+            let caller = scope.spawn(|| f.writer.append_blocking(record(3)));
+            wait_queued(&f.writer, 1);
+            drop(held);
+            caller.join().unwrap().err().unwrap()
+        });
+        assert_eq!(grouped.to_string(), in_place.to_string());
+        assert_eq!(reader.count().unwrap(), 1, "nothing more was written");
+
+        // The fault clears: the thread writes both late records by itself, in order.
+        intruder.execute_batch("DROP TRIGGER refuse").unwrap();
+        let mut writable = f.writer.writable();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), writable.wait_for(|w| *w))
+                .await
+                .expect("the late records are retried on the writer's timer")
+                .unwrap();
+        });
+        let late: Vec<(u64, String, Outcome)> = reader
+            .list(&ListFilter {
+                after_seq: 1,
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|(seq, r)| (seq, r.request_id, r.outcome))
+            .collect();
+        assert_eq!(
+            late,
+            [
+                (2, "r2".to_owned(), Outcome::Unavailable),
+                (3, "r3".to_owned(), Outcome::Unavailable)
+            ]
+        );
+        assert_eq!(runtime.block_on(f.writer.append(record(4))).unwrap(), 4);
+        assert!(reader.verify().unwrap().ok);
+    }
+
+    #[test]
+    fn commits_in_place_leave_checkpoints_to_the_thread_and_the_wal_stays_bounded() {
         let f = fixture(DEFAULT_BUSY_TIMEOUT);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let seq = runtime.block_on(f.writer.append(record(1))).unwrap();
-        assert_eq!(seq, 1);
-        // Its only thread runs every task: it must not block in a commit.
-        assert_eq!((f.writer.commits(), f.writer.in_place_commits()), (1, 0));
+        let wal = {
+            let mut wal = f.path.as_os_str().to_owned();
+            wal.push("-wal");
+            PathBuf::from(wal)
+        };
+        // 1 KiB pages, each WAL frame with its 24-byte header.
+        let frame = 1024 + 24;
+        let mut largest = 0;
+        // Every commit writes at least three frames (the table's last leaf, the tenant
+        // index's leaf, the signed head), so with no checkpoint the WAL would reach 24,000
+        // frames, past the hard bound of 16,384 asserted below.
+        const CALLS: u32 = 8_000;
+        for n in 1..=CALLS {
+            runtime.block_on(f.writer.append(record(n))).unwrap();
+            largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        }
+        // The WAL never grew past the hard bound (where an append checkpoints by itself),
+        // and the thread checkpointed on its own.
+        assert!(
+            largest <= (4 * 4096 + 64) * frame,
+            "WAL grew to {largest} bytes"
+        );
+        assert!(f.writer.wal_checkpoints() >= 1);
+        assert!(f.writer.in_place_commits() > u64::from(CALLS) / 2);
+        let report = reader(&f.path, &f.keys).verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.records_checked, u64::from(CALLS));
     }
 
     #[test]

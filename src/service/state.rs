@@ -9,9 +9,9 @@ use std::time::Duration;
 use crate::audit::operation::Task;
 use crate::audit::verify::{Recovery, VerifyReport};
 use crate::audit::{
-    AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditRecord, AuditSnapshot, AuditWriter,
-    ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome, PostgresAuditLog,
-    SqliteAuditLog,
+    AppendCost, AuditAppend, AuditLog, AuditMaintenance, AuditQuery, AuditRecord, AuditSnapshot,
+    AuditWriter, ChainHead, ChainKeys, Durability, ListFilter, Operation, Outcome,
+    PostgresAuditLog, SqliteAuditLog,
 };
 use crate::auth::cert::TlsCallers;
 use crate::auth::rate::{RateLimit, RateLimiter};
@@ -771,8 +771,14 @@ struct AnchoringLog {
     anchored: Arc<AtomicU64>,
 }
 
-impl AuditAppend for AnchoringLog {
-    fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
+impl AnchoringLog {
+    /// Appends `records` through `append` (the inner log's, waiting or not), with the anchor
+    /// record after them when one is due. `None` when `append` gave up: nothing was written.
+    fn append_with(
+        &self,
+        records: &[&AuditRecord],
+        append: impl FnOnce(&[&AuditRecord]) -> Result<Option<u64>>,
+    ) -> Result<Option<u64>> {
         let counter = self.store.anchor_counter();
         // A batch that is an anchor already (`DataDir::record_key_store_anchor`) needs none.
         let anchors_itself = records
@@ -780,8 +786,10 @@ impl AuditAppend for AnchoringLog {
             .any(|record| anchored_counter(record).is_some());
         if records.is_empty() || anchors_itself || counter <= self.anchored.load(Ordering::Acquire)
         {
-            let first = self.log.append(records)?;
-            if let Some(max) = records.iter().filter_map(|r| anchored_counter(r)).max() {
+            let first = append(records)?;
+            if first.is_some()
+                && let Some(max) = records.iter().filter_map(|r| anchored_counter(r)).max()
+            {
                 self.anchored.fetch_max(max, Ordering::AcqRel);
             }
             return Ok(first);
@@ -789,17 +797,38 @@ impl AuditAppend for AnchoringLog {
         let anchor = key_store_anchor_record(counter);
         let mut batch = records.to_vec();
         batch.push(&anchor);
-        let first = self.log.append(&batch)?;
-        self.anchored.fetch_max(counter, Ordering::AcqRel);
+        let first = append(&batch)?;
+        if first.is_some() {
+            self.anchored.fetch_max(counter, Ordering::AcqRel);
+        }
         Ok(first)
+    }
+}
+
+impl AuditAppend for AnchoringLog {
+    fn append(&self, records: &[&AuditRecord]) -> Result<u64> {
+        self.append_with(records, |batch| self.log.append(batch).map(Some))?
+            .ok_or_else(|| Error::internal("an audit append that waits gave up"))
     }
 
     fn head(&self) -> Result<ChainHead> {
         self.log.head()
     }
 
-    fn commits_in_place(&self) -> bool {
-        self.log.commits_in_place()
+    fn append_cost(&self) -> AppendCost {
+        self.log.append_cost()
+    }
+
+    fn append_without_waiting(&self, records: &[&AuditRecord]) -> Result<Option<u64>> {
+        self.append_with(records, |batch| self.log.append_without_waiting(batch))
+    }
+
+    fn wal_checkpoint_due(&self) -> bool {
+        self.log.wal_checkpoint_due()
+    }
+
+    fn wal_checkpoint(&self) -> Result<()> {
+        self.log.wal_checkpoint()
     }
 }
 

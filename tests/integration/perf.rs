@@ -326,3 +326,120 @@ fn change_generation_sees_other_connections_only() {
         assert!(t.join().unwrap() >= g1);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 19: the lone audited call commits its own record, with no thread hand-off, when the
+// audit log commits into the page cache (`process` durability); `fsync` calls still go to the
+// writer thread.
+
+/// `Encrypt`s of `calls` values one at a time, each answered before the next is sent.
+async fn lone_encrypts(keys: &mut Keys, calls: usize) {
+    for i in 0..calls {
+        encrypt(keys, "acme", "crm.email", format!("v{i}").as_bytes(), b"").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_rpc_commits_its_record_in_place_in_process_durability_and_on_the_writer_in_fsync() {
+    const CALLS: u64 = 50;
+    for (durability, in_place) in [
+        (tenant_kms::audit::Durability::Process, CALLS),
+        (tenant_kms::audit::Durability::Fsync, 0),
+    ] {
+        let server = TestServer::start_configured(|o| o.durability = durability).await;
+        let (mut keys, mut tenants, _) = server.clients().await;
+        create_tenant(&mut tenants, "acme").await;
+        let writer = &server.state.audit;
+        let (commits, in_place_before) = (writer.commits(), writer.in_place_commits());
+        let encrypts = || {
+            server
+                .state
+                .audit_reader
+                .list(&tenant_kms::audit::ListFilter {
+                    operation: "Encrypt".into(),
+                    limit: 1_000,
+                    ..Default::default()
+                })
+                .unwrap()
+                .len() as u64
+        };
+        let records = encrypts();
+        lone_encrypts(&mut keys, CALLS as usize).await;
+        assert_eq!(
+            writer.in_place_commits() - in_place_before,
+            in_place,
+            "{durability:?}: commits made by the calls themselves"
+        );
+        assert_eq!(
+            writer.commits() - commits,
+            CALLS,
+            "{durability:?}: one commit per lone call"
+        );
+        // (The first call's batch also carries a key-store anchor: its nonce reservation.)
+        assert_eq!(encrypts() - records, CALLS, "{durability:?}");
+        server.stop().await;
+    }
+}
+
+/// The threads of process `pid`: (how many, the `audit-writer` thread's voluntary context
+/// switches, i.e. how often it was woken).
+fn threads_and_writer_wakeups(pid: u32) -> (usize, u64) {
+    let mut threads = 0;
+    let mut wakeups = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        threads += 1;
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if name.trim() == "audit-writer" {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            wakeups = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok());
+        }
+    }
+    (
+        threads,
+        wakeups.expect("the server has an audit-writer thread"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_server_wakes_no_thread_for_a_lone_rpcs_audit_record() {
+    const CALLS: u64 = 400;
+    for durability in ["process", "fsync"] {
+        let temp = tempfile::tempdir().unwrap();
+        let data = temp.path().join("data");
+        let server = BinaryServer::start(&data, &["--audit-durability", durability]).await;
+        let pid = server.child.id();
+        let (mut keys, mut tenants, _) = clients(&server.url(), Some(&server.admin_token())).await;
+        create_tenant(&mut tenants, "acme").await;
+        // Warm: the runtime's threads exist, the key is cached.
+        lone_encrypts(&mut keys, 50).await;
+        let (threads, wakeups) = threads_and_writer_wakeups(pid);
+        lone_encrypts(&mut keys, CALLS as usize).await;
+        let (threads_after, wakeups_after) = threads_and_writer_wakeups(pid);
+        let woken = wakeups_after - wakeups;
+        if durability == "process" {
+            // Committed on the async worker that ran the call: the writer thread slept, and
+            // no thread was started to stand in for a blocked worker.
+            assert!(
+                woken < CALLS / 10,
+                "process: the writer thread was woken {woken} times for {CALLS} lone calls"
+            );
+            assert!(
+                threads_after <= threads,
+                "process: {threads} threads before, {threads_after} after"
+            );
+        } else {
+            // `fsync`: no worker waits for the disk; each record goes to the writer thread.
+            // (At least once per call when nothing preempts it between two calls; half of
+            // them leaves room for a loaded machine.)
+            assert!(
+                woken >= CALLS / 2,
+                "fsync: the writer thread was woken {woken} times for {CALLS} calls"
+            );
+        }
+        server.terminate().await;
+    }
+}
