@@ -1493,9 +1493,9 @@ mod tests {
         let mut written = 0;
         // Three hard bounds' worth of frames, never calling `wal_checkpoint`.
         while written < 3 * u64::from(AUDIT_WAL_HARD_PAGES) {
-            let before = log.wal.frames.load(Ordering::Relaxed);
+            let before = log.wal_bound.frames.load(Ordering::Relaxed);
             log.append(&batch).unwrap();
-            let after = log.wal.frames.load(Ordering::Relaxed);
+            let after = log.wal_bound.frames.load(Ordering::Relaxed);
             // After a checkpoint the WAL starts afresh: then all of it is this commit's.
             written += u64::from(if after > before {
                 after - before

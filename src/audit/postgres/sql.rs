@@ -487,7 +487,7 @@ pub(super) fn append_fast(
     params.extend(columns.params());
     // An answer that does not decode is an error, never "changed": the full path after a
     // fast append that did commit would append the batch a second time.
-    let done: bool = client
+    let done: std::result::Result<bool, postgres::Error> = client
         .query_typed_one(
             "SELECT tenant_kms_audit_append_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
              $12, $13, $14, $15, $16, $17, $18, $19, $20)",
