@@ -635,16 +635,19 @@ fn run_batches(
             continue;
         }
         let records: Vec<&AuditRecord> = batch.iter().map(|j| &j.record).collect();
-        let committed = if to_sync.is_some() {
-            shared.commit_with(&mut deferred, &records, |all| {
-                shared.log.append_unsynced(all).map(Some)
+        let committed = shared
+            .commit_with(&mut deferred, &records, |all| {
+                // With a sync thread, durability comes from its sync, not from this commit.
+                if to_sync.is_some() {
+                    shared.log.append_unsynced(all)
+                } else {
+                    shared.log.append(all)
+                }
+                .map(Some)
             })
-        } else {
-            shared.commit_with(&mut deferred, &records, |all| shared.log.append(all).map(Some))
-        }
-        .and_then(|first| {
-            first.ok_or_else(|| Error::internal("an audit append that waits gave up"))
-        });
+            .and_then(|first| {
+                first.ok_or_else(|| Error::internal("an audit append that waits gave up"))
+            });
         drop(records);
         let replies: Vec<(Reply, Result<u64>)> = match (committed, to_sync) {
             (Ok(first_seq), Some(to_sync)) => {
