@@ -35,7 +35,7 @@ impl ChainKeys {
 
     /// HMAC-SHA256 (RFC 2104) of the record's canonical encoding at `seq` after `prev_mac`.
     pub fn record_mac(&self, record: &AuditRecord, seq: u64, prev_mac: &[u8]) -> [u8; MAC_LEN] {
-        self.record_mac_in(record, seq, prev_mac, &mut Vec::new())
+        self.record_mac_in(record, seq, prev_mac, &mut Vec::with_capacity(256))
     }
 
     /// [`ChainKeys::record_mac`], encoding the record in `buffer` (its content is replaced):

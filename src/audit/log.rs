@@ -190,6 +190,15 @@ pub trait AuditAppend: Send + Sync {
         false
     }
 
+    /// Copies the write-ahead log back into the database without waiting for readers or
+    /// writers (SQLite's PASSIVE checkpoint), so the log stays bounded. The log does not do
+    /// this inside its commits, where it would stall the committing caller: the writer thread
+    /// calls it when [`AuditAppend::wal_checkpoint_due`] says so, with no commit running. A
+    /// no-op by default.
+    fn wal_checkpoint(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether a commit's durability can be waited for apart from the commit
     /// ([`AuditAppend::append_unsynced`], then [`AuditAppend::sync_committed`]): SQLite in
     /// `fsync` durability. The group-commit writer then commits the next batch while the
@@ -209,14 +218,6 @@ pub trait AuditAppend: Send + Sync {
     /// [`Durability`] says. It may run on another thread while an append runs. Nothing to do
     /// by default.
     fn sync_committed(&self) -> Result<()> {
-        Ok(())
-    }
-    /// Copies the write-ahead log back into the database without waiting for readers or
-    /// writers (SQLite's PASSIVE checkpoint), so the log stays bounded. The log does not do
-    /// this inside its commits, where it would stall the committing caller: the writer thread
-    /// calls it when [`AuditAppend::wal_checkpoint_due`] says so, with no commit running. A
-    /// no-op by default.
-    fn wal_checkpoint(&self) -> Result<()> {
         Ok(())
     }
 }

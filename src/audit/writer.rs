@@ -316,6 +316,11 @@ impl AuditWriter {
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return InPlace::Busy(record),
         };
+        if !waits && !deferred.records.is_empty() {
+            // Records of calls failed closed wait (up to `MAX_DEFERRED`): writing them is the
+            // thread's work, not a detour of one call on an async worker.
+            return InPlace::Busy(record);
+        }
         let committed = if waits {
             let mut commit = || shared.commit_batch(&mut deferred, &[&record]).map(Some);
             if runtime.is_some() {
