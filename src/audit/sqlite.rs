@@ -30,7 +30,8 @@ use crate::error::{Error, Result};
 pub use super::log::ListFilter;
 
 // `audit_meta` is WITHOUT ROWID so that moving the head in every commit rewrites one b-tree
-// page, not a table page and its primary-key index page.
+// page, not a table page and its primary-key index page. `audit_events` has no secondary
+// index: see [`DROP_UNUSED_INDEX`].
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS audit_events (
     seq             INTEGER PRIMARY KEY,
@@ -49,25 +50,43 @@ CREATE TABLE IF NOT EXISTS audit_events (
     mac             BLOB NOT NULL,
     trace_parent    TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS audit_events_by_tenant ON audit_events(tenant_id, seq);
 CREATE TABLE IF NOT EXISTS audit_meta (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
 ) WITHOUT ROWID;
 ";
 
+/// Drops the tenant index that files made before this build have. No query used it: the one
+/// query that filters by tenant ([`list`]) also pages by `seq` and takes its filters as `(?2 =
+/// '' OR tenant_id = ?2)`, which SQLite answers by walking the table in `seq` order, with or
+/// without the index (its plan: `SEARCH audit_events USING INTEGER PRIMARY KEY (rowid>?)`).
+/// Yet every append paid for it: an entry in the leaf of the record's tenant, a page apart from
+/// the table's last leaf, so one more WAL frame per record (two `pwrite`s), and a split of that
+/// leaf with its siblings every few dozen records (docs/PERFORMANCE.md, "What one audit record
+/// costs"). Nothing verifies through it; the chain is in the table.
+const DROP_UNUSED_INDEX: &str = "DROP INDEX IF EXISTS audit_events_by_tenant";
+
 /// The page size of a new audit.db.
 const AUDIT_PAGE_SIZE: i64 = 1024;
 
-/// WAL pages between checkpoints of audit.db (4 MiB at 1 KiB pages): SQLite's automatic
+/// WAL pages between checkpoints of audit.db (1 MiB at 1 KiB pages): SQLite's automatic
 /// checkpoint for a connection opened with [`open`]; [`SqliteAuditLog`]'s writing connection
 /// checkpoints off its commit path instead (see [`WalBound`]).
-const AUDIT_CHECKPOINT_PAGES: u32 = 4096;
+///
+/// Why not more: every commit rewrites the signed head's page, and the WAL index (the `-shm`
+/// hash table SQLite appends each frame to, one table per 4,096 frames) keeps every frame of
+/// a page in one run of slots, so appending a frame walks all the earlier frames of its page
+/// since the WAL began or its table did. With a commit per record that walk is most of the
+/// cost of appending the frame: at 4,096 pages between checkpoints it cost a lone append
+/// 11.7 k instructions, at 1,024 2.7 k; copying the pages back costs about the same per
+/// record at either interval (the hot pages are few), while the WAL header sync after each
+/// checkpoint comes four times as often (docs/PERFORMANCE.md, "What one audit record costs").
+const AUDIT_CHECKPOINT_PAGES: u32 = 1024;
 
 /// WAL pages past which an append of [`SqliteAuditLog`] checkpoints by itself, inside its
 /// commit, because nobody called [`AuditAppend::wal_checkpoint`] in time: the bound of the
-/// WAL whatever the writer thread does.
-const AUDIT_WAL_HARD_PAGES: u32 = 4 * AUDIT_CHECKPOINT_PAGES;
+/// WAL whatever the writer thread does (16 MiB at 1 KiB pages).
+const AUDIT_WAL_HARD_PAGES: u32 = 16 * AUDIT_CHECKPOINT_PAGES;
 
 /// How long a write waits for another process's write lock (e.g. `rotate` appending) before
 /// it fails, when the caller names no other bound.
@@ -86,7 +105,7 @@ pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Conn
     conn.busy_timeout(busy_timeout).map_err(sql_error)?;
     // Small pages for a new file (an existing file keeps its size): a commit writes every
     // page it touched to the WAL, and an audit commit touches a few pages per record (the
-    // table's last leaf, the tenant index's leaf for each record's tenant, the signed head),
+    // table's last leaf, the signed head),
     // each with a few hundred bytes of change. 1 KiB frames instead of 4 KiB cut the bytes
     // written, checksummed and checkpointed per record (docs/PERFORMANCE.md).
     conn.pragma_update(None, "page_size", AUDIT_PAGE_SIZE)
@@ -99,11 +118,9 @@ pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Conn
         if full_sync { "FULL" } else { "NORMAL" },
     )
     .map_err(sql_error)?;
-    // Checkpoint every 4 MiB of WAL instead of SQLite's 1,000 pages (1 MiB at 1 KiB
-    // pages): the hot pages (the table's last leaf, the active tenants' index leaves) are
-    // rewritten by most commits, so a longer interval copies each of them once for many more
-    // commits. A [`SqliteAuditLog`] that writes replaces this automatic checkpoint, which runs
-    // inside COMMIT, with its own off the commit path ([`WalBound`]).
+    // Checkpoint every [`AUDIT_CHECKPOINT_PAGES`] (why that many: there). A
+    // [`SqliteAuditLog`] that writes replaces this automatic checkpoint, which runs inside
+    // COMMIT, with its own off the commit path ([`WalBound`]).
     conn.pragma_update(
         None,
         "wal_autocheckpoint",
@@ -112,6 +129,7 @@ pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Conn
     .map_err(sql_error)?;
     conn.execute_batch(SCHEMA).map_err(sql_error)?;
     add_trace_parent_column(&conn)?;
+    conn.execute_batch(DROP_UNUSED_INDEX).map_err(sql_error)?;
     Ok(conn)
 }
 
@@ -1484,6 +1502,25 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_comes_due_within_a_mebibyte_of_wal() {
+        // Each frame appended to the WAL index walks the earlier frames of its page since the
+        // WAL began: a long interval makes every lone commit dearer (AUDIT_CHECKPOINT_PAGES).
+        let (_dir, log, _intruder) = log(0);
+        let mut frames = 0;
+        let mut n = 0;
+        while !log.wal_checkpoint_due() {
+            n += 1;
+            log.append(&[&record(n)]).unwrap();
+            frames = log.wal_bound.frames.load(Ordering::Relaxed);
+        }
+        assert!(
+            u64::from(frames) * AUDIT_PAGE_SIZE as u64 <= 1 << 20,
+            "{frames} frames"
+        );
+        assert!(log.verify().unwrap().ok);
+    }
+
+    #[test]
     fn the_wal_stays_bounded_when_nobody_checkpoints() {
         let (dir, log, _intruder) = log(0);
         let records: Vec<AuditRecord> = (1..=20).map(record).collect();
@@ -1507,6 +1544,170 @@ mod tests {
         assert!(
             largest <= bound,
             "WAL grew to {largest} bytes (bound {bound})"
+        );
+        assert!(log.verify().unwrap().ok);
+    }
+
+    /// Whether audit.db at `path` has an index of that name.
+    fn has_index(path: &Path, name: &str) -> bool {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [name],
+                |row| row.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_log_made_with_the_tenant_index_loses_it_and_still_appends_lists_and_verifies() {
+        let (dir, log, intruder) = log(6);
+        let path = dir.path().join("audit.db");
+        assert!(
+            !has_index(&path, "audit_events_by_tenant"),
+            "a new log has none"
+        );
+        // A file as builds before this one made it: the same table, with the tenant index.
+        intruder
+            .execute_batch("CREATE INDEX audit_events_by_tenant ON audit_events(tenant_id, seq)")
+            .unwrap();
+        let keys = log.keys.clone().unwrap();
+        drop(log);
+        let log =
+            SqliteAuditLog::open(&path, Durability::Process, DEFAULT_BUSY_TIMEOUT, keys).unwrap();
+        assert!(!has_index(&path, "audit_events_by_tenant"));
+        let other = record(8).tenant("other");
+        assert_eq!(log.append(&[&record(7), &other]).unwrap(), 7);
+        assert_eq!(first_bad(&log), 0);
+        let listed = |tenant: &str| -> Vec<u64> {
+            let filter = ListFilter {
+                tenant_id: tenant.into(),
+                limit: 100,
+                ..ListFilter::default()
+            };
+            log.list(&filter)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect()
+        };
+        assert_eq!(listed(&record(1).tenant_id), (1..=7).collect::<Vec<_>>());
+        assert_eq!(listed("other"), [8]);
+    }
+
+    /// What appending costs audit.db per record, for docs/PERFORMANCE.md ("What one audit
+    /// record costs"): run by hand, under callgrind (`--toggle-collect='*cost_append*'`, and
+    /// `*cost_checkpoint*`, `*cost_list*`) or `strace -c -f`. Records shaped like the bench's
+    /// Encrypt records, spread over 100 tenants, appended in batches of `AUDIT_COST_BATCH`
+    /// (default 1) to a new file with pages of `AUDIT_COST_PAGE` bytes (default this build's),
+    /// checkpointed as the writer thread does (or every `AUDIT_COST_CHECKPOINT` frames);
+    /// `AUDIT_COST_INDEX=1` adds back the tenant index older files had.
+    #[test]
+    #[ignore = "a measurement, run by hand (docs/PERFORMANCE.md)"]
+    fn append_cost() {
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let page = env("AUDIT_COST_PAGE", AUDIT_PAGE_SIZE as usize);
+        let batch = env("AUDIT_COST_BATCH", 1);
+        let total = env("AUDIT_COST_RECORDS", 20_000);
+        // WAL frames between checkpoints (0: the writer thread's interval).
+        let ckpt = env("AUDIT_COST_CHECKPOINT", 0) as u32;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "page_size", page as i64).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+        }
+        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        let log =
+            SqliteAuditLog::open(&path, Durability::Process, DEFAULT_BUSY_TIMEOUT, keys).unwrap();
+        if env("AUDIT_COST_INDEX", 0) == 1 {
+            Connection::open(&path)
+                .unwrap()
+                .execute_batch(
+                    "CREATE INDEX audit_events_by_tenant ON audit_events(tenant_id, seq)",
+                )
+                .unwrap();
+        }
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let records: Vec<AuditRecord> = (0..total)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                AuditRecord::new(
+                    crate::audit::operation::Rpc::Encrypt,
+                    "token:c19367212bea58f4",
+                    "127.0.0.1:54970",
+                    crate::audit::record::Outcome::Ok,
+                )
+                .request_id(format!("{state:016x}"))
+                .tenant(format!("bench-{}", state % 100))
+                .contexts(vec!["bench.customers.email".into()])
+                .versions(vec![1])
+                .aad_fingerprint(format!("{:032x}", i))
+            })
+            .collect();
+        #[inline(never)]
+        fn cost_append(log: &SqliteAuditLog, batch: &[&AuditRecord]) {
+            log.append(batch).unwrap();
+        }
+        #[inline(never)]
+        fn cost_checkpoint(log: &SqliteAuditLog) {
+            log.wal_checkpoint().unwrap();
+        }
+        #[inline(never)]
+        fn cost_list(log: &SqliteAuditLog, tenant: &str) -> usize {
+            log.list(&ListFilter {
+                tenant_id: tenant.into(),
+                limit: 1000,
+                ..ListFilter::default()
+            })
+            .unwrap()
+            .len()
+        }
+        let (mut frames, mut commits, mut checkpoints) = (0u64, 0u64, 0u64);
+        let start = std::time::Instant::now();
+        for chunk in records.chunks(batch.max(1)) {
+            let refs: Vec<&AuditRecord> = chunk.iter().collect();
+            let before = log.wal_bound.frames.load(Ordering::Relaxed);
+            cost_append(&log, &refs);
+            let after = log.wal_bound.frames.load(Ordering::Relaxed);
+            frames += u64::from(if after >= before {
+                after - before
+            } else {
+                after
+            });
+            commits += 1;
+            if match ckpt {
+                0 => log.wal_checkpoint_due(),
+                pages => log.wal_bound.grown_by(pages),
+            } {
+                cost_checkpoint(&log);
+                checkpoints += 1;
+            }
+        }
+        let appending = start.elapsed();
+        let start = std::time::Instant::now();
+        let listed = cost_list(&log, "bench-7");
+        let listing = start.elapsed();
+        let file = std::fs::metadata(&path).unwrap().len() + wal_bytes(&dir);
+        eprintln!(
+            "page {page} batch {batch}: {total} records in {commits} commits, {frames} WAL frames \
+             ({:.2} per record, {:.0} bytes), {checkpoints} checkpoints, {:.1} us per record; \
+             list --tenant: {listed} records in {:.1} ms; file {} KiB",
+            frames as f64 / total as f64,
+            frames as f64 * (page as f64 + 24.0) / total as f64,
+            appending.as_secs_f64() * 1e6 / total as f64,
+            listing.as_secs_f64() * 1e3,
+            file / 1024,
         );
         assert!(log.verify().unwrap().ok);
     }
