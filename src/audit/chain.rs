@@ -66,6 +66,6 @@ impl ChainKeys {
         if aad.is_empty() {
             return String::new();
         }
-        hex::encode(&hmac::sign(&self.fingerprint, aad).as_ref()[..16])
+        crate::domain::hex::lower_hex(&hmac::sign(&self.fingerprint, aad).as_ref()[..16])
     }
 }

@@ -9,8 +9,10 @@
 //! ones) are dropped first, and if none has, the map starts over (a burst of fresh buckets is
 //! the worst that can happen, never a refusal of a caller that did nothing).
 
-use std::collections::HashMap;
+use std::hash::RandomState;
 use std::sync::Mutex;
+
+use hashbrown::HashMap;
 use std::time::{Duration, Instant};
 
 /// Rate-limit settings.
@@ -45,7 +47,9 @@ struct Bucket {
 /// The per-caller token buckets.
 pub struct RateLimiter {
     limit: RateLimit,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Keyed also by peer addresses of failed authentications (chosen by anyone who can
+    /// connect), so std's keyed SipHash, bounded by `MAX_BUCKETS`.
+    buckets: Mutex<HashMap<String, Bucket, RandomState>>,
 }
 
 impl RateLimiter {
@@ -53,7 +57,7 @@ impl RateLimiter {
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::default()),
         }
     }
 
@@ -85,7 +89,8 @@ impl RateLimiter {
                 buckets.clear();
             }
         }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+        // The key is copied only when its bucket is new, not on every call.
+        let bucket = buckets.entry_ref(key).or_insert(Bucket {
             tokens: burst,
             updated: now,
         });

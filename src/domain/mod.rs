@@ -1,6 +1,7 @@
 //! Domain types that protobuf input is parsed into at the service boundary ("parse, don't
 //! validate"): past the handlers nothing handles raw strings.
 
+pub mod hex;
 pub mod index;
 pub mod lifecycle;
 

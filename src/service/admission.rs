@@ -28,7 +28,10 @@ pub struct Admission {
 #[derive(Default)]
 struct Held {
     total: usize,
-    per_caller: HashMap<String, usize>,
+    /// Tickets held per caller. Keyed by authenticated callers' audit names (tokens and
+    /// certificate identities the operator issued: not chosen by an anonymous client), so a
+    /// fast seeded hash; a key is shared with the tickets that hold it, not copied per call.
+    per_caller: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
 }
 
 /// Why a request was not admitted: the message the caller hears.
@@ -75,10 +78,14 @@ impl Admission {
             )));
         }
         held.total += 1;
-        *held.per_caller.entry(caller.to_owned()).or_insert(0) += 1;
+        let caller = match held.per_caller.get_key_value(caller) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(caller),
+        };
+        *held.per_caller.entry(Arc::clone(&caller)).or_insert(0) += 1;
         Ok(Ticket {
             admission: Arc::clone(self),
-            caller: caller.to_owned(),
+            caller,
         })
     }
 
@@ -91,7 +98,7 @@ impl Admission {
 /// One admitted request's place; dropping it frees the place.
 pub struct Ticket {
     admission: Arc<Admission>,
-    caller: String,
+    caller: Arc<str>,
 }
 
 impl Drop for Ticket {
@@ -102,10 +109,10 @@ impl Drop for Ticket {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         held.total = held.total.saturating_sub(1);
-        if let Some(count) = held.per_caller.get_mut(&self.caller) {
+        if let Some(count) = held.per_caller.get_mut(&*self.caller) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                held.per_caller.remove(&self.caller);
+                held.per_caller.remove(&*self.caller);
             }
         }
     }

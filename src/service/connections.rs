@@ -203,6 +203,37 @@ impl Connections {
     }
 }
 
+/// How the audit and the refusal counters name a peer: its address exactly as `Display`
+/// writes it (`192.0.2.7:50312`, `[2001:db8::1]:50312`), or `unknown` without one. Made for
+/// every audited call, so an IPv4 address (the common case) is written digit by digit
+/// instead of through the formatting machinery, which costs several times more.
+pub fn peer_text(addr: Option<SocketAddr>) -> String {
+    match addr {
+        Some(SocketAddr::V4(v4)) => {
+            let mut text = String::with_capacity(21);
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                push_decimal(&mut text, u32::from(octet));
+            }
+            text.push(':');
+            push_decimal(&mut text, u32::from(v4.port()));
+            text
+        }
+        Some(other) => other.to_string(),
+        None => "unknown".to_owned(),
+    }
+}
+
+/// Appends `value` in decimal, without leading zeros.
+fn push_decimal(text: &mut String, value: u32) {
+    if value >= 10 {
+        push_decimal(text, value / 10);
+    }
+    text.push(char::from_digit(value % 10, 10).unwrap_or('0'));
+}
+
 /// The peer address of the connection a request came on, as tonic records it in the
 /// request's extensions (plaintext or TLS).
 pub fn connection_addr(extensions: &http::Extensions) -> Option<SocketAddr> {
@@ -446,5 +477,27 @@ impl hyper::body::Body for WatchedBody {
             hint.set_upper(upper.saturating_add(rest));
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_text_is_what_display_writes() {
+        for text in [
+            "0.0.0.0:0",
+            "127.0.0.1:50312",
+            "192.0.2.7:9",
+            "10.20.30.40:65535",
+            "255.255.255.255:80",
+            "[::1]:443",
+            "[2001:db8::7]:8443",
+            "[::ffff:192.0.2.1]:1",
+        ] {
+            let addr: std::net::SocketAddr = text.parse().unwrap();
+            assert_eq!(super::peer_text(Some(addr)), addr.to_string());
+            assert_eq!(super::peer_text(Some(addr)), text);
+        }
+        assert_eq!(super::peer_text(None), "unknown");
     }
 }

@@ -171,9 +171,6 @@ where
             .extensions
             .insert(RefusalsHandle(Arc::clone(&self.layer.refusals)));
         let layer = self.layer.clone();
-        let peer = super::connections::connection_addr(&parts.extensions)
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-        let rpc = parts.uri.path().to_owned();
         Box::pin(async move {
             // A place among the requests waiting for their bodies; without one, a short grace
             // (see the module docs). The place is held only while the body is received.
@@ -195,13 +192,18 @@ where
                 Ok(Err(Refusal::Oversize)) => {
                     tracing::debug!("request refused: its body is over the message limit");
                     let request_id = super::call::new_request_id();
+                    // Formatted here only: no other path of the guard names the peer, so an
+                    // accepted call does not pay for it.
+                    let peer = super::connections::peer_text(super::connections::connection_addr(
+                        &parts.extensions,
+                    ));
                     if let Err(e) = layer
                         .refusals
                         .record(
                             RefusalKind::Oversize,
                             peer_ip(&peer),
                             "anonymous",
-                            &rpc,
+                            parts.uri.path(),
                             &request_id,
                         )
                         .await

@@ -1,10 +1,12 @@
 //! The in-memory side of usage accounting: per-minute cells waiting for the next flush, and
 //! cumulative counters with bounded labels for `/metrics`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::BTreeMap;
+use std::hash::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashbrown::{Equivalent, HashMap, HashSet};
 use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{UsageCounts, UsageRow, UsageStore, UsageSum, minute_of};
@@ -41,49 +43,69 @@ impl Default for UsagePolicy {
     }
 }
 
-/// operation, outcome → counts.
-type Cells = HashMap<(&'static str, &'static str), UsageCounts>;
-/// tenant → caller → cells.
-type Nested = HashMap<String, HashMap<String, Cells>>;
-
-/// The counts of `tenant`, `caller`, `operation`, `outcome` in `map`, created at zero when
-/// missing (allocating only then), or `None` when missing and `create` is false.
-fn cell<'a>(
-    map: &'a mut Nested,
-    tenant: &str,
-    caller: &str,
-    key: (&'static str, &'static str),
-    create: bool,
-) -> Option<&'a mut UsageCounts> {
-    if !create {
-        // The common case, a cell that exists: one lookup per level.
-        return map.get_mut(tenant)?.get_mut(caller)?.get_mut(&key);
-    }
-    if !map.contains_key(tenant) {
-        map.insert(tenant.to_owned(), HashMap::new());
-    }
-    let callers = map.get_mut(tenant)?;
-    if !callers.contains_key(caller) {
-        callers.insert(caller.to_owned(), HashMap::new());
-    }
-    let cells = callers.get_mut(caller)?;
-    Some(cells.entry(key).or_default())
+/// The key of one cell: whose usage (tenant, caller), of what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CellKey {
+    tenant: String,
+    caller: String,
+    operation: &'static str,
+    outcome: &'static str,
 }
+
+/// A [`CellKey`] borrowed from a finished call, to find its cell without allocating. It must
+/// hash exactly as the owned key: the derived `Hash` of both writes the same fields in the
+/// same order, and a `String` hashes as its `str`.
+#[derive(Hash)]
+struct CellRef<'a> {
+    tenant: &'a str,
+    caller: &'a str,
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+impl CellRef<'_> {
+    fn to_key(&self) -> CellKey {
+        CellKey {
+            tenant: self.tenant.to_owned(),
+            caller: self.caller.to_owned(),
+            operation: self.operation,
+            outcome: self.outcome,
+        }
+    }
+}
+
+impl Equivalent<CellKey> for CellRef<'_> {
+    fn equivalent(&self, key: &CellKey) -> bool {
+        self.tenant == key.tenant
+            && self.caller == key.caller
+            && self.operation == key.operation
+            && self.outcome == key.outcome
+    }
+}
+
+/// One minute's cells waiting for a flush. They are keyed by whatever tenant ids callers name
+/// (bounded by [`MAX_PENDING_CELLS`]), so they keep std's keyed SipHash; one flat map hashes a
+/// call's key once instead of once per tenant, caller and operation level.
+type PendingCells = HashMap<CellKey, UsageCounts, RandomState>;
+
+/// Cumulative cells and label sets: keyed only by labels, of which there are at most
+/// `metrics_top` + 1 per dimension, so a fast (still per-process seeded) hash is enough.
+type LabelHasher = foldhash::fast::RandomState;
 
 #[derive(Default)]
 struct Inner {
-    /// Minute start → cells not yet flushed.
-    pending: HashMap<i64, Nested>,
+    /// Minute start → cells not yet flushed (a call almost always finds its minute last).
+    pending: BTreeMap<i64, PendingCells>,
     pending_cells: usize,
     /// Cumulative counts by bounded label (tenant or `other`, caller or `other`).
-    totals: Nested,
-    labelled_tenants: HashSet<String>,
-    labelled_callers: HashSet<String>,
+    totals: HashMap<CellKey, UsageCounts, LabelHasher>,
+    labelled_tenants: HashSet<String, LabelHasher>,
+    labelled_callers: HashSet<String, LabelHasher>,
     dropped: u64,
 }
 
 impl Inner {
-    fn label<'a>(set: &mut HashSet<String>, top: usize, name: &'a str) -> &'a str {
+    fn label<'a>(set: &mut HashSet<String, LabelHasher>, top: usize, name: &'a str) -> &'a str {
         if set.contains(name) {
             name
         } else if set.len() < top {
@@ -94,18 +116,12 @@ impl Inner {
         }
     }
 
-    fn merge(&mut self, pending: HashMap<i64, Nested>) {
-        for (minute, tenants) in pending {
-            for (tenant, callers) in tenants {
-                for (caller, cells) in callers {
-                    for (key, counts) in cells {
-                        let slot = self.pending.entry(minute).or_default();
-                        if let Some(c) = cell(slot, &tenant, &caller, key, true) {
-                            c.add(&counts);
-                        }
-                        self.pending_cells += 1;
-                    }
-                }
+    fn merge(&mut self, pending: BTreeMap<i64, PendingCells>) {
+        for (minute, cells) in pending {
+            let slot = self.pending.entry(minute).or_default();
+            for (key, counts) in cells {
+                slot.entry(key).or_default().add(&counts);
+                self.pending_cells += 1;
             }
         }
     }
@@ -143,7 +159,9 @@ impl UsageMeter {
     }
 
     /// Counts one finished call. Cheap enough for every call (measured by `benches/usage.rs`):
-    /// one uncontended mutex, a few hash lookups, no allocation for a key seen before.
+    /// one uncontended mutex; for a key seen before, no allocation and four hashes (the
+    /// cell's whole key once, keyed, for the pending cells; the two label sets and the totals
+    /// with a fast hash).
     pub fn record(
         &self,
         tenant: &str,
@@ -153,31 +171,36 @@ impl UsageMeter {
         counts: &UsageCounts,
     ) {
         let minute = minute_of(self.clock.now_micros());
-        let key = (operation, outcome);
+        let key = CellRef {
+            tenant,
+            caller,
+            operation,
+            outcome,
+        };
         let mut inner = self.inner();
         let inner = &mut *inner;
         let full = inner.pending_cells >= MAX_PENDING_CELLS;
-        let slot = inner.pending.entry(minute).or_default();
-        match cell(slot, tenant, caller, key, false) {
-            Some(c) => c.add(counts),
-            None if full => {
-                inner.dropped = inner.dropped.saturating_add(counts.calls);
-                self.flush_now.notify_one();
-            }
-            None => {
-                if let Some(c) = cell(slot, tenant, caller, key, true) {
-                    c.add(counts);
-                }
-                inner.pending_cells += 1;
-            }
+        let cells = inner.pending.entry(minute).or_default();
+        if let Some(c) = cells.get_mut(&key) {
+            c.add(counts);
+        } else if full {
+            inner.dropped = inner.dropped.saturating_add(counts.calls);
+            self.flush_now.notify_one();
+        } else {
+            cells.insert(key.to_key(), *counts);
+            inner.pending_cells += 1;
         }
         let top = self.policy.metrics_top;
-        let tenant_label = Inner::label(&mut inner.labelled_tenants, top, tenant);
-        let caller_label = Inner::label(&mut inner.labelled_callers, top, caller);
-        if let Some(c) = cell(&mut inner.totals, tenant_label, caller_label, key, false) {
+        let labelled = CellRef {
+            tenant: Inner::label(&mut inner.labelled_tenants, top, tenant),
+            caller: Inner::label(&mut inner.labelled_callers, top, caller),
+            operation,
+            outcome,
+        };
+        if let Some(c) = inner.totals.get_mut(&labelled) {
             c.add(counts);
-        } else if let Some(c) = cell(&mut inner.totals, tenant_label, caller_label, key, true) {
-            c.add(counts);
+        } else {
+            inner.totals.insert(labelled.to_key(), *counts);
         }
     }
 
@@ -235,21 +258,19 @@ impl UsageMeter {
                 .or_default()
                 .add(&row.counts);
         }
+        // A scan of the pending minutes' cells (at most `MAX_PENDING_CELLS`, usually one
+        // flush interval's worth) under the lock: queries are rare, and the flat cells keep
+        // the per-call path to one lookup.
         let inner = self.inner();
-        for (minute, tenants) in &inner.pending {
-            if *minute < since || *minute >= until {
-                continue;
-            }
-            for (caller, cells) in tenants.get(tenant).into_iter().flatten() {
-                for ((operation, outcome), counts) in cells {
-                    sums.entry((
-                        caller.clone(),
-                        (*operation).to_owned(),
-                        (*outcome).to_owned(),
-                    ))
-                    .or_default()
-                    .add(counts);
-                }
+        for cells in inner.pending.range(since..until).map(|(_, cells)| cells) {
+            for (key, counts) in cells.iter().filter(|(key, _)| key.tenant == tenant) {
+                sums.entry((
+                    key.caller.clone(),
+                    key.operation.to_owned(),
+                    key.outcome.to_owned(),
+                ))
+                .or_default()
+                .add(counts);
             }
         }
         Ok(sums
@@ -273,12 +294,14 @@ impl UsageMeter {
             let inner = self.inner();
             let mut series: Vec<(String, String, &'static str, &'static str, UsageCounts)> =
                 Vec::new();
-            for (tenant, callers) in &inner.totals {
-                for (caller, cells) in callers {
-                    for ((operation, outcome), counts) in cells {
-                        series.push((tenant.clone(), caller.clone(), operation, outcome, *counts));
-                    }
-                }
+            for (key, counts) in &inner.totals {
+                series.push((
+                    key.tenant.clone(),
+                    key.caller.clone(),
+                    key.operation,
+                    key.outcome,
+                    *counts,
+                ));
             }
             (series, inner.dropped)
         };
@@ -355,22 +378,18 @@ impl UsageMeter {
     }
 }
 
-fn rows_of(pending: &HashMap<i64, Nested>) -> Vec<UsageRow> {
+fn rows_of(pending: &BTreeMap<i64, PendingCells>) -> Vec<UsageRow> {
     let mut rows = Vec::new();
-    for (minute, tenants) in pending {
-        for (tenant, callers) in tenants {
-            for (caller, cells) in callers {
-                for ((operation, outcome), counts) in cells {
-                    rows.push(UsageRow {
-                        minute: *minute,
-                        tenant: tenant.clone(),
-                        caller: caller.clone(),
-                        operation: (*operation).to_owned(),
-                        outcome: (*outcome).to_owned(),
-                        counts: *counts,
-                    });
-                }
-            }
+    for (minute, cells) in pending {
+        for (key, counts) in cells {
+            rows.push(UsageRow {
+                minute: *minute,
+                tenant: key.tenant.clone(),
+                caller: key.caller.clone(),
+                operation: key.operation.to_owned(),
+                outcome: key.outcome.to_owned(),
+                counts: *counts,
+            });
         }
     }
     rows
@@ -441,5 +460,70 @@ mod tests {
             "tenant_kms_usage_calls_total{tenant=\"other\",caller=\"other\",operation=\"Encrypt\",outcome=\"denied\"} 1"
         ), "{out}");
         assert!(!out.contains("t2"), "{out}");
+    }
+
+    /// A store whose writes fail until told otherwise.
+    struct FlakyStore {
+        failing: std::sync::atomic::AtomicBool,
+        inner: SqliteUsageStore,
+    }
+
+    impl UsageStore for FlakyStore {
+        fn add(&self, rows: &[UsageRow]) -> Result<()> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::error::Error::Internal("store down".into()));
+            }
+            self.inner.add(rows)
+        }
+
+        fn query(&self, tenant: &str, since: i64, until: i64) -> Result<Vec<UsageRow>> {
+            self.inner.query(tenant, since, until)
+        }
+    }
+
+    #[test]
+    fn a_failed_flush_keeps_every_cell_apart_and_adds_later_counts_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FlakyStore {
+            failing: std::sync::atomic::AtomicBool::new(true),
+            inner: SqliteUsageStore::open(&dir.path().join("usage.db")).unwrap(),
+        });
+        let clock = ManualClock::at_micros(1_800_000_000_000_000);
+        let start = minute_of(clock.now_micros());
+        let meter = UsageMeter::new(UsagePolicy::default(), clock.clone(), store.clone());
+        meter.record("t1", "token:a", "Encrypt", "ok", &one(1));
+        meter.record("t1", "token:b", "Encrypt", "ok", &one(2));
+        meter.record("t1", "token:a", "Decrypt", "ok", &one(4));
+        meter.record("t1", "token:a", "Decrypt", "denied", &one(8));
+        meter.record("t2", "token:a", "Encrypt", "ok", &one(16));
+        assert!(meter.flush().is_err());
+        meter.record("t1", "token:a", "Encrypt", "ok", &one(32));
+        clock.advance(Duration::from_secs(60));
+        meter.record("t1", "token:a", "Encrypt", "ok", &one(64));
+        store
+            .failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            meter.flush().unwrap(),
+            6,
+            "five cells of the first minute, one of the next"
+        );
+        let sums = meter.query("t1", start, start + 120).unwrap();
+        let calls = |caller: &str, operation: &str, outcome: &str| {
+            sums.iter()
+                .find(|s| s.caller == caller && s.operation == operation && s.outcome == outcome)
+                .map(|s| s.counts.calls)
+        };
+        assert_eq!(calls("token:a", "Encrypt", "ok"), Some(97));
+        assert_eq!(calls("token:b", "Encrypt", "ok"), Some(2));
+        assert_eq!(calls("token:a", "Decrypt", "ok"), Some(4));
+        assert_eq!(calls("token:a", "Decrypt", "denied"), Some(8));
+        assert_eq!(sums.len(), 4, "t2's cell is not t1's: {sums:?}");
+        assert_eq!(
+            meter.query("t2", start, start + 60).unwrap()[0]
+                .counts
+                .calls,
+            16
+        );
     }
 }
