@@ -23,7 +23,8 @@ use super::guard::{AdmissionHandle, RequestDeadline};
 use super::refusals::{RefusalKind, RefusalsHandle, peer_ip};
 use super::state::AppState;
 use super::status;
-use crate::audit::{AuditRecord, AuditWriter, Operation as AuditOperation, Outcome};
+use crate::audit::writer::CallInFlight;
+use crate::audit::{AuditRecord, Operation as AuditOperation, Outcome};
 use crate::auth::{Caller, Operation, authorize};
 use crate::domain::{Context, TenantId};
 use crate::error::Result;
@@ -53,9 +54,11 @@ pub struct Call {
     /// The call proved no identity: instead of its own record it is counted in the
     /// aggregated refusal audit (see `refusals`) when it finishes.
     aggregated: Option<RefusalKind>,
-    /// Set once the call is admitted to the audit path; a call dropped with it set and
-    /// `finished` unset writes its record from `Drop`.
-    audit: Option<AuditWriter>,
+    /// Set once the call is admitted to the audit path, and counted from then among the
+    /// audit writer's calls in flight (so no other caller commits a batch of one in place
+    /// while this call is about to append); the call appends its record through it. A call
+    /// dropped with it set and `finished` unset writes its record from `Drop`.
+    audit: Option<CallInFlight>,
     finished: bool,
     caller: Option<Arc<Caller>>,
     /// A known token that was refused (revoked, expired), as the audit names it.
@@ -80,11 +83,9 @@ pub struct Call {
     trace: Option<super::traceparent::TraceParent>,
 }
 
-/// A fresh random request id (16 hex digits).
+/// A fresh random request id (16 lower-case hex digits, 64 bits from the thread's CSPRNG).
 pub(crate) fn new_request_id() -> String {
-    let mut id = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
-    hex::encode(id)
+    crate::domain::hex::lower_hex(&rand::random::<[u8; 8]>())
 }
 
 impl Call {
@@ -128,9 +129,7 @@ impl Call {
             trace,
             request_id,
             operation,
-            peer: request
-                .remote_addr()
-                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            peer: super::connections::peer_text(request.remote_addr()),
             bearer,
             peer_certs: request.peer_certs(),
             deadline: request.extensions().get::<RequestDeadline>().map(|d| d.0),
@@ -177,7 +176,7 @@ impl Call {
             Ok(caller) => caller,
             Err(e) => return Err(self.refuse(state, e)),
         };
-        self.audit = Some(state.audit.clone());
+        self.audit = Some(state.audit.begin_call());
         self.caller = Some(Arc::clone(&caller));
         let name = caller.audit_name();
         state
@@ -206,7 +205,7 @@ impl Call {
             .clone()
             .filter(|_| matches!(error, crate::error::Error::Unauthenticated));
         let Some(refusals) = refusals else {
-            self.audit = Some(state.audit.clone());
+            self.audit = Some(state.audit.begin_call());
             return self.charge(state, &peer_key).err().unwrap_or(error);
         };
         let budget_key = self.refused_as.clone().unwrap_or_else(|| peer_key.clone());
@@ -229,7 +228,7 @@ impl Call {
         let dead_token_within_budget =
             self.refused_as.is_some() && !matches!(answer, crate::error::Error::RetryLater { .. });
         if dead_token_within_budget {
-            self.audit = Some(state.audit.clone());
+            self.audit = Some(state.audit.begin_call());
         } else {
             self.aggregated = Some(RefusalKind::Unauthenticated);
         }
@@ -396,7 +395,11 @@ impl Call {
         // enough to follow a request id through the log.
         tracing::debug!(parent: &self.span, outcome = outcome.as_str(), "call finished");
         let record = self.record(outcome, detail);
-        let appended = state.audit.append(record).await;
+        let appended = match self.audit.take() {
+            Some(audit) => audit.append(record).await,
+            // Never admitted to the audit path (refused before its caller was known).
+            None => state.audit.append(record).await,
+        };
         let counted_outcome = if appended.is_ok() {
             outcome.as_str()
         } else {
@@ -414,7 +417,9 @@ impl Call {
         match result {
             Ok(value) => {
                 let mut response = Response::new(value);
-                if let Ok(id) = self.request_id.parse() {
+                // The id's last use: its buffer becomes the header's without a copy.
+                let id = std::mem::take(&mut self.request_id);
+                if let Ok(id) = tonic::metadata::MetadataValue::try_from(id) {
                     response.metadata_mut().insert("x-request-id", id);
                 }
                 Ok(response)
@@ -594,4 +599,30 @@ pub fn system_record(
         .tenant(tenant.as_str())
         .versions(key_versions)
         .detail(detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_sixteen_lower_case_hex_digits_and_differ() {
+        let ids: Vec<String> = (0..64).map(|_| new_request_id()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 16, "{id}");
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Every digit position takes more than one value: no nibble is stuck.
+        for position in 0..16 {
+            let values: std::collections::HashSet<u8> =
+                ids.iter().map(|id| id.as_bytes()[position]).collect();
+            assert!(values.len() > 1, "digit {position} never changed");
+        }
+    }
 }

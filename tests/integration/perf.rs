@@ -381,6 +381,60 @@ async fn a_lone_rpc_commits_its_record_in_place_in_process_durability_and_on_the
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_commits_in_place_only_alone_and_a_lone_fsync_batch_is_synced_by_the_writer() {
+    const CALLS: u64 = 20;
+    let server =
+        TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Process)
+            .await;
+    let (mut keys, mut tenants, _) = server.clients().await;
+    create_tenant(&mut tenants, "acme").await;
+    lone_encrypts(&mut keys, 1).await;
+    let writer = &server.state.audit;
+    // Another audited call in flight (what each call holds from its admission to the end of
+    // its append): a lone RPC's record goes to the writer thread, where batches form.
+    let other = writer.begin_call();
+    let (commits, in_place) = (writer.commits(), writer.in_place_commits());
+    lone_encrypts(&mut keys, CALLS as usize).await;
+    assert_eq!(
+        writer.in_place_commits() - in_place,
+        0,
+        "queued behind the other call"
+    );
+    assert_eq!(writer.commits() - commits, CALLS);
+    drop(other);
+    // Alone again: each commits in place, and every call stopped counting once answered,
+    // refused ones included.
+    lone_encrypts(&mut keys, CALLS as usize).await;
+    assert_eq!(writer.in_place_commits() - in_place, CALLS);
+    assert!(
+        decrypt(&mut keys, "acme", "crm.email", b"not a ciphertext", b"")
+            .await
+            .is_err()
+    );
+    let (mut stranger, _, _) = server.clients_with(Some("not-a-token")).await;
+    let refused = stranger
+        .encrypt(encrypt_request("acme", "crm.email", b"v", b""))
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(writer.calls_in_flight(), 0);
+    server.stop().await;
+
+    // `fsync`: the lone call's batch is synced and answered by the writer thread itself (two
+    // hand-offs, not three), once per call.
+    let server =
+        TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Fsync).await;
+    let (mut keys, mut tenants, _) = server.clients().await;
+    create_tenant(&mut tenants, "acme").await;
+    lone_encrypts(&mut keys, 1).await;
+    let writer = &server.state.audit;
+    let (syncs, writer_syncs) = (writer.syncs(), writer.writer_syncs());
+    lone_encrypts(&mut keys, CALLS as usize).await;
+    assert_eq!(writer.writer_syncs() - writer_syncs, CALLS);
+    assert_eq!(writer.syncs() - syncs, CALLS);
+    server.stop().await;
+}
+
 /// The threads of process `pid`: (how many, the `audit-writer` thread's voluntary context
 /// switches, i.e. how often it was woken).
 fn threads_and_writer_wakeups(pid: u32) -> (usize, u64) {
