@@ -176,9 +176,12 @@ pub trait AuditAppend: Send + Sync {
     /// [`AuditAppend::append`] for a caller that must not wait (an async worker thread):
     /// `Ok(None)`, at once and having written nothing, when the append would have to wait
     /// for another connection's write lock or for the disk; the caller then hands the records
-    /// to a thread that may wait. Otherwise exactly [`AuditAppend::append`]. The default
-    /// cannot tell and appends as [`AuditAppend::append`] does; only a log whose
-    /// [`AuditAppend::append_cost`] is [`AppendCost::PageCache`] is called this way.
+    /// to a thread that may wait. Otherwise exactly [`AuditAppend::append_unsynced`]: when
+    /// the log [`AuditAppend::syncs_apart`], the records are durable only once a later
+    /// [`AuditAppend::sync_committed`] has succeeded, which the caller then makes. The
+    /// default cannot tell and appends as [`AuditAppend::append`] does; only a log whose
+    /// [`AuditAppend::append_cost`] is [`AppendCost::PageCache`], or that syncs apart, is
+    /// called this way.
     fn append_without_waiting(&self, records: &[&AuditRecord]) -> Result<Option<u64>> {
         self.append(records).map(Some)
     }

@@ -1218,10 +1218,8 @@ impl AuditAppend for SqliteAuditLog {
                 restore: busy_timeout,
             },
         )?;
-        if first.is_some() {
-            // Nothing to do in `process` durability, the only one that appends this way.
-            self.sync_wal()?;
-        }
+        // Not synced: in `process` durability there is nothing to sync, in `fsync` durability
+        // the caller syncs apart ([`AuditAppend::sync_committed`]).
         Ok(first)
     }
 

@@ -29,9 +29,15 @@
 //!   when another process holds the write lock or the commit would sync (the first after a
 //!   checkpoint), and the WAL checkpoints run on the writer thread, not inside a commit
 //!   ([`AuditAppend::wal_checkpoint`]); the record then goes to the thread.
-//! - [`AppendCost::Fsync`] (SQLite in `fsync` durability): only blocking callers
-//!   ([`AuditWriter::append_blocking`]: commands); an RPC queues for the thread, since no
-//!   tokio worker may wait for an fsync.
+//! - [`AppendCost::Fsync`] (SQLite in `fsync` durability): blocking callers
+//!   ([`AuditWriter::append_blocking`]: commands), and the lone RPC ([`CallInFlight`]) when
+//!   the log syncs apart from its commits: it commits without waiting, exactly as above,
+//!   releases the commit lock, then `fdatasync`s the WAL on its own worker before it returns.
+//!   That worker waits for the disk (≈ 0.2–0.5 ms here), which no other call on it does: the
+//!   call is alone. A call that arrives meanwhile runs on another worker and queues for the
+//!   thread (the lone call is still in flight), whose commit the released lock does not hold
+//!   up. The two hand-offs saved cost, on this kind of machine, about as much as the fsync
+//!   (docs/PERFORMANCE.md). Other RPCs and service tasks queue for the thread.
 //! - [`AppendCost::RoundTrips`] (PostgreSQL): nobody; every record goes to the thread.
 //!
 //! The promise is the same either way: the call returns after its record's transaction
@@ -348,12 +354,18 @@ impl AuditWriter {
     /// would make it wait), for the caller to queue.
     fn commit_in_place(&self, record: AuditRecord, caller: Caller, counted: bool) -> InPlace {
         let shared = &*self.shared;
-        let waits = match (caller, shared.cost) {
+        // `waits`: the caller may wait for the disk or another process's lock during the
+        // commit; `syncs_after`: it commits without waiting, then syncs on its own thread
+        // (the lone RPC in `fsync` durability, see the module docs).
+        let (waits, syncs_after) = match (caller, shared.cost) {
+            (Caller::Async, AppendCost::Fsync) if counted && shared.log.syncs_apart() => {
+                (false, true)
+            }
             (_, AppendCost::RoundTrips) | (Caller::Async, AppendCost::Fsync) => {
                 return InPlace::Busy(record);
             }
-            (Caller::Async, AppendCost::PageCache) => false,
-            (Caller::Blocking, AppendCost::Fsync | AppendCost::PageCache) => true,
+            (Caller::Async, AppendCost::PageCache) => (false, false),
+            (Caller::Blocking, AppendCost::Fsync | AppendCost::PageCache) => (true, false),
         };
         // Records waiting for the thread came first; another call in flight is about to
         // append: either way a batch is forming, and this record joins it.
@@ -394,7 +406,8 @@ impl AuditWriter {
                 commit()
             }
         } else {
-            // On an async worker: nothing here waits (the log gives up instead).
+            // On an async worker: nothing here waits (the log gives up instead; in a log that
+            // syncs apart the records are not yet durable).
             shared.commit_with(&mut deferred, &[&record], |all| {
                 shared.log.append_without_waiting(all)
             })
@@ -408,6 +421,9 @@ impl AuditWriter {
                 {
                     // Not answered: the caller does not wait for the checkpoint.
                     let _ = self.jobs.send(Message::Checkpoint);
+                }
+                if syncs_after {
+                    return InPlace::Done(sync_alone(shared, record, seq));
                 }
                 InPlace::Done(Ok(seq))
             }
@@ -832,6 +848,27 @@ fn sync_loop(shared: &Shared, unsynced: &mpsc::Receiver<Unsynced>) {
         // batch with nobody behind it itself.
         shared.syncing.fetch_sub(batches, Ordering::AcqRel);
     }
+}
+
+/// Syncs the lone RPC's record, committed in place at `seq` without its sync, on the calling
+/// worker (the commit lock released: a batch that comes meanwhile commits and goes to the sync
+/// thread): the answer [`sync_and_answer`] gives, by the same rules.
+fn sync_alone(shared: &Shared, record: AuditRecord, seq: u64) -> Result<u64> {
+    let (tx, mut rx) = oneshot::channel();
+    let job = Job {
+        record,
+        done: Reply::Async(tx),
+        counted: true,
+    };
+    sync_and_answer(
+        shared,
+        &mut vec![Unsynced {
+            jobs: vec![job],
+            first_seq: seq,
+        }],
+    );
+    rx.try_recv()
+        .unwrap_or_else(|_| Err(Error::internal("an audit sync answered nothing")))
 }
 
 /// Syncs once (a sync begun after the commits of `pending` returned covers them all), then
@@ -1384,16 +1421,17 @@ mod tests {
         let reader = reader(&f.path, &f.keys);
         let runtime = runtime();
         let syncing = || f.writer.shared.syncing.load(Ordering::Acquire);
-        // The lone call: the writer thread commits, syncs and answers (no sync thread).
-        let call = f.writer.begin_call();
-        assert_eq!(runtime.block_on(call.append(record(1))).unwrap(), 1);
+        // A lone record of a service task (no call in flight; an RPC alone commits and syncs
+        // on its worker, see the next test): the writer thread commits, syncs and answers (no
+        // sync thread).
+        assert_eq!(runtime.block_on(f.writer.append(record(1))).unwrap(), 1);
         assert!(committed_at(&reader, 1).is_some());
         assert_eq!((f.writer.syncs(), f.writer.writer_syncs()), (1, 1));
         assert_eq!(f.sync_fault.synced.load(Ordering::Acquire), 1);
         assert_eq!(
             f.writer.in_place_commits(),
             0,
-            "no worker waits for the disk"
+            "an async caller outside a call waits for no disk on its worker"
         );
 
         // Another call in flight: the batch goes to the sync thread.
@@ -1539,6 +1577,73 @@ mod tests {
         assert!(rows[1].1.detail.starts_with("recorded late"));
         let report = reader.verify().unwrap();
         assert!(report.ok, "{report:?}");
+    }
+
+    #[test]
+    fn the_lone_rpc_in_fsync_durability_commits_and_syncs_on_its_worker_and_fails_closed() {
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        let runtime = runtime();
+        let call = f.writer.begin_call();
+        assert_eq!(runtime.block_on(call.append(record(1))).unwrap(), 1);
+        assert!(committed_at(&reader, 1).is_some());
+        assert_eq!(
+            f.writer.in_place_commits(),
+            1,
+            "committed by the call itself"
+        );
+        assert_eq!(
+            (f.writer.syncs(), f.writer.writer_syncs()),
+            (1, 0),
+            "and synced by it: neither the writer thread nor the sync thread"
+        );
+        assert_eq!(f.sync_fault.synced.load(Ordering::Acquire), 1);
+
+        // The sync is held at the gate: the call has not returned, though its record is
+        // committed, and the commit lock is free for a batch behind it, which the writer
+        // thread commits (and hands to the sync thread) meanwhile.
+        let gate = f.sync_fault.gate.lock().unwrap();
+        let lone = {
+            let call = f.writer.begin_call();
+            runtime.spawn(async move { call.append(record(2)).await })
+        };
+        while reader.count().unwrap() < 2 {
+            std::thread::yield_now();
+        }
+        assert!(!lone.is_finished(), "answered before its sync");
+        let behind = {
+            let writer = f.writer.clone();
+            runtime.spawn(async move { writer.append(record(3)).await })
+        };
+        while reader.count().unwrap() < 3 {
+            std::thread::yield_now();
+        }
+        assert!(!lone.is_finished() && !behind.is_finished());
+        drop(gate);
+        let seqs = runtime.block_on(async { (lone.await.unwrap(), behind.await.unwrap()) });
+        assert_eq!((seqs.0.unwrap(), seqs.1.unwrap()), (2, 3));
+        assert_eq!(f.writer.in_place_commits(), 2);
+
+        // A failed sync fails the lone call closed, and its record comes again as late.
+        f.sync_fault.fail.store(1, Ordering::Release);
+        let call = f.writer.begin_call();
+        let failed = runtime.block_on(call.append(record(4))).err().unwrap();
+        assert!(
+            failed.to_string().contains("no result was returned"),
+            "{failed}"
+        );
+        assert!(!*f.writer.writable().borrow());
+        assert_eq!(f.writer.calls_in_flight(), 0);
+        let call = f.writer.begin_call();
+        // Seq 4 holds the failed call's first copy, 5 its late record (written by the writer
+        // thread: a late record waits for the thread's commit, not a call's in place).
+        assert_eq!(runtime.block_on(call.append(record(5))).unwrap(), 6);
+        let late = committed_at(&reader, 5).unwrap();
+        assert_eq!(
+            (late.request_id.as_str(), late.outcome),
+            ("r4", Outcome::Unavailable)
+        );
+        assert!(reader.verify().unwrap().ok);
     }
 
     #[test]

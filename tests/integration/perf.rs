@@ -340,11 +340,12 @@ async fn lone_encrypts(keys: &mut Keys, calls: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_rpc_commits_its_record_in_place_in_process_durability_and_on_the_writer_in_fsync() {
+async fn a_lone_rpc_commits_its_record_in_place_in_both_durabilities() {
     const CALLS: u64 = 50;
+    // In `fsync` durability the call also syncs on its worker (no hand-off either way).
     for (durability, in_place) in [
         (tenant_kms::audit::Durability::Process, CALLS),
-        (tenant_kms::audit::Durability::Fsync, 0),
+        (tenant_kms::audit::Durability::Fsync, CALLS),
     ] {
         let server = TestServer::start_configured(|o| o.durability = durability).await;
         let (mut keys, mut tenants, _) = server.clients().await;
@@ -382,7 +383,7 @@ async fn a_lone_rpc_commits_its_record_in_place_in_process_durability_and_on_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_rpc_commits_in_place_only_alone_and_a_lone_fsync_batch_is_synced_by_the_writer() {
+async fn an_rpc_commits_in_place_only_alone_in_both_durabilities() {
     const CALLS: u64 = 20;
     let server =
         TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Process)
@@ -420,18 +421,34 @@ async fn an_rpc_commits_in_place_only_alone_and_a_lone_fsync_batch_is_synced_by_
     assert_eq!(writer.calls_in_flight(), 0);
     server.stop().await;
 
-    // `fsync`: the lone call's batch is synced and answered by the writer thread itself (two
-    // hand-offs, not three), once per call.
+    // `fsync`: the lone call commits and syncs on its worker (no hand-off), once per call;
+    // with another call in flight its batch goes to the writer thread and the sync thread
+    // (the pipelining), not synced by the writer thread.
     let server =
         TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Fsync).await;
     let (mut keys, mut tenants, _) = server.clients().await;
     create_tenant(&mut tenants, "acme").await;
     lone_encrypts(&mut keys, 1).await;
     let writer = &server.state.audit;
-    let (syncs, writer_syncs) = (writer.syncs(), writer.writer_syncs());
+    let (syncs, writer_syncs, in_place) = (
+        writer.syncs(),
+        writer.writer_syncs(),
+        writer.in_place_commits(),
+    );
     lone_encrypts(&mut keys, CALLS as usize).await;
-    assert_eq!(writer.writer_syncs() - writer_syncs, CALLS);
+    assert_eq!(writer.in_place_commits() - in_place, CALLS);
     assert_eq!(writer.syncs() - syncs, CALLS);
+    let other = writer.begin_call();
+    let (syncs, in_place) = (writer.syncs(), writer.in_place_commits());
+    lone_encrypts(&mut keys, CALLS as usize).await;
+    assert_eq!(writer.in_place_commits() - in_place, 0);
+    assert_eq!(writer.writer_syncs() - writer_syncs, 0);
+    assert_eq!(
+        writer.syncs() - syncs,
+        CALLS,
+        "a sync per call, each on the sync thread"
+    );
+    drop(other);
     server.stop().await;
 }
 
@@ -459,7 +476,7 @@ fn threads_and_writer_wakeups(pid: u32) -> (usize, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_server_wakes_no_thread_for_a_lone_rpcs_audit_record() {
+async fn a_server_wakes_no_thread_for_a_lone_rpcs_audit_record() {
     const CALLS: u64 = 400;
     for durability in ["process", "fsync"] {
         let temp = tempfile::tempdir().unwrap();
@@ -474,26 +491,17 @@ async fn a_process_server_wakes_no_thread_for_a_lone_rpcs_audit_record() {
         lone_encrypts(&mut keys, CALLS as usize).await;
         let (threads_after, wakeups_after) = threads_and_writer_wakeups(pid);
         let woken = wakeups_after - wakeups;
-        if durability == "process" {
-            // Committed on the async worker that ran the call: the writer thread slept, and
-            // no thread was started to stand in for a blocked worker.
-            assert!(
-                woken < CALLS / 10,
-                "process: the writer thread was woken {woken} times for {CALLS} lone calls"
-            );
-            assert!(
-                threads_after <= threads,
-                "process: {threads} threads before, {threads_after} after"
-            );
-        } else {
-            // `fsync`: no worker waits for the disk; each record goes to the writer thread.
-            // (At least once per call when nothing preempts it between two calls; half of
-            // them leaves room for a loaded machine.)
-            assert!(
-                woken >= CALLS / 2,
-                "fsync: the writer thread was woken {woken} times for {CALLS} calls"
-            );
-        }
+        // Committed (and in `fsync` durability synced) on the async worker that ran the
+        // call: the writer thread slept, and no thread was started to stand in for a blocked
+        // worker.
+        assert!(
+            woken < CALLS / 10,
+            "{durability}: the writer thread was woken {woken} times for {CALLS} lone calls"
+        );
+        assert!(
+            threads_after <= threads,
+            "{durability}: {threads} threads before, {threads_after} after"
+        );
         server.terminate().await;
     }
 }
