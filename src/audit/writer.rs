@@ -76,22 +76,6 @@ use crate::error::{Error, Result};
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
-/// How long at most the writer thread lets working calls catch up before it commits a batch
-/// (see [`Shared::gather`]): a bound on the latency it adds, measured (docs/PERFORMANCE.md,
-/// "Batches that form under load"). The thread's sleeps overshoot by the kernel's timer
-/// slack (50 µs for a normal thread), so the real bound is this plus about 50 µs.
-const GATHER_BOUND: Duration = Duration::from_micros(100);
-/// One sleep of the gathering wait: after each the thread looks again whether every call in
-/// flight has queued.
-const GATHER_STEP: Duration = Duration::from_micros(20);
-/// Overrides [`GATHER_BOUND`] for measurements, in microseconds (0: commit at once, as
-/// before the gathering wait).
-const GATHER_ENV: &str = "TENANT_KMS_AUDIT_GATHER_MICROS";
-/// For measurements: `in-flight` makes the thread also wait while more calls are in flight
-/// than records queued (answered calls not yet ended, calls whose batch syncs), a wider sign
-/// of load than the working calls alone.
-const GATHER_SIGNAL_ENV: &str = "TENANT_KMS_AUDIT_GATHER_SIGNAL";
-
 struct Job {
     record: AuditRecord,
     done: Reply,
@@ -149,17 +133,6 @@ struct Shared {
     /// Audited calls in flight: the live [`CallInFlight`]s, each from its call's admission to
     /// the end of its record's append. A caller commits in place only when no other is.
     calls: AtomicUsize,
-    /// Of [`Shared::calls`], those still working: admitted, their record neither queued nor
-    /// committed in place yet (a call answered, or whose batch is syncing, no longer counts).
-    /// While any are, records are known to be coming, and the thread lets them join the batch
-    /// it is about to commit ([`Shared::gather`]).
-    working: AtomicUsize,
-    /// The longest the thread waits for working calls before committing ([`GATHER_BOUND`]).
-    gather_bound: Duration,
-    /// Batches for which the thread waited for working calls.
-    gathers: AtomicU64,
-    /// Waits also while more calls are in flight than records queued ([`GATHER_SIGNAL_ENV`]).
-    gather_in_flight: bool,
     /// Batches handed to the sync thread and not yet answered: while any are, the writer
     /// thread leaves the sync of the next batch to that thread (pipelining).
     syncing: AtomicUsize,
@@ -194,27 +167,6 @@ impl AuditWriter {
     /// tail) and starts the writer thread; `log` takes every append from then on. `keys` must
     /// be the chain keys `log` was opened with (they are handed out for fingerprints).
     pub fn start(log: Box<dyn AuditLog>, keys: Arc<ChainKeys>) -> Result<Self> {
-        let gather_bound = match std::env::var(GATHER_ENV) {
-            Ok(micros) => match micros.trim().parse::<u64>() {
-                Ok(micros) => Duration::from_micros(micros),
-                Err(_) => {
-                    return Err(Error::Internal(format!(
-                        "{GATHER_ENV} must be a whole number of microseconds"
-                    )));
-                }
-            },
-            Err(_) => GATHER_BOUND,
-        };
-        Self::start_with(log, keys, gather_bound)
-    }
-
-    /// [`AuditWriter::start`] with the given bound on the wait for working calls
-    /// ([`Shared::gather`]; zero: none).
-    fn start_with(
-        log: Box<dyn AuditLog>,
-        keys: Arc<ChainKeys>,
-        gather_bound: Duration,
-    ) -> Result<Self> {
         let report = log.check_tail()?;
         if !report.ok {
             tracing::error!(
@@ -238,10 +190,6 @@ impl AuditWriter {
             committing: Mutex::new(Deferred::default()),
             queued: AtomicUsize::new(0),
             calls: AtomicUsize::new(0),
-            working: AtomicUsize::new(0),
-            gather_bound,
-            gathers: AtomicU64::new(0),
-            gather_in_flight: std::env::var(GATHER_SIGNAL_ENV).is_ok_and(|v| v == "in-flight"),
             syncing: AtomicUsize::new(0),
             commits: AtomicU64::new(0),
             in_place_commits: AtomicU64::new(0),
@@ -321,12 +269,6 @@ impl AuditWriter {
         self.shared.calls.load(Ordering::Acquire)
     }
 
-    /// How many batches the writer thread held back for calls still working (admitted, not
-    /// yet appending) to join them, each at most for its bound (see [`Shared::gather`]).
-    pub fn gathers(&self) -> u64 {
-        self.shared.gathers.load(Ordering::Relaxed)
-    }
-
     /// Counts an audited call in flight until the returned value, through which the call
     /// appends its record, is dropped. A service call takes it when it is admitted to the
     /// audit path (before its work, not at its append), so that other callers know it will
@@ -334,10 +276,8 @@ impl AuditWriter {
     /// module docs).
     pub fn begin_call(&self) -> CallInFlight {
         self.shared.calls.fetch_add(1, Ordering::AcqRel);
-        self.shared.working.fetch_add(1, Ordering::AcqRel);
         CallInFlight {
             writer: self.clone(),
-            working: true,
         }
     }
 
@@ -357,16 +297,10 @@ impl AuditWriter {
     }
 
     /// [`AuditWriter::append`] by a caller that is (`counted`) or is not one of the calls in
-    /// flight. A counted caller stops working (see [`Shared::working`]) once its record is
-    /// committed in place or queued ([`AuditWriter::queue`]).
+    /// flight.
     async fn append_async(&self, record: AuditRecord, counted: bool) -> Result<u64> {
         let record = match self.commit_in_place(record, Caller::Async, counted) {
-            InPlace::Done(committed) => {
-                if counted {
-                    self.shared.working.fetch_sub(1, Ordering::AcqRel);
-                }
-                return committed;
-            }
+            InPlace::Done(committed) => return committed,
             InPlace::Busy(record) => record,
         };
         let (tx, rx) = oneshot::channel();
@@ -397,17 +331,10 @@ impl AuditWriter {
             .map_err(|_| Error::Unavailable("audit writer stopped".into()))?
     }
 
-    /// Hands a job to the writer thread; a counted caller stops working then.
+    /// Hands a job to the writer thread.
     fn queue(&self, job: Job) -> Result<()> {
         // Counted before it is sent, so a caller that looks after this one sees it waiting.
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        if job.counted {
-            // After it is counted queued, so the thread, gathering a batch, sees either the
-            // call working or its record queued; before it is sent, so the thread never takes
-            // the record while its own caller still counts as working (the lone `fsync` call
-            // would wait for itself).
-            self.shared.working.fetch_sub(1, Ordering::AcqRel);
-        }
         self.jobs.send(Message::Job(job)).map_err(|_| {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             Error::Unavailable("audit writer stopped".into())
@@ -512,27 +439,18 @@ impl AuditWriter {
 /// failed closed). A call dropped before it appends stops counting then.
 pub struct CallInFlight {
     writer: AuditWriter,
-    /// Still counted in [`Shared::working`]: until its append takes over the count (which it
-    /// ends once the record is queued or committed in place).
-    working: bool,
 }
 
 impl CallInFlight {
     /// The call's record: [`AuditWriter::append`], except that the call itself does not count
     /// as another call in flight. The call stops counting when this returns.
-    pub async fn append(mut self, record: AuditRecord) -> Result<u64> {
-        // Both run in the future's first poll, before its first await: a future dropped
-        // unpolled leaves the count to `Drop`, a polled one has ended it.
-        self.working = false;
+    pub async fn append(self, record: AuditRecord) -> Result<u64> {
         self.writer.append_async(record, true).await
     }
 }
 
 impl Drop for CallInFlight {
     fn drop(&mut self) {
-        if self.working {
-            self.writer.shared.working.fetch_sub(1, Ordering::AcqRel);
-        }
         self.writer.shared.calls.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -641,43 +559,6 @@ impl Shared {
         self.queued.load(Ordering::Acquire) == 0
             && self.syncing.load(Ordering::Acquire) == 0
             && self.calls.load(Ordering::Acquire) <= own
-    }
-
-    /// Lets the calls still working join the batch the thread is about to commit: while any
-    /// audited call is working (admitted, its record neither queued nor committed; see
-    /// [`Shared::working`]) its record is known to be coming, so the thread sleeps in short
-    /// steps until every call in flight has queued, the queue holds a full batch, or
-    /// [`Shared::gather_bound`] has passed. Called with a record taken from the queue and
-    /// still counted in [`Shared::queued`], so no caller commits in place meanwhile.
-    ///
-    /// Why: a commit's fixed cost (the transaction, its locks, the signed head) is most of a
-    /// lone record's, and a thread woken for each record committed nearly each one alone under
-    /// load, burning the CPU the callers needed. Why sleep, not wait on the queue: a sleeping
-    /// receiver costs the senders nothing, where a blocked one makes every send a futex wake.
-    /// Nothing is waited for when no call is working: the lone call (it is appending), a
-    /// command's record (no call in flight) and a batch whose callers are all queued or
-    /// syncing commit at once; a call stuck in its handler delays others at most the bound.
-    fn gather(&self) {
-        let coming = || {
-            self.working.load(Ordering::Acquire) > 0
-                || (self.gather_in_flight
-                    && self.calls.load(Ordering::Acquire) > self.queued.load(Ordering::Acquire))
-        };
-        if self.gather_bound.is_zero() || !coming() {
-            return;
-        }
-        self.gathers.fetch_add(1, Ordering::Relaxed);
-        let deadline = std::time::Instant::now() + self.gather_bound;
-        loop {
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return;
-            }
-            std::thread::sleep(GATHER_STEP.min(deadline - now));
-            if !coming() || self.queued.load(Ordering::Acquire) >= MAX_BATCH {
-                return;
-            }
-        }
     }
 
     /// The commit lock, waiting for a commit in progress to end.
@@ -831,9 +712,7 @@ fn run_batches(
                 shared.checkpoint_if_due();
                 continue;
             }
-            // Before the lock: a commit in place would wait for it all the while.
-            Some(Message::Job(_)) => shared.gather(),
-            None => {}
+            _ => {}
         }
         // Waits for a commit in place to end: its record chains before this batch.
         let mut deferred = shared.lock();
@@ -1028,22 +907,12 @@ mod tests {
 
     /// [`fixture`] with the given durability.
     fn fixture_with(durability: Durability, busy_timeout: Duration) -> Fixture {
-        fixture_gathering(durability, busy_timeout, GATHER_BOUND)
-    }
-
-    /// [`fixture_with`] whose writer waits at most `gather_bound` for working calls.
-    fn fixture_gathering(
-        durability: Durability,
-        busy_timeout: Duration,
-        gather_bound: Duration,
-    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
         let log = SqliteAuditLog::open(&path, durability, busy_timeout, Arc::clone(&keys)).unwrap();
         let sync_fault = log.sync_fault();
-        let writer =
-            AuditWriter::start_with(Box::new(log), Arc::clone(&keys), gather_bound).unwrap();
+        let writer = AuditWriter::start(Box::new(log), Arc::clone(&keys)).unwrap();
         Fixture {
             _dir: dir,
             path,
@@ -1690,107 +1559,5 @@ mod tests {
             ("r2", Outcome::Unavailable)
         );
         assert!(reader.verify().unwrap().ok);
-    }
-
-    #[test]
-    fn the_writer_waits_for_a_working_call_and_commits_both_records_in_one_batch() {
-        // A bound no test machine reaches: the batch can only end by the second record.
-        let f = fixture_gathering(
-            Durability::Process,
-            DEFAULT_BUSY_TIMEOUT,
-            Duration::from_secs(600),
-        );
-        let reader = reader(&f.path, &f.keys);
-        let runtime = runtime();
-        let first = f.writer.begin_call();
-        let second = f.writer.begin_call();
-        // The first call appends while the second still works: its record waits for the
-        // thread (another call is in flight), and the thread waits for the second call.
-        let first = runtime.spawn(async move { first.append(record(1)).await });
-        wait_queued(&f.writer, 1);
-        while f.writer.gathers() < 1 {
-            std::thread::yield_now();
-        }
-        assert_eq!(f.writer.commits(), 0, "held back for the working call");
-        assert!(!first.is_finished());
-        // The second call appends: every call in flight has queued, the batch commits.
-        let second = runtime.block_on(second.append(record(2))).unwrap();
-        let first = runtime.block_on(first).unwrap().unwrap();
-        let mut seqs = [first, second];
-        seqs.sort_unstable();
-        assert_eq!(seqs, [1, 2]);
-        assert_eq!(
-            (
-                f.writer.commits(),
-                f.writer.gathers(),
-                f.writer.in_place_commits()
-            ),
-            (1, 1, 0),
-            "one commit for both records"
-        );
-        assert_eq!(f.writer.calls_in_flight(), 0);
-        assert!(reader.verify().unwrap().ok);
-    }
-
-    #[test]
-    fn a_call_that_never_appends_holds_a_batch_no_longer_than_the_bound() {
-        let f = fixture_gathering(
-            Durability::Process,
-            DEFAULT_BUSY_TIMEOUT,
-            Duration::from_millis(1),
-        );
-        let runtime = runtime();
-        // Admitted and stuck in its handler (as a CreateTenant waiting on keys.db).
-        let stuck = f.writer.begin_call();
-        let call = f.writer.begin_call();
-        assert_eq!(runtime.block_on(call.append(record(1))).unwrap(), 1);
-        let blocking = f.writer.append_blocking(record(2)).unwrap();
-        assert_eq!(blocking, 2);
-        // Each batch waited for the stuck call, and committed without it.
-        assert_eq!((f.writer.commits(), f.writer.gathers()), (2, 2));
-        assert_eq!(f.writer.calls_in_flight(), 1);
-        drop(stuck);
-        assert_eq!(f.writer.calls_in_flight(), 0);
-        // Nobody working: the next batch does not wait.
-        let other = f.writer.begin_call();
-        let call = f.writer.begin_call();
-        // An appending call's future polled to its queueing, then the other ends unappended.
-        let queued = runtime.spawn(async move { call.append(record(3)).await });
-        wait_queued(&f.writer, 1);
-        drop(other);
-        assert_eq!(runtime.block_on(queued).unwrap().unwrap(), 3);
-        assert!(f.writer.gathers() <= 3);
-    }
-
-    #[test]
-    fn the_lone_call_and_a_command_commit_without_waiting_for_anyone() {
-        // A bound no test machine reaches: a wait would hang the test.
-        let bound = Duration::from_secs(600);
-        let f = fixture_gathering(Durability::Process, DEFAULT_BUSY_TIMEOUT, bound);
-        let runtime = runtime();
-        let call = f.writer.begin_call();
-        assert_eq!(runtime.block_on(call.append(record(1))).unwrap(), 1);
-        assert_eq!(
-            f.writer.in_place_commits(),
-            1,
-            "the lone call commits in place"
-        );
-        assert_eq!(f.writer.append_blocking(record(2)).unwrap(), 2);
-        assert_eq!(f.writer.gathers(), 0);
-
-        // `fsync`: the lone call's record goes to the thread, which commits it at once (the
-        // call is appending, not working), as it does a command's record behind a commit.
-        let f = fixture_gathering(Durability::Fsync, DEFAULT_BUSY_TIMEOUT, bound);
-        let call = f.writer.begin_call();
-        assert_eq!(runtime.block_on(call.append(record(1))).unwrap(), 1);
-        let held = f.writer.shared.lock();
-        let seq = std::thread::scope(|scope| {
-            let command = scope.spawn(|| f.writer.append_blocking(record(2)));
-            wait_queued(&f.writer, 1);
-            drop(held);
-            command.join().unwrap().unwrap()
-        });
-        assert_eq!(seq, 2);
-        assert_eq!((f.writer.in_place_commits(), f.writer.gathers()), (0, 0));
     }
 }
