@@ -31,7 +31,8 @@
 //! - [`clock`]: the injected wall clock (system, manual for tests) that every time-based
 //!   decision reads.
 //! - [`hardening`]: process hardening at `serve` start (no core dumps, memory locking).
-//! - [`telemetry`]: the optional OTLP trace exporter (cargo feature `otlp`).
+//! - [`telemetry`]: the call span, made only when a log line or the trace exporter needs
+//!   it, and the optional OTLP trace exporter (cargo feature `otlp`).
 //! - [`webhook`]: the signed anomaly webhook to the operator's alerting endpoint, delivered
 //!   by a background task off the data plane.
 //! - [`tls_client`]: rustls client configurations (named CA only, ring) for the connections

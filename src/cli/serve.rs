@@ -368,6 +368,13 @@ pub fn init_logging(filter: &str, format: LogFormat) {
         Ok(f) => (f, None),
         Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(e)),
     };
+    // A call's span is made only when a line is written inside the call (telemetry), unless
+    // the filter matches on spans (`[call{…}]`) or writes debug lines, one of which every
+    // call writes anyway; the OTLP exporter, when on, makes it up front too (`install`).
+    let lazy_spans = !filter.to_string().contains('[')
+        && filter
+            .max_level_hint()
+            .is_none_or(|level| level <= tracing::level_filters::LevelFilter::INFO);
     // `log_internal_errors(false)`: the formatter would otherwise report a failed write with
     // eprintln!, which panics when stderr is a closed pipe, and so would every logging call
     // (issue 18: `serve` under a supervisor whose log reader died).
@@ -376,9 +383,10 @@ pub fn init_logging(filter: &str, format: LogFormat) {
         .log_internal_errors(false)
         .with_target(false);
     let installed = match format {
-        LogFormat::Text => install(filter, lines.with_ansi(colour_allowed())),
+        LogFormat::Text => install(filter, lazy_spans, lines.with_ansi(colour_allowed())),
         LogFormat::Json => install(
             filter,
+            lazy_spans,
             lines.json().with_current_span(true).with_span_list(false),
         ),
     };
@@ -393,9 +401,11 @@ type Filtered =
     tracing_subscriber::layer::Layered<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 /// Installs `filter`, the log `lines` and (feature `otlp`, endpoint set) the OTLP span
-/// exporter as the process's subscriber.
+/// exporter as the process's subscriber. The lines make a call's span when they need it
+/// (`telemetry::CallLines`); with `lazy_spans` and no exporter, only then.
 fn install<L>(
     filter: tracing_subscriber::EnvFilter,
+    lazy_spans: bool,
     lines: L,
 ) -> std::result::Result<(), tracing_subscriber::util::TryInitError>
 where
@@ -403,13 +413,21 @@ where
 {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::registry()
+    let exporter = crate::telemetry::layer::<
+        tracing_subscriber::layer::Layered<crate::telemetry::CallLines<L>, Filtered>,
+    >();
+    let eager = !lazy_spans || exporter.is_some();
+    let installed = tracing_subscriber::registry()
         .with(filter)
-        .with(lines)
-        .with(crate::telemetry::layer::<
-            tracing_subscriber::layer::Layered<L, Filtered>,
-        >())
-        .try_init()
+        .with(crate::telemetry::CallLines::new(lines))
+        .with(exporter)
+        .try_init();
+    // Only a subscriber with these lines makes spans on demand; another one, installed
+    // before, gets them up front (the default).
+    if installed.is_ok() {
+        crate::telemetry::set_call_spans_eager(eager);
+    }
+    installed
 }
 
 /// Warns at start when the master keys are not sealed under a root of trust, naming the

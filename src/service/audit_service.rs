@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
+use crate::telemetry::InCallExt;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
@@ -125,7 +125,7 @@ impl AuditService for AuditServiceImpl {
                 next_page_token,
             })
         }
-        .instrument(span)
+        .in_call(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -146,7 +146,7 @@ impl AuditService for AuditServiceImpl {
                 first_bad_seq: report.first_bad_seq,
             })
         }
-        .instrument(span)
+        .in_call(span)
         .await;
         call.finish(&self.state, result).await
     }
@@ -162,7 +162,7 @@ impl AuditService for AuditServiceImpl {
             let tenant = call.admit(&self.state, &req.tenant_id).await?;
             super::usage_query::get_usage(&self.state, &tenant, &req).await
         }
-        .instrument(span)
+        .in_call(span)
         .await;
         call.finish(&self.state, result).await
     }

@@ -77,8 +77,9 @@ pub struct Call {
     request_bytes: u64,
     started: Instant,
     /// The tracing span every log line of this call is emitted in (carries the request id,
-    /// the tenant once known, and the caller's trace).
-    span: tracing::Span,
+    /// the tenant once known, and the caller's trace), made only once a line or the trace
+    /// exporter needs it (`telemetry`).
+    span: crate::telemetry::CallSpan,
     /// The caller's valid W3C `traceparent`, carried into the audit record.
     trace: Option<super::traceparent::TraceParent>,
 }
@@ -108,16 +109,9 @@ impl Call {
             .and_then(|v| v.to_str().ok())
             .and_then(super::traceparent::TraceParent::parse);
         // The tenant is filled in once parsed (`admit`), so every later line names it.
-        let span = tracing::info_span!(
-            "call",
-            request_id = %request_id,
-            op = operation.name(),
-            tenant = tracing::field::Empty,
-            trace_id = trace.as_ref().map(|t| t.trace_id.as_str()),
-            parent_span_id = trace.as_ref().map(|t| t.parent_id.as_str()),
-        );
-        crate::telemetry::adopt_parent(
-            &span,
+        let span = crate::telemetry::CallSpan::new(
+            &request_id,
+            operation.name(),
             trace.as_ref().map(|t| crate::telemetry::RemoteParent {
                 trace_id: &t.trace_id,
                 span_id: &t.parent_id,
@@ -163,7 +157,7 @@ impl Call {
             match admission.0.admit(caller.audit_name()) {
                 Ok(ticket) => self._ticket = Some(ticket),
                 Err(refused) => {
-                    tracing::debug!(parent: &self.span, "request refused: {}", refused.0);
+                    tracing::debug!(parent: &self.span.span(), "request refused: {}", refused.0);
                     self.unaudited = true;
                     return Err(crate::error::Error::RetryLater {
                         reason: refused.0,
@@ -264,9 +258,9 @@ impl Call {
         })
     }
 
-    /// The span of this call: handlers run their work inside it, so every log line written
-    /// on behalf of the call carries its request id.
-    pub fn span(&self) -> tracing::Span {
+    /// The span of this call: handlers run their work in it (`InCallExt::in_call`), so every
+    /// log line written on behalf of the call carries its request id.
+    pub fn span(&self) -> crate::telemetry::CallSpan {
         self.span.clone()
     }
 
@@ -275,7 +269,7 @@ impl Call {
         state.refresh().await?;
         let caller = self.authenticate(state)?;
         let tenant = TenantId::parse(tenant_id)?;
-        self.span.record("tenant", tenant.as_str());
+        self.span.record_tenant(tenant.as_str());
         self.tenant = Some(tenant.clone());
         authorize(&caller, self.operation, Some(&tenant))?;
         Ok(tenant)
@@ -393,7 +387,7 @@ impl Call {
         };
         // No detail in the log: messages are secret-free, but one line per call at debug is
         // enough to follow a request id through the log.
-        tracing::debug!(parent: &self.span, outcome = outcome.as_str(), "call finished");
+        tracing::debug!(parent: &self.span.span(), outcome = outcome.as_str(), "call finished");
         let record = self.record(outcome, detail);
         let appended = match self.audit.take() {
             Some(audit) => audit.append(record).await,

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use crate::telemetry::InCallExt;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::call::{self, Call};
 use super::state::AppState;
@@ -251,7 +251,7 @@ impl KeyServiceImpl {
             let tenant = call.admit(&self.state, tenant_id).await?;
             body(&mut call, tenant).await
         }
-        .instrument(span)
+        .in_call(span)
         .await;
         call.finish(&self.state, result).await
     }

@@ -55,13 +55,11 @@ use crate::error::{Error, Result};
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    // The work runs in the caller's span, so its log lines carry the request id. The thread
-    // runs no async task, so the PostgreSQL store may block on it in place (no thread per
-    // store call).
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        crate::store::postgres::on_blocking_pool(|| span.in_scope(work))
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+    // The work runs as part of the caller's call, so its log lines carry the request id. The
+    // thread runs no async task, so the PostgreSQL store may block on it in place (no thread
+    // per store call).
+    let work = crate::telemetry::carry(work);
+    tokio::task::spawn_blocking(move || crate::store::postgres::on_blocking_pool(work))
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }

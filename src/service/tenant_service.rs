@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::telemetry::InCallExt;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use super::call::Call;
 use super::state::AppState;
@@ -57,7 +57,7 @@ impl TenantServiceImpl {
                 let keys = Arc::clone(&state.keys);
                 blocking(move || work(&keys, &tenant)).await
             }
-            .instrument(span)
+            .in_call(span)
             .await;
             call.finish(&state, result).await
         });
@@ -110,7 +110,7 @@ impl TenantServiceImpl {
                 }
                 Ok(answer)
             }
-            .instrument(span)
+            .in_call(span)
             .await;
             call.finish(&state, result).await
         });
@@ -151,7 +151,7 @@ impl TenantServiceImpl {
                 let keys = Arc::clone(&state.keys);
                 blocking(move || work(&keys, tenant.as_ref())).await
             }
-            .instrument(span)
+            .in_call(span)
             .await;
             call.finish(&state, result).await
         });
@@ -267,7 +267,7 @@ impl TenantService for TenantServiceImpl {
                 next_page_token,
             })
         }
-        .instrument(span)
+        .in_call(span)
         .await;
         call.finish(&self.state, result).await
     }

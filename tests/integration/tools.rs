@@ -435,6 +435,65 @@ async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call
     assert!(of_the_call > 0, "no line of the call {id} in:\n{stderr}");
 }
 
+/// At the default level no line is written inside a successful call, so the server makes a
+/// call's span only when a line is written inside it; that line must name the call all the
+/// same. The nonce budget's rotation writes one (at info) inside the Encrypt that spends it.
+#[tokio::test]
+async fn at_the_default_level_a_line_inside_a_call_names_its_request_id_and_tenant() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = BinaryServer::start(
+        &temp.path().join("data"),
+        &["--log-format", "json", "--log", "info"],
+    )
+    .await;
+    let (mut keys, mut tenants, _) = clients(&server.url(), Some(&server.admin_token())).await;
+    create_tenant(&mut tenants, "acme").await;
+    set_rotation_policy(&mut tenants, "acme", 0, 1000)
+        .await
+        .unwrap();
+    let items = (0..1000)
+        .map(|_| pb::EncryptBatchItem {
+            context: "ctx".into(),
+            plaintext: b"v".to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    keys.encrypt_batch(pb::EncryptBatchRequest {
+        tenant_id: "acme".into(),
+        items,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The budget is spent: this call rotates the key and says so.
+    let response = keys
+        .encrypt(traced(
+            encrypt_request("acme", "ctx", b"v", b""),
+            TRACEPARENT,
+        ))
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let stderr = server.terminate().await;
+
+    let rotated: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|value| value["fields"]["message"] == "rotated: nonce budget reached")
+        .collect();
+    assert_eq!(rotated.len(), 1, "{stderr}");
+    let span = &rotated[0]["span"];
+    assert_eq!(span["name"], "call", "{stderr}");
+    assert_eq!(span["request_id"], id.as_str(), "{stderr}");
+    assert_eq!(span["op"], "Encrypt", "{stderr}");
+    assert_eq!(span["tenant"], "acme", "{stderr}");
+    assert_eq!(
+        span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{stderr}"
+    );
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{stderr}");
+}
+
 #[tokio::test]
 async fn a_valid_traceparent_reaches_the_audit_record_and_an_invalid_one_is_ignored() {
     let server = TestServer::start().await;
