@@ -390,16 +390,20 @@ fn request_id<T>(response: &tonic::Response<T>) -> String {
         .to_owned()
 }
 
-#[tokio::test]
-async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call() {
-    let temp = tempfile::tempdir().unwrap();
+/// The server binary logging JSON lines at `level`, with tenant `acme` created.
+async fn json_log_server_with_acme(temp: &Path, level: &str) -> (BinaryServer, Keys, Tenants) {
     let server = BinaryServer::start(
-        &temp.path().join("data"),
-        &["--log-format", "json", "--log", "tenant_kms=debug"],
+        &temp.join("data"),
+        &["--log-format", "json", "--log", level],
     )
     .await;
-    let (mut keys, mut tenants, _) = clients(&server.url(), Some(&server.admin_token())).await;
+    let (keys, mut tenants, _) = clients(&server.url(), Some(&server.admin_token())).await;
     create_tenant(&mut tenants, "acme").await;
+    (server, keys, tenants)
+}
+
+/// An Encrypt on `acme` traced with [`TRACEPARENT`]: its request id.
+async fn traced_encrypt(keys: &mut Keys) -> String {
     let response = keys
         .encrypt(traced(
             encrypt_request("acme", "ctx", b"v", b""),
@@ -407,7 +411,14 @@ async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call
         ))
         .await
         .unwrap();
-    let id = request_id(&response);
+    request_id(&response)
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call() {
+    let temp = tempfile::tempdir().unwrap();
+    let (server, mut keys, _) = json_log_server_with_acme(temp.path(), "tenant_kms=debug").await;
+    let id = traced_encrypt(&mut keys).await;
     let stderr = server.terminate().await;
 
     let mut of_the_call = 0;
@@ -421,15 +432,7 @@ async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call
         );
         if value["span"]["request_id"] == id.as_str() {
             of_the_call += 1;
-            assert_eq!(value["span"]["tenant"], "acme", "{line}");
-            assert_eq!(
-                value["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
-                "{line}"
-            );
-            assert_eq!(
-                value["span"]["parent_span_id"], "00f067aa0ba902b7",
-                "{line}"
-            );
+            assert_names_the_traced_call(&value["span"], line);
         }
     }
     assert!(of_the_call > 0, "no line of the call {id} in:\n{stderr}");
@@ -441,13 +444,7 @@ async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call
 #[tokio::test]
 async fn at_the_default_level_a_line_inside_a_call_names_its_request_id_and_tenant() {
     let temp = tempfile::tempdir().unwrap();
-    let server = BinaryServer::start(
-        &temp.path().join("data"),
-        &["--log-format", "json", "--log", "info"],
-    )
-    .await;
-    let (mut keys, mut tenants, _) = clients(&server.url(), Some(&server.admin_token())).await;
-    create_tenant(&mut tenants, "acme").await;
+    let (server, mut keys, mut tenants) = json_log_server_with_acme(temp.path(), "info").await;
     set_rotation_policy(&mut tenants, "acme", 0, 1000)
         .await
         .unwrap();
@@ -466,14 +463,7 @@ async fn at_the_default_level_a_line_inside_a_call_names_its_request_id_and_tena
     .await
     .unwrap();
     // The budget is spent: this call rotates the key and says so.
-    let response = keys
-        .encrypt(traced(
-            encrypt_request("acme", "ctx", b"v", b""),
-            TRACEPARENT,
-        ))
-        .await
-        .unwrap();
-    let id = request_id(&response);
+    let id = traced_encrypt(&mut keys).await;
     let stderr = server.terminate().await;
 
     let rotated: Vec<serde_json::Value> = stderr
@@ -486,12 +476,18 @@ async fn at_the_default_level_a_line_inside_a_call_names_its_request_id_and_tena
     assert_eq!(span["name"], "call", "{stderr}");
     assert_eq!(span["request_id"], id.as_str(), "{stderr}");
     assert_eq!(span["op"], "Encrypt", "{stderr}");
-    assert_eq!(span["tenant"], "acme", "{stderr}");
+    assert_names_the_traced_call(span, &stderr);
+}
+
+/// The `span` object of a JSON log line names the call on tenant `acme` traced with
+/// [`TRACEPARENT`]: its tenant and the caller's trace ids.
+fn assert_names_the_traced_call(span: &serde_json::Value, context: &str) {
+    assert_eq!(span["tenant"], "acme", "{context}");
     assert_eq!(
         span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
-        "{stderr}"
+        "{context}"
     );
-    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{stderr}");
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{context}");
 }
 
 #[tokio::test]
