@@ -48,9 +48,11 @@
 //! In pipelined `fsync` durability (see [`run`]) the writer thread hands each committed batch
 //! to the sync thread, which syncs and answers, while the writer commits the next one. A
 //! batch with nobody behind it (nothing queued, no other call in flight, the sync thread
-//! idle) is synced and answered by the writer thread itself: the lone call then pays two
-//! hand-offs (to the writer and back) instead of three, and nothing is there to overlap with
-//! the sync. Either way a batch is answered only after a sync that began after its commit.
+//! idle) is synced and answered by the writer thread itself: a record that reaches the thread
+//! alone (a service task's, or an RPC's whose commit in place was given back, e.g. the first
+//! after a checkpoint) then pays two hand-offs (to the writer and back) instead of three, and
+//! nothing is there to overlap with the sync. The lone RPC itself syncs on its worker (above).
+//! Either way a batch is answered only after a sync that began after its commit.
 //!
 //! A failed commit fails every request in its batch (fail closed: UNAVAILABLE, no result) and
 //! the connection is reopened for the next batch, so the service recovers by itself once the
@@ -569,7 +571,8 @@ impl Shared {
     /// Whether nobody is behind a batch whose callers are `jobs`, just committed unsynced:
     /// nothing queued, no audited call in flight but its own, and the sync thread idle. Its
     /// sync then overlaps with nothing, and the writer thread makes it itself (one hand-off
-    /// less for the lone call) instead of handing the batch to the sync thread.
+    /// less for a record that reached the thread alone) instead of handing the batch to the
+    /// sync thread.
     fn nobody_behind(&self, jobs: &[Job]) -> bool {
         let own = jobs.iter().filter(|job| job.counted).count();
         self.queued.load(Ordering::Acquire) == 0
