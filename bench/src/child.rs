@@ -45,7 +45,8 @@ pub struct ChildOptions<'a> {
     pub exe: Option<PathBuf>,
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port free at the time of asking.
+pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Internal(format!("no free loopback port: {e}")))?;
     Ok(listener

@@ -183,6 +183,8 @@ struct Running {
     /// The database's admin URL (password included; never printed), for PostgreSQL.
     db_url: Option<String>,
     token: String,
+    /// The nodes' metrics addresses (PostgreSQL nodes), where their group commits are counted.
+    metrics: Vec<String>,
 }
 
 /// Runs the three deployments for every scenario and concurrency of `config` and returns the
@@ -298,6 +300,7 @@ async fn start(
             token: child::admin_token(&data_dir)?,
             nodes: vec![node],
             db_url: None,
+            metrics: Vec::new(),
         });
     };
     let database = {
@@ -311,6 +314,7 @@ async fn start(
     let shared = dir.join("shared");
     tenant_kms::fsutil::create_private_dir(&shared)?;
     let mut nodes = Vec::with_capacity(count);
+    let mut metrics = Vec::with_capacity(count);
     let mut token = String::new();
     for i in 0..count {
         let data_dir = dir.join(format!("node{i}"));
@@ -321,8 +325,11 @@ async fn start(
                 token.as_bytes(),
             )?;
         }
+        let metrics_addr = format!("127.0.0.1:{}", child::free_port()?);
         let mut extra = base.clone();
         extra.extend([
+            "--metrics-listen".to_owned(),
+            metrics_addr.clone(),
             "--store".to_owned(),
             cluster.url_without_password(&database),
             "--store-password-file".to_owned(),
@@ -347,11 +354,13 @@ async fn start(
             token = child::admin_token(&data_dir)?;
         }
         nodes.push(node);
+        metrics.push(metrics_addr);
     }
     Ok(Running {
         nodes,
         db_url: Some(cluster.url(&database)),
         token,
+        metrics,
     })
 }
 
@@ -441,14 +450,14 @@ async fn measure_deployment(
             // the counters read just before it starts and after its last call answered.
             let _ = load::run(concurrency, Duration::ZERO, config.warmup, None, make).await;
             tokio::time::sleep(STATS_SETTLE).await;
-            let db_before = counters(running.db_url.as_deref()).await?;
+            let db_before = counters(running.db_url.as_deref(), &running.metrics).await?;
             let node_before = sum_cpu(&node_pids);
             let db_cpu_before = db_pid.and_then(procfs::family_cpu_seconds);
             let window = load::run(concurrency, Duration::ZERO, config.duration, None, make).await;
             let node_after = sum_cpu(&node_pids);
             let db_cpu_after = db_pid.and_then(procfs::family_cpu_seconds);
             tokio::time::sleep(STATS_SETTLE).await;
-            let db_after = counters(running.db_url.as_deref()).await?;
+            let db_after = counters(running.db_url.as_deref(), &running.metrics).await?;
             samples.push((
                 (deployment, scenario.name(), concurrency),
                 Sample {
@@ -499,13 +508,16 @@ fn postgres_version(url: &str) -> Option<String> {
     })
 }
 
-/// The database's commit count, audit records and audit transactions (each writes its
-/// chain's signed head once: the upserts of `audit_anchors`). `None` for SQLite.
-async fn counters(url: Option<&str>) -> Result<Option<DbCounters>> {
+/// The database's commit count and audit records, and the audit transactions the nodes made
+/// (the count of their `tenant_kms_audit_batch_records` histograms: exact, where PostgreSQL's
+/// table statistics reach the reader up to a second late and then fell into the next
+/// window). `None` for SQLite.
+async fn counters(url: Option<&str>, metrics: &[String]) -> Result<Option<DbCounters>> {
     let Some(url) = url else {
         return Ok(None);
     };
     let url = url.to_owned();
+    let metrics = metrics.to_vec();
     tokio::task::spawn_blocking(move || {
         let mut client = postgres::Client::connect(&url, postgres::NoTls)
             .map_err(|e| Error::Unavailable(format!("bench statistics: {e}")))?;
@@ -513,20 +525,45 @@ async fn counters(url: Option<&str>) -> Result<Option<DbCounters>> {
             .query_one(
                 "SELECT (SELECT xact_commit FROM pg_stat_database \
                          WHERE datname = current_database()), \
-                        (SELECT count(*) FROM audit_records), \
-                        (SELECT COALESCE(n_tup_ins + n_tup_upd, 0) FROM pg_stat_user_tables \
-                         WHERE relname = 'audit_anchors')",
+                        (SELECT count(*) FROM audit_records)",
                 &[],
             )
             .map_err(|e| Error::Internal(format!("bench statistics: {e}")))?;
+        let mut audit_commits = 0;
+        for addr in &metrics {
+            audit_commits += audit_batches(addr)?;
+        }
         Ok(Some(DbCounters {
             commits: row.get::<_, Option<i64>>(0).unwrap_or(0),
             audit_records: row.get(1),
-            audit_commits: row.get::<_, Option<i64>>(2).unwrap_or(0),
+            audit_commits,
         }))
     })
     .await
     .map_err(|e| Error::Internal(format!("bench statistics: {e}")))?
+}
+
+/// The audit group commits a node has made: its `tenant_kms_audit_batch_records_count`, read
+/// from its metrics endpoint at `addr`.
+fn audit_batches(addr: &str) -> Result<i64> {
+    use std::io::{Read, Write};
+    let failed = |e: &dyn std::fmt::Display| Error::Unavailable(format!("metrics of {addr}: {e}"));
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| failed(&e))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| failed(&e))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| failed(&e))?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).map_err(|e| failed(&e))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("tenant_kms_audit_batch_records_count "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|count| count as i64)
+        .ok_or_else(|| failed(&"no tenant_kms_audit_batch_records_count"))
 }
 
 /// Medians over runs, per (deployment, scenario, concurrency), in first-seen order.
