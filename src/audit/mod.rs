@@ -19,6 +19,7 @@
 //! docs/AUDIT.md describes the format and the guarantees.
 
 pub mod anchor;
+pub mod arrivals;
 pub mod chain;
 #[cfg(any(test, feature = "test-seams"))]
 pub mod contract;

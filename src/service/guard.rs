@@ -31,6 +31,12 @@
 //! lets clients back off and retry elsewhere. Health checks and reflection are not guarded,
 //! so an overloaded server still answers its orchestrator truthfully.
 //!
+//! **Requests received, for the audit writer.** From the moment its body is whole until its
+//! answer is made, each request is counted in the audit writer's
+//! [`Arrivals`]: under load the writer waits a bounded while for their
+//! records, so that one commit carries them (`crate::audit::arrivals`). A request whose body
+//! has not arrived does not count.
+//!
 //! **Deadlines.** The deadline is the caller's `grpc-timeout`, capped by the server's
 //! `request_timeout` (which also applies when the caller sends none). When it passes, the
 //! handler is dropped and the caller gets DEADLINE_EXCEEDED. tonic's own timeout (applied
@@ -55,6 +61,7 @@ use tonic::codegen::http;
 use super::admission::Admission;
 use super::refusals::{RefusalKind, RefusalsHandle, peer_ip};
 use super::status;
+use crate::audit::arrivals::Arrivals;
 use crate::error::Error;
 
 /// How much earlier than the caller's deadline ours fires (see the module docs).
@@ -84,6 +91,7 @@ pub struct GuardLayer {
     max_timeout: Duration,
     body_timeout: Duration,
     max_message_bytes: usize,
+    arrivals: Arrivals,
 }
 
 /// The gRPC length-prefixed message header: a compression flag and a 4-byte length.
@@ -93,7 +101,9 @@ impl GuardLayer {
     /// A guard admitting up to `max_concurrent` authenticated requests (at least 1), with
     /// deadlines of at most `max_timeout`, bodies received within `body_timeout` by at most
     /// `max_awaiting_body` requests at once (at least 1), bodies buffered up to one message of
-    /// `max_message_bytes`, and refusals before authentication counted in `refusals`.
+    /// `max_message_bytes`, refusals before authentication counted in `refusals`, and each
+    /// request counted in `arrivals` from its whole body to its answer (the audit writer
+    /// waits for their records under load: [`crate::audit::arrivals`]).
     pub fn new(
         max_concurrent: usize,
         max_timeout: Duration,
@@ -101,6 +111,7 @@ impl GuardLayer {
         max_message_bytes: usize,
         max_awaiting_body: usize,
         refusals: Arc<super::refusals::Refusals>,
+        arrivals: Arrivals,
     ) -> Self {
         Self {
             admission: Admission::new(max_concurrent),
@@ -111,6 +122,7 @@ impl GuardLayer {
             max_timeout,
             body_timeout,
             max_message_bytes,
+            arrivals,
         }
     }
 }
@@ -233,6 +245,8 @@ where
                     return Ok(refusal.into_http());
                 }
             };
+            // Whole now: from here to its answer the request may append a record soon.
+            let _arrival = layer.arrivals.arrive();
             let work = inner.call(http::Request::from_parts(parts, body));
             match tokio::time::timeout_at(deadline, work).await {
                 Ok(result) => result,

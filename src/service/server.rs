@@ -95,6 +95,7 @@ pub async fn run_with(
         max,
         limits.max_awaiting_body,
         Arc::clone(&refusals),
+        state.audit.arrivals().clone(),
     );
     let connections = Connections::new(
         limits.send_timeout,

@@ -452,6 +452,55 @@ async fn an_rpc_commits_in_place_only_alone_in_both_durabilities() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_counts_each_request_until_its_answer_and_the_writer_waits_only_under_load() {
+    let server =
+        TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Process)
+            .await;
+    let (mut keys, mut tenants, _) = server.clients().await;
+    create_tenant(&mut tenants, "acme").await;
+    lone_encrypts(&mut keys, 1).await;
+    let writer = &server.state.audit;
+    // Answered calls, a refused one and a stranger's all stopped counting.
+    assert!(
+        decrypt(&mut keys, "acme", "crm.email", b"not a ciphertext", b"")
+            .await
+            .is_err()
+    );
+    let (mut stranger, _, _) = server.clients_with(Some("not-a-token")).await;
+    assert!(
+        stranger
+            .encrypt(encrypt_request("acme", "crm.email", b"v", b""))
+            .await
+            .is_err()
+    );
+    assert_eq!(writer.arrivals().pending(), 0);
+    let (in_place, gathers) = (writer.in_place_commits(), writer.gathers());
+    lone_encrypts(&mut keys, 5).await;
+    assert_eq!(
+        (
+            writer.in_place_commits() - in_place,
+            writer.gathers() - gathers
+        ),
+        (5, 0),
+        "a lone call commits in place and nothing waits"
+    );
+    // Requests received and not answered (held here as the guard holds them), more than the
+    // siblings the writer waits from: each lone call's record now goes to the thread, which
+    // waits for the records they might bring, up to its bound, then commits.
+    let held: Vec<_> = (0..tenant_kms::audit::arrivals::DEFAULT_GATHER_SIBLINGS + 1)
+        .map(|_| writer.arrivals().arrive())
+        .collect();
+    let (commits, in_place) = (writer.commits(), writer.in_place_commits());
+    lone_encrypts(&mut keys, 3).await;
+    assert_eq!(writer.commits() - commits, 3);
+    assert_eq!(writer.in_place_commits() - in_place, 0);
+    assert_eq!(writer.gathers() - gathers, 3, "one bounded wait per batch");
+    drop(held);
+    assert_eq!(writer.arrivals().pending(), 0);
+    server.stop().await;
+}
+
 /// The threads of process `pid`: (how many, the `audit-writer` thread's voluntary context
 /// switches, i.e. how often it was woken).
 fn threads_and_writer_wakeups(pid: u32) -> (usize, u64) {
