@@ -339,6 +339,34 @@ async fn lone_encrypts(keys: &mut Keys, calls: usize) {
     }
 }
 
+/// A server in `process` durability with the tenant `acme`, after one lone `Encrypt` (whose
+/// batch also carries the key-store anchor of its nonce reservation).
+async fn process_server_with_acme() -> (TestServer, Keys) {
+    let server =
+        TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Process)
+            .await;
+    let (mut keys, mut tenants, _) = server.clients().await;
+    create_tenant(&mut tenants, "acme").await;
+    lone_encrypts(&mut keys, 1).await;
+    (server, keys)
+}
+
+/// A `Decrypt` refused as invalid and an `Encrypt` refused for a stranger's token.
+async fn refused_calls(server: &TestServer, keys: &mut Keys) {
+    assert!(
+        decrypt(keys, "acme", "crm.email", b"not a ciphertext", b"")
+            .await
+            .is_err()
+    );
+    let (mut stranger, _, _) = server.clients_with(Some("not-a-token")).await;
+    assert!(
+        stranger
+            .encrypt(encrypt_request("acme", "crm.email", b"v", b""))
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_rpc_commits_its_record_in_place_in_both_durabilities() {
     const CALLS: u64 = 50;
@@ -385,12 +413,7 @@ async fn a_lone_rpc_commits_its_record_in_place_in_both_durabilities() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpc_commits_in_place_only_alone_in_both_durabilities() {
     const CALLS: u64 = 20;
-    let server =
-        TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Process)
-            .await;
-    let (mut keys, mut tenants, _) = server.clients().await;
-    create_tenant(&mut tenants, "acme").await;
-    lone_encrypts(&mut keys, 1).await;
+    let (server, mut keys) = process_server_with_acme().await;
     let writer = &server.state.audit;
     // Another audited call in flight (what each call holds from its admission to the end of
     // its append): a lone RPC's record goes to the writer thread, where batches form.
@@ -408,16 +431,7 @@ async fn an_rpc_commits_in_place_only_alone_in_both_durabilities() {
     // refused ones included.
     lone_encrypts(&mut keys, CALLS as usize).await;
     assert_eq!(writer.in_place_commits() - in_place, CALLS);
-    assert!(
-        decrypt(&mut keys, "acme", "crm.email", b"not a ciphertext", b"")
-            .await
-            .is_err()
-    );
-    let (mut stranger, _, _) = server.clients_with(Some("not-a-token")).await;
-    let refused = stranger
-        .encrypt(encrypt_request("acme", "crm.email", b"v", b""))
-        .await;
-    assert!(refused.is_err());
+    refused_calls(&server, &mut keys).await;
     assert_eq!(writer.calls_in_flight(), 0);
     server.stop().await;
 
@@ -454,26 +468,10 @@ async fn an_rpc_commits_in_place_only_alone_in_both_durabilities() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guard_counts_each_request_until_its_answer_and_the_writer_waits_only_under_load() {
-    let server =
-        TestServer::start_configured(|o| o.durability = tenant_kms::audit::Durability::Process)
-            .await;
-    let (mut keys, mut tenants, _) = server.clients().await;
-    create_tenant(&mut tenants, "acme").await;
-    lone_encrypts(&mut keys, 1).await;
+    let (server, mut keys) = process_server_with_acme().await;
     let writer = &server.state.audit;
     // Answered calls, a refused one and a stranger's all stopped counting.
-    assert!(
-        decrypt(&mut keys, "acme", "crm.email", b"not a ciphertext", b"")
-            .await
-            .is_err()
-    );
-    let (mut stranger, _, _) = server.clients_with(Some("not-a-token")).await;
-    assert!(
-        stranger
-            .encrypt(encrypt_request("acme", "crm.email", b"v", b""))
-            .await
-            .is_err()
-    );
+    refused_calls(&server, &mut keys).await;
     assert_eq!(writer.arrivals().pending(), 0);
     let (in_place, gathers) = (writer.in_place_commits(), writer.gathers());
     lone_encrypts(&mut keys, 5).await;
