@@ -150,8 +150,10 @@ impl Gathering {
             let queued = queued.load(Ordering::Acquire);
             queued < max_batch && self.arrivals.pending() > queued
         };
+        let now_queued = queued.load(Ordering::Acquire);
         if self.bound.is_zero()
-            || self.arrivals.pending() < queued.load(Ordering::Acquire) + self.siblings
+            || now_queued >= max_batch
+            || self.arrivals.pending() < now_queued + self.siblings
         {
             return;
         }
@@ -267,14 +269,15 @@ mod tests {
     }
 
     #[test]
-    fn a_full_batch_ends_a_wait() {
+    fn a_full_batch_does_not_wait() {
         let arrivals = Arrivals::default();
         let gathering = Gathering::new(arrivals.clone(), Duration::from_secs(600), 1);
         gathering.set_waiter();
         let _pending: Vec<Arrival> = (0..10).map(|_| arrivals.arrive()).collect();
-        // Two queued of a batch of two: nothing more can join, so no wait runs its bound.
+        // Two queued of a batch of two: nothing more can join, so nothing waits (a wait
+        // would run its 600 s bound).
         gathering.wait(&AtomicUsize::new(2), 2);
-        assert_eq!(gathering.waits(), 1);
+        assert_eq!(gathering.waits(), 0);
     }
 
     #[test]

@@ -996,7 +996,12 @@ mod tests {
         fixture_gathering(
             durability,
             busy_timeout,
-            Gathering::from_env(Arrivals::default()).unwrap(),
+            // The defaults, whatever the test's environment says.
+            Gathering::new(
+                Arrivals::default(),
+                crate::audit::arrivals::DEFAULT_GATHER_BOUND,
+                crate::audit::arrivals::DEFAULT_GATHER_SIBLINGS,
+            ),
         )
     }
 
