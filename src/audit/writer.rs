@@ -448,9 +448,12 @@ impl AuditWriter {
         } else {
             // On an async worker: nothing here waits (the log gives up instead; in a log that
             // syncs apart the records are not yet durable).
-            shared.commit_with(&mut deferred, &[&record], |all| {
-                shared.log.append_without_waiting(all)
-            })
+            // No late records ride along (see above), so none waits for the sync after.
+            shared
+                .commit_with(&mut deferred, &[&record], |all| {
+                    shared.log.append_without_waiting(all)
+                })
+                .map(|committed| committed.map(|c| c.first_seq))
         };
         match committed {
             Ok(Some(seq)) => {
@@ -557,6 +560,23 @@ impl Deferred {
         }
         self.records.push_back(record);
     }
+
+    /// Keeps again what a batch that is not known durable wrote: first the late records its
+    /// commit carried, as they are, then each call's record as late. Returns the replies of
+    /// its calls, to be failed closed.
+    fn keep_unsynced(&mut self, batch: Unsynced) -> Vec<Reply> {
+        for record in batch.late {
+            self.keep(record);
+        }
+        batch
+            .jobs
+            .into_iter()
+            .map(|job| {
+                self.keep(late(job.record));
+                job.done
+            })
+            .collect()
+    }
 }
 
 /// The error each call of a failed commit gets: UNAVAILABLE, and no result.
@@ -630,18 +650,22 @@ impl Shared {
     /// then written and forgotten. On failure nothing is written and the error is the one each
     /// caller of `records` gets; keeping their records as late is the caller's part.
     fn commit_batch(&self, deferred: &mut Deferred, records: &[&AuditRecord]) -> Result<u64> {
+        // `append` is durable when it returns: the late records written are done with.
         self.commit_with(deferred, records, |all| self.log.append(all).map(Some))?
+            .map(|committed| committed.first_seq)
             .ok_or_else(|| Error::internal("an audit append that waits gave up"))
     }
 
     /// [`Shared::commit_batch`] through `append`, which may give up (`Ok(None)`) having
-    /// written nothing: then nothing is counted or changed, and `None` is returned.
+    /// written nothing: then nothing is counted or changed, and `None` is returned. On
+    /// success the late records written leave `deferred` and come back in [`Committed`]: an
+    /// `append` not yet durable hands them to its sync, which keeps them again if it fails.
     fn commit_with(
         &self,
         deferred: &mut Deferred,
         records: &[&AuditRecord],
         append: impl FnOnce(&[&AuditRecord]) -> Result<Option<u64>>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Committed>> {
         let late_count = deferred.records.len();
         let all: Vec<&AuditRecord> = deferred
             .records
@@ -674,9 +698,11 @@ impl Shared {
                         records = late_count,
                         "audit store writable again: recorded the calls failed closed meanwhile"
                     );
-                    deferred.records.clear();
                 }
-                Ok(Some(first + late_count as u64))
+                Ok(Some(Committed {
+                    first_seq: first + late_count as u64,
+                    late: std::mem::take(&mut deferred.records),
+                }))
             }
             Err(e) => {
                 // The log reconnects on the next append.
@@ -687,11 +713,22 @@ impl Shared {
     }
 }
 
+/// What a successful commit wrote besides its own records.
+struct Committed {
+    /// The sequence number of the first of the commit's own records.
+    first_seq: u64,
+    /// The late records written before them, in order (see [`Deferred`]).
+    late: VecDeque<AuditRecord>,
+}
+
 /// A batch committed but not yet known durable, with the sequence number of its first record:
 /// its callers are answered by the sync thread.
 struct Unsynced {
     jobs: Vec<Job>,
     first_seq: u64,
+    /// Late records written by the same commit: their calls were answered long ago, but the
+    /// records are durable only with this batch's sync, and a failed one keeps them again.
+    late: VecDeque<AuditRecord>,
 }
 
 fn run(shared: &Shared, queue: &mpsc::Receiver<Message>) {
@@ -819,10 +856,11 @@ fn run_batches(
         // A batch with nobody behind it, synced and answered by this thread below.
         let mut lone = None;
         let replies: Vec<(Reply, Result<u64>)> = match (committed, to_sync) {
-            (Ok(first_seq), Some(to_sync)) => {
+            (Ok(committed), Some(to_sync)) => {
                 let unsynced = Unsynced {
                     jobs: std::mem::take(&mut batch),
-                    first_seq,
+                    first_seq: committed.first_seq,
+                    late: committed.late,
                 };
                 if shared.nobody_behind(&unsynced.jobs) {
                     lone = Some(unsynced);
@@ -836,20 +874,18 @@ fn run_batches(
                         // durable.
                         Err(mpsc::SendError(lost)) => {
                             shared.syncing.fetch_sub(1, Ordering::AcqRel);
-                            lost.jobs
+                            deferred
+                                .keep_unsynced(lost)
                                 .into_iter()
-                                .map(|job| {
-                                    deferred.keep(late(job.record));
-                                    (job.done, Err(unrecorded()))
-                                })
+                                .map(|reply| (reply, Err(unrecorded())))
                                 .collect()
                         }
                     }
                 }
             }
-            (Ok(first_seq), None) => batch
+            (Ok(committed), None) => batch
                 .drain(..)
-                .zip(first_seq..)
+                .zip(committed.first_seq..)
                 .map(|(job, seq)| (job.done, Ok(seq)))
                 .collect(),
             (Err(_), _) => batch
@@ -914,6 +950,7 @@ fn sync_alone(shared: &Shared, record: AuditRecord, seq: u64) -> Result<u64> {
         &mut vec![Unsynced {
             jobs: vec![job],
             first_seq: seq,
+            late: VecDeque::new(),
         }],
     );
     rx.try_recv()
@@ -950,11 +987,7 @@ fn sync_and_answer(shared: &Shared, pending: &mut Vec<Unsynced>) {
             let mut deferred = shared.lock();
             let replies: Vec<Reply> = pending
                 .drain(..)
-                .flat_map(|batch| batch.jobs)
-                .map(|job| {
-                    deferred.keep(late(job.record));
-                    job.done
-                })
+                .flat_map(|batch| deferred.keep_unsynced(batch))
                 .collect();
             drop(deferred);
             for reply in replies {
@@ -1643,6 +1676,53 @@ mod tests {
             ]
         );
         assert!(rows[1].1.detail.starts_with("recorded late"));
+        let report = reader.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+    }
+
+    #[test]
+    fn late_records_whose_second_write_is_not_synced_are_kept_and_written_again() {
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        let reader = reader(&f.path, &f.keys);
+        let runtime = runtime();
+        // Two syncs fail: the call's own batch's, then that of the timer's first retry, which
+        // wrote the call's late record.
+        f.sync_fault.fail.store(2, Ordering::Release);
+        let failed = runtime.block_on(f.writer.append(record(1))).err().unwrap();
+        assert!(matches!(failed, Error::Unavailable(_)), "{failed}");
+        // The late record is written a second time by a later retry, whose sync succeeds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while reader.count().unwrap() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the late record whose sync failed was not written again"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(f.sync_fault.fail.load(Ordering::Acquire), 0);
+        assert_eq!(runtime.block_on(f.writer.append(record(2))).unwrap(), 4);
+        let rows = reader
+            .list(&ListFilter {
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .unwrap();
+        let seen: Vec<(u64, &str, Outcome)> = rows
+            .iter()
+            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, "r1", record(1).outcome),
+                (2, "r1", Outcome::Unavailable),
+                (3, "r1", Outcome::Unavailable),
+                (4, "r2", record(2).outcome)
+            ]
+        );
+        // Kept as it was written, not marked late a second time.
+        assert!(rows[1].1.detail.starts_with("recorded late"));
+        assert_eq!(rows[2].1.detail, rows[1].1.detail);
         let report = reader.verify().unwrap();
         assert!(report.ok, "{report:?}");
     }
