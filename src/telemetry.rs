@@ -57,9 +57,10 @@ thread_local! {
 }
 
 /// The tracing span of one call: its fields, and the span itself once something needs it
-/// (up front in eager mode, else at the first line written inside the call). Nothing at all
-/// when the filter disables the span (e.g. `--log warn`: no line then names the call, as
-/// before). Cloning shares it.
+/// (up front in eager mode, else at the first line written inside the call). When the filter
+/// writes warnings and errors only (`--log warn`), the span is made at error level for the
+/// first such line, so that it too names its call; nothing at all when the filter disables
+/// every call span. Cloning shares it.
 #[derive(Clone)]
 pub struct CallSpan(Option<Arc<CallFields>>);
 
@@ -94,12 +95,20 @@ impl CallSpan {
         op: &'static str,
         trace: Option<RemoteParent<'_>>,
     ) -> Self {
-        let disabled = !tracing::enabled!(
+        let info = tracing::enabled!(
             kind: tracing::metadata::Kind::SPAN,
             target: CALL_TARGET,
             tracing::Level::INFO
         );
-        if disabled {
+        // At `--log warn` the info span is off, yet a warning written inside the call must
+        // still name it: the fields are kept for the error-level span a line makes then.
+        if !info
+            && !tracing::enabled!(
+                kind: tracing::metadata::Kind::SPAN,
+                target: CALL_TARGET,
+                tracing::Level::ERROR
+            )
+        {
             return Self(None);
         }
         let call = Self(Some(Arc::new(CallFields {
@@ -108,7 +117,9 @@ impl CallSpan {
             trace: trace.map(|t| (t.trace_id.to_owned(), t.span_id.to_owned(), t.flags)),
             made: Mutex::new(Made::default()),
         })));
-        if eager {
+        // Up front only as the info span it always was (an exporter at `--log warn` gets no
+        // span per call); the error-level one is made for a line only.
+        if eager && info {
             call.span();
         }
         call
@@ -139,15 +150,26 @@ impl CallSpan {
         let trace = fields.trace.as_ref();
         // The fields and their order are those of the span made up front before (the
         // tenant recorded after), so the formatted lines are the same text.
-        let span = tracing::info_span!(
-            target: CALL_TARGET,
-            "call",
-            request_id = %fields.request_id,
-            op = fields.op,
-            tenant = tracing::field::Empty,
-            trace_id = trace.map(|t| t.0.as_str()),
-            parent_span_id = trace.map(|t| t.1.as_str()),
-        );
+        macro_rules! call_span {
+            ($level:expr) => {
+                tracing::span!(
+                    target: CALL_TARGET,
+                    $level,
+                    "call",
+                    request_id = %fields.request_id,
+                    op = fields.op,
+                    tenant = tracing::field::Empty,
+                    trace_id = trace.map(|t| t.0.as_str()),
+                    parent_span_id = trace.map(|t| t.1.as_str()),
+                )
+            };
+        }
+        let mut span = call_span!(tracing::Level::INFO);
+        if span.is_disabled() {
+            // The filter writes warnings and errors only: the span at the level of the line
+            // that needs it, so that the line still names its call.
+            span = call_span!(tracing::Level::ERROR);
+        }
         adopt_parent(
             &span,
             trace.map(|t| RemoteParent {

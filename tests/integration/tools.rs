@@ -443,8 +443,22 @@ async fn json_logs_carry_the_request_id_tenant_and_trace_on_every_line_of_a_call
 /// same. The nonce budget's rotation writes one (at info) inside the Encrypt that spends it.
 #[tokio::test]
 async fn at_the_default_level_a_line_inside_a_call_names_its_request_id_and_tenant() {
+    assert_the_rotation_line_names_its_call("info").await;
+}
+
+/// At `--log warn` the call's info span is off: a line written inside the call (here the
+/// rotation's, let through by a directive for its module) still names it, through a span
+/// made at error level for that line.
+#[tokio::test]
+async fn with_call_spans_filtered_out_a_line_inside_a_call_still_names_its_request_id() {
+    assert_the_rotation_line_names_its_call("warn,tenant_kms::keys::manager=info").await;
+}
+
+/// The server logging at `level` spends acme's nonce budget; the Encrypt that then rotates
+/// the key writes a line, which must name that call.
+async fn assert_the_rotation_line_names_its_call(level: &str) {
     let temp = tempfile::tempdir().unwrap();
-    let (server, mut keys, mut tenants) = json_log_server_with_acme(temp.path(), "info").await;
+    let (server, mut keys, mut tenants) = json_log_server_with_acme(temp.path(), level).await;
     set_rotation_policy(&mut tenants, "acme", 0, 1000)
         .await
         .unwrap();
