@@ -287,9 +287,13 @@ impl DataDir {
         // below does both): the row MAC key, derived from the audit secret, so that master-key
         // rotation (which re-wraps that secret) leaves every row MAC valid. Installing it
         // finishes a pending upgrade (unless the audit chain, which a writer of keys.db cannot
-        // forge, says it happened already) and checks every row against the anchor.
-        let upgraded_before =
-            audit_log_exists && row_mac_upgrade_recorded(options, postgres.as_ref(), &chain_keys)?;
+        // forge, says it happened already) and checks every row against the anchor. The chain
+        // is searched only when the store asks for the upgrade (once in its life; the search
+        // reads the whole log when it finds nothing); an upgrade that appears after this
+        // check is a rewrite, and refused.
+        let upgraded_before = audit_log_exists
+            && (!store.row_mac_upgrade_due()?
+                || row_mac_upgrade_recorded(options, postgres.as_ref(), &chain_keys)?);
         // Read before the key store's anchor is (set_row_key below): another process may
         // change the store and record its new counter meanwhile, and the store only moves
         // forward, so a recorded counter read first never exceeds a genuine store's.

@@ -324,7 +324,16 @@ pub trait MasterKeyStore {
     /// rewrote the store into its pre-upgrade form must not get forged rows MAC'd. Returns
     /// how many rows the upgrade MAC'd (`None` when none was pending).
     fn set_row_key(&self, key: row_auth::RowKey, allow_upgrade: bool) -> Result<Option<u64>>;
+
+    /// Whether [`MasterKeyStore::set_row_key`] would find the one-time upgrade to row MACs
+    /// pending: the upgrade mark and no anchor. A genuine store never turns this back on once
+    /// it is off, so a caller that finds it off may refuse an upgrade that appears later.
+    fn row_mac_upgrade_due(&self) -> Result<bool>;
 }
+
+/// The query of [`MasterKeyStore::row_mac_upgrade_due`], the same in SQLite and PostgreSQL.
+pub(crate) const ROW_MAC_UPGRADE_DUE: &str = "SELECT EXISTS (SELECT 1 FROM row_mac_upgrade) \
+     AND NOT EXISTS (SELECT 1 FROM row_anchor)";
 
 /// Noticing changes made by other processes, so caches built from the store can be dropped.
 pub trait ChangeDetection {

@@ -961,6 +961,13 @@ impl MasterKeyStore for SqliteKeyStore {
         })
     }
 
+    fn row_mac_upgrade_due(&self) -> Result<bool> {
+        self.lock()
+            .conn
+            .query_row(super::ROW_MAC_UPGRADE_DUE, [], |row| row.get(0))
+            .map_err(sql_error)
+    }
+
     fn set_row_key(&self, key: RowKey, allow_upgrade: bool) -> Result<Option<u64>> {
         let mut guard = self.lock();
         let inner = &mut *guard;

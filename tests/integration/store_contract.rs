@@ -161,6 +161,7 @@ fn sqlite_upgrade_macs_existing_rows_once() {
     .unwrap();
     // Without the pending mark, rows without MACs are refused.
     let store = SqliteKeyStore::open(&path).unwrap();
+    assert!(!store.row_mac_upgrade_due().unwrap());
     assert!(matches!(
         store.set_row_key(contract::test_row_key(), true),
         Err(tenant_kms::error::Error::StoreIntegrity(_))
@@ -171,6 +172,7 @@ fn sqlite_upgrade_macs_existing_rows_once() {
     drop(conn);
     // A caller whose record says the upgrade happened already refuses it.
     let store = SqliteKeyStore::open(&path).unwrap();
+    assert!(store.row_mac_upgrade_due().unwrap());
     assert!(store.set_row_key(contract::test_row_key(), false).is_err());
     drop(store);
     let store = SqliteKeyStore::open(&path).unwrap();
@@ -185,6 +187,10 @@ fn sqlite_upgrade_macs_existing_rows_once() {
     assert_eq!(store.key_versions(&old).unwrap()[0].encryptions, 42);
     assert_eq!(store.token_by_hash(&[0; 32]).unwrap().unwrap().id, "tok");
     assert_eq!(store.reserve_encryptions(&old, 1, 8).unwrap(), 50);
+    assert!(
+        !store.row_mac_upgrade_due().unwrap(),
+        "done once, never due again"
+    );
     drop(store);
     // The mark is gone: installing again checks, it does not re-MAC.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -202,5 +208,9 @@ fn sqlite_upgrade_macs_existing_rows_once() {
     .unwrap();
     drop(conn);
     let store = SqliteKeyStore::open(&path).unwrap();
+    assert!(
+        !store.row_mac_upgrade_due().unwrap(),
+        "a mark beside the anchor is a rewrite, not an upgrade due"
+    );
     assert!(store.set_row_key(contract::test_row_key(), true).is_err());
 }

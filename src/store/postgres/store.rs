@@ -543,6 +543,16 @@ impl MasterKeyStore for PostgresKeyStore {
         })
     }
 
+    fn row_mac_upgrade_due(&self) -> Result<bool> {
+        off_runtime(|| {
+            let mut conn = self.pool.get()?;
+            let due = conn
+                .query_one(crate::store::ROW_MAC_UPGRADE_DUE, &[])
+                .map_err(map_error)?;
+            Ok(due.get(0))
+        })
+    }
+
     fn set_row_key(&self, key: RowKey, allow_upgrade: bool) -> Result<Option<u64>> {
         off_runtime(|| {
             let mut conn = self.pool.get()?;
