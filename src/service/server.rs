@@ -181,8 +181,8 @@ pub async fn run_with(
     flusher.abort();
     sweeper.abort();
     usage_flusher.abort();
-    if let Some(webhook) = webhook {
-        webhook.abort();
+    if let (Some(task), Some(webhook)) = (webhook, state.webhook.as_ref()) {
+        webhook.stop(task).await;
     }
     // What was counted since the last flush is written now, so a clean stop loses no usage.
     let usage = Arc::clone(&state.usage);

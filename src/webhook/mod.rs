@@ -13,8 +13,11 @@
 //!   times, waiting [`WebhookConfig::backoff`] and doubling up to [`MAX_BACKOFF`]. Another
 //!   4xx is not retried (a wrong URL or secret does not heal). Every attempt of one alert
 //!   carries the same delivery id, so a receiver can drop the repeats of an alert whose answer
-//!   was lost: delivery is at least once while the server runs; what is queued at shutdown
-//!   is not kept.
+//!   was lost: delivery is at least once while the server runs.
+//! - **Stopping** ([`Webhook::stop`]): a graceful stop gives what is still queued (and the
+//!   alert waiting for its next retry) one last attempt each, at once, for at most the attempt
+//!   timeout (and [`MAX_STOP_GRACE`]) in all; what is left then is dropped, counted and logged. The queue is not kept
+//!   across a restart: the Anomaly audit records are.
 //! - **Signed** ([`sign`]): HMAC-SHA256 with the secret of `anomaly_webhook_secret_file` over
 //!   the timestamp header and the exact body.
 //! - **Nothing secret in it** ([`payload`]): the finding's names and counts only.
@@ -27,11 +30,12 @@ pub mod settings;
 pub mod sign;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::clock::SharedClock;
 use crate::error::Result;
@@ -41,6 +45,10 @@ pub use payload::AnomalyEvent;
 
 /// Longest wait between two attempts of one alert.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Longest a stop waits for the last attempts (less when the attempt timeout is shorter): a
+/// dead endpoint must not hold up a stop that a supervisor times.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Where and how alerts are sent (the `anomaly_webhook_*` configuration keys).
 #[derive(Clone, PartialEq)]
@@ -107,6 +115,10 @@ struct Alert {
 /// What the delivery task needs; taken by [`Webhook::start`].
 struct Worker {
     alerts: mpsc::Receiver<Alert>,
+    /// Alerts queued or being attempted (shared with [`Webhook`]).
+    undelivered: Arc<AtomicUsize>,
+    /// Turns true when the server stops (see [`Webhook::stop`]).
+    stopping: watch::Receiver<bool>,
     target: post::Target,
     signer: sign::Signer,
     clock: SharedClock,
@@ -121,6 +133,12 @@ pub struct Webhook {
     queue: mpsc::Sender<Alert>,
     worker: Mutex<Option<Worker>>,
     endpoint: String,
+    stopping: watch::Sender<bool>,
+    /// Alerts queued or being attempted: what a stop cut short leaves undelivered.
+    undelivered: Arc<AtomicUsize>,
+    /// How long a stop waits for the last attempts: one attempt's timeout, at most
+    /// [`MAX_STOP_GRACE`].
+    stop_grace: Duration,
 }
 
 impl Webhook {
@@ -138,10 +156,14 @@ impl Webhook {
             );
         }
         let (queue, alerts) = mpsc::channel(config.queue.max(1));
+        let (stopping, stop_seen) = watch::channel(false);
+        let undelivered = Arc::new(AtomicUsize::new(0));
         Ok(Self {
             queue,
             worker: Mutex::new(Some(Worker {
                 alerts,
+                undelivered: Arc::clone(&undelivered),
+                stopping: stop_seen,
                 target,
                 signer,
                 clock,
@@ -150,6 +172,9 @@ impl Webhook {
                 backoff: config.backoff,
             })),
             endpoint,
+            stopping,
+            undelivered,
+            stop_grace: config.timeout.min(MAX_STOP_GRACE),
         })
     }
 
@@ -164,6 +189,30 @@ impl Webhook {
         Some(tokio::spawn(worker.run()))
     }
 
+    /// Stops the delivery task `task` (from [`Webhook::start`]): each alert still queued, and
+    /// the one waiting for its next retry, gets one last attempt at once; after one attempt
+    /// timeout in all (at most [`MAX_STOP_GRACE`]) the task is ended and what is left is
+    /// dropped (counted, logged).
+    pub async fn stop(&self, mut task: tokio::task::JoinHandle<()>) {
+        self.stopping.send_replace(true);
+        if tokio::time::timeout(self.stop_grace, &mut task)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        task.abort();
+        let left = self.undelivered.load(Ordering::Acquire);
+        for _ in 0..left {
+            crate::metrics::global().webhook(WebhookEvent::Dropped);
+        }
+        tracing::error!(
+            endpoint = %self.endpoint,
+            left,
+            "anomaly webhook: alerts not delivered at stop (the Anomaly audit records are kept)"
+        );
+    }
+
     /// Queues the alert of `event` without waiting. A full queue (or a task not running)
     /// drops it: counted and logged, the caller is never held up.
     pub fn send(&self, event: &AnomalyEvent<'_>) {
@@ -172,7 +221,10 @@ impl Webhook {
             body: Bytes::from(payload::body(event, &delivery)),
             delivery,
         };
+        // Counted before it is queued: the task counts it down once attempted.
+        self.undelivered.fetch_add(1, Ordering::AcqRel);
         if let Err(refused) = self.queue.try_send(alert) {
+            self.undelivered.fetch_sub(1, Ordering::AcqRel);
             crate::metrics::global().webhook(WebhookEvent::Dropped);
             let why = match refused {
                 mpsc::error::TrySendError::Full(_) => "its queue is full",
@@ -193,18 +245,39 @@ impl Webhook {
 
 impl Worker {
     async fn run(mut self) {
-        while let Some(alert) = self.alerts.recv().await {
-            self.deliver(&alert).await;
+        loop {
+            let stopped = self.stopping.clone();
+            tokio::select! {
+                biased;
+                _ = stopping(stopped) => break,
+                alert = self.alerts.recv() => match alert {
+                    Some(alert) => self.attempt(&alert).await,
+                    None => return,
+                },
+            }
+        }
+        // Stopping: one last attempt for each alert still queued (see [`Webhook::stop`]).
+        while let Ok(alert) = self.alerts.try_recv() {
+            self.attempt(&alert).await;
         }
     }
 
-    /// Attempts `alert` until it is delivered, refused for good, or out of retries.
+    /// [`Worker::deliver`], then `alert` is no longer undelivered (delivered or given up).
+    async fn attempt(&self, alert: &Alert) {
+        self.deliver(alert).await;
+        self.undelivered.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Attempts `alert` until it is delivered, refused for good, or out of retries; once the
+    /// server is stopping, no attempt waits for a retry: the next is the last, and at once.
     async fn deliver(&self, alert: &Alert) {
         let metrics = crate::metrics::global();
         let mut wait = self.backoff;
         let mut attempt = 0u32;
         let why = loop {
             attempt += 1;
+            // Begun after the stop: the last. (One begun before it gets another, at once.)
+            let last = *self.stopping.borrow();
             // Signed per attempt, so a retry carries a fresh timestamp.
             let timestamp = self.clock.now_unix();
             let headers = [
@@ -226,7 +299,7 @@ impl Worker {
                     return;
                 }
                 post::Attempt::GiveUp(why) => break why,
-                post::Attempt::Retry(why) if attempt > self.retries => break why,
+                post::Attempt::Retry(why) if attempt > self.retries || last => break why,
                 post::Attempt::Retry(why) => {
                     metrics.webhook(WebhookEvent::Retried);
                     tracing::warn!(
@@ -236,7 +309,11 @@ impl Worker {
                         retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                         "anomaly webhook attempt failed: {why}"
                     );
-                    tokio::time::sleep(wait).await;
+                    // A stop cuts the wait short: the next attempt is the last.
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stopping(self.stopping.clone()) => {}
+                    }
                     wait = wait.saturating_mul(2).min(MAX_BACKOFF);
                 }
             }
@@ -248,5 +325,13 @@ impl Worker {
             attempts = attempt,
             "anomaly webhook gave up on an alert: {why} (the Anomaly audit record is kept)"
         );
+    }
+}
+
+/// Resolves once the server is stopping (at once if it is already).
+async fn stopping(mut stopping: watch::Receiver<bool>) {
+    // A sender dropped (the webhook gone) ends the task through its closed queue instead.
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

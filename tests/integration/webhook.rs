@@ -1,7 +1,8 @@
 //! The anomaly webhook (issue 16, item 2) through the real server: a receiver in the test gets
 //! the signed POST after a detector trips (plain HTTP and HTTPS with a named CA), a receiver
-//! that fails the first attempts gets retries of the same delivery, and a dead receiver
-//! neither slows nor fails calls (its alerts are dropped and counted).
+//! that fails the first attempts gets retries of the same delivery, a graceful stop gives the
+//! alert waiting for its retry one last attempt, and a dead receiver neither slows nor fails
+//! calls (its alerts are dropped and counted).
 
 use crate::common;
 use crate::detect::{CONTEXT, Refused, START_MICROS, anomalies, issue, quick, server_configured};
@@ -262,6 +263,28 @@ async fn a_receiver_that_fails_the_first_attempts_gets_retries_of_the_same_deliv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_gives_the_alert_waiting_for_its_retry_one_last_attempt() {
+    let (addr, mut posts) = receiver(1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = WebhookConfig::new(format!("http://{addr}/"), secret_file(dir.path()));
+    // The retry would come only in an hour: only the stop can bring it sooner.
+    config.backoff = Duration::from_secs(3600);
+    let delivered = tenant_kms::metrics::global().webhook_count(WebhookEvent::Delivered);
+    let (server, _clock) = server_configured(quick(), |o| o.webhook = Some(config)).await;
+    with_tenants(&server).await;
+    probe(&server, ["globex", "initech", "umbrella"]).await;
+    let first = next(&mut posts).await; // answered 503
+    server.stop().await;
+    let last = posts
+        .try_recv()
+        .expect("the stop gave the alert one last attempt before the server ended");
+    assert_eq!(last.delivery, first.delivery, "the same alert");
+    assert!(verifies(SECRET.as_bytes(), &last));
+    assert!(tenant_kms::metrics::global().webhook_count(WebhookEvent::Delivered) > delivered);
+    assert!(posts.try_recv().is_err(), "one last attempt, not more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_receiver_neither_slows_nor_fails_calls_and_drops_are_counted() {
     // Accepts connections and never answers: every attempt hangs until its timeout (an hour).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -305,6 +328,14 @@ async fn a_dead_receiver_neither_slows_nor_fails_calls_and_drops_are_counted() {
         tenant_kms::metrics::global().webhook_count(WebhookEvent::Dropped) >= dropped + 2,
         "two of four alerts cannot be queued"
     );
-    server.stop().await;
+    // The stop gives up on the hung attempt and the queued alert within its bound (a hang
+    // guard, not a speed assertion): both are counted as dropped.
+    tokio::time::timeout(Duration::from_secs(120), server.stop())
+        .await
+        .expect("the stop waited for the dead webhook");
+    assert!(
+        tenant_kms::metrics::global().webhook_count(WebhookEvent::Dropped) >= dropped + 4,
+        "the two alerts left at the stop are counted too"
+    );
     holder.abort();
 }
