@@ -1060,6 +1060,23 @@ mod tests {
         }
     }
 
+    /// The first ten records `reader` lists, in order.
+    fn first_records(reader: &SqliteAuditLog) -> Vec<(u64, AuditRecord)> {
+        reader
+            .list(&ListFilter {
+                limit: 10,
+                ..ListFilter::default()
+            })
+            .unwrap()
+    }
+
+    /// Each listed record's sequence number, request id and outcome.
+    fn seq_ids_outcomes(rows: &[(u64, AuditRecord)]) -> Vec<(u64, &str, Outcome)> {
+        rows.iter()
+            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
+            .collect()
+    }
+
     /// Another connection to the log, as a reader of committed records.
     fn reader(path: &Path, keys: &Arc<ChainKeys>) -> SqliteAuditLog {
         SqliteAuditLog::open(
@@ -1426,16 +1443,8 @@ mod tests {
                     .expect("the late records are retried on the writer's timer")
                     .unwrap();
             });
-        let rows = reader
-            .list(&ListFilter {
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .unwrap();
-        let late: Vec<(u64, &str, Outcome)> = rows
-            .iter()
-            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
-            .collect();
+        let rows = first_records(&reader);
+        let late = seq_ids_outcomes(&rows);
         assert_eq!(
             late,
             [
@@ -1657,16 +1666,8 @@ mod tests {
         });
         // The late record is synced before the next call's reply, which follows it.
         assert_eq!(runtime.block_on(f.writer.append(record(2))).unwrap(), 3);
-        let rows = reader
-            .list(&ListFilter {
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .unwrap();
-        let seen: Vec<(u64, &str, Outcome)> = rows
-            .iter()
-            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
-            .collect();
+        let rows = first_records(&reader);
+        let seen = seq_ids_outcomes(&rows);
         assert_eq!(
             seen,
             [
@@ -1701,16 +1702,8 @@ mod tests {
         }
         assert_eq!(f.sync_fault.fail.load(Ordering::Acquire), 0);
         assert_eq!(runtime.block_on(f.writer.append(record(2))).unwrap(), 4);
-        let rows = reader
-            .list(&ListFilter {
-                limit: 10,
-                ..ListFilter::default()
-            })
-            .unwrap();
-        let seen: Vec<(u64, &str, Outcome)> = rows
-            .iter()
-            .map(|(seq, r)| (*seq, r.request_id.as_str(), r.outcome))
-            .collect();
+        let rows = first_records(&reader);
+        let seen = seq_ids_outcomes(&rows);
         assert_eq!(
             seen,
             [
