@@ -16,8 +16,8 @@
 //!   was lost: delivery is at least once while the server runs.
 //! - **Stopping** ([`Webhook::stop`]): a graceful stop gives what is still queued (and the
 //!   alert waiting for its next retry) one last attempt each, at once, for at most the attempt
-//!   timeout (and [`MAX_STOP_GRACE`]) in all; what is left then is dropped, counted and logged. The queue is not kept
-//!   across a restart: the Anomaly audit records are.
+//!   timeout (and [`MAX_STOP_GRACE`]) in all; what is left then is dropped, counted and
+//!   logged. The queue is not kept across a restart: the Anomaly audit records are.
 //! - **Signed** ([`sign`]): HMAC-SHA256 with the secret of `anomaly_webhook_secret_file` over
 //!   the timestamp header and the exact body.
 //! - **Nothing secret in it** ([`payload`]): the finding's names and counts only.
