@@ -1646,15 +1646,22 @@ mod tests {
         assert!(reader.verify().unwrap().ok);
     }
 
-    #[test]
-    fn a_failed_sync_fails_its_calls_closed_and_records_them_again_as_late() {
+    /// A writer in `fsync` durability whose next `fails` syncs fail, its reader and runtime,
+    /// after a first call (record 1) was failed closed by the first of them.
+    fn first_call_unsynced(fails: u32) -> (Fixture, SqliteAuditLog, tokio::runtime::Runtime) {
         let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
         let reader = reader(&f.path, &f.keys);
         let runtime = runtime();
-        f.sync_fault.fail.store(1, Ordering::Release);
+        f.sync_fault.fail.store(fails, Ordering::Release);
         let failed = runtime.block_on(f.writer.append(record(1))).err().unwrap();
         assert!(matches!(failed, Error::Unavailable(_)), "{failed}");
         assert!(failed.to_string().contains("no result was returned"));
+        (f, reader, runtime)
+    }
+
+    #[test]
+    fn a_failed_sync_fails_its_calls_closed_and_records_them_again_as_late() {
+        let (f, reader, runtime) = first_call_unsynced(1);
         // Committed, but not known durable: the call got no result.
         assert_eq!(reader.count().unwrap(), 1);
         let mut writable = f.writer.writable();
@@ -1683,14 +1690,9 @@ mod tests {
 
     #[test]
     fn late_records_whose_second_write_is_not_synced_are_kept_and_written_again() {
-        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
-        let reader = reader(&f.path, &f.keys);
-        let runtime = runtime();
         // Two syncs fail: the call's own batch's, then that of the timer's first retry, which
         // wrote the call's late record.
-        f.sync_fault.fail.store(2, Ordering::Release);
-        let failed = runtime.block_on(f.writer.append(record(1))).err().unwrap();
-        assert!(matches!(failed, Error::Unavailable(_)), "{failed}");
+        let (f, reader, runtime) = first_call_unsynced(2);
         // The late record is written a second time by a later retry, whose sync succeeds.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while reader.count().unwrap() < 3 {
