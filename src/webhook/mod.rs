@@ -202,6 +202,8 @@ impl Webhook {
             return;
         }
         task.abort();
+        // Ended for certain before counting: an attempt finishing meanwhile counts itself down.
+        let _ = task.await;
         let left = self.undelivered.load(Ordering::Acquire);
         for _ in 0..left {
             crate::metrics::global().webhook(WebhookEvent::Dropped);
