@@ -952,11 +952,12 @@ impl AppState {
     /// Drops caches when another process changed the key store (a rotation, a revocation).
     ///
     /// The check (see [`crate::store::ChangeDetection::change_generation`]) reads the WAL-index header of
-    /// keys.db, and only when that moved runs a `PRAGMA data_version` on the process's
-    /// connection. When that connection is free it runs inline (well under a microsecond when
-    /// nothing changed); when a write holds it (an fsync, or a wait for another process's
-    /// lock) the check moves to the blocking pool, so the async threads never stall behind
-    /// the store, and the call still sees every change committed before it started.
+    /// keys.db, which needs no connection, and only when that moved runs a `PRAGMA
+    /// data_version` on the process's connection. When that connection is free the full
+    /// check runs inline; when a write holds it (an fsync, another call's full check, a wait
+    /// for another process's lock) the full check moves to the blocking pool, so the async
+    /// threads never stall behind the store, and the call still sees every change committed
+    /// before it started.
     pub async fn refresh(&self) -> Result<()> {
         let generation = match self.keys.store().try_change_generation() {
             Some(generation) => generation?,

@@ -25,6 +25,7 @@ use crate::error::{Error, Result, StoreFault};
 
 // Blind index definitions (`IndexDefinitionStore`), in their own file.
 mod index;
+mod wal_watch;
 
 /// How long a write waits for another process's write transaction before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +53,9 @@ pub struct SqliteKeyStore {
     reservations: Mutex<Vec<PendingReservation>>,
     /// Change checks started so far (numbered from 1), for single-flight checking.
     checks_started: AtomicU64,
+    /// keys.db's WAL-index header and the generation of the last full change check: what a
+    /// check reads first, without the connection.
+    changes: wal_watch::WalWatch,
     /// A copy of `Inner::anchor_seen` readable without the connection's lock (see
     /// `ChangeDetection::anchor_counter`): the audit writer reads it for every batch and must
     /// not wait behind a key-store fsync.
@@ -61,15 +65,8 @@ pub struct SqliteKeyStore {
 struct Inner {
     conn: Connection,
     data_version: i64,
-    /// Changes by others seen so far (see `ChangeDetection::change_generation`).
-    generation: u64,
-    /// The number of the last finished change check.
+    /// The number of the last finished full change check.
     checks_done: u64,
-    /// The `-shm` file, read for the WAL-index header (opened on first use).
-    shm: Option<std::fs::File>,
-    shm_path: std::path::PathBuf,
-    /// The WAL-index header as read just before the last full change check.
-    seen_header: Option<[u8; WAL_INDEX_HEADERS]>,
     /// The key of the row MACs, once installed (`MasterKeyStore::set_row_key`).
     row_key: Option<RowKey>,
     /// Why the store refuses to serve rows: the last check of the anchor against the row
@@ -82,11 +79,6 @@ struct Inner {
     /// published there.
     anchor_published: Arc<AtomicU64>,
 }
-
-/// Bytes at the start of the `-shm` file: two copies of the 48-byte WAL-index header, which
-/// SQLite writes one after the other on every commit (and readers compare to detect a torn
-/// read).
-const WAL_INDEX_HEADERS: usize = 96;
 
 impl Inner {
     /// Records an anchor counter read from a verified anchor or just committed, and publishes
@@ -123,19 +115,6 @@ impl Inner {
         self.row_key
             .as_ref()
             .ok_or_else(|| Error::internal("key store: the row key is not installed"))
-    }
-
-    /// Both copies of the WAL-index header if they agree (no commit is half-published);
-    /// `None` if the file cannot be read, in which case the caller does a full check.
-    fn wal_index_header(&mut self) -> Option<[u8; WAL_INDEX_HEADERS]> {
-        use std::os::unix::fs::FileExt;
-        if self.shm.is_none() {
-            self.shm = std::fs::File::open(&self.shm_path).ok();
-        }
-        let mut buf = [0u8; WAL_INDEX_HEADERS];
-        self.shm.as_ref()?.read_exact_at(&mut buf, 0).ok()?;
-        let (first, second) = buf.split_at(WAL_INDEX_HEADERS / 2);
-        (first == second).then_some(buf)
     }
 }
 
@@ -698,21 +677,14 @@ impl SqliteKeyStore {
             inner: Mutex::new(Inner {
                 conn,
                 data_version,
-                generation: 0,
                 checks_done: 0,
-                shm: None,
-                shm_path: {
-                    let mut shm = path.as_os_str().to_owned();
-                    shm.push("-shm");
-                    shm.into()
-                },
-                seen_header: None,
                 row_key: None,
                 integrity: None,
                 anchor_seen: 0,
                 anchor_published: Arc::clone(&anchor_published),
             }),
             checks_started: AtomicU64::new(0),
+            changes: wal_watch::WalWatch::new(path),
             anchor_published,
             reservations: Mutex::new(Vec::new()),
         }
@@ -1468,6 +1440,9 @@ impl ChangeDetection for SqliteKeyStore {
     }
 
     fn change_generation(&self) -> Result<u64> {
+        if let Some(generation) = self.changes.unchanged_since(self.changes.header()) {
+            return Ok(generation);
+        }
         // Single flight: a check that started after this call began is as good as our own,
         // so callers queued on the mutex while one check ran share the next one.
         let arrival = self.checks_started.load(Ordering::Acquire);
@@ -1476,6 +1451,11 @@ impl ChangeDetection for SqliteKeyStore {
     }
 
     fn try_change_generation(&self) -> Option<Result<u64>> {
+        // Nothing committed since the last full check: answered without the connection, so
+        // a call never waits for (or hands off around) a write that holds it.
+        if let Some(generation) = self.changes.unchanged_since(self.changes.header()) {
+            return Some(Ok(generation));
+        }
         let arrival = self.checks_started.load(Ordering::Acquire);
         let inner = match self.inner.try_lock() {
             Ok(inner) => inner,
@@ -1796,38 +1776,39 @@ impl BackupStore for SqliteKeyStore {
 
 /// Compares `PRAGMA data_version` with the last value seen on this connection.
 impl SqliteKeyStore {
-    /// The body of a change check (see `ChangeDetection::change_generation`), with the connection
-    /// locked; `arrival` is the number of checks started when the caller arrived.
+    /// The full change check (see `ChangeDetection::change_generation`), with the connection
+    /// locked, for a caller that found the WAL-index header moved; `arrival` is the number of
+    /// checks started when the caller arrived.
     fn generation_check(&self, mut inner: MutexGuard<'_, Inner>, arrival: u64) -> Result<u64> {
         if inner.checks_done > arrival {
-            return Ok(inner.generation);
+            return Ok(self.changes.generation());
         }
         let number = self.checks_started.fetch_add(1, Ordering::AcqRel) + 1;
-        // Fast path: every commit, by any connection, rewrites the WAL-index header in the
-        // `-shm` file (its change counter, last frame and salts; sqlite.org/walformat.html
-        // §2.2.1). Both copies equal to the header seen at our last full check mean nothing
-        // was committed since: no SQLite read transaction, no lock syscalls.
-        let header = inner.wal_index_header();
-        if header.is_some() && header == inner.seen_header {
+        let header = self.changes.header();
+        // Another caller's full check may have published this very header while we waited
+        // for the connection.
+        if let Some(generation) = self.changes.unchanged_since(header) {
             inner.checks_done = number;
-            return Ok(inner.generation);
+            return Ok(generation);
         }
         let now: i64 = inner
             .conn
             .prepare_cached("PRAGMA data_version")
             .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
             .map_err(sql_error)?;
+        // Only full checks change the generation, and they hold the connection.
+        let mut generation = self.changes.generation();
         if now != inner.data_version {
             inner.data_version = now;
-            inner.generation += 1;
+            generation += 1;
             // Another process wrote: before its change is served, the anchor must still
             // match every row MAC (a deleted, inserted or rolled-back row breaks it).
             inner.recheck_rows();
         }
         // Read before the PRAGMA: a commit after it shows as a different header next time.
-        inner.seen_header = header;
+        self.changes.publish(header, generation);
         inner.checks_done = number;
-        Ok(inner.generation)
+        Ok(generation)
     }
 
     /// Rebuilds the database, then copies the WAL into it and truncates the WAL to zero bytes,
@@ -2131,5 +2112,51 @@ fn raw_value(value: &super::RawValue) -> rusqlite::types::Value {
         super::RawValue::Integer(v) => Value::Integer(*v),
         super::RawValue::Text(t) => Value::Text(t.clone()),
         super::RawValue::Blob(b) => Value::Blob(b.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::contract::install_test_row_key;
+
+    fn master(version: u32) -> MasterVersionRecord {
+        MasterVersionRecord {
+            version,
+            check_value: vec![0; 32],
+            created_at: 0,
+            retired_at: None,
+        }
+    }
+
+    /// A call's change check answers while another thread holds the connection (a write, an
+    /// fsync) as long as nothing was committed since the last full check, so it is not sent
+    /// to the blocking pool; after a commit elsewhere it still waits for the full check.
+    #[test]
+    fn an_unchanged_store_answers_the_change_check_without_its_connection() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("keys.db");
+        let a = SqliteKeyStore::open(&path).unwrap();
+        let b = SqliteKeyStore::open(&path).unwrap();
+        install_test_row_key(&a);
+        install_test_row_key(&b);
+        let before = a.change_generation().unwrap();
+
+        let held = a.lock();
+        assert_eq!(a.try_change_generation().unwrap().unwrap(), before);
+        b.insert_master_version(&master(7)).unwrap();
+        assert!(
+            a.try_change_generation().is_none(),
+            "a commit elsewhere needs the full check, which needs the connection"
+        );
+        drop(held);
+
+        let after = a.try_change_generation().unwrap().unwrap();
+        assert!(after > before);
+        let held = a.lock();
+        assert_eq!(a.try_change_generation().unwrap().unwrap(), after);
+        drop(held);
     }
 }
