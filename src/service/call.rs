@@ -413,7 +413,7 @@ impl Call {
                 let mut response = Response::new(value);
                 // The id's last use: its buffer becomes the header's without a copy.
                 let id = std::mem::take(&mut self.request_id);
-                if let Ok(id) = tonic::metadata::MetadataValue::try_from(id) {
+                if let Some(id) = status::request_id_value(id) {
                     response.metadata_mut().insert("x-request-id", id);
                 }
                 Ok(response)

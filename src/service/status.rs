@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -76,6 +77,19 @@ pub fn client_message(error: &Error, request_id: &str) -> String {
 /// same hint is in the status details as a `google.rpc.RetryInfo`).
 pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
+/// `id` as the value of the `x-request-id` metadata every answer carries, sent never-indexed.
+/// Each id is unique, so entering it in HPACK's dynamic table (h2 enters every other value)
+/// buys nothing: it costs each answer a comparison with the ids already there and evicts the
+/// headers that do repeat (`content-type`, `grpc-status`), which then travel in full again.
+pub fn request_id_value<T>(id: T) -> Option<MetadataValue<Ascii>>
+where
+    T: TryInto<MetadataValue<Ascii>>,
+{
+    let mut value = id.try_into().ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// The status for an error. Internal errors are logged here, with the request id. A
 /// [`Error::RetryLater`] carries its hint twice: as `retry-after-ms` metadata (easy to read
 /// from any client) and as `google.rpc.RetryInfo` in the details (what gRPC client libraries
@@ -101,7 +115,7 @@ pub fn to_status(error: &Error, request_id: &str) -> Status {
         _ => Status::new(code(error), client_message(error, request_id)),
     };
     if !request_id.is_empty()
-        && let Ok(value) = request_id.parse()
+        && let Some(value) = request_id_value(request_id)
     {
         status.metadata_mut().insert("x-request-id", value);
     }
@@ -120,6 +134,9 @@ mod tests {
         assert!(!status.message().contains("SQL"));
         assert!(!status.message().contains("/var"));
         assert!(status.message().contains("abc123"));
+        let id = status.metadata().get("x-request-id").unwrap();
+        assert_eq!(id, "abc123");
+        assert!(id.is_sensitive(), "a unique id is sent never-indexed");
     }
 
     #[test]
