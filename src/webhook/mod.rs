@@ -205,6 +205,10 @@ impl Webhook {
         // Ended for certain before counting: an attempt finishing meanwhile counts itself down.
         let _ = task.await;
         let left = self.undelivered.load(Ordering::Acquire);
+        if left == 0 {
+            // The last attempt ended just as the grace ran out: nothing was left behind.
+            return;
+        }
         for _ in 0..left {
             crate::metrics::global().webhook(WebhookEvent::Dropped);
         }
