@@ -2159,4 +2159,57 @@ mod tests {
         assert_eq!(a.try_change_generation().unwrap().unwrap(), after);
         drop(held);
     }
+
+    /// Whether a process other than this one may take a write lock on SQLite's `-shm` lock
+    /// byte (`UNIX_SHM_DMS`, offset 128: every connection holds a read lock on it while open,
+    /// and the process that finds it free rebuilds the WAL index): `held` or `free`, asked of
+    /// a Python child (the crate forbids the `unsafe` a lock query from Rust would need).
+    fn shm_lock_from_another_process(shm: &Path) -> String {
+        let probe = "import fcntl, os, sys\n\
+                     fd = os.open(sys.argv[1], os.O_RDWR)\n\
+                     try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\n\
+                     except OSError:\n    print('held')\nelse:\n    print('free')\n";
+        let out = std::process::Command::new("python3")
+            .args(["-c", probe])
+            .arg(shm)
+            .output()
+            .expect("python3 runs this test's lock probe (apt-get install -y python3)");
+        assert!(out.status.success(), "lock probe failed: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Dropping one store leaves another store's connection to the same file its SQLite locks:
+    /// the change check's descriptor of keys.db-shm is the process's one, not closed with the
+    /// store (closing any descriptor of a file drops all the process's POSIX locks on it).
+    #[test]
+    fn dropping_a_store_leaves_its_files_locks_to_the_other_connections() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("keys.db");
+        let shm = temp.path().join("keys.db-shm");
+        let unlocked = temp.path().join("unlocked");
+        std::fs::write(&unlocked, [0u8; 256]).unwrap();
+        assert_eq!(
+            shm_lock_from_another_process(&unlocked),
+            "free",
+            "the probe sees a free lock"
+        );
+
+        let a = SqliteKeyStore::open(&path).unwrap();
+        let b = SqliteKeyStore::open(&path).unwrap();
+        install_test_row_key(&a);
+        install_test_row_key(&b);
+        // Both change checks read the header through the watch, which opens keys.db-shm.
+        a.change_generation().unwrap();
+        b.change_generation().unwrap();
+        assert_eq!(shm_lock_from_another_process(&shm), "held");
+
+        drop(a);
+        assert_eq!(
+            shm_lock_from_another_process(&shm),
+            "held",
+            "the remaining connection's lock survives the other store's drop"
+        );
+        b.insert_master_version(&master(7)).unwrap();
+        assert!(b.change_generation().is_ok());
+    }
 }
