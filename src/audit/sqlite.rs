@@ -924,7 +924,9 @@ impl WalSync {
         };
         let synced = file.sync_data().map_err(failed);
         if synced.is_err() {
-            // Open afresh next time (Linux may have dropped the failed pages' error state).
+            // Open afresh next time, in case the failure was this descriptor's own. A new
+            // descriptor does not bring the failed pages back: Linux reports a writeback
+            // error once and may drop them (docs/AUDIT.md, "Pipelined fsync", the limit).
             self.file = None;
         }
         synced
