@@ -165,6 +165,9 @@ struct Shared {
     writable: tokio::sync::watch::Sender<bool>,
     /// The thread's wait for the records of requests received and not yet queued.
     gathering: Gathering,
+    /// Test builds: the sync thread is refused, as an OS out of threads would.
+    #[cfg(test)]
+    refuse_sync_thread: bool,
 }
 
 /// Handle to the writer. Cloning shares it; the thread stops when every handle is dropped,
@@ -226,6 +229,8 @@ impl AuditWriter {
             writer_syncs: AtomicU64::new(0),
             writable: writable_tx,
             gathering,
+            #[cfg(test)]
+            refuse_sync_thread: tests::REFUSE_SYNC_THREAD.with(std::cell::Cell::get),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -738,9 +743,17 @@ fn run(shared: &Shared, queue: &mpsc::Receiver<Message>) {
         // their commit returned.
         std::thread::scope(|scope| {
             let (to_sync, unsynced) = mpsc::channel::<Unsynced>();
-            let syncer = std::thread::Builder::new()
-                .name("audit-sync".into())
-                .spawn_scoped(scope, move || sync_loop(shared, &unsynced));
+            #[cfg(test)]
+            let refused = shared.refuse_sync_thread;
+            #[cfg(not(test))]
+            let refused = false;
+            let syncer = if refused {
+                Err(std::io::Error::other("refused by the test"))
+            } else {
+                std::thread::Builder::new()
+                    .name("audit-sync".into())
+                    .spawn_scoped(scope, move || sync_loop(shared, &unsynced))
+            };
             match syncer {
                 Ok(_) => run_batches(shared, queue, Some(&to_sync)),
                 Err(e) => {
@@ -781,11 +794,13 @@ fn run_batches(
     // next batch, so the batch size follows the load.
     let mut batch: Vec<Job> = Vec::new();
     // Records of failed calls wait: retry them on a timer even if nothing arrives. A failed
-    // sync leaves them from the sync thread, which cannot wake this one: with a sync thread,
-    // the timer always runs.
+    // sync leaves them from the sync thread or from a lone call's worker (`sync_alone`),
+    // neither of which wakes this thread: in a log that syncs apart, with a sync thread or
+    // without one, the timer always runs.
     let mut retrying = false;
+    let syncs_apart = shared.log.syncs_apart();
     loop {
-        let first = if retrying || to_sync.is_some() {
+        let first = if retrying || syncs_apart {
             match queue.recv_timeout(RETRY_DEFERRED) {
                 Ok(message) => Some(message),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -1009,6 +1024,11 @@ mod tests {
     use crate::audit::sqlite::{DEFAULT_BUSY_TIMEOUT, SqliteAuditLog, SyncFault};
     use crate::audit::verify::tests::record;
     use crate::crypto::secret::SecretKey;
+
+    thread_local! {
+        /// Set while a test starts a writer whose sync thread must be refused.
+        pub(super) static REFUSE_SYNC_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -1686,6 +1706,46 @@ mod tests {
         assert!(rows[1].1.detail.starts_with("recorded late"));
         let report = reader.verify().unwrap();
         assert!(report.ok, "{report:?}");
+    }
+
+    /// With no sync thread (the OS refused it) a lone call still syncs its in-place commit on
+    /// its worker; when that sync fails, the writer's timer writes the late record without
+    /// waiting for another call to arrive.
+    #[test]
+    fn without_a_sync_thread_a_failed_lone_sync_is_written_late_on_the_timer() {
+        REFUSE_SYNC_THREAD.with(|refuse| refuse.set(true));
+        let f = fixture_with(Durability::Fsync, DEFAULT_BUSY_TIMEOUT);
+        REFUSE_SYNC_THREAD.with(|refuse| refuse.set(false));
+        let reader = reader(&f.path, &f.keys);
+        let runtime = runtime();
+        f.sync_fault.fail.store(1, Ordering::Release);
+        let call = f.writer.begin_call();
+        let failed = runtime.block_on(call.append(record(1))).err().unwrap();
+        assert!(matches!(failed, Error::Unavailable(_)), "{failed}");
+        assert_eq!(
+            f.writer.in_place_commits(),
+            1,
+            "committed on the caller's worker"
+        );
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while reader.count().unwrap() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the late record waited for a next call"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let rows = first_records(&reader);
+        assert_eq!(
+            seq_ids_outcomes(&rows),
+            [
+                (1, "r1", record(1).outcome),
+                (2, "r1", Outcome::Unavailable)
+            ]
+        );
+        assert!(rows[1].1.detail.starts_with("recorded late"));
+        assert!(reader.verify().unwrap().ok);
     }
 
     #[test]
