@@ -241,9 +241,19 @@ pub fn authorize(caller: &Caller, operation: Operation, tenant: Option<&TenantId
 /// Turns bearer tokens into callers, caching what the store said until it changes.
 pub struct Authenticator {
     store: Arc<dyn KeyStore>,
-    cache: Mutex<HashMap<[u8; 32], Arc<Caller>>>,
+    cache: Mutex<TokenCache>,
     /// The time token expiry is checked against.
     clock: SharedClock,
+}
+
+/// Callers by token hash, and how many times the cache was dropped for a store change.
+#[derive(Default)]
+struct TokenCache {
+    callers: HashMap<[u8; 32], Arc<Caller>>,
+    /// Bumped by [`Authenticator::clear`]: a lookup that read the store before a clear may
+    /// have read the row as it was before the change the clear is for (a revocation), so it
+    /// answers its own call, which began before, but does not enter the cache.
+    epoch: u64,
 }
 
 /// Most tokens remembered before the cache starts over.
@@ -255,14 +265,41 @@ impl Authenticator {
     pub fn new(store: Arc<dyn KeyStore>, clock: SharedClock) -> Self {
         Self {
             store,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(TokenCache::default()),
             clock,
         }
     }
 
-    /// Drops cached callers (after the store changed elsewhere: a revocation).
+    /// Drops cached callers (after the store changed: a revocation, a quarantine). No lookup
+    /// that began before this returns enters the cache afterwards.
     pub fn clear(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut cache = self.lock_cache();
+        cache.callers.clear();
+        cache.epoch += 1;
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TokenCache> {
+        // A map and a counter: a panic elsewhere cannot leave them half-updated.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached caller for `hash`, and the cache's epoch as of this lookup.
+    fn cached(&self, hash: &[u8; 32]) -> (Option<Arc<Caller>>, u64) {
+        let cache = self.lock_cache();
+        (cache.callers.get(hash).cloned(), cache.epoch)
+    }
+
+    /// Caches `caller`, read from the store by a lookup that began at `epoch`, unless the
+    /// cache was dropped since.
+    fn remember(&self, hash: [u8; 32], caller: &Arc<Caller>, epoch: u64) {
+        let mut cache = self.lock_cache();
+        if cache.epoch != epoch {
+            return;
+        }
+        if cache.callers.len() >= MAX_CACHED_TOKENS {
+            cache.callers.clear();
+        }
+        cache.callers.insert(hash, Arc::clone(caller));
     }
 
     /// The caller holding `token`, if it is known, unexpired and unrevoked.
@@ -279,12 +316,7 @@ impl Authenticator {
         };
         let token = token.ok_or(Error::Unauthenticated).map_err(unknown)?;
         let hash = hash_token(token);
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-            .cloned();
+        let (cached, epoch) = self.cached(&hash);
         let caller = match cached {
             Some(caller) => caller,
             None => {
@@ -332,11 +364,7 @@ impl Authenticator {
                     operations,
                     record.expires_at,
                 ));
-                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= MAX_CACHED_TOKENS {
-                    cache.clear();
-                }
-                cache.insert(hash, Arc::clone(&caller));
+                self.remember(hash, &caller, epoch);
                 caller
             }
         };
@@ -366,6 +394,54 @@ pub struct Refused {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lookup that read a token's row before a revocation, and ends after the cache was
+    /// dropped for it, answers its own call but leaves no entry: the next call reads the
+    /// revoked row (without the epoch, it found the stale caller cached and was let in).
+    #[test]
+    fn a_lookup_that_began_before_a_clear_does_not_cache_its_caller() {
+        use crate::store::TokenStore;
+        let temp = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(crate::store::SqliteKeyStore::open(&temp.path().join("keys.db")).unwrap());
+        crate::store::contract::install_test_row_key(&*store);
+        let token = "tkms_lookup_race_token";
+        store
+            .insert_token(&crate::store::TokenRecord {
+                id: "t1".into(),
+                name: "race".into(),
+                hash: hash_token(token),
+                role: "service".into(),
+                tenants: "*".into(),
+                operations: "*".into(),
+                created_at: 10,
+                expires_at: None,
+                revoked_at: None,
+                quarantined_at: None,
+            })
+            .unwrap();
+        let auth = Authenticator::new(store.clone(), crate::clock::system());
+        let hash = hash_token(token);
+
+        // A call's lookup begins: nothing cached; it reads the row, still valid.
+        let (cached, epoch) = auth.cached(&hash);
+        assert!(cached.is_none());
+        let read_before = auth.authenticate(Some(token)).unwrap();
+        // Another call authenticates and caches; then the revocation commits and the cache
+        // is dropped for it; then the first lookup ends.
+        assert!(store.revoke_token("t1", 20).unwrap());
+        auth.clear();
+        auth.remember(hash, &read_before, epoch);
+
+        assert!(
+            auth.cached(&hash).0.is_none(),
+            "the stale caller was not cached"
+        );
+        let Err(refused) = auth.check(Some(token)) else {
+            panic!("a revoked token is refused");
+        };
+        assert_eq!(refused.known_token.as_deref(), Some("token:t1 (revoked)"));
+    }
 
     fn caller(role: Role, tenants: &str, ops: Option<&str>) -> Caller {
         Caller::new(
