@@ -16,8 +16,6 @@
 //! tenant, since its key is another tenant's. Wrapped keys stay wrapped (and each is bound to
 //! its tenant and version by its own AAD): the file is useless without the master keyring.
 
-use std::collections::BTreeMap;
-
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -297,19 +295,16 @@ pub fn plan_import(
             .filter(|v| v.state == KeyVersionState::Destroyed)
             .map(|v| v.version),
     );
-    let live_encryptions: BTreeMap<u32, u64> = live_versions
-        .iter()
-        .map(|v| (v.version, v.encryptions))
-        .collect();
     let wrapping = TenantKeyWrapping::new(ring)?;
     let primary = export.tenant.primary_version;
     let mut versions = Vec::with_capacity(export.versions.len());
     let mut kept_destroyed = Vec::new();
     for v in &export.versions {
         let exported_state = parse_version_state(&v.state)?;
-        let encryptions = v
-            .encryptions
-            .max(live_encryptions.get(&v.version).copied().unwrap_or(0));
+        // The store writes the larger of this and its own counter, read in the import's
+        // transaction (`store::counter_not_behind`): a server may reserve more between this
+        // plan and that write.
+        let encryptions = v.encryptions;
         if exported_state == KeyVersionState::Destroyed || destroyed.contains(&v.version) {
             if v.version == primary {
                 return Err(Error::FailedPrecondition(format!(

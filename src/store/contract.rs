@@ -36,6 +36,7 @@ pub fn keystore_contract<S: KeyStore>(make: impl Fn() -> S) {
     };
     check_create_tenants_is_all_or_nothing(&make());
     check_replace_tenant_is_all_or_nothing(&make());
+    check_replace_tenant_never_moves_a_counter_back(&make());
     check_compare_and_set_conflicts(&make());
     check_ordering(&make());
     check_shredding(&make());
@@ -238,6 +239,30 @@ pub fn check_replace_tenant_is_all_or_nothing<S: KeyStore>(store: &S) {
         "{err:?}"
     );
     assert!(wrapped_keys_of(store, "n").is_empty());
+}
+
+/// An import planned while a server reserved more encryptions under a version keeps the
+/// store's higher counter, and still takes its own where that is higher.
+pub fn check_replace_tenant_never_moves_a_counter_back<S: KeyStore>(store: &S) {
+    with_masters(store);
+    create(store, "a");
+    rotate(store, "a");
+    let mut row = tenant("a");
+    row.primary_version = 2;
+    // Planned with counters of 0 and 40; the server reserves 100 under version 1 meanwhile.
+    let (mut first, mut second) = (version(1, 2), version(2, 2));
+    first.encryptions = 0;
+    second.encryptions = 40;
+    assert_eq!(store.reserve_encryptions(&id("a"), 1, 100).unwrap(), 100);
+    store.replace_tenant(&row, &[first, second]).unwrap();
+    let counters: Vec<(u32, u64)> = store
+        .key_versions(&id("a"))
+        .unwrap()
+        .iter()
+        .map(|v| (v.version, v.encryptions))
+        .collect();
+    assert_eq!(counters, [(1, 100), (2, 40)]);
+    assert_eq!(store.reserve_encryptions(&id("a"), 1, 1).unwrap(), 101);
 }
 
 /// Every conditional update refuses a stale expectation with the typed error and changes

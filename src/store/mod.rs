@@ -106,6 +106,24 @@ pub struct KeyVersionRecord {
     pub wrapped: Option<WrappedTenantKey>,
 }
 
+/// `version` with its encryption counter raised to that of the same version among `stored`
+/// (the rows the replacing transaction read), if that is higher. An import is planned before
+/// its transaction, and a server may reserve encryptions under the version meanwhile: a
+/// counter written back below a reservation would hand out the same part of the budget twice.
+pub(crate) fn counter_not_behind<'a>(
+    version: &KeyVersionRecord,
+    stored: impl IntoIterator<Item = &'a KeyVersionRecord>,
+) -> KeyVersionRecord {
+    let mut kept = version.clone();
+    if let Some(row) = stored
+        .into_iter()
+        .find(|row| row.version == version.version)
+    {
+        kept.encryptions = kept.encryptions.max(row.encryptions);
+    }
+    kept
+}
+
 /// A tenant key sealed under a master-key version: public bytes, useless without that master
 /// key (see `crypto::envelope::wrap_tenant_key`).
 #[derive(Clone, PartialEq, Eq)]
@@ -379,7 +397,9 @@ pub trait BackupStore {
     fn shred(&self, items: &[ShredItem], now: i64) -> Result<Vec<ShredItem>>;
     /// Replaces a tenant and all its key versions in one transaction (per-tenant import):
     /// refused if the tenant is destroyed in the store, or if a version the store has
-    /// destroyed would come back with a key; on refusal nothing changes.
+    /// destroyed would come back with a key; on refusal nothing changes. No version's
+    /// encryption counter moves back: each is written as the larger of the import's and the
+    /// store's at the time of the write ([`counter_not_behind`]).
     fn replace_tenant(&self, tenant: &TenantRecord, versions: &[KeyVersionRecord]) -> Result<()>;
     /// The shred ledger head this store last saw (on a store several nodes share: the head
     /// of this node's ledger, each node keeping a ledger of its own).

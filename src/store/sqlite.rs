@@ -1651,6 +1651,8 @@ impl BackupStore for SqliteKeyStore {
                 .map_err(sql_error)?;
             rows.put_tenant(tenant, live.as_ref().map(|l| l.mac.as_slice()))?;
             for version in versions {
+                let version =
+                    &crate::store::counter_not_behind(version, current.iter().map(|c| &c.record));
                 rows.put_version(&tenant.tenant_id, version, None)?;
                 if let Some(wrapped) = &version.wrapped {
                     rows.tx
@@ -1799,11 +1801,13 @@ impl SqliteKeyStore {
         // Only full checks change the generation, and they hold the connection.
         let mut generation = self.changes.generation();
         if now != inner.data_version {
-            inner.data_version = now;
             generation += 1;
             // Another process wrote: before its change is served, the anchor must still
             // match every row MAC (a deleted, inserted or rolled-back row breaks it).
             inner.recheck_rows();
+            // Last: if anything above panicked (the mutex is recovered from poisoning), the
+            // next check still sees this change.
+            inner.data_version = now;
         }
         // Read before the PRAGMA: a commit after it shows as a different header next time.
         self.changes.publish(header, generation);

@@ -65,6 +65,7 @@ macro_rules! contract_tests {
 contract_tests!(
     check_create_tenants_is_all_or_nothing,
     check_replace_tenant_is_all_or_nothing,
+    check_replace_tenant_never_moves_a_counter_back,
     check_compare_and_set_conflicts,
     check_ordering,
     check_shredding,

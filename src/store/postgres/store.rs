@@ -1156,6 +1156,10 @@ impl BackupStore for PostgresKeyStore {
                     .map_err(map_error)?;
                 rows.put_tenant(tenant, live.as_ref().map(|l| l.mac.as_slice()))?;
                 for version in versions {
+                    let version = &crate::store::counter_not_behind(
+                        version,
+                        current.iter().map(|c| &c.record),
+                    );
                     rows.put_version(&tenant.tenant_id, version, None)?;
                     if let Some(wrapped) = &version.wrapped {
                         rows.tx
