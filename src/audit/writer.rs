@@ -1708,6 +1708,15 @@ mod tests {
         assert!(report.ok, "{report:?}");
     }
 
+    /// Waits (at most a minute) until the log holds `count` records; fails saying `missing`.
+    fn wait_for_records(reader: &SqliteAuditLog, count: u64, missing: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while reader.count().unwrap() < count {
+            assert!(std::time::Instant::now() < deadline, "{missing}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// With no sync thread (the OS refused it) a lone call still syncs its in-place commit on
     /// its worker; when that sync fails, the writer's timer writes the late record without
     /// waiting for another call to arrive.
@@ -1728,14 +1737,7 @@ mod tests {
             "committed on the caller's worker"
         );
 
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while reader.count().unwrap() < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the late record waited for a next call"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_records(&reader, 2, "the late record waited for a next call");
         let rows = first_records(&reader);
         assert_eq!(
             seq_ids_outcomes(&rows),
@@ -1754,14 +1756,11 @@ mod tests {
         // wrote the call's late record.
         let (f, reader, runtime) = first_call_unsynced(2);
         // The late record is written a second time by a later retry, whose sync succeeds.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while reader.count().unwrap() < 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the late record whose sync failed was not written again"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_records(
+            &reader,
+            3,
+            "the late record whose sync failed was not written again",
+        );
         assert_eq!(f.sync_fault.fail.load(Ordering::Acquire), 0);
         assert_eq!(runtime.block_on(f.writer.append(record(2))).unwrap(), 4);
         let rows = first_records(&reader);
