@@ -219,18 +219,6 @@ impl KeyManager {
         &self.cache
     }
 
-    /// Drops every cached key if another process changed the store, and then reloads the
-    /// keyring if the store knows a newer master version than this process holds (so new keys
-    /// are wrapped under the new primary). Returns whether the caches were dropped. Blocking.
-    pub fn refresh(&self) -> Result<bool> {
-        let generation = self.store.change_generation()?;
-        let dropped = self.drop_caches_for(generation, || {});
-        if dropped {
-            self.reload_keyring_if_stale();
-        }
-        Ok(dropped)
-    }
-
     /// Drops the cached keys for the store's change `generation` (from
     /// [`crate::store::ChangeDetection::change_generation`]), also running `also` (dropping other caches built from
     /// the store), unless they were dropped for this generation or a later one already.
