@@ -2135,6 +2135,17 @@ mod tests {
         }
     }
 
+    /// Two stores on one keys.db, as two processes would have, each with the row key.
+    fn two_stores(path: &Path) -> (SqliteKeyStore, SqliteKeyStore) {
+        let stores = (
+            SqliteKeyStore::open(path).unwrap(),
+            SqliteKeyStore::open(path).unwrap(),
+        );
+        install_test_row_key(&stores.0);
+        install_test_row_key(&stores.1);
+        stores
+    }
+
     /// A call's change check answers while another thread holds the connection (a write, an
     /// fsync) as long as nothing was committed since the last full check, so it is not sent
     /// to the blocking pool; after a commit elsewhere it still waits for the full check.
@@ -2142,10 +2153,7 @@ mod tests {
     fn an_unchanged_store_answers_the_change_check_without_its_connection() {
         let temp = tempfile::tempdir().unwrap();
         let path = temp.path().join("keys.db");
-        let a = SqliteKeyStore::open(&path).unwrap();
-        let b = SqliteKeyStore::open(&path).unwrap();
-        install_test_row_key(&a);
-        install_test_row_key(&b);
+        let (a, b) = two_stores(&path);
         let before = a.change_generation().unwrap();
 
         let held = a.lock();
@@ -2198,10 +2206,7 @@ mod tests {
             "the probe sees a free lock"
         );
 
-        let a = SqliteKeyStore::open(&path).unwrap();
-        let b = SqliteKeyStore::open(&path).unwrap();
-        install_test_row_key(&a);
-        install_test_row_key(&b);
+        let (a, b) = two_stores(&path);
         // Both change checks read the header through the watch, which opens keys.db-shm.
         a.change_generation().unwrap();
         b.change_generation().unwrap();
