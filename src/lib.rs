@@ -56,6 +56,7 @@ pub mod keys;
 pub mod metrics;
 pub mod selftest;
 pub mod service;
+mod sqlite_shm;
 pub mod store;
 pub mod telemetry;
 pub mod tls_client;

@@ -29,6 +29,8 @@ use crate::error::{Error, Result};
 
 pub use super::log::ListFilter;
 
+mod wal_rewrite;
+
 // `audit_meta` is WITHOUT ROWID so that moving the head in every commit rewrites one b-tree
 // page, not a table page and its primary-key index page. `audit_events` has no secondary
 // index: see [`DROP_UNUSED_INDEX`].
@@ -860,6 +862,10 @@ pub struct SqliteAuditLog {
     known_tail: Mutex<Option<KnownTail>>,
     /// The `-wal` file to sync, in `fsync` durability only.
     wal: Option<Mutex<WalSync>>,
+    /// Set once a sync found the WAL lost committed frames ([`WalTrust::Lost`]), and why:
+    /// appends refuse from then on, since nothing after the lost frame can become durable
+    /// (read without `wal`'s lock, which a sync holds for as long as the disk takes).
+    wal_lost: std::sync::OnceLock<String>,
     #[cfg(test)]
     sync_fault: Arc<SyncFault>,
     /// The WAL's size as this value's commits left it, and its checkpoints (see [`WalBound`]).
@@ -875,10 +881,29 @@ pub struct SqliteAuditLog {
 /// the path names another file than the one it holds (the connection was reopened after a
 /// failure and the WAL re-created), so it always names the live WAL: an fsync on any fd of
 /// that inode flushes it.
+///
+/// A failed sync leaves the WAL [`WalTrust::Suspect`]: the next sync first writes the committed
+/// frames back ([`wal_rewrite`]), since Linux may have marked the pages the disk did not take
+/// clean, and a plain sync would then succeed over them.
 struct WalSync {
     path: PathBuf,
     /// The open WAL and its (device, inode).
     file: Option<(std::fs::File, (u64, u64))>,
+    trust: WalTrust,
+}
+
+/// Whether a sync of the WAL can be believed to cover every committed frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WalTrust {
+    /// Every committed frame was on disk at the last sync, which succeeded.
+    Trusted,
+    /// A sync failed since, or this process has not synced yet: the page cache may hold
+    /// committed frames marked clean that the disk does not have.
+    Suspect,
+    /// A committed frame no longer reads as SQLite wrote it (the message says which): the disk
+    /// lost it, and every record after it in the WAL goes with it on a power loss. Nothing is
+    /// counted durable again in this process.
+    Lost(String),
 }
 
 impl WalSync {
@@ -888,11 +913,52 @@ impl WalSync {
         Self {
             path: PathBuf::from(path),
             file: None,
+            // A process does not know what the page cache holds that the disk does not
+            // (an earlier process's failed sync): its first sync writes the frames back.
+            trust: WalTrust::Suspect,
         }
     }
 
-    /// Flushes every frame written to the live WAL before this call to stable storage.
-    fn sync(&mut self) -> Result<()> {
+    /// Flushes every frame committed to the live WAL before this call to stable storage:
+    /// after a failed sync (and first in a process) by `rewrite`, which writes the committed
+    /// frames back and syncs them ([`SqliteAuditLog::rewrite_wal`]), otherwise by an
+    /// `fdatasync`. Fails for good once a rewrite found a frame lost.
+    fn sync(&mut self, rewrite: impl FnOnce() -> Result<wal_rewrite::Rewrite>) -> Result<()> {
+        match &self.trust {
+            WalTrust::Trusted => {}
+            WalTrust::Lost(why) => return Err(lost_wal(why)),
+            WalTrust::Suspect => {
+                return match rewrite()? {
+                    wal_rewrite::Rewrite::Synced { .. } => {
+                        self.trust = WalTrust::Trusted;
+                        Ok(())
+                    }
+                    wal_rewrite::Rewrite::Lost(why) => {
+                        tracing::error!(
+                            problem = %why,
+                            "audit.db's WAL lost committed frames on disk after a failed sync: \
+                             refusing every audited call; stop the server, check the disk, run \
+                             `tenant-kms audit verify`"
+                        );
+                        let error = lost_wal(&why);
+                        self.trust = WalTrust::Lost(why);
+                        Err(error)
+                    }
+                };
+            }
+        }
+        self.fdatasync()
+    }
+
+    /// Marks the WAL suspect after a sync that failed before reaching the disk (tests).
+    #[cfg(test)]
+    fn distrust(&mut self) {
+        if self.trust == WalTrust::Trusted {
+            self.trust = WalTrust::Suspect;
+        }
+    }
+
+    fn fdatasync(&mut self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         let failed = |e: std::io::Error| {
             Error::Unavailable(format!(
@@ -925,12 +991,21 @@ impl WalSync {
         let synced = file.sync_data().map_err(failed);
         if synced.is_err() {
             // Open afresh next time, in case the failure was this descriptor's own. A new
-            // descriptor does not bring the failed pages back: Linux reports a writeback
-            // error once and may drop them (docs/AUDIT.md, "Pipelined fsync", the limit).
+            // descriptor does not bring the failed pages back (Linux reports a writeback
+            // error once): the rewrite does.
             self.file = None;
+            self.trust = WalTrust::Suspect;
         }
         synced
     }
+}
+
+/// The error of every sync once the WAL lost a committed frame.
+fn lost_wal(why: &str) -> Error {
+    Error::Unavailable(format!(
+        "audit store: audit.db's WAL lost committed records on disk ({why}); the server refuses \
+         audited calls until it is restarted on a disk that keeps its writes"
+    ))
 }
 
 /// Test builds: makes the next syncs fail, or wait, as a failing or slow disk would.
@@ -943,6 +1018,8 @@ pub(crate) struct SyncFault {
     pub(crate) gate: Mutex<()>,
     /// Syncs that succeeded.
     pub(crate) synced: std::sync::atomic::AtomicU64,
+    /// Rewrites of the WAL's committed frames begun ([`SqliteAuditLog::rewrite_wal`]).
+    pub(crate) rewrites: std::sync::atomic::AtomicU64,
 }
 
 impl SqliteAuditLog {
@@ -1005,6 +1082,7 @@ impl SqliteAuditLog {
             conn: Mutex::new(Some(conn)),
             known_tail: Mutex::new(None),
             wal,
+            wal_lost: std::sync::OnceLock::new(),
             #[cfg(test)]
             sync_fault: Arc::default(),
             wal_bound: WalBound::default(),
@@ -1024,23 +1102,29 @@ impl SqliteAuditLog {
             return Ok(());
         };
         #[cfg(test)]
+        let _gate = self.sync_fault.gate.lock();
+        let mut wal = wal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        #[cfg(test)]
         {
             use std::sync::atomic::Ordering;
-            let _gate = self.sync_fault.gate.lock();
             let fault = &self.sync_fault.fail;
             if fault
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
                 .is_ok()
             {
+                // As a disk's failure would: the next sync rewrites first.
+                wal.distrust();
                 return Err(Error::Unavailable(
                     "audit store: cannot sync (injected fault)".into(),
                 ));
             }
         }
-        let synced = wal
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .sync();
+        let synced = wal.sync(|| self.rewrite_wal());
+        if let WalTrust::Lost(why) = &wal.trust {
+            let _ = self.wal_lost.set(why.clone());
+        }
         #[cfg(test)]
         if synced.is_ok() {
             self.sync_fault
@@ -1048,6 +1132,20 @@ impl SqliteAuditLog {
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         synced
+    }
+
+    /// Writes the WAL's committed frames back and syncs them ([`wal_rewrite`]), holding the
+    /// WAL write lock (an empty `BEGIN IMMEDIATE`, rolled back) so that no connection of any
+    /// process writes a frame meanwhile.
+    fn rewrite_wal(&self) -> Result<wal_rewrite::Rewrite> {
+        #[cfg(test)]
+        self.sync_fault
+            .rewrites
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.with_conn(false, |conn| {
+            let _locked = WriteTx::begin(conn, LockWait::Wait)?;
+            wal_rewrite::rewrite_committed(&self.path)
+        })
     }
 
     /// The chain keys, if the log was opened with them.
@@ -1150,6 +1248,9 @@ impl SqliteAuditLog {
     /// [`AUDIT_WAL_HARD_PAGES`], the checkpoint nobody ran in time.
     fn append_waiting(&self, records: &[&AuditRecord], wait: LockWait) -> Result<Option<u64>> {
         let keys = self.keys()?;
+        if let Some(why) = self.wal_lost.get() {
+            return Err(lost_wal(why));
+        }
         self.with_conn(true, |conn| {
             let mut known = self
                 .known_tail
@@ -1743,5 +1844,74 @@ mod tests {
         ));
         assert!(matches!(log.verify(), Err(Error::FailedPrecondition(_))));
         assert_eq!(log.count().unwrap(), 4);
+    }
+
+    /// After a failed sync, the next sync writes the WAL's committed frames back before it
+    /// counts them durable (a plain sync would succeed over pages Linux marked clean); when one
+    /// of them no longer reads as SQLite wrote it, the log refuses every append and sync from
+    /// then on, and so does another log on the same files.
+    #[test]
+    fn after_a_failed_sync_the_frames_are_written_back_or_the_log_refuses_for_good() {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        let open = || {
+            SqliteAuditLog::open(
+                &path,
+                Durability::Fsync,
+                DEFAULT_BUSY_TIMEOUT,
+                Arc::clone(&keys),
+            )
+            .unwrap()
+        };
+        let log = open();
+        let fault = log.sync_fault();
+        let rewrites = || fault.rewrites.load(Ordering::Acquire);
+        log.append(&[&record(1)]).unwrap();
+        assert_eq!(
+            rewrites(),
+            1,
+            "a process's first sync writes the frames back"
+        );
+        log.append(&[&record(2)]).unwrap();
+        assert_eq!(rewrites(), 1, "a trusted WAL is only synced");
+
+        fault.fail.store(1, Ordering::Release);
+        log.append(&[&record(3)]).unwrap_err();
+        log.append(&[&record(4)]).unwrap();
+        assert_eq!(
+            rewrites(),
+            2,
+            "the sync after a failure writes the frames back"
+        );
+        log.append(&[&record(5)]).unwrap();
+        assert_eq!(rewrites(), 2);
+
+        // A failed sync whose page the page cache then dropped: the frame reads as the disk
+        // has it, here zeros.
+        fault.fail.store(1, Ordering::Release);
+        log.append(&[&record(6)]).unwrap_err();
+        let wal = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("audit.db-wal"))
+            .unwrap();
+        wal.write_all_at(&[0u8; FRAME as usize], 32).unwrap();
+        let lost = log.append(&[&record(7)]).unwrap_err().to_string();
+        assert!(
+            lost.contains("lost committed records") && lost.contains("frame 1"),
+            "{lost}"
+        );
+        let frames = wal_bytes(&dir);
+        let again = log.append(&[&record(8)]).unwrap_err().to_string();
+        assert!(again.contains("lost committed records"), "{again}");
+        assert_eq!(wal_bytes(&dir), frames, "a refused append commits nothing");
+        log.sync_committed().unwrap_err();
+
+        // Another process's log (the WAL index kept by this one's connection) finds the same.
+        let other = open();
+        let found = other.append(&[&record(9)]).unwrap_err().to_string();
+        assert!(found.contains("lost committed records"), "{found}");
     }
 }

@@ -10,63 +10,25 @@
 //! connection (another call's check, a nonce reservation, an fsync) is not sent to the
 //! blocking pool for an answer it can read itself.
 //!
-//! The descriptor it reads through is never closed while the file exists (see [`SHM_FILES`]):
-//! closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
-//! among them.
+//! The descriptor it reads through is never closed while the file exists (see
+//! [`crate::sqlite_shm`]): closing any descriptor of a file drops every POSIX lock the process
+//! holds on it, SQLite's among them.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Bytes at the start of the `-shm` file: two copies of the 48-byte WAL-index header, which
-/// SQLite writes one after the other on every commit (and readers compare to detect a torn
-/// read).
-const WAL_INDEX_HEADERS: usize = 96;
+use crate::sqlite_shm::{self, shm_file};
 
 /// Both copies of the WAL-index header, as read at one moment.
-pub(super) type WalIndexHeader = [u8; WAL_INDEX_HEADERS];
-
-/// The `-shm` files this process has opened for reading, one descriptor per file, kept open
-/// until the file is unlinked.
-///
-/// Why not closed with the [`WalWatch`] that opened it: POSIX record locks belong to the
-/// process, and closing *any* descriptor of a file releases all of the process's locks on it
-/// (fcntl(2), "Advisory record locking"). SQLite holds such locks on the `-shm` file through
-/// its own descriptor for as long as a connection is open: the lock that tells other processes
-/// the WAL index is in use (a process that finds it free rebuilds the index, truncating the
-/// file under the mapping of a connection still using it), and the WAL's read and write
-/// locks. A descriptor of ours closed while any connection of this process to that database
-/// is open (another store on the same file, or the copy a race between two first reads
-/// opened) would drop them. An unlinked `-shm` file is one SQLite removed after its last
-/// connection anywhere closed (or a removed directory's): nobody can open it again, so its
-/// descriptor is closed at the next open.
-static SHM_FILES: Mutex<Vec<Arc<File>>> = Mutex::new(Vec::new());
-
-/// The process's descriptor of the `-shm` file at `path`, opened if it has none; `None` if
-/// the file does not exist (yet) or cannot be opened.
-fn shm_file(path: &Path) -> Option<Arc<File>> {
-    let wanted = std::fs::metadata(path).ok()?;
-    let mut files = SHM_FILES.lock().unwrap_or_else(PoisonError::into_inner);
-    files.retain(|file| file.metadata().is_ok_and(|m| m.nlink() > 0));
-    let same_file = |file: &&Arc<File>| {
-        file.metadata()
-            .is_ok_and(|m| (m.dev(), m.ino()) == (wanted.dev(), wanted.ino()))
-    };
-    if let Some(file) = files.iter().find(same_file) {
-        return Some(Arc::clone(file));
-    }
-    // Opened under the lock, so two first reads never open the file twice and close one.
-    let file = Arc::new(File::open(path).ok()?);
-    files.push(Arc::clone(&file));
-    Some(file)
-}
+pub(super) type WalIndexHeader = sqlite_shm::WalIndexHeaders;
 
 /// The `-shm` file of one database and the generation its last full check published.
 pub(super) struct WalWatch {
     path: PathBuf,
     /// Found or opened on first use (the file exists only once the connection is in WAL
-    /// mode); shared with [`SHM_FILES`], which decides when it is closed.
+    /// mode); the process's one descriptor of it ([`shm_file`]), which decides when it is
+    /// closed.
     file: OnceLock<Arc<File>>,
     seen: Mutex<Seen>,
 }
@@ -103,10 +65,7 @@ impl WalWatch {
                 self.file.get()?
             }
         };
-        let mut buf = [0u8; WAL_INDEX_HEADERS];
-        file.read_exact_at(&mut buf, 0).ok()?;
-        let (first, second) = buf.split_at(WAL_INDEX_HEADERS / 2);
-        (first == second).then_some(buf)
+        sqlite_shm::read_headers(file)
     }
 
     /// The last full check's generation if `header` (read after the caller began) is the one
@@ -141,6 +100,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::sqlite_shm::WAL_INDEX_HEADERS;
 
     #[test]
     fn a_header_is_unchanged_only_while_the_file_keeps_it() {
@@ -198,9 +158,8 @@ mod tests {
             "the new file is read"
         );
         assert!(!Arc::ptr_eq(c.file.get().unwrap(), b.file.get().unwrap()));
-        let open = SHM_FILES.lock().unwrap();
         assert!(
-            !open.iter().any(|f| Arc::ptr_eq(f, b.file.get().unwrap())),
+            !sqlite_shm::is_registered(b.file.get().unwrap()),
             "the unlinked file's descriptor left the registry"
         );
     }
