@@ -862,6 +862,9 @@ pub struct SqliteAuditLog {
     known_tail: Mutex<Option<KnownTail>>,
     /// The `-wal` file to sync, in `fsync` durability only.
     wal: Option<Mutex<WalSync>>,
+    /// Whether the WAL's committed frames are known on disk ([`WalTrust::Trusted`]; always
+    /// in `process` durability): checkpoints run only then ([`SqliteAuditLog::set_trust`]).
+    wal_trusted: AtomicBool,
     /// Set once a sync found the WAL lost committed frames ([`WalTrust::Lost`]), and why:
     /// appends refuse from then on, since nothing after the lost frame can become durable
     /// (read without `wal`'s lock, which a sync holds for as long as the disk takes).
@@ -890,6 +893,8 @@ struct WalSync {
     /// The open WAL and its (device, inode).
     file: Option<(std::fs::File, (u64, u64))>,
     trust: WalTrust,
+    #[cfg(test)]
+    fault: Arc<SyncFault>,
 }
 
 /// Whether a sync of the WAL can be believed to cover every committed frame.
@@ -916,87 +921,84 @@ impl WalSync {
             // A process does not know what the page cache holds that the disk does not
             // (an earlier process's failed sync): its first sync writes the frames back.
             trust: WalTrust::Suspect,
+            #[cfg(test)]
+            fault: Arc::default(),
         }
     }
 
-    /// Flushes every frame committed to the live WAL before this call to stable storage:
-    /// after a failed sync (and first in a process) by `rewrite`, which writes the committed
-    /// frames back and syncs them ([`SqliteAuditLog::rewrite_wal`]), otherwise by an
-    /// `fdatasync`. Fails for good once a rewrite found a frame lost.
-    fn sync(&mut self, rewrite: impl FnOnce() -> Result<wal_rewrite::Rewrite>) -> Result<()> {
-        match &self.trust {
-            WalTrust::Trusted => {}
-            WalTrust::Lost(why) => return Err(lost_wal(why)),
-            WalTrust::Suspect => {
-                return match rewrite()? {
-                    wal_rewrite::Rewrite::Synced { .. } => {
-                        self.trust = WalTrust::Trusted;
-                        Ok(())
-                    }
-                    wal_rewrite::Rewrite::Lost(why) => {
-                        tracing::error!(
-                            problem = %why,
-                            "audit.db's WAL lost committed frames on disk after a failed sync: \
-                             refusing every audited call; stop the server, check the disk, run \
-                             `tenant-kms audit verify`"
-                        );
-                        let error = lost_wal(&why);
-                        self.trust = WalTrust::Lost(why);
-                        Err(error)
-                    }
-                };
-            }
-        }
-        self.fdatasync()
+    fn io_failed(&self, what: &str, e: std::io::Error) -> Error {
+        Error::Unavailable(format!(
+            "audit store: cannot {what} {}: {e}",
+            self.path.display()
+        ))
     }
 
-    /// Marks the WAL suspect after a sync that failed before reaching the disk (tests).
-    #[cfg(test)]
-    fn distrust(&mut self) {
-        if self.trust == WalTrust::Trusted {
-            self.trust = WalTrust::Suspect;
-        }
-    }
-
-    fn fdatasync(&mut self) -> Result<()> {
+    /// The live WAL's descriptor, kept across syncs: opened (and its directory entry synced)
+    /// when the path names another file than the one held; `None` when there is no WAL (the
+    /// last connection closed, and closing checkpointed every frame into audit.db and synced
+    /// it before deleting the WAL). Open for writing too, for [`wal_rewrite`].
+    fn live_file(&mut self) -> Result<Option<&std::fs::File>> {
         use std::os::unix::fs::MetadataExt;
-        let failed = |e: std::io::Error| {
-            Error::Unavailable(format!(
-                "audit store: cannot sync {}: {e}",
-                self.path.display()
-            ))
-        };
         let live = match std::fs::metadata(&self.path) {
             Ok(meta) => (meta.dev(), meta.ino()),
-            // No WAL: the last connection closed, and closing checkpointed every frame into
-            // audit.db and synced it before deleting the WAL.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.file = None;
-                return Ok(());
+                return Ok(None);
             }
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(self.io_failed("read", e)),
         };
-        let file = match &self.file {
-            Some((file, id)) if *id == live => file,
-            _ => {
-                self.file = None;
-                let file = std::fs::File::open(&self.path).map_err(failed)?;
-                let meta = file.metadata().map_err(failed)?;
-                // A new WAL's directory entry must survive a power loss too (SQLite syncs
-                // the directory on a new WAL's first sync in FULL mode for the same reason).
-                crate::fsutil::sync_parent(&self.path)?;
-                &self.file.insert((file, (meta.dev(), meta.ino()))).0
-            }
-        };
-        let synced = file.sync_data().map_err(failed);
-        if synced.is_err() {
-            // Open afresh next time, in case the failure was this descriptor's own. A new
-            // descriptor does not bring the failed pages back (Linux reports a writeback
-            // error once): the rewrite does.
+        if self.file.as_ref().is_none_or(|(_, id)| *id != live) {
             self.file = None;
-            self.trust = WalTrust::Suspect;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| self.io_failed("open", e))?;
+            let meta = file.metadata().map_err(|e| self.io_failed("open", e))?;
+            // A new WAL's directory entry must survive a power loss too (SQLite syncs the
+            // directory on a new WAL's first sync in FULL mode for the same reason).
+            crate::fsutil::sync_parent(&self.path)?;
+            self.file = Some((file, (meta.dev(), meta.ino())));
         }
-        synced
+        Ok(self.file.as_ref().map(|(file, _)| file))
+    }
+
+    /// `fdatasync` of the live WAL: every frame written to it before this call reaches stable
+    /// storage, or the call fails (and the descriptor is opened afresh next time, in case the
+    /// failure was its own). Whether a success covers frames an earlier failure left clean
+    /// in the page cache is the caller's part ([`WalTrust`]).
+    fn fdatasync(&mut self) -> Result<()> {
+        #[cfg(test)]
+        let injected = self
+            .fault
+            .fail
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        let Some(file) = self.live_file()? else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        let synced = if injected {
+            Err(std::io::Error::other("injected fault"))
+        } else {
+            file.sync_data()
+        };
+        #[cfg(not(test))]
+        let synced = file.sync_data();
+        synced.map_err(|e| {
+            self.file = None;
+            self.io_failed("sync", e)
+        })
+    }
+}
+
+/// Lets the connection checkpoint when it closes (SQLite's default) or not.
+fn checkpoint_on_close(conn: &Connection, allowed: bool) {
+    if let Err(e) = conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        !allowed,
+    ) {
+        tracing::warn!(error = %e, "cannot set audit.db's checkpoint on close");
     }
 }
 
@@ -1016,7 +1018,7 @@ pub(crate) struct SyncFault {
     pub(crate) fail: std::sync::atomic::AtomicU32,
     /// Held by a test: syncs wait for it.
     pub(crate) gate: Mutex<()>,
-    /// Syncs that succeeded.
+    /// Syncs that succeeded after the log opened.
     pub(crate) synced: std::sync::atomic::AtomicU64,
     /// Rewrites of the WAL's committed frames begun ([`SqliteAuditLog::rewrite_wal`]).
     pub(crate) rewrites: std::sync::atomic::AtomicU64,
@@ -1033,11 +1035,22 @@ impl SqliteAuditLog {
         busy_timeout: Duration,
         keys: Arc<ChainKeys>,
     ) -> Result<Self> {
-        Self::with_access(
+        let log = Self::with_access(
             path,
             Self::write_access(durability, busy_timeout),
             Some(keys),
-        )
+        )?;
+        // In `fsync` durability the first sync writes the committed frames back ([`WalSync`]):
+        // done here, at start, rather than in the first call's sync. A failure leaves the WAL
+        // suspect (the next sync tries again) or lost (every append refuses, with the reason);
+        // the log still opens, so that `audit verify` can read it.
+        if let Err(e) = log.sync_wal() {
+            tracing::error!(error = %e, "audit.db's WAL could not be made durable at open");
+        }
+        // Test builds count the syncs of commits.
+        #[cfg(test)]
+        log.sync_fault.synced.store(0, Ordering::Release);
+        Ok(log)
     }
 
     /// Opens `audit.db` as [`SqliteAuditLog::open`] does but without the chain keys (a
@@ -1074,17 +1087,29 @@ impl SqliteAuditLog {
                 ..
             }
         )
-        .then(|| Mutex::new(WalSync::new(path)));
+        .then(|| WalSync::new(path));
+        #[cfg(test)]
+        let sync_fault: Arc<SyncFault> = Arc::default();
+        #[cfg(test)]
+        let wal = wal.map(|wal| WalSync {
+            fault: Arc::clone(&sync_fault),
+            ..wal
+        });
+        if wal.is_some() {
+            // Not trusted until its first sync.
+            checkpoint_on_close(&conn, false);
+        }
         Ok(Self {
             path: path.to_owned(),
             access,
             keys,
             conn: Mutex::new(Some(conn)),
             known_tail: Mutex::new(None),
-            wal,
+            wal_trusted: AtomicBool::new(wal.is_none()),
+            wal: wal.map(Mutex::new),
             wal_lost: std::sync::OnceLock::new(),
             #[cfg(test)]
-            sync_fault: Arc::default(),
+            sync_fault,
             wal_bound: WalBound::default(),
         })
     }
@@ -1106,46 +1131,82 @@ impl SqliteAuditLog {
         let mut wal = wal
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        #[cfg(test)]
-        {
-            use std::sync::atomic::Ordering;
-            let fault = &self.sync_fault.fail;
-            if fault
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                // As a disk's failure would: the next sync rewrites first.
-                wal.distrust();
-                return Err(Error::Unavailable(
-                    "audit store: cannot sync (injected fault)".into(),
-                ));
-            }
-        }
-        let synced = wal.sync(|| self.rewrite_wal());
-        if let WalTrust::Lost(why) = &wal.trust {
-            let _ = self.wal_lost.set(why.clone());
-        }
+        let synced = match &wal.trust {
+            WalTrust::Lost(why) => Err(lost_wal(why)),
+            WalTrust::Trusted => wal.fdatasync().inspect_err(|_| {
+                // Linux may have marked the pages it could not write clean: the next sync
+                // writes the frames back first.
+                let _ = self.with_conn(false, |conn| {
+                    self.set_trust(conn, &mut wal, WalTrust::Suspect);
+                    Ok(())
+                });
+            }),
+            WalTrust::Suspect => self.rewrite_wal(&mut wal),
+        };
         #[cfg(test)]
         if synced.is_ok() {
-            self.sync_fault
-                .synced
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.sync_fault.synced.fetch_add(1, Ordering::AcqRel);
         }
         synced
     }
 
     /// Writes the WAL's committed frames back and syncs them ([`wal_rewrite`]), holding the
     /// WAL write lock (an empty `BEGIN IMMEDIATE`, rolled back) so that no connection of any
-    /// process writes a frame meanwhile.
-    fn rewrite_wal(&self) -> Result<wal_rewrite::Rewrite> {
+    /// process writes a frame meanwhile, and trusts the WAL again if that succeeds. The
+    /// descriptor that syncs is the one kept for later syncs, opened before the frames are
+    /// written back, so a failure to write them back later is reported to it.
+    fn rewrite_wal(&self, wal: &mut WalSync) -> Result<()> {
         #[cfg(test)]
-        self.sync_fault
-            .rewrites
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.sync_fault.rewrites.fetch_add(1, Ordering::AcqRel);
         self.with_conn(false, |conn| {
             let _locked = WriteTx::begin(conn, LockWait::Wait)?;
-            wal_rewrite::rewrite_committed(&self.path)
+            let written = match wal.live_file()? {
+                None => wal_rewrite::Rewrite::WrittenBack { frames: 0 },
+                Some(file) => wal_rewrite::write_back_committed(&self.path, file)?,
+            };
+            match written {
+                wal_rewrite::Rewrite::WrittenBack { .. } => {
+                    wal.fdatasync()?;
+                    self.set_trust(conn, wal, WalTrust::Trusted);
+                    Ok(())
+                }
+                wal_rewrite::Rewrite::Lost(why) => {
+                    tracing::error!(
+                        problem = %why,
+                        "audit.db's WAL lost committed frames on disk after a failed sync: \
+                         refusing every audited call; stop the server, check the disk, run \
+                         `tenant-kms audit verify`"
+                    );
+                    let error = lost_wal(&why);
+                    self.set_trust(conn, wal, WalTrust::Lost(why));
+                    Err(error)
+                }
+            }
         })
+    }
+
+    /// Records what a sync found. While the WAL is not trusted nothing copies its frames into
+    /// audit.db: SQLite copies them without checking their checksums, so a frame the disk lost
+    /// (read back as the disk has it) would become a page of audit.db instead of the end of
+    /// the WAL. So [`AuditAppend::wal_checkpoint`] refuses, an append does not checkpoint at
+    /// the WAL's bound, and the connection does not checkpoint when it closes.
+    fn set_trust(&self, conn: &Connection, wal: &mut WalSync, trust: WalTrust) {
+        let trusted = trust == WalTrust::Trusted;
+        if let WalTrust::Lost(why) = &trust {
+            let _ = self.wal_lost.set(why.clone());
+        }
+        wal.trust = trust;
+        self.wal_trusted.store(trusted, Ordering::Release);
+        checkpoint_on_close(conn, trusted);
+    }
+
+    /// Refuses a write once the WAL lost a committed frame: nothing after it can become
+    /// durable.
+    fn refuse_if_lost(&self) -> Result<()> {
+        match self.wal_lost.get() {
+            Some(why) => Err(lost_wal(why)),
+            None => Ok(()),
+        }
     }
 
     /// The chain keys, if the log was opened with them.
@@ -1168,7 +1229,13 @@ impl SqliteAuditLog {
             self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let conn = match guard.as_mut() {
             Some(conn) => conn,
-            None => guard.insert(connect(&self.path, self.access)?),
+            None => {
+                let conn = connect(&self.path, self.access)?;
+                if !self.wal_trusted.load(Ordering::Acquire) {
+                    checkpoint_on_close(&conn, false);
+                }
+                guard.insert(conn)
+            }
         };
         let result = f(conn);
         if result.is_err() && drop_on_error {
@@ -1248,8 +1315,14 @@ impl SqliteAuditLog {
     /// [`AUDIT_WAL_HARD_PAGES`], the checkpoint nobody ran in time.
     fn append_waiting(&self, records: &[&AuditRecord], wait: LockWait) -> Result<Option<u64>> {
         let keys = self.keys()?;
-        if let Some(why) = self.wal_lost.get() {
-            return Err(lost_wal(why));
+        self.refuse_if_lost()?;
+        let trusted = self.wal_trusted.load(Ordering::Acquire);
+        if !trusted && self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
+            return Err(Error::Unavailable(
+                "audit store: audit.db's WAL is at its bound and cannot be checkpointed until \
+                 a sync of it succeeds"
+                    .into(),
+            ));
         }
         self.with_conn(true, |conn| {
             let mut known = self
@@ -1259,7 +1332,7 @@ impl SqliteAuditLog {
             let first = append_after(conn, keys, records.iter().copied(), &mut known, wait)?;
             if first.is_some() {
                 self.wal_bound.committed();
-                if self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
+                if trusted && self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
                     // Committed already: a failed checkpoint fails nobody's record.
                     if let Err(e) = self.wal_bound.checkpoint(conn) {
                         tracing::warn!(error = %e, "audit.db WAL checkpoint failed");
@@ -1327,10 +1400,15 @@ impl AuditAppend for SqliteAuditLog {
     }
 
     fn wal_checkpoint_due(&self) -> bool {
-        self.wal_bound.grown_by(AUDIT_CHECKPOINT_PAGES)
+        self.wal_trusted.load(Ordering::Acquire) && self.wal_bound.grown_by(AUDIT_CHECKPOINT_PAGES)
     }
 
     fn wal_checkpoint(&self) -> Result<()> {
+        if !self.wal_trusted.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(
+                "audit store: not checkpointing audit.db's WAL until a sync of it succeeds".into(),
+            ));
+        }
         self.with_conn(false, |conn| self.wal_bound.checkpoint(conn))
     }
 }
@@ -1379,6 +1457,7 @@ impl AuditMaintenance for SqliteAuditLog {
 
     fn prune(&self, before_micros: i64) -> Result<u64> {
         let keys = self.keys()?;
+        self.refuse_if_lost()?;
         self.with_conn(false, |conn| {
             // Inside the connection's lock, so no append runs between the two.
             self.forget_tail();
@@ -1389,6 +1468,7 @@ impl AuditMaintenance for SqliteAuditLog {
 
     fn recover(&self, caller: &str) -> Result<Recovery> {
         let keys = self.keys()?;
+        self.refuse_if_lost()?;
         self.with_conn(false, |conn| {
             // Inside the connection's lock, so no append runs between the two.
             self.forget_tail();
@@ -1847,13 +1927,13 @@ mod tests {
     }
 
     /// After a failed sync, the next sync writes the WAL's committed frames back before it
-    /// counts them durable (a plain sync would succeed over pages Linux marked clean); when one
-    /// of them no longer reads as SQLite wrote it, the log refuses every append and sync from
-    /// then on, and so does another log on the same files.
+    /// counts them durable (a plain sync would succeed over pages Linux marked clean), and
+    /// nothing checkpoints meanwhile; when one of them no longer reads as SQLite wrote it, the
+    /// log refuses every append and sync from then on, and so does a log opened on the same
+    /// files afterwards (as another process's would be).
     #[test]
     fn after_a_failed_sync_the_frames_are_written_back_or_the_log_refuses_for_good() {
         use std::os::unix::fs::FileExt;
-        use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.db");
         let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
@@ -1869,17 +1949,14 @@ mod tests {
         let log = open();
         let fault = log.sync_fault();
         let rewrites = || fault.rewrites.load(Ordering::Acquire);
+        assert_eq!(rewrites(), 1, "opening writes the frames back once");
         log.append(&[&record(1)]).unwrap();
-        assert_eq!(
-            rewrites(),
-            1,
-            "a process's first sync writes the frames back"
-        );
         log.append(&[&record(2)]).unwrap();
         assert_eq!(rewrites(), 1, "a trusted WAL is only synced");
 
         fault.fail.store(1, Ordering::Release);
         log.append(&[&record(3)]).unwrap_err();
+        assert!(log.wal_checkpoint().is_err() && !log.wal_checkpoint_due());
         log.append(&[&record(4)]).unwrap();
         assert_eq!(
             rewrites(),
@@ -1888,30 +1965,38 @@ mod tests {
         );
         log.append(&[&record(5)]).unwrap();
         assert_eq!(rewrites(), 2);
+        log.wal_checkpoint().unwrap();
 
         // A failed sync whose page the page cache then dropped: the frame reads as the disk
         // has it, here zeros.
+        log.append(&[&record(6)]).unwrap();
         fault.fail.store(1, Ordering::Release);
-        log.append(&[&record(6)]).unwrap_err();
+        log.append(&[&record(7)]).unwrap_err();
         let wal = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.path().join("audit.db-wal"))
             .unwrap();
         wal.write_all_at(&[0u8; FRAME as usize], 32).unwrap();
-        let lost = log.append(&[&record(7)]).unwrap_err().to_string();
+        let lost = log.append(&[&record(8)]).unwrap_err().to_string();
         assert!(
-            lost.contains("lost committed records") && lost.contains("frame 1"),
+            lost.contains("lost committed records") && lost.contains("frame 1's"),
             "{lost}"
         );
         let frames = wal_bytes(&dir);
-        let again = log.append(&[&record(8)]).unwrap_err().to_string();
+        let again = log.append(&[&record(9)]).unwrap_err().to_string();
         assert!(again.contains("lost committed records"), "{again}");
         assert_eq!(wal_bytes(&dir), frames, "a refused append commits nothing");
         log.sync_committed().unwrap_err();
+        log.prune(i64::MAX).unwrap_err();
+        log.wal_checkpoint().unwrap_err();
 
-        // Another process's log (the WAL index kept by this one's connection) finds the same.
         let other = open();
-        let found = other.append(&[&record(9)]).unwrap_err().to_string();
+        let found = other.append(&[&record(10)]).unwrap_err().to_string();
         assert!(found.contains("lost committed records"), "{found}");
+        assert_eq!(
+            wal_bytes(&dir),
+            frames,
+            "the other log committed nothing either"
+        );
     }
 }
