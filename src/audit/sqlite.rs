@@ -100,10 +100,15 @@ fn sql_error(e: rusqlite::Error) -> Error {
 
 /// Opens `audit.db` (mode 0600), in WAL mode, creating the schema. `full_sync` selects
 /// `synchronous=FULL` (an fsync per commit) over `NORMAL` (durable across a process crash,
-/// not a power loss). A write waits at most `busy_timeout` for another connection's lock.
+/// not a power loss). A write waits at most `busy_timeout` for another connection's lock. The
+/// connection does not checkpoint when it closes (the WAL stays for the next connection to
+/// read): only a [`SqliteAuditLog`] that synced its WAL lets it (see `WalTrust`).
 pub fn open(path: &Path, full_sync: bool, busy_timeout: Duration) -> Result<Connection> {
     crate::fsutil::create_private_file(path)?;
     let conn = Connection::open(path).map_err(sql_error)?;
+    // Closing checkpoints only where a [`SqliteAuditLog`] found its WAL synced: set first, so
+    // that a failure below, which drops the connection, does not checkpoint either.
+    checkpoint_on_close(&conn, false);
     conn.busy_timeout(busy_timeout).map_err(sql_error)?;
     // Small pages for a new file (an existing file keeps its size): a commit writes every
     // page it touched to the WAL, and an audit commit touches a few pages per record (the
@@ -863,7 +868,7 @@ pub struct SqliteAuditLog {
     /// The `-wal` file to sync, in `fsync` durability only.
     wal: Option<Mutex<WalSync>>,
     /// Whether the WAL's committed frames are known on disk ([`WalTrust::Trusted`]; always
-    /// in `process` durability): checkpoints run only then ([`SqliteAuditLog::set_trust`]).
+    /// in `process` durability): checkpoints run only then ([`SqliteAuditLog::settle`]).
     wal_trusted: AtomicBool,
     /// Set once a sync found the WAL lost committed frames ([`WalTrust::Lost`]), and why:
     /// appends refuse from then on, since nothing after the lost frame can become durable
@@ -1018,7 +1023,7 @@ pub(crate) struct SyncFault {
     pub(crate) fail: std::sync::atomic::AtomicU32,
     /// Held by a test: syncs wait for it.
     pub(crate) gate: Mutex<()>,
-    /// Syncs that succeeded after the log opened.
+    /// Syncs that succeeded.
     pub(crate) synced: std::sync::atomic::AtomicU64,
     /// Rewrites of the WAL's committed frames begun ([`SqliteAuditLog::rewrite_wal`]).
     pub(crate) rewrites: std::sync::atomic::AtomicU64,
@@ -1035,22 +1040,11 @@ impl SqliteAuditLog {
         busy_timeout: Duration,
         keys: Arc<ChainKeys>,
     ) -> Result<Self> {
-        let log = Self::with_access(
+        Self::with_access(
             path,
             Self::write_access(durability, busy_timeout),
             Some(keys),
-        )?;
-        // In `fsync` durability the first sync writes the committed frames back ([`WalSync`]):
-        // done here, at start, rather than in the first call's sync. A failure leaves the WAL
-        // suspect (the next sync tries again) or lost (every append refuses, with the reason);
-        // the log still opens, so that `audit verify` can read it.
-        if let Err(e) = log.sync_wal() {
-            tracing::error!(error = %e, "audit.db's WAL could not be made durable at open");
-        }
-        // Test builds count the syncs of commits.
-        #[cfg(test)]
-        log.sync_fault.synced.store(0, Ordering::Release);
-        Ok(log)
+        )
     }
 
     /// Opens `audit.db` as [`SqliteAuditLog::open`] does but without the chain keys (a
@@ -1095,10 +1089,8 @@ impl SqliteAuditLog {
             fault: Arc::clone(&sync_fault),
             ..wal
         });
-        if wal.is_some() {
-            // Not trusted until its first sync.
-            checkpoint_on_close(&conn, false);
-        }
+        // A WAL of `fsync` durability is not trusted until its first sync.
+        checkpoint_on_close(&conn, wal.is_none());
         Ok(Self {
             path: path.to_owned(),
             access,
@@ -1133,14 +1125,7 @@ impl SqliteAuditLog {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let synced = match &wal.trust {
             WalTrust::Lost(why) => Err(lost_wal(why)),
-            WalTrust::Trusted => wal.fdatasync().inspect_err(|_| {
-                // Linux may have marked the pages it could not write clean: the next sync
-                // writes the frames back first.
-                let _ = self.with_conn(false, |conn| {
-                    self.set_trust(conn, &mut wal, WalTrust::Suspect);
-                    Ok(())
-                });
-            }),
+            WalTrust::Trusted => wal.fdatasync().inspect_err(|_| self.distrust(&mut wal)),
             WalTrust::Suspect => self.rewrite_wal(&mut wal),
         };
         #[cfg(test)]
@@ -1167,7 +1152,7 @@ impl SqliteAuditLog {
             match written {
                 wal_rewrite::Rewrite::WrittenBack { .. } => {
                     wal.fdatasync()?;
-                    self.set_trust(conn, wal, WalTrust::Trusted);
+                    self.settle(conn, wal, WalTrust::Trusted);
                     Ok(())
                 }
                 wal_rewrite::Rewrite::Lost(why) => {
@@ -1178,19 +1163,34 @@ impl SqliteAuditLog {
                          `tenant-kms audit verify`"
                     );
                     let error = lost_wal(&why);
-                    self.set_trust(conn, wal, WalTrust::Lost(why));
+                    self.settle(conn, wal, WalTrust::Lost(why));
                     Err(error)
                 }
             }
         })
     }
 
-    /// Records what a sync found. While the WAL is not trusted nothing copies its frames into
-    /// audit.db: SQLite copies them without checking their checksums, so a frame the disk lost
-    /// (read back as the disk has it) would become a page of audit.db instead of the end of
-    /// the WAL. So [`AuditAppend::wal_checkpoint`] refuses, an append does not checkpoint at
-    /// the WAL's bound, and the connection does not checkpoint when it closes.
-    fn set_trust(&self, conn: &Connection, wal: &mut WalSync, trust: WalTrust) {
+    /// After a failed sync: Linux may have marked the pages it could not write clean, so the
+    /// next sync writes the frames back first, and until one does nothing copies the WAL's
+    /// frames into audit.db (see [`SqliteAuditLog::settle`]). Marked before anything else, and
+    /// whether or not the connection can be reached: a connection opened later starts without
+    /// checkpoint on close ([`SqliteAuditLog::with_conn`]).
+    fn distrust(&self, wal: &mut WalSync) {
+        wal.trust = WalTrust::Suspect;
+        self.wal_trusted.store(false, Ordering::Release);
+        let _ = self.with_conn(false, |conn| {
+            checkpoint_on_close(conn, false);
+            Ok(())
+        });
+    }
+
+    /// Records what a write-back found (`Trusted` or `Lost`). While the WAL is not trusted
+    /// nothing of this log copies its frames into audit.db: SQLite copies them without checking
+    /// their checksums, so a frame the disk lost (read back as the disk has it) would become a
+    /// page of audit.db instead of the end of the WAL. So [`AuditAppend::wal_checkpoint`]
+    /// refuses, an append does not checkpoint at the WAL's bound, and the connection does not
+    /// checkpoint when it closes.
+    fn settle(&self, conn: &Connection, wal: &mut WalSync, trust: WalTrust) {
         let trusted = trust == WalTrust::Trusted;
         if let WalTrust::Lost(why) = &trust {
             let _ = self.wal_lost.set(why.clone());
@@ -1231,9 +1231,7 @@ impl SqliteAuditLog {
             Some(conn) => conn,
             None => {
                 let conn = connect(&self.path, self.access)?;
-                if !self.wal_trusted.load(Ordering::Acquire) {
-                    checkpoint_on_close(&conn, false);
-                }
+                checkpoint_on_close(&conn, self.wal_trusted.load(Ordering::Acquire));
                 guard.insert(conn)
             }
         };
@@ -1316,13 +1314,13 @@ impl SqliteAuditLog {
     fn append_waiting(&self, records: &[&AuditRecord], wait: LockWait) -> Result<Option<u64>> {
         let keys = self.keys()?;
         self.refuse_if_lost()?;
-        let trusted = self.wal_trusted.load(Ordering::Acquire);
-        if !trusted && self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
-            return Err(Error::Unavailable(
-                "audit store: audit.db's WAL is at its bound and cannot be checkpointed until \
-                 a sync of it succeeds"
-                    .into(),
-            ));
+        if !self.wal_trusted.load(Ordering::Acquire)
+            && self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES)
+        {
+            // At its bound the WAL must be checkpointed before it grows further, and a suspect
+            // WAL only after a sync that trusts it again: try that sync now (nothing else may,
+            // since no commit gets through to ask for one), and refuse if it fails.
+            self.sync_wal()?;
         }
         self.with_conn(true, |conn| {
             let mut known = self
@@ -1332,7 +1330,10 @@ impl SqliteAuditLog {
             let first = append_after(conn, keys, records.iter().copied(), &mut known, wait)?;
             if first.is_some() {
                 self.wal_bound.committed();
-                if trusted && self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
+                // Read under the connection's lock, which a sync that distrusts the WAL takes.
+                if self.wal_trusted.load(Ordering::Acquire)
+                    && self.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES)
+                {
                     // Committed already: a failed checkpoint fails nobody's record.
                     if let Err(e) = self.wal_bound.checkpoint(conn) {
                         tracing::warn!(error = %e, "audit.db WAL checkpoint failed");
@@ -1404,12 +1405,16 @@ impl AuditAppend for SqliteAuditLog {
     }
 
     fn wal_checkpoint(&self) -> Result<()> {
-        if !self.wal_trusted.load(Ordering::Acquire) {
-            return Err(Error::Unavailable(
-                "audit store: not checkpointing audit.db's WAL until a sync of it succeeds".into(),
-            ));
-        }
-        self.with_conn(false, |conn| self.wal_bound.checkpoint(conn))
+        self.with_conn(false, |conn| {
+            // Read under the connection's lock, which a sync that distrusts the WAL takes.
+            if !self.wal_trusted.load(Ordering::Acquire) {
+                return Err(Error::Unavailable(
+                    "audit store: not checkpointing audit.db's WAL until a sync of it succeeds"
+                        .into(),
+                ));
+            }
+            self.wal_bound.checkpoint(conn)
+        })
     }
 }
 
@@ -1934,9 +1939,7 @@ mod tests {
     #[test]
     fn after_a_failed_sync_the_frames_are_written_back_or_the_log_refuses_for_good() {
         use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        let (dir, path, keys) = fsync_log_files();
         let open = || {
             SqliteAuditLog::open(
                 &path,
@@ -1949,8 +1952,12 @@ mod tests {
         let log = open();
         let fault = log.sync_fault();
         let rewrites = || fault.rewrites.load(Ordering::Acquire);
-        assert_eq!(rewrites(), 1, "opening writes the frames back once");
         log.append(&[&record(1)]).unwrap();
+        assert_eq!(
+            rewrites(),
+            1,
+            "a process's first sync writes the frames back"
+        );
         log.append(&[&record(2)]).unwrap();
         assert_eq!(rewrites(), 1, "a trusted WAL is only synced");
 
@@ -1990,13 +1997,58 @@ mod tests {
         log.prune(i64::MAX).unwrap_err();
         log.wal_checkpoint().unwrap_err();
 
+        // Another log finds the loss at its first sync, after its first commit, and refuses
+        // from then on.
         let other = open();
         let found = other.append(&[&record(10)]).unwrap_err().to_string();
         assert!(found.contains("lost committed records"), "{found}");
+        let frames = wal_bytes(&dir);
+        other.append(&[&record(11)]).unwrap_err();
         assert_eq!(
             wal_bytes(&dir),
             frames,
-            "the other log committed nothing either"
+            "the other log refuses before committing"
         );
+    }
+
+    /// A fresh `fsync`-durability log's files: the directory, audit.db's path, chain keys.
+    fn fsync_log_files() -> (tempfile::TempDir, PathBuf, Arc<ChainKeys>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let keys = Arc::new(ChainKeys::derive(&SecretKey::generate().unwrap()).unwrap());
+        (dir, path, keys)
+    }
+
+    /// A WAL that syncs keep failing grows to its bound without a checkpoint; there each
+    /// append tries the sync itself (no commit gets through to ask for one) and refuses while
+    /// it fails; once it succeeds, the append goes on and checkpoints, and the WAL is bounded.
+    #[test]
+    fn a_suspect_wal_at_its_bound_retries_the_sync_and_resumes_when_it_succeeds() {
+        let (dir, path, keys) = fsync_log_files();
+        let log =
+            SqliteAuditLog::open(&path, Durability::Fsync, DEFAULT_BUSY_TIMEOUT, keys).unwrap();
+        let fault = log.sync_fault();
+        let records: Vec<AuditRecord> = (1..=200).map(record).collect();
+        let batch: Vec<&AuditRecord> = records.iter().collect();
+        fault.fail.store(u32::MAX, Ordering::Release);
+        while !log.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES) {
+            log.append_unsynced(&batch).unwrap();
+        }
+        let frames = wal_bytes(&dir);
+        let rewrites = fault.rewrites.load(Ordering::Acquire);
+        log.append(&batch).unwrap_err();
+        assert!(
+            fault.rewrites.load(Ordering::Acquire) > rewrites,
+            "the append tried a sync"
+        );
+        assert_eq!(wal_bytes(&dir), frames, "and committed nothing");
+
+        fault.fail.store(0, Ordering::Release);
+        log.append(&batch).unwrap();
+        assert!(
+            !log.wal_bound.grown_by(AUDIT_WAL_HARD_PAGES),
+            "the append checkpointed at the bound"
+        );
+        assert!(log.verify().unwrap().ok);
     }
 }
